@@ -1,0 +1,79 @@
+"""Decide who a request belongs to: cookie -> session -> fresh tokens -> allowed or not.
+
+Shared by ``/oauth2/auth``, ``/oauth2/userinfo`` and the reverse proxy, so all
+three see exactly the same rules.
+"""
+
+from __future__ import annotations
+
+import time
+from urllib.parse import quote
+
+from aiohttp import web
+
+from .context import AUTHED, VIEW, services
+from .cookies import SessionRef
+from .errors import InvalidCookie, SessionGone
+from .models import Session
+from .policy import is_allowed
+
+
+async def authenticate(request: web.Request) -> tuple[SessionRef, Session]:
+    """The request's session with a usable access token; raises SessionGone when not signed in."""
+    svc = services(request)
+    cookie = request.cookies.get(svc.config.cookie_name)
+    if not cookie:
+        raise SessionGone("no session cookie")
+    try:
+        ref = svc.codec.load_session(cookie, time.time())
+        session = await svc.sessions.load(ref)
+    except InvalidCookie as exc:
+        # A forged, re-signed or stale cookie is simply "not signed in".
+        raise SessionGone(str(exc)) from exc
+    session = await svc.refresher.fresh(ref, session)
+    request[AUTHED] = (ref, session)
+    return ref, session
+
+
+async def authorize(request: web.Request) -> tuple[SessionRef, Session]:
+    """Like ``authenticate`` but also applies the email-domain and group rules (403)."""
+    ref, session = await authenticate(request)
+    if not is_allowed(session.identity, services(request).config):
+        raise web.HTTPForbidden(text="403 Forbidden: your account is not allowed here\n")
+    return ref, session
+
+
+def wants_html(request: web.Request) -> bool:
+    return request.method in ("GET", "HEAD") and "text/html" in request.headers.get("Accept", "")
+
+
+def sign_in_redirect(request: web.Request) -> web.Response:
+    """Browsers go to sign in and come back to where they were; API clients get 401."""
+    config = services(request).config
+    if wants_html(request):
+        rd = quote(request.rel_url.raw_path_qs, safe="/?=&%:@!$'()*+,;~-._")
+        return web.Response(status=302, headers={"Location": f"/oauth2/start?rd={quote(rd, safe='')}"})
+    response = web.Response(status=401, text="401 Unauthorized: sign in first\n")
+    response.headers["WWW-Authenticate"] = 'Cookie realm="sidecar"'
+    if request.cookies.get(config.cookie_name):
+        clear_session_cookie(response, config)
+    return response
+
+
+def clear_session_cookie(response: web.StreamResponse, config: object) -> None:
+    response.del_cookie(
+        config.cookie_name,  # type: ignore[attr-defined]
+        domain=config.cookie_domain or None,  # type: ignore[attr-defined]
+        path=config.cookie_path,  # type: ignore[attr-defined]
+        secure=config.cookie_secure,  # type: ignore[attr-defined]
+        httponly=config.cookie_httponly,  # type: ignore[attr-defined]
+        samesite=config.cookie_samesite.capitalize() or None,  # type: ignore[attr-defined]
+    )
+
+
+def absolute(request: web.Request, path: str) -> str:
+    """An absolute URL on the host the client used (for post-logout redirects)."""
+    if path.startswith(("http://", "https://")):
+        return path
+    view = request[VIEW]
+    return f"{view.scheme}://{view.host}{path}"

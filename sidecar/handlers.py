@@ -1,0 +1,208 @@
+"""The sidecar's own endpoints: ``/oauth2/*``, ``/ping``, ``/ready`` and ``/metrics``."""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import secrets
+import time
+
+from aiohttp import web
+
+from . import metrics
+from .context import VIEW, authed, services
+from .cookies import state_cookie_suffix
+from .errors import InvalidCookie, InvalidState, SessionGone, StoreUnavailable, TokenValidationError
+from .guard import absolute, authenticate, authorize, clear_session_cookie
+from .headers import auth_response_headers
+from .oidc import Pkce
+from .policy import identity_from_claims, is_allowed
+from .urls import safe_redirect
+
+log = logging.getLogger("sidecar.handlers")
+
+STATE_TTL = 600.0  # a sign-in attempt must finish within ten minutes
+
+
+def _page(title: str, body: str, status: int = 200) -> web.Response:
+    text = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>{t}</title></head>"
+        "<body style='font-family:sans-serif;max-width:40em;margin:3em auto'><h1>{t}</h1>{b}</body></html>"
+    ).format(t=html.escape(title), b=body)
+    return web.Response(status=status, text=text, content_type="text/html")
+
+
+def _rd(request: web.Request, name: str = "rd") -> str:
+    return safe_redirect(request.query.get(name), request[VIEW].host, services(request).config.whitelist_domain)
+
+
+def _state_cookie_name(config: object, state: str) -> str:
+    return f"{config.cookie_name}_csrf_{state_cookie_suffix(state)}"  # type: ignore[attr-defined]
+
+
+def _set_cookie(response: web.StreamResponse, config: object, name: str, value: str, max_age: float) -> None:
+    c = config
+    response.set_cookie(
+        name, value, max_age=int(max_age), path=c.cookie_path, domain=c.cookie_domain or None,  # type: ignore[attr-defined]
+        secure=c.cookie_secure, httponly=c.cookie_httponly,  # type: ignore[attr-defined]
+        samesite=c.cookie_samesite.capitalize() or None,  # type: ignore[attr-defined]
+    )
+
+
+async def start(request: web.Request) -> web.Response:
+    """Begin sign-in: remember (verifier, nonce, rd) under a fresh state, send the browser to the provider."""
+    svc = services(request)
+    state, nonce, pkce = secrets.token_urlsafe(32), secrets.token_urlsafe(32), Pkce.new()
+    pending = json.dumps({"v": pkce.verifier, "n": nonce, "rd": _rd(request)}).encode()
+    url = await svc.oidc.authorize_url(state, nonce, pkce)
+    await svc.sessions.store.put_state(state, pending, STATE_TTL)
+    response = web.Response(status=302, headers={"Location": url, "Cache-Control": "no-store"})
+    _set_cookie(response, svc.config, _state_cookie_name(svc.config, state), svc.codec.dump_state(state), STATE_TTL)
+    return response
+
+
+async def callback(request: web.Request) -> web.Response:
+    """Finish sign-in. State is checked (cookie, then single-use store entry) before any provider call."""
+    svc, config = services(request), services(request).config
+    if "error" in request.query:
+        reason = html.escape(request.query.get("error", "")[:100])
+        return _page("Sign-in failed", f"<p>The identity provider said: {reason}</p>"
+                     "<p><a href='/oauth2/sign_in'>Try again</a></p>", status=403)
+    state, code = request.query.get("state", ""), request.query.get("code", "")
+    if not state or not code or len(state) > 256 or len(code) > 4096:
+        raise InvalidState("callback without state or code")
+    cookie_name = _state_cookie_name(config, state)
+    svc.codec.check_state(request.cookies.get(cookie_name), state, STATE_TTL)
+    raw = await svc.sessions.store.take_state(state)  # atomic: a state can be used once
+    if raw is None:
+        raise InvalidState("sign-in state unknown, expired or already used")
+    pending = json.loads(raw)
+    tokens = await svc.oidc.exchange_code(code, pending["v"])
+    if not tokens.id_token:
+        raise TokenValidationError("token response has no id_token")
+    claims = await svc.oidc.validate_id_token(tokens.id_token, nonce=pending["n"])
+    identity = identity_from_claims(claims, config)
+    if not is_allowed(identity, config):
+        metrics.AUTH_DECISIONS.labels(decision="403").inc()
+        response = _page("Access denied", "<p>Your account is not allowed to use this application.</p>", 403)
+        response.del_cookie(cookie_name, path=config.cookie_path, domain=config.cookie_domain or None)
+        return response
+    await _end_previous_session(request)
+    ref, _ = await svc.sessions.create(identity, tokens, claims)
+    response = web.Response(status=302, headers={"Location": pending["rd"], "Cache-Control": "no-store"})
+    _set_cookie(response, config, config.cookie_name, svc.codec.dump_session(ref), config.cookie_expire)
+    response.del_cookie(cookie_name, path=config.cookie_path, domain=config.cookie_domain or None)
+    return response
+
+
+async def _end_previous_session(request: web.Request) -> None:
+    """A sign-in replaces whatever session the browser had; its old record goes."""
+    svc = services(request)
+    old = request.cookies.get(svc.config.cookie_name)
+    if not old:
+        return
+    try:
+        ref = svc.codec.load_session(old, time.time())
+        await svc.sessions.end(ref, None, reason="replaced")
+    except (InvalidCookie, StoreUnavailable):
+        pass
+
+
+async def sign_in(request: web.Request) -> web.Response:
+    rd = html.escape(_rd(request), quote=True)
+    from urllib.parse import quote
+
+    href = html.escape(f"/oauth2/start?rd={quote(_rd(request), safe='')}", quote=True)
+    return _page("Sign in", f"<p>This application is protected.</p><p><a href='{href}'>Sign in</a></p>"
+                 f"<p style='color:#888'>You will return to {rd}</p>")
+
+
+async def sign_out(request: web.Request) -> web.Response:
+    """End the session here, revoke its refresh token at the provider, clear the cookie."""
+    svc, config = services(request), services(request).config
+    rd = _rd(request)
+    id_token = None
+    cookie = request.cookies.get(config.cookie_name)
+    if cookie:
+        try:
+            ref = svc.codec.load_session(cookie, time.time())
+            svc.codec.forget(cookie)
+            session = await svc.sessions.load_fresh(ref)
+        except (InvalidCookie, SessionGone):
+            session = None
+        if session is not None:
+            await svc.sessions.end(ref, session, reason="sign_out")
+            id_token = session.tokens.id_token
+            if session.tokens.refresh_token:
+                await svc.oidc.revoke(session.tokens.refresh_token, "refresh_token")
+    location = rd
+    if config.provider_sign_out and id_token:
+        try:
+            location = await svc.oidc.end_session_url(id_token, absolute(request, rd)) or rd
+        except Exception:  # noqa: BLE001 - the local sign-out already happened; never fail it here
+            location = rd
+    response = web.Response(status=302, headers={"Location": location, "Cache-Control": "no-store"})
+    clear_session_cookie(response, config)
+    return response
+
+
+async def auth(request: web.Request) -> web.Response:
+    """nginx auth_request target: 202 with identity headers, 401 or 403. Never a redirect, never a cookie:
+    nginx only understands 2xx/401/403 here, and the browser is sent to sign in by nginx's error_page."""
+    try:
+        _, session = await authenticate(request)
+    except SessionGone:
+        metrics.AUTH_DECISIONS.labels(decision="401").inc()
+        return web.Response(status=401, text="401 Unauthorized\n")
+    if not is_allowed(session.identity, services(request).config):
+        metrics.AUTH_DECISIONS.labels(decision="403").inc()
+        return web.Response(status=403, text="403 Forbidden\n")
+    metrics.AUTH_DECISIONS.labels(decision="202").inc()
+    return web.Response(status=202, headers=auth_response_headers(session, services(request).config))
+
+
+async def userinfo(request: web.Request) -> web.Response:
+    try:
+        _, session = await authorize(request)
+    except SessionGone:
+        return web.json_response({"error": "not signed in"}, status=401)
+    ident, tokens = session.identity, session.tokens
+    return web.json_response({
+        "user": ident.user, "email": ident.email, "groups": list(ident.groups),
+        "preferred_username": ident.preferred_username,
+        "access_token_expires_at": tokens.access_expires_at,
+        "refresh_count": session.refresh_count, "signed_in_at": session.signed_in_at,
+    }, headers={"Cache-Control": "no-store"})
+
+
+async def ping(request: web.Request) -> web.Response:
+    return web.Response(text="OK\n")
+
+
+async def ready(request: web.Request) -> web.Response:
+    try:
+        await services(request).sessions.store.ping()
+    except StoreUnavailable:
+        return web.Response(status=503, text="session store unreachable\n")
+    return web.Response(text="OK\n")
+
+
+async def metrics_page(request: web.Request) -> web.Response:
+    return web.Response(body=metrics.render(), content_type="text/plain", charset="utf-8")
+
+
+def add_routes(app: web.Application, with_metrics: bool) -> None:
+    app.router.add_get("/oauth2/start", start)
+    app.router.add_get("/oauth2/callback", callback)
+    app.router.add_get("/oauth2/sign_in", sign_in)
+    app.router.add_route("*", "/oauth2/sign_out", sign_out)
+    app.router.add_route("*", "/oauth2/auth", auth)
+    app.router.add_get("/oauth2/userinfo", userinfo)
+    app.router.add_get("/ping", ping)
+    app.router.add_get("/ready", ready)
+    if with_metrics:
+        app.router.add_get("/metrics", metrics_page)
+
+
+__all__ = ["add_routes", "authed"]

@@ -1,0 +1,36 @@
+"""Prometheus metrics. Labels never carry tokens, cookies, users or raw paths.
+
+With several workers, prometheus-client's multi-process mode is switched on by
+``__main__`` (``PROMETHEUS_MULTIPROC_DIR``) before this module is imported.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import multiprocess
+
+_LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+REQUESTS = Counter("sidecar_requests_total", "Requests by route and status", ["route", "status"])
+AUTH_DECISIONS = Counter("sidecar_auth_decisions_total", "Auth decisions (202/401/403)", ["decision"])
+SESSIONS_CREATED = Counter("sidecar_sessions_created_total", "Sessions created at sign-in")
+SESSIONS_DELETED = Counter("sidecar_sessions_deleted_total", "Sessions deleted", ["reason"])
+REFRESHES = Counter("sidecar_refreshes_total", "Token refreshes by outcome", ["outcome"])
+REFRESH_JOINED = Counter("sidecar_refresh_joined_total", "Requests that joined an in-flight refresh")
+LOCK_WAITS = Counter("sidecar_refresh_lock_waits_total", "Waits for another replica's refresh lock")
+LOCK_WAIT_SECONDS = Histogram("sidecar_refresh_lock_wait_seconds", "Time spent waiting for another replica's refresh", buckets=_LATENCY)
+REFRESH_SECONDS = Histogram("sidecar_refresh_seconds", "Latency of a token refresh at the provider", buckets=_LATENCY)
+PROVIDER_SECONDS = Histogram("sidecar_provider_call_seconds", "Provider call latency", ["call"], buckets=_LATENCY)
+REDIS_SECONDS = Histogram("sidecar_store_call_seconds", "Session store call latency", ["call"], buckets=_LATENCY)
+UPSTREAM_SECONDS = Histogram("sidecar_upstream_seconds", "Upstream response latency (to headers)", buckets=_LATENCY)
+
+
+def render() -> bytes:
+    """The exposition text; merges every worker's file in multi-process mode."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)
+    return generate_latest()

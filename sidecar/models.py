@@ -1,0 +1,99 @@
+"""Sessions, token sets and identities: plain values with expiry checks that take ``now``.
+
+Nothing here does I/O or reads the clock, so every expiry rule is testable
+without sleeping.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who the user is, as forwarded to the app."""
+
+    sub: str
+    user: str
+    email: str = ""
+    groups: tuple[str, ...] = ()
+    preferred_username: str = ""
+
+
+@dataclass(frozen=True)
+class TokenSet:
+    """What the provider's token endpoint gave us. ``None`` expiry means "not told"."""
+
+    access_token: str
+    refresh_token: str | None = None
+    id_token: str | None = None
+    access_expires_at: float | None = None
+    refresh_expires_at: float | None = None
+    issued_at: float = 0.0
+
+    def merged_over(self, old: TokenSet) -> TokenSet:
+        """This refresh result on top of the previous set: a missing refresh token keeps the old one."""
+        if self.refresh_token:
+            return self
+        return replace(
+            self,
+            refresh_token=old.refresh_token,
+            refresh_expires_at=self.refresh_expires_at or old.refresh_expires_at,
+            id_token=self.id_token or old.id_token,
+        )
+
+
+@dataclass(frozen=True)
+class Session:
+    """One signed-in user's server-side record. The cookie only holds its id and key."""
+
+    identity: Identity
+    tokens: TokenSet
+    claims: dict[str, Any] = field(default_factory=dict)
+    created_at: float = 0.0
+    signed_in_at: float = 0.0  # last interactive sign-in
+    refreshed_at: float | None = None
+    refresh_count: int = 0
+    version: int = 0  # bumped by every store write; compare-and-set guards it
+    last_active: float = 0.0  # kept by the store next to the record, not inside it
+
+    def needs_refresh(self, now: float, skew: float, max_age: float) -> bool:
+        """True when the access token is expired, about to expire, or older than ``max_age``."""
+        expires = self.tokens.access_expires_at
+        if expires is not None and now >= expires - skew:
+            return True
+        return bool(max_age) and now - self.tokens.issued_at >= max_age
+
+    def access_token_valid(self, now: float) -> bool:
+        expires = self.tokens.access_expires_at
+        return expires is None or now < expires
+
+    def can_refresh(self, now: float) -> bool:
+        expires = self.tokens.refresh_expires_at
+        return bool(self.tokens.refresh_token) and (expires is None or now < expires)
+
+    def expired(self, now: float, max_lifetime: float, idle_timeout: float) -> bool:
+        """Server-side session limits, independent of any store TTL."""
+        if max_lifetime and now - self.created_at >= max_lifetime:
+            return True
+        return bool(idle_timeout) and now - (self.last_active or self.created_at) >= idle_timeout
+
+    def to_bytes(self) -> bytes:
+        data = asdict(self)
+        del data["version"], data["last_active"]
+        return json.dumps(data, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, version: int, last_active: float) -> Session:
+        data = json.loads(raw)
+        identity = data.pop("identity")
+        identity["groups"] = tuple(identity["groups"])
+        return cls(
+            identity=Identity(**identity),
+            tokens=TokenSet(**data.pop("tokens")),
+            version=version,
+            last_active=last_active,
+            **data,
+        )

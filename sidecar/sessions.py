@@ -1,0 +1,116 @@
+"""Session lifecycle on top of a store: create, load, save (compare-and-set), end.
+
+Records are encrypted with the key from the cookie before they reach the store.
+Loaded sessions are cached per process for at most ``--session-cache-ttl``
+(under one second), keyed by store key and checked against the stored version,
+so the hot path rarely touches Redis or decrypts, yet a sign-out on any
+replica is honoured everywhere within that time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from . import crypto, metrics
+from .cookies import SessionRef
+from .errors import SessionGone
+from .models import Identity, Session, TokenSet
+from .store import SessionStore
+
+_TOUCH_EVERY = 60.0  # write "last active" at most once a minute per session
+_CACHE_LIMIT = 20_000
+
+
+def user_key(sub: str) -> str:
+    """The per-user index key: a hash, so Redis holds no raw subject ids."""
+    return hashlib.sha256(sub.encode()).hexdigest()[:32]
+
+
+class Sessions:
+    def __init__(self, store: SessionStore, config: Any, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self._config = config
+        self._clock = clock
+        self._cache: dict[str, tuple[Session, float]] = {}
+        self._cache_ttl = float(config.session_cache_ttl)
+
+    def record_ttl(self, session: Session, now: float) -> float:
+        """Redis TTL: the refresh-token lifetime (provider's word, else --refresh-token-ttl)."""
+        expires = session.tokens.refresh_expires_at
+        if expires is not None:
+            return max(1.0, expires - now)
+        return float(self._config.refresh_token_ttl)
+
+    async def create(self, identity: Identity, tokens: TokenSet, claims: dict[str, Any]) -> tuple[SessionRef, Session]:
+        now = self._clock()
+        ref = SessionRef.new()  # a fresh id at every sign-in, never the browser's old one
+        session = Session(identity=identity, tokens=tokens, claims=claims, created_at=now,
+                          signed_in_at=now, version=1, last_active=now)
+        blob = crypto.encrypt(ref.key, session.to_bytes(), ref.store_key.encode())
+        await self.store.create(ref.store_key, blob, self.record_ttl(session, now), now, user_key(identity.sub))
+        metrics.SESSIONS_CREATED.inc()
+        return ref, session
+
+    async def load(self, ref: SessionRef) -> Session:
+        """The session behind a cookie, from cache when fresh; raises SessionGone when absent or over its limits."""
+        hit = self._cache.get(ref.store_key)
+        mono = time.monotonic()
+        if hit is not None and mono - hit[1] < self._cache_ttl:
+            return hit[0]
+        return await self._load_from_store(ref, hit[0] if hit else None)
+
+    async def load_fresh(self, ref: SessionRef) -> Session:
+        """Bypass the cache: the refresh logic must see what is stored right now."""
+        return await self._load_from_store(ref, None)
+
+    async def _load_from_store(self, ref: SessionRef, cached: Session | None) -> Session:
+        record = await self.store.load(ref.store_key)
+        if record is None:
+            self._cache.pop(ref.store_key, None)
+            raise SessionGone("no such session")
+        if cached is not None and cached.version == record.version:
+            session = replace(cached, last_active=record.last_active)
+        else:
+            plain = crypto.decrypt(ref.key, record.blob, ref.store_key.encode())
+            session = Session.from_bytes(plain, record.version, record.last_active)
+        now = self._clock()
+        if session.expired(now, self._config.cookie_expire, self._config.session_idle_timeout):
+            await self.end(ref, session, reason="expired")
+            raise SessionGone("session is past its lifetime or idle timeout")
+        if now - session.last_active >= _TOUCH_EVERY:
+            await self.store.touch(ref.store_key, now)
+            session = replace(session, last_active=now)
+        self._remember(ref.store_key, session)
+        return session
+
+    def _remember(self, key: str, session: Session) -> None:
+        if len(self._cache) >= _CACHE_LIMIT:
+            self._cache.pop(next(iter(self._cache)))
+        self._cache[key] = (session, time.monotonic())
+
+    async def save(self, ref: SessionRef, session: Session) -> Session:
+        """Compare-and-set on ``session.version``; raises VersionConflict when someone wrote first."""
+        now = self._clock()
+        blob = crypto.encrypt(ref.key, session.to_bytes(), ref.store_key.encode())
+        version = await self.store.save(ref.store_key, blob, session.version, self.record_ttl(session, now))
+        saved = replace(session, version=version)
+        self._remember(ref.store_key, saved)
+        return saved
+
+    async def end(self, ref: SessionRef, session: Session | None, reason: str) -> None:
+        self._cache.pop(ref.store_key, None)
+        await self.store.delete(ref.store_key, user_key(session.identity.sub) if session else None)
+        metrics.SESSIONS_DELETED.labels(reason=reason).inc()
+
+    async def end_all_for_user(self, sub: str) -> int:
+        """Sign a user out everywhere (every browser, every CLI client)."""
+        keys = await self.store.user_sessions(user_key(sub))
+        for key in keys:
+            self._cache.pop(key, None)
+            await self.store.delete(key, user_key(sub))
+        metrics.SESSIONS_DELETED.labels(reason="user_signed_out_everywhere").inc(len(keys))
+        return len(keys)

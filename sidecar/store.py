@@ -1,0 +1,324 @@
+"""Where session records, sign-in states, refresh locks and refresh outcomes live.
+
+``SessionStore`` is the protocol; ``MemoryStore`` serves one process (the
+embedded default) and ``RedisStore`` serves many replicas. Both pass the same
+conformance tests. Stores only move opaque bytes: records arrive here already
+encrypted. Every Redis failure becomes ``StoreUnavailable`` so the web layer
+answers 503 and never mistakes an outage for a signed-out user.
+
+Redis layout (``sc:`` prefix; one key per operation so Cluster works):
+    sc:s:<store key>   hash  d=ciphertext v=version a=last active   TTL = refresh-token lifetime
+    sc:u:<user hash>   set   store keys of one user's sessions      (sign out everywhere)
+    sc:st:<state>      string  pending sign-in (PKCE verifier, nonce, rd)  TTL minutes, GETDEL
+    sc:l:<store key>   string  refresh lock owner token             PX, extended while held
+    sc:o:<token hash>  string  encrypted outcome of a refresh        TTL seconds
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+from urllib.parse import urlsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.sentinel import Sentinel
+from redis.exceptions import RedisError
+
+from .errors import StoreUnavailable, VersionConflict
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class StoredRecord:
+    blob: bytes
+    version: int
+    last_active: float
+
+
+class SessionStore(Protocol):
+    """What the session and refresh logic needs from storage."""
+
+    async def load(self, key: str) -> StoredRecord | None: ...
+    async def version(self, key: str) -> int | None: ...
+    async def create(self, key: str, blob: bytes, ttl: float, now: float, user: str) -> None: ...
+    async def save(self, key: str, blob: bytes, expected_version: int, ttl: float) -> int: ...
+    async def touch(self, key: str, now: float) -> None: ...
+    async def delete(self, key: str, user: str | None = None) -> None: ...
+    async def user_sessions(self, user: str) -> list[str]: ...
+    async def put_state(self, state: str, data: bytes, ttl: float) -> None: ...
+    async def take_state(self, state: str) -> bytes | None: ...
+    async def acquire_lock(self, key: str, owner: str, ttl: float) -> bool: ...
+    async def extend_lock(self, key: str, owner: str, ttl: float) -> bool: ...
+    async def release_lock(self, key: str, owner: str) -> None: ...
+    async def lock_held(self, key: str) -> bool: ...
+    async def put_outcome(self, token_hash: str, blob: bytes, ttl: float) -> None: ...
+    async def get_outcome(self, token_hash: str) -> bytes | None: ...
+    async def ping(self) -> None: ...
+    async def close(self) -> None: ...
+
+
+class MemoryStore:
+    """In-process store for one process: the embedded default and single-instance installs."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._records: dict[str, tuple[StoredRecord, float]] = {}
+        self._users: dict[str, set[str]] = {}
+        self._values: dict[str, tuple[Any, float]] = {}  # states, locks, outcomes
+        self._writes = 0
+
+    def _live(self, table: dict[str, tuple[T, float]], key: str) -> T | None:
+        entry = table.get(key)
+        if entry is None:
+            return None
+        if entry[1] <= self._clock():
+            del table[key]
+            return None
+        return entry[0]
+
+    def _sweep(self) -> None:
+        """Drop expired entries now and then, so memory stays flat."""
+        self._writes += 1
+        if self._writes % 1000:
+            return
+        now = self._clock()
+        for table in (self._records, self._values):
+            for key in [k for k, (_, exp) in table.items() if exp <= now]:
+                del table[key]  # type: ignore[attr-defined]
+
+    async def load(self, key: str) -> StoredRecord | None:
+        return self._live(self._records, key)
+
+    async def version(self, key: str) -> int | None:
+        record = self._live(self._records, key)
+        return None if record is None else record.version
+
+    async def create(self, key: str, blob: bytes, ttl: float, now: float, user: str) -> None:
+        self._sweep()
+        self._records[key] = (StoredRecord(blob, 1, now), self._clock() + ttl)
+        self._users.setdefault(user, set()).add(key)
+
+    async def save(self, key: str, blob: bytes, expected_version: int, ttl: float) -> int:
+        record = self._live(self._records, key)
+        if record is None or record.version != expected_version:
+            raise VersionConflict("session record changed or is gone")
+        self._records[key] = (StoredRecord(blob, expected_version + 1, record.last_active), self._clock() + ttl)
+        return expected_version + 1
+
+    async def touch(self, key: str, now: float) -> None:
+        entry = self._records.get(key)
+        if entry is not None:
+            record, expiry = entry
+            self._records[key] = (StoredRecord(record.blob, record.version, now), expiry)
+
+    async def delete(self, key: str, user: str | None = None) -> None:
+        self._records.pop(key, None)
+        self._values.pop("l:" + key, None)
+        if user is not None and user in self._users:
+            self._users[user].discard(key)
+
+    async def user_sessions(self, user: str) -> list[str]:
+        return [k for k in self._users.get(user, ()) if self._live(self._records, k) is not None]
+
+    async def put_state(self, state: str, data: bytes, ttl: float) -> None:
+        self._sweep()
+        self._values["st:" + state] = (data, self._clock() + ttl)
+
+    async def take_state(self, state: str) -> bytes | None:
+        data = self._live(self._values, "st:" + state)
+        self._values.pop("st:" + state, None)
+        return data  # type: ignore[return-value]
+
+    async def acquire_lock(self, key: str, owner: str, ttl: float) -> bool:
+        if self._live(self._values, "l:" + key) is not None:
+            return False
+        self._values["l:" + key] = (owner, self._clock() + ttl)
+        return True
+
+    async def extend_lock(self, key: str, owner: str, ttl: float) -> bool:
+        if self._live(self._values, "l:" + key) != owner:
+            return False
+        self._values["l:" + key] = (owner, self._clock() + ttl)
+        return True
+
+    async def release_lock(self, key: str, owner: str) -> None:
+        if self._live(self._values, "l:" + key) == owner:
+            del self._values["l:" + key]
+
+    async def lock_held(self, key: str) -> bool:
+        return self._live(self._values, "l:" + key) is not None
+
+    async def put_outcome(self, token_hash: str, blob: bytes, ttl: float) -> None:
+        self._sweep()
+        self._values["o:" + token_hash] = (blob, self._clock() + ttl)
+
+    async def get_outcome(self, token_hash: str) -> bytes | None:
+        return self._live(self._values, "o:" + token_hash)  # type: ignore[return-value]
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+# KEYS[1] record; ARGV expected version, blob, ttl ms. Returns the new version,
+# -1 when the record is gone, -2 when someone else wrote first.
+_CAS_SAVE = """
+local v = redis.call('HGET', KEYS[1], 'v')
+if not v then return -1 end
+if tonumber(v) ~= tonumber(ARGV[1]) then return -2 end
+local nv = tonumber(v) + 1
+redis.call('HSET', KEYS[1], 'd', ARGV[2], 'v', nv)
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return nv
+"""
+# KEYS[1] record; ARGV now. Never recreates a deleted record as a stub without TTL.
+_TOUCH = """
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'a', ARGV[1]) end
+return 0
+"""
+# KEYS[1] lock; ARGV owner token (, ttl ms). Only the owner may extend or release.
+_EXTEND = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
+def _hostports(urls: tuple[str, ...]) -> list[tuple[str, int]]:
+    out = []
+    for url in urls:
+        parts = urlsplit(url if "//" in url else "redis://" + url)
+        out.append((parts.hostname or "127.0.0.1", parts.port or 6379))
+    return out
+
+
+def redis_client(config: Any) -> Any:
+    """A redis-py asyncio client for a single node, Sentinel or Cluster, from the settings."""
+    timeouts = {"socket_timeout": config.redis_timeout, "socket_connect_timeout": config.redis_timeout}
+    if config.redis_use_cluster:
+        first = config.redis_cluster_connection_urls[0]
+        nodes = [ClusterNode(h, p) for h, p in _hostports(config.redis_cluster_connection_urls)]
+        parts = urlsplit(first)
+        return RedisCluster(startup_nodes=nodes, password=parts.password, ssl=parts.scheme == "rediss", **timeouts)
+    if config.redis_use_sentinel:
+        master = urlsplit(config.redis_connection_url)
+        sentinel = Sentinel(
+            _hostports(config.redis_sentinel_connection_urls),
+            sentinel_kwargs={"password": config.redis_sentinel_password or None, **timeouts},
+            **timeouts,
+        )
+        return sentinel.master_for(config.redis_sentinel_master_name, password=master.password, **timeouts)
+    return aioredis.from_url(config.redis_connection_url, **timeouts)
+
+
+class RedisStore:
+    """Store for many replicas sharing Redis (single node, Sentinel or Cluster)."""
+
+    def __init__(self, client: Any, prefix: str = "sc:") -> None:
+        self._r = client
+        self._p = prefix
+        self._cas = client.register_script(_CAS_SAVE)
+        self._touch = client.register_script(_TOUCH)
+        self._extend = client.register_script(_EXTEND)
+        self._release = client.register_script(_RELEASE)
+
+    async def _call(self, op: Awaitable[T]) -> T:
+        try:
+            return await op
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            raise StoreUnavailable(f"redis: {type(exc).__name__}") from exc
+
+    async def load(self, key: str) -> StoredRecord | None:
+        blob, version, active = await self._call(self._r.hmget(self._p + "s:" + key, "d", "v", "a"))
+        if blob is None or version is None:
+            return None
+        return StoredRecord(blob, int(version), float(active or 0))
+
+    async def version(self, key: str) -> int | None:
+        version = await self._call(self._r.hget(self._p + "s:" + key, "v"))
+        return None if version is None else int(version)
+
+    async def create(self, key: str, blob: bytes, ttl: float, now: float, user: str) -> None:
+        record, index = self._p + "s:" + key, self._p + "u:" + user
+        async with self._r.pipeline(transaction=False) as pipe:
+            pipe.hset(record, mapping={"d": blob, "v": 1, "a": int(now)})
+            pipe.pexpire(record, _ms(ttl))
+            await self._call(pipe.execute())
+        async with self._r.pipeline(transaction=False) as pipe:
+            pipe.sadd(index, key)
+            pipe.pexpire(index, _ms(max(ttl, 86400 * 90)))
+            await self._call(pipe.execute())
+
+    async def save(self, key: str, blob: bytes, expected_version: int, ttl: float) -> int:
+        result = await self._call(
+            self._cas(keys=[self._p + "s:" + key], args=[expected_version, blob, _ms(ttl)])
+        )
+        if int(result) < 0:
+            raise VersionConflict("session record changed or is gone")
+        return int(result)
+
+    async def touch(self, key: str, now: float) -> None:
+        await self._call(self._touch(keys=[self._p + "s:" + key], args=[int(now)]))
+
+    async def delete(self, key: str, user: str | None = None) -> None:
+        await self._call(self._r.delete(self._p + "s:" + key))
+        if user is not None:
+            await self._call(self._r.srem(self._p + "u:" + user, key))
+
+    async def user_sessions(self, user: str) -> list[str]:
+        members = await self._call(self._r.smembers(self._p + "u:" + user))
+        return sorted(m.decode() for m in members)
+
+    async def put_state(self, state: str, data: bytes, ttl: float) -> None:
+        await self._call(self._r.set(self._p + "st:" + state, data, px=_ms(ttl)))
+
+    async def take_state(self, state: str) -> bytes | None:
+        # GETDEL: exactly one callback can consume a state, even across replicas.
+        return await self._call(self._r.getdel(self._p + "st:" + state))  # type: ignore[no-any-return]
+
+    async def acquire_lock(self, key: str, owner: str, ttl: float) -> bool:
+        return bool(await self._call(self._r.set(self._p + "l:" + key, owner, nx=True, px=_ms(ttl))))
+
+    async def extend_lock(self, key: str, owner: str, ttl: float) -> bool:
+        return bool(await self._call(self._extend(keys=[self._p + "l:" + key], args=[owner, _ms(ttl)])))
+
+    async def release_lock(self, key: str, owner: str) -> None:
+        await self._call(self._release(keys=[self._p + "l:" + key], args=[owner]))
+
+    async def lock_held(self, key: str) -> bool:
+        return bool(await self._call(self._r.exists(self._p + "l:" + key)))
+
+    async def put_outcome(self, token_hash: str, blob: bytes, ttl: float) -> None:
+        await self._call(self._r.set(self._p + "o:" + token_hash, blob, px=_ms(ttl)))
+
+    async def get_outcome(self, token_hash: str) -> bytes | None:
+        return await self._call(self._r.get(self._p + "o:" + token_hash))  # type: ignore[no-any-return]
+
+    async def ping(self) -> None:
+        await self._call(self._r.ping())
+
+    async def close(self) -> None:
+        try:
+            await self._r.aclose()
+        except (RedisError, OSError):
+            pass
+
+
+def make_store(config: Any) -> SessionStore:
+    if config.session_store_type == "redis":
+        return RedisStore(redis_client(config))
+    return MemoryStore()
