@@ -39,9 +39,10 @@ class View:
 
 
 SERVICES = web.AppKey("services", Services)
-REQUEST_ID = "sidecar.request_id"
-VIEW = "sidecar.view"
-AUTHED = "sidecar.authed"  # (SessionRef, Session) once authenticated; the user goes into the log line
+REQUEST_ID = web.RequestKey("request_id", str)
+VIEW = web.RequestKey("view", View)
+# (SessionRef, Session) once authenticated; the user goes into the log line
+AUTHED: web.RequestKey[tuple[SessionRef, Session]] = web.RequestKey("authed", tuple)  # type: ignore[arg-type]
 
 
 def services(request: web.Request) -> Services:

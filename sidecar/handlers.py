@@ -72,6 +72,9 @@ async def callback(request: web.Request) -> web.Response:
     state, code = request.query.get("state", ""), request.query.get("code", "")
     if not state or not code or len(state) > 256 or len(code) > 4096:
         raise InvalidState("callback without state or code")
+    issuer = request.query.get("iss")
+    if issuer is not None and issuer != (await svc.oidc.metadata()).issuer:
+        raise InvalidState("callback iss does not name our provider (RFC 9207)")
     cookie_name = _state_cookie_name(config, state)
     svc.codec.check_state(request.cookies.get(cookie_name), state, STATE_TTL)
     raw = await svc.sessions.store.take_state(state)  # atomic: a state can be used once

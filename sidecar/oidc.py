@@ -9,13 +9,14 @@ protocol failure leaves here as one of the ``ProviderError`` classes.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import aiohttp
 import jwt
@@ -165,13 +166,13 @@ class OidcClient:
         body = await self._token_request({"grant_type": "refresh_token", "refresh_token": refresh_token}, retry=True)
         return token_set_from_response(body, time.time())
 
-    def _client_auth(self) -> tuple[aiohttp.BasicAuth | None, dict[str, str]]:
+    def _client_auth(self) -> tuple[dict[str, str], dict[str, str]]:
+        """(headers, form fields) authenticating this client: client_secret_basic, or a public client."""
         if self._config.client_secret:
             # RFC 6749 2.3.1: form-urlencode id and secret before Basic encoding.
-            from urllib.parse import quote
-
-            return aiohttp.BasicAuth(quote(self._config.client_id, safe=""), quote(self._config.client_secret, safe="")), {}
-        return None, {"client_id": self._config.client_id}
+            pair = f"{quote(self._config.client_id, safe='')}:{quote(self._config.client_secret, safe='')}"
+            return {"Authorization": "Basic " + base64.b64encode(pair.encode()).decode()}, {}
+        return {}, {"client_id": self._config.client_id}
 
     async def _token_request(self, form: dict[str, str], *, retry: bool) -> dict[str, Any]:
         """POST to the token endpoint. Retries only failures where the provider did not process the
@@ -189,10 +190,10 @@ class OidcClient:
                 await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
         raise AssertionError("unreachable")
 
-    async def _post_token(self, url: str, form: dict[str, str], auth: aiohttp.BasicAuth | None) -> dict[str, Any]:
+    async def _post_token(self, url: str, form: dict[str, str], auth: dict[str, str]) -> dict[str, Any]:
         try:
-            async with self._http.post(url, data=form, auth=auth, timeout=self._timeout,
-                                       headers={"Accept": "application/json"}) as resp:
+            async with self._http.post(url, data=form, timeout=self._timeout,
+                                       headers={"Accept": "application/json", **auth}) as resp:
                 status = resp.status
                 text = await resp.text()
         except aiohttp.ClientConnectorError as exc:
@@ -226,7 +227,7 @@ class OidcClient:
         auth, extra = self._client_auth()
         try:
             async with self._http.post(meta.revocation_endpoint, data={"token": token, "token_type_hint": hint, **extra},
-                                       auth=auth, timeout=self._timeout) as resp:
+                                       headers=auth, timeout=self._timeout) as resp:
                 return resp.status == 200
         except (aiohttp.ClientError, asyncio.TimeoutError):
             log.warning("token revocation failed")

@@ -1,0 +1,559 @@
+"""A real-HTTP OpenID Connect provider for local development and tests. NOT for production.
+
+``DevProvider`` holds the state (codes, refresh-token families, keys, counters,
+behaviour toggles, injected faults) and the grant logic; ``provider_routes``
+turns it into an aiohttp app. Tests drive it in-process through its methods or,
+from another process, through the JSON ``/_control/`` API.
+
+Run standalone::
+
+    python -m sidecar.dev.provider --port 9000 --access-token-ttl 60 --rotate-refresh-tokens
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import secrets
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jwt
+from aiohttp import web
+
+from .provider_model import (
+    DEFAULT_USERS,
+    FAULT_KINDS,
+    AuthCode,
+    ClientReg,
+    DevUser,
+    Fault,
+    KeyRing,
+    OAuthError,
+    RefreshFamily,
+    RefreshRecord,
+    default_clients,
+    random_token,
+    sha256_hex,
+    verifier_ok,
+)
+
+__all__ = [
+    "DEFAULT_USERS",
+    "FAULT_KINDS",
+    "ClientReg",
+    "DevProvider",
+    "DevUser",
+    "OAuthError",
+    "main",
+    "run_provider",
+]
+
+BOOL_SETTINGS = (
+    "send_expires_in",
+    "send_refresh_expires_in",
+    "send_id_token_on_refresh",
+    "rotate_refresh_tokens",
+    "reuse_detection",
+    "return_same_refresh_token",
+)
+INT_SETTINGS = ("access_token_ttl", "refresh_token_ttl", "id_token_ttl", "code_ttl")
+SCOPES = ["openid", "email", "profile", "groups", "offline_access"]
+
+
+class DevProvider:
+    """State + behaviour of the provider; one aiohttp app serves it."""
+
+    def __init__(
+        self,
+        issuer: str,
+        clients: dict[str, ClientReg] | None = None,
+        users: Mapping[str, DevUser] = DEFAULT_USERS,
+        access_token_ttl: int = 60,
+        refresh_token_ttl: int = 3600,
+        *,
+        auto_login: str | None = None,
+        rotate_refresh_tokens: bool = False,
+        reuse_detection: bool = True,
+        return_same_refresh_token: bool = False,
+        send_expires_in: bool = True,
+        send_refresh_expires_in: bool = True,
+        send_id_token_on_refresh: bool = True,
+    ) -> None:
+        self.issuer = issuer.rstrip("/")
+        self.clients = dict(clients) if clients is not None else default_clients()
+        # Deep copy: set_groups() must not leak into DEFAULT_USERS or other instances.
+        self.users: dict[str, DevUser] = {k: copy.deepcopy(u) for k, u in users.items()}
+        self.keys = KeyRing()
+        # Behaviour toggles (see BOOL_SETTINGS / INT_SETTINGS).
+        self.access_token_ttl = access_token_ttl
+        self.refresh_token_ttl = refresh_token_ttl
+        self.id_token_ttl = 300
+        self.code_ttl = 60
+        self.send_expires_in = send_expires_in
+        self.send_refresh_expires_in = send_refresh_expires_in
+        self.send_id_token_on_refresh = send_id_token_on_refresh
+        self.rotate_refresh_tokens = rotate_refresh_tokens
+        self.reuse_detection = reuse_detection
+        self.return_same_refresh_token = return_same_refresh_token
+        self.auto_login: str | None = None
+        if auto_login is not None:
+            self.config(auto_login=auto_login)
+        # Grant state.
+        self._codes: dict[str, AuthCode] = {}
+        self._families: dict[str, RefreshFamily] = {}
+        self._refresh: dict[str, RefreshRecord] = {}  # sha256(token) -> record
+        self._access: dict[str, tuple[str | None, float]] = {}  # jti -> (family, exp)
+        self._revoked_jtis: set[str] = set()
+        self._faults: list[Fault] = []
+        # Counters.
+        self.token_calls: dict[str, int] = {}
+        self.reuse_detected = 0
+        self.revocations = 0
+        self.userinfo_calls = 0
+        self.codes_issued = 0
+        self.logout_calls = 0
+        self.refresh_tokens_presented: list[str] = []
+        self.reset_counters()
+
+    # ---------------------------------------------------------------- wiring
+
+    def app(self) -> web.Application:
+        """A fresh aiohttp application serving this provider."""
+        from .provider_routes import build_app
+
+        return build_app(self)
+
+    def url(self, path: str) -> str:
+        """Absolute URL of one of our endpoints (the issuer may change once the port is known)."""
+        return f"{self.issuer}{path}"
+
+    def discovery(self) -> dict[str, Any]:
+        """The ``/.well-known/openid-configuration`` document."""
+        return {
+            "issuer": self.issuer,
+            "authorization_endpoint": self.url("/authorize"),
+            "token_endpoint": self.url("/token"),
+            "userinfo_endpoint": self.url("/userinfo"),
+            "jwks_uri": self.url("/jwks"),
+            "revocation_endpoint": self.url("/revoke"),
+            "end_session_endpoint": self.url("/logout"),
+            "response_types_supported": ["code"],
+            "response_modes_supported": ["query"],
+            "grant_types_supported": ["authorization_code", "refresh_token"],
+            "code_challenge_methods_supported": ["S256"],
+            "id_token_signing_alg_values_supported": ["RS256"],
+            "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+            "revocation_endpoint_auth_methods_supported": [
+                "client_secret_basic",
+                "client_secret_post",
+            ],
+            "subject_types_supported": ["public"],
+            "scopes_supported": list(SCOPES),
+            "claims_supported": [
+                "iss", "sub", "aud", "azp", "exp", "iat", "auth_time", "nonce", "email",
+                "email_verified", "name", "preferred_username", "groups",
+            ],  # fmt: skip
+            "authorization_response_iss_parameter_supported": True,
+        }
+
+    # ------------------------------------------------------ control surface
+
+    def config(self, values: Mapping[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
+        """Validate then apply toggles (all or nothing); returns the current settings."""
+        changes = {**(values or {}), **kw}
+        for key, value in changes.items():
+            if key == "auto_login":
+                if value not in (None, "", False) and value not in self.users:
+                    raise ValueError(f"auto_login: unknown user {value!r}")
+            elif key in BOOL_SETTINGS:
+                if not isinstance(value, bool):
+                    raise ValueError(f"{key} must be a boolean")
+            elif key in INT_SETTINGS:
+                if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                    raise ValueError(f"{key} must be a positive integer")
+            else:
+                raise ValueError(f"unknown setting {key!r}")
+        for key, value in changes.items():
+            if key == "auto_login":
+                value = value or None
+            setattr(self, key, value)
+        return self.settings()
+
+    def settings(self) -> dict[str, Any]:
+        """Current toggles."""
+        names = (*BOOL_SETTINGS, *INT_SETTINGS, "auto_login")
+        return {name: getattr(self, name) for name in names}
+
+    def stats(self) -> dict[str, Any]:
+        """Counters plus toggles, flat, for assertions in tests."""
+        return {
+            "token_calls": dict(self.token_calls),
+            "reuse_detected": self.reuse_detected,
+            "revocations": self.revocations,
+            "userinfo_calls": self.userinfo_calls,
+            "codes_issued": self.codes_issued,
+            "logout_calls": self.logout_calls,
+            "refresh_tokens_presented": list(self.refresh_tokens_presented),
+            "active_refresh_families": sum(1 for f in self._families.values() if not f.revoked),
+            "faults": [f.to_dict() for f in self._faults],
+            "kids": [k.kid for k in self.keys.keys],
+            **self.settings(),
+        }
+
+    def reset_counters(self) -> None:
+        """Zero every counter (state such as tokens and toggles is kept)."""
+        self.token_calls = {"authorization_code": 0, "refresh_token": 0}
+        self.reuse_detected = 0
+        self.revocations = 0
+        self.userinfo_calls = 0
+        self.codes_issued = 0
+        self.logout_calls = 0
+        self.refresh_tokens_presented = []
+
+    def inject_fault(
+        self, kind: str, count: int = 1, grant: str = "refresh_token", delay: float = 0.0
+    ) -> Fault:
+        """Make the next ``count`` token calls for ``grant`` misbehave (``count=-1``: forever)."""
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault kind {kind!r}; expected one of {FAULT_KINDS}")
+        if count == 0 or count < -1:
+            raise ValueError("count must be positive or -1")
+        if delay < 0:
+            raise ValueError("delay must not be negative")
+        fault = Fault(kind, count, grant, float(delay))
+        self._faults.append(fault)
+        return fault
+
+    def clear_faults(self) -> None:
+        """Forget every pending fault."""
+        self._faults.clear()
+
+    def take_fault(self, grant_type: str) -> Fault | None:
+        """Consume one use of the first fault matching this call, if any."""
+        for fault in self._faults:
+            if fault.matches(grant_type):
+                if fault.remaining > 0:
+                    fault.remaining -= 1
+                    if fault.remaining == 0:
+                        self._faults.remove(fault)
+                return fault
+        return None
+
+    def rotate_keys(self, keep_old: bool = True) -> str:
+        """New signing key (new kid); old keys stay in the JWKS when ``keep_old``."""
+        return self.keys.rotate(keep_old)
+
+    def revoke_user(self, sub: str) -> int:
+        """Kill every refresh-token family (and its access tokens) of ``sub``; returns count."""
+        killed = 0
+        for fam in self._families.values():
+            user = self.users.get(fam.username)
+            if not fam.revoked and user is not None and user.sub == sub:
+                fam.revoked = True
+                killed += 1
+        return killed
+
+    def set_groups(self, username: str, groups: Sequence[str]) -> None:
+        """Change a user's groups; later tokens and userinfo answers carry the new list."""
+        if username not in self.users:
+            raise ValueError(f"unknown user {username!r}")
+        self.users[username].groups = [str(g) for g in groups]
+
+    # ----------------------------------------------------------- the grants
+
+    def authenticate_client(self, client_id: str | None, secret: str | None) -> ClientReg:
+        """RFC 6749 section 2.3 client authentication."""
+        if not client_id:
+            raise OAuthError("invalid_client", "client authentication required")
+        reg = self.clients.get(client_id)
+        if reg is None:
+            raise OAuthError("invalid_client", "unknown client")
+        if reg.client_secret is not None and (
+            secret is None or not secrets.compare_digest(secret, reg.client_secret)
+        ):
+            raise OAuthError("invalid_client", "bad client credentials")
+        return reg
+
+    def issue_code(
+        self,
+        client_id: str,
+        redirect_uri: str,
+        code_challenge: str,
+        nonce: str | None,
+        username: str,
+        scope: str,
+    ) -> str:
+        """A single-use code bound to everything the token request must match."""
+        now = time.time()
+        self._codes = {c: a for c, a in self._codes.items() if a.expires_at + 600 > now}
+        code = random_token()
+        self._codes[code] = AuthCode(
+            client_id, redirect_uri, code_challenge, nonce, username, scope,
+            now + self.code_ttl, int(now),
+        )  # fmt: skip
+        self.codes_issued += 1
+        return code
+
+    def exchange_code(self, client: ClientReg, form: Mapping[str, str]) -> dict[str, Any]:
+        """``grant_type=authorization_code`` with mandatory PKCE."""
+        code = form.get("code")
+        if not code:
+            raise OAuthError("invalid_request", "missing code")
+        grant = self._codes.get(code)
+        if grant is None or grant.client_id != client.client_id:
+            raise OAuthError("invalid_grant", "unknown authorization code")
+        if grant.used:
+            # RFC 6749 4.1.2: a replayed code should kill what it produced.
+            if grant.family_id is not None:
+                self._families[grant.family_id].revoked = True
+            raise OAuthError("invalid_grant", "authorization code already used")
+        grant.used = True
+        if grant.expires_at <= time.time():
+            raise OAuthError("invalid_grant", "authorization code expired")
+        if form.get("redirect_uri") != grant.redirect_uri:
+            raise OAuthError("invalid_grant", "redirect_uri does not match the authorization")
+        if not verifier_ok(form.get("code_verifier"), grant.code_challenge):
+            raise OAuthError("invalid_grant", "PKCE verification failed")
+        user = self.users.get(grant.username)
+        if user is None:
+            raise OAuthError("invalid_grant", "user no longer exists")
+        fam = RefreshFamily(
+            random_token(12), grant.username, client.client_id, grant.scope, grant.auth_time
+        )
+        self._families[fam.family_id] = fam
+        grant.family_id = fam.family_id
+        token, expires_at = self._new_refresh_token(fam)
+        return self._token_response(
+            fam, user, grant.scope, nonce=grant.nonce, with_id_token=True,
+            refresh_token=token, refresh_expires_at=expires_at,
+        )  # fmt: skip
+
+    async def refresh(
+        self, client: ClientReg, form: Mapping[str, str], delay: float = 0.0
+    ) -> dict[str, Any]:
+        """``grant_type=refresh_token``, serialized per family so counters stay exact."""
+        token = form.get("refresh_token")
+        if not token:
+            raise OAuthError("invalid_request", "missing refresh_token")
+        record = self._refresh.get(sha256_hex(token))
+        if record is None:
+            if delay:
+                await asyncio.sleep(delay)
+            raise OAuthError("invalid_grant", "unknown refresh token")
+        fam = self._families[record.family_id]
+        async with fam.lock:
+            if delay:
+                await asyncio.sleep(delay)
+            return self._refresh_locked(client, form, token, record, fam)
+
+    def _refresh_locked(
+        self,
+        client: ClientReg,
+        form: Mapping[str, str],
+        token: str,
+        record: RefreshRecord,
+        fam: RefreshFamily,
+    ) -> dict[str, Any]:
+        if fam.client_id != client.client_id:
+            raise OAuthError("invalid_grant", "refresh token was issued to another client")
+        if fam.revoked:
+            raise OAuthError("invalid_grant", "refresh token revoked")
+        if record.rotated:
+            if self.reuse_detection:
+                fam.revoked = True
+                self.reuse_detected += 1
+                raise OAuthError("invalid_grant", "refresh token reuse detected; family revoked")
+            raise OAuthError("invalid_grant", "refresh token already rotated")
+        now = time.time()
+        if record.expires_at <= now:
+            raise OAuthError("invalid_grant", "refresh token expired")
+        scope = fam.scope
+        if form.get("scope"):
+            requested = form["scope"].split()
+            if not set(requested) <= set(fam.scope.split()):
+                raise OAuthError("invalid_scope", "scope exceeds the original grant")
+            scope = " ".join(requested)
+        user = self.users.get(fam.username)
+        if user is None:
+            raise OAuthError("invalid_grant", "user no longer exists")
+        new_token: str | None
+        if self.rotate_refresh_tokens:
+            record.rotated = True
+            new_token, expires_at = self._new_refresh_token(fam)
+        else:
+            new_token = token if self.return_same_refresh_token else None
+            expires_at = record.expires_at
+        return self._token_response(
+            fam, user, scope, nonce=None, with_id_token=self.send_id_token_on_refresh,
+            refresh_token=new_token, refresh_expires_at=expires_at,
+        )  # fmt: skip
+
+    def _new_refresh_token(self, fam: RefreshFamily) -> tuple[str, float]:
+        token = random_token()
+        expires_at = time.time() + self.refresh_token_ttl
+        self._refresh[sha256_hex(token)] = RefreshRecord(fam.family_id, expires_at)
+        return token, expires_at
+
+    def _token_response(
+        self,
+        fam: RefreshFamily,
+        user: DevUser,
+        scope: str,
+        *,
+        nonce: str | None,
+        with_id_token: bool,
+        refresh_token: str | None,
+        refresh_expires_at: float,
+    ) -> dict[str, Any]:
+        now = int(time.time())
+        self._access = {j: v for j, v in self._access.items() if v[1] > now - 60}
+        jti = random_token(16)
+        exp = now + self.access_token_ttl
+        access = self.keys.sign({
+            "iss": self.issuer, "sub": user.sub, "aud": fam.client_id, "exp": exp, "iat": now,
+            "jti": jti, "scope": scope, "client_id": fam.client_id,
+        })  # fmt: skip
+        self._access[jti] = (fam.family_id, exp)
+        body: dict[str, Any] = {"access_token": access, "token_type": "Bearer"}
+        if self.send_expires_in:
+            body["expires_in"] = self.access_token_ttl
+        if refresh_token is not None:
+            body["refresh_token"] = refresh_token
+        if self.send_refresh_expires_in:
+            body["refresh_expires_in"] = max(0, int(refresh_expires_at - time.time()))
+        if with_id_token:
+            claims: dict[str, Any] = {
+                "iss": self.issuer, "aud": fam.client_id, "azp": fam.client_id,
+                "exp": now + self.id_token_ttl, "iat": now, "auth_time": fam.auth_time,
+                **user.claims(),
+            }  # fmt: skip
+            if nonce is not None:
+                claims["nonce"] = nonce
+            body["id_token"] = self.keys.sign(claims)
+        body["scope"] = scope
+        return body
+
+    # ------------------------------------------------- revocation, userinfo
+
+    def revoke(self, client: ClientReg, token: str) -> None:
+        """RFC 7009: kill a refresh token's family or one access token; unknown is fine."""
+        record = self._refresh.get(sha256_hex(token))
+        if record is not None:
+            fam = self._families[record.family_id]
+            if fam.client_id != client.client_id:
+                raise OAuthError("unauthorized_client", "token was issued to another client")
+            fam.revoked = True
+        else:
+            try:
+                claims = self.keys.verify(token, self.issuer, verify_exp=False)
+            except jwt.InvalidTokenError:
+                claims = {}
+            if claims.get("jti") in self._access:
+                if claims.get("client_id") != client.client_id:
+                    raise OAuthError("unauthorized_client", "token was issued to another client")
+                self._revoked_jtis.add(claims["jti"])
+        self.revocations += 1
+
+    def check_access_token(self, token: str) -> DevUser:
+        """The user behind one of our live access tokens, else ``invalid_token``."""
+        try:
+            claims = self.keys.verify(token, self.issuer)
+        except jwt.InvalidTokenError as exc:
+            raise OAuthError("invalid_token", f"token rejected: {exc}") from exc
+        jti = claims.get("jti")
+        entry = self._access.get(jti) if isinstance(jti, str) else None
+        if entry is None or jti in self._revoked_jtis:
+            raise OAuthError("invalid_token", "token unknown or revoked")
+        fam = self._families.get(entry[0]) if entry[0] else None
+        if fam is not None and fam.revoked:
+            raise OAuthError("invalid_token", "grant revoked")
+        user = next((u for u in self.users.values() if u.sub == claims["sub"]), None)
+        if user is None:
+            raise OAuthError("invalid_token", "user no longer exists")
+        return user
+
+
+async def run_provider(
+    host: str = "127.0.0.1", port: int = 0, **kwargs: Any
+) -> tuple[web.AppRunner, DevProvider]:
+    """Start a provider on a TCP site. ``port=0`` picks a free port and fixes the issuer up.
+
+    Pass ``issuer=`` to override the default ``http://host:port``; other keyword
+    arguments go to ``DevProvider``. Stop it with ``await runner.cleanup()``.
+    """
+    issuer: str | None = kwargs.pop("issuer", None)
+    shown_host = f"[{host}]" if ":" in host else host
+    provider = DevProvider(issuer or f"http://{shown_host}:{port}", **kwargs)
+    runner = web.AppRunner(provider.app(), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    if issuer is None and port == 0:
+        provider.issuer = f"http://{shown_host}:{runner.addresses[0][1]}"
+    return runner, provider
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m sidecar.dev.provider",
+        description="Development OpenID Connect provider. NOT FOR PRODUCTION.",
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=9000)
+    p.add_argument("--issuer", help="default: http://HOST:PORT")
+    p.add_argument("--client-id", default="sidecar-dev")
+    p.add_argument("--client-secret", default="sidecar-dev-secret")
+    p.add_argument("--redirect-uri", action="append", default=[], help="repeatable; none = any")
+    p.add_argument("--access-token-ttl", type=int, default=60)
+    p.add_argument("--refresh-token-ttl", type=int, default=3600)
+    p.add_argument("--auto-login", metavar="USER", help="skip the login page, sign in as USER")
+    p.add_argument("--rotate-refresh-tokens", action="store_true")
+    p.add_argument("--no-reuse-detection", action="store_true")
+    p.add_argument("--return-same-refresh-token", action="store_true")
+    p.add_argument("--no-expires-in", action="store_true", help="omit expires_in")
+    p.add_argument("--no-refresh-expires-in", action="store_true")
+    p.add_argument("--no-id-token-on-refresh", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="log every request to stderr")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the provider standalone until SIGINT/SIGTERM."""
+    args = _parse_args(argv)
+    shown_host = f"[{args.host}]" if ":" in args.host else args.host
+    issuer = args.issuer or f"http://{shown_host}:{args.port}"
+    clients = {args.client_id: ClientReg(args.client_id, args.client_secret, args.redirect_uri)}
+    try:
+        provider = DevProvider(
+            issuer, clients, DEFAULT_USERS, args.access_token_ttl, args.refresh_token_ttl,
+            auto_login=args.auto_login, rotate_refresh_tokens=args.rotate_refresh_tokens,
+            reuse_detection=not args.no_reuse_detection,
+            return_same_refresh_token=args.return_same_refresh_token,
+            send_expires_in=not args.no_expires_in,
+            send_refresh_expires_in=not args.no_refresh_expires_in,
+            send_id_token_on_refresh=not args.no_id_token_on_refresh,
+        )  # fmt: skip
+    except ValueError as exc:
+        sys.exit(f"error: {exc}")
+
+    def banner(_: str) -> None:
+        print(f"dev OIDC provider (NOT FOR PRODUCTION) listening on {issuer}", flush=True)
+
+    if args.verbose:
+        import logging
+
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    web.run_app(
+        provider.app(),
+        host=args.host,
+        port=args.port,
+        print=banner,
+        access_log=web.access_logger if args.verbose else None,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Helpers that start real parts for tests: the dev provider, sidecars, the demo upstream."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from sidecar.app import build_app
+from sidecar.config import Config, build_config
+from sidecar.dev.demo_app import demo_app
+from sidecar.dev.provider import DevProvider, run_provider
+from sidecar.store import SessionStore
+
+COOKIE_SECRET = "test-cookie-secret-0123456789abcdef"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def sidecar_settings(issuer: str, port: int, upstream: str | None = None, **overrides: Any) -> dict[str, Any]:
+    settings: dict[str, Any] = {
+        "http_address": f"127.0.0.1:{port}",
+        "oidc_issuer_url": issuer,
+        "client_id": "sidecar-dev",
+        "client_secret": "sidecar-dev-secret",
+        "redirect_url": f"http://127.0.0.1:{port}/oauth2/callback",
+        "cookie_secret": COOKIE_SECRET,
+        "cookie_secure": "false",
+        "upstream": upstream or "",
+        "request_logging": "false",
+        "provider_timeout": "2s",
+        "provider_retries": "1",
+    }
+    settings.update(overrides)
+    return settings
+
+
+@dataclass
+class Stack:
+    """A provider, an upstream and one or more sidecars, all on loopback."""
+
+    provider: DevProvider
+    issuer: str
+    upstream_url: str
+    sidecars: list[str] = field(default_factory=list)
+    runners: list[web.AppRunner] = field(default_factory=list)
+    configs: list[Config] = field(default_factory=list)
+
+    @property
+    def base(self) -> str:
+        return self.sidecars[0]
+
+    async def add_sidecar(self, store: SessionStore | None = None, **overrides: Any) -> str:
+        port = free_port()
+        config = build_config(sidecar_settings(self.issuer, port, self.upstream_url + "/", **overrides))
+        runner = web.AppRunner(build_app(config, store=store), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        self.runners.append(runner)
+        self.configs.append(config)
+        base = f"http://127.0.0.1:{port}"
+        self.sidecars.append(base)
+        return base
+
+
+@asynccontextmanager
+async def stack(store: SessionStore | None = None, *, sidecar: bool = True, provider_kw: dict[str, Any] | None = None,
+                **overrides: Any) -> AsyncIterator[Stack]:
+    provider_port = free_port()
+    provider_runner, provider = await run_provider("127.0.0.1", provider_port, auto_login="alice", **(provider_kw or {}))
+    upstream_runner = web.AppRunner(demo_app(), access_log=None)
+    await upstream_runner.setup()
+    upstream_port = free_port()
+    await web.TCPSite(upstream_runner, "127.0.0.1", upstream_port).start()
+    st = Stack(provider=provider, issuer=f"http://127.0.0.1:{provider_port}", upstream_url=f"http://127.0.0.1:{upstream_port}")
+    try:
+        if sidecar:
+            await st.add_sidecar(store, **overrides)
+        yield st
+    finally:
+        for runner in reversed(st.runners):
+            await runner.cleanup()
+        await upstream_runner.cleanup()
+        await provider_runner.cleanup()
+
+
+def browser() -> aiohttp.ClientSession:
+    """A client with a cookie jar that accepts cookies from 127.0.0.1, like a browser would."""
+    return aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
+
+
+async def sign_in(client: aiohttp.ClientSession, base: str, rd: str = "/_demo/echo") -> aiohttp.ClientResponse:
+    """The whole browser round trip: start -> provider (auto login) -> callback -> rd."""
+    async with client.get(f"{base}/oauth2/start", params={"rd": rd}, headers={"Accept": "text/html"}) as resp:
+        await resp.read()
+        return resp
+
+
+def session_cookie(client: aiohttp.ClientSession, name: str = "_sidecar") -> str | None:
+    for cookie in client.cookie_jar:
+        if cookie.key == name:
+            return cookie.value
+    return None
