@@ -29,7 +29,7 @@ log = logging.getLogger("sidecar.oidc")
 
 _ALLOWED_ALGS = {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 _LEEWAY = 60.0
-_JWKS_MIN_REFETCH = 10.0  # an unknown kid may refetch the JWKS at most this often
+_JWKS_MIN_REFETCH = 1.0  # an unknown kid may refetch the JWKS at most this often
 
 
 @dataclass(frozen=True)
