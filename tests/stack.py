@@ -35,7 +35,7 @@ def sidecar_settings(issuer: str, port: int, upstream: str | None = None, **over
         "redirect_url": f"http://127.0.0.1:{port}/oauth2/callback",
         "cookie_secret": COOKIE_SECRET,
         "cookie_secure": "false",
-        "upstream": upstream or "",
+        "upstream": upstream if upstream is not None else "",
         "request_logging": "false",
         "provider_timeout": "2s",
         "provider_retries": "1",
@@ -61,7 +61,8 @@ class Stack:
 
     async def add_sidecar(self, store: SessionStore | None = None, **overrides: Any) -> str:
         port = free_port()
-        config = build_config(sidecar_settings(self.issuer, port, self.upstream_url + "/", **overrides))
+        upstream = overrides.pop("upstream", self.upstream_url + "/")
+        config = build_config(sidecar_settings(self.issuer, port, upstream, **overrides))
         runner = web.AppRunner(build_app(config, store=store), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port).start()

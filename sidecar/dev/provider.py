@@ -1,9 +1,10 @@
 """A real-HTTP OpenID Connect provider for local development and tests. NOT for production.
 
 ``DevProvider`` holds the state (codes, refresh-token families, keys, counters,
-behaviour toggles, injected faults) and the grant logic; ``provider_routes``
-turns it into an aiohttp app. Tests drive it in-process through its methods or,
-from another process, through the JSON ``/_control/`` API.
+behaviour toggles, injected faults) and the control surface; the grant logic is
+mixed in from ``provider_grants`` and ``provider_routes`` turns it into an
+aiohttp app. Tests drive it in-process through its methods or, from another
+process, through the JSON ``/_control/`` API.
 
 Run standalone::
 
@@ -13,17 +14,15 @@ Run standalone::
 from __future__ import annotations
 
 import argparse
-import asyncio
 import copy
-import secrets
+import logging
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jwt
 from aiohttp import web
 
+from .provider_grants import TokenGrants
 from .provider_model import (
     DEFAULT_USERS,
     FAULT_KINDS,
@@ -36,9 +35,6 @@ from .provider_model import (
     RefreshFamily,
     RefreshRecord,
     default_clients,
-    random_token,
-    sha256_hex,
-    verifier_ok,
 )
 
 __all__ = [
@@ -64,7 +60,7 @@ INT_SETTINGS = ("access_token_ttl", "refresh_token_ttl", "id_token_ttl", "code_t
 SCOPES = ["openid", "email", "profile", "groups", "offline_access"]
 
 
-class DevProvider:
+class DevProvider(TokenGrants):
     """State + behaviour of the provider; one aiohttp app serves it."""
 
     def __init__(
@@ -154,9 +150,20 @@ class DevProvider:
             "subject_types_supported": ["public"],
             "scopes_supported": list(SCOPES),
             "claims_supported": [
-                "iss", "sub", "aud", "azp", "exp", "iat", "auth_time", "nonce", "email",
-                "email_verified", "name", "preferred_username", "groups",
-            ],  # fmt: skip
+                "iss",
+                "sub",
+                "aud",
+                "azp",
+                "exp",
+                "iat",
+                "auth_time",
+                "nonce",
+                "email",
+                "email_verified",
+                "name",
+                "preferred_username",
+                "groups",
+            ],
             "authorization_response_iss_parameter_supported": True,
         }
 
@@ -263,232 +270,23 @@ class DevProvider:
             raise ValueError(f"unknown user {username!r}")
         self.users[username].groups = [str(g) for g in groups]
 
-    # ----------------------------------------------------------- the grants
-
-    def authenticate_client(self, client_id: str | None, secret: str | None) -> ClientReg:
-        """RFC 6749 section 2.3 client authentication."""
-        if not client_id:
-            raise OAuthError("invalid_client", "client authentication required")
-        reg = self.clients.get(client_id)
-        if reg is None:
-            raise OAuthError("invalid_client", "unknown client")
-        if reg.client_secret is not None and (
-            secret is None or not secrets.compare_digest(secret, reg.client_secret)
-        ):
-            raise OAuthError("invalid_client", "bad client credentials")
-        return reg
-
-    def issue_code(
-        self,
-        client_id: str,
-        redirect_uri: str,
-        code_challenge: str,
-        nonce: str | None,
-        username: str,
-        scope: str,
-    ) -> str:
-        """A single-use code bound to everything the token request must match."""
-        now = time.time()
-        self._codes = {c: a for c, a in self._codes.items() if a.expires_at + 600 > now}
-        code = random_token()
-        self._codes[code] = AuthCode(
-            client_id, redirect_uri, code_challenge, nonce, username, scope,
-            now + self.code_ttl, int(now),
-        )  # fmt: skip
-        self.codes_issued += 1
-        return code
-
-    def exchange_code(self, client: ClientReg, form: Mapping[str, str]) -> dict[str, Any]:
-        """``grant_type=authorization_code`` with mandatory PKCE."""
-        code = form.get("code")
-        if not code:
-            raise OAuthError("invalid_request", "missing code")
-        grant = self._codes.get(code)
-        if grant is None or grant.client_id != client.client_id:
-            raise OAuthError("invalid_grant", "unknown authorization code")
-        if grant.used:
-            # RFC 6749 4.1.2: a replayed code should kill what it produced.
-            if grant.family_id is not None:
-                self._families[grant.family_id].revoked = True
-            raise OAuthError("invalid_grant", "authorization code already used")
-        grant.used = True
-        if grant.expires_at <= time.time():
-            raise OAuthError("invalid_grant", "authorization code expired")
-        if form.get("redirect_uri") != grant.redirect_uri:
-            raise OAuthError("invalid_grant", "redirect_uri does not match the authorization")
-        if not verifier_ok(form.get("code_verifier"), grant.code_challenge):
-            raise OAuthError("invalid_grant", "PKCE verification failed")
-        user = self.users.get(grant.username)
-        if user is None:
-            raise OAuthError("invalid_grant", "user no longer exists")
-        fam = RefreshFamily(
-            random_token(12), grant.username, client.client_id, grant.scope, grant.auth_time
-        )
-        self._families[fam.family_id] = fam
-        grant.family_id = fam.family_id
-        token, expires_at = self._new_refresh_token(fam)
-        return self._token_response(
-            fam, user, grant.scope, nonce=grant.nonce, with_id_token=True,
-            refresh_token=token, refresh_expires_at=expires_at,
-        )  # fmt: skip
-
-    async def refresh(
-        self, client: ClientReg, form: Mapping[str, str], delay: float = 0.0
-    ) -> dict[str, Any]:
-        """``grant_type=refresh_token``, serialized per family so counters stay exact."""
-        token = form.get("refresh_token")
-        if not token:
-            raise OAuthError("invalid_request", "missing refresh_token")
-        record = self._refresh.get(sha256_hex(token))
-        if record is None:
-            if delay:
-                await asyncio.sleep(delay)
-            raise OAuthError("invalid_grant", "unknown refresh token")
-        fam = self._families[record.family_id]
-        async with fam.lock:
-            if delay:
-                await asyncio.sleep(delay)
-            return self._refresh_locked(client, form, token, record, fam)
-
-    def _refresh_locked(
-        self,
-        client: ClientReg,
-        form: Mapping[str, str],
-        token: str,
-        record: RefreshRecord,
-        fam: RefreshFamily,
-    ) -> dict[str, Any]:
-        if fam.client_id != client.client_id:
-            raise OAuthError("invalid_grant", "refresh token was issued to another client")
-        if fam.revoked:
-            raise OAuthError("invalid_grant", "refresh token revoked")
-        if record.rotated:
-            if self.reuse_detection:
-                fam.revoked = True
-                self.reuse_detected += 1
-                raise OAuthError("invalid_grant", "refresh token reuse detected; family revoked")
-            raise OAuthError("invalid_grant", "refresh token already rotated")
-        now = time.time()
-        if record.expires_at <= now:
-            raise OAuthError("invalid_grant", "refresh token expired")
-        scope = fam.scope
-        if form.get("scope"):
-            requested = form["scope"].split()
-            if not set(requested) <= set(fam.scope.split()):
-                raise OAuthError("invalid_scope", "scope exceeds the original grant")
-            scope = " ".join(requested)
-        user = self.users.get(fam.username)
-        if user is None:
-            raise OAuthError("invalid_grant", "user no longer exists")
-        new_token: str | None
-        if self.rotate_refresh_tokens:
-            record.rotated = True
-            new_token, expires_at = self._new_refresh_token(fam)
-        else:
-            new_token = token if self.return_same_refresh_token else None
-            expires_at = record.expires_at
-        return self._token_response(
-            fam, user, scope, nonce=None, with_id_token=self.send_id_token_on_refresh,
-            refresh_token=new_token, refresh_expires_at=expires_at,
-        )  # fmt: skip
-
-    def _new_refresh_token(self, fam: RefreshFamily) -> tuple[str, float]:
-        token = random_token()
-        expires_at = time.time() + self.refresh_token_ttl
-        self._refresh[sha256_hex(token)] = RefreshRecord(fam.family_id, expires_at)
-        return token, expires_at
-
-    def _token_response(
-        self,
-        fam: RefreshFamily,
-        user: DevUser,
-        scope: str,
-        *,
-        nonce: str | None,
-        with_id_token: bool,
-        refresh_token: str | None,
-        refresh_expires_at: float,
-    ) -> dict[str, Any]:
-        now = int(time.time())
-        self._access = {j: v for j, v in self._access.items() if v[1] > now - 60}
-        jti = random_token(16)
-        exp = now + self.access_token_ttl
-        access = self.keys.sign({
-            "iss": self.issuer, "sub": user.sub, "aud": fam.client_id, "exp": exp, "iat": now,
-            "jti": jti, "scope": scope, "client_id": fam.client_id,
-        })  # fmt: skip
-        self._access[jti] = (fam.family_id, exp)
-        body: dict[str, Any] = {"access_token": access, "token_type": "Bearer"}
-        if self.send_expires_in:
-            body["expires_in"] = self.access_token_ttl
-        if refresh_token is not None:
-            body["refresh_token"] = refresh_token
-        if self.send_refresh_expires_in:
-            body["refresh_expires_in"] = max(0, int(refresh_expires_at - time.time()))
-        if with_id_token:
-            claims: dict[str, Any] = {
-                "iss": self.issuer, "aud": fam.client_id, "azp": fam.client_id,
-                "exp": now + self.id_token_ttl, "iat": now, "auth_time": fam.auth_time,
-                **user.claims(),
-            }  # fmt: skip
-            if nonce is not None:
-                claims["nonce"] = nonce
-            body["id_token"] = self.keys.sign(claims)
-        body["scope"] = scope
-        return body
-
-    # ------------------------------------------------- revocation, userinfo
-
-    def revoke(self, client: ClientReg, token: str) -> None:
-        """RFC 7009: kill a refresh token's family or one access token; unknown is fine."""
-        record = self._refresh.get(sha256_hex(token))
-        if record is not None:
-            fam = self._families[record.family_id]
-            if fam.client_id != client.client_id:
-                raise OAuthError("unauthorized_client", "token was issued to another client")
-            fam.revoked = True
-        else:
-            try:
-                claims = self.keys.verify(token, self.issuer, verify_exp=False)
-            except jwt.InvalidTokenError:
-                claims = {}
-            if claims.get("jti") in self._access:
-                if claims.get("client_id") != client.client_id:
-                    raise OAuthError("unauthorized_client", "token was issued to another client")
-                self._revoked_jtis.add(claims["jti"])
-        self.revocations += 1
-
-    def check_access_token(self, token: str) -> DevUser:
-        """The user behind one of our live access tokens, else ``invalid_token``."""
-        try:
-            claims = self.keys.verify(token, self.issuer)
-        except jwt.InvalidTokenError as exc:
-            raise OAuthError("invalid_token", f"token rejected: {exc}") from exc
-        jti = claims.get("jti")
-        entry = self._access.get(jti) if isinstance(jti, str) else None
-        if entry is None or jti in self._revoked_jtis:
-            raise OAuthError("invalid_token", "token unknown or revoked")
-        fam = self._families.get(entry[0]) if entry[0] else None
-        if fam is not None and fam.revoked:
-            raise OAuthError("invalid_token", "grant revoked")
-        user = next((u for u in self.users.values() if u.sub == claims["sub"]), None)
-        if user is None:
-            raise OAuthError("invalid_token", "user no longer exists")
-        return user
-
 
 async def run_provider(
     host: str = "127.0.0.1", port: int = 0, **kwargs: Any
 ) -> tuple[web.AppRunner, DevProvider]:
     """Start a provider on a TCP site. ``port=0`` picks a free port and fixes the issuer up.
 
-    Pass ``issuer=`` to override the default ``http://host:port``; other keyword
-    arguments go to ``DevProvider``. Stop it with ``await runner.cleanup()``.
+    Pass ``issuer=`` to override the default ``http://host:port`` and
+    ``shutdown_timeout=`` (default 0.5 s) to change how long cleanup waits for
+    in-flight requests; other keyword arguments go to ``DevProvider``. Stop it
+    with ``await runner.cleanup()``.
     """
     issuer: str | None = kwargs.pop("issuer", None)
+    shutdown_timeout = float(kwargs.pop("shutdown_timeout", 0.5))
     shown_host = f"[{host}]" if ":" in host else host
     provider = DevProvider(issuer or f"http://{shown_host}:{port}", **kwargs)
-    runner = web.AppRunner(provider.app(), access_log=None)
+    # Short drain: a handler sleeping in a "timeout" fault must not stall cleanup for 30 s.
+    runner = web.AppRunner(provider.app(), access_log=None, shutdown_timeout=shutdown_timeout)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     if issuer is None and port == 0:
@@ -528,14 +326,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     clients = {args.client_id: ClientReg(args.client_id, args.client_secret, args.redirect_uri)}
     try:
         provider = DevProvider(
-            issuer, clients, DEFAULT_USERS, args.access_token_ttl, args.refresh_token_ttl,
-            auto_login=args.auto_login, rotate_refresh_tokens=args.rotate_refresh_tokens,
+            issuer,
+            clients,
+            DEFAULT_USERS,
+            args.access_token_ttl,
+            args.refresh_token_ttl,
+            auto_login=args.auto_login,
+            rotate_refresh_tokens=args.rotate_refresh_tokens,
             reuse_detection=not args.no_reuse_detection,
             return_same_refresh_token=args.return_same_refresh_token,
             send_expires_in=not args.no_expires_in,
             send_refresh_expires_in=not args.no_refresh_expires_in,
             send_id_token_on_refresh=not args.no_id_token_on_refresh,
-        )  # fmt: skip
+        )
     except ValueError as exc:
         sys.exit(f"error: {exc}")
 
@@ -543,15 +346,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"dev OIDC provider (NOT FOR PRODUCTION) listening on {issuer}", flush=True)
 
     if args.verbose:
-        import logging
-
         logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     web.run_app(
         provider.app(),
         host=args.host,
         port=args.port,
         print=banner,
-        access_log=web.access_logger if args.verbose else None,
+        shutdown_timeout=0.5,
+        access_log=logging.getLogger("aiohttp.access") if args.verbose else None,
     )
 
 

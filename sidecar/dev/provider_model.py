@@ -177,7 +177,7 @@ def verifier_ok(verifier: str | None, challenge: str) -> bool:
     """True if ``verifier`` is well formed and hashes to ``challenge``."""
     if not verifier or not _VERIFIER_RE.match(verifier):
         return False
-    return secrets.compare_digest(s256(verifier), challenge)
+    return secrets.compare_digest(s256(verifier).encode(), challenge.encode())
 
 
 @lru_cache(maxsize=1)

@@ -27,9 +27,17 @@ if TYPE_CHECKING:
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 _FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 _AUTHORIZE_PARAMS = (
-    "client_id", "redirect_uri", "response_type", "scope", "state", "nonce",
-    "code_challenge", "code_challenge_method", "prompt", "login_hint",
-)  # fmt: skip
+    "client_id",
+    "redirect_uri",
+    "response_type",
+    "scope",
+    "state",
+    "nonce",
+    "code_challenge",
+    "code_challenge_method",
+    "prompt",
+    "login_hint",
+)
 
 
 def _first_values(data: MultiMapping[Any]) -> dict[str, str]:
@@ -149,9 +157,13 @@ class ProviderRoutes:
 
     def _code_redirect(self, params: Mapping[str, str], username: str) -> web.Response:
         code = self.p.issue_code(
-            params["client_id"], params["redirect_uri"], params["code_challenge"],
-            params.get("nonce"), username, params.get("scope", "openid"),
-        )  # fmt: skip
+            params["client_id"],
+            params["redirect_uri"],
+            params["code_challenge"],
+            params.get("nonce"),
+            username,
+            params.get("scope", "openid"),
+        )
         query = {"code": code, "iss": self.p.issuer}
         if "state" in params:
             query["state"] = params["state"]
@@ -216,19 +228,16 @@ class ProviderRoutes:
         if grant_type == "refresh_token" and form.get("refresh_token"):
             self.p.refresh_tokens_presented.append(sha256_hex(form["refresh_token"]))
         fault = self.p.take_fault(grant_type)
-        delay = 0.0
         if fault is not None:
             if fault.kind not in ("timeout", "slow"):
                 return await self._fault_response(fault)
-            delay = fault.effective_delay
+            await asyncio.sleep(fault.effective_delay)  # then answer normally
         try:
             client = self.p.authenticate_client(*_client_credentials(request, form))
             if grant_type == "authorization_code":
-                if delay:
-                    await asyncio.sleep(delay)
                 body = self.p.exchange_code(client, form)
             elif grant_type == "refresh_token":
-                body = await self.p.refresh(client, form, delay)
+                body = await self.p.refresh(client, form)
             else:
                 raise OAuthError("unsupported_grant_type", f"grant_type {grant_type!r}")
         except OAuthError as exc:
@@ -243,9 +252,7 @@ class ProviderRoutes:
             return web.json_response(body, status=500, headers=_NO_STORE)
         if fault.kind == "503":
             body = {"error": "temporarily_unavailable", "error_description": "injected fault"}
-            return web.json_response(
-                body, status=503, headers={**_NO_STORE, "Retry-After": "1"}
-            )
+            return web.json_response(body, status=503, headers={**_NO_STORE, "Retry-After": "1"})
         if fault.kind == "invalid_grant":
             return _oauth_error(OAuthError("invalid_grant", "injected fault"))
         return web.Response(  # invalid_json

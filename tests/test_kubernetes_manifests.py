@@ -1,0 +1,677 @@
+"""Offline checks of the Kubernetes manifests in deploy/kubernetes.
+
+Every Kustomize build (the base and each overlay) is rendered with
+``kubectl kustomize`` and every object in it is validated against the
+Kubernetes JSON schemas that the ``kubernetes-validate`` package ships, in
+strict mode: an unknown field (``replica: 2``), a wrong type
+(``containerPort: "x"``) or an unknown kind fails. No cluster and no network
+are needed.
+
+On top of the schemas, the tests check what the schemas cannot: names that
+refer to other objects resolve, the pods are locked down (non-root,
+read-only root filesystem, no privilege escalation, no capabilities,
+resources), the probes use /ping and /ready, the shared Deployment is highly
+available, the ingress-nginx annotations point at the sidecar Service, and
+the settings the sidecar container receives are ones the sidecar accepts.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import functools
+import re
+import secrets
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+try:
+    import kubernetes_validate
+except ImportError as exc:  # pragma: no cover - a loud failure, never a skip
+    raise ImportError(
+        "tests/test_kubernetes_manifests.py needs the 'kubernetes-validate' package "
+        "(it ships the Kubernetes JSON schemas used offline). Install the test extras: "
+        "pip install -e '.[test]'  (or: pip install kubernetes-validate)"
+    ) from exc
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "deploy" / "kubernetes"
+BUILDS = {
+    "base": K8S / "base",
+    "ingress-nginx": K8S / "overlays" / "ingress-nginx",
+    "pod-sidecar": K8S / "overlays" / "pod-sidecar",
+}
+OVERLAYS = ("ingress-nginx", "pod-sidecar")
+# Oldest Kubernetes the manifests promise to work with, and the newest the
+# installed kubernetes-validate knows.
+K8S_VERSIONS = ("1.29", kubernetes_validate.latest_version())
+
+SIDECAR_IMAGE = "ghcr.io/example/sidecar"
+SIDECAR_UID = 10001
+WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "Job")
+
+KUBECTL_MISSING = """\
+kubectl was not found, so the Kubernetes manifests cannot be rendered.
+These tests never skip: install kubectl (it bundles kustomize), e.g.
+  Debian/Ubuntu: apt-get install -y kubectl   (from the Kubernetes apt repository)
+  or download it: https://kubernetes.io/docs/tasks/tools/#kubectl
+and make sure `kubectl kustomize --help` works (or /usr/bin/kubectl exists)."""
+
+
+# --------------------------------------------------------------------------
+# Rendering and validation helpers
+# --------------------------------------------------------------------------
+
+
+def kubectl() -> str:
+    found = shutil.which("kubectl") or ("/usr/bin/kubectl" if Path("/usr/bin/kubectl").exists() else None)
+    if found is None:
+        pytest.fail(KUBECTL_MISSING, pytrace=False)
+    return found
+
+
+def kustomize(directory: Path) -> list[dict[str, Any]]:
+    """``kubectl kustomize DIR`` parsed into a list of objects."""
+    proc = subprocess.run(
+        [kubectl(), "kustomize", str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"kubectl kustomize {directory} failed:\n{proc.stderr}", pytrace=False)
+    docs = [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+    assert docs, f"kubectl kustomize {directory} rendered nothing"
+    return docs
+
+
+@functools.cache
+def _rendered(name: str) -> tuple[dict[str, Any], ...]:
+    return tuple(kustomize(BUILDS[name]))
+
+
+def rendered(name: str) -> list[dict[str, Any]]:
+    """A fresh copy of a build's objects (tests may modify what they get)."""
+    return copy.deepcopy(list(_rendered(name)))
+
+
+def schema_errors(doc: dict[str, Any], versions: tuple[str, ...] = K8S_VERSIONS) -> list[str]:
+    """Problems of one object against the strict Kubernetes schemas; [] when valid."""
+    errors = []
+    label = f"{doc.get('kind')}/{(doc.get('metadata') or {}).get('name')}"
+    for version in versions:
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            path = ".".join(str(p) for p in exc.path) or "<root>"
+            errors.append(f"{label} (k8s {version}): {path}: {exc.message}")
+        except kubernetes_validate.SchemaNotFoundError as exc:
+            errors.append(f"{label} (k8s {version}): {exc.message}")
+    return errors
+
+
+def find(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+
+
+def one(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = find(docs, kind, name)
+    assert len(found) == 1, f"expected exactly one {kind}/{name}, found {len(found)}"
+    return found[0]
+
+
+def workloads(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] in WORKLOAD_KINDS]
+
+
+def containers(workload: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = workload["spec"]["template"]["spec"]
+    return list(spec.get("initContainers", [])) + list(spec["containers"])
+
+
+def sidecar_containers(docs: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    for wl in workloads(docs):
+        for c in wl["spec"]["template"]["spec"]["containers"]:
+            if c["image"].startswith(SIDECAR_IMAGE + ":") or c["image"].startswith(SIDECAR_IMAGE + "@"):
+                yield wl, c
+
+
+def effective_security(workload: dict[str, Any], container: dict[str, Any]) -> dict[str, Any]:
+    """The container's securityContext with the pod-level defaults filled in."""
+    pod = workload["spec"]["template"]["spec"].get("securityContext", {})
+    merged = {k: pod[k] for k in ("runAsNonRoot", "runAsUser", "runAsGroup", "seccompProfile") if k in pod}
+    merged.update(container.get("securityContext", {}))
+    return merged
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def namespace_of(doc: dict[str, Any]) -> str | None:
+    return doc["metadata"].get("namespace")
+
+
+def container_env(docs: list[dict[str, Any]], workload: dict[str, Any], container: dict[str, Any]) -> dict[str, str]:
+    """The environment Kubernetes gives the container: envFrom in order, then env."""
+    ns = namespace_of(workload)
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        prefix = source.get("prefix", "")
+        if "configMapRef" in source:
+            (cm,) = [d for d in find(docs, "ConfigMap", source["configMapRef"]["name"]) if namespace_of(d) == ns]
+            env.update({prefix + k: str(v) for k, v in cm.get("data", {}).items()})
+        if "secretRef" in source:
+            (sec,) = [d for d in find(docs, "Secret", source["secretRef"]["name"]) if namespace_of(d) == ns]
+            env.update({prefix + k: str(v) for k, v in sec.get("stringData", {}).items()})
+            env.update({prefix + k: base64.b64decode(v).decode() for k, v in sec.get("data", {}).items()})
+    for item in container.get("env", []):
+        assert "value" in item, f"{container['name']}: env {item['name']} from valueFrom is not resolved by this test"
+        env[item["name"]] = str(item["value"])
+    return env
+
+
+def port_number(container: dict[str, Any], port: int | str) -> int | None:
+    """A container port given by number or name, or None if the container has no such port."""
+    for p in container.get("ports", []):
+        if port in (p["containerPort"], p.get("name")):
+            return int(p["containerPort"])
+    return None
+
+
+def parse_seconds(text: str) -> float:
+    """'15s', '1m30s' or '15' as seconds (enough of the sidecar's duration syntax)."""
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h)", text)
+    assert parts and "".join(n + u for n, u in parts) == text, f"not a duration: {text!r}"
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+# --------------------------------------------------------------------------
+# kubectl and schema validation
+# --------------------------------------------------------------------------
+
+
+def test_kubectl_is_available() -> None:
+    version = subprocess.run([kubectl(), "version", "--client"], capture_output=True, text=True, timeout=30)
+    assert version.returncode == 0, version.stderr
+
+
+@pytest.mark.parametrize("build", sorted(BUILDS))
+def test_build_renders_and_every_object_matches_the_kubernetes_schema(build: str) -> None:
+    docs = rendered(build)
+    problems = [e for doc in docs for e in schema_errors(doc)]
+    assert not problems, "schema validation failed:\n" + "\n".join(problems)
+
+
+@pytest.mark.parametrize("build", sorted(BUILDS))
+def test_objects_are_unique_and_namespaced_consistently(build: str) -> None:
+    docs = rendered(build)
+    keys = [(d["apiVersion"], d["kind"], namespace_of(d), d["metadata"]["name"]) for d in docs]
+    assert len(keys) == len(set(keys)), f"duplicate objects in {build}"
+    if build in OVERLAYS:
+        (ns,) = find(docs, "Namespace")
+        name = ns["metadata"]["name"]
+        assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+        assert {namespace_of(d) for d in docs if d["kind"] != "Namespace"} == {name}
+
+
+def _valid_deployment() -> dict[str, Any]:
+    return one(rendered("base"), "Deployment", "sidecar")
+
+
+def _break_replicas(d: dict[str, Any]) -> None:
+    d["spec"]["replica"] = d["spec"].pop("replicas")
+
+
+def _break_container_port(d: dict[str, Any]) -> None:
+    d["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "x"
+
+
+def _break_unknown_container_field(d: dict[str, Any]) -> None:
+    d["spec"]["template"]["spec"]["containers"][0]["imagePullPolice"] = "Always"
+
+
+def _break_probe(d: dict[str, Any]) -> None:
+    d["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["pathh"] = "/ready"
+
+
+def _break_security_context(d: dict[str, Any]) -> None:
+    d["spec"]["template"]["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] = "yes please"
+
+
+def _break_missing_template(d: dict[str, Any]) -> None:
+    del d["spec"]["template"]
+
+
+def _break_kind(d: dict[str, Any]) -> None:
+    d["kind"] = "Deploymnet"
+
+
+BREAKAGES = {
+    "replica: 2": _break_replicas,
+    'containerPort: "x"': _break_container_port,
+    "unknown container field": _break_unknown_container_field,
+    "unknown probe field": _break_probe,
+    "bool field given a string": _break_security_context,
+    "required field missing": _break_missing_template,
+    "misspelt kind": _break_kind,
+}
+
+
+def test_the_unmodified_deployment_used_below_is_valid() -> None:
+    assert schema_errors(_valid_deployment()) == []
+
+
+@pytest.mark.parametrize("breakage", list(BREAKAGES))
+def test_validation_rejects_a_broken_manifest(breakage: str) -> None:
+    doc = _valid_deployment()
+    BREAKAGES[breakage](doc)
+    assert schema_errors(doc), f"a Deployment with {breakage} passed validation"
+
+
+def test_a_broken_manifest_fails_through_kustomize_as_well(tmp_path: Path) -> None:
+    """The whole path - kustomize, YAML, schema - catches typos kustomize itself passes through."""
+    (tmp_path / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - broken.yaml\n"
+    )
+    deployment = """\
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: {name}
+spec:
+  {replicas}: 2
+  selector:
+    matchLabels: {{app: {name}}}
+  template:
+    metadata:
+      labels: {{app: {name}}}
+    spec:
+      containers:
+        - name: app
+          image: example/app:1.0
+          ports:
+            - containerPort: {port}
+"""
+    (tmp_path / "broken.yaml").write_text(
+        "---\n".join(
+            [
+                deployment.format(name="good", replicas="replicas", port="8080"),
+                deployment.format(name="typo", replicas="replica", port="8080"),
+                deployment.format(name="port", replicas="replicas", port='"x"'),
+            ]
+        )
+    )
+    docs = {d["metadata"]["name"]: d for d in kustomize(tmp_path)}
+    assert schema_errors(docs["good"]) == []
+    assert "'replica' was unexpected" in "\n".join(schema_errors(docs["typo"]))
+    assert "'x' is not of type 'integer'" in "\n".join(schema_errors(docs["port"]))
+
+
+# --------------------------------------------------------------------------
+# References between objects
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("build", sorted(BUILDS))
+def test_references_between_objects_resolve(build: str) -> None:
+    docs = rendered(build)
+    names = {(d["kind"], namespace_of(d), d["metadata"]["name"]) for d in docs}
+    problems: list[str] = []
+
+    def need(kind: str, ns: str | None, name: str, where: str) -> None:
+        if (kind, ns, name) not in names:
+            problems.append(f"{where}: {kind}/{name} does not exist in the build")
+
+    for wl in workloads(docs):
+        ns, where = namespace_of(wl), f"{wl['kind']}/{wl['metadata']['name']}"
+        pod = wl["spec"]["template"]
+        assert selects(wl["spec"]["selector"]["matchLabels"], pod["metadata"]["labels"]), where
+        if "serviceAccountName" in pod["spec"]:
+            need("ServiceAccount", ns, pod["spec"]["serviceAccountName"], where)
+        volumes = {v["name"] for v in pod["spec"].get("volumes", [])}
+        volumes |= {t["metadata"]["name"] for t in wl["spec"].get("volumeClaimTemplates", [])}
+        for vol in pod["spec"].get("volumes", []):
+            if "configMap" in vol:
+                need("ConfigMap", ns, vol["configMap"]["name"], where)
+            if "secret" in vol:
+                need("Secret", ns, vol["secret"]["secretName"], where)
+        for c in containers(wl):
+            for src in c.get("envFrom", []):
+                if "configMapRef" in src:
+                    need("ConfigMap", ns, src["configMapRef"]["name"], where)
+                if "secretRef" in src:
+                    need("Secret", ns, src["secretRef"]["name"], where)
+            for m in c.get("volumeMounts", []):
+                if m["name"] not in volumes:
+                    problems.append(f"{where}/{c['name']}: volumeMount {m['name']} has no volume")
+            for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+                action = c.get(probe, {}).get("httpGet") or c.get(probe, {}).get("tcpSocket")
+                if action and port_number(c, action["port"]) is None:
+                    problems.append(f"{where}/{c['name']}: {probe} port {action['port']} is not a container port")
+        if wl["kind"] == "StatefulSet":
+            (svc,) = [s for s in find(docs, "Service", wl["spec"]["serviceName"]) if namespace_of(s) == ns]
+            assert svc["spec"].get("clusterIP") == "None", f"{where}: serviceName must be a headless Service"
+
+    for svc in find(docs, "Service"):
+        where, ns = f"Service/{svc['metadata']['name']}", namespace_of(svc)
+        backends = [
+            wl for wl in workloads(docs)
+            if namespace_of(wl) == ns and selects(svc["spec"]["selector"], wl["spec"]["template"]["metadata"]["labels"])
+        ]
+        if not backends:
+            problems.append(f"{where}: its selector matches no pods")
+        for port in svc["spec"]["ports"]:
+            target = port.get("targetPort", port["port"])
+            for wl in backends:
+                if not any(port_number(c, target) for c in wl["spec"]["template"]["spec"]["containers"]):
+                    problems.append(f"{where}: targetPort {target} is not a port of {wl['metadata']['name']}")
+
+    for pdb in find(docs, "PodDisruptionBudget"):
+        ns = namespace_of(pdb)
+        if not any(
+            namespace_of(wl) == ns
+            and selects(pdb["spec"]["selector"]["matchLabels"], wl["spec"]["template"]["metadata"]["labels"])
+            for wl in workloads(docs)
+        ):
+            problems.append(f"PodDisruptionBudget/{pdb['metadata']['name']}: selects no pods")
+
+    for ing in find(docs, "Ingress"):
+        ns = namespace_of(ing)
+        for rule in ing["spec"]["rules"]:
+            for path in rule["http"]["paths"]:
+                backend = path["backend"]["service"]
+                svcs = [s for s in find(docs, "Service", backend["name"]) if namespace_of(s) == ns]
+                if not svcs:
+                    problems.append(f"Ingress/{ing['metadata']['name']}: Service {backend['name']} does not exist")
+                    continue
+                wanted = backend["port"].get("name") or backend["port"].get("number")
+                if not any(wanted in (p.get("name"), p["port"]) for p in svcs[0]["spec"]["ports"]):
+                    problems.append(f"Ingress/{ing['metadata']['name']}: Service {backend['name']} has no port {wanted}")
+
+    assert not problems, "\n".join(problems)
+
+
+# --------------------------------------------------------------------------
+# Security and operations, for every pod in every build
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("build", sorted(BUILDS))
+def test_every_pod_is_locked_down(build: str) -> None:
+    problems: list[str] = []
+    for wl in workloads(rendered(build)):
+        pod = wl["spec"]["template"]["spec"]
+        where = f"{build}: {wl['kind']}/{wl['metadata']['name']}"
+        if pod.get("automountServiceAccountToken") is not False:
+            problems.append(f"{where}: automountServiceAccountToken must be false")
+        if pod.get("enableServiceLinks") is not False:
+            problems.append(f"{where}: enableServiceLinks must be false (SIDECAR_* env collisions)")
+        for key in ("hostNetwork", "hostPID", "hostIPC"):
+            if pod.get(key):
+                problems.append(f"{where}: {key}")
+        if any("hostPath" in v for v in pod.get("volumes", [])):
+            problems.append(f"{where}: hostPath volume")
+        for c in containers(wl):
+            at = f"{where}/{c['name']}"
+            sec = effective_security(wl, c)
+            if sec.get("runAsNonRoot") is not True:
+                problems.append(f"{at}: runAsNonRoot must be true")
+            if not sec.get("runAsUser"):
+                problems.append(f"{at}: needs a numeric non-zero runAsUser")
+            if sec.get("readOnlyRootFilesystem") is not True:
+                problems.append(f"{at}: readOnlyRootFilesystem must be true")
+            if sec.get("allowPrivilegeEscalation") is not False:
+                problems.append(f"{at}: allowPrivilegeEscalation must be false")
+            if sec.get("privileged"):
+                problems.append(f"{at}: privileged")
+            if "ALL" not in sec.get("capabilities", {}).get("drop", []) or sec.get("capabilities", {}).get("add"):
+                problems.append(f"{at}: capabilities must drop ALL and add none")
+            if sec.get("seccompProfile", {}).get("type") != "RuntimeDefault":
+                problems.append(f"{at}: seccompProfile must be RuntimeDefault")
+            res = c.get("resources", {})
+            for kind in ("requests", "limits"):
+                for what in ("cpu", "memory"):
+                    if what not in res.get(kind, {}):
+                        problems.append(f"{at}: resources.{kind}.{what} missing")
+            image = c["image"]
+            if ":" not in image.rsplit("/", 1)[-1] and "@" not in image or image.endswith(":latest"):
+                problems.append(f"{at}: image {image} must have a fixed tag or digest")
+            if "livenessProbe" not in c or "readinessProbe" not in c:
+                problems.append(f"{at}: needs liveness and readiness probes")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("build", sorted(BUILDS))
+def test_sidecar_containers(build: str) -> None:
+    docs = rendered(build)
+    found = list(sidecar_containers(docs))
+    assert found, f"{build}: no sidecar container"
+    for wl, c in found:
+        at = f"{build}: {wl['metadata']['name']}/{c['name']}"
+        pod = wl["spec"]["template"]["spec"]
+        assert effective_security(wl, c)["runAsUser"] == SIDECAR_UID, at
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert ports == {"http": 4180, "metrics": 9180}, at
+        assert c["livenessProbe"]["httpGet"]["path"] == "/ping", at
+        assert port_number(c, c["livenessProbe"]["httpGet"]["port"]) == 4180, at
+        assert c["readinessProbe"]["httpGet"]["path"] == "/ready", at
+        assert port_number(c, c["readinessProbe"]["httpGet"]["port"]) == 4180, at
+
+        # /tmp is the only writable place: an emptyDir, holding the metrics files.
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert "emptyDir" in volumes[mounts["/tmp"]], at
+        env = container_env(docs, wl, c)
+        assert env["PROMETHEUS_MULTIPROC_DIR"].startswith("/tmp/"), at
+        assert env["SIDECAR_HTTP_ADDRESS"] == "0.0.0.0:4180", at
+        assert env["SIDECAR_METRICS_ADDRESS"] == "0.0.0.0:9180", at
+        assert env["SIDECAR_SESSION_STORE_TYPE"] == "redis", at
+        assert env["SIDECAR_REVERSE_PROXY"] == "true", at
+        assert int(env["SIDECAR_WORKERS"]) >= 1, at
+
+        # SIGTERM: the preStop sleep and the sidecar's own shutdown fit in the grace period.
+        pre_stop = c.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
+        sleep = float(pre_stop[1]) if pre_stop[:1] == ["sleep"] else 0.0
+        shutdown = parse_seconds(env.get("SIDECAR_SHUTDOWN_TIMEOUT", "15s"))
+        grace = pod.get("terminationGracePeriodSeconds", 30)
+        assert grace > sleep + shutdown, f"{at}: grace {grace}s <= preStop {sleep}s + shutdown {shutdown}s"
+
+
+@pytest.mark.parametrize("build", sorted(BUILDS))
+def test_sidecar_settings_are_accepted_by_the_sidecar(build: str) -> None:
+    """The environment the container gets is valid sidecar configuration."""
+    from sidecar.config import OPTIONS, load_config
+
+    known = {opt.env for opt in OPTIONS}
+    docs = rendered(build)
+    for wl, c in sidecar_containers(docs):
+        env = container_env(docs, wl, c)
+        unknown = sorted(k for k in env if k.startswith("SIDECAR_") and k not in known)
+        assert not unknown, f"{build}: settings the sidecar does not know: {unknown}"
+
+        # The shipped placeholder cookie secret is refused at start-up ...
+        with pytest.raises(Exception, match="cookie-secret") as refused:
+            load_config([], environ=env)
+        assert "too short" in str(refused.value)
+
+        # ... and with real secrets everything else is accepted as it is.
+        env["SIDECAR_COOKIE_SECRET"] = secrets.token_urlsafe(32)
+        env["SIDECAR_CLIENT_SECRET"] = secrets.token_urlsafe(24)
+        config = load_config([], environ=env)
+        assert (config.listen_host, config.listen_port) == ("0.0.0.0", 4180)
+        assert config.metrics_port == 9180
+        assert config.session_store_type == "redis"
+        assert config.reverse_proxy is True
+
+
+def test_placeholder_secrets_are_obvious_and_unusable() -> None:
+    (secret,) = [s for s in rendered("base") if s["kind"] == "Secret"]
+    values = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    assert set(values) == {"SIDECAR_CLIENT_SECRET", "SIDECAR_COOKIE_SECRET"}
+    for key, value in values.items():
+        assert "CHANGE_ME" in value, f"{key} should be an obvious placeholder"
+    # Shorter than the 16 bytes the sidecar requires: a forgotten placeholder
+    # stops the sidecar instead of signing cookies with a published key.
+    assert len(values["SIDECAR_COOKIE_SECRET"].encode()) < 16
+
+
+# --------------------------------------------------------------------------
+# The shared Deployment (base) and Redis
+# --------------------------------------------------------------------------
+
+
+def test_shared_deployment_is_highly_available() -> None:
+    docs = rendered("base")
+    dep = one(docs, "Deployment", "sidecar")
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert dep["spec"]["replicas"] >= 2
+    assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    pod = dep["spec"]["template"]["spec"]
+    spread = pod.get("topologySpreadConstraints", [])
+    anti = pod.get("affinity", {}).get("podAntiAffinity")
+    assert anti or any(
+        t["topologyKey"] == "kubernetes.io/hostname" and selects(t["labelSelector"]["matchLabels"], labels)
+        for t in spread
+    ), "replicas must be spread over nodes"
+
+    (pdb,) = find(docs, "PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert selects(pdb["spec"]["selector"]["matchLabels"], labels)
+
+    svc = one(docs, "Service", "sidecar")
+    ports = {p["name"]: (p["port"], p["targetPort"]) for p in svc["spec"]["ports"]}
+    assert ports == {"http": (4180, "http"), "metrics": (9180, "metrics")}
+    assert selects(svc["spec"]["selector"], labels)
+
+
+def test_base_image_is_the_placeholder() -> None:
+    (c,) = one(rendered("base"), "Deployment", "sidecar")["spec"]["template"]["spec"]["containers"]
+    assert c["image"] == "ghcr.io/example/sidecar:0.1.0"
+
+
+@pytest.mark.parametrize("build", OVERLAYS)
+def test_redis(build: str) -> None:
+    docs = rendered(build)
+    sts = one(docs, "StatefulSet", "sidecar-redis")
+    assert sts["spec"]["replicas"] == 1
+    (c,) = sts["spec"]["template"]["spec"]["containers"]
+    assert c["image"].startswith("redis:7")
+    args = c["args"]
+    assert args[args.index("--appendonly") + 1] == "yes"
+    assert args[args.index("--dir") + 1] == "/data"
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    assert {"name": claim["metadata"]["name"], "mountPath": "/data"} in c["volumeMounts"]
+    assert claim["spec"]["resources"]["requests"]["storage"]
+
+    # The sidecar's Redis URL names this Redis's Service and port.
+    svc = one(docs, "Service", "sidecar-redis")
+    assert selects(svc["spec"]["selector"], sts["spec"]["template"]["metadata"]["labels"])
+    for wl, sc in sidecar_containers(docs):
+        url = urlsplit(container_env(docs, wl, sc)["SIDECAR_REDIS_CONNECTION_URL"])
+        assert url.scheme == "redis"
+        assert url.hostname in (svc["metadata"]["name"], f"{svc['metadata']['name']}.{namespace_of(svc)}.svc")
+        assert url.port == svc["spec"]["ports"][0]["port"] == 6379
+
+        # ... and its pods are let through the NetworkPolicy.
+        (policy,) = find(docs, "NetworkPolicy")
+        assert selects(policy["spec"]["podSelector"]["matchLabels"], sts["spec"]["template"]["metadata"]["labels"])
+        allowed = [f["podSelector"]["matchLabels"] for rule in policy["spec"]["ingress"] for f in rule["from"]]
+        assert any(selects(sel, wl["spec"]["template"]["metadata"]["labels"]) for sel in allowed)
+
+
+# --------------------------------------------------------------------------
+# Overlays
+# --------------------------------------------------------------------------
+
+AUTH_RESPONSE_HEADERS = (
+    "X-Auth-Request-User,X-Auth-Request-Email,X-Auth-Request-Groups,"
+    "X-Auth-Request-Preferred-Username,X-Auth-Request-Access-Token"
+)
+
+
+def test_ingress_nginx_overlay() -> None:
+    docs = rendered("ingress-nginx")
+    svc = one(docs, "Service", "sidecar")
+    ns = namespace_of(svc)
+    assert one(docs, "Deployment", "sidecar")["spec"]["replicas"] >= 2
+    assert find(docs, "PodDisruptionBudget", "sidecar")
+
+    app = one(docs, "Ingress", "demo-app")
+    notes = app["metadata"]["annotations"]
+    assert notes["nginx.ingress.kubernetes.io/auth-url"] == (
+        f"http://{svc['metadata']['name']}.{ns}.svc.cluster.local:4180/oauth2/auth"
+    )
+    assert notes["nginx.ingress.kubernetes.io/auth-signin"] == "https://$host/oauth2/start?rd=$escaped_request_uri"
+    assert notes["nginx.ingress.kubernetes.io/auth-response-headers"] == AUTH_RESPONSE_HEADERS
+    assert app["spec"]["ingressClassName"] == "nginx"
+    app_hosts = {r["host"] for r in app["spec"]["rules"]}
+
+    # /oauth2 on the same host goes to the sidecar, without an auth check.
+    oauth = one(docs, "Ingress", "sidecar-oauth2")
+    assert not any(k.startswith("nginx.ingress.kubernetes.io/auth-") for k in oauth["metadata"].get("annotations", {}))
+    assert oauth["spec"]["ingressClassName"] == "nginx"
+    routed = {
+        (r["host"], p["path"], p["pathType"], p["backend"]["service"]["name"], p["backend"]["service"]["port"]["name"])
+        for r in oauth["spec"]["rules"]
+        for p in r["http"]["paths"]
+    }
+    assert routed == {(h, "/oauth2", "Prefix", "sidecar", "http") for h in app_hosts}
+
+    # The callback URL is on the application's host, under /oauth2.
+    (wl, c), *_ = sidecar_containers(docs)
+    env = container_env(docs, wl, c)
+    redirect = urlsplit(env["SIDECAR_REDIRECT_URL"])
+    assert (redirect.scheme, redirect.path) == ("https", "/oauth2/callback")
+    assert redirect.hostname in app_hosts
+    assert set(env["SIDECAR_WHITELIST_DOMAIN"].split(",")) >= app_hosts
+    assert env["SIDECAR_SET_XAUTHREQUEST"] == "true"
+    assert env["SIDECAR_PASS_ACCESS_TOKEN"] == "true"  # X-Auth-Request-Access-Token is forwarded
+    assert env["SIDECAR_TRUSTED_PROXY"] not in ("", "127.0.0.1/32")
+
+
+def test_pod_sidecar_overlay() -> None:
+    docs = rendered("pod-sidecar")
+    assert not find(docs, "Deployment", "sidecar"), "the shared Deployment does not belong here"
+    dep = one(docs, "Deployment", "demo-app")
+    assert dep["spec"]["replicas"] >= 2
+    pod = dep["spec"]["template"]["spec"]
+    by_name = {c["name"]: c for c in pod["containers"]}
+    assert set(by_name) == {"app", "sidecar"}
+    app, side = by_name["app"], by_name["sidecar"]
+
+    # The application listens on the pod's loopback only and exposes no port.
+    app_env = {e["name"]: e["value"] for e in app["env"]}
+    assert (app_env["LISTEN_HOST"], app_env["LISTEN_PORT"]) == ("127.0.0.1", "8080")
+    assert not app.get("ports")
+
+    env = container_env(docs, dep, side)
+    assert env["SIDECAR_UPSTREAM"] == "http://127.0.0.1:8080/"
+    assert env["SIDECAR_HTTP_ADDRESS"] == "0.0.0.0:4180"
+    assert side["livenessProbe"]["httpGet"]["path"] == "/ping"
+    assert side["readinessProbe"]["httpGet"]["path"] == "/ready"
+
+    # Every Service port lands on the sidecar container, never on the app.
+    svc = one(docs, "Service", "demo-app")
+    targets = {p["name"]: port_number(side, p["targetPort"]) for p in svc["spec"]["ports"]}
+    assert targets == {"http": 4180, "metrics": 9180}
+    assert all(port_number(app, p["targetPort"]) is None for p in svc["spec"]["ports"])
+
+    pdb = one(docs, "PodDisruptionBudget", "demo-app")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert find(docs, "StatefulSet", "sidecar-redis")
+
+    # A plain Ingress: the auth happens in the pod, not in the controller.
+    for ing in find(docs, "Ingress"):
+        assert not any(k.startswith("nginx.ingress.kubernetes.io/auth-") for k in ing["metadata"].get("annotations", {}))
