@@ -47,8 +47,10 @@ OUTCOME_TTL = 300.0  # how long a late caller holding a consumed token can still
 _POLL = 0.05
 
 
-def token_hash(refresh_token: str) -> str:
-    return hashlib.sha256(refresh_token.encode()).hexdigest()
+def outcome_key(refresh_token: str, version: int) -> str:
+    """Names one refresh: this token, presented for this version of the record. A provider that
+    does not rotate hands out the same token again, so the version keeps old outcomes from matching."""
+    return hashlib.sha256(f"{version}:{refresh_token}".encode()).hexdigest()
 
 
 class Refresher:
@@ -135,16 +137,20 @@ class Refresher:
 
     async def _refresh_locked(self, ref: SessionRef, owner: str) -> Session:
         current = await self._sessions.load_fresh(ref)
+        consumed = current.tokens.refresh_token
+        if consumed:
+            # A refresh of exactly this record may already have happened with its save lost:
+            # use that outcome rather than present the (possibly rotated) token again.
+            known = await self._known_outcome(ref, outcome_key(consumed, current.version))
+            if known is not None:
+                current = await self._save(ref, replace(known, version=current.version), consumed)
         now = time.time()
         if not current.needs_refresh(now, self._config.refresh_skew, self._config.cookie_refresh):
-            return current  # another replica refreshed while we waited for the lock
+            return current  # another replica (or a kept outcome) made it fresh
         consumed = current.tokens.refresh_token
         if not consumed:
             raise SessionGone("no refresh token")
-        digest = token_hash(consumed)
-        known = await self._known_outcome(ref, digest)
-        if known is not None:
-            return await self._save(ref, replace(known, version=current.version), consumed)
+        key = outcome_key(consumed, current.version)
         keeper = asyncio.ensure_future(self._keep_lock(ref.store_key, owner))
         started = time.monotonic()
         try:
@@ -161,9 +167,9 @@ class Refresher:
             keeper.cancel()
             metrics.REFRESH_SECONDS.observe(time.monotonic() - started)
         updated = await self._apply(ref, current, tokens)
-        await self._keep_outcome(ref, digest, updated)
+        await self._keep_outcome(ref, key, updated)
         metrics.REFRESHES.labels(outcome="ok").inc()
-        return await self._save(ref, updated, consumed)
+        return await self._save(ref, updated, consumed, key)
 
     async def _apply(self, ref: SessionRef, current: Session, tokens: Any) -> Session:
         """Merge the new tokens; a new ID token must be valid and for the same subject."""
@@ -204,14 +210,15 @@ class Refresher:
         except StoreUnavailable:
             log.warning("could not keep refresh outcome in the store; kept in process")
 
-    async def _save(self, ref: SessionRef, updated: Session, consumed: str) -> Session:
+    async def _save(self, ref: SessionRef, updated: Session, consumed: str, key: str | None = None) -> Session:
         """Compare-and-set with retries; the consumed refresh token must never stay stored."""
         delay = 0.05
         deadline = time.monotonic() + float(self._config.refresh_wait_timeout)
         while True:
             try:
                 saved = await self._sessions.save(ref, updated)
-                self._kept.pop(token_hash(consumed), None)
+                if key is not None:
+                    self._kept.pop(key, None)
                 return saved
             except VersionConflict:
                 latest = await self._sessions.load_fresh(ref)  # SessionGone if signed out meanwhile

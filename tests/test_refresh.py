@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 
 import aiohttp
 import redis.asyncio as aioredis
@@ -153,7 +152,10 @@ async def test_redis_dump_reveals_no_token(redis_url: str, raw_redis: aioredis.R
         await store.close()
 
 
-def test_token_hash_is_stable() -> None:
-    from sidecar.refresh import token_hash
+def test_outcome_keys_name_one_refresh_of_one_record_version() -> None:
+    from sidecar.refresh import outcome_key
 
-    assert token_hash("abc") == hashlib.sha256(b"abc").hexdigest()
+    assert outcome_key("rt", 3) == outcome_key("rt", 3)
+    assert outcome_key("rt", 3) != outcome_key("rt", 4)  # a non-rotating token refreshed again later
+    assert outcome_key("rt", 3) != outcome_key("rt2", 3)
+    assert "rt" not in outcome_key("rt", 3)

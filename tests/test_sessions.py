@@ -1,0 +1,150 @@
+"""Session lifecycle: fresh ids, limits, sign-out honoured by every replica, outages, logs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import replace
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+
+from sidecar.context import SERVICES
+from sidecar.cookies import CookieCodec
+from sidecar.models import Identity, Session, TokenSet
+from sidecar.store import RedisStore, SessionStore
+from tests.stack import COOKIE_SECRET, browser, session_cookie, sign_in, stack
+
+
+def _session(**changes: object) -> Session:
+    base = Session(identity=Identity(sub="s", user="u"), tokens=TokenSet(access_token="a"), created_at=1000.0,
+                   last_active=1000.0)
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+def test_expiry_rules_take_now_as_an_argument() -> None:
+    s = _session(tokens=TokenSet(access_token="a", access_expires_at=2000.0, issued_at=1000.0))
+    assert not s.needs_refresh(1900.0, skew=30, max_age=0)
+    assert s.needs_refresh(1971.0, skew=30, max_age=0)
+    assert s.needs_refresh(1500.0, skew=30, max_age=300)  # --cookie-refresh age
+    unknown = _session(tokens=TokenSet(access_token="a", issued_at=1000.0))
+    assert not unknown.needs_refresh(10**9, skew=30, max_age=0)  # unknown lifetime: never invented
+    assert s.expired(1000.0 + 86400, max_lifetime=86400, idle_timeout=0)
+    assert s.expired(1000.0 + 3600, max_lifetime=0, idle_timeout=3600)
+    assert not s.expired(1000.0 + 3599, max_lifetime=86400, idle_timeout=3600)
+
+
+async def test_every_sign_in_gets_a_new_session_id_and_the_old_one_dies(store: SessionStore) -> None:
+    async with stack(store) as st, browser() as client:
+        await sign_in(client, st.base)
+        first = session_cookie(client) or ""
+        await sign_in(client, st.base)
+        second = session_cookie(client) or ""
+        codec = CookieCodec((COOKIE_SECRET.encode(),), 3600)
+        assert codec.load_session(first, 0).sid != codec.load_session(second, 0).sid
+        async with aiohttp.ClientSession(cookies={"_sidecar": first}) as old:
+            async with old.get(f"{st.base}/oauth2/auth") as resp:
+                assert resp.status == 401
+
+
+async def test_cookie_attributes() -> None:
+    async with stack(None, cookie_secure="true", cookie_domain="127.0.0.1") as st, aiohttp.ClientSession() as client:
+        async with client.get(f"{st.base}/oauth2/start", allow_redirects=False) as resp:
+            authorize = resp.headers["Location"]
+            csrf = resp.headers["Set-Cookie"]
+        assert "HttpOnly" in csrf and "Secure" in csrf and "SameSite=Lax" in csrf
+        async with client.get(authorize, allow_redirects=False) as resp:
+            callback = resp.headers["Location"]
+        cookie_header = csrf.split(";")[0]
+        async with client.get(callback, allow_redirects=False, headers={"Cookie": cookie_header}) as resp:
+            assert resp.status == 302
+            set_cookies = resp.headers.getall("Set-Cookie")
+        session = next(c for c in set_cookies if c.startswith("_sidecar="))
+        for attribute in ("HttpOnly", "Secure", "SameSite=Lax", "Max-Age=604800", "Path=/"):
+            assert attribute in session
+
+
+async def test_idle_timeout_and_absolute_lifetime_are_enforced_server_side(store: SessionStore) -> None:
+    async with stack(store, session_idle_timeout="1s") as st, browser() as client:
+        await sign_in(client, st.base)
+        async with client.get(f"{st.base}/oauth2/auth") as resp:
+            assert resp.status == 202
+        await asyncio.sleep(1.2)
+        async with client.get(f"{st.base}/oauth2/auth") as resp:
+            assert resp.status == 401
+    async with stack(store, cookie_expire="2s", session_idle_timeout="0") as st, browser() as client:
+        await sign_in(client, st.base)
+        for _ in range(3):
+            async with client.get(f"{st.base}/oauth2/auth") as resp:
+                assert resp.status == 202
+            await asyncio.sleep(0.5)
+        await asyncio.sleep(0.6)
+        async with client.get(f"{st.base}/oauth2/auth") as resp:
+            assert resp.status == 401
+
+
+async def test_sign_out_on_one_replica_is_honoured_by_every_replica_within_one_second(redis_url: str) -> None:
+    stores = [RedisStore(aioredis.from_url(redis_url)) for _ in range(2)]
+    try:
+        async with stack(stores[0]) as st, browser() as client:
+            second = await st.add_sidecar(stores[1])
+            await sign_in(client, st.base)
+            cookie = {"_sidecar": session_cookie(client) or ""}
+            async with aiohttp.ClientSession(cookies=cookie) as other:
+                async with other.get(f"{second}/oauth2/auth") as resp:
+                    assert resp.status == 202  # now cached on the second replica
+                async with client.get(f"{st.base}/oauth2/sign_out", allow_redirects=False) as resp:
+                    assert resp.status == 302
+                await asyncio.sleep(1.0)
+                async with other.get(f"{second}/oauth2/auth") as resp:
+                    assert resp.status == 401
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def test_redis_outage_answers_503_and_signs_nobody_out(redis_url: str) -> None:
+    store = RedisStore(aioredis.from_url(redis_url))
+    async with stack(store, session_cache_ttl="0") as st, browser() as client:
+        await sign_in(client, st.base)
+        services = st.runners[0].app[SERVICES]
+        working = services.sessions.store
+        services.sessions.store = RedisStore(aioredis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2))
+        try:
+            async with client.get(f"{st.base}/oauth2/auth") as resp:
+                assert resp.status == 503
+            async with client.get(f"{st.base}/_demo/echo") as resp:
+                assert resp.status == 503 and resp.headers["Retry-After"]
+            async with client.get(f"{st.base}/ready") as resp:
+                assert resp.status == 503
+            assert session_cookie(client) is not None  # the cookie was not cleared
+        finally:
+            await services.sessions.store.close()
+            services.sessions.store = working
+        async with client.get(f"{st.base}/oauth2/auth") as resp:
+            assert resp.status == 202
+    await store.close()
+
+
+async def test_logs_never_contain_tokens_cookies_or_secrets(store: SessionStore, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with stack(store, request_logging="true", pass_access_token="true", provider_kw={"access_token_ttl": 1},
+                     refresh_skew="0s") as st, browser() as client:
+        await sign_in(client, st.base)
+        async with client.get(f"{st.base}/oauth2/auth") as resp:
+            token = resp.headers["X-Auth-Request-Access-Token"]
+        await asyncio.sleep(1.1)
+        async with client.get(f"{st.base}/oauth2/auth") as resp:
+            new_token = resp.headers["X-Auth-Request-Access-Token"]
+        st.provider.inject_fault("500", count=-1)
+        await asyncio.sleep(1.1)
+        async with client.get(f"{st.base}/_demo/echo?code=abc") as resp:
+            assert resp.status == 503
+        cookie = session_cookie(client) or ""
+        async with client.get(f"{st.base}/oauth2/sign_out"):
+            pass
+    text = "\n".join(f"{r.getMessage()} {getattr(r, 'fields', '')}" for r in caplog.records)
+    assert "request" in text  # access lines were written
+    for secret in (token, new_token, cookie, cookie.split(".")[0], COOKIE_SECRET, "sidecar-dev-secret"):
+        assert secret not in text
