@@ -60,7 +60,7 @@ WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "Job")
 KUBECTL_MISSING = """\
 kubectl was not found, so the Kubernetes manifests cannot be rendered.
 These tests never skip: install kubectl (it bundles kustomize), e.g.
-  Debian/Ubuntu: apt-get install -y kubectl   (from the Kubernetes apt repository)
+  Debian/Ubuntu: apt-get install -y kubectl   (Kubernetes or Google Cloud apt repository)
   or download it: https://kubernetes.io/docs/tasks/tools/#kubectl
 and make sure `kubectl kustomize --help` works (or /usr/bin/kubectl exists)."""
 
@@ -71,7 +71,9 @@ and make sure `kubectl kustomize --help` works (or /usr/bin/kubectl exists)."""
 
 
 def kubectl() -> str:
-    found = shutil.which("kubectl") or ("/usr/bin/kubectl" if Path("/usr/bin/kubectl").exists() else None)
+    found = shutil.which("kubectl") or (
+        "/usr/bin/kubectl" if Path("/usr/bin/kubectl").exists() else None
+    )
     if found is None:
         pytest.fail(KUBECTL_MISSING, pytrace=False)
     return found
@@ -119,7 +121,9 @@ def schema_errors(doc: dict[str, Any], versions: tuple[str, ...] = K8S_VERSIONS)
 
 
 def find(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> list[dict[str, Any]]:
-    return [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    return [
+        d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)
+    ]
 
 
 def one(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
@@ -137,17 +141,23 @@ def containers(workload: dict[str, Any]) -> list[dict[str, Any]]:
     return list(spec.get("initContainers", [])) + list(spec["containers"])
 
 
-def sidecar_containers(docs: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+def sidecar_containers(
+    docs: list[dict[str, Any]],
+) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
     for wl in workloads(docs):
         for c in wl["spec"]["template"]["spec"]["containers"]:
-            if c["image"].startswith(SIDECAR_IMAGE + ":") or c["image"].startswith(SIDECAR_IMAGE + "@"):
+            if c["image"].startswith(SIDECAR_IMAGE + ":") or c["image"].startswith(
+                SIDECAR_IMAGE + "@"
+            ):
                 yield wl, c
 
 
 def effective_security(workload: dict[str, Any], container: dict[str, Any]) -> dict[str, Any]:
     """The container's securityContext with the pod-level defaults filled in."""
     pod = workload["spec"]["template"]["spec"].get("securityContext", {})
-    merged = {k: pod[k] for k in ("runAsNonRoot", "runAsUser", "runAsGroup", "seccompProfile") if k in pod}
+    merged = {
+        k: pod[k] for k in ("runAsNonRoot", "runAsUser", "runAsGroup", "seccompProfile") if k in pod
+    }
     merged.update(container.get("securityContext", {}))
     return merged
 
@@ -157,24 +167,39 @@ def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
 
 
 def namespace_of(doc: dict[str, Any]) -> str | None:
-    return doc["metadata"].get("namespace")
+    ns = doc["metadata"].get("namespace")
+    return None if ns is None else str(ns)
 
 
-def container_env(docs: list[dict[str, Any]], workload: dict[str, Any], container: dict[str, Any]) -> dict[str, str]:
+def container_env(
+    docs: list[dict[str, Any]], workload: dict[str, Any], container: dict[str, Any]
+) -> dict[str, str]:
     """The environment Kubernetes gives the container: envFrom in order, then env."""
     ns = namespace_of(workload)
     env: dict[str, str] = {}
     for source in container.get("envFrom", []):
         prefix = source.get("prefix", "")
         if "configMapRef" in source:
-            (cm,) = [d for d in find(docs, "ConfigMap", source["configMapRef"]["name"]) if namespace_of(d) == ns]
+            (cm,) = [
+                d
+                for d in find(docs, "ConfigMap", source["configMapRef"]["name"])
+                if namespace_of(d) == ns
+            ]
             env.update({prefix + k: str(v) for k, v in cm.get("data", {}).items()})
         if "secretRef" in source:
-            (sec,) = [d for d in find(docs, "Secret", source["secretRef"]["name"]) if namespace_of(d) == ns]
+            (sec,) = [
+                d
+                for d in find(docs, "Secret", source["secretRef"]["name"])
+                if namespace_of(d) == ns
+            ]
             env.update({prefix + k: str(v) for k, v in sec.get("stringData", {}).items()})
-            env.update({prefix + k: base64.b64decode(v).decode() for k, v in sec.get("data", {}).items()})
+            env.update(
+                {prefix + k: base64.b64decode(v).decode() for k, v in sec.get("data", {}).items()}
+            )
     for item in container.get("env", []):
-        assert "value" in item, f"{container['name']}: env {item['name']} from valueFrom is not resolved by this test"
+        assert "value" in item, (
+            f"{container['name']}: env {item['name']} from valueFrom is not resolved by this test"
+        )
         env[item["name"]] = str(item["value"])
     return env
 
@@ -203,7 +228,9 @@ def parse_seconds(text: str) -> float:
 
 
 def test_kubectl_is_available() -> None:
-    version = subprocess.run([kubectl(), "version", "--client"], capture_output=True, text=True, timeout=30)
+    version = subprocess.run(
+        [kubectl(), "version", "--client"], capture_output=True, text=True, timeout=30
+    )
     assert version.returncode == 0, version.stderr
 
 
@@ -247,7 +274,9 @@ def _break_probe(d: dict[str, Any]) -> None:
 
 
 def _break_security_context(d: dict[str, Any]) -> None:
-    d["spec"]["template"]["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] = "yes please"
+    d["spec"]["template"]["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] = (
+        "yes please"
+    )
 
 
 def _break_missing_template(d: dict[str, Any]) -> None:
@@ -283,7 +312,10 @@ def test_validation_rejects_a_broken_manifest(breakage: str) -> None:
 def test_a_broken_manifest_fails_through_kustomize_as_well(tmp_path: Path) -> None:
     """The whole path - kustomize, YAML, schema - catches typos kustomize itself passes through."""
     (tmp_path / "kustomization.yaml").write_text(
-        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - broken.yaml\n"
+        "apiVersion: kustomize.config.k8s.io/v1beta1\n"
+        "kind: Kustomization\n"
+        "resources:\n"
+        "  - broken.yaml\n"
     )
     deployment = """\
 apiVersion: apps/v1
@@ -359,30 +391,44 @@ def test_references_between_objects_resolve(build: str) -> None:
             for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
                 action = c.get(probe, {}).get("httpGet") or c.get(probe, {}).get("tcpSocket")
                 if action and port_number(c, action["port"]) is None:
-                    problems.append(f"{where}/{c['name']}: {probe} port {action['port']} is not a container port")
+                    problems.append(
+                        f"{where}/{c['name']}: {probe} port {action['port']} is no container port"
+                    )
         if wl["kind"] == "StatefulSet":
-            (svc,) = [s for s in find(docs, "Service", wl["spec"]["serviceName"]) if namespace_of(s) == ns]
-            assert svc["spec"].get("clusterIP") == "None", f"{where}: serviceName must be a headless Service"
+            (svc,) = [
+                s for s in find(docs, "Service", wl["spec"]["serviceName"]) if namespace_of(s) == ns
+            ]
+            assert svc["spec"].get("clusterIP") == "None", (
+                f"{where}: serviceName must be a headless Service"
+            )
 
     for svc in find(docs, "Service"):
         where, ns = f"Service/{svc['metadata']['name']}", namespace_of(svc)
         backends = [
-            wl for wl in workloads(docs)
-            if namespace_of(wl) == ns and selects(svc["spec"]["selector"], wl["spec"]["template"]["metadata"]["labels"])
+            wl
+            for wl in workloads(docs)
+            if namespace_of(wl) == ns
+            and selects(svc["spec"]["selector"], wl["spec"]["template"]["metadata"]["labels"])
         ]
         if not backends:
             problems.append(f"{where}: its selector matches no pods")
         for port in svc["spec"]["ports"]:
             target = port.get("targetPort", port["port"])
             for wl in backends:
-                if not any(port_number(c, target) for c in wl["spec"]["template"]["spec"]["containers"]):
-                    problems.append(f"{where}: targetPort {target} is not a port of {wl['metadata']['name']}")
+                if not any(
+                    port_number(c, target) for c in wl["spec"]["template"]["spec"]["containers"]
+                ):
+                    problems.append(
+                        f"{where}: targetPort {target} is not a port of {wl['metadata']['name']}"
+                    )
 
     for pdb in find(docs, "PodDisruptionBudget"):
         ns = namespace_of(pdb)
         if not any(
             namespace_of(wl) == ns
-            and selects(pdb["spec"]["selector"]["matchLabels"], wl["spec"]["template"]["metadata"]["labels"])
+            and selects(
+                pdb["spec"]["selector"]["matchLabels"], wl["spec"]["template"]["metadata"]["labels"]
+            )
             for wl in workloads(docs)
         ):
             problems.append(f"PodDisruptionBudget/{pdb['metadata']['name']}: selects no pods")
@@ -393,12 +439,13 @@ def test_references_between_objects_resolve(build: str) -> None:
             for path in rule["http"]["paths"]:
                 backend = path["backend"]["service"]
                 svcs = [s for s in find(docs, "Service", backend["name"]) if namespace_of(s) == ns]
+                at = f"Ingress/{ing['metadata']['name']}: Service {backend['name']}"
                 if not svcs:
-                    problems.append(f"Ingress/{ing['metadata']['name']}: Service {backend['name']} does not exist")
+                    problems.append(f"{at} does not exist")
                     continue
                 wanted = backend["port"].get("name") or backend["port"].get("number")
                 if not any(wanted in (p.get("name"), p["port"]) for p in svcs[0]["spec"]["ports"]):
-                    problems.append(f"Ingress/{ing['metadata']['name']}: Service {backend['name']} has no port {wanted}")
+                    problems.append(f"{at} has no port {wanted}")
 
     assert not problems, "\n".join(problems)
 
@@ -436,7 +483,9 @@ def test_every_pod_is_locked_down(build: str) -> None:
                 problems.append(f"{at}: allowPrivilegeEscalation must be false")
             if sec.get("privileged"):
                 problems.append(f"{at}: privileged")
-            if "ALL" not in sec.get("capabilities", {}).get("drop", []) or sec.get("capabilities", {}).get("add"):
+            if "ALL" not in sec.get("capabilities", {}).get("drop", []) or sec.get(
+                "capabilities", {}
+            ).get("add"):
                 problems.append(f"{at}: capabilities must drop ALL and add none")
             if sec.get("seccompProfile", {}).get("type") != "RuntimeDefault":
                 problems.append(f"{at}: seccompProfile must be RuntimeDefault")
@@ -446,7 +495,11 @@ def test_every_pod_is_locked_down(build: str) -> None:
                     if what not in res.get(kind, {}):
                         problems.append(f"{at}: resources.{kind}.{what} missing")
             image = c["image"]
-            if ":" not in image.rsplit("/", 1)[-1] and "@" not in image or image.endswith(":latest"):
+            if (
+                ":" not in image.rsplit("/", 1)[-1]
+                and "@" not in image
+                or image.endswith(":latest")
+            ):
                 problems.append(f"{at}: image {image} must have a fixed tag or digest")
             if "livenessProbe" not in c or "readinessProbe" not in c:
                 problems.append(f"{at}: needs liveness and readiness probes")
@@ -469,12 +522,17 @@ def test_sidecar_containers(build: str) -> None:
         assert c["readinessProbe"]["httpGet"]["path"] == "/ready", at
         assert port_number(c, c["readinessProbe"]["httpGet"]["port"]) == 4180, at
 
-        # /tmp is the only writable place: an emptyDir, holding the metrics files.
+        # /tmp is the only writable place: an emptyDir. The metrics directory
+        # is a mount of its own, so it exists when the sidecar starts.
         mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
         volumes = {v["name"]: v for v in pod["volumes"]}
         assert "emptyDir" in volumes[mounts["/tmp"]], at
         env = container_env(docs, wl, c)
-        assert env["PROMETHEUS_MULTIPROC_DIR"].startswith("/tmp/"), at
+        assert env["PROMETHEUS_MULTIPROC_DIR"] == "/tmp/prometheus", at
+        assert "emptyDir" in volumes[mounts["/tmp/prometheus"]], at
+        assert all(
+            v.get("emptyDir", {}).get("sizeLimit") for v in volumes.values() if "emptyDir" in v
+        ), at
         assert env["SIDECAR_HTTP_ADDRESS"] == "0.0.0.0:4180", at
         assert env["SIDECAR_METRICS_ADDRESS"] == "0.0.0.0:9180", at
         assert env["SIDECAR_SESSION_STORE_TYPE"] == "redis", at
@@ -486,7 +544,9 @@ def test_sidecar_containers(build: str) -> None:
         sleep = float(pre_stop[1]) if pre_stop[:1] == ["sleep"] else 0.0
         shutdown = parse_seconds(env.get("SIDECAR_SHUTDOWN_TIMEOUT", "15s"))
         grace = pod.get("terminationGracePeriodSeconds", 30)
-        assert grace > sleep + shutdown, f"{at}: grace {grace}s <= preStop {sleep}s + shutdown {shutdown}s"
+        assert grace > sleep + shutdown, (
+            f"{at}: grace {grace}s <= preStop {sleep}s + shutdown {shutdown}s"
+        )
 
 
 @pytest.mark.parametrize("build", sorted(BUILDS))
@@ -542,7 +602,8 @@ def test_shared_deployment_is_highly_available() -> None:
     spread = pod.get("topologySpreadConstraints", [])
     anti = pod.get("affinity", {}).get("podAntiAffinity")
     assert anti or any(
-        t["topologyKey"] == "kubernetes.io/hostname" and selects(t["labelSelector"]["matchLabels"], labels)
+        t["topologyKey"] == "kubernetes.io/hostname"
+        and selects(t["labelSelector"]["matchLabels"], labels)
         for t in spread
     ), "replicas must be spread over nodes"
 
@@ -581,13 +642,23 @@ def test_redis(build: str) -> None:
     for wl, sc in sidecar_containers(docs):
         url = urlsplit(container_env(docs, wl, sc)["SIDECAR_REDIS_CONNECTION_URL"])
         assert url.scheme == "redis"
-        assert url.hostname in (svc["metadata"]["name"], f"{svc['metadata']['name']}.{namespace_of(svc)}.svc")
+        assert url.hostname in (
+            svc["metadata"]["name"],
+            f"{svc['metadata']['name']}.{namespace_of(svc)}.svc",
+        )
         assert url.port == svc["spec"]["ports"][0]["port"] == 6379
 
         # ... and its pods are let through the NetworkPolicy.
         (policy,) = find(docs, "NetworkPolicy")
-        assert selects(policy["spec"]["podSelector"]["matchLabels"], sts["spec"]["template"]["metadata"]["labels"])
-        allowed = [f["podSelector"]["matchLabels"] for rule in policy["spec"]["ingress"] for f in rule["from"]]
+        assert selects(
+            policy["spec"]["podSelector"]["matchLabels"],
+            sts["spec"]["template"]["metadata"]["labels"],
+        )
+        allowed = [
+            f["podSelector"]["matchLabels"]
+            for rule in policy["spec"]["ingress"]
+            for f in rule["from"]
+        ]
         assert any(selects(sel, wl["spec"]["template"]["metadata"]["labels"]) for sel in allowed)
 
 
@@ -613,17 +684,29 @@ def test_ingress_nginx_overlay() -> None:
     assert notes["nginx.ingress.kubernetes.io/auth-url"] == (
         f"http://{svc['metadata']['name']}.{ns}.svc.cluster.local:4180/oauth2/auth"
     )
-    assert notes["nginx.ingress.kubernetes.io/auth-signin"] == "https://$host/oauth2/start?rd=$escaped_request_uri"
+    assert (
+        notes["nginx.ingress.kubernetes.io/auth-signin"]
+        == "https://$host/oauth2/start?rd=$escaped_request_uri"
+    )
     assert notes["nginx.ingress.kubernetes.io/auth-response-headers"] == AUTH_RESPONSE_HEADERS
     assert app["spec"]["ingressClassName"] == "nginx"
     app_hosts = {r["host"] for r in app["spec"]["rules"]}
 
     # /oauth2 on the same host goes to the sidecar, without an auth check.
     oauth = one(docs, "Ingress", "sidecar-oauth2")
-    assert not any(k.startswith("nginx.ingress.kubernetes.io/auth-") for k in oauth["metadata"].get("annotations", {}))
+    assert not any(
+        k.startswith("nginx.ingress.kubernetes.io/auth-")
+        for k in oauth["metadata"].get("annotations", {})
+    )
     assert oauth["spec"]["ingressClassName"] == "nginx"
     routed = {
-        (r["host"], p["path"], p["pathType"], p["backend"]["service"]["name"], p["backend"]["service"]["port"]["name"])
+        (
+            r["host"],
+            p["path"],
+            p["pathType"],
+            p["backend"]["service"]["name"],
+            p["backend"]["service"]["port"]["name"],
+        )
         for r in oauth["spec"]["rules"]
         for p in r["http"]["paths"]
     }
@@ -674,4 +757,33 @@ def test_pod_sidecar_overlay() -> None:
 
     # A plain Ingress: the auth happens in the pod, not in the controller.
     for ing in find(docs, "Ingress"):
-        assert not any(k.startswith("nginx.ingress.kubernetes.io/auth-") for k in ing["metadata"].get("annotations", {}))
+        assert not any(
+            k.startswith("nginx.ingress.kubernetes.io/auth-")
+            for k in ing["metadata"].get("annotations", {})
+        )
+
+
+# --------------------------------------------------------------------------
+# The image the manifests run
+# --------------------------------------------------------------------------
+
+
+def test_dockerfile_matches_the_manifests() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    lines = [ln.strip() for ln in text.replace("\\\n", " ").splitlines()]
+    instructions = [ln for ln in lines if ln and not ln.startswith("#")]
+    froms = [ln for ln in instructions if ln.upper().startswith("FROM ")]
+    assert len(froms) >= 2, "multi-stage build expected"
+    assert "ARG PYTHON_IMAGE=python:3.11-slim" in instructions
+    assert f"USER {SIDECAR_UID}:{SIDECAR_UID}" in instructions  # numeric, as runAsUser
+    assert 'ENTRYPOINT ["sidecar"]' in instructions
+    assert "EXPOSE 4180 9180" in instructions
+    env = " ".join(ln for ln in instructions if ln.startswith("ENV "))
+    for setting in (
+        "SIDECAR_HTTP_ADDRESS=0.0.0.0:4180",
+        "PYTHONDONTWRITEBYTECODE=1",
+        "PIP_NO_CACHE_DIR=1",
+    ):
+        assert setting in env
+    ignored = set((ROOT / ".dockerignore").read_text().split())
+    assert {".git", ".venv", "tests"} <= ignored
