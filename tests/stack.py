@@ -111,3 +111,54 @@ def session_cookie(client: aiohttp.ClientSession, name: str = "_sidecar") -> str
         if cookie.key == name:
             return cookie.value
     return None
+
+
+class SidecarProcess:
+    """A real `python -m sidecar` process, configured through SIDECAR_* environment variables."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        import os
+        import subprocess
+        import sys
+        import tempfile
+
+        self.base = "http://" + settings["http_address"]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+        env.update({"SIDECAR_" + k.upper(): str(v) for k, v in settings.items()})
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen([sys.executable, "-m", "sidecar"], env=env, stdout=self.log, stderr=self.log)
+
+    async def ready(self, timeout: float = 15.0) -> SidecarProcess:
+        import asyncio
+        import time
+
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as client:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    break
+                try:
+                    async with client.get(self.base + "/ping") as resp:
+                        if resp.status == 200:
+                            return self
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+        raise RuntimeError(f"sidecar process did not come up:\n{self.output()[-3000:]}")
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except Exception:  # noqa: BLE001
+                self.proc.kill()
+        self.log.close()
