@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-from . import handlers, proxy
+from . import handlers, metrics, proxy
 from .context import SERVICES, Services
 from .cookies import CookieCodec
-from .middleware import core
+from .middleware import guarded
 from .oidc import OidcClient
 from .refresh import Refresher
 from .sessions import Sessions
@@ -22,7 +23,7 @@ MAX_HEADER_BYTES = 8190  # larger request lines or header fields are refused wit
 
 def build_app(config: Any, store: SessionStore | None = None) -> web.Application:
     """A ready-to-run application; ``store`` lets tests share one store between apps."""
-    app = web.Application(middlewares=[core], handler_args={
+    app = web.Application(handler_args={
         "max_line_size": MAX_HEADER_BYTES, "max_field_size": MAX_HEADER_BYTES,
     })
 
@@ -40,7 +41,10 @@ def build_app(config: Any, store: SessionStore | None = None) -> web.Application
             config=config, codec=CookieCodec(config.cookie_secrets, config.cookie_expire), sessions=sessions,
             refresher=Refresher(sessions, oidc, config), oidc=oidc, http=http, upstream_http=upstream_http,
         )
+        flusher = asyncio.ensure_future(_flush_metrics_every_second())
         yield
+        flusher.cancel()
+        metrics.flush()
         await upstream_http.close()
         await http.close()
         if store is None:
@@ -48,11 +52,17 @@ def build_app(config: Any, store: SessionStore | None = None) -> web.Application
 
     app.cleanup_ctx.append(services_ctx)
     handlers.add_routes(app, with_metrics=not config.metrics_address)
-    app.router.add_route("*", "/{tail:.*}", proxy.handle)
+    app.router.add_route("*", "/{tail:.*}", guarded(proxy.handle, "proxy"))
     return app
+
+
+async def _flush_metrics_every_second() -> None:
+    while True:
+        await asyncio.sleep(1.0)
+        metrics.flush()
 
 
 def build_metrics_app() -> web.Application:
     app = web.Application()
-    app.router.add_get("/metrics", handlers.metrics_page)
+    app.router.add_get("/metrics", handlers.metrics_page)  # type: ignore[arg-type]
     return app

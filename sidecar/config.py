@@ -192,6 +192,11 @@ class Config:
     metrics_port: int | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # Plain instance attributes: settings are read on every request, so no __getattr__ detour.
+        for key, value in self.values.items():
+            object.__setattr__(self, key, value)
+
     def __getattr__(self, name: str) -> Any:
         values = object.__getattribute__(self, "values")
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,10 +40,36 @@ class View:
 
 
 SERVICES = web.AppKey("services", Services)
-REQUEST_ID = web.RequestKey("request_id", str)
 VIEW = web.RequestKey("view", View)
 # (SessionRef, Session) once authenticated; the user goes into the log line
 AUTHED: web.RequestKey[tuple[SessionRef, Session]] = web.RequestKey("authed", tuple)  # type: ignore[arg-type]
+
+
+def _is_trusted(remote: str | None, config: Any) -> bool:
+    if not config.reverse_proxy or not remote:
+        return False
+    try:
+        addr = ipaddress.ip_address(remote)
+    except ValueError:
+        return False
+    return any(addr in net for net in config.trusted_networks)
+
+
+def view_of(request: web.Request) -> View:
+    """Computed on first use only: the hot /oauth2/auth path never needs it."""
+    view = request.get(VIEW)
+    if view is None:
+        config = request.app[SERVICES].config
+        trusted = _is_trusted(request.remote, config)
+        scheme = "https" if request.secure else "http"
+        host = request.host
+        if trusted:
+            scheme = request.headers.get("X-Forwarded-Proto", scheme).split(",")[0].strip().lower() or scheme
+            host = request.headers.get("X-Forwarded-Host", host).split(",")[0].strip() or host
+        if scheme not in ("http", "https"):
+            scheme = "http"
+        view = request[VIEW] = View(scheme=scheme, host=host, client_ip=str(request.remote), trusted=trusted)
+    return view
 
 
 def services(request: web.Request) -> Services:

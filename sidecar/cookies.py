@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import os
 from dataclasses import dataclass
+from functools import cached_property
 
 from itsdangerous import BadData, URLSafeTimedSerializer
 
@@ -38,7 +39,7 @@ class SessionRef:
     sid: str
     key: bytes
 
-    @property
+    @cached_property
     def store_key(self) -> str:
         """Where the record lives; a hash, so a Redis dump does not reveal live session ids."""
         return _b64(hashlib.sha256(self.sid.encode()).digest()[:18])

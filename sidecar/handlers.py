@@ -11,11 +11,12 @@ import time
 from aiohttp import web
 
 from . import metrics
-from .context import VIEW, authed, services
+from .context import Services, services, view_of
 from .cookies import state_cookie_suffix
 from .errors import InvalidCookie, InvalidState, SessionGone, StoreUnavailable, TokenValidationError
 from .guard import absolute, authenticate, authorize, clear_session_cookie
-from .headers import auth_response_headers
+from .headers import auth_response_headers_for
+from .middleware import guarded
 from .oidc import Pkce
 from .policy import identity_from_claims, is_allowed
 from .urls import safe_redirect
@@ -34,7 +35,7 @@ def _page(title: str, body: str, status: int = 200) -> web.Response:
 
 
 def _rd(request: web.Request, name: str = "rd") -> str:
-    return safe_redirect(request.query.get(name), request[VIEW].host, services(request).config.whitelist_domain)
+    return safe_redirect(request.query.get(name), view_of(request).host, services(request).config.whitelist_domain)
 
 
 def _state_cookie_name(config: object, state: str) -> str:
@@ -50,9 +51,8 @@ def _set_cookie(response: web.StreamResponse, config: object, name: str, value: 
     )
 
 
-async def start(request: web.Request) -> web.Response:
+async def start(request: web.Request, svc: Services) -> web.Response:
     """Begin sign-in: remember (verifier, nonce, rd) under a fresh state, send the browser to the provider."""
-    svc = services(request)
     state, nonce, pkce = secrets.token_urlsafe(32), secrets.token_urlsafe(32), Pkce.new()
     pending = json.dumps({"v": pkce.verifier, "n": nonce, "rd": _rd(request)}).encode()
     url = await svc.oidc.authorize_url(state, nonce, pkce)
@@ -62,9 +62,9 @@ async def start(request: web.Request) -> web.Response:
     return response
 
 
-async def callback(request: web.Request) -> web.Response:
+async def callback(request: web.Request, svc: Services) -> web.Response:
     """Finish sign-in. State is checked (cookie, then single-use store entry) before any provider call."""
-    svc, config = services(request), services(request).config
+    config = svc.config
     if "error" in request.query:
         reason = html.escape(request.query.get("error", "")[:100])
         return _page("Sign-in failed", f"<p>The identity provider said: {reason}</p>"
@@ -87,7 +87,7 @@ async def callback(request: web.Request) -> web.Response:
     claims = await svc.oidc.validate_id_token(tokens.id_token, nonce=pending["n"])
     identity = identity_from_claims(claims, config)
     if not is_allowed(identity, config):
-        metrics.AUTH_DECISIONS.labels(decision="403").inc()
+        metrics.DECISIONS.add("403")
         response = _page("Access denied", "<p>Your account is not allowed to use this application.</p>", 403)
         response.del_cookie(cookie_name, path=config.cookie_path, domain=config.cookie_domain or None)
         return response
@@ -112,7 +112,7 @@ async def _end_previous_session(request: web.Request) -> None:
         pass
 
 
-async def sign_in(request: web.Request) -> web.Response:
+async def sign_in(request: web.Request, svc: Services) -> web.Response:
     rd = html.escape(_rd(request), quote=True)
     from urllib.parse import quote
 
@@ -121,9 +121,9 @@ async def sign_in(request: web.Request) -> web.Response:
                  f"<p style='color:#888'>You will return to {rd}</p>")
 
 
-async def sign_out(request: web.Request) -> web.Response:
+async def sign_out(request: web.Request, svc: Services) -> web.Response:
     """End the session here, revoke its refresh token at the provider, clear the cookie."""
-    svc, config = services(request), services(request).config
+    config = svc.config
     rd = _rd(request)
     id_token = None
     cookie = request.cookies.get(config.cookie_name)
@@ -150,24 +150,24 @@ async def sign_out(request: web.Request) -> web.Response:
     return response
 
 
-async def auth(request: web.Request) -> web.Response:
+async def auth(request: web.Request, svc: Services) -> web.Response:
     """nginx auth_request target: 202 with identity headers, 401 or 403. Never a redirect, never a cookie:
     nginx only understands 2xx/401/403 here, and the browser is sent to sign in by nginx's error_page."""
     try:
-        _, session = await authenticate(request)
+        _, session = await authenticate(request, svc)
     except SessionGone:
-        metrics.AUTH_DECISIONS.labels(decision="401").inc()
+        metrics.DECISIONS.add("401")
         return web.Response(status=401, text="401 Unauthorized\n")
-    if not is_allowed(session.identity, services(request).config):
-        metrics.AUTH_DECISIONS.labels(decision="403").inc()
+    if not is_allowed(session.identity, svc.config):
+        metrics.DECISIONS.add("403")
         return web.Response(status=403, text="403 Forbidden\n")
-    metrics.AUTH_DECISIONS.labels(decision="202").inc()
-    return web.Response(status=202, headers=auth_response_headers(session, services(request).config))
+    metrics.DECISIONS.add("202")
+    return web.Response(status=202, headers=auth_response_headers_for(session, svc.config))
 
 
-async def userinfo(request: web.Request) -> web.Response:
+async def userinfo(request: web.Request, svc: Services) -> web.Response:
     try:
-        _, session = await authorize(request)
+        _, session = await authorize(request, svc)
     except SessionGone:
         return web.json_response({"error": "not signed in"}, status=401)
     ident, tokens = session.identity, session.tokens
@@ -179,33 +179,32 @@ async def userinfo(request: web.Request) -> web.Response:
     }, headers={"Cache-Control": "no-store"})
 
 
-async def ping(request: web.Request) -> web.Response:
+async def ping(request: web.Request, svc: Services) -> web.Response:
     return web.Response(text="OK\n")
 
 
-async def ready(request: web.Request) -> web.Response:
+async def ready(request: web.Request, svc: Services) -> web.Response:
     try:
-        await services(request).sessions.store.ping()
+        await svc.sessions.store.ping()
     except StoreUnavailable:
         return web.Response(status=503, text="session store unreachable\n")
     return web.Response(text="OK\n")
 
 
-async def metrics_page(request: web.Request) -> web.Response:
+async def metrics_page(request: web.Request, svc: Services | None = None) -> web.Response:
     return web.Response(body=metrics.render(), content_type="text/plain", charset="utf-8")
 
 
 def add_routes(app: web.Application, with_metrics: bool) -> None:
-    app.router.add_get("/oauth2/start", start)
-    app.router.add_get("/oauth2/callback", callback)
-    app.router.add_get("/oauth2/sign_in", sign_in)
-    app.router.add_route("*", "/oauth2/sign_out", sign_out)
-    app.router.add_route("*", "/oauth2/auth", auth)
-    app.router.add_get("/oauth2/userinfo", userinfo)
-    app.router.add_get("/ping", ping)
-    app.router.add_get("/ready", ready)
+    routes = [
+        ("GET", "/oauth2/start", start), ("GET", "/oauth2/callback", callback), ("GET", "/oauth2/sign_in", sign_in),
+        ("*", "/oauth2/sign_out", sign_out), ("*", "/oauth2/auth", auth), ("GET", "/oauth2/userinfo", userinfo),
+        ("GET", "/ping", ping), ("GET", "/ready", ready),
+    ]
     if with_metrics:
-        app.router.add_get("/metrics", metrics_page)
-
-
-__all__ = ["add_routes", "authed"]
+        routes.append(("GET", "/metrics", metrics_page))
+    for method, path, handler in routes:
+        if method == "GET":
+            app.router.add_get(path, guarded(handler, path))  # HEAD too, for probes
+        else:
+            app.router.add_route(method, path, guarded(handler, path))

@@ -1,23 +1,24 @@
-"""The one middleware: request id, client view, errors to statuses, one JSON log line.
+"""What wraps every handler: request id, errors to statuses, metrics, one JSON log line.
 
 Only here do the project's exceptions become HTTP answers, so every handler
-can simply raise.
+can simply raise. It is applied once per route when the app is built
+(``guarded``) rather than as an aiohttp middleware, which would rebuild a
+wrapper chain on every request of the hot path.
 """
 
 from __future__ import annotations
 
-import ipaddress
+import itertools
 import logging
 import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from aiohttp import web
 
 from . import logs, metrics
-from .context import AUTHED, REQUEST_ID, VIEW, View, services
+from .context import AUTHED, SERVICES, Services, view_of
 from .errors import (
     BadRequest,
     InvalidGrant,
@@ -32,38 +33,18 @@ from .guard import sign_in_redirect
 
 log = logging.getLogger("sidecar.errors")
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Handler = Callable[[web.Request, Services], Awaitable[web.StreamResponse]]
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-_KNOWN_ROUTES = ("/oauth2/auth", "/oauth2/start", "/oauth2/callback", "/oauth2/sign_in", "/oauth2/sign_out",
-                 "/oauth2/userinfo", "/ping", "/ready", "/metrics")
 _RETRY_AFTER = "2"
 
 
-def _route(path: str) -> str:
-    """A bounded label: our own endpoints by name, everything else is 'proxy'."""
-    return path if path in _KNOWN_ROUTES else "proxy"
+_ID_PREFIX = secrets.token_hex(4)
+_ids = itertools.count(1)
 
 
-def _is_trusted(remote: str | None, config: Any) -> bool:
-    if not config.reverse_proxy or not remote:
-        return False
-    try:
-        addr = ipaddress.ip_address(remote)
-    except ValueError:
-        return False
-    return any(addr in net for net in config.trusted_networks)
-
-
-def client_view(request: web.Request, config: Any) -> View:
-    trusted = _is_trusted(request.remote, config)
-    scheme = "https" if request.secure else "http"
-    host = request.host
-    if trusted:
-        scheme = request.headers.get("X-Forwarded-Proto", scheme).split(",")[0].strip().lower() or scheme
-        host = request.headers.get("X-Forwarded-Host", host).split(",")[0].strip() or host
-    if scheme not in ("http", "https"):
-        scheme = "http"
-    return View(scheme=scheme, host=host, client_ip=str(request.remote), trusted=trusted)
+def _next_request_id() -> str:
+    """Unique per process run without a syscall per request: random prefix + counter."""
+    return f"{_ID_PREFIX}-{next(_ids):x}"
 
 
 def _error_response(request: web.Request, exc: SidecarError) -> web.StreamResponse:
@@ -84,38 +65,46 @@ def _error_response(request: web.Request, exc: SidecarError) -> web.StreamRespon
     return web.Response(status=502, text="502 Bad Gateway: the identity provider failed\n")
 
 
-@web.middleware
-async def core(request: web.Request, handler: Handler) -> web.StreamResponse:
-    started = time.monotonic()
-    config = services(request).config
-    incoming = request.headers.get("X-Request-Id", "")
-    request_id = incoming if _REQUEST_ID.match(incoming) else secrets.token_hex(8)
-    request[REQUEST_ID] = request_id
-    request[VIEW] = client_view(request, config)
-    status = 500
-    try:
-        response = await handler(request)
-        status = response.status
-    except web.HTTPException as exc:
-        status = exc.status
-        raise
-    except SidecarError as exc:
-        response = _error_response(request, exc)
-        status = response.status
-    except Exception:
-        log.exception("unhandled error")
-        response = web.Response(status=500, text="500 Internal Server Error\n")
-    finally:
-        route = _route(request.path)
-        metrics.REQUESTS.labels(route=route, status=str(status)).inc()
-        if config.request_logging:
-            authed = request.get(AUTHED)
-            logs.access({
-                "request_id": request_id, "method": request.method, "route": route,
-                "path": request.path if route != "proxy" else request.path[:200],
-                "status": status, "latency_ms": round((time.monotonic() - started) * 1000, 2),
-                "user": authed[1].identity.user if authed else None, "client_ip": request[VIEW].client_ip,
-            })
-    if not response.prepared:
-        response.headers.setdefault("X-Request-Id", request_id)
-    return response
+def guarded(handler: Handler, route: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """``handler(request, services)`` wrapped with request id, error mapping, metrics and the log line.
+
+    ``route`` is the metrics/log label, fixed per route so no label is derived from client input."""
+
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        svc = request.app[SERVICES]
+        started = time.monotonic()
+        try:
+            response = await handler(request, svc)
+        except web.HTTPException as exc:
+            _finish(request, svc, route, exc.status, started)
+            raise
+        except SidecarError as exc:
+            response = _error_response(request, exc)
+        except Exception:
+            log.exception("unhandled error")
+            response = web.Response(status=500, text="500 Internal Server Error\n")
+        request_id = _finish(request, svc, route, response.status, started)
+        if request_id and not response.prepared:
+            response.headers["X-Request-Id"] = request_id
+        return response
+
+    wrapped.__name__ = getattr(handler, "__name__", "handler")
+    wrapped.__doc__ = handler.__doc__
+    return wrapped
+
+
+def _finish(request: web.Request, svc: Services, route: str, status: int, started: float) -> str | None:
+    """Count the request and write its log line; returns the request id to echo, if any."""
+    metrics.REQUEST_COUNTS.add((route, status))
+    incoming = request.headers.get("X-Request-Id")
+    request_id = incoming if incoming and _REQUEST_ID.match(incoming) else None
+    if not svc.config.request_logging:
+        return request_id  # ids exist to correlate log lines; without logging only echo the caller's
+    request_id = request_id or _next_request_id()
+    authed = request.get(AUTHED)
+    logs.access({
+        "request_id": request_id, "method": request.method, "route": route,
+        "path": request.path[:200], "status": status, "latency_ms": round((time.monotonic() - started) * 1000, 2),
+        "user": authed[1].identity.user if authed else None, "client_ip": view_of(request).client_ip,
+    })
+    return request_id

@@ -16,7 +16,7 @@ import aiohttp
 from aiohttp import WSMsgType, web
 
 from . import metrics
-from .context import VIEW, services
+from .context import Services, view_of
 from .errors import SessionGone
 from .guard import authorize, sign_in_redirect
 from .headers import HOP_BY_HOP, is_protected, upstream_identity_headers
@@ -68,14 +68,13 @@ def _without_own_cookies(header: str, cookie_name: str) -> str:
 
 
 def _forwarded_for(request: web.Request, config: object) -> str:
-    view = request[VIEW]
+    view = view_of(request)
     prior = request.headers.get("X-Forwarded-For") if view.trusted else None
     return f"{prior}, {request.remote}" if prior else str(request.remote)
 
 
-async def handle(request: web.Request) -> web.StreamResponse:
+async def handle(request: web.Request, svc: Services) -> web.StreamResponse:
     """Catch-all: authenticate (unless a skip-auth rule matches), then proxy."""
-    svc = services(request)
     config = svc.config
     path = normalise_path(request.rel_url.raw_path)
     upstream = next((u for u in config.upstreams if path.startswith(u.prefix) or path + "/" == u.prefix), None)
@@ -83,7 +82,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     headers = {}
     if not skip:
         try:
-            _, session = await authorize(request)
+            _, session = await authorize(request, svc)
         except SessionGone:
             return sign_in_redirect(request)
         headers = upstream_identity_headers(session, config)
@@ -91,19 +90,18 @@ async def handle(request: web.Request) -> web.StreamResponse:
         return web.Response(status=404, text="404 Not Found: no upstream for this path\n")
     forward = _forward_headers(request, config)
     forward.update(headers)
-    view = request[VIEW]
+    view = view_of(request)
     forward["X-Forwarded-For"] = _forwarded_for(request, config)
     forward["X-Forwarded-Proto"] = view.scheme
     forward["X-Forwarded-Host"] = view.host
     forward.setdefault("Host", request.host)
     url = upstream.url + quote(path, safe=_PATH_SAFE) + (("?" + request.rel_url.raw_query_string) if request.rel_url.raw_query_string else "")
     if request.headers.get("Upgrade", "").lower() == "websocket":
-        return await _websocket(request, url, forward)
-    return await _stream(request, url, forward)
+        return await _websocket(request, svc, url, forward)
+    return await _stream(request, svc, url, forward)
 
 
-async def _stream(request: web.Request, url: str, headers: dict[str, str]) -> web.StreamResponse:
-    svc = services(request)
+async def _stream(request: web.Request, svc: Services, url: str, headers: dict[str, str]) -> web.StreamResponse:
     assert svc.upstream_http is not None
     body = request.content if request.body_exists else None
     started = time.monotonic()
@@ -142,8 +140,7 @@ async def _stream(request: web.Request, url: str, headers: dict[str, str]) -> we
         upstream.release()
 
 
-async def _websocket(request: web.Request, url: str, headers: dict[str, str]) -> web.StreamResponse:
-    svc = services(request)
+async def _websocket(request: web.Request, svc: Services, url: str, headers: dict[str, str]) -> web.StreamResponse:
     assert svc.upstream_http is not None
     for name in ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions", "Host"):
         headers.pop(name, None)

@@ -221,7 +221,25 @@ def redis_client(config: Any) -> Any:
             sentinel_kwargs={"password": config.redis_sentinel_password or None, **timeouts},
             **timeouts,
         )
-        return sentinel.master_for(config.redis_sentinel_master_name, password=master.password, **timeouts)
+        client = sentinel.master_for(
+            config.redis_sentinel_master_name,
+            username=master.username,
+            password=master.password,
+            db=int(master.path.strip("/") or 0),
+            **timeouts,
+        )
+        close_master = client.aclose
+
+        async def close_with_sentinels(close_connection_pool: bool | None = None) -> None:
+            # The Sentinel clients are not owned by the master client: close them too.
+            try:
+                await close_master(close_connection_pool)
+            finally:
+                for node in sentinel.sentinels:
+                    await node.aclose()
+
+        client.aclose = close_with_sentinels  # type: ignore[method-assign]
+        return client
     return aioredis.from_url(config.redis_connection_url, **timeouts)
 
 
