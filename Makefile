@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench system-deps clean
+.PHONY: run test lint bench soak system-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ lint: $(STAMP)
 
 bench: $(STAMP) system-deps
 	$(PY) -m tests.bench
+
+# A longer soak than the 20 s one in `make test`: three minutes of mixed traffic with refreshes.
+soak: $(STAMP) system-deps
+	SIDECAR_SOAK_SECONDS=180 $(PY) -m pytest -q -p no:cacheprovider tests/e2e/test_operations.py -k soak -o timeout=400
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
