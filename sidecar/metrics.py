@@ -28,6 +28,16 @@ REDIS_SECONDS = Histogram("sidecar_store_call_seconds", "Session store call late
 UPSTREAM_SECONDS = Histogram("sidecar_upstream_seconds", "Upstream response latency (to headers)", buckets=_LATENCY)
 
 
+_store_children: dict[str, Any] = {}
+
+
+def store_call(name: str, seconds: float) -> None:
+    child = _store_children.get(name)
+    if child is None:
+        child = _store_children[name] = REDIS_SECONDS.labels(call=name)
+    child.observe(seconds)
+
+
 class LocalCounts:
     """Per-process tallies for the hottest counters, pushed into Prometheus at most a second late.
 

@@ -22,6 +22,7 @@ import aiohttp
 import jwt
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
 
+from . import metrics
 from .errors import InvalidGrant, ProviderError, ProviderUnavailable, TokenValidationError
 from .models import TokenSet
 
@@ -128,6 +129,7 @@ class OidcClient:
             raise ProviderError(f"discovery document lacks {exc.args[0]}") from None
 
     async def _get_json(self, url: str) -> dict[str, Any]:
+        started = time.monotonic()
         try:
             async with self._http.get(url, timeout=self._timeout) as resp:
                 if resp.status >= 400:
@@ -135,6 +137,8 @@ class OidcClient:
                 data = await resp.json(content_type=None)
         except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError) as exc:
             raise ProviderUnavailable(f"cannot fetch {url}: {type(exc).__name__}") from exc
+        finally:
+            metrics.PROVIDER_SECONDS.labels(call="metadata").observe(time.monotonic() - started)
         if not isinstance(data, dict):
             raise ProviderUnavailable(f"{url} did not return a JSON object")
         return data
@@ -191,6 +195,7 @@ class OidcClient:
         raise AssertionError("unreachable")
 
     async def _post_token(self, url: str, form: dict[str, str], auth: dict[str, str]) -> dict[str, Any]:
+        started = time.monotonic()
         try:
             async with self._http.post(url, data=form, timeout=self._timeout,
                                        headers={"Accept": "application/json", **auth}) as resp:
@@ -202,6 +207,8 @@ class OidcClient:
             raise ProviderUnavailable("token endpoint timed out") from exc
         except aiohttp.ClientError as exc:
             raise ProviderUnavailable(f"token endpoint failed: {type(exc).__name__}") from exc
+        finally:
+            metrics.PROVIDER_SECONDS.labels(call="token").observe(time.monotonic() - started)
         if status >= 500 or status == 429:
             raise _Retryable(f"token endpoint answered {status}")
         try:

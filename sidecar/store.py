@@ -28,6 +28,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import RedisError
 
+from . import metrics
 from .errors import StoreUnavailable, VersionConflict
 
 T = TypeVar("T")
@@ -238,7 +239,7 @@ def redis_client(config: Any) -> Any:
                 for node in sentinel.sentinels:
                     await node.aclose()
 
-        client.aclose = close_with_sentinels  # type: ignore[method-assign]
+        client.aclose = close_with_sentinels
         return client
     return aioredis.from_url(config.redis_connection_url, **timeouts)
 
@@ -254,20 +255,23 @@ class RedisStore:
         self._extend = client.register_script(_EXTEND)
         self._release = client.register_script(_RELEASE)
 
-    async def _call(self, op: Awaitable[T]) -> T:
+    async def _call(self, op: Awaitable[T], name: str = "other") -> T:
+        started = time.monotonic()
         try:
             return await op
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             raise StoreUnavailable(f"redis: {type(exc).__name__}") from exc
+        finally:
+            metrics.store_call(name, time.monotonic() - started)
 
     async def load(self, key: str) -> StoredRecord | None:
-        blob, version, active = await self._call(self._r.hmget(self._p + "s:" + key, "d", "v", "a"))
+        blob, version, active = await self._call(self._r.hmget(self._p + "s:" + key, "d", "v", "a"), "load")
         if blob is None or version is None:
             return None
         return StoredRecord(blob, int(version), float(active or 0))
 
     async def version(self, key: str) -> int | None:
-        version = await self._call(self._r.hget(self._p + "s:" + key, "v"))
+        version = await self._call(self._r.hget(self._p + "s:" + key, "v"), "version")
         return None if version is None else int(version)
 
     async def create(self, key: str, blob: bytes, ttl: float, now: float, user: str) -> None:
@@ -283,14 +287,14 @@ class RedisStore:
 
     async def save(self, key: str, blob: bytes, expected_version: int, ttl: float) -> int:
         result = await self._call(
-            self._cas(keys=[self._p + "s:" + key], args=[expected_version, blob, _ms(ttl)])
+            self._cas(keys=[self._p + "s:" + key], args=[expected_version, blob, _ms(ttl)]), "save"
         )
         if int(result) < 0:
             raise VersionConflict("session record changed or is gone")
         return int(result)
 
     async def touch(self, key: str, now: float) -> None:
-        await self._call(self._touch(keys=[self._p + "s:" + key], args=[int(now)]))
+        await self._call(self._touch(keys=[self._p + "s:" + key], args=[int(now)]), "touch")
 
     async def delete(self, key: str, user: str | None = None) -> None:
         await self._call(self._r.delete(self._p + "s:" + key))
@@ -306,10 +310,10 @@ class RedisStore:
 
     async def take_state(self, state: str) -> bytes | None:
         # GETDEL: exactly one callback can consume a state, even across replicas.
-        return await self._call(self._r.getdel(self._p + "st:" + state))  # type: ignore[no-any-return]
+        return await self._call(self._r.getdel(self._p + "st:" + state), "take_state")  # type: ignore[no-any-return]
 
     async def acquire_lock(self, key: str, owner: str, ttl: float) -> bool:
-        return bool(await self._call(self._r.set(self._p + "l:" + key, owner, nx=True, px=_ms(ttl))))
+        return bool(await self._call(self._r.set(self._p + "l:" + key, owner, nx=True, px=_ms(ttl)), "lock"))
 
     async def extend_lock(self, key: str, owner: str, ttl: float) -> bool:
         return bool(await self._call(self._extend(keys=[self._p + "l:" + key], args=[owner, _ms(ttl)])))
