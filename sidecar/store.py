@@ -207,14 +207,15 @@ def _hostports(urls: tuple[str, ...]) -> list[tuple[str, int]]:
     return out
 
 
-def redis_client(config: Any) -> Any:
-    """A redis-py asyncio client for a single node, Sentinel or Cluster, from the settings."""
+def redis_store(config: Any) -> RedisStore:
+    """A RedisStore on a single node, Sentinel or Cluster, from the settings (redis-py's own support)."""
     timeouts = {"socket_timeout": config.redis_timeout, "socket_connect_timeout": config.redis_timeout}
     if config.redis_use_cluster:
         first = config.redis_cluster_connection_urls[0]
+        parts = urlsplit(first if "//" in first else "redis://" + first)
         nodes = [ClusterNode(h, p) for h, p in _hostports(config.redis_cluster_connection_urls)]
-        parts = urlsplit(first)
-        return RedisCluster(startup_nodes=nodes, password=parts.password, ssl=parts.scheme == "rediss", **timeouts)
+        return RedisStore(RedisCluster(startup_nodes=nodes, username=parts.username, password=parts.password,
+                                       ssl=parts.scheme == "rediss", **timeouts))
     if config.redis_use_sentinel:
         master = urlsplit(config.redis_connection_url)
         sentinel = Sentinel(
@@ -223,32 +224,20 @@ def redis_client(config: Any) -> Any:
             **timeouts,
         )
         client = sentinel.master_for(
-            config.redis_sentinel_master_name,
-            username=master.username,
-            password=master.password,
-            db=int(master.path.strip("/") or 0),
-            **timeouts,
+            config.redis_sentinel_master_name, username=master.username, password=master.password,
+            db=int(master.path.strip("/") or 0), ssl=master.scheme == "rediss", **timeouts,
         )
-        close_master = client.aclose
-
-        async def close_with_sentinels(close_connection_pool: bool | None = None) -> None:
-            # The Sentinel clients are not owned by the master client: close them too.
-            try:
-                await close_master(close_connection_pool)
-            finally:
-                for node in sentinel.sentinels:
-                    await node.aclose()
-
-        client.aclose = close_with_sentinels
-        return client
-    return aioredis.from_url(config.redis_connection_url, **timeouts)
+        # The Sentinel clients are not owned by the master client: the store closes them too.
+        return RedisStore(client, also_close=tuple(sentinel.sentinels))
+    return RedisStore(aioredis.from_url(config.redis_connection_url, **timeouts))
 
 
 class RedisStore:
     """Store for many replicas sharing Redis (single node, Sentinel or Cluster)."""
 
-    def __init__(self, client: Any, prefix: str = "sc:") -> None:
+    def __init__(self, client: Any, prefix: str = "sc:", also_close: tuple[Any, ...] = ()) -> None:
         self._r = client
+        self._also_close = also_close
         self._p = prefix
         self._cas = client.register_script(_CAS_SAVE)
         self._touch = client.register_script(_TOUCH)
@@ -334,13 +323,14 @@ class RedisStore:
         await self._call(self._r.ping())
 
     async def close(self) -> None:
-        try:
-            await self._r.aclose()
-        except (RedisError, OSError):
-            pass
+        for client in (self._r, *self._also_close):
+            try:
+                await client.aclose()
+            except (RedisError, OSError):
+                pass
 
 
 def make_store(config: Any) -> SessionStore:
     if config.session_store_type == "redis":
-        return RedisStore(redis_client(config))
+        return redis_store(config)
     return MemoryStore()
