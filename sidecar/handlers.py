@@ -134,6 +134,8 @@ async def sign_out(request: web.Request, svc: Services) -> web.Response:
             session = await svc.sessions.load_fresh(ref)
         except (InvalidCookie, SessionGone):
             session = None
+        if session is not None and request.query.get("everywhere", "").lower() in ("1", "true", "yes"):
+            await svc.sessions.end_all_for_user(session.identity.sub)
         if session is not None:
             await svc.sessions.end(ref, session, reason="sign_out")
             id_token = session.tokens.id_token
@@ -148,6 +150,28 @@ async def sign_out(request: web.Request, svc: Services) -> web.Response:
     response = web.Response(status=302, headers={"Location": location, "Cache-Control": "no-store"})
     clear_session_cookie(response, config)
     return response
+
+
+async def backchannel_logout(request: web.Request, svc: Services) -> web.Response:
+    """OIDC Back-Channel Logout: the provider tells us a user's (or one provider session's) sign-out.
+    A replayed token only signs out again, so no replay store is kept."""
+    form = await request.post()
+    token = form.get("logout_token")
+    headers = {"Cache-Control": "no-store"}
+    if not isinstance(token, str) or not token or len(token) > 16384:
+        return web.json_response({"error": "invalid_request"}, status=400, headers=headers)
+    try:
+        claims = await svc.oidc.validate_logout_token(token)
+    except TokenValidationError as exc:
+        log.warning("logout token rejected", extra={"fields": {"detail": str(exc)}})
+        return web.json_response({"error": "invalid_request"}, status=400, headers=headers)
+    ended = 0
+    if isinstance(claims.get("sid"), str):
+        ended += await svc.sessions.end_provider_session(claims["sid"])
+    if isinstance(claims.get("sub"), str) and not isinstance(claims.get("sid"), str):
+        ended += await svc.sessions.end_all_for_user(claims["sub"], reason="backchannel_logout")
+    log.info("back-channel logout", extra={"fields": {"sessions_ended": ended}})
+    return web.Response(status=200, headers=headers)
 
 
 async def auth(request: web.Request, svc: Services) -> web.Response:
@@ -199,7 +223,7 @@ def add_routes(app: web.Application, with_metrics: bool) -> None:
     routes = [
         ("GET", "/oauth2/start", start), ("GET", "/oauth2/callback", callback), ("GET", "/oauth2/sign_in", sign_in),
         ("*", "/oauth2/sign_out", sign_out), ("*", "/oauth2/auth", auth), ("GET", "/oauth2/userinfo", userinfo),
-        ("GET", "/ping", ping), ("GET", "/ready", ready),
+        ("POST", "/oauth2/backchannel_logout", backchannel_logout), ("GET", "/ping", ping), ("GET", "/ready", ready),
     ]
     if with_metrics:
         routes.append(("GET", "/metrics", metrics_page))

@@ -28,6 +28,7 @@ from .models import TokenSet
 
 log = logging.getLogger("sidecar.oidc")
 
+BACKCHANNEL_EVENT = "http://schemas.openid.net/event/backchannel-logout"
 _ALLOWED_ALGS = {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 _LEEWAY = 60.0
 _JWKS_MIN_REFETCH = 1.0  # an unknown kid may refetch the JWKS at most this often
@@ -274,32 +275,49 @@ class OidcClient:
                 continue  # a key type we cannot use is not fatal while others work
         self._keys, self._keys_fetched = keys, time.monotonic()
 
-    async def validate_id_token(self, id_token: str, nonce: str | None, now: float | None = None) -> dict[str, Any]:
-        """Full OIDC Core 3.1.3.7 checks; ``nonce`` None skips the nonce (refresh responses)."""
+    async def _verify(self, token: str, what: str, require: list[str]) -> dict[str, Any]:
+        """Signature (provider JWKS, allowed algorithms only), iss, aud and the required claims."""
         meta = await self.metadata()
         try:
-            header = jwt.get_unverified_header(id_token)
+            header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:
-            raise TokenValidationError("ID token is not a JWT") from exc
+            raise TokenValidationError(f"{what} is not a JWT") from exc
         alg = header.get("alg")
         if alg not in meta.id_token_algs:
-            raise TokenValidationError(f"ID token algorithm {alg!r} not allowed")
+            raise TokenValidationError(f"{what} algorithm {alg!r} not allowed")
         key = await self._signing_key(header.get("kid"), alg)
         try:
             claims: dict[str, Any] = jwt.decode(
-                id_token, key, algorithms=[alg], audience=list(self.audiences), issuer=meta.issuer,
-                leeway=_LEEWAY, options={"require": ["iss", "sub", "aud", "exp", "iat"]},
+                token, key, algorithms=[alg], audience=list(self.audiences), issuer=meta.issuer,
+                leeway=_LEEWAY, options={"require": require},
             )
         except jwt.PyJWTError as exc:
-            raise TokenValidationError(f"ID token rejected: {type(exc).__name__}") from exc
+            raise TokenValidationError(f"{what} rejected: {type(exc).__name__}") from exc
+        if float(claims["iat"]) > time.time() + _LEEWAY:
+            raise TokenValidationError(f"{what} issued in the future")
+        return claims
+
+    async def validate_id_token(self, id_token: str, nonce: str | None) -> dict[str, Any]:
+        """Full OIDC Core 3.1.3.7 checks; ``nonce`` None skips the nonce (refresh responses)."""
+        claims = await self._verify(id_token, "ID token", ["iss", "sub", "aud", "exp", "iat"])
         aud = claims["aud"] if isinstance(claims["aud"], list) else [claims["aud"]]
         azp = claims.get("azp")
         if (len(aud) > 1 or azp is not None) and azp != self._config.client_id:
             raise TokenValidationError("ID token azp is not this client")
         if nonce is not None and not secrets.compare_digest(str(claims.get("nonce", "")), nonce):
             raise TokenValidationError("ID token nonce does not match")
-        if float(claims["iat"]) > (now or time.time()) + _LEEWAY:
-            raise TokenValidationError("ID token issued in the future")
+        return claims
+
+    async def validate_logout_token(self, token: str) -> dict[str, Any]:
+        """OIDC Back-Channel Logout 1.0, section 2.6: a signed event naming a sub and/or a sid."""
+        claims = await self._verify(token, "logout token", ["iss", "aud", "iat", "jti", "events"])
+        events = claims.get("events")
+        if not isinstance(events, dict) or BACKCHANNEL_EVENT not in events:
+            raise TokenValidationError("logout token lacks the back-channel logout event")
+        if "nonce" in claims:
+            raise TokenValidationError("logout token must not carry a nonce")
+        if not isinstance(claims.get("sub"), str) and not isinstance(claims.get("sid"), str):
+            raise TokenValidationError("logout token names neither sub nor sid")
         return claims
 
 

@@ -30,6 +30,10 @@ def user_key(sub: str) -> str:
     return hashlib.sha256(sub.encode()).hexdigest()[:32]
 
 
+def provider_sid_key(sid: str) -> str:
+    return hashlib.sha256(b"sid:" + sid.encode()).hexdigest()[:32]
+
+
 class Sessions:
     def __init__(self, store: SessionStore, config: Any, clock: Callable[[], float] = time.time) -> None:
         self.store = store
@@ -51,7 +55,10 @@ class Sessions:
         session = Session(identity=identity, tokens=tokens, claims=claims, created_at=now,
                           signed_in_at=now, version=1, last_active=now)
         blob = crypto.encrypt(ref.key, session.to_bytes(), ref.store_key.encode())
-        await self.store.create(ref.store_key, blob, self.record_ttl(session, now), now, user_key(identity.sub))
+        ttl = self.record_ttl(session, now)
+        await self.store.create(ref.store_key, blob, ttl, now, user_key(identity.sub))
+        if isinstance(claims.get("sid"), str):  # the provider's session id, for back-channel logout
+            await self.store.index(provider_sid_key(claims["sid"]), ref.store_key, ttl)
         metrics.SESSIONS_CREATED.inc()
         return ref, session
 
@@ -106,11 +113,18 @@ class Sessions:
         await self.store.delete(ref.store_key, user_key(session.identity.sub) if session else None)
         metrics.SESSIONS_DELETED.labels(reason=reason).inc()
 
-    async def end_all_for_user(self, sub: str) -> int:
+    async def end_all_for_user(self, sub: str, reason: str = "signed_out_everywhere") -> int:
         """Sign a user out everywhere (every browser, every CLI client)."""
-        keys = await self.store.user_sessions(user_key(sub))
+        return await self._end_indexed(user_key(sub), reason)
+
+    async def end_provider_session(self, sid: str) -> int:
+        """End the sessions made from one provider session (back-channel logout by ``sid``)."""
+        return await self._end_indexed(provider_sid_key(sid), "backchannel_logout")
+
+    async def _end_indexed(self, index: str, reason: str) -> int:
+        keys = await self.store.user_sessions(index)
         for key in keys:
             self._cache.pop(key, None)
-            await self.store.delete(key, user_key(sub))
-        metrics.SESSIONS_DELETED.labels(reason="user_signed_out_everywhere").inc(len(keys))
+            await self.store.delete(key, index)
+        metrics.SESSIONS_DELETED.labels(reason=reason).inc(len(keys))
         return len(keys)

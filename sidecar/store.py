@@ -8,7 +8,7 @@ answers 503 and never mistakes an outage for a signed-out user.
 
 Redis layout (``sc:`` prefix; one key per operation so Cluster works):
     sc:s:<store key>   hash  d=ciphertext v=version a=last active   TTL = refresh-token lifetime
-    sc:u:<user hash>   set   store keys of one user's sessions      (sign out everywhere)
+    sc:u:<index hash>  set   store keys of one user's sessions, or of one provider session (sid)
     sc:st:<state>      string  pending sign-in (PKCE verifier, nonce, rd)  TTL minutes, GETDEL
     sc:l:<store key>   string  refresh lock owner token             PX, extended while held
     sc:o:<token hash>  string  encrypted outcome of a refresh        TTL seconds
@@ -51,6 +51,7 @@ class SessionStore(Protocol):
     async def touch(self, key: str, now: float) -> None: ...
     async def delete(self, key: str, user: str | None = None) -> None: ...
     async def user_sessions(self, user: str) -> list[str]: ...
+    async def index(self, user: str, key: str, ttl: float) -> None: ...
     async def put_state(self, state: str, data: bytes, ttl: float) -> None: ...
     async def take_state(self, state: str) -> bytes | None: ...
     async def acquire_lock(self, key: str, owner: str, ttl: float) -> bool: ...
@@ -125,6 +126,9 @@ class MemoryStore:
 
     async def user_sessions(self, user: str) -> list[str]:
         return [k for k in self._users.get(user, ()) if self._live(self._records, k) is not None]
+
+    async def index(self, user: str, key: str, ttl: float) -> None:
+        self._users.setdefault(user, set()).add(key)
 
     async def put_state(self, state: str, data: bytes, ttl: float) -> None:
         self._sweep()
@@ -264,15 +268,12 @@ class RedisStore:
         return None if version is None else int(version)
 
     async def create(self, key: str, blob: bytes, ttl: float, now: float, user: str) -> None:
-        record, index = self._p + "s:" + key, self._p + "u:" + user
+        record = self._p + "s:" + key
         async with self._r.pipeline(transaction=False) as pipe:
             pipe.hset(record, mapping={"d": blob, "v": 1, "a": int(now)})
             pipe.pexpire(record, _ms(ttl))
             await self._call(pipe.execute())
-        async with self._r.pipeline(transaction=False) as pipe:
-            pipe.sadd(index, key)
-            pipe.pexpire(index, _ms(max(ttl, 86400 * 90)))
-            await self._call(pipe.execute())
+        await self.index(user, key, ttl)
 
     async def save(self, key: str, blob: bytes, expected_version: int, ttl: float) -> int:
         result = await self._call(
@@ -293,6 +294,12 @@ class RedisStore:
     async def user_sessions(self, user: str) -> list[str]:
         members = await self._call(self._r.smembers(self._p + "u:" + user))
         return sorted(m.decode() for m in members)
+
+    async def index(self, user: str, key: str, ttl: float) -> None:
+        async with self._r.pipeline(transaction=False) as pipe:
+            pipe.sadd(self._p + "u:" + user, key)
+            pipe.pexpire(self._p + "u:" + user, _ms(max(ttl, 86400 * 90)))
+            await self._call(pipe.execute())
 
     async def put_state(self, state: str, data: bytes, ttl: float) -> None:
         await self._call(self._r.set(self._p + "st:" + state, data, px=_ms(ttl)))

@@ -148,3 +148,44 @@ async def test_logs_never_contain_tokens_cookies_or_secrets(store: SessionStore,
     assert "request" in text  # access lines were written
     for secret in (token, new_token, cookie, cookie.split(".")[0], COOKIE_SECRET, "sidecar-dev-secret"):
         assert secret not in text
+
+
+def _logout_token(st: object, **changes: object) -> str:
+    import time
+    import uuid
+
+    from sidecar.oidc import BACKCHANNEL_EVENT
+
+    claims = {"iss": st.issuer, "aud": "sidecar-dev", "iat": int(time.time()), "jti": uuid.uuid4().hex,  # type: ignore[attr-defined]
+              "sub": "alice-sub-1", "events": {BACKCHANNEL_EVENT: {}}}
+    claims.update(changes)
+    return st.provider.keys.sign({k: v for k, v in claims.items() if v is not None})  # type: ignore[attr-defined]
+
+
+async def test_backchannel_logout_ends_every_session_of_the_user(store: SessionStore) -> None:
+    async with stack(store) as st, browser() as laptop, browser() as phone:
+        await sign_in(laptop, st.base)
+        await sign_in(phone, st.base)
+        async with aiohttp.ClientSession() as idp:
+            for bad in (_logout_token(st, events=None), _logout_token(st, nonce="n"), _logout_token(st, aud="other"),
+                        _logout_token(st, sub=None), "not-a-jwt"):
+                async with idp.post(f"{st.base}/oauth2/backchannel_logout", data={"logout_token": bad}) as resp:
+                    assert resp.status == 400
+            async with laptop.get(f"{st.base}/oauth2/auth") as resp:
+                assert resp.status == 202  # nothing was ended by the bad tokens
+            async with idp.post(f"{st.base}/oauth2/backchannel_logout",
+                                data={"logout_token": _logout_token(st)}) as resp:
+                assert resp.status == 200
+        for client in (laptop, phone):
+            async with client.get(f"{st.base}/oauth2/auth") as resp:
+                assert resp.status == 401
+
+
+async def test_sign_out_everywhere(store: SessionStore) -> None:
+    async with stack(store) as st, browser() as laptop, browser() as phone:
+        await sign_in(laptop, st.base)
+        await sign_in(phone, st.base)
+        async with laptop.get(f"{st.base}/oauth2/sign_out?everywhere=true", allow_redirects=False) as resp:
+            assert resp.status == 302
+        async with phone.get(f"{st.base}/oauth2/auth") as resp:
+            assert resp.status == 401
