@@ -37,7 +37,7 @@ test: $(STAMP) system-deps
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check sidecar tests
-	$(VENV)/bin/mypy sidecar
+	$(VENV)/bin/mypy -p sidecar
 
 bench: $(STAMP) system-deps
 	$(PY) -m tests.bench

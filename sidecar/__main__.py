@@ -34,11 +34,16 @@ async def serve(config: Config, sock: socket.socket, metrics_sock: socket.socket
 
     from .app import build_app, build_metrics_app
 
-    runners = [web.AppRunner(build_app(config), access_log=None, shutdown_timeout=config.shutdown_timeout,
-                             handle_signals=False)]
+    listeners = [sock]
+    runners = [
+        web.AppRunner(
+            build_app(config), access_log=None, shutdown_timeout=config.shutdown_timeout, handle_signals=False
+        )
+    ]
     if metrics_sock is not None:
         runners.append(web.AppRunner(build_metrics_app(), access_log=None, handle_signals=False))
-    for runner, listener in zip(runners, (sock, metrics_sock), strict=False):
+        listeners.append(metrics_sock)
+    for runner, listener in zip(runners, listeners, strict=True):
         await runner.setup()
         await web.SockSite(runner, listener).start()
     stop = asyncio.Event()

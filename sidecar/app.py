@@ -23,23 +23,32 @@ MAX_HEADER_BYTES = 8190  # larger request lines or header fields are refused wit
 
 def build_app(config: Any, store: SessionStore | None = None) -> web.Application:
     """A ready-to-run application; ``store`` lets tests share one store between apps."""
-    app = web.Application(handler_args={
-        "max_line_size": MAX_HEADER_BYTES, "max_field_size": MAX_HEADER_BYTES,
-    })
+    app = web.Application(
+        handler_args={
+            "max_line_size": MAX_HEADER_BYTES,
+            "max_field_size": MAX_HEADER_BYTES,
+        }
+    )
 
     async def services_ctx(app: web.Application) -> AsyncIterator[None]:
         chosen = store if store is not None else make_store(config)
         http = aiohttp.ClientSession(headers={"User-Agent": "sidecar/0.1"})
         upstream_http = aiohttp.ClientSession(
-            auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
         )
         sessions = Sessions(chosen, config)
         oidc = OidcClient(config, http)
         app[SERVICES] = Services(
-            config=config, codec=CookieCodec(config.cookie_secrets, config.cookie_expire), sessions=sessions,
-            refresher=Refresher(sessions, oidc, config), oidc=oidc, http=http, upstream_http=upstream_http,
+            config=config,
+            codec=CookieCodec(config.cookie_secrets, config.cookie_expire),
+            sessions=sessions,
+            refresher=Refresher(sessions, oidc, config),
+            oidc=oidc,
+            http=http,
+            upstream_http=upstream_http,
         )
         flusher = asyncio.ensure_future(_flush_metrics_every_second())
         yield
@@ -64,5 +73,5 @@ async def _flush_metrics_every_second() -> None:
 
 def build_metrics_app() -> web.Application:
     app = web.Application()
-    app.router.add_get("/metrics", handlers.metrics_page)  # type: ignore[arg-type]
+    app.router.add_get("/metrics", handlers.metrics_page)
     return app

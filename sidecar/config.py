@@ -39,7 +39,7 @@ def parse_duration(text: str) -> float:
             total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
             pos = match.end()
         if pos != len(text) or not text:
-            raise ValueError(f"not a duration: {text!r} (use seconds or units like 30m, 168h)")
+            raise ValueError(f"not a duration: {text!r} (use seconds or units like 30m, 168h)") from None
         return total
     if value < 0:
         raise ValueError("must not be negative")
@@ -81,10 +81,7 @@ class Option:
     def convert(self, raw: Any) -> Any:
         """Turn a raw flag/env/TOML value into the option's type, or raise ValueError."""
         if self.kind == "list":
-            if isinstance(raw, list):
-                items = [str(v) for v in raw]
-            else:
-                items = [raw] if isinstance(raw, str) else [str(raw)]
+            items = [str(v) for v in raw] if isinstance(raw, list) else [str(raw)]
             out: list[str] = []
             for item in items:
                 out.extend(part.strip() for part in item.split(",") if part.strip())
@@ -109,14 +106,25 @@ OPTIONS: tuple[Option, ...] = (
     Option("client-secret", "str", "", "OAuth client secret", secret=True),
     Option("client-secret-file", "str", "", "file holding the client secret"),
     Option("redirect-url", "str", "", "callback URL, e.g. https://app.example.com/oauth2/callback"),
-    Option("scope", "str", "openid email profile", "scopes to request (add offline_access if the provider needs it for refresh tokens)"),
+    Option(
+        "scope",
+        "str",
+        "openid email profile",
+        "scopes to request (add offline_access if the provider needs it for refresh tokens)",
+    ),
     Option("oidc-email-claim", "str", "email", "claim holding the email"),
     Option("oidc-groups-claim", "str", "groups", "claim holding the groups"),
     Option("user-id-claim", "str", "sub", "claim used as the user name when there is no email"),
     Option("oidc-extra-audience", "list", (), "extra accepted ID token audiences (repeatable)"),
     Option("insecure-oidc-allow-unverified-email", "bool", False, "accept email_verified=false"),
     Option("cookie-name", "str", "_sidecar", "session cookie name"),
-    Option("cookie-secret", "list", (), "cookie signing secret, >= 16 bytes; comma list to rotate, newest first", secret=True),
+    Option(
+        "cookie-secret",
+        "list",
+        (),
+        "cookie signing secret, >= 16 bytes; comma list to rotate, newest first",
+        secret=True,
+    ),
     Option("cookie-domain", "str", "", "cookie Domain attribute"),
     Option("cookie-path", "str", "/", "cookie Path attribute"),
     Option("cookie-secure", "bool", True, "cookie Secure attribute"),
@@ -205,9 +213,7 @@ class Config:
             raise AttributeError(name) from None
 
     def __repr__(self) -> str:
-        shown = {
-            k: ("<hidden>" if _BY_ATTR[k].secret and v else v) for k, v in self.values.items()
-        }
+        shown = {k: ("<hidden>" if _BY_ATTR[k].secret and v else v) for k, v in self.values.items()}
         return f"Config({shown})"
 
     def replace(self, **changes: Any) -> Config:
@@ -288,11 +294,15 @@ def _check(values: dict[str, Any], problems: list[str]) -> None:
     if values["refresh_token_ttl"] <= 0:
         problems.append("--refresh-token-ttl: must be positive")
     if not 0 < values["session_cache_ttl"] <= 1 and values["session_cache_ttl"] != 0:
-        problems.append("--session-cache-ttl: must be between 0 and 1 second (sign-out must reach every replica within 1s)")
+        problems.append(
+            "--session-cache-ttl: must be between 0 and 1 second (sign-out must reach every replica within 1s)"
+        )
     if values["provider_timeout"] <= 0:
         problems.append("--provider-timeout: must be positive")
     if values["session_store_type"] == "memory" and values["workers"] > 1:
-        problems.append("--workers: the memory store lives in one process; use --session-store-type redis for more workers")
+        problems.append(
+            "--workers: the memory store lives in one process; use --session-store-type redis for more workers"
+        )
 
 
 def build_config(raw: Mapping[str, Any]) -> Config:
@@ -320,15 +330,16 @@ def build_config(raw: Mapping[str, Any]) -> Config:
     upstreams: list[Upstream] = []
     skip_routes: list[SkipRoute] = []
     networks: list[Any] = []
-    listen = metrics = (None, None)
-    for step in (
-        lambda: upstreams.extend(_parse_upstream(u) for u in values["upstream"]),
-        lambda: skip_routes.extend(_parse_skip_route(r) for r in values["skip_auth_route"]),
-    ):
-        try:
-            step()
-        except ConfigError as exc:
-            problems.append(str(exc))
+    listen: tuple[str | None, int | None] = (None, None)
+    metrics: tuple[str | None, int | None] = (None, None)
+    try:
+        upstreams.extend(_parse_upstream(u) for u in values["upstream"])
+    except ConfigError as exc:
+        problems.append(str(exc))
+    try:
+        skip_routes.extend(_parse_skip_route(r) for r in values["skip_auth_route"])
+    except ConfigError as exc:
+        problems.append(str(exc))
     for net in values["trusted_proxy"]:
         try:
             networks.append(ipaddress.ip_network(net, strict=False))
@@ -363,7 +374,7 @@ def build_config(raw: Mapping[str, Any]) -> Config:
 class _OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad flag in one line and exits 2."""
 
-    def error(self, message: str) -> Any:  # type: ignore[override]
+    def error(self, message: str) -> Any:
         sys.stderr.write(f"sidecar: error: {message}\n")
         raise SystemExit(2)
 
@@ -382,8 +393,13 @@ def _argument_parser() -> argparse.ArgumentParser:
         text = f"{opt.help} [default: {default}] [env: {opt.env}]"
         if opt.kind == "bool":
             parser.add_argument(
-                f"--{opt.name}", dest=opt.attr, nargs="?", const="true", default=None,
-                metavar="BOOL", help=text,
+                f"--{opt.name}",
+                dest=opt.attr,
+                nargs="?",
+                const="true",
+                default=None,
+                metavar="BOOL",
+                help=text,
             )
         elif opt.kind == "list":
             parser.add_argument(f"--{opt.name}", dest=opt.attr, action="append", default=None, help=text)

@@ -42,7 +42,7 @@ class View:
 SERVICES = web.AppKey("services", Services)
 VIEW = web.RequestKey("view", View)
 # (SessionRef, Session) once authenticated; the user goes into the log line
-AUTHED: web.RequestKey[tuple[SessionRef, Session]] = web.RequestKey("authed", tuple)  # type: ignore[arg-type]
+AUTHED: web.RequestKey[tuple[SessionRef, Session]] = web.RequestKey("authed", tuple)
 
 
 def _is_trusted(remote: str | None, config: Any) -> bool:
@@ -77,4 +77,4 @@ def services(request: web.Request) -> Services:
 
 
 def authed(request: web.Request) -> tuple[SessionRef, Session] | None:
-    return request.get(AUTHED)  # type: ignore[no-any-return]
+    return request.get(AUTHED)

@@ -55,8 +55,12 @@ class CookieCodec:
     def __init__(self, secrets: tuple[bytes, ...], max_age: float) -> None:
         # itsdangerous signs with the last secret and verifies with all of them.
         keys = list(reversed(secrets))
-        self._session = URLSafeTimedSerializer(keys, salt="sidecar.session", signer_kwargs={"digest_method": hashlib.sha256})
-        self._state = URLSafeTimedSerializer(keys, salt="sidecar.state", signer_kwargs={"digest_method": hashlib.sha256})
+        self._session = URLSafeTimedSerializer(
+            keys, salt="sidecar.session", signer_kwargs={"digest_method": hashlib.sha256}
+        )
+        self._state = URLSafeTimedSerializer(
+            keys, salt="sidecar.state", signer_kwargs={"digest_method": hashlib.sha256}
+        )
         self._max_age = max_age
         self._verified: dict[str, tuple[SessionRef, float]] = {}
 
@@ -71,7 +75,7 @@ class CookieCodec:
         if len(value) > MAX_COOKIE_CHARS:
             raise InvalidCookie("session cookie too large")
         try:
-            payload, signed_at = self._session.loads(value, max_age=self._max_age, return_timestamp=True)
+            payload, signed_at = self._session.loads(value, max_age=int(self._max_age), return_timestamp=True)
             sid, key_text = str(payload).split(".")
             key = _unb64(key_text)
         except (BadData, ValueError, TypeError) as exc:
@@ -95,7 +99,7 @@ class CookieCodec:
         if not value:
             raise InvalidState("no sign-in cookie for this state")
         try:
-            signed = self._state.loads(value, max_age=max_age)
+            signed = self._state.loads(value, max_age=int(max_age))
         except BadData as exc:
             raise InvalidState("sign-in cookie failed verification") from exc
         if not hmac.compare_digest(str(signed), state):
@@ -105,4 +109,3 @@ class CookieCodec:
 def state_cookie_suffix(state: str) -> str:
     """Each sign-in attempt has its own CSRF cookie name, so parallel tabs do not clash."""
     return hashlib.sha256(state.encode()).hexdigest()[:16]
-

@@ -7,6 +7,7 @@ three see exactly the same rules.
 from __future__ import annotations
 
 import time
+from typing import Any
 from urllib.parse import quote
 
 from aiohttp import web
@@ -71,14 +72,14 @@ def sign_in_redirect(request: web.Request) -> web.Response:
     return response
 
 
-def clear_session_cookie(response: web.StreamResponse, config: object) -> None:
+def clear_session_cookie(response: web.StreamResponse, config: Any) -> None:
     response.del_cookie(
-        config.cookie_name,  # type: ignore[attr-defined]
-        domain=config.cookie_domain or None,  # type: ignore[attr-defined]
-        path=config.cookie_path,  # type: ignore[attr-defined]
-        secure=config.cookie_secure,  # type: ignore[attr-defined]
-        httponly=config.cookie_httponly,  # type: ignore[attr-defined]
-        samesite=config.cookie_samesite.capitalize() or None,  # type: ignore[attr-defined]
+        config.cookie_name,
+        domain=config.cookie_domain or None,
+        path=config.cookie_path,
+        secure=config.cookie_secure,
+        httponly=config.cookie_httponly,
+        samesite=config.cookie_samesite.capitalize() or None,
     )
 
 

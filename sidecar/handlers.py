@@ -7,6 +7,7 @@ import json
 import logging
 import secrets
 import time
+from typing import Any
 
 from aiohttp import web
 
@@ -27,10 +28,11 @@ STATE_TTL = 600.0  # a sign-in attempt must finish within ten minutes
 
 
 def _page(title: str, body: str, status: int = 200) -> web.Response:
+    title = html.escape(title)
     text = (
-        "<!doctype html><html><head><meta charset='utf-8'><title>{t}</title></head>"
-        "<body style='font-family:sans-serif;max-width:40em;margin:3em auto'><h1>{t}</h1>{b}</body></html>"
-    ).format(t=html.escape(title), b=body)
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title></head>"
+        f"<body style='font-family:sans-serif;max-width:40em;margin:3em auto'><h1>{title}</h1>{body}</body></html>"
+    )
     return web.Response(status=status, text=text, content_type="text/html")
 
 
@@ -38,16 +40,21 @@ def _rd(request: web.Request, name: str = "rd") -> str:
     return safe_redirect(request.query.get(name), view_of(request).host, services(request).config.whitelist_domain)
 
 
-def _state_cookie_name(config: object, state: str) -> str:
-    return f"{config.cookie_name}_csrf_{state_cookie_suffix(state)}"  # type: ignore[attr-defined]
+def _state_cookie_name(config: Any, state: str) -> str:
+    return f"{config.cookie_name}_csrf_{state_cookie_suffix(state)}"
 
 
-def _set_cookie(response: web.StreamResponse, config: object, name: str, value: str, max_age: float) -> None:
+def _set_cookie(response: web.StreamResponse, config: Any, name: str, value: str, max_age: float) -> None:
     c = config
     response.set_cookie(
-        name, value, max_age=int(max_age), path=c.cookie_path, domain=c.cookie_domain or None,  # type: ignore[attr-defined]
-        secure=c.cookie_secure, httponly=c.cookie_httponly,  # type: ignore[attr-defined]
-        samesite=c.cookie_samesite.capitalize() or None,  # type: ignore[attr-defined]
+        name,
+        value,
+        max_age=int(max_age),
+        path=c.cookie_path,
+        domain=c.cookie_domain or None,
+        secure=c.cookie_secure,
+        httponly=c.cookie_httponly,
+        samesite=c.cookie_samesite.capitalize() or None,
     )
 
 
@@ -67,8 +74,11 @@ async def callback(request: web.Request, svc: Services) -> web.Response:
     config = svc.config
     if "error" in request.query:
         reason = html.escape(request.query.get("error", "")[:100])
-        return _page("Sign-in failed", f"<p>The identity provider said: {reason}</p>"
-                     "<p><a href='/oauth2/sign_in'>Try again</a></p>", status=403)
+        return _page(
+            "Sign-in failed",
+            f"<p>The identity provider said: {reason}</p><p><a href='/oauth2/sign_in'>Try again</a></p>",
+            status=403,
+        )
     state, code = request.query.get("state", ""), request.query.get("code", "")
     if not state or not code or len(state) > 256 or len(code) > 4096:
         raise InvalidState("callback without state or code")
@@ -117,8 +127,11 @@ async def sign_in(request: web.Request, svc: Services) -> web.Response:
     from urllib.parse import quote
 
     href = html.escape(f"/oauth2/start?rd={quote(_rd(request), safe='')}", quote=True)
-    return _page("Sign in", f"<p>This application is protected.</p><p><a href='{href}'>Sign in</a></p>"
-                 f"<p style='color:#888'>You will return to {rd}</p>")
+    return _page(
+        "Sign in",
+        f"<p>This application is protected.</p><p><a href='{href}'>Sign in</a></p>"
+        f"<p style='color:#888'>You will return to {rd}</p>",
+    )
 
 
 async def sign_out(request: web.Request, svc: Services) -> web.Response:
@@ -195,12 +208,18 @@ async def userinfo(request: web.Request, svc: Services) -> web.Response:
     except SessionGone:
         return web.json_response({"error": "not signed in"}, status=401)
     ident, tokens = session.identity, session.tokens
-    return web.json_response({
-        "user": ident.user, "email": ident.email, "groups": list(ident.groups),
-        "preferred_username": ident.preferred_username,
-        "access_token_expires_at": tokens.access_expires_at,
-        "refresh_count": session.refresh_count, "signed_in_at": session.signed_in_at,
-    }, headers={"Cache-Control": "no-store"})
+    return web.json_response(
+        {
+            "user": ident.user,
+            "email": ident.email,
+            "groups": list(ident.groups),
+            "preferred_username": ident.preferred_username,
+            "access_token_expires_at": tokens.access_expires_at,
+            "refresh_count": session.refresh_count,
+            "signed_in_at": session.signed_in_at,
+        },
+        headers={"Cache-Control": "no-store"},
+    )
 
 
 async def ping(request: web.Request, svc: Services) -> web.Response:
@@ -221,9 +240,15 @@ async def metrics_page(request: web.Request, svc: Services | None = None) -> web
 
 def add_routes(app: web.Application, with_metrics: bool) -> None:
     routes = [
-        ("GET", "/oauth2/start", start), ("GET", "/oauth2/callback", callback), ("GET", "/oauth2/sign_in", sign_in),
-        ("*", "/oauth2/sign_out", sign_out), ("*", "/oauth2/auth", auth), ("GET", "/oauth2/userinfo", userinfo),
-        ("POST", "/oauth2/backchannel_logout", backchannel_logout), ("GET", "/ping", ping), ("GET", "/ready", ready),
+        ("GET", "/oauth2/start", start),
+        ("GET", "/oauth2/callback", callback),
+        ("GET", "/oauth2/sign_in", sign_in),
+        ("*", "/oauth2/sign_out", sign_out),
+        ("*", "/oauth2/auth", auth),
+        ("GET", "/oauth2/userinfo", userinfo),
+        ("POST", "/oauth2/backchannel_logout", backchannel_logout),
+        ("GET", "/ping", ping),
+        ("GET", "/ready", ready),
     ]
     if with_metrics:
         routes.append(("GET", "/metrics", metrics_page))

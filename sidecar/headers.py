@@ -15,14 +15,32 @@ from .models import Identity, Session
 MAX_GROUPS_HEADER = 4096
 
 _PROTECTED_PREFIXES = ("x-auth-request-",)
-_PROTECTED = frozenset({
-    "x-forwarded-user", "x-forwarded-email", "x-forwarded-groups", "x-forwarded-preferred-username",
-    "x-forwarded-access-token", "authorization", "x-user", "x-email",
-})
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
-    "transfer-encoding", "upgrade", "proxy-connection",
-})
+_PROTECTED = frozenset(
+    {
+        "x-forwarded-user",
+        "x-forwarded-email",
+        "x-forwarded-groups",
+        "x-forwarded-preferred-username",
+        "x-forwarded-access-token",
+        "authorization",
+        "x-user",
+        "x-email",
+    }
+)
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-connection",
+    }
+)
 
 
 def normalise(name: str) -> str:

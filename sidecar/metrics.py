@@ -9,8 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client import multiprocess
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 
 _LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -21,7 +20,9 @@ SESSIONS_DELETED = Counter("sidecar_sessions_deleted_total", "Sessions deleted",
 REFRESHES = Counter("sidecar_refreshes_total", "Token refreshes by outcome", ["outcome"])
 REFRESH_JOINED = Counter("sidecar_refresh_joined_total", "Requests that joined an in-flight refresh")
 LOCK_WAITS = Counter("sidecar_refresh_lock_waits_total", "Waits for another replica's refresh lock")
-LOCK_WAIT_SECONDS = Histogram("sidecar_refresh_lock_wait_seconds", "Time spent waiting for another replica's refresh", buckets=_LATENCY)
+LOCK_WAIT_SECONDS = Histogram(
+    "sidecar_refresh_lock_wait_seconds", "Time spent waiting for another replica's refresh", buckets=_LATENCY
+)
 REFRESH_SECONDS = Histogram("sidecar_refresh_seconds", "Latency of a token refresh at the provider", buckets=_LATENCY)
 PROVIDER_SECONDS = Histogram("sidecar_provider_call_seconds", "Provider call latency", ["call"], buckets=_LATENCY)
 REDIS_SECONDS = Histogram("sidecar_store_call_seconds", "Session store call latency", ["call"], buckets=_LATENCY)

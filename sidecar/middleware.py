@@ -54,8 +54,9 @@ def _error_response(request: web.Request, exc: SidecarError) -> web.StreamRespon
         return sign_in_redirect(request)
     if isinstance(exc, (StoreUnavailable, ProviderUnavailable, RefreshBusy)):
         log.warning("temporarily unavailable", extra={"fields": {"error": type(exc).__name__, "detail": str(exc)}})
-        return web.Response(status=503, headers={"Retry-After": _RETRY_AFTER},
-                            text="503 Service Unavailable: try again shortly\n")
+        return web.Response(
+            status=503, headers={"Retry-After": _RETRY_AFTER}, text="503 Service Unavailable: try again shortly\n"
+        )
     if isinstance(exc, (TokenValidationError, InvalidGrant)):
         log.warning("sign-in refused", extra={"fields": {"error": type(exc).__name__, "detail": str(exc)}})
         return web.Response(status=403, text="403 Forbidden: sign-in could not be completed\n")
@@ -102,9 +103,16 @@ def _finish(request: web.Request, svc: Services, route: str, status: int, starte
         return request_id  # ids exist to correlate log lines; without logging only echo the caller's
     request_id = request_id or _next_request_id()
     authed = request.get(AUTHED)
-    logs.access({
-        "request_id": request_id, "method": request.method, "route": route,
-        "path": request.path[:200], "status": status, "latency_ms": round((time.monotonic() - started) * 1000, 2),
-        "user": authed[1].identity.user if authed else None, "client_ip": view_of(request).client_ip,
-    })
+    logs.access(
+        {
+            "request_id": request_id,
+            "method": request.method,
+            "route": route,
+            "path": request.path[:200],
+            "status": status,
+            "latency_ms": round((time.monotonic() - started) * 1000, 2),
+            "user": authed[1].identity.user if authed else None,
+            "client_ip": view_of(request).client_ip,
+        }
+    )
     return request_id

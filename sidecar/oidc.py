@@ -75,7 +75,9 @@ def token_set_from_response(body: dict[str, Any], now: float) -> TokenSet:
     expires_in = body.get("expires_in")
     if isinstance(expires_in, str) and expires_in.isdigit():
         expires_in = int(expires_in)
-    access_expires = now + float(expires_in) if isinstance(expires_in, (int, float)) and expires_in > 0 else _jwt_exp(access)
+    access_expires = (
+        now + float(expires_in) if isinstance(expires_in, (int, float)) and expires_in > 0 else _jwt_exp(access)
+    )
     refresh_in = body.get("refresh_expires_in")
     refresh_expires = now + float(refresh_in) if isinstance(refresh_in, (int, float)) and refresh_in > 0 else None
     refresh = body.get("refresh_token")
@@ -136,7 +138,7 @@ class OidcClient:
                 if resp.status >= 400:
                     raise ProviderUnavailable(f"{url} answered {resp.status}")
                 data = await resp.json(content_type=None)
-        except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError) as exc:
+        except (TimeoutError, aiohttp.ClientError, json.JSONDecodeError) as exc:
             raise ProviderUnavailable(f"cannot fetch {url}: {type(exc).__name__}") from exc
         finally:
             metrics.PROVIDER_SECONDS.labels(call="metadata").observe(time.monotonic() - started)
@@ -146,23 +148,29 @@ class OidcClient:
 
     async def authorize_url(self, state: str, nonce: str, pkce: Pkce) -> str:
         meta = await self.metadata()
-        query = urlencode({
-            "response_type": "code",
-            "client_id": self._config.client_id,
-            "redirect_uri": self._config.redirect_url,
-            "scope": self._config.scope,
-            "state": state,
-            "nonce": nonce,
-            "code_challenge": pkce.challenge,
-            "code_challenge_method": "S256",
-        })
+        query = urlencode(
+            {
+                "response_type": "code",
+                "client_id": self._config.client_id,
+                "redirect_uri": self._config.redirect_url,
+                "scope": self._config.scope,
+                "state": state,
+                "nonce": nonce,
+                "code_challenge": pkce.challenge,
+                "code_challenge_method": "S256",
+            }
+        )
         sep = "&" if "?" in meta.authorization_endpoint else "?"
         return f"{meta.authorization_endpoint}{sep}{query}"
 
     async def exchange_code(self, code: str, verifier: str) -> TokenSet:
         body = await self._token_request(
-            {"grant_type": "authorization_code", "code": code, "redirect_uri": self._config.redirect_url,
-             "code_verifier": verifier},
+            {
+                "grant_type": "authorization_code",
+                "code": code,
+                "redirect_uri": self._config.redirect_url,
+                "code_verifier": verifier,
+            },
             retry=False,  # a code is single-use: never send it twice
         )
         return token_set_from_response(body, time.time())
@@ -198,13 +206,14 @@ class OidcClient:
     async def _post_token(self, url: str, form: dict[str, str], auth: dict[str, str]) -> dict[str, Any]:
         started = time.monotonic()
         try:
-            async with self._http.post(url, data=form, timeout=self._timeout,
-                                       headers={"Accept": "application/json", **auth}) as resp:
+            async with self._http.post(
+                url, data=form, timeout=self._timeout, headers={"Accept": "application/json", **auth}
+            ) as resp:
                 status = resp.status
                 text = await resp.text()
         except aiohttp.ClientConnectorError as exc:
             raise _Retryable(f"token endpoint unreachable: {type(exc).__name__}") from exc
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise ProviderUnavailable("token endpoint timed out") from exc
         except aiohttp.ClientError as exc:
             raise ProviderUnavailable(f"token endpoint failed: {type(exc).__name__}") from exc
@@ -234,10 +243,14 @@ class OidcClient:
             return False
         auth, extra = self._client_auth()
         try:
-            async with self._http.post(meta.revocation_endpoint, data={"token": token, "token_type_hint": hint, **extra},
-                                       headers=auth, timeout=self._timeout) as resp:
+            async with self._http.post(
+                meta.revocation_endpoint,
+                data={"token": token, "token_type_hint": hint, **extra},
+                headers=auth,
+                timeout=self._timeout,
+            ) as resp:
                 return resp.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             log.warning("token revocation failed")
             return False
 
@@ -288,8 +301,13 @@ class OidcClient:
         key = await self._signing_key(header.get("kid"), alg)
         try:
             claims: dict[str, Any] = jwt.decode(
-                token, key, algorithms=[alg], audience=list(self.audiences), issuer=meta.issuer,
-                leeway=_LEEWAY, options={"require": require},
+                token,
+                key,
+                algorithms=[alg],
+                audience=list(self.audiences),
+                issuer=meta.issuer,
+                leeway=_LEEWAY,
+                options={"require": require},
             )
         except jwt.PyJWTError as exc:
             raise TokenValidationError(f"{what} rejected: {type(exc).__name__}") from exc

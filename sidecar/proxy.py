@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import posixpath
 import time
+from typing import Any
 from urllib.parse import quote, unquote
 
 import aiohttp
@@ -37,15 +38,20 @@ def normalise_path(raw_path: str) -> str:
     return normal
 
 
-def _forward_headers(request: web.Request, config: object) -> dict[str, str]:
+def _forward_headers(request: web.Request, config: Any) -> dict[str, str]:
     connection_listed = {h.strip().lower() for h in request.headers.get("Connection", "").split(",")}
     out: dict[str, str] = {}
     for name, value in request.headers.items():
         low = name.lower()
-        if low in HOP_BY_HOP or low in connection_listed or low in ("content-length", "x-forwarded-for") or is_protected(name):
+        if (
+            low in HOP_BY_HOP
+            or low in connection_listed
+            or low in ("content-length", "x-forwarded-for")
+            or is_protected(name)
+        ):
             continue
         if low == "cookie":
-            value = _without_own_cookies(value, config.cookie_name)  # type: ignore[attr-defined]
+            value = _without_own_cookies(value, config.cookie_name)
             if not value:
                 continue
         if name in out:
@@ -67,7 +73,7 @@ def _without_own_cookies(header: str, cookie_name: str) -> str:
     return "; ".join(p for p in kept if p)
 
 
-def _forwarded_for(request: web.Request, config: object) -> str:
+def _forwarded_for(request: web.Request, config: Any) -> str:
     view = view_of(request)
     prior = request.headers.get("X-Forwarded-For") if view.trusted else None
     return f"{prior}, {request.remote}" if prior else str(request.remote)
@@ -95,7 +101,11 @@ async def handle(request: web.Request, svc: Services) -> web.StreamResponse:
     forward["X-Forwarded-Proto"] = view.scheme
     forward["X-Forwarded-Host"] = view.host
     forward.setdefault("Host", request.host)
-    url = upstream.url + quote(path, safe=_PATH_SAFE) + (("?" + request.rel_url.raw_query_string) if request.rel_url.raw_query_string else "")
+    url = (
+        upstream.url
+        + quote(path, safe=_PATH_SAFE)
+        + (("?" + request.rel_url.raw_query_string) if request.rel_url.raw_query_string else "")
+    )
     if request.headers.get("Upgrade", "").lower() == "websocket":
         return await _websocket(request, svc, url, forward)
     return await _stream(request, svc, url, forward)
@@ -107,10 +117,16 @@ async def _stream(request: web.Request, svc: Services, url: str, headers: dict[s
     started = time.monotonic()
     try:
         upstream = await svc.upstream_http.request(
-            request.method, url, headers=headers, data=body, allow_redirects=False,
-            timeout=aiohttp.ClientTimeout(sock_connect=svc.config.upstream_timeout, sock_read=svc.config.upstream_timeout),
+            request.method,
+            url,
+            headers=headers,
+            data=body,
+            allow_redirects=False,
+            timeout=aiohttp.ClientTimeout(
+                sock_connect=svc.config.upstream_timeout, sock_read=svc.config.upstream_timeout
+            ),
         )
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return web.Response(status=504, text="504 Gateway Timeout: the upstream did not answer in time\n")
     except aiohttp.ClientError:
         return web.Response(status=502, text="502 Bad Gateway: the upstream is unreachable\n")
@@ -123,13 +139,17 @@ async def _stream(request: web.Request, svc: Services, url: str, headers: dict[s
             if low in HOP_BY_HOP or low in connection_listed:
                 continue
             response.headers.add(name, value)
-        if upstream.headers.get("Content-Length") is None and request.method != "HEAD" and upstream.status not in (204, 304):
+        if (
+            upstream.headers.get("Content-Length") is None
+            and request.method != "HEAD"
+            and upstream.status not in (204, 304)
+        ):
             response.enable_chunked_encoding()
         await response.prepare(request)
         try:
             async for chunk in upstream.content.iter_any():
                 await response.write(chunk)
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             # Headers are gone already; cutting the connection is the only honest signal left.
             if request.transport is not None:
                 request.transport.close()
@@ -147,17 +167,20 @@ async def _websocket(request: web.Request, svc: Services, url: str, headers: dic
     protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
     headers.pop("Sec-WebSocket-Protocol", None)
     try:
-        upstream = await svc.upstream_http.ws_connect(url, headers=headers, protocols=protocols,
-                                                      timeout=aiohttp.ClientWSTimeout(ws_close=10))
-    except asyncio.TimeoutError:
+        upstream = await svc.upstream_http.ws_connect(
+            url, headers=headers, protocols=protocols, timeout=aiohttp.ClientWSTimeout(ws_close=10)
+        )
+    except TimeoutError:
         return web.Response(status=504, text="504 Gateway Timeout: the upstream did not answer in time\n")
     except aiohttp.ClientError:
         return web.Response(status=502, text="502 Bad Gateway: the upstream refused the WebSocket\n")
     client = web.WebSocketResponse(protocols=[upstream.protocol] if upstream.protocol else ())
     await client.prepare(request)
 
-    async def pump(src: aiohttp.ClientWebSocketResponse | web.WebSocketResponse,
-                   dst: aiohttp.ClientWebSocketResponse | web.WebSocketResponse) -> None:
+    async def pump(
+        src: aiohttp.ClientWebSocketResponse | web.WebSocketResponse,
+        dst: aiohttp.ClientWebSocketResponse | web.WebSocketResponse,
+    ) -> None:
         async for msg in src:
             if msg.type == WSMsgType.TEXT:
                 await dst.send_str(msg.data)

@@ -95,7 +95,7 @@ class Refresher:
         try:
             # shield: a client that goes away must not cancel the refresh others are waiting on
             return await asyncio.wait_for(asyncio.shield(task), timeout=self._config.refresh_wait_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise RefreshBusy("waited too long for a token refresh") from None
 
     async def _refresh_across_replicas(self, ref: SessionRef, seen: Session) -> Session:
@@ -187,8 +187,14 @@ class Refresher:
                 await self._sessions.end(ref, current, reason="subject_changed")
                 raise SessionGone("refreshed ID token names another subject")
             identity = identity_from_claims(claims, self._config)
-        return replace(current, tokens=tokens, identity=identity, claims=claims, refreshed_at=time.time(),
-                       refresh_count=current.refresh_count + 1)
+        return replace(
+            current,
+            tokens=tokens,
+            identity=identity,
+            claims=claims,
+            refreshed_at=time.time(),
+            refresh_count=current.refresh_count + 1,
+        )
 
     async def _known_outcome(self, ref: SessionRef, digest: str) -> Session | None:
         kept = self._kept.get(digest)
@@ -206,7 +212,9 @@ class Refresher:
         for stale in [d for d, (_, exp) in self._kept.items() if exp <= time.monotonic()]:
             del self._kept[stale]
         try:
-            await self._store.put_outcome(digest, crypto.encrypt(ref.key, updated.to_bytes(), digest.encode()), OUTCOME_TTL)
+            await self._store.put_outcome(
+                digest, crypto.encrypt(ref.key, updated.to_bytes(), digest.encode()), OUTCOME_TTL
+            )
         except StoreUnavailable:
             log.warning("could not keep refresh outcome in the store; kept in process")
 

@@ -52,8 +52,15 @@ class Sessions:
     async def create(self, identity: Identity, tokens: TokenSet, claims: dict[str, Any]) -> tuple[SessionRef, Session]:
         now = self._clock()
         ref = SessionRef.new()  # a fresh id at every sign-in, never the browser's old one
-        session = Session(identity=identity, tokens=tokens, claims=claims, created_at=now,
-                          signed_in_at=now, version=1, last_active=now)
+        session = Session(
+            identity=identity,
+            tokens=tokens,
+            claims=claims,
+            created_at=now,
+            signed_in_at=now,
+            version=1,
+            last_active=now,
+        )
         blob = crypto.encrypt(ref.key, session.to_bytes(), ref.store_key.encode())
         ttl = self.record_ttl(session, now)
         await self.store.create(ref.store_key, blob, ttl, now, user_key(identity.sub))

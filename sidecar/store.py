@@ -16,7 +16,7 @@ Redis layout (``sc:`` prefix; one key per operation so Cluster works):
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -91,7 +91,7 @@ class MemoryStore:
         now = self._clock()
         for table in (self._records, self._values):
             for key in [k for k, (_, exp) in table.items() if exp <= now]:
-                del table[key]  # type: ignore[attr-defined]
+                del table[key]
 
     async def load(self, key: str) -> StoredRecord | None:
         return self._live(self._records, key)
@@ -137,7 +137,7 @@ class MemoryStore:
     async def take_state(self, state: str) -> bytes | None:
         data = self._live(self._values, "st:" + state)
         self._values.pop("st:" + state, None)
-        return data  # type: ignore[return-value]
+        return data
 
     async def acquire_lock(self, key: str, owner: str, ttl: float) -> bool:
         if self._live(self._values, "l:" + key) is not None:
@@ -163,7 +163,7 @@ class MemoryStore:
         self._values["o:" + token_hash] = (blob, self._clock() + ttl)
 
     async def get_outcome(self, token_hash: str) -> bytes | None:
-        return self._live(self._values, "o:" + token_hash)  # type: ignore[return-value]
+        return self._live(self._values, "o:" + token_hash)
 
     async def ping(self) -> None:
         return None
@@ -218,18 +218,29 @@ def redis_store(config: Any) -> RedisStore:
         first = config.redis_cluster_connection_urls[0]
         parts = urlsplit(first if "//" in first else "redis://" + first)
         nodes = [ClusterNode(h, p) for h, p in _hostports(config.redis_cluster_connection_urls)]
-        return RedisStore(RedisCluster(startup_nodes=nodes, username=parts.username, password=parts.password,
-                                       ssl=parts.scheme == "rediss", **timeouts))
+        return RedisStore(
+            RedisCluster(
+                startup_nodes=nodes,
+                username=parts.username,
+                password=parts.password,
+                ssl=parts.scheme == "rediss",
+                **timeouts,
+            )
+        )
     if config.redis_use_sentinel:
         master = urlsplit(config.redis_connection_url)
-        sentinel = Sentinel(
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
             _hostports(config.redis_sentinel_connection_urls),
             sentinel_kwargs={"password": config.redis_sentinel_password or None, **timeouts},
             **timeouts,
         )
         client = sentinel.master_for(
-            config.redis_sentinel_master_name, username=master.username, password=master.password,
-            db=int(master.path.strip("/") or 0), ssl=master.scheme == "rediss", **timeouts,
+            config.redis_sentinel_master_name,
+            username=master.username,
+            password=master.password,
+            db=int(master.path.strip("/") or 0),
+            ssl=master.scheme == "rediss",
+            **timeouts,
         )
         # The Sentinel clients are not owned by the master client: the store closes them too.
         return RedisStore(client, also_close=tuple(sentinel.sentinels))
@@ -252,7 +263,7 @@ class RedisStore:
         started = time.monotonic()
         try:
             return await op
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, RedisError, OSError) as exc:
             raise StoreUnavailable(f"redis: {type(exc).__name__}") from exc
         finally:
             metrics.store_call(name, time.monotonic() - started)
@@ -306,7 +317,7 @@ class RedisStore:
 
     async def take_state(self, state: str) -> bytes | None:
         # GETDEL: exactly one callback can consume a state, even across replicas.
-        return await self._call(self._r.getdel(self._p + "st:" + state), "take_state")  # type: ignore[no-any-return]
+        return await self._call(self._r.getdel(self._p + "st:" + state), "take_state")
 
     async def acquire_lock(self, key: str, owner: str, ttl: float) -> bool:
         return bool(await self._call(self._r.set(self._p + "l:" + key, owner, nx=True, px=_ms(ttl)), "lock"))
@@ -324,17 +335,15 @@ class RedisStore:
         await self._call(self._r.set(self._p + "o:" + token_hash, blob, px=_ms(ttl)))
 
     async def get_outcome(self, token_hash: str) -> bytes | None:
-        return await self._call(self._r.get(self._p + "o:" + token_hash))  # type: ignore[no-any-return]
+        return await self._call(self._r.get(self._p + "o:" + token_hash))
 
     async def ping(self) -> None:
         await self._call(self._r.ping())
 
     async def close(self) -> None:
         for client in (self._r, *self._also_close):
-            try:
+            with contextlib.suppress(RedisError, OSError):
                 await client.aclose()
-            except (RedisError, OSError):
-                pass
 
 
 def make_store(config: Any) -> SessionStore:

@@ -20,17 +20,34 @@ def require(binary: str, package: str) -> str:
     """Never skip: a missing part fails the run and says what to install."""
     path = shutil.which(binary) or (f"/usr/sbin/{binary}" if Path(f"/usr/sbin/{binary}").exists() else None)
     if path is None:
-        pytest.fail(f"{binary} not found: install it with `apt-get install {package}` (make test does this as root)",
-                    pytrace=False)
+        pytest.fail(
+            f"{binary} not found: install it with `apt-get install {package}` (make test does this as root)",
+            pytrace=False,
+        )
     return path
 
 
 def start_redis(tmp: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
     binary = require("redis-server", "redis-server")
     proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp), "--save", "",
-         "--appendonly", "no", "--protected-mode", "no", *extra],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(tmp),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+            *extra,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
     )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:

@@ -228,9 +228,7 @@ def sentinel_topology(
     topo = SentinelTopology()
     try:
         topo.master = topo.add(
-            start_server(
-                "redis master", tmp / "master", master_port, "--repl-diskless-sync-delay", "0"
-            )
+            start_server("redis master", tmp / "master", master_port, "--repl-diskless-sync-delay", "0")
         )
         topo.replica = topo.add(
             start_server(
@@ -259,9 +257,7 @@ def sentinel_topology(
             f"sentinel failover-timeout {MASTER_NAME} {failover_timeout_ms}\n"
             f"sentinel parallel-syncs {MASTER_NAME} 1\n"
         )
-        topo.sentinel = topo.add(
-            _spawn("redis-sentinel", [sentinel_bin, str(conf)], sentinel_port, sdir)
-        )
+        topo.sentinel = topo.add(_spawn("redis-sentinel", [sentinel_bin, str(conf)], sentinel_port, sdir))
 
         def sentinel_ready() -> bool:
             if topo.master_addr() != ("127.0.0.1", master_port):
@@ -269,20 +265,12 @@ def sentinel_topology(
             replicas = command(sentinel_port, "SENTINEL", "REPLICAS", MASTER_NAME)
             # decode_responses: each replica is a flat [k, v, k, v, ...] list (RESP2)
             for entry in replicas or []:
-                fields = (
-                    dict(zip(entry[::2], entry[1::2], strict=False))
-                    if isinstance(entry, list)
-                    else entry
-                )
-                if int(fields.get("port", 0)) == replica_port and "disconnected" not in fields.get(
-                    "flags", ""
-                ):
+                fields = dict(zip(entry[::2], entry[1::2], strict=False)) if isinstance(entry, list) else entry
+                if int(fields.get("port", 0)) == replica_port and "disconnected" not in fields.get("flags", ""):
                     return True
             return False
 
-        wait_for(
-            "the Sentinel to know the master and its replica", sentinel_ready, 15, interval=0.1
-        )
+        wait_for("the Sentinel to know the master and its replica", sentinel_ready, 15, interval=0.1)
         yield topo
     finally:
         topo.close()

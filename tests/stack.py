@@ -74,15 +74,24 @@ class Stack:
 
 
 @asynccontextmanager
-async def stack(store: SessionStore | None = None, *, sidecar: bool = True, provider_kw: dict[str, Any] | None = None,
-                **overrides: Any) -> AsyncIterator[Stack]:
+async def stack(
+    store: SessionStore | None = None,
+    *,
+    sidecar: bool = True,
+    provider_kw: dict[str, Any] | None = None,
+    **overrides: Any,
+) -> AsyncIterator[Stack]:
     provider_port = free_port()
-    provider_runner, provider = await run_provider("127.0.0.1", provider_port, auto_login="alice", **(provider_kw or {}))
+    provider_runner, provider = await run_provider(
+        "127.0.0.1", provider_port, auto_login="alice", **(provider_kw or {})
+    )
     upstream_runner = web.AppRunner(demo_app(), access_log=None)
     await upstream_runner.setup()
     upstream_port = free_port()
     await web.TCPSite(upstream_runner, "127.0.0.1", upstream_port).start()
-    st = Stack(provider=provider, issuer=f"http://127.0.0.1:{provider_port}", upstream_url=f"http://127.0.0.1:{upstream_port}")
+    st = Stack(
+        provider=provider, issuer=f"http://127.0.0.1:{provider_port}", upstream_url=f"http://127.0.0.1:{upstream_port}"
+    )
     try:
         if sidecar:
             await st.add_sidecar(store, **overrides)
@@ -125,7 +134,7 @@ class SidecarProcess:
         self.base = "http://" + settings["http_address"]
         env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
         env.update({"SIDECAR_" + k.upper(): str(v) for k, v in settings.items()})
-        self.log = tempfile.TemporaryFile()
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen([sys.executable, "-m", "sidecar"], env=env, stdout=self.log, stderr=self.log)
 
     async def ready(self, timeout: float = 15.0) -> SidecarProcess:

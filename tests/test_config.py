@@ -10,8 +10,16 @@ import pytest
 
 from sidecar.config import load_config, parse_duration
 
-BASE = ["--oidc-issuer-url", "https://idp.example.com", "--client-id", "app", "--redirect-url",
-        "https://app.example.com/oauth2/callback", "--cookie-secret", "0123456789abcdef0123"]
+BASE = [
+    "--oidc-issuer-url",
+    "https://idp.example.com",
+    "--client-id",
+    "app",
+    "--redirect-url",
+    "https://app.example.com/oauth2/callback",
+    "--cookie-secret",
+    "0123456789abcdef0123",
+]
 
 
 def test_durations_take_seconds_and_go_units() -> None:
@@ -26,8 +34,10 @@ def test_durations_take_seconds_and_go_units() -> None:
 
 def test_flags_beat_env_beat_file(tmp_path: Path) -> None:
     toml = tmp_path / "sidecar.toml"
-    toml.write_text('cookie-name = "from_file"\nscope = "openid file"\nupstream = ["http://a:1/", "http://b:2/api/"]\n'
-                    'cookie-expire = "2h"\n')
+    toml.write_text(
+        'cookie-name = "from_file"\nscope = "openid file"\nupstream = ["http://a:1/", "http://b:2/api/"]\n'
+        'cookie-expire = "2h"\n'
+    )
     env = {"SIDECAR_COOKIE_NAME": "from_env", "SIDECAR_SCOPE": "openid env", "SIDECAR_COOKIE_SECURE": "0"}
     config = load_config([*BASE, "--config", str(toml), "--cookie-name", "from_flag"], env)
     assert config.cookie_name == "from_flag"
@@ -38,8 +48,10 @@ def test_flags_beat_env_beat_file(tmp_path: Path) -> None:
 
 
 def test_oauth2_proxy_boolean_and_list_forms() -> None:
-    config = load_config([*BASE, "--cookie-secure=false", "--reverse-proxy", "--allowed-group", "a",
-                          "--allowed-group", "b,c"], {"SIDECAR_EMAIL_DOMAIN": "example.com, example.org"})
+    config = load_config(
+        [*BASE, "--cookie-secure=false", "--reverse-proxy", "--allowed-group", "a", "--allowed-group", "b,c"],
+        {"SIDECAR_EMAIL_DOMAIN": "example.com, example.org"},
+    )
     assert config.cookie_secure is False and config.reverse_proxy is True
     assert config.allowed_group == ("a", "b", "c")
     assert config.email_domain == ("example.com", "example.org")
@@ -57,22 +69,30 @@ def test_client_secret_file(tmp_path: Path) -> None:
 
 
 def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "sidecar", *args], capture_output=True, text=True, timeout=30,
-                          env={"PATH": "/usr/bin:/bin", **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "sidecar", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PATH": "/usr/bin:/bin", **(env or {})},
+    )
 
 
-@pytest.mark.parametrize(("args", "needle"), [
-    (["--cookie-secure=maybe"], "--cookie-secure"),
-    (["--cookie-expire", "forever"], "--cookie-expire"),
-    (["--session-store-type", "mongo"], "--session-store-type"),
-    (["--cookie-secret", "short"], "--cookie-secret"),
-    (["--http-address", "nonsense"], "--http-address"),
-    (["--upstream", "ftp://x"], "--upstream"),
-    (["--no-such-flag"], "--no-such-flag"),
-    (["--workers", "4"], "--workers"),
-    (["--skip-auth-route", "(["], "--skip-auth-route"),
-    (["--client-secret-file", "/nonexistent/secret"], "--client-secret-file"),
-])
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--cookie-secure=maybe"], "--cookie-secure"),
+        (["--cookie-expire", "forever"], "--cookie-expire"),
+        (["--session-store-type", "mongo"], "--session-store-type"),
+        (["--cookie-secret", "short"], "--cookie-secret"),
+        (["--http-address", "nonsense"], "--http-address"),
+        (["--upstream", "ftp://x"], "--upstream"),
+        (["--no-such-flag"], "--no-such-flag"),
+        (["--workers", "4"], "--workers"),
+        (["--skip-auth-route", "(["], "--skip-auth-route"),
+        (["--client-secret-file", "/nonexistent/secret"], "--client-secret-file"),
+    ],
+)
 def test_a_bad_setting_stops_start_up_with_one_line_and_exit_2(args: list[str], needle: str) -> None:
     proc = _run(*BASE, *args)
     assert proc.returncode == 2

@@ -75,9 +75,7 @@ async def authorize(http: aiohttp.ClientSession, **extra: str) -> dict[str, str]
     return {k: v[0] for k, v in parse_qs(urlsplit(loc).query).items()}
 
 
-async def token(
-    http: aiohttp.ClientSession, form: dict[str, str], basic: bool = True
-) -> tuple[int, dict[str, Any]]:
+async def token(http: aiohttp.ClientSession, form: dict[str, str], basic: bool = True) -> tuple[int, dict[str, Any]]:
     headers = basic_auth(*CLIENT) if basic else {}
     if not basic:
         form = {**form, "client_id": CLIENT[0], "client_secret": CLIENT[1]}
@@ -112,9 +110,7 @@ async def verify_id_token(http: aiohttp.ClientSession, issuer: str, tok: str) ->
     kid = jwt.get_unverified_header(tok)["kid"]
     jwk = next(k for k in jwks["keys"] if k["kid"] == kid)
     key = jwt.PyJWK(jwk).key
-    claims: dict[str, Any] = jwt.decode(
-        tok, key, algorithms=["RS256"], audience=CLIENT[0], issuer=issuer
-    )
+    claims: dict[str, Any] = jwt.decode(tok, key, algorithms=["RS256"], audience=CLIENT[0], issuer=issuer)
     return claims
 
 
@@ -144,9 +140,7 @@ async def test_code_flow_id_token_and_userinfo(
     assert claims["exp"] - claims["iat"] == 300
     at = await verify_id_token(http, p.issuer, body["access_token"])
     assert at["client_id"] == CLIENT[0] and at["scope"] == "openid email profile"
-    async with http.get(
-        "/userinfo", headers={"Authorization": "Bearer " + body["access_token"]}
-    ) as r:
+    async with http.get("/userinfo", headers={"Authorization": "Bearer " + body["access_token"]}) as r:
         assert r.status == 200
         assert (await r.json())["email"] == "alice@example.com"
     async with http.get("/userinfo", headers={"Authorization": "Bearer nope"}) as r:
@@ -312,9 +306,7 @@ async def test_logout(idp: tuple[DevProvider, aiohttp.ClientSession]) -> None:
 
 async def test_control_api_over_http(idp: tuple[DevProvider, aiohttp.ClientSession]) -> None:
     p, http = idp
-    async with http.post(
-        "/_control/config", json={"rotate_refresh_tokens": True, "access_token_ttl": 30}
-    ) as r:
+    async with http.post("/_control/config", json={"rotate_refresh_tokens": True, "access_token_ttl": 30}) as r:
         assert r.status == 200 and (await r.json())["access_token_ttl"] == 30
     async with http.post("/_control/config", json={"nope": 1}) as r:
         assert r.status == 400
@@ -380,9 +372,7 @@ async def test_standalone_subprocess() -> None:
         "--access-token-ttl",
         "42",
     ]
-    proc = await asyncio.create_subprocess_exec(
-        *cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
+    proc = await asyncio.create_subprocess_exec(*cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert proc.stdout is not None
         line = await asyncio.wait_for(proc.stdout.readline(), 15)

@@ -14,17 +14,30 @@ def _config(**overrides: str):  # type: ignore[no-untyped-def]
 
 
 def test_every_spelling_of_an_identity_header_is_protected() -> None:
-    for name in ("X-Auth-Request-User", "x-auth-request-user", "X_Auth_Request_User", "X-AUTH-REQUEST-ANYTHING",
-                 "X-Forwarded-User", "x_forwarded_email", "X-Forwarded-Groups", "Authorization",
-                 "X-Forwarded-Preferred-Username", "X-Forwarded-Access-Token"):
+    for name in (
+        "X-Auth-Request-User",
+        "x-auth-request-user",
+        "X_Auth_Request_User",
+        "X-AUTH-REQUEST-ANYTHING",
+        "X-Forwarded-User",
+        "x_forwarded_email",
+        "X-Forwarded-Groups",
+        "Authorization",
+        "X-Forwarded-Preferred-Username",
+        "X-Forwarded-Access-Token",
+    ):
         assert is_protected(name), name
     for name in ("X-Forwarded-For", "X-Forwarded-Proto", "Content-Type", "X-Request-Id"):
         assert not is_protected(name), name
 
 
 def test_control_characters_never_reach_a_header_value() -> None:
-    claims = {"sub": "s\r\n1", "email": "a@example.com\r\nSet-Cookie: x=1", "preferred_username": "bob\x00\x7f",
-              "groups": ["ok", "evil\r\nX-Injected: 1", 42]}
+    claims = {
+        "sub": "s\r\n1",
+        "email": "a@example.com\r\nSet-Cookie: x=1",
+        "preferred_username": "bob\x00\x7f",
+        "groups": ["ok", "evil\r\nX-Injected: 1", 42],
+    }
     identity = identity_from_claims(claims, _config())
     for value in (identity.sub, identity.email, identity.preferred_username, *identity.groups):
         assert not any(ord(ch) < 32 or ord(ch) == 127 for ch in value)
@@ -79,7 +92,7 @@ async def test_sign_out_goes_through_the_providers_end_session_endpoint() -> Non
         await sign_in(client, st.base)
         async with client.get(f"{st.base}/oauth2/sign_out", params={"rd": "/bye"}, allow_redirects=False) as resp:
             location = resp.headers["Location"]
-            assert 'Max-Age=0' in resp.headers["Set-Cookie"] or "expires" in resp.headers["Set-Cookie"].lower()
+            assert "Max-Age=0" in resp.headers["Set-Cookie"] or "expires" in resp.headers["Set-Cookie"].lower()
         assert location.startswith(st.issuer + "/logout?")
         assert "post_logout_redirect_uri=http%3A%2F%2F127.0.0.1" in location and "%2Fbye" in location
         assert "id_token_hint=" in location

@@ -71,9 +71,7 @@ and make sure `kubectl kustomize --help` works (or /usr/bin/kubectl exists)."""
 
 
 def kubectl() -> str:
-    found = shutil.which("kubectl") or (
-        "/usr/bin/kubectl" if Path("/usr/bin/kubectl").exists() else None
-    )
+    found = shutil.which("kubectl") or ("/usr/bin/kubectl" if Path("/usr/bin/kubectl").exists() else None)
     if found is None:
         pytest.fail(KUBECTL_MISSING, pytrace=False)
     return found
@@ -121,9 +119,7 @@ def schema_errors(doc: dict[str, Any], versions: tuple[str, ...] = K8S_VERSIONS)
 
 
 def find(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> list[dict[str, Any]]:
-    return [
-        d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)
-    ]
+    return [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
 
 
 def one(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
@@ -146,18 +142,14 @@ def sidecar_containers(
 ) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
     for wl in workloads(docs):
         for c in wl["spec"]["template"]["spec"]["containers"]:
-            if c["image"].startswith(SIDECAR_IMAGE + ":") or c["image"].startswith(
-                SIDECAR_IMAGE + "@"
-            ):
+            if c["image"].startswith(SIDECAR_IMAGE + ":") or c["image"].startswith(SIDECAR_IMAGE + "@"):
                 yield wl, c
 
 
 def effective_security(workload: dict[str, Any], container: dict[str, Any]) -> dict[str, Any]:
     """The container's securityContext with the pod-level defaults filled in."""
     pod = workload["spec"]["template"]["spec"].get("securityContext", {})
-    merged = {
-        k: pod[k] for k in ("runAsNonRoot", "runAsUser", "runAsGroup", "seccompProfile") if k in pod
-    }
+    merged = {k: pod[k] for k in ("runAsNonRoot", "runAsUser", "runAsGroup", "seccompProfile") if k in pod}
     merged.update(container.get("securityContext", {}))
     return merged
 
@@ -171,35 +163,21 @@ def namespace_of(doc: dict[str, Any]) -> str | None:
     return None if ns is None else str(ns)
 
 
-def container_env(
-    docs: list[dict[str, Any]], workload: dict[str, Any], container: dict[str, Any]
-) -> dict[str, str]:
+def container_env(docs: list[dict[str, Any]], workload: dict[str, Any], container: dict[str, Any]) -> dict[str, str]:
     """The environment Kubernetes gives the container: envFrom in order, then env."""
     ns = namespace_of(workload)
     env: dict[str, str] = {}
     for source in container.get("envFrom", []):
         prefix = source.get("prefix", "")
         if "configMapRef" in source:
-            (cm,) = [
-                d
-                for d in find(docs, "ConfigMap", source["configMapRef"]["name"])
-                if namespace_of(d) == ns
-            ]
+            (cm,) = [d for d in find(docs, "ConfigMap", source["configMapRef"]["name"]) if namespace_of(d) == ns]
             env.update({prefix + k: str(v) for k, v in cm.get("data", {}).items()})
         if "secretRef" in source:
-            (sec,) = [
-                d
-                for d in find(docs, "Secret", source["secretRef"]["name"])
-                if namespace_of(d) == ns
-            ]
+            (sec,) = [d for d in find(docs, "Secret", source["secretRef"]["name"]) if namespace_of(d) == ns]
             env.update({prefix + k: str(v) for k, v in sec.get("stringData", {}).items()})
-            env.update(
-                {prefix + k: base64.b64decode(v).decode() for k, v in sec.get("data", {}).items()}
-            )
+            env.update({prefix + k: base64.b64decode(v).decode() for k, v in sec.get("data", {}).items()})
     for item in container.get("env", []):
-        assert "value" in item, (
-            f"{container['name']}: env {item['name']} from valueFrom is not resolved by this test"
-        )
+        assert "value" in item, f"{container['name']}: env {item['name']} from valueFrom is not resolved by this test"
         env[item["name"]] = str(item["value"])
     return env
 
@@ -228,9 +206,7 @@ def parse_seconds(text: str) -> float:
 
 
 def test_kubectl_is_available() -> None:
-    version = subprocess.run(
-        [kubectl(), "version", "--client"], capture_output=True, text=True, timeout=30
-    )
+    version = subprocess.run([kubectl(), "version", "--client"], capture_output=True, text=True, timeout=30)
     assert version.returncode == 0, version.stderr
 
 
@@ -274,9 +250,7 @@ def _break_probe(d: dict[str, Any]) -> None:
 
 
 def _break_security_context(d: dict[str, Any]) -> None:
-    d["spec"]["template"]["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] = (
-        "yes please"
-    )
+    d["spec"]["template"]["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] = "yes please"
 
 
 def _break_missing_template(d: dict[str, Any]) -> None:
@@ -312,10 +286,7 @@ def test_validation_rejects_a_broken_manifest(breakage: str) -> None:
 def test_a_broken_manifest_fails_through_kustomize_as_well(tmp_path: Path) -> None:
     """The whole path - kustomize, YAML, schema - catches typos kustomize itself passes through."""
     (tmp_path / "kustomization.yaml").write_text(
-        "apiVersion: kustomize.config.k8s.io/v1beta1\n"
-        "kind: Kustomization\n"
-        "resources:\n"
-        "  - broken.yaml\n"
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - broken.yaml\n"
     )
     deployment = """\
 apiVersion: apps/v1
@@ -391,44 +362,31 @@ def test_references_between_objects_resolve(build: str) -> None:
             for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
                 action = c.get(probe, {}).get("httpGet") or c.get(probe, {}).get("tcpSocket")
                 if action and port_number(c, action["port"]) is None:
-                    problems.append(
-                        f"{where}/{c['name']}: {probe} port {action['port']} is no container port"
-                    )
+                    problems.append(f"{where}/{c['name']}: {probe} port {action['port']} is no container port")
         if wl["kind"] == "StatefulSet":
-            (svc,) = [
-                s for s in find(docs, "Service", wl["spec"]["serviceName"]) if namespace_of(s) == ns
-            ]
-            assert svc["spec"].get("clusterIP") == "None", (
-                f"{where}: serviceName must be a headless Service"
-            )
+            (svc,) = [s for s in find(docs, "Service", wl["spec"]["serviceName"]) if namespace_of(s) == ns]
+            assert svc["spec"].get("clusterIP") == "None", f"{where}: serviceName must be a headless Service"
 
     for svc in find(docs, "Service"):
         where, ns = f"Service/{svc['metadata']['name']}", namespace_of(svc)
         backends = [
             wl
             for wl in workloads(docs)
-            if namespace_of(wl) == ns
-            and selects(svc["spec"]["selector"], wl["spec"]["template"]["metadata"]["labels"])
+            if namespace_of(wl) == ns and selects(svc["spec"]["selector"], wl["spec"]["template"]["metadata"]["labels"])
         ]
         if not backends:
             problems.append(f"{where}: its selector matches no pods")
         for port in svc["spec"]["ports"]:
             target = port.get("targetPort", port["port"])
             for wl in backends:
-                if not any(
-                    port_number(c, target) for c in wl["spec"]["template"]["spec"]["containers"]
-                ):
-                    problems.append(
-                        f"{where}: targetPort {target} is not a port of {wl['metadata']['name']}"
-                    )
+                if not any(port_number(c, target) for c in wl["spec"]["template"]["spec"]["containers"]):
+                    problems.append(f"{where}: targetPort {target} is not a port of {wl['metadata']['name']}")
 
     for pdb in find(docs, "PodDisruptionBudget"):
         ns = namespace_of(pdb)
         if not any(
             namespace_of(wl) == ns
-            and selects(
-                pdb["spec"]["selector"]["matchLabels"], wl["spec"]["template"]["metadata"]["labels"]
-            )
+            and selects(pdb["spec"]["selector"]["matchLabels"], wl["spec"]["template"]["metadata"]["labels"])
             for wl in workloads(docs)
         ):
             problems.append(f"PodDisruptionBudget/{pdb['metadata']['name']}: selects no pods")
@@ -483,9 +441,7 @@ def test_every_pod_is_locked_down(build: str) -> None:
                 problems.append(f"{at}: allowPrivilegeEscalation must be false")
             if sec.get("privileged"):
                 problems.append(f"{at}: privileged")
-            if "ALL" not in sec.get("capabilities", {}).get("drop", []) or sec.get(
-                "capabilities", {}
-            ).get("add"):
+            if "ALL" not in sec.get("capabilities", {}).get("drop", []) or sec.get("capabilities", {}).get("add"):
                 problems.append(f"{at}: capabilities must drop ALL and add none")
             if sec.get("seccompProfile", {}).get("type") != "RuntimeDefault":
                 problems.append(f"{at}: seccompProfile must be RuntimeDefault")
@@ -495,11 +451,7 @@ def test_every_pod_is_locked_down(build: str) -> None:
                     if what not in res.get(kind, {}):
                         problems.append(f"{at}: resources.{kind}.{what} missing")
             image = c["image"]
-            if (
-                ":" not in image.rsplit("/", 1)[-1]
-                and "@" not in image
-                or image.endswith(":latest")
-            ):
+            if ":" not in image.rsplit("/", 1)[-1] and "@" not in image or image.endswith(":latest"):
                 problems.append(f"{at}: image {image} must have a fixed tag or digest")
             if "livenessProbe" not in c or "readinessProbe" not in c:
                 problems.append(f"{at}: needs liveness and readiness probes")
@@ -530,9 +482,7 @@ def test_sidecar_containers(build: str) -> None:
         env = container_env(docs, wl, c)
         assert env["PROMETHEUS_MULTIPROC_DIR"] == "/tmp/prometheus", at
         assert "emptyDir" in volumes[mounts["/tmp/prometheus"]], at
-        assert all(
-            v.get("emptyDir", {}).get("sizeLimit") for v in volumes.values() if "emptyDir" in v
-        ), at
+        assert all(v.get("emptyDir", {}).get("sizeLimit") for v in volumes.values() if "emptyDir" in v), at
         assert env["SIDECAR_HTTP_ADDRESS"] == "0.0.0.0:4180", at
         assert env["SIDECAR_METRICS_ADDRESS"] == "0.0.0.0:9180", at
         assert env["SIDECAR_SESSION_STORE_TYPE"] == "redis", at
@@ -544,9 +494,7 @@ def test_sidecar_containers(build: str) -> None:
         sleep = float(pre_stop[1]) if pre_stop[:1] == ["sleep"] else 0.0
         shutdown = parse_seconds(env.get("SIDECAR_SHUTDOWN_TIMEOUT", "15s"))
         grace = pod.get("terminationGracePeriodSeconds", 30)
-        assert grace > sleep + shutdown, (
-            f"{at}: grace {grace}s <= preStop {sleep}s + shutdown {shutdown}s"
-        )
+        assert grace > sleep + shutdown, f"{at}: grace {grace}s <= preStop {sleep}s + shutdown {shutdown}s"
 
 
 @pytest.mark.parametrize("build", sorted(BUILDS))
@@ -602,8 +550,7 @@ def test_shared_deployment_is_highly_available() -> None:
     spread = pod.get("topologySpreadConstraints", [])
     anti = pod.get("affinity", {}).get("podAntiAffinity")
     assert anti or any(
-        t["topologyKey"] == "kubernetes.io/hostname"
-        and selects(t["labelSelector"]["matchLabels"], labels)
+        t["topologyKey"] == "kubernetes.io/hostname" and selects(t["labelSelector"]["matchLabels"], labels)
         for t in spread
     ), "replicas must be spread over nodes"
 
@@ -654,11 +601,7 @@ def test_redis(build: str) -> None:
             policy["spec"]["podSelector"]["matchLabels"],
             sts["spec"]["template"]["metadata"]["labels"],
         )
-        allowed = [
-            f["podSelector"]["matchLabels"]
-            for rule in policy["spec"]["ingress"]
-            for f in rule["from"]
-        ]
+        allowed = [f["podSelector"]["matchLabels"] for rule in policy["spec"]["ingress"] for f in rule["from"]]
         assert any(selects(sel, wl["spec"]["template"]["metadata"]["labels"]) for sel in allowed)
 
 
@@ -684,20 +627,14 @@ def test_ingress_nginx_overlay() -> None:
     assert notes["nginx.ingress.kubernetes.io/auth-url"] == (
         f"http://{svc['metadata']['name']}.{ns}.svc.cluster.local:4180/oauth2/auth"
     )
-    assert (
-        notes["nginx.ingress.kubernetes.io/auth-signin"]
-        == "https://$host/oauth2/start?rd=$escaped_request_uri"
-    )
+    assert notes["nginx.ingress.kubernetes.io/auth-signin"] == "https://$host/oauth2/start?rd=$escaped_request_uri"
     assert notes["nginx.ingress.kubernetes.io/auth-response-headers"] == AUTH_RESPONSE_HEADERS
     assert app["spec"]["ingressClassName"] == "nginx"
     app_hosts = {r["host"] for r in app["spec"]["rules"]}
 
     # /oauth2 on the same host goes to the sidecar, without an auth check.
     oauth = one(docs, "Ingress", "sidecar-oauth2")
-    assert not any(
-        k.startswith("nginx.ingress.kubernetes.io/auth-")
-        for k in oauth["metadata"].get("annotations", {})
-    )
+    assert not any(k.startswith("nginx.ingress.kubernetes.io/auth-") for k in oauth["metadata"].get("annotations", {}))
     assert oauth["spec"]["ingressClassName"] == "nginx"
     routed = {
         (
@@ -758,8 +695,7 @@ def test_pod_sidecar_overlay() -> None:
     # A plain Ingress: the auth happens in the pod, not in the controller.
     for ing in find(docs, "Ingress"):
         assert not any(
-            k.startswith("nginx.ingress.kubernetes.io/auth-")
-            for k in ing["metadata"].get("annotations", {})
+            k.startswith("nginx.ingress.kubernetes.io/auth-") for k in ing["metadata"].get("annotations", {})
         )
 
 

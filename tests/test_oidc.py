@@ -27,8 +27,15 @@ async def env() -> AsyncIterator[tuple[Any, OidcClient]]:
 
 def _claims(st: Any, **changes: Any) -> dict[str, Any]:
     now = int(time.time())
-    claims = {"iss": st.issuer, "sub": "alice-sub-1", "aud": "sidecar-dev", "exp": now + 300, "iat": now,
-              "nonce": "n-1", "email": "alice@example.com"}
+    claims = {
+        "iss": st.issuer,
+        "sub": "alice-sub-1",
+        "aud": "sidecar-dev",
+        "exp": now + 300,
+        "iat": now,
+        "nonce": "n-1",
+        "email": "alice@example.com",
+    }
     claims.update(changes)
     return {k: v for k, v in claims.items() if v is not None}
 
@@ -39,11 +46,19 @@ async def test_valid_token_passes(env: Any) -> None:
     assert claims["email"] == "alice@example.com"
 
 
-@pytest.mark.parametrize("changes", [
-    {"nonce": "other"}, {"aud": "someone-else"}, {"iss": "http://evil.example"},
-    {"exp": int(time.time()) - 3600}, {"iat": int(time.time()) + 3600}, {"iat": None},
-    {"aud": ["sidecar-dev", "other"], "azp": "other"}, {"sub": None},
-])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"nonce": "other"},
+        {"aud": "someone-else"},
+        {"iss": "http://evil.example"},
+        {"exp": int(time.time()) - 3600},
+        {"iat": int(time.time()) + 3600},
+        {"iat": None},
+        {"aud": ["sidecar-dev", "other"], "azp": "other"},
+        {"sub": None},
+    ],
+)
 async def test_bad_claims_are_rejected(env: Any, changes: dict[str, Any]) -> None:
     st, client = env
     with pytest.raises(TokenValidationError):
@@ -95,7 +110,8 @@ def test_token_response_without_expires_in_keeps_lifetime_unknown() -> None:
     jwt_token = jwt.encode({"exp": 5000}, "k" * 32, algorithm="HS256")
     assert token_set_from_response({"access_token": jwt_token}, now=1000.0).access_expires_at == 5000
     keycloak = token_set_from_response(
-        {"access_token": "a", "expires_in": 300, "refresh_token": "r", "refresh_expires_in": 1800}, now=1000.0)
+        {"access_token": "a", "expires_in": 300, "refresh_token": "r", "refresh_expires_in": 1800}, now=1000.0
+    )
     assert keycloak.access_expires_at == 1300 and keycloak.refresh_expires_at == 2800
     offline = token_set_from_response({"access_token": "a", "refresh_token": "r", "refresh_expires_in": 0}, now=1.0)
     assert offline.refresh_expires_at is None  # 0 = no expiry told: --refresh-token-ttl applies

@@ -16,9 +16,16 @@ async def test_method_query_body_and_forwarded_headers_are_kept() -> None:
     async with stack(MemoryStore()) as st, browser() as client:
         await sign_in(client, st.base)
         body = b"x" * 300_000
-        async with client.post(f"{st.base}/_demo/echo?a=1&a=2&b=%20", data=body,
-                               headers={"X-Custom": "kept", "Connection": "keep-alive, X-Drop", "X-Drop": "gone",
-                                        "Content-Type": "application/octet-stream"}) as resp:
+        async with client.post(
+            f"{st.base}/_demo/echo?a=1&a=2&b=%20",
+            data=body,
+            headers={
+                "X-Custom": "kept",
+                "Connection": "keep-alive, X-Drop",
+                "X-Drop": "gone",
+                "Content-Type": "application/octet-stream",
+            },
+        ) as resp:
             assert resp.status == 200
             echo = await resp.json()
         assert echo["method"] == "POST" and echo["body_length"] == len(body)
@@ -67,9 +74,8 @@ async def test_upstream_down_is_502_and_slow_upstream_is_504() -> None:
             # headers come at once, then the body stalls past the read timeout: the connection is cut
             assert resp.status == 200
         second = await st.add_sidecar(MemoryStore(), upstream=dead)
-        async with aiohttp.ClientSession() as anon:
-            async with anon.get(f"{second}/ping") as resp:
-                assert resp.status == 200
+        async with aiohttp.ClientSession() as anon, anon.get(f"{second}/ping") as resp:
+            assert resp.status == 200
     async with stack(MemoryStore(), skip_auth_route="^/", upstream=dead) as st, aiohttp.ClientSession() as anon:
         async with anon.get(f"{st.base}/anything") as resp:
             assert resp.status == 502
@@ -90,18 +96,23 @@ async def test_slow_upstream_headers_give_504() -> None:
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     try:
-        async with stack(MemoryStore(), skip_auth_route="^/", upstream=f"http://127.0.0.1:{port}/",
-                         upstream_timeout="0.3s") as st, aiohttp.ClientSession() as anon:
-            async with anon.get(f"{st.base}/x") as resp:
-                assert resp.status == 504
+        async with (
+            stack(
+                MemoryStore(), skip_auth_route="^/", upstream=f"http://127.0.0.1:{port}/", upstream_timeout="0.3s"
+            ) as st,
+            aiohttp.ClientSession() as anon,
+            anon.get(f"{st.base}/x") as resp,
+        ):
+            assert resp.status == 504
     finally:
         await runner.cleanup()
 
 
 async def test_path_prefix_routing_picks_the_longest_prefix() -> None:
     async with stack(MemoryStore(), skip_auth_route="^/", upstream="") as st, aiohttp.ClientSession() as anon:
-        api = await st.add_sidecar(MemoryStore(), skip_auth_route="^/",
-                                   upstream=f"{st.upstream_url}/_demo/,http://127.0.0.1:{free_port()}/")
+        api = await st.add_sidecar(
+            MemoryStore(), skip_auth_route="^/", upstream=f"{st.upstream_url}/_demo/,http://127.0.0.1:{free_port()}/"
+        )
         async with anon.get(f"{api}/_demo/echo") as resp:
             assert resp.status == 200  # /_demo/ goes to the demo app
         async with anon.get(f"{api}/other") as resp:

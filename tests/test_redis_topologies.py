@@ -32,9 +32,7 @@ DUMMY_ISSUER = "http://127.0.0.1:9"  # never contacted: only the store is built
 
 def topology_config(**topology: Any) -> Config:
     settings = sidecar_settings(DUMMY_ISSUER, free_port())
-    return build_config(
-        settings | {"session_store_type": "redis", "redis_timeout": "1s", **topology}
-    )
+    return build_config(settings | {"session_store_type": "redis", "redis_timeout": "1s", **topology})
 
 
 def sentinel_config(topo: SentinelTopology, db: int = 0) -> Config:
@@ -48,9 +46,7 @@ def sentinel_config(topo: SentinelTopology, db: int = 0) -> Config:
 
 
 def cluster_config(topo: ClusterTopology) -> Config:
-    return topology_config(
-        redis_use_cluster="true", redis_cluster_connection_urls=",".join(topo.urls)
-    )
+    return topology_config(redis_use_cluster="true", redis_cluster_connection_urls=",".join(topo.urls))
 
 
 @asynccontextmanager
@@ -81,9 +77,7 @@ async def assert_pttl(raw: Any, key: str, ttl: float) -> int:
     return pttl
 
 
-async def exercise_protocol(
-    store: RedisStore, raw: Any, keys: tuple[str, str] | None = None
-) -> None:
+async def exercise_protocol(store: RedisStore, raw: Any, keys: tuple[str, str] | None = None) -> None:
     """Every operation of the store protocol, checked against what Redis really holds."""
     key, other = keys or (uid("sess"), uid("sess"))
     user = uid("user")
@@ -198,9 +192,7 @@ async def test_sentinel_failover_store_follows_the_new_master(sentinel: Sentinel
         key, user = uid("sess"), uid("user")
         await store.create(key, b"before-failover", 300, time.time(), user)
         async with opened(aioredis.Redis(port=sentinel.master.port)) as master:
-            assert await master.execute_command("WAIT", 1, 5000) == 1, (
-                "replica did not acknowledge the write"
-            )
+            assert await master.execute_command("WAIT", 1, 5000) == 1, "replica did not acknowledge the write"
 
         sentinel.master.kill()
         started = time.monotonic()
@@ -213,9 +205,7 @@ async def test_sentinel_failover_store_follows_the_new_master(sentinel: Sentinel
                     break
             except StoreUnavailable:
                 outages += 1  # expected while the Sentinel has not promoted the replica yet
-            assert time.monotonic() < deadline, (
-                f"store did not recover within 20 s ({outages} outages)"
-            )
+            assert time.monotonic() < deadline, f"store did not recover within 20 s ({outages} outages)"
             await asyncio.sleep(0.2)
         new_master = sentinel.wait_promoted(timeout=max(1.0, deadline - time.monotonic()))
         assert new_master == sentinel.replica.port
@@ -268,9 +258,7 @@ async def test_cluster_store_protocol(cluster: ClusterTopology) -> None:
 async def test_cluster_store_survives_a_seed_node_being_down(cluster: ClusterTopology) -> None:
     """Startup nodes are only seeds: a dead first URL must not keep the store from the cluster."""
     dead = f"redis://127.0.0.1:{free_port()}"
-    config = topology_config(
-        redis_use_cluster="true", redis_cluster_connection_urls=[dead, *cluster.urls]
-    )
+    config = topology_config(redis_use_cluster="true", redis_cluster_connection_urls=[dead, *cluster.urls])
     async with store_for(config) as store:
         key = uid("sess")
         await store.create(key, b"seeded", 60, time.time(), uid("user"))

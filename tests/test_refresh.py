@@ -115,7 +115,9 @@ async def test_removed_from_group_loses_access_at_next_refresh(store: SessionSto
         assert (await _auth(client, st.base))[0] == 403
 
 
-async def test_redis_ttl_is_the_refresh_lifetime_after_sign_in_and_refresh(redis_url: str, raw_redis: aioredis.Redis) -> None:
+async def test_redis_ttl_is_the_refresh_lifetime_after_sign_in_and_refresh(
+    redis_url: str, raw_redis: aioredis.Redis
+) -> None:
     store = RedisStore(aioredis.from_url(redis_url))
     provider_kw = {**FAST, "refresh_token_ttl": 5000}
     try:

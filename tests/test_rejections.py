@@ -64,17 +64,28 @@ async def test_provider_error_and_missing_pkce_verifier_refuse_sign_in() -> None
         # The verifier lives server-side with the state; a different state record means the wrong verifier.
         pending = await st.runners[0].app[SERVICES].sessions.store.take_state(state)
         assert pending is not None
-        await st.runners[0].app[SERVICES].sessions.store.put_state(
-            state, pending.replace(b'"v": "', b'"v": "wrong'), 60)
+        await (
+            st.runners[0].app[SERVICES].sessions.store.put_state(state, pending.replace(b'"v": "', b'"v": "wrong'), 60)
+        )
         async with client.get(callback, allow_redirects=False) as resp:
             assert resp.status == 403
         assert session_cookie(client) is None
 
 
-@pytest.mark.parametrize("rd", [
-    "https://evil.example/", "//evil.example/", "/\\evil.example", "/%2F%2Fevil.example", "javascript:alert(1)",
-    "http://127.0.0.1.evil.example/", "https://user@evil.example/", "/%5Cevil.example", "\\\\evil.example",
-])
+@pytest.mark.parametrize(
+    "rd",
+    [
+        "https://evil.example/",
+        "//evil.example/",
+        "/\\evil.example",
+        "/%2F%2Fevil.example",
+        "javascript:alert(1)",
+        "http://127.0.0.1.evil.example/",
+        "https://user@evil.example/",
+        "/%5Cevil.example",
+        "\\\\evil.example",
+    ],
+)
 async def test_open_redirects_fall_back_to_root(rd: str) -> None:
     async with stack(MemoryStore()) as st, browser() as client:
         resp = await sign_in(client, st.base, rd=rd)
@@ -104,12 +115,21 @@ async def test_forged_and_resigned_cookies_are_not_signed_in() -> None:
         await sign_in(client, st.base)
         real = session_cookie(client) or ""
         payload, _, sig = real.rpartition(".")
-        forged = [real[:-2] + ("AA" if not real.endswith("AA") else "BB"), "garbage", "a.b.c", "x" * 5000,
-                  payload + ".", real.replace(real[5], "Z" if real[5] != "Z" else "Y", 1)]
-        from itsdangerous import URLSafeTimedSerializer
+        forged = [
+            real[:-2] + ("AA" if not real.endswith("AA") else "BB"),
+            "garbage",
+            "a.b.c",
+            "x" * 5000,
+            payload + ".",
+            real.replace(real[5], "Z" if real[5] != "Z" else "Y", 1),
+        ]
         import hashlib
-        other = URLSafeTimedSerializer("another-secret-0123456789", salt="sidecar.session",
-                                       signer_kwargs={"digest_method": hashlib.sha256})
+
+        from itsdangerous import URLSafeTimedSerializer
+
+        other = URLSafeTimedSerializer(
+            "another-secret-0123456789", salt="sidecar.session", signer_kwargs={"digest_method": hashlib.sha256}
+        )
         forged.append(other.dumps("A" * 43 + "." + "B" * 43))
         for value in forged:
             async with aiohttp.ClientSession(cookies={"_sidecar": value}) as c:
@@ -124,14 +144,20 @@ async def test_forged_and_resigned_cookies_are_not_signed_in() -> None:
 
 async def test_spoofed_identity_headers_never_reach_the_app() -> None:
     async with stack(MemoryStore(), skip_auth_route="^/public/") as st, browser() as client:
-        spoof = {"X-Auth-Request-User": "mallory", "X-Forwarded-User": "mallory", "X_Forwarded_Email": "m@evil",
-                 "x-auth-request-groups": "admins", "Authorization": "Bearer forged", "X_Auth_Request_Email": "m@evil",
-                 "X-Forwarded-Preferred-Username": "mallory", "X-Forwarded-Access-Token": "forged"}
-        async with aiohttp.ClientSession() as anon:
-            async with anon.get(f"{st.base}/public/x", headers=spoof) as resp:
-                assert resp.status == 200  # skip-auth route: served without a session
-                echo_text = await resp.text()
-                assert "mallory" not in echo_text and "forged" not in echo_text
+        spoof = {
+            "X-Auth-Request-User": "mallory",
+            "X-Forwarded-User": "mallory",
+            "X_Forwarded_Email": "m@evil",
+            "x-auth-request-groups": "admins",
+            "Authorization": "Bearer forged",
+            "X_Auth_Request_Email": "m@evil",
+            "X-Forwarded-Preferred-Username": "mallory",
+            "X-Forwarded-Access-Token": "forged",
+        }
+        async with aiohttp.ClientSession() as anon, anon.get(f"{st.base}/public/x", headers=spoof) as resp:
+            assert resp.status == 200  # skip-auth route: served without a session
+            echo_text = await resp.text()
+            assert "mallory" not in echo_text and "forged" not in echo_text
         resp = await sign_in(client, st.base)
         async with client.get(f"{st.base}/_demo/echo", headers=spoof) as resp:
             echo = await resp.json()

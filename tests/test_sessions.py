@@ -18,8 +18,9 @@ from tests.stack import COOKIE_SECRET, browser, session_cookie, sign_in, stack
 
 
 def _session(**changes: object) -> Session:
-    base = Session(identity=Identity(sub="s", user="u"), tokens=TokenSet(access_token="a"), created_at=1000.0,
-                   last_active=1000.0)
+    base = Session(
+        identity=Identity(sub="s", user="u"), tokens=TokenSet(access_token="a"), created_at=1000.0, last_active=1000.0
+    )
     return replace(base, **changes)  # type: ignore[arg-type]
 
 
@@ -127,10 +128,20 @@ async def test_redis_outage_answers_503_and_signs_nobody_out(redis_url: str) -> 
     await store.close()
 
 
-async def test_logs_never_contain_tokens_cookies_or_secrets(store: SessionStore, caplog: pytest.LogCaptureFixture) -> None:
+async def test_logs_never_contain_tokens_cookies_or_secrets(
+    store: SessionStore, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
-    async with stack(store, request_logging="true", pass_access_token="true", provider_kw={"access_token_ttl": 1},
-                     refresh_skew="0s") as st, browser() as client:
+    async with (
+        stack(
+            store,
+            request_logging="true",
+            pass_access_token="true",
+            provider_kw={"access_token_ttl": 1},
+            refresh_skew="0s",
+        ) as st,
+        browser() as client,
+    ):
         await sign_in(client, st.base)
         async with client.get(f"{st.base}/oauth2/auth") as resp:
             token = resp.headers["X-Auth-Request-Access-Token"]
@@ -156,8 +167,14 @@ def _logout_token(st: object, **changes: object) -> str:
 
     from sidecar.oidc import BACKCHANNEL_EVENT
 
-    claims = {"iss": st.issuer, "aud": "sidecar-dev", "iat": int(time.time()), "jti": uuid.uuid4().hex,  # type: ignore[attr-defined]
-              "sub": "alice-sub-1", "events": {BACKCHANNEL_EVENT: {}}}
+    claims = {
+        "iss": st.issuer,
+        "aud": "sidecar-dev",
+        "iat": int(time.time()),
+        "jti": uuid.uuid4().hex,  # type: ignore[attr-defined]
+        "sub": "alice-sub-1",
+        "events": {BACKCHANNEL_EVENT: {}},
+    }
     claims.update(changes)
     return st.provider.keys.sign({k: v for k, v in claims.items() if v is not None})  # type: ignore[attr-defined]
 
@@ -167,14 +184,20 @@ async def test_backchannel_logout_ends_every_session_of_the_user(store: SessionS
         await sign_in(laptop, st.base)
         await sign_in(phone, st.base)
         async with aiohttp.ClientSession() as idp:
-            for bad in (_logout_token(st, events=None), _logout_token(st, nonce="n"), _logout_token(st, aud="other"),
-                        _logout_token(st, sub=None), "not-a-jwt"):
+            for bad in (
+                _logout_token(st, events=None),
+                _logout_token(st, nonce="n"),
+                _logout_token(st, aud="other"),
+                _logout_token(st, sub=None),
+                "not-a-jwt",
+            ):
                 async with idp.post(f"{st.base}/oauth2/backchannel_logout", data={"logout_token": bad}) as resp:
                     assert resp.status == 400
             async with laptop.get(f"{st.base}/oauth2/auth") as resp:
                 assert resp.status == 202  # nothing was ended by the bad tokens
-            async with idp.post(f"{st.base}/oauth2/backchannel_logout",
-                                data={"logout_token": _logout_token(st)}) as resp:
+            async with idp.post(
+                f"{st.base}/oauth2/backchannel_logout", data={"logout_token": _logout_token(st)}
+            ) as resp:
                 assert resp.status == 200
         for client in (laptop, phone):
             async with client.get(f"{st.base}/oauth2/auth") as resp:

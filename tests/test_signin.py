@@ -44,8 +44,12 @@ async def test_auth_endpoint_answers_202_with_headers_then_401_after_sign_out(st
 
 async def test_unauthenticated_browser_is_redirected_and_api_client_gets_401(store: SessionStore) -> None:
     async with stack(store) as st, aiohttp.ClientSession() as client:
-        async with client.get(f"{st.base}/some/page?x=1", headers={"Accept": "text/html"}, allow_redirects=False) as resp:
+        async with client.get(
+            f"{st.base}/some/page?x=1", headers={"Accept": "text/html"}, allow_redirects=False
+        ) as resp:
             assert resp.status == 302
             assert resp.headers["Location"] == "/oauth2/start?rd=%2Fsome%2Fpage%3Fx%3D1"
-        async with client.get(f"{st.base}/api/thing", headers={"Accept": "application/json"}, allow_redirects=False) as resp:
+        async with client.get(
+            f"{st.base}/api/thing", headers={"Accept": "application/json"}, allow_redirects=False
+        ) as resp:
             assert resp.status == 401

@@ -35,26 +35,31 @@ async def main() -> None:
     port = int(os.environ.get("SIDECAR_DEV_PORT", "4180"))
     provider_runner, _ = await run_provider(HOST, port + 2, access_token_ttl=60)
     issuer = f"http://{HOST}:{port + 2}"
-    config = build_config({
-        "http_address": f"{HOST}:{port}",
-        "upstream": f"http://{HOST}:{port + 1}/",
-        "oidc_issuer_url": issuer,
-        "client_id": "sidecar-dev",
-        "client_secret": "sidecar-dev-secret",
-        "redirect_url": f"http://{HOST}:{port}/oauth2/callback",
-        "cookie_secret": os.urandom(24).hex(),
-        "cookie_secure": "false",  # plain http on loopback only
-        "pass_access_token": "true",
-        "pass_authorization_header": "true",
-        "session_store_type": "memory",
-        "request_logging": os.environ.get("SIDECAR_DEV_LOG", "false"),
-    })
+    config = build_config(
+        {
+            "http_address": f"{HOST}:{port}",
+            "upstream": f"http://{HOST}:{port + 1}/",
+            "oidc_issuer_url": issuer,
+            "client_id": "sidecar-dev",
+            "client_secret": "sidecar-dev-secret",
+            "redirect_url": f"http://{HOST}:{port}/oauth2/callback",
+            "cookie_secret": os.urandom(24).hex(),
+            "cookie_secure": "false",  # plain http on loopback only
+            "pass_access_token": "true",
+            "pass_authorization_header": "true",
+            "session_store_type": "memory",
+            "request_logging": os.environ.get("SIDECAR_DEV_LOG", "false"),
+        }
+    )
     logs.setup("info")
     runners = [await _serve(demo_app(), port + 1), await _serve(build_app(config), port), provider_runner]
-    print(f"\n  sidecar demo (development only, NOT for production)\n"
-          f"  open  http://{HOST}:{port}/  and sign in as alice or bob\n"
-          f"  provider {issuer}  (tokens live 60 s and are refreshed transparently)\n"
-          f"  Ctrl-C to stop\n", flush=True)
+    print(
+        f"\n  sidecar demo (development only, NOT for production)\n"
+        f"  open  http://{HOST}:{port}/  and sign in as alice or bob\n"
+        f"  provider {issuer}  (tokens live 60 s and are refreshed transparently)\n"
+        f"  Ctrl-C to stop\n",
+        flush=True,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -90,19 +90,13 @@ def _token_expiry(request: web.Request) -> tuple[int, int] | None:
 
 
 def _rows(pairs: Sequence[tuple[str, str]]) -> str:
-    return "".join(
-        f"<tr><th>{html.escape(k)}</th><td><code>{html.escape(v)}</code></td></tr>"
-        for k, v in pairs
-    )
+    return "".join(f"<tr><th>{html.escape(k)}</th><td><code>{html.escape(v)}</code></td></tr>" for k, v in pairs)
 
 
 def render_page(request: web.Request) -> str:
     """The HTML of the demo page; every request-derived value is escaped."""
     identity = [(h, request.headers.get(h, "(absent)")) for h in IDENTITY_HEADERS]
-    identity += [
-        (h, _mask(request.headers[h]) if h in request.headers else "(absent)")
-        for h in TOKEN_HEADERS
-    ]
+    identity += [(h, _mask(request.headers[h]) if h in request.headers else "(absent)") for h in TOKEN_HEADERS]
     others = [(k, v) for k, v in request.headers.items() if k.lower() not in _SHOWN]
     expiry = _token_expiry(request)
     if expiry is None:
@@ -139,9 +133,7 @@ def render_page(request: web.Request) -> str:
 
 async def page(request: web.Request) -> web.Response:
     """Catch-all: the human-facing page."""
-    return web.Response(
-        text=render_page(request), content_type="text/html", headers={"Cache-Control": "no-store"}
-    )
+    return web.Response(text=render_page(request), content_type="text/html", headers={"Cache-Control": "no-store"})
 
 
 async def echo(request: web.Request) -> web.Response:

@@ -221,9 +221,7 @@ class DevProvider(TokenGrants):
         self.logout_calls = 0
         self.refresh_tokens_presented = []
 
-    def inject_fault(
-        self, kind: str, count: int = 1, grant: str = "refresh_token", delay: float = 0.0
-    ) -> Fault:
+    def inject_fault(self, kind: str, count: int = 1, grant: str = "refresh_token", delay: float = 0.0) -> Fault:
         """Make the next ``count`` token calls for ``grant`` misbehave (``count=-1``: forever)."""
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault kind {kind!r}; expected one of {FAULT_KINDS}")
@@ -271,9 +269,7 @@ class DevProvider(TokenGrants):
         self.users[username].groups = [str(g) for g in groups]
 
 
-async def run_provider(
-    host: str = "127.0.0.1", port: int = 0, **kwargs: Any
-) -> tuple[web.AppRunner, DevProvider]:
+async def run_provider(host: str = "127.0.0.1", port: int = 0, **kwargs: Any) -> tuple[web.AppRunner, DevProvider]:
     """Start a provider on a TCP site. ``port=0`` picks a free port and fixes the issuer up.
 
     Pass ``issuer=`` to override the default ``http://host:port`` and

@@ -62,8 +62,7 @@ class TokenGrants:
         if reg is None:
             raise OAuthError("invalid_client", "unknown client")
         if reg.client_secret is not None and (
-            secret is None
-            or not secrets.compare_digest(secret.encode(), reg.client_secret.encode())
+            secret is None or not secrets.compare_digest(secret.encode(), reg.client_secret.encode())
         ):
             raise OAuthError("invalid_client", "bad client credentials")
         return reg
@@ -117,9 +116,7 @@ class TokenGrants:
         user = self.users.get(grant.username)
         if user is None:
             raise OAuthError("invalid_grant", "user no longer exists")
-        fam = RefreshFamily(
-            random_token(12), grant.username, client.client_id, grant.scope, grant.auth_time
-        )
+        fam = RefreshFamily(random_token(12), grant.username, client.client_id, grant.scope, grant.auth_time)
         self._families[fam.family_id] = fam
         grant.family_id = fam.family_id
         token, expires_at = self._new_refresh_token(fam)

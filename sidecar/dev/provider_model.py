@@ -51,9 +51,7 @@ class DevUser:
 
 
 DEFAULT_USERS: dict[str, DevUser] = {
-    "alice": DevUser(
-        "alice-sub-1", "alice@example.com", "Alice Example", "alice", ["admins", "staff"]
-    ),
+    "alice": DevUser("alice-sub-1", "alice@example.com", "Alice Example", "alice", ["admins", "staff"]),
     "bob": DevUser("bob-sub-2", "bob@example.org", "Bob Builder", "bob", ["staff"]),
 }
 
@@ -218,9 +216,7 @@ class KeyRing:
 
     def rotate(self, keep_old: bool = True) -> str:
         """Add a fresh signing key; drop the others unless ``keep_old``. Returns the new kid."""
-        key = SigningKey(
-            self._new_kid(), rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        )
+        key = SigningKey(self._new_kid(), rsa.generate_private_key(public_exponent=65537, key_size=2048))
         self.keys = [*self.keys, key] if keep_old else [key]
         return key.kid
 

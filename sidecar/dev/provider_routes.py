@@ -78,9 +78,7 @@ def _oauth_error(exc: OAuthError) -> web.Response:
     return web.json_response(body, status=exc.status, headers=headers)
 
 
-def _client_credentials(
-    request: web.Request, form: Mapping[str, str]
-) -> tuple[str | None, str | None]:
+def _client_credentials(request: web.Request, form: Mapping[str, str]) -> tuple[str | None, str | None]:
     """client_secret_basic (url-decoded per RFC 6749 2.3.1) or client_secret_post."""
     auth = request.headers.get("Authorization")
     if not auth:
@@ -144,13 +142,9 @@ class ProviderRoutes:
     def _protocol_error(self, params: Mapping[str, str]) -> web.Response | None:
         """Problems reported back to the client by redirect (RFC 6749 4.1.2.1)."""
         if params.get("response_type") != "code":
-            return self._error_redirect(
-                params, "unsupported_response_type", "only response_type=code is supported"
-            )
+            return self._error_redirect(params, "unsupported_response_type", "only response_type=code is supported")
         if not params.get("code_challenge") or params.get("code_challenge_method") != "S256":
-            return self._error_redirect(
-                params, "invalid_request", "PKCE with code_challenge_method=S256 is required"
-            )
+            return self._error_redirect(params, "invalid_request", "PKCE with code_challenge_method=S256 is required")
         if "openid" not in params.get("scope", "").split():
             return self._error_redirect(params, "invalid_scope", "scope must include openid")
         return None
@@ -198,8 +192,7 @@ class ProviderRoutes:
 
     def _login_page(self, params: Mapping[str, str]) -> web.Response:
         hidden = "".join(
-            f"<input type='hidden' name='{html.escape(k, quote=True)}' "
-            f"value='{html.escape(v, quote=True)}'>"
+            f"<input type='hidden' name='{html.escape(k, quote=True)}' value='{html.escape(v, quote=True)}'>"
             for k, v in params.items()
             if k in _AUTHORIZE_PARAMS
         )
@@ -330,9 +323,7 @@ class ProviderRoutes:
             return web.json_response({"error": f"unknown control action {action!r}"}, status=404)
         return web.json_response(result, headers=_NO_STORE)
 
-    def _control_action(
-        self, action: str, method: str, data: dict[str, Any]
-    ) -> dict[str, Any] | None:
+    def _control_action(self, action: str, method: str, data: dict[str, Any]) -> dict[str, Any] | None:
         p = self.p
         if action == "stats":
             return p.stats()

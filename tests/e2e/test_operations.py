@@ -39,6 +39,7 @@ async def test_sigterm_lets_in_flight_requests_finish(st: Stack) -> None:
     proc = await _process(st, skip_auth_route="^/_demo/", shutdown_timeout="10s").ready()
     try:
         async with aiohttp.ClientSession() as client:
+
             async def slow() -> tuple[int, bytes]:
                 async with client.get(proc.base + "/_demo/stream?n=6&delay=0.25") as resp:
                     return resp.status, await resp.read()
@@ -57,14 +58,17 @@ async def test_sigterm_lets_in_flight_requests_finish(st: Stack) -> None:
 
 
 async def test_metrics_are_correct_across_workers(st: Stack, redis_url: str) -> None:
-    proc = await _process(st, session_store_type="redis", redis_connection_url=redis_url, workers="2",
-                          pass_access_token="true").ready()
+    proc = await _process(
+        st, session_store_type="redis", redis_connection_url=redis_url, workers="2", pass_access_token="true"
+    ).ready()
     try:
         cookie = await _signed_in_cookie(proc.base)
         async with aiohttp.ClientSession(cookies={"_sidecar": cookie}) as client:
             for _ in range(40):  # new connections spread over both workers
-                async with aiohttp.ClientSession(cookies={"_sidecar": cookie}) as fresh, \
-                        fresh.get(proc.base + "/oauth2/auth") as resp:
+                async with (
+                    aiohttp.ClientSession(cookies={"_sidecar": cookie}) as fresh,
+                    fresh.get(proc.base + "/oauth2/auth") as resp,
+                ):
                     assert resp.status == 202
                     token = resp.headers["X-Auth-Request-Access-Token"]
             await asyncio.sleep(2.1)  # the access token expires: the next request refreshes

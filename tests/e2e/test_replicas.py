@@ -12,8 +12,14 @@ import pytest
 
 from tests.stack import SidecarProcess, Stack, browser, free_port, session_cookie, sidecar_settings, sign_in, stack
 
-OPTS = {"refresh_skew": "0s", "pass_access_token": "true", "session_store_type": "redis", "workers": "1",
-        "provider_timeout": "2s", "provider_retries": "0"}
+OPTS = {
+    "refresh_skew": "0s",
+    "pass_access_token": "true",
+    "session_store_type": "redis",
+    "workers": "1",
+    "provider_timeout": "2s",
+    "provider_retries": "0",
+}
 
 
 @pytest.fixture
@@ -23,8 +29,9 @@ async def replicas(redis_url: str) -> AsyncIterator[tuple[Stack, list[SidecarPro
         callback_port = free_port()  # every replica shares one public callback, as behind a load balancer
         try:
             for _ in range(2):
-                settings = sidecar_settings(st.issuer, free_port(), st.upstream_url + "/", **OPTS,
-                                            redis_connection_url=redis_url)
+                settings = sidecar_settings(
+                    st.issuer, free_port(), st.upstream_url + "/", **OPTS, redis_connection_url=redis_url
+                )
                 settings["redirect_url"] = f"http://127.0.0.1:{callback_port}/oauth2/callback"
                 procs.append(SidecarProcess(settings))
             for proc in procs:
@@ -96,16 +103,20 @@ async def test_signed_in_on_one_process_works_on_the_other(replicas: tuple[Stack
 
 
 async def test_rotated_token_is_saved_even_when_redis_stalls_after_the_provider_answered(
-    redis_url: str, raw_redis: Any,
+    redis_url: str,
+    raw_redis: Any,
 ) -> None:
-    from sidecar.store import RedisStore
     import redis.asyncio as aioredis
+
+    from sidecar.store import RedisStore
 
     provider_kw = {"access_token_ttl": 1, "rotate_refresh_tokens": True, "reuse_detection": True}
     store = RedisStore(aioredis.from_url(redis_url, socket_timeout=0.5))
     try:
-        async with stack(store, provider_kw=provider_kw, refresh_skew="0s", pass_access_token="true") as st, \
-                browser() as client:
+        async with (
+            stack(store, provider_kw=provider_kw, refresh_skew="0s", pass_access_token="true") as st,
+            browser() as client,
+        ):
             await sign_in(client, st.base)
             await asyncio.sleep(1.1)
             st.provider.inject_fault("slow", count=1, delay=0.5)

@@ -1,0 +1,137 @@
+"""Valid sessions without a browser: real sign-ins, and large populations written with the sidecar's own code.
+
+A real sign-in gives one genuine token response (RS256 JWT access token, opaque refresh
+token, RS256 ID token). Bulk sessions reuse its exact shape and lengths with fresh random
+parts per user (ids, signatures, refresh token), so zlib compression and AES-GCM sizes
+match real records, and are written by ``Sessions.create`` on a ``RedisStore``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import secrets
+import time
+from dataclasses import replace
+from typing import Any
+
+import aiohttp
+import redis.asyncio as aioredis
+
+from sidecar.config import build_config
+from sidecar.cookies import CookieCodec
+from sidecar.crypto import decrypt
+from sidecar.models import Identity, Session, TokenSet
+from sidecar.sessions import Sessions
+from sidecar.store import RedisStore
+
+from .procs import CLIENT_ID, CLIENT_SECRET, COOKIE_SECRET
+
+
+def bench_config(issuer: str, redis_url: str) -> Any:
+    return build_config({
+        "oidc_issuer_url": issuer, "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET,
+        "redirect_url": "http://127.0.0.1:1/oauth2/callback", "cookie_secret": COOKIE_SECRET,
+        "session_store_type": "redis", "redis_connection_url": redis_url,
+    })
+
+
+def codec() -> CookieCodec:
+    return CookieCodec((COOKIE_SECRET.encode(),), 604800.0)
+
+
+async def sign_in(base: str) -> str:
+    """The browser round trip (start -> provider auto-login -> callback); returns the session cookie."""
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as client:
+        async with client.get(f"{base}/oauth2/start", params={"rd": "/ping"}) as resp:
+            await resp.read()
+        for cookie in client.cookie_jar:
+            if cookie.key == "_sidecar":
+                return cookie.value
+    raise RuntimeError(f"sign-in at {base} gave no session cookie")
+
+
+async def read_session(cookie: str, redis_url: str) -> Session:
+    """Open a stored record with the key its cookie carries (what the sidecar does per request)."""
+    ref = codec().load_session(cookie, time.time())
+    client = aioredis.from_url(redis_url)
+    try:
+        record = await RedisStore(client).load(ref.store_key)
+    finally:
+        await client.aclose()
+    if record is None:
+        raise RuntimeError("the signed-in session is not in Redis")
+    return Session.from_bytes(decrypt(ref.key, record.blob, ref.store_key.encode()), record.version,
+                              record.last_active)
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _random_like(text: str) -> str:
+    """A random URL-safe string of the same length."""
+    return _b64(os.urandom(len(text)))[: len(text)]
+
+
+def _jwt_like(token: str, changes: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Same header, claims with ``changes``, a random signature of the original length."""
+    header, payload, signature = token.split(".")
+    claims = {**json.loads(_unb64(payload)), **changes}
+    body = _b64(json.dumps(claims, separators=(",", ":")).encode())
+    return f"{header}.{body}.{_random_like(signature)}", claims
+
+
+class Synthesizer:
+    """Per-user variants of one real session: distinct subject, email, ids, signatures, refresh token."""
+
+    def __init__(self, template: Session) -> None:
+        self.t = template
+
+    def make(self, i: int) -> tuple[Identity, TokenSet, dict[str, Any]]:
+        t, now = self.t, int(time.time())
+        sub = f"user-{i:07d}-{secrets.token_hex(4)}"
+        email = f"user{i:07d}@example.com"
+        name = f"User {i:07d}"
+        access, _ = _jwt_like(t.tokens.access_token, {
+            "sub": sub, "iat": now, "exp": now + 3600, "jti": _random_like(str(_claim(t.tokens.access_token, "jti"))),
+        })
+        changes: dict[str, Any] = {"sub": sub, "email": email, "name": name, "preferred_username": f"user{i:07d}",
+                                   "iat": now, "exp": now + 300, "auth_time": now}
+        if "nonce" in t.claims:
+            changes["nonce"] = _random_like(str(t.claims["nonce"]))
+        id_token, claims = _jwt_like(t.tokens.id_token or "", changes)
+        identity = replace(t.identity, sub=sub, user=email, email=email, preferred_username=f"user{i:07d}")
+        tokens = replace(t.tokens, access_token=access, id_token=id_token,
+                         refresh_token=_random_like(t.tokens.refresh_token or "x" * 43),
+                         access_expires_at=now + 3600.0, refresh_expires_at=now + 86400.0, issued_at=float(now))
+        return identity, tokens, claims
+
+
+def _claim(token: str, name: str) -> Any:
+    return json.loads(_unb64(token.split(".")[1])).get(name, "")
+
+
+async def populate(issuer: str, redis_url: str, template: Session, count: int, first: int = 0,
+                   concurrency: int = 64) -> list[str]:
+    """Write ``count`` sessions with ``Sessions.create``; returns their cookies, in order."""
+    client = aioredis.from_url(redis_url, max_connections=concurrency + 4)
+    sessions = Sessions(RedisStore(client), bench_config(issuer, redis_url))
+    synth, cc = Synthesizer(template), codec()
+    cookies: list[str] = [""] * count
+    try:
+        async def one(k: int) -> None:
+            ref, _ = await sessions.create(*synth.make(first + k))
+            cookies[k] = cc.dump_session(ref)
+
+        for start in range(0, count, concurrency):
+            await asyncio.gather(*(one(k) for k in range(start, min(count, start + concurrency))))
+    finally:
+        await client.aclose()
+    return cookies

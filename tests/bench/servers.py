@@ -1,0 +1,178 @@
+"""The baselines: tiny aiohttp servers run exactly like the sidecar (uvloop, N forked workers, one socket).
+
+``python -m tests.bench.servers KIND --port P --workers N [--target URL]`` where KIND is
+
+* ``bare``: answers every request with an empty 202 (the framework's limit, and the
+  stand-in for the sidecar behind nginx ``auth_request``);
+* ``upstream``: the small app behind the proxies, a fixed 1 KiB page;
+* ``passthrough``: a minimal streaming reverse proxy to ``--target``, built like the
+  sidecar's proxy (pooled client, hop-by-hop headers dropped, body streamed both ways)
+  but with no authentication, so it is what "proxying in aiohttp" costs by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+from collections.abc import AsyncIterator, Sequence
+
+import aiohttp
+from aiohttp import web
+
+UPSTREAM_BODY = (b"<!doctype html><html><head><title>bench upstream</title></head><body>"
+                 + b"x" * 1024)[:1024]
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
+    "transfer-encoding", "upgrade", "proxy-connection",
+})
+
+
+def bare_app() -> web.Application:
+    async def accept(request: web.Request) -> web.Response:
+        return web.Response(status=202)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", accept)
+    return app
+
+
+def upstream_app() -> web.Application:
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(body=UPSTREAM_BODY, content_type="text/html")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", page)
+    return app
+
+
+def passthrough_app(target: str) -> web.Application:
+    client_key = web.AppKey("client", aiohttp.ClientSession)
+    target = target.rstrip("/")
+
+    async def client_ctx(app: web.Application) -> AsyncIterator[None]:
+        app[client_key] = aiohttp.ClientSession(
+            auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+        )
+        yield
+        await app[client_key].close()
+
+    async def proxy(request: web.Request) -> web.StreamResponse:
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP and k.lower() != "content-length"}
+        if request.content_length is not None:
+            headers["Content-Length"] = str(request.content_length)
+        headers["X-Forwarded-For"] = str(request.remote)
+        headers["X-Forwarded-Proto"] = request.scheme
+        headers["X-Forwarded-Host"] = request.host
+        body = request.content if request.body_exists else None
+        try:
+            upstream = await request.app[client_key].request(
+                request.method, target + request.rel_url.raw_path_qs, headers=headers, data=body,
+                allow_redirects=False, timeout=aiohttp.ClientTimeout(sock_connect=30, sock_read=30),
+            )
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            return web.Response(status=502)
+        try:
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            for name, value in upstream.headers.items():
+                if name.lower() not in HOP_BY_HOP:
+                    response.headers.add(name, value)
+            if upstream.headers.get("Content-Length") is None and request.method != "HEAD":
+                response.enable_chunked_encoding()
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+        finally:
+            upstream.release()
+
+    app = web.Application()
+    app.cleanup_ctx.append(client_ctx)
+    app.router.add_route("*", "/{tail:.*}", proxy)
+    return app
+
+
+def build(kind: str, target: str | None) -> web.Application:
+    if kind == "bare":
+        return bare_app()
+    if kind == "upstream":
+        return upstream_app()
+    if kind == "passthrough":
+        if not target:
+            raise SystemExit("passthrough needs --target")
+        return passthrough_app(target)
+    raise SystemExit(f"unknown server kind {kind!r}")
+
+
+async def _serve(kind: str, target: str | None, sock: socket.socket) -> None:
+    runner = web.AppRunner(build(kind, target), access_log=None, handle_signals=False, shutdown_timeout=1.0)
+    await runner.setup()
+    await web.SockSite(runner, sock).start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runner.cleanup()
+
+
+def _worker(kind: str, target: str | None, sock: socket.socket) -> None:
+    import uvloop
+
+    uvloop.install()
+    asyncio.run(_serve(kind, target, sock))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench.servers")
+    parser.add_argument("kind", choices=("bare", "upstream", "passthrough"))
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--target")
+    args = parser.parse_args(argv)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", args.port))
+    sock.listen(1024)
+    if args.workers <= 1:
+        _worker(args.kind, args.target, sock)
+        return
+    pids = []
+    for _ in range(args.workers):
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                _worker(args.kind, args.target, sock)
+            except BaseException:  # noqa: BLE001 - a worker must never return into the parent's loop
+                code = 1
+            os._exit(code)
+        pids.append(pid)
+
+    def forward(signum: int, _frame: object) -> None:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for pid in pids:
+        while True:
+            try:
+                os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+            except ChildProcessError:
+                break
+
+
+if __name__ == "__main__":
+    main()

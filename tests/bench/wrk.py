@@ -1,0 +1,106 @@
+"""Run wrk for a bounded time and parse what it prints (rate, latency percentiles, failures)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .procs import binary, workdir
+
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}
+
+
+@dataclass
+class WrkResult:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    non2xx: int = 0
+    socket_errors: dict[str, int] = field(default_factory=dict)
+    raw: str = ""
+
+    @property
+    def failures(self) -> int:
+        return self.non2xx + sum(self.socket_errors.values())
+
+    def failure_text(self) -> str:
+        parts = [f"non-2xx/3xx {self.non2xx}"] if self.non2xx else []
+        parts += [f"{k} {v}" for k, v in self.socket_errors.items() if v]
+        return ", ".join(parts)
+
+
+def _ms(text: str) -> float:
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text.strip())
+    if not match:
+        raise ValueError(f"unparsable wrk latency {text!r}")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def parse(out: str) -> WrkResult:
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    total = re.search(r"(\d+) requests in", out)
+    p50 = re.search(r"^\s+50%\s+(\S+)", out, re.M)
+    p99 = re.search(r"^\s+99%\s+(\S+)", out, re.M)
+    if not (rps and total and p50 and p99):
+        raise RuntimeError(f"could not parse wrk output:\n{out}")
+    result = WrkResult(rps=float(rps.group(1)), p50_ms=_ms(p50.group(1)), p99_ms=_ms(p99.group(1)),
+                       requests=int(total.group(1)), raw=out)
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    if non2xx:
+        result.non2xx = int(non2xx.group(1))
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if sock:
+        result.socket_errors = dict(zip(("connect", "read", "write", "timeout"), map(int, sock.groups()), strict=True))
+    return result
+
+
+def run(url: str, duration: float, threads: int = 2, connections: int = 64, headers: Sequence[str] = (),
+        script: Path | None = None) -> WrkResult:
+    """wrk ``-t -c -d --latency``; ``headers`` are ``"Name: value"`` strings."""
+    argv = [binary("wrk"), f"-t{threads}", f"-c{connections}", f"-d{duration:g}s", "--latency", "--timeout", "5s"]
+    for header in headers:
+        argv += ["-H", header]
+    if script is not None:
+        argv += ["-s", str(script)]
+    argv.append(url)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30)
+    if done.returncode != 0:
+        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr or done.stdout}")
+    return parse(done.stdout)
+
+
+def cookie_script(cookies: Sequence[str], name: str = "_sidecar") -> Path:
+    """A Lua script that rotates among many session cookies; requests are formatted once, up front.
+
+    Each wrk thread starts at a different offset so threads do not walk the list in lockstep."""
+    path = workdir() / f"cookies-{len(cookies)}-{abs(hash(tuple(cookies[:3])))}.lua"
+    lines = ["local cookies = {"]
+    lines += [f'"{c}",' for c in cookies]
+    lines += [
+        "}",
+        "local n = #cookies",
+        "local reqs = {}",
+        "local i = 0",
+        "local next_id = 0",
+        "function setup(thread)",
+        "  thread:set('thread_id', next_id)",
+        "  next_id = next_id + 1",
+        "end",
+        "function init(args)",
+        "  for k = 1, n do",
+        f"    reqs[k] = wrk.format(nil, nil, {{['Cookie'] = '{name}=' .. cookies[k]}})",
+        "  end",
+        "  i = ((thread_id or 0) * 7919) % n",
+        "end",
+        "function request()",
+        "  i = i + 1",
+        "  if i > n then i = 1 end",
+        "  return reqs[i]",
+        "end",
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
