@@ -138,7 +138,7 @@ async def sign_out(request: web.Request, svc: Services) -> web.Response:
     """End the session here, revoke its refresh token at the provider, clear the cookie."""
     config = svc.config
     rd = _rd(request)
-    id_token = None
+    id_token, signed_in = None, False
     cookie = request.cookies.get(config.cookie_name)
     if cookie:
         try:
@@ -151,11 +151,11 @@ async def sign_out(request: web.Request, svc: Services) -> web.Response:
             await svc.sessions.end_all_for_user(session.identity.sub)
         if session is not None:
             await svc.sessions.end(ref, session, reason="sign_out")
-            id_token = session.tokens.id_token
+            id_token, signed_in = session.tokens.id_token, True
             if session.tokens.refresh_token:
                 await svc.oidc.revoke(session.tokens.refresh_token, "refresh_token")
     location = rd
-    if config.provider_sign_out and id_token:
+    if config.provider_sign_out and signed_in:
         try:
             location = await svc.oidc.end_session_url(id_token, absolute(request, rd)) or rd
         except Exception:  # noqa: BLE001 - the local sign-out already happened; never fail it here

@@ -7,8 +7,7 @@ without sleeping.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -51,7 +50,6 @@ class Session:
 
     identity: Identity
     tokens: TokenSet
-    claims: dict[str, Any] = field(default_factory=dict)
     created_at: float = 0.0
     signed_in_at: float = 0.0  # last interactive sign-in
     refreshed_at: float | None = None
@@ -81,19 +79,38 @@ class Session:
         return bool(idle_timeout) and now - (self.last_active or self.created_at) >= idle_timeout
 
     def to_bytes(self) -> bytes:
-        data = asdict(self)
-        del data["version"], data["last_active"]
-        return json.dumps(data, separators=(",", ":")).encode()
+        """A compact positional encoding: every stored byte counts when Redis holds many sessions."""
+        i, t = self.identity, self.tokens
+        row = [
+            _FORMAT, i.sub, i.user, i.email, list(i.groups), i.preferred_username,
+            t.access_token, t.refresh_token, t.id_token, _t(t.access_expires_at), _t(t.refresh_expires_at),
+            _t(t.issued_at), _t(self.created_at), _t(self.signed_in_at), _t(self.refreshed_at), self.refresh_count,
+        ]  # fmt: skip
+        return json.dumps(row, separators=(",", ":")).encode()
 
     @classmethod
     def from_bytes(cls, raw: bytes, version: int, last_active: float) -> Session:
-        data = json.loads(raw)
-        identity = data.pop("identity")
-        identity["groups"] = tuple(identity["groups"])
-        return cls(
-            identity=Identity(**identity),
-            tokens=TokenSet(**data.pop("tokens")),
-            version=version,
-            last_active=last_active,
-            **data,
-        )
+        """Raises ValueError for anything that is not a record of this format."""
+        try:
+            row = json.loads(raw)
+            if not isinstance(row, list) or row[0] != _FORMAT:
+                raise ValueError("unknown session record format")
+            (_, sub, user, email, groups, preferred, access, refresh, id_token, access_exp, refresh_exp,
+             issued, created, signed_in, refreshed, count) = row  # fmt: skip
+            return cls(
+                identity=Identity(sub=sub, user=user, email=email, groups=tuple(groups), preferred_username=preferred),
+                tokens=TokenSet(access_token=access, refresh_token=refresh, id_token=id_token,
+                                access_expires_at=access_exp, refresh_expires_at=refresh_exp, issued_at=issued),
+                created_at=created, signed_in_at=signed_in, refreshed_at=refreshed, refresh_count=count,
+                version=version, last_active=last_active,
+            )  # fmt: skip
+        except (TypeError, KeyError, IndexError, json.JSONDecodeError) as exc:
+            raise ValueError("malformed session record") from exc
+
+
+_FORMAT = 1  # bump when the positional layout changes
+
+
+def _t(value: float | None) -> float | None:
+    """Times to the millisecond: enough for expiry, shorter to store."""
+    return None if value is None else round(value, 3)

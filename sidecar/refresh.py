@@ -28,7 +28,6 @@ from . import crypto, metrics
 from .cookies import SessionRef
 from .errors import (
     InvalidGrant,
-    ProviderError,
     ProviderUnavailable,
     RefreshBusy,
     SessionGone,
@@ -174,15 +173,20 @@ class Refresher:
     async def _apply(self, ref: SessionRef, current: Session, tokens: Any) -> Session:
         """Merge the new tokens; a new ID token must be valid and for the same subject."""
         tokens = tokens.merged_over(current.tokens)
-        identity, claims = current.identity, current.claims
+        identity = current.identity
         if tokens.id_token and tokens.id_token != current.tokens.id_token:
             try:
                 claims = await self._oidc.validate_id_token(tokens.id_token, nonce=None)
             except TokenValidationError:
-                metrics.REFRESHES.labels(outcome="provider_error").inc()
-                raise
-            except ProviderError:
-                raise
+                await self._sessions.end(ref, current, reason="invalid_id_token")
+                raise SessionGone("refreshed ID token failed validation") from None
+            except ProviderUnavailable:
+                # JWKS unreachable: the tokens themselves came from the token endpoint and may already be
+                # rotated, so keep them; the identity is re-checked at the next refresh.
+                log.warning("could not validate the refreshed ID token now; identity kept")
+                return replace(
+                    current, tokens=tokens, refreshed_at=time.time(), refresh_count=current.refresh_count + 1
+                )
             if claims.get("sub") != current.identity.sub:
                 await self._sessions.end(ref, current, reason="subject_changed")
                 raise SessionGone("refreshed ID token names another subject")
@@ -191,7 +195,6 @@ class Refresher:
             current,
             tokens=tokens,
             identity=identity,
-            claims=claims,
             refreshed_at=time.time(),
             refresh_count=current.refresh_count + 1,
         )

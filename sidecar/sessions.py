@@ -49,13 +49,16 @@ class Sessions:
             return max(1.0, expires - now)
         return float(self._config.refresh_token_ttl)
 
+    def _stored_tokens(self, tokens: TokenSet) -> TokenSet:
+        """The ID token is kept only when sign-out needs it as id_token_hint: it is the largest part."""
+        return tokens if self._config.oidc_logout_id_token_hint else replace(tokens, id_token=None)
+
     async def create(self, identity: Identity, tokens: TokenSet, claims: dict[str, Any]) -> tuple[SessionRef, Session]:
         now = self._clock()
         ref = SessionRef.new()  # a fresh id at every sign-in, never the browser's old one
         session = Session(
             identity=identity,
-            tokens=tokens,
-            claims=claims,
+            tokens=self._stored_tokens(tokens),
             created_at=now,
             signed_in_at=now,
             version=1,
@@ -90,7 +93,10 @@ class Sessions:
             session = replace(cached, last_active=record.last_active)
         else:
             plain = crypto.decrypt(ref.key, record.blob, ref.store_key.encode())
-            session = Session.from_bytes(plain, record.version, record.last_active)
+            try:
+                session = Session.from_bytes(plain, record.version, record.last_active)
+            except ValueError:
+                raise SessionGone("unreadable session record") from None
         now = self._clock()
         if session.expired(now, self._config.cookie_expire, self._config.session_idle_timeout):
             await self.end(ref, session, reason="expired")
@@ -109,6 +115,7 @@ class Sessions:
     async def save(self, ref: SessionRef, session: Session) -> Session:
         """Compare-and-set on ``session.version``; raises VersionConflict when someone wrote first."""
         now = self._clock()
+        session = replace(session, tokens=self._stored_tokens(session.tokens))
         blob = crypto.encrypt(ref.key, session.to_bytes(), ref.store_key.encode())
         version = await self.store.save(ref.store_key, blob, session.version, self.record_ttl(session, now))
         saved = replace(session, version=version)

@@ -7,7 +7,7 @@ encrypted. Every Redis failure becomes ``StoreUnavailable`` so the web layer
 answers 503 and never mistakes an outage for a signed-out user.
 
 Redis layout (``sc:`` prefix; one key per operation so Cluster works):
-    sc:s:<store key>   hash  d=ciphertext v=version a=last active   TTL = refresh-token lifetime
+    sc:s:<store key>   string  "<version>|<last active>|<ciphertext>"  TTL = refresh-token lifetime
     sc:u:<index hash>  set   store keys of one user's sessions, or of one provider session (sid)
     sc:st:<state>      string  pending sign-in (PKCE verifier, nonce, rd)  TTL minutes, GETDEL
     sc:l:<store key>   string  refresh lock owner token             PX, extended while held
@@ -172,21 +172,29 @@ class MemoryStore:
         return None
 
 
-# KEYS[1] record; ARGV expected version, blob, ttl ms. Returns the new version,
+# A record is one string "<version>|<last active>|<ciphertext>": a Redis hash with a value over
+# 64 bytes leaves the compact listpack encoding and costs ~300 bytes more per session.
+#
+# KEYS[1] record; ARGV expected version, ciphertext, ttl ms. Returns the new version,
 # -1 when the record is gone, -2 when someone else wrote first.
 _CAS_SAVE = """
-local v = redis.call('HGET', KEYS[1], 'v')
-if not v then return -1 end
-if tonumber(v) ~= tonumber(ARGV[1]) then return -2 end
-local nv = tonumber(v) + 1
-redis.call('HSET', KEYS[1], 'd', ARGV[2], 'v', nv)
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return nv
+local cur = redis.call('GET', KEYS[1])
+if not cur then return -1 end
+local p1 = string.find(cur, '|', 1, true)
+local p2 = string.find(cur, '|', p1 + 1, true)
+local v = tonumber(string.sub(cur, 1, p1 - 1))
+if v ~= tonumber(ARGV[1]) then return -2 end
+redis.call('SET', KEYS[1], (v + 1) .. string.sub(cur, p1, p2) .. ARGV[2], 'PX', ARGV[3])
+return v + 1
 """
-# KEYS[1] record; ARGV now. Never recreates a deleted record as a stub without TTL.
+# KEYS[1] record; ARGV now. Rewrites only the last-active field, keeps the TTL, never recreates.
 _TOUCH = """
-if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'a', ARGV[1]) end
-return 0
+local cur = redis.call('GET', KEYS[1])
+if not cur then return 0 end
+local p1 = string.find(cur, '|', 1, true)
+local p2 = string.find(cur, '|', p1 + 1, true)
+redis.call('SET', KEYS[1], string.sub(cur, 1, p1) .. ARGV[1] .. string.sub(cur, p2), 'KEEPTTL')
+return 1
 """
 # KEYS[1] lock; ARGV owner token (, ttl ms). Only the owner may extend or release.
 _EXTEND = """
@@ -269,21 +277,18 @@ class RedisStore:
             metrics.store_call(name, time.monotonic() - started)
 
     async def load(self, key: str) -> StoredRecord | None:
-        blob, version, active = await self._call(self._r.hmget(self._p + "s:" + key, "d", "v", "a"), "load")
-        if blob is None or version is None:
+        raw = await self._call(self._r.get(self._p + "s:" + key), "load")
+        if raw is None:
             return None
-        return StoredRecord(blob, int(version), float(active or 0))
+        version, active, blob = raw.split(b"|", 2)
+        return StoredRecord(blob, int(version), float(active))
 
     async def version(self, key: str) -> int | None:
-        version = await self._call(self._r.hget(self._p + "s:" + key, "v"), "version")
-        return None if version is None else int(version)
+        head = await self._call(self._r.getrange(self._p + "s:" + key, 0, 20), "version")
+        return int(head.split(b"|", 1)[0]) if head else None
 
     async def create(self, key: str, blob: bytes, ttl: float, now: float, user: str) -> None:
-        record = self._p + "s:" + key
-        async with self._r.pipeline(transaction=False) as pipe:
-            pipe.hset(record, mapping={"d": blob, "v": 1, "a": int(now)})
-            pipe.pexpire(record, _ms(ttl))
-            await self._call(pipe.execute())
+        await self._call(self._r.set(self._p + "s:" + key, b"1|%d|" % int(now) + blob, px=_ms(ttl)), "create")
         await self.index(user, key, ttl)
 
     async def save(self, key: str, blob: bytes, expected_version: int, ttl: float) -> int:

@@ -88,7 +88,7 @@ async def test_forbidden_user_gets_403_at_sign_in_and_at_auth() -> None:
 
 
 async def test_sign_out_goes_through_the_providers_end_session_endpoint() -> None:
-    async with stack(MemoryStore()) as st, browser() as client:
+    async with stack(MemoryStore(), oidc_logout_id_token_hint="true") as st, browser() as client:
         await sign_in(client, st.base)
         async with client.get(f"{st.base}/oauth2/sign_out", params={"rd": "/bye"}, allow_redirects=False) as resp:
             location = resp.headers["Location"]
@@ -96,3 +96,12 @@ async def test_sign_out_goes_through_the_providers_end_session_endpoint() -> Non
         assert location.startswith(st.issuer + "/logout?")
         assert "post_logout_redirect_uri=http%3A%2F%2F127.0.0.1" in location and "%2Fbye" in location
         assert "id_token_hint=" in location
+
+
+async def test_without_the_id_token_kept_sign_out_names_the_client_instead() -> None:
+    async with stack(MemoryStore()) as st, browser() as client:
+        await sign_in(client, st.base)
+        async with client.get(f"{st.base}/oauth2/sign_out", allow_redirects=False) as resp:
+            location = resp.headers["Location"]
+        assert location.startswith(st.issuer + "/logout?") and "client_id=sidecar-dev" in location
+        assert "id_token_hint" not in location

@@ -148,6 +148,8 @@ async def test_redis_dump_reveals_no_token(redis_url: str, raw_redis: aioredis.R
                     dump += b"".join(await raw_redis.hvals(key))
                 elif kind == b"string":
                     dump += await raw_redis.get(key) or b""
+                elif kind == b"set":
+                    dump += b"".join(await raw_redis.smembers(key))
             assert token.encode() not in dump and token.split(".")[1].encode() not in dump
             assert b"alice" not in dump
     finally:
