@@ -84,7 +84,7 @@ class CookieCodec:
             raise InvalidCookie("session cookie has the wrong shape")
         ref = SessionRef(sid=sid, key=key)
         if len(self._verified) >= _CACHE_LIMIT:
-            self._verified.clear()
+            self._verified.pop(next(iter(self._verified)))  # the oldest entry
         self._verified[value] = (ref, signed_at.timestamp())
         return ref
 
