@@ -145,19 +145,22 @@ async def _stream(request: web.Request, svc: Services, url: str, headers: dict[s
             and upstream.status not in (204, 304)
         ):
             response.enable_chunked_encoding()
-        await response.prepare(request)
         try:
+            await response.prepare(request)
             async for chunk in upstream.content.iter_any():
                 await response.write(chunk)
-        except (TimeoutError, aiohttp.ClientError):
-            # Headers are gone already; cutting the connection is the only honest signal left.
+            await response.write_eof()
+        except (TimeoutError, aiohttp.ClientError, ConnectionError):
+            # The upstream stalled or either side went away mid-body. Headers are gone already, so
+            # cutting the connection is the only honest signal left.
             if request.transport is not None:
                 request.transport.close()
-            return response
-        await response.write_eof()
         return response
     finally:
-        upstream.release()
+        if upstream.content.is_eof():
+            upstream.release()  # back to the pool for the next request
+        else:
+            upstream.close()  # half-read: this connection cannot be reused
 
 
 async def _websocket(request: web.Request, svc: Services, url: str, headers: dict[str, str]) -> web.StreamResponse:
