@@ -36,8 +36,11 @@ def _page(title: str, body: str, status: int = 200) -> web.Response:
     return web.Response(status=status, text=text, content_type="text/html")
 
 
-def _rd(request: web.Request, name: str = "rd") -> str:
-    return safe_redirect(request.query.get(name), view_of(request).host, services(request).config.whitelist_domain)
+def _rd(request: web.Request) -> str:
+    """Where to return: ``rd``, else ``X-Auth-Request-Redirect`` (set by nginx's sign-in location,
+    which cannot URL-escape the original URI itself), checked by ``safe_redirect``."""
+    rd = request.query.get("rd") or request.headers.get("X-Auth-Request-Redirect")
+    return safe_redirect(rd, view_of(request).host, services(request).config.whitelist_domain)
 
 
 def _state_cookie_name(config: Any, state: str) -> str:
