@@ -10,6 +10,7 @@ A missing binary fails the run with the package to install; nothing skips.
 from __future__ import annotations
 
 import functools
+import shutil
 import socket
 import subprocess
 import time
@@ -22,11 +23,22 @@ from typing import Any, TypeVar
 import pytest
 import redis
 
-from tests.conftest import require
-
 T = TypeVar("T")
 
 MASTER_NAME = "mymaster"
+
+
+def require(binary: str, package: str) -> str:
+    """Never skip: a missing part fails the run and says what to install."""
+    path = shutil.which(binary) or next(
+        (f"{d}/{binary}" for d in ("/usr/sbin", "/usr/bin") if Path(f"{d}/{binary}").exists()), None
+    )
+    if path is None:
+        pytest.fail(
+            f"{binary} not found: install it with `apt-get install {package}` (make test does this as root)",
+            pytrace=False,
+        )
+    return path
 
 
 def free_ports(count: int) -> list[int]:

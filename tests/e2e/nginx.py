@@ -2,28 +2,24 @@
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import time
 from pathlib import Path
 
-import pytest
+from tests.redis_procs import require
 
 SHIPPED = Path(__file__).resolve().parents[2] / "deploy" / "nginx" / "sidecar.conf"
-
-
-def nginx_binary() -> str:
-    path = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
-    if path is None:
-        pytest.fail("nginx not found: install it with `apt-get install nginx` (make test does this as root)", pytrace=False)
-    return path
 
 
 def render(workdir: Path, port: int, sidecar: str, app: str) -> Path:
     """A private copy of the shipped server block, wrapped in a minimal top-level config."""
     server = SHIPPED.read_text()
-    for shipped, ours in (("127.0.0.1:4180", sidecar), ("127.0.0.1:8080", app), ("listen 80;", f"listen 127.0.0.1:{port};")):
+    for shipped, ours in (
+        ("127.0.0.1:4180", sidecar),
+        ("127.0.0.1:8080", app),
+        ("listen 80;", f"listen 127.0.0.1:{port};"),
+    ):
         assert shipped in server, f"the shipped config no longer contains {shipped!r}"
         server = server.replace(shipped, ours)
     (workdir / "sidecar.conf").write_text(server)
@@ -56,12 +52,18 @@ class Nginx:
         self.workdir = workdir
         self.base = f"http://127.0.0.1:{port}"
         conf = render(workdir, port, sidecar, app)
-        binary = nginx_binary()
-        check = subprocess.run([binary, "-t", "-p", str(workdir), "-c", str(conf), "-e", str(workdir / "error.log")],
-                               capture_output=True, text=True)
+        binary = require("nginx", "nginx")
+        check = subprocess.run(
+            [binary, "-t", "-p", str(workdir), "-c", str(conf), "-e", str(workdir / "error.log")],
+            capture_output=True,
+            text=True,
+        )
         assert check.returncode == 0, check.stderr
-        self.proc = subprocess.Popen([binary, "-p", str(workdir), "-c", str(conf), "-e", str(workdir / "error.log")],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [binary, "-p", str(workdir), "-c", str(conf), "-e", str(workdir / "error.log")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:

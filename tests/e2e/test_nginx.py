@@ -14,9 +14,15 @@ from tests.e2e.nginx import Nginx
 from tests.stack import SidecarProcess, Stack, browser, free_port, sidecar_settings, stack
 
 SPOOF = {
-    "X-Auth-Request-User": "mallory", "X-Auth-Request-Email": "m@evil.example", "X-Auth-Request-Groups": "admins",
-    "X-Forwarded-User": "mallory", "X-Forwarded-Email": "m@evil.example", "X_Auth_Request_Email": "m@evil.example",
-    "X-Forwarded-Groups": "admins", "Authorization": "Bearer forged", "X-Auth-Request-Access-Token": "forged",
+    "X-Auth-Request-User": "mallory",
+    "X-Auth-Request-Email": "m@evil.example",
+    "X-Auth-Request-Groups": "admins",
+    "X-Forwarded-User": "mallory",
+    "X-Forwarded-Email": "m@evil.example",
+    "X_Auth_Request_Email": "m@evil.example",
+    "X-Forwarded-Groups": "admins",
+    "Authorization": "Bearer forged",
+    "X-Auth-Request-Access-Token": "forged",
 }
 
 
@@ -25,8 +31,16 @@ async def site(tmp_path: Path, redis_url: str) -> AsyncIterator[tuple[Stack, Ngi
     async with stack(sidecar=False, provider_kw={"access_token_ttl": 2}) as st:
         nginx_port, sidecar_port = free_port(), free_port()
         settings = sidecar_settings(
-            st.issuer, sidecar_port, "", session_store_type="redis", redis_connection_url=redis_url, workers="1",
-            reverse_proxy="true", pass_access_token="true", pass_authorization_header="true", refresh_skew="0s",
+            st.issuer,
+            sidecar_port,
+            "",
+            session_store_type="redis",
+            redis_connection_url=redis_url,
+            workers="1",
+            reverse_proxy="true",
+            pass_access_token="true",
+            pass_authorization_header="true",
+            refresh_skew="0s",
         )
         settings["redirect_url"] = f"http://127.0.0.1:{nginx_port}/oauth2/callback"
         proc = await SidecarProcess(settings).ready()
@@ -48,8 +62,9 @@ async def _echo(client: aiohttp.ClientSession, base: str, **kw: object) -> dict[
 async def test_sign_in_refresh_and_sign_out_through_nginx(site: tuple[Stack, Nginx]) -> None:
     st, nginx = site
     async with browser() as client:
-        async with client.get(nginx.base + "/_demo/echo?x=1&y=2", headers={"Accept": "text/html"},
-                              allow_redirects=False) as resp:
+        async with client.get(
+            nginx.base + "/_demo/echo?x=1&y=2", headers={"Accept": "text/html"}, allow_redirects=False
+        ) as resp:
             assert resp.status == 302  # to sign in: straight to the provider, state cookie set
             assert resp.headers["Location"].startswith(st.issuer + "/authorize?")
         async with client.get(nginx.base + "/_demo/echo?x=1&y=2", headers={"Accept": "text/html"}) as resp:
