@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -95,7 +96,10 @@ def _rss_kib(pid: int) -> int:
 
 
 async def test_soak_mixed_traffic_with_refreshes_keeps_memory_flat(st: Stack, redis_url: str) -> None:
-    proc = await _process(st, session_store_type="redis", redis_connection_url=redis_url, workers="1").ready()
+    proc = await _process(
+        st, session_store_type="redis", redis_connection_url=redis_url, workers="1", request_logging="true",
+        pass_access_token="true",
+    ).ready()
     try:
         cookies = [await _signed_in_cookie(proc.base) for _ in range(20)]
         errors: list[str] = []
@@ -121,8 +125,16 @@ async def test_soak_mixed_traffic_with_refreshes_keeps_memory_flat(st: Stack, re
         await asyncio.gather(*(worker(c, time.monotonic() + SOAK_SECONDS) for c in cookies))
         rss_end = _rss_kib(proc.proc.pid)
         refreshes = st.provider.stats()["token_calls"]["refresh_token"]
+        async with aiohttp.ClientSession(cookies={"_sidecar": cookies[0]}) as client:
+            async with client.get(proc.base + "/oauth2/auth") as resp:
+                token = resp.headers["X-Auth-Request-Access-Token"]
+        log = proc.output()
     finally:
         proc.stop()
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    assert sum(1 for line in lines if line.get("msg") == "request") >= done  # one JSON line per request
+    for secret in (*cookies, token, token.split(".")[2], "sidecar-dev-secret", "test-cookie-secret"):
+        assert secret not in log
     assert errors == []
     assert refreshes >= len(cookies) * int(SOAK_SECONDS / 2.5)  # tokens live 2 s: refreshed all along
     assert rss_end - rss_start < 8 * 1024, (rss_start, rss_end, done)
