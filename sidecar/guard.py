@@ -72,15 +72,27 @@ def sign_in_redirect(request: web.Request) -> web.Response:
     return response
 
 
+def _cookie_attributes(config: Any) -> dict[str, Any]:
+    return {
+        "path": config.cookie_path,
+        "domain": config.cookie_domain or None,
+        "secure": config.cookie_secure,
+        "httponly": config.cookie_httponly,
+        "samesite": config.cookie_samesite.capitalize() or None,
+    }
+
+
+def set_cookie(response: web.StreamResponse, config: Any, name: str, value: str, max_age: float) -> None:
+    """Our cookies all carry the configured attributes (HttpOnly, Secure, SameSite=Lax by default)."""
+    response.set_cookie(name, value, max_age=int(max_age), **_cookie_attributes(config))
+
+
+def clear_cookie(response: web.StreamResponse, config: Any, name: str) -> None:
+    response.del_cookie(name, **_cookie_attributes(config))
+
+
 def clear_session_cookie(response: web.StreamResponse, config: Any) -> None:
-    response.del_cookie(
-        config.cookie_name,
-        domain=config.cookie_domain or None,
-        path=config.cookie_path,
-        secure=config.cookie_secure,
-        httponly=config.cookie_httponly,
-        samesite=config.cookie_samesite.capitalize() or None,
-    )
+    clear_cookie(response, config, config.cookie_name)
 
 
 def absolute(request: web.Request, path: str) -> str:

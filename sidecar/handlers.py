@@ -15,7 +15,7 @@ from . import metrics
 from .context import Services, services, view_of
 from .cookies import state_cookie_suffix
 from .errors import InvalidCookie, InvalidState, SessionGone, StoreUnavailable, TokenValidationError
-from .guard import absolute, authenticate, authorize, clear_session_cookie
+from .guard import absolute, authenticate, authorize, clear_cookie, clear_session_cookie, set_cookie
 from .headers import auth_response_headers_for
 from .middleware import guarded
 from .oidc import Pkce
@@ -47,20 +47,6 @@ def _state_cookie_name(config: Any, state: str) -> str:
     return f"{config.cookie_name}_csrf_{state_cookie_suffix(state)}"
 
 
-def _set_cookie(response: web.StreamResponse, config: Any, name: str, value: str, max_age: float) -> None:
-    c = config
-    response.set_cookie(
-        name,
-        value,
-        max_age=int(max_age),
-        path=c.cookie_path,
-        domain=c.cookie_domain or None,
-        secure=c.cookie_secure,
-        httponly=c.cookie_httponly,
-        samesite=c.cookie_samesite.capitalize() or None,
-    )
-
-
 async def start(request: web.Request, svc: Services) -> web.Response:
     """Begin sign-in: remember (verifier, nonce, rd) under a fresh state, send the browser to the provider."""
     state, nonce, pkce = secrets.token_urlsafe(32), secrets.token_urlsafe(32), Pkce.new()
@@ -68,7 +54,7 @@ async def start(request: web.Request, svc: Services) -> web.Response:
     url = await svc.oidc.authorize_url(state, nonce, pkce)
     await svc.sessions.store.put_state(state, pending, STATE_TTL)
     response = web.Response(status=302, headers={"Location": url, "Cache-Control": "no-store"})
-    _set_cookie(response, svc.config, _state_cookie_name(svc.config, state), svc.codec.dump_state(state), STATE_TTL)
+    set_cookie(response, svc.config, _state_cookie_name(svc.config, state), svc.codec.dump_state(state), STATE_TTL)
     return response
 
 
@@ -102,13 +88,13 @@ async def callback(request: web.Request, svc: Services) -> web.Response:
     if not is_allowed(identity, config):
         metrics.DECISIONS.add("403")
         response = _page("Access denied", "<p>Your account is not allowed to use this application.</p>", 403)
-        response.del_cookie(cookie_name, path=config.cookie_path, domain=config.cookie_domain or None)
+        clear_cookie(response, config, cookie_name)
         return response
     await _end_previous_session(request)
     ref, _ = await svc.sessions.create(identity, tokens, claims)
     response = web.Response(status=302, headers={"Location": pending["rd"], "Cache-Control": "no-store"})
-    _set_cookie(response, config, config.cookie_name, svc.codec.dump_session(ref), config.cookie_expire)
-    response.del_cookie(cookie_name, path=config.cookie_path, domain=config.cookie_domain or None)
+    set_cookie(response, config, config.cookie_name, svc.codec.dump_session(ref), config.cookie_expire)
+    clear_cookie(response, config, cookie_name)
     return response
 
 
