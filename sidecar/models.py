@@ -60,8 +60,12 @@ class Session:
     def needs_refresh(self, now: float, skew: float, max_age: float) -> bool:
         """True when the access token is expired, about to expire, or older than ``max_age``."""
         expires = self.tokens.access_expires_at
-        if expires is not None and now >= expires - skew:
-            return True
+        if expires is not None:
+            # A token that lives shorter than the skew would be refreshed on every request:
+            # never refresh earlier than half-way through its life.
+            early = min(skew, max(0.0, expires - self.tokens.issued_at) / 2)
+            if now >= expires - early:
+                return True
         return bool(max_age) and now - self.tokens.issued_at >= max_age
 
     def access_token_valid(self, now: float) -> bool:

@@ -29,6 +29,9 @@ def test_expiry_rules_take_now_as_an_argument() -> None:
     assert not s.needs_refresh(1900.0, skew=30, max_age=0)
     assert s.needs_refresh(1971.0, skew=30, max_age=0)
     assert s.needs_refresh(1500.0, skew=30, max_age=300)  # --cookie-refresh age
+    short = _session(tokens=TokenSet(access_token="a", access_expires_at=1020.0, issued_at=1000.0))
+    assert not short.needs_refresh(1005.0, skew=30, max_age=0)  # a 20 s token is not refreshed at once
+    assert short.needs_refresh(1010.0, skew=30, max_age=0)  # but half-way through its life
     unknown = _session(tokens=TokenSet(access_token="a", issued_at=1000.0))
     assert not unknown.needs_refresh(10**9, skew=30, max_age=0)  # unknown lifetime: never invented
     assert s.expired(1000.0 + 86400, max_lifetime=86400, idle_timeout=0)
