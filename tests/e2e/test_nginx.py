@@ -1,114 +1,303 @@
-"""The shipped nginx auth_request config, with the distro's nginx in front of a sidecar process."""
+"""The shipped deploy/nginx/sidecar.conf, run by the distro's nginx in front of real processes.
+
+nginx, the sidecar (``python -m sidecar``, Redis sessions), the development provider and the
+demo app all run as separate processes on private ports, started once for this module. What
+is proven here is what an operator copying the config relies on: sign-in through nginx,
+the identity and token the app receives, a transparent refresh, sign-out, and that no
+identity header a client makes up ever reaches the app.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from typing import Any
+from urllib.parse import parse_qs, quote, urlsplit
 
 import aiohttp
+import jwt
 import pytest
+from yarl import URL
 
-from tests.e2e.nginx import Nginx
-from tests.stack import SidecarProcess, Stack, browser, free_port, sidecar_settings, stack
+from tests.e2e.procs import (
+    Proc,
+    child_env,
+    free_ports,
+    python_module,
+    render_nginx_conf,
+    start_nginx,
+)
 
+pytestmark = pytest.mark.timeout(60)
+
+ACCESS_TOKEN_TTL = 3  # seconds: short, so the refresh test waits only a few seconds
+COOKIE = "_sidecar"
+HTML = {"Accept": "text/html,application/xhtml+xml"}
+
+# Everything a client might send to pass as someone else, in every spelling an app could read.
 SPOOF = {
     "X-Auth-Request-User": "mallory",
-    "X-Auth-Request-Email": "m@evil.example",
-    "X-Auth-Request-Groups": "admins",
+    "X-Auth-Request-Email": "mallory@evil.example",
+    "X-Auth-Request-Groups": "mallory-admins",
+    "X-Auth-Request-Preferred-Username": "mallory",
+    "X-Auth-Request-Access-Token": "mallory-token",
     "X-Forwarded-User": "mallory",
-    "X-Forwarded-Email": "m@evil.example",
-    "X_Auth_Request_Email": "m@evil.example",
-    "X-Forwarded-Groups": "admins",
-    "Authorization": "Bearer forged",
-    "X-Auth-Request-Access-Token": "forged",
+    "X-Forwarded-Email": "mallory@evil.example",
+    "X-Forwarded-Groups": "mallory-admins",
+    "X-Forwarded-Preferred-Username": "mallory",
+    "X-Forwarded-Access-Token": "mallory-token",
+    "X-User": "mallory",
+    "X-Email": "mallory@evil.example",
+    "Authorization": "Bearer mallory-forged",
+    "X_Auth_Request_User": "mallory",
+    "X_Auth_Request_Email": "mallory@evil.example",
+    "X_Forwarded_User": "mallory",
+}
+IDENTITY = {
+    "x-auth-request-user": "alice@example.com",
+    "x-auth-request-email": "alice@example.com",
+    "x-auth-request-groups": "admins,staff",
+    "x-auth-request-preferred-username": "alice",
+    "x-forwarded-user": "alice@example.com",
+    "x-forwarded-email": "alice@example.com",
+    "x-forwarded-groups": "admins,staff",
+    "x-forwarded-preferred-username": "alice",
 }
 
 
-@pytest.fixture
-async def site(tmp_path: Path, redis_url: str) -> AsyncIterator[tuple[Stack, Nginx]]:
-    async with stack(sidecar=False, provider_kw={"access_token_ttl": 2}) as st:
-        nginx_port, sidecar_port = free_port(), free_port()
-        settings = sidecar_settings(
-            st.issuer,
-            sidecar_port,
-            "",
-            session_store_type="redis",
-            redis_connection_url=redis_url,
-            workers="1",
-            reverse_proxy="true",
-            pass_access_token="true",
-            pass_authorization_header="true",
-            refresh_skew="0s",
+@dataclass(frozen=True)
+class Site:
+    base: str  # nginx, where the browser goes
+    issuer: str  # the development provider
+    sidecar: str
+
+
+@pytest.fixture(scope="module")
+def site(redis_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    nginx_port, sidecar_port, provider_port, app_port = free_ports(4)
+    logs: Path = tmp_path_factory.mktemp("nginx-e2e")
+    base, issuer = f"http://127.0.0.1:{nginx_port}", f"http://127.0.0.1:{provider_port}"
+    # A database of our own on the shared server: other tests flush database 0 between tests.
+    redis_url = redis_server.rsplit("/", 1)[0] + "/9"
+    sidecar_flags = [
+        f"--http-address=127.0.0.1:{sidecar_port}",
+        f"--oidc-issuer-url={issuer}",
+        "--client-id=sidecar-dev",
+        "--client-secret=sidecar-dev-secret",
+        f"--redirect-url={base}/oauth2/callback",
+        "--cookie-secret=nginx-e2e-cookie-secret-0123456789",
+        "--cookie-secure=false",
+        "--session-store-type=redis",
+        f"--redis-connection-url={redis_url}",
+        "--reverse-proxy",
+        "--pass-access-token",
+        "--pass-authorization-header",
+        "--refresh-skew=0s",
+        "--workers=1",
+        "--shutdown-timeout=2s",
+    ]
+    procs: list[Proc] = []
+
+    def launch(name: str, module: str, *args: str) -> Proc:
+        procs.append(Proc(name, python_module(module, *args), log_dir=logs, env=child_env()))
+        return procs[-1]
+
+    try:
+        # The three Python processes start side by side; the sidecar discovers the provider lazily.
+        provider = launch(
+            "provider",
+            "sidecar.dev.provider",
+            f"--port={provider_port}",
+            "--auto-login=alice",
+            f"--access-token-ttl={ACCESS_TOKEN_TTL}",
         )
-        settings["redirect_url"] = f"http://127.0.0.1:{nginx_port}/oauth2/callback"
-        proc = await SidecarProcess(settings).ready()
-        nginx = Nginx(tmp_path, nginx_port, f"127.0.0.1:{sidecar_port}", st.upstream_url.removeprefix("http://"))
-        try:
-            yield st, nginx
-        finally:
-            nginx.stop()
+        app = launch("demo-app", "sidecar.dev.demo_app", f"--port={app_port}")
+        sidecar = launch("sidecar", "sidecar", *sidecar_flags)
+        provider.wait_http(issuer + "/.well-known/openid-configuration")
+        app.wait_http(f"http://127.0.0.1:{app_port}/_demo/echo")
+        sidecar.wait_http(f"http://127.0.0.1:{sidecar_port}/ping")
+        conf = render_nginx_conf(nginx_port, f"127.0.0.1:{sidecar_port}", f"127.0.0.1:{app_port}")
+        procs.append(start_nginx(conf, nginx_port, log_dir=logs))
+        yield Site(base=base, issuer=issuer, sidecar=f"http://127.0.0.1:{sidecar_port}")
+    finally:
+        for proc in reversed(procs):
             proc.stop()
 
 
-async def _echo(client: aiohttp.ClientSession, base: str, **kw: object) -> dict[str, str]:
-    async with client.get(base + "/_demo/echo?x=1&y=2", **kw) as resp:  # type: ignore[arg-type]
-        assert resp.status == 200, await resp.text()
-        data = await resp.json()
-    return {k.lower(): v for k, v in data["headers"].items()}
+@pytest.fixture
+async def browser() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client that keeps cookies for 127.0.0.1 and follows redirects, like a browser."""
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as client:
+        yield client
 
 
-async def test_sign_in_refresh_and_sign_out_through_nginx(site: tuple[Stack, Nginx]) -> None:
-    st, nginx = site
-    async with browser() as client:
-        async with client.get(
-            nginx.base + "/_demo/echo?x=1&y=2", headers={"Accept": "text/html"}, allow_redirects=False
-        ) as resp:
-            assert resp.status == 302  # to sign in: straight to the provider, state cookie set
-            assert resp.headers["Location"].startswith(st.issuer + "/authorize?")
-        async with client.get(nginx.base + "/_demo/echo?x=1&y=2", headers={"Accept": "text/html"}) as resp:
-            assert resp.status == 200  # the whole round trip, back on the page first asked for
-            assert urlsplit(str(resp.url)).query == "x=1&y=2"
-        first = await _echo(client, nginx.base)
-        assert first["x-auth-request-user"] == "alice@example.com"
-        assert first["x-auth-request-email"] == "alice@example.com"
-        assert first["x-auth-request-groups"] == "admins,staff"
-        assert first["x-auth-request-preferred-username"] == "alice"
-        assert first["x-forwarded-user"] == "alice@example.com"
-        token = first["x-auth-request-access-token"]
-        assert first["authorization"] == "Bearer " + token and token.count(".") == 2
+async def sign_in(client: aiohttp.ClientSession, site: Site, path: str = "/_demo/echo") -> aiohttp.ClientResponse:
+    """Ask nginx for a protected page and follow every redirect: start, provider, callback, back."""
+    async with client.get(site.base + path, headers=HTML) as resp:
+        await resp.read()
+    assert resp.status == 200, resp.history
+    assert str(resp.url) == site.base + path  # back on the page first asked for
+    hops = [urlsplit(h.headers["Location"]) for h in resp.history]
+    assert [h.status for h in resp.history] == [302, 302, 302, 302]
+    assert hops[0].path == "/oauth2/start" and f"{hops[1].scheme}://{hops[1].netloc}" == site.issuer
+    assert hops[2].path == "/oauth2/callback"
+    return resp
 
-        await asyncio.sleep(2.2)  # the access token expires; the next request is refreshed inside auth_request
-        later = await _echo(client, nginx.base)
-        assert later["x-auth-request-access-token"] != token
-        assert later["authorization"] == "Bearer " + later["x-auth-request-access-token"]
-        stats = st.provider.stats()["token_calls"]
-        assert stats["authorization_code"] == 1 and stats["refresh_token"] >= 1  # never signed in again
 
-        async with client.get(nginx.base + "/oauth2/sign_out", allow_redirects=False) as resp:
+async def echo(client: aiohttp.ClientSession, site: Site, **kw: Any) -> dict[str, Any]:
+    """What the app received for GET /_demo/echo through nginx; header names lower-cased."""
+    async with client.get(site.base + "/_demo/echo", allow_redirects=False, **kw) as resp:
+        assert resp.status == 200, (resp.status, resp.headers.get("Location"), await resp.text())
+        data: dict[str, Any] = await resp.json()
+    data["headers"] = {k.lower(): v for k, v in data["headers"].items()}
+    return data
+
+
+def cookie(client: aiohttp.ClientSession) -> str | None:
+    return next((c.value for c in client.cookie_jar if c.key == COOKIE), None)
+
+
+async def provider_json(site: Site, path: str) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as client, client.get(site.issuer + path) as resp:
+        assert resp.status == 200
+        data: dict[str, Any] = await resp.json()
+        return data
+
+
+async def verified_claims(site: Site, token: str) -> dict[str, Any]:
+    """The access token's claims, checked against the provider's published keys: a real token."""
+    discovery = await provider_json(site, "/.well-known/openid-configuration")
+    jwks = await provider_json(site, urlsplit(discovery["jwks_uri"]).path)
+    kid = jwt.get_unverified_header(token)["kid"]
+    key = next(k for k in jwt.PyJWKSet.from_dict(jwks).keys if k.key_id == kid)
+    claims: dict[str, Any] = jwt.decode(
+        token, key.key, algorithms=["RS256"], issuer=site.issuer, audience="sidecar-dev"
+    )
+    return claims
+
+
+async def token_calls(site: Site) -> dict[str, int]:
+    calls: dict[str, int] = (await provider_json(site, "/_control/stats"))["token_calls"]
+    return calls
+
+
+async def test_unauthenticated_browser_is_sent_to_sign_in_with_the_original_uri(site: Site) -> None:
+    original = "/_demo/echo?a=1&b=x%26y&c=d+e"  # &, an escaped & and + must all survive the trip
+    async with aiohttp.ClientSession() as client:
+        async with client.get(site.base + original, headers=HTML, allow_redirects=False) as resp:
             assert resp.status == 302
-        async with client.get(nginx.base + "/", headers={"Accept": "text/html"}, allow_redirects=False) as resp:
-            assert resp.status == 302 and resp.headers["Location"].startswith(st.issuer + "/authorize?")
+            location = resp.headers["Location"]
+        assert location == "/oauth2/start?rd=" + quote(original, safe="")
+        assert parse_qs(urlsplit(location).query) == {"rd": [original]}
+
+        async with client.get(site.base + "/", headers=HTML, allow_redirects=False) as resp:
+            assert resp.status == 302 and resp.headers["Location"] == "/oauth2/start?rd=%2F"
+        # API clients and form posts are told 401 instead of being redirected to a login page.
+        async with client.get(site.base + "/", allow_redirects=False) as resp:
+            assert resp.status == 401 and "Location" not in resp.headers
+            assert resp.headers["WWW-Authenticate"].startswith("Cookie")
+        async with client.post(site.base + "/_demo/echo", data=b"x" * 100_000, headers=HTML) as resp:
+            assert resp.status == 401
+        # The sidecar's own endpoints never answer in the app's place, and the token-bearing
+        # auth endpoint is nginx's alone.
+        for path in ("/metrics", "/ping", "/ready/", "/%6Detrics", "//ping"):
+            url = URL(site.base + path, encoded=True)  # sent exactly as written
+            async with client.get(url, headers=HTML, allow_redirects=False) as resp:
+                assert resp.status == 401, path
+                assert "sidecar_" not in await resp.text()
+        async with client.get(site.base + "/oauth2/auth", allow_redirects=False) as resp:
+            assert resp.status == 404
 
 
-async def test_spoofed_identity_headers_never_reach_the_app(site: tuple[Stack, Nginx]) -> None:
-    st, nginx = site
-    async with browser() as client:
-        async with client.get(nginx.base + "/", headers=SPOOF, allow_redirects=False) as resp:
-            assert resp.status == 302  # spoofed headers do not sign anyone in
-        async with client.get(nginx.base + "/oauth2/start", params={"rd": "/"}) as resp:
-            assert resp.status == 200
-        seen = await _echo(client, nginx.base, headers=SPOOF)
+async def test_sign_in_through_nginx_hands_identity_and_token_to_the_app(
+    site: Site, browser: aiohttp.ClientSession
+) -> None:
+    before = await token_calls(site)
+    resp = await sign_in(browser, site, "/_demo/echo?a=1&b=x%26y")
+    assert (await resp.json())["query"] == {"a": ["1"], "b": ["x&y"]}
+    assert (await token_calls(site))["authorization_code"] == before["authorization_code"] + 1
+
+    seen = (await echo(browser, site))["headers"]
+    for name, value in IDENTITY.items():
+        assert seen.get(name) == value, name
+    token = seen["x-auth-request-access-token"]
+    assert seen["x-forwarded-access-token"] == token
+    assert seen["authorization"] == "Bearer " + token
+    claims = await verified_claims(site, token)
+    assert claims["client_id"] == "sidecar-dev" and claims["exp"] > time.time()
+    assert "x-user" not in seen and "x-email" not in seen
+
+
+async def test_expired_access_token_is_refreshed_without_signing_in_again(
+    site: Site, browser: aiohttp.ClientSession
+) -> None:
+    await sign_in(browser, site)
+    first = (await echo(browser, site))["headers"]["x-auth-request-access-token"]
+    signed_in_cookie = cookie(browser)
+    calls = await token_calls(site)
+    expires = jwt.decode(first, options={"verify_signature": False})["exp"]
+    await asyncio.sleep(max(0.0, expires - time.time()) + 1.0)
+
+    seen = (await echo(browser, site))["headers"]  # 200 straight away: no redirect to sign in
+    second = seen["x-auth-request-access-token"]
+    assert second != first
+    assert seen["authorization"] == "Bearer " + second
+    assert (await verified_claims(site, second))["exp"] > time.time()
     assert seen["x-auth-request-user"] == "alice@example.com"
-    assert seen["x-auth-request-email"] == "alice@example.com"
-    assert seen["x-auth-request-groups"] == "admins,staff"
-    assert seen["x-forwarded-user"] == "alice@example.com"
-    assert seen["authorization"] != "Bearer forged" and seen["x-auth-request-access-token"] != "forged"
-    assert "mallory" not in str(seen) and "evil" not in str(seen) and "x-auth-request-email" in seen
+    after = await token_calls(site)
+    assert after["authorization_code"] == calls["authorization_code"]  # no sign-in in between
+    assert after["refresh_token"] >= calls["refresh_token"] + 1
+    assert cookie(browser) == signed_in_cookie  # the refresh changed only the server-side record
 
 
-async def test_the_auth_endpoint_is_internal_only(site: tuple[Stack, Nginx]) -> None:
-    _, nginx = site
-    async with aiohttp.ClientSession() as client, client.get(nginx.base + "/oauth2/auth") as resp:
-        assert resp.status == 404  # nginx keeps the token-bearing auth answer to itself
+async def test_sign_out_through_nginx_ends_the_session(site: Site, browser: aiohttp.ClientSession) -> None:
+    await sign_in(browser, site)
+    old = cookie(browser)
+    assert old
+
+    async with browser.get(site.base + "/oauth2/sign_out", allow_redirects=False) as resp:
+        assert resp.status == 302
+        end_session = urlsplit(resp.headers["Location"])
+    # The provider's end-session page sends the browser back to nginx, port included
+    # (X-Forwarded-Host is $http_host, not $host).
+    assert f"{end_session.scheme}://{end_session.netloc}" == site.issuer
+    assert parse_qs(end_session.query)["post_logout_redirect_uri"] == [site.base + "/"]
+    assert not cookie(browser)
+
+    async with browser.get(site.base + "/_demo/echo", headers=HTML, allow_redirects=False) as resp:
+        assert resp.status == 302 and resp.headers["Location"].startswith("/oauth2/start?rd=")
+    # The old cookie is worthless now: the session is gone server-side, not just in this browser.
+    async with aiohttp.ClientSession() as client:
+        headers = {"Cookie": f"{COOKIE}={old}", **HTML}
+        async with client.get(site.base + "/_demo/echo", headers=headers, allow_redirects=False) as resp:
+            assert resp.status == 302
+
+
+async def test_spoofed_identity_headers_never_reach_the_app(site: Site, browser: aiohttp.ClientSession) -> None:
+    # Not signed in: made-up headers sign nobody in.
+    async with browser.get(site.base + "/_demo/echo", headers={**SPOOF, **HTML}, allow_redirects=False) as resp:
+        assert resp.status == 302
+    async with browser.get(site.base + "/_demo/echo", headers=SPOOF, allow_redirects=False) as resp:
+        assert resp.status == 401
+
+    # Signed in: the app sees the sidecar's values, never the client's.
+    await sign_in(browser, site)
+    seen = (await echo(browser, site, headers=SPOOF))["headers"]
+    for name, value in IDENTITY.items():
+        assert seen.get(name) == value, name
+    assert seen["authorization"] == "Bearer " + seen["x-auth-request-access-token"]
+    assert "mallory" not in repr(seen)
+    assert not [name for name in seen if "_" in name]  # underscore spellings are dropped
+    assert "x-user" not in seen and "x-email" not in seen
+
+    # A public path (no auth_request) gets no identity at all, signed in or not.
+    async with aiohttp.ClientSession() as stranger:
+        for client in (browser, stranger):
+            async with client.get(site.base + "/public/page", headers=SPOOF, allow_redirects=False) as resp:
+                assert resp.status == 200
+                page = await resp.text()
+            assert "mallo" not in page  # (the demo page shows only the first 12 characters of a token)
+            assert page.count("(absent)") == 10  # its 8 identity headers, Authorization, X-Forwarded-Access-Token
