@@ -1,9 +1,10 @@
 """Valid sessions without a browser: real sign-ins, and large populations written with the sidecar's own code.
 
-A real sign-in gives one genuine token response (RS256 JWT access token, opaque refresh
-token, RS256 ID token). Bulk sessions reuse its exact shape and lengths with fresh random
-parts per user (ids, signatures, refresh token), so zlib compression and AES-GCM sizes
-match real records, and are written by ``Sessions.create`` on a ``RedisStore``.
+A real sign-in (the sidecar's own OIDC client against the dev provider) gives one genuine
+token response (RS256 JWT access token, opaque refresh token, RS256 ID token). Bulk sessions
+reuse its exact shape and lengths with fresh random parts per user (ids, signatures, refresh
+token), so compression and encryption sizes match real records; they are written by
+``Sessions.create`` on a ``RedisStore``, so whatever the sidecar stores is what is measured.
 """
 
 from __future__ import annotations
@@ -11,19 +12,22 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import multiprocessing
 import os
 import secrets
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import redis.asyncio as aioredis
 
 from sidecar.config import build_config
 from sidecar.cookies import CookieCodec
-from sidecar.crypto import decrypt
-from sidecar.models import Identity, Session, TokenSet
+from sidecar.models import Identity, TokenSet
+from sidecar.oidc import OidcClient, Pkce
+from sidecar.policy import identity_from_claims
 from sidecar.sessions import Sessions
 from sidecar.store import RedisStore
 
@@ -31,11 +35,17 @@ from .procs import CLIENT_ID, CLIENT_SECRET, COOKIE_SECRET
 
 
 def bench_config(issuer: str, redis_url: str) -> Any:
-    return build_config({
-        "oidc_issuer_url": issuer, "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET,
-        "redirect_url": "http://127.0.0.1:1/oauth2/callback", "cookie_secret": COOKIE_SECRET,
-        "session_store_type": "redis", "redis_connection_url": redis_url,
-    })
+    return build_config(
+        {
+            "oidc_issuer_url": issuer,
+            "client_id": CLIENT_ID,
+            "client_secret": CLIENT_SECRET,
+            "redirect_url": "http://127.0.0.1:1/oauth2/callback",
+            "cookie_secret": COOKIE_SECRET,
+            "session_store_type": "redis",
+            "redis_connection_url": redis_url,
+        }
+    )
 
 
 def codec() -> CookieCodec:
@@ -53,18 +63,27 @@ async def sign_in(base: str) -> str:
     raise RuntimeError(f"sign-in at {base} gave no session cookie")
 
 
-async def read_session(cookie: str, redis_url: str) -> Session:
-    """Open a stored record with the key its cookie carries (what the sidecar does per request)."""
-    ref = codec().load_session(cookie, time.time())
-    client = aioredis.from_url(redis_url)
-    try:
-        record = await RedisStore(client).load(ref.store_key)
-    finally:
-        await client.aclose()
-    if record is None:
-        raise RuntimeError("the signed-in session is not in Redis")
-    return Session.from_bytes(decrypt(ref.key, record.blob, ref.store_key.encode()), record.version,
-                              record.last_active)
+@dataclass(frozen=True)
+class SignIn:
+    """One real sign-in's result, as the sidecar's callback sees it."""
+
+    identity: Identity
+    tokens: TokenSet
+    claims: dict[str, Any]
+
+
+async def real_sign_in(issuer: str, redis_url: str) -> SignIn:
+    """A genuine authorization-code round trip with the sidecar's own OIDC client (PKCE, ID token checked)."""
+    config = bench_config(issuer, redis_url)
+    async with aiohttp.ClientSession() as http:
+        oidc = OidcClient(config, http)
+        state, nonce, pkce = secrets.token_urlsafe(32), secrets.token_urlsafe(32), Pkce.new()
+        async with http.get(await oidc.authorize_url(state, nonce, pkce), allow_redirects=False) as resp:
+            location = resp.headers["Location"]
+        code = parse_qs(urlsplit(location).query)["code"][0]
+        tokens = await oidc.exchange_code(code, pkce.verifier)
+        claims = await oidc.validate_id_token(tokens.id_token or "", nonce=nonce)
+    return SignIn(identity_from_claims(claims, config), tokens, claims)
 
 
 def _b64(raw: bytes) -> str:
@@ -89,9 +108,9 @@ def _jwt_like(token: str, changes: dict[str, Any]) -> tuple[str, dict[str, Any]]
 
 
 class Synthesizer:
-    """Per-user variants of one real session: distinct subject, email, ids, signatures, refresh token."""
+    """Per-user variants of one real sign-in: distinct subject, email, ids, signatures, refresh token."""
 
-    def __init__(self, template: Session) -> None:
+    def __init__(self, template: SignIn) -> None:
         self.t = template
 
     def make(self, i: int) -> tuple[Identity, TokenSet, dict[str, Any]]:
@@ -99,18 +118,37 @@ class Synthesizer:
         sub = f"user-{i:07d}-{secrets.token_hex(4)}"
         email = f"user{i:07d}@example.com"
         name = f"User {i:07d}"
-        access, _ = _jwt_like(t.tokens.access_token, {
-            "sub": sub, "iat": now, "exp": now + 3600, "jti": _random_like(str(_claim(t.tokens.access_token, "jti"))),
-        })
-        changes: dict[str, Any] = {"sub": sub, "email": email, "name": name, "preferred_username": f"user{i:07d}",
-                                   "iat": now, "exp": now + 300, "auth_time": now}
+        access, _ = _jwt_like(
+            t.tokens.access_token,
+            {
+                "sub": sub,
+                "iat": now,
+                "exp": now + 3600,
+                "jti": _random_like(str(_claim(t.tokens.access_token, "jti"))),
+            },
+        )
+        changes: dict[str, Any] = {
+            "sub": sub,
+            "email": email,
+            "name": name,
+            "preferred_username": f"user{i:07d}",
+            "iat": now,
+            "exp": now + 300,
+            "auth_time": now,
+        }
         if "nonce" in t.claims:
             changes["nonce"] = _random_like(str(t.claims["nonce"]))
         id_token, claims = _jwt_like(t.tokens.id_token or "", changes)
         identity = replace(t.identity, sub=sub, user=email, email=email, preferred_username=f"user{i:07d}")
-        tokens = replace(t.tokens, access_token=access, id_token=id_token,
-                         refresh_token=_random_like(t.tokens.refresh_token or "x" * 43),
-                         access_expires_at=now + 3600.0, refresh_expires_at=now + 86400.0, issued_at=float(now))
+        tokens = replace(
+            t.tokens,
+            access_token=access,
+            id_token=id_token,
+            refresh_token=_random_like(t.tokens.refresh_token or "x" * 43),
+            access_expires_at=now + 3600.0,
+            refresh_expires_at=now + 86400.0,
+            issued_at=float(now),
+        )
         return identity, tokens, claims
 
 
@@ -118,14 +156,16 @@ def _claim(token: str, name: str) -> Any:
     return json.loads(_unb64(token.split(".")[1])).get(name, "")
 
 
-async def populate(issuer: str, redis_url: str, template: Session, count: int, first: int = 0,
-                   concurrency: int = 64) -> list[str]:
+async def populate(
+    issuer: str, redis_url: str, template: SignIn, count: int, first: int = 0, concurrency: int = 64
+) -> list[str]:
     """Write ``count`` sessions with ``Sessions.create``; returns their cookies, in order."""
     client = aioredis.from_url(redis_url, max_connections=concurrency + 4)
     sessions = Sessions(RedisStore(client), bench_config(issuer, redis_url))
     synth, cc = Synthesizer(template), codec()
     cookies: list[str] = [""] * count
     try:
+
         async def one(k: int) -> None:
             ref, _ = await sessions.create(*synth.make(first + k))
             cookies[k] = cc.dump_session(ref)
@@ -135,3 +175,24 @@ async def populate(issuer: str, redis_url: str, template: Session, count: int, f
     finally:
         await client.aclose()
     return cookies
+
+
+def _populate_part(args: tuple[str, str, SignIn, int, int]) -> list[str]:
+    issuer, redis_url, template, count, first = args
+    import uvloop
+
+    return uvloop.run(populate(issuer, redis_url, template, count, first))
+
+
+def populate_many(
+    issuer: str, redis_url: str, template: SignIn, count: int, first: int = 0, processes: int | None = None
+) -> list[str]:
+    """``populate`` split over forked processes (the work is CPU bound in Python); call it outside any event loop."""
+    processes = max(1, min(processes or os.cpu_count() or 1, count // 1000 or 1))
+    share = -(-count // processes)
+    parts = [(issuer, redis_url, template, min(share, count - k * share), first + k * share) for k in range(processes)]
+    if processes == 1:
+        return _populate_part(parts[0])
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(processes) as pool:
+        return [cookie for part in pool.map(_populate_part, parts) for cookie in part]

@@ -6,6 +6,7 @@ Nothing here kills by name: a process is stopped through the group id of the chi
 from __future__ import annotations
 
 import atexit
+import contextlib
 import http.client
 import itertools
 import os
@@ -60,8 +61,13 @@ class Proc:
         self.log_path = workdir() / f"{next(_names):02d}-{name}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            list(argv), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=dict(env) if env is not None else None, cwd=ROOT, start_new_session=True,
+            list(argv),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=dict(env) if env is not None else None,
+            cwd=ROOT,
+            start_new_session=True,
         )
         _running.append(self)
 
@@ -87,10 +93,8 @@ class Proc:
         try:
             if self.proc.poll() is None:
                 os.killpg(self.proc.pid, signal.SIGTERM)
-                try:
+                with contextlib.suppress(subprocess.TimeoutExpired):
                     self.proc.wait(timeout=timeout)
-                except subprocess.TimeoutExpired:
-                    pass
             os.killpg(self.proc.pid, signal.SIGKILL)  # stragglers (forked workers) in our group
         except ProcessLookupError:
             pass
@@ -191,16 +195,47 @@ def start_redis(port: int | None = None) -> tuple[Proc, str]:
     port = port or free_port()
     data = workdir() / f"redis-{port}"
     data.mkdir()
-    proc = Proc("redis", [binary("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
-                          "--save", "", "--appendonly", "no", "--protected-mode", "no"])
+    proc = Proc(
+        "redis",
+        [
+            binary("redis-server"),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(data),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+        ],
+    )
     wait_port(port, proc)
     return proc, f"redis://127.0.0.1:{port}/0"
 
 
 def start_provider(access_token_ttl: int = 3600, *extra: str) -> tuple[Proc, str]:
     port = free_port()
-    proc = Proc("provider", [PY, "-m", "sidecar.dev.provider", "--port", str(port), "--auto-login", "alice",
-                             "--access-token-ttl", str(access_token_ttl), "--refresh-token-ttl", "86400", *extra])
+    proc = Proc(
+        "provider",
+        [
+            PY,
+            "-m",
+            "sidecar.dev.provider",
+            "--port",
+            str(port),
+            "--auto-login",
+            "alice",
+            "--access-token-ttl",
+            str(access_token_ttl),
+            "--refresh-token-ttl",
+            "86400",
+            *extra,
+        ],
+    )
     wait_http(port, "/.well-known/openid-configuration", proc)
     return proc, f"http://127.0.0.1:{port}"
 
@@ -215,9 +250,14 @@ def start_server(kind: str, workers: int, *extra: str) -> tuple[Proc, int]:
 
 def sidecar_flags(issuer: str, port: int, **settings: Any) -> dict[str, Any]:
     flags: dict[str, Any] = {
-        "http-address": f"127.0.0.1:{port}", "oidc-issuer-url": issuer, "client-id": CLIENT_ID,
-        "client-secret": CLIENT_SECRET, "redirect-url": f"http://127.0.0.1:{port}/oauth2/callback",
-        "cookie-secret": COOKIE_SECRET, "cookie-secure": "false", "request-logging": "false",
+        "http-address": f"127.0.0.1:{port}",
+        "oidc-issuer-url": issuer,
+        "client-id": CLIENT_ID,
+        "client-secret": CLIENT_SECRET,
+        "redirect-url": f"http://127.0.0.1:{port}/oauth2/callback",
+        "cookie-secret": COOKIE_SECRET,
+        "cookie-secure": "false",
+        "request-logging": "false",
         "shutdown-timeout": "1s",
     }
     flags.update({k.replace("_", "-"): v for k, v in settings.items()})

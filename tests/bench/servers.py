@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -22,12 +23,21 @@ from collections.abc import AsyncIterator, Sequence
 import aiohttp
 from aiohttp import web
 
-UPSTREAM_BODY = (b"<!doctype html><html><head><title>bench upstream</title></head><body>"
-                 + b"x" * 1024)[:1024]
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
-    "transfer-encoding", "upgrade", "proxy-connection",
-})
+UPSTREAM_BODY = (b"<!doctype html><html><head><title>bench upstream</title></head><body>" + b"x" * 1024)[:1024]
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-connection",
+    }
+)
 
 
 def bare_app() -> web.Application:
@@ -54,7 +64,8 @@ def passthrough_app(target: str) -> web.Application:
 
     async def client_ctx(app: web.Application) -> AsyncIterator[None]:
         app[client_key] = aiohttp.ClientSession(
-            auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
         )
@@ -62,7 +73,9 @@ def passthrough_app(target: str) -> web.Application:
         await app[client_key].close()
 
     async def proxy(request: web.Request) -> web.StreamResponse:
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP and k.lower() != "content-length"}
+        headers = {
+            k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP and k.lower() != "content-length"
+        }
         if request.content_length is not None:
             headers["Content-Length"] = str(request.content_length)
         headers["X-Forwarded-For"] = str(request.remote)
@@ -71,10 +84,14 @@ def passthrough_app(target: str) -> web.Application:
         body = request.content if request.body_exists else None
         try:
             upstream = await request.app[client_key].request(
-                request.method, target + request.rel_url.raw_path_qs, headers=headers, data=body,
-                allow_redirects=False, timeout=aiohttp.ClientTimeout(sock_connect=30, sock_read=30),
+                request.method,
+                target + request.rel_url.raw_path_qs,
+                headers=headers,
+                data=body,
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(sock_connect=30, sock_read=30),
             )
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             return web.Response(status=502)
         try:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
@@ -156,10 +173,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     def forward(signum: int, _frame: object) -> None:
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import subprocess
 from collections.abc import Sequence
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from .procs import binary, workdir
 
+_scripts = itertools.count(1)
 _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}
 
 
@@ -20,15 +22,17 @@ class WrkResult:
     p99_ms: float
     requests: int
     non2xx: int = 0
+    unexpected: int = 0  # answers with another status than expected (counted by the Lua script)
     socket_errors: dict[str, int] = field(default_factory=dict)
     raw: str = ""
 
     @property
     def failures(self) -> int:
-        return self.non2xx + sum(self.socket_errors.values())
+        return max(self.non2xx, self.unexpected) + sum(self.socket_errors.values())
 
     def failure_text(self) -> str:
         parts = [f"non-2xx/3xx {self.non2xx}"] if self.non2xx else []
+        parts += [f"unexpected status {self.unexpected}"] if self.unexpected else []
         parts += [f"{k} {v}" for k, v in self.socket_errors.items() if v]
         return ", ".join(parts)
 
@@ -47,21 +51,43 @@ def parse(out: str) -> WrkResult:
     p99 = re.search(r"^\s+99%\s+(\S+)", out, re.M)
     if not (rps and total and p50 and p99):
         raise RuntimeError(f"could not parse wrk output:\n{out}")
-    result = WrkResult(rps=float(rps.group(1)), p50_ms=_ms(p50.group(1)), p99_ms=_ms(p99.group(1)),
-                       requests=int(total.group(1)), raw=out)
+    result = WrkResult(
+        rps=float(rps.group(1)),
+        p50_ms=_ms(p50.group(1)),
+        p99_ms=_ms(p99.group(1)),
+        requests=int(total.group(1)),
+        raw=out,
+    )
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     if non2xx:
         result.non2xx = int(non2xx.group(1))
+    unexpected = re.search(r"unexpected-status: (\d+)", out)
+    if unexpected:
+        result.unexpected = int(unexpected.group(1))
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     if sock:
         result.socket_errors = dict(zip(("connect", "read", "write", "timeout"), map(int, sock.groups()), strict=True))
     return result
 
 
-def run(url: str, duration: float, threads: int = 2, connections: int = 64, headers: Sequence[str] = (),
-        script: Path | None = None) -> WrkResult:
+def run(
+    url: str,
+    duration: float,
+    threads: int = 2,
+    connections: int = 64,
+    headers: Sequence[str] = (),
+    script: Path | None = None,
+) -> WrkResult:
     """wrk ``-t -c -d --latency``; ``headers`` are ``"Name: value"`` strings."""
-    argv = [binary("wrk"), f"-t{threads}", f"-c{connections}", f"-d{duration:g}s", "--latency", "--timeout", "5s"]
+    argv = [
+        binary("wrk"),
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{max(1, round(duration))}s",
+        "--latency",
+        "--timeout",
+        "5s",
+    ]
     for header in headers:
         argv += ["-H", header]
     if script is not None:
@@ -73,11 +99,12 @@ def run(url: str, duration: float, threads: int = 2, connections: int = 64, head
     return parse(done.stdout)
 
 
-def cookie_script(cookies: Sequence[str], name: str = "_sidecar") -> Path:
-    """A Lua script that rotates among many session cookies; requests are formatted once, up front.
+def script(cookies: Sequence[str] = (), expect: int | None = None, name: str = "_sidecar") -> Path:
+    """A Lua script: rotate among session cookies (requests formatted once, up front) and count
+    answers whose status is not exactly ``expect`` (wrk alone would accept any 2xx or 3xx).
 
     Each wrk thread starts at a different offset so threads do not walk the list in lockstep."""
-    path = workdir() / f"cookies-{len(cookies)}-{abs(hash(tuple(cookies[:3])))}.lua"
+    path = workdir() / f"wrk-{next(_scripts)}.lua"
     lines = ["local cookies = {"]
     lines += [f'"{c}",' for c in cookies]
     lines += [
@@ -85,21 +112,38 @@ def cookie_script(cookies: Sequence[str], name: str = "_sidecar") -> Path:
         "local n = #cookies",
         "local reqs = {}",
         "local i = 0",
-        "local next_id = 0",
+        "local threads = {}",
+        "unexpected = 0",
         "function setup(thread)",
-        "  thread:set('thread_id', next_id)",
-        "  next_id = next_id + 1",
+        "  thread:set('thread_id', #threads)",
+        "  table.insert(threads, thread)",
         "end",
         "function init(args)",
         "  for k = 1, n do",
         f"    reqs[k] = wrk.format(nil, nil, {{['Cookie'] = '{name}=' .. cookies[k]}})",
         "  end",
-        "  i = ((thread_id or 0) * 7919) % n",
+        "  if n > 0 then i = ((thread_id or 0) * 7919) % n end",
         "end",
-        "function request()",
-        "  i = i + 1",
-        "  if i > n then i = 1 end",
-        "  return reqs[i]",
+    ]
+    if cookies:
+        lines += [
+            "function request()",
+            "  i = i + 1",
+            "  if i > n then i = 1 end",
+            "  return reqs[i]",
+            "end",
+        ]
+    if expect is not None:
+        lines += [
+            "function response(status, headers, body)",
+            f"  if status ~= {expect} then unexpected = unexpected + 1 end",
+            "end",
+        ]
+    lines += [
+        "function done(summary, latency, requests)",
+        "  local total = 0",
+        "  for _, t in ipairs(threads) do total = total + (t:get('unexpected') or 0) end",
+        "  io.write(string.format('unexpected-status: %d\\n', total))",
         "end",
     ]
     path.write_text("\n".join(lines) + "\n")

@@ -1,0 +1,130 @@
+"""nginx in front: ``auth_request`` to the sidecar (or the bare 202 handler), then proxy to the app.
+
+The shipped ``deploy/nginx/sidecar.conf`` is used, rendered by the e2e tests' helper
+(``tests/e2e/nginx.py``) or, failing that, by ``render_shipped``. Without it, ``MINIMAL`` is
+used: the usual oauth2-proxy style setup (keep-alive upstreams, an internal ``/oauth2/auth``
+location without the request body, identity headers copied with ``auth_request_set``).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from .procs import ROOT, Proc, binary, wait_port, workdir
+
+SHIPPED = ROOT / "deploy" / "nginx" / "sidecar.conf"
+
+# The main-context wrapper the bench needs to run nginx unprivileged-ish in a temp prefix.
+MAIN = """
+worker_processes {workers};
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+{http}
+}}
+"""
+
+MINIMAL = """
+    upstream bench_auth {{ server 127.0.0.1:{auth_port}; keepalive 64; }}
+    upstream bench_app {{ server 127.0.0.1:{app_port}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{listen_port};
+        location /oauth2/ {{
+            proxy_pass http://bench_auth;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Forwarded-Host $host;
+        }}
+        location = /oauth2/auth {{
+            internal;
+            proxy_pass http://bench_auth;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_pass_request_body off;
+            proxy_set_header Content-Length "";
+            proxy_set_header Host $host;
+            proxy_set_header X-Original-URI $request_uri;
+        }}
+        location / {{
+            auth_request /oauth2/auth;
+            error_page 401 = /oauth2/sign_in;
+            auth_request_set $user $upstream_http_x_auth_request_user;
+            auth_request_set $email $upstream_http_x_auth_request_email;
+            auth_request_set $groups $upstream_http_x_auth_request_groups;
+            proxy_set_header X-User $user;
+            proxy_set_header X-Email $email;
+            proxy_set_header X-Groups $groups;
+            proxy_pass http://bench_app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+        }}
+    }}
+"""
+
+
+def render_shipped(text: str, listen_port: int, auth_port: int, app_port: int) -> str | None:
+    """The shipped config with the bench's addresses, or None when its shape is not recognised.
+
+    Upstream blocks are matched by their name: one containing "sidecar"/"oauth"/"auth" gets the
+    auth service, any other the app; ``listen`` lines get the bench's port on loopback."""
+    upstreams = re.findall(r"upstream\s+(\S+)\s*\{", text)
+    if not upstreams or "auth_request" not in text:
+        return None
+
+    def server_for(match: re.Match[str]) -> str:
+        name = match.group(1)
+        port = auth_port if re.search(r"sidecar|oauth|auth", name) else app_port
+        body = re.sub(r"server\s+[^;]+;", f"server 127.0.0.1:{port};", match.group(2))
+        return f"upstream {name} {{{body}}}"
+
+    out = re.sub(r"upstream\s+(\S+)\s*\{([^}]*)\}", server_for, text)
+    out = re.sub(r"listen\s+[^;]+;", f"listen 127.0.0.1:{listen_port};", out)
+    out = re.sub(r"^\s*(ssl_\w+|access_log|error_log)\s[^;]*;", "", out, flags=re.M)
+    if out.count(f"listen 127.0.0.1:{listen_port};") != 1:
+        return None
+    return out
+
+
+def config_text(prefix: Path, listen_port: int, auth_port: int, app_port: int, workers: int) -> tuple[str, str]:
+    """(nginx.conf text, which template was used)."""
+    http, source = None, "minimal equivalent in tests/bench/nginx.py"
+    if SHIPPED.exists():
+        http = render_shipped(SHIPPED.read_text(), listen_port, auth_port, app_port)
+        source = "deploy/nginx/sidecar.conf" if http else source + " (shipped config not recognised)"
+    if http is None:
+        http = MINIMAL.format(listen_port=listen_port, auth_port=auth_port, app_port=app_port)
+    return MAIN.format(workers=workers, prefix=prefix, http=http), source
+
+
+def start(listen_port: int, auth_port: int, app_port: int, workers: int = 1) -> tuple[Proc, str]:
+    """nginx on ``listen_port``: the shipped config as the e2e tests render it when possible."""
+    prefix = workdir() / f"nginx-{listen_port}"
+    prefix.mkdir()
+    error_log = str(prefix / "error.log")
+    try:
+        from tests.e2e.nginx import render  # the e2e tests' renderer of the shipped config (one worker)
+
+        conf = render(prefix, listen_port, f"127.0.0.1:{auth_port}", f"127.0.0.1:{app_port}")
+        argv = [binary("nginx"), "-p", str(prefix), "-e", error_log, "-c", str(conf)]
+        source = "deploy/nginx/sidecar.conf, rendered by tests/e2e/nginx.py"
+    except (ImportError, AssertionError, OSError):
+        for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+            (prefix / sub).mkdir(exist_ok=True)
+        text, source = config_text(prefix, listen_port, auth_port, app_port, workers)
+        conf = prefix / "nginx.conf"
+        conf.write_text(text)
+        argv = [binary("nginx"), "-p", str(prefix), "-e", error_log, "-c", str(conf), "-g", "daemon off;"]
+    proc = Proc("nginx", argv)
+    wait_port(listen_port, proc)
+    return proc, source
