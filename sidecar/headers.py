@@ -43,13 +43,11 @@ HOP_BY_HOP = frozenset(
 )
 
 
-def normalise(name: str) -> str:
-    return name.lower().replace("_", "-")
-
-
 def is_protected(name: str) -> bool:
     """True for any spelling of a header the sidecar owns."""
-    norm = normalise(name)
+    norm = name.lower()
+    if "_" in norm:
+        norm = norm.replace("_", "-")
     return norm in _PROTECTED or norm.startswith(_PROTECTED_PREFIXES)
 
 
@@ -94,19 +92,29 @@ def auth_response_headers(session: Session, config: Any) -> dict[str, str]:
     return headers
 
 
-_memo: dict[int, tuple[Session, dict[str, str]]] = {}
+_Memo = dict[int, tuple[Session, dict[str, str]]]
+_auth_memo: _Memo = {}
+_upstream_memo: _Memo = {}
+
+
+def _memoised(memo: _Memo, build: Any, session: Session, config: Any) -> dict[str, str]:
+    """Headers built once per session object: a cached session answers many requests."""
+    hit = memo.get(id(session))
+    if hit is not None and hit[0] is session:
+        return hit[1]
+    if len(memo) >= 10_000:
+        memo.clear()
+    headers: dict[str, str] = build(session, config)
+    memo[id(session)] = (session, headers)
+    return headers
 
 
 def auth_response_headers_for(session: Session, config: Any) -> dict[str, str]:
-    """``auth_response_headers`` memoised per session object: cached sessions answer many requests."""
-    hit = _memo.get(id(session))
-    if hit is not None and hit[0] is session:
-        return hit[1]
-    if len(_memo) >= 10_000:
-        _memo.clear()
-    headers = auth_response_headers(session, config)
-    _memo[id(session)] = (session, headers)
-    return headers
+    return _memoised(_auth_memo, auth_response_headers, session, config)
+
+
+def upstream_identity_headers_for(session: Session, config: Any) -> dict[str, str]:
+    return _memoised(_upstream_memo, upstream_identity_headers, session, config)
 
 
 def upstream_identity_headers(session: Session, config: Any) -> dict[str, str]:

@@ -8,6 +8,7 @@ cookies never reach the app (the session cookie holds the record's key).
 from __future__ import annotations
 
 import asyncio
+import functools
 import posixpath
 import time
 from typing import Any
@@ -20,13 +21,20 @@ from . import metrics
 from .context import Services, view_of
 from .errors import SessionGone
 from .guard import authorize, sign_in_redirect
-from .headers import HOP_BY_HOP, is_protected, upstream_identity_headers
+from .headers import HOP_BY_HOP, is_protected, upstream_identity_headers_for
 
 _PATH_SAFE = "/:@!$&'()*+,;=-._~"
 
 
+def _plain(raw_path: str) -> bool:
+    """Nothing to decode or collapse: the common case, forwarded exactly as it came."""
+    return "%" not in raw_path and "/." not in raw_path and "//" not in raw_path and "\\" not in raw_path
+
+
 def normalise_path(raw_path: str) -> str:
     """The one path that is both matched against skip-auth rules and forwarded upstream."""
+    if _plain(raw_path):
+        return raw_path or "/"
     path = unquote(raw_path)
     if "\x00" in path or "\\" in path:
         raise web.HTTPBadRequest(text="400 Bad Request: malformed path\n")
@@ -38,19 +46,18 @@ def normalise_path(raw_path: str) -> str:
     return normal
 
 
+_NOT_FORWARDED = HOP_BY_HOP | {"content-length", "x-forwarded-for"}
+
+
 def _forward_headers(request: web.Request, config: Any) -> dict[str, str]:
-    connection_listed = {h.strip().lower() for h in request.headers.get("Connection", "").split(",")}
+    connection = request.headers.get("Connection")
+    dropped = _NOT_FORWARDED | {h.strip().lower() for h in connection.split(",")} if connection else _NOT_FORWARDED
     out: dict[str, str] = {}
     for name, value in request.headers.items():
         low = name.lower()
-        if (
-            low in HOP_BY_HOP
-            or low in connection_listed
-            or low in ("content-length", "x-forwarded-for")
-            or is_protected(name)
-        ):
+        if low in dropped or is_protected(low):
             continue
-        if low == "cookie":
+        if low == "cookie" and config.cookie_name in value:
             value = _without_own_cookies(value, config.cookie_name)
             if not value:
                 continue
@@ -91,7 +98,7 @@ async def handle(request: web.Request, svc: Services) -> web.StreamResponse:
             _, session = await authorize(request, svc)
         except SessionGone:
             return sign_in_redirect(request)
-        headers = upstream_identity_headers(session, config)
+        headers = upstream_identity_headers_for(session, config)
     if upstream is None:
         return web.Response(status=404, text="404 Not Found: no upstream for this path\n")
     forward = _forward_headers(request, config)
@@ -101,14 +108,21 @@ async def handle(request: web.Request, svc: Services) -> web.StreamResponse:
     forward["X-Forwarded-Proto"] = view.scheme
     forward["X-Forwarded-Host"] = view.host
     forward.setdefault("Host", request.host)
-    url = (
-        upstream.url
-        + quote(path, safe=_PATH_SAFE)
-        + (("?" + request.rel_url.raw_query_string) if request.rel_url.raw_query_string else "")
-    )
+    raw = request.rel_url
+    if path == raw.raw_path:
+        url = upstream.url + raw.raw_path_qs
+    else:
+        url = (
+            upstream.url + quote(path, safe=_PATH_SAFE) + (("?" + raw.raw_query_string) if raw.raw_query_string else "")
+        )
     if request.headers.get("Upgrade", "").lower() == "websocket":
         return await _websocket(request, svc, url, forward)
     return await _stream(request, svc, url, forward)
+
+
+@functools.lru_cache(maxsize=8)
+def _timeout(seconds: float) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(sock_connect=seconds, sock_read=seconds)
 
 
 async def _stream(request: web.Request, svc: Services, url: str, headers: dict[str, str]) -> web.StreamResponse:
