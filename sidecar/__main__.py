@@ -18,12 +18,15 @@ from .config import Config, config_or_exit
 log = logging.getLogger("sidecar")
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def _bind(host: str, port: int, *, reuse_port: bool = False, listen: bool = True) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
-    sock.listen(1024)
+    if listen:
+        sock.listen(1024)
     sock.set_inheritable(True)
     return sock
 
@@ -57,9 +60,13 @@ async def serve(config: Config, sock: socket.socket, metrics_sock: socket.socket
         await runner.cleanup()
 
 
-def _run_worker(config: Config, sock: socket.socket, metrics_sock: socket.socket | None) -> None:
+def _run_worker(config: Config, sock: socket.socket | None, metrics_sock: socket.socket | None) -> None:
+    """One worker. With several, each listens on its own SO_REUSEPORT socket: the kernel then spreads
+    connections evenly, where one shared accept queue lets a single busy worker take most of them."""
     from . import logs
 
+    if sock is None:
+        sock = _bind(config.listen_host, config.listen_port, reuse_port=True)
     logs.setup(config.log_level)
     try:
         import uvloop  # speed: a faster event loop where available
@@ -70,13 +77,13 @@ def _run_worker(config: Config, sock: socket.socket, metrics_sock: socket.socket
     asyncio.run(serve(config, sock, metrics_sock))
 
 
-def _supervise(config: Config, sock: socket.socket, metrics_sock: socket.socket | None) -> int:
+def _supervise(config: Config, metrics_sock: socket.socket | None) -> int:
     """Run N workers on the shared listening sockets; forward SIGTERM; replace crashed workers."""
     ctx = multiprocessing.get_context("fork")
     stopping = False
 
     def spawn() -> Any:
-        proc = ctx.Process(target=_run_worker, args=(config, sock, metrics_sock), daemon=False)
+        proc = ctx.Process(target=_run_worker, args=(config, None, metrics_sock), daemon=False)
         proc.start()
         return proc
 
@@ -112,7 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     logs.setup(config.log_level)
     try:
-        sock = _bind(config.listen_host, config.listen_port)
+        # With several workers the parent only holds the address (bound, not listening, so the
+        # kernel never queues a connection on it); each worker listens on its own socket.
+        sock = _bind(config.listen_host, config.listen_port, reuse_port=config.workers > 1, listen=config.workers == 1)
         metrics_sock = _bind(config.metrics_host or "", config.metrics_port) if config.metrics_port else None
     except OSError as exc:
         sys.stderr.write(f"sidecar: error: --http-address: cannot listen ({exc.strerror})\n")
@@ -120,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config.workers == 1:
         _run_worker(config, sock, metrics_sock)
         return 0
-    return _supervise(config, sock, metrics_sock)
+    return _supervise(config, metrics_sock)
 
 
 if __name__ == "__main__":
