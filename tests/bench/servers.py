@@ -145,6 +145,16 @@ def _worker(kind: str, target: str | None, sock: socket.socket) -> None:
     asyncio.run(_serve(kind, target, sock))
 
 
+def _listener(port: int, *, reuse_port: bool) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(1024)
+    return sock
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.bench.servers")
     parser.add_argument("kind", choices=("bare", "upstream", "passthrough"))
@@ -152,12 +162,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--target")
     args = parser.parse_args(argv)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", args.port))
-    sock.listen(1024)
+    # The same socket layout as `python -m sidecar --workers N`: one listener per worker with
+    # SO_REUSEPORT when there are several, so baseline and sidecar are spread alike.
     if args.workers <= 1:
-        _worker(args.kind, args.target, sock)
+        _worker(args.kind, args.target, _listener(args.port, reuse_port=False))
         return
     pids = []
     for _ in range(args.workers):
@@ -165,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if pid == 0:
             code = 0
             try:
-                _worker(args.kind, args.target, sock)
+                _worker(args.kind, args.target, _listener(args.port, reuse_port=True))
             except BaseException:  # noqa: BLE001 - a worker must never return into the parent's loop
                 code = 1
             os._exit(code)
