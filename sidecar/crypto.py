@@ -26,13 +26,14 @@ def new_key() -> bytes:
 
 def encrypt(key: bytes, plaintext: bytes, context: bytes) -> bytes:
     nonce = os.urandom(_NONCE_BYTES)
-    return nonce + AESGCM(key).encrypt(nonce, zlib.compress(plaintext, 6), context)
+    packer = zlib.compressobj(9, zlib.DEFLATED, -15)  # raw deflate: no zlib header or checksum to store
+    return nonce + AESGCM(key).encrypt(nonce, packer.compress(plaintext) + packer.flush(), context)
 
 
 def decrypt(key: bytes, blob: bytes, context: bytes) -> bytes:
     """Raises InvalidCookie when the key (from the cookie) does not open the record."""
     try:
         packed = AESGCM(key).decrypt(blob[:_NONCE_BYTES], blob[_NONCE_BYTES:], context)
-        return zlib.decompress(packed)
+        return zlib.decompress(packed, -15)
     except (InvalidTag, ValueError, zlib.error) as exc:
         raise InvalidCookie("session key does not match its record") from exc

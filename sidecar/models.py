@@ -6,6 +6,7 @@ without sleeping.
 
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import dataclass, replace
 
@@ -87,7 +88,8 @@ class Session:
         i, t = self.identity, self.tokens
         row = [
             _FORMAT, i.sub, i.user, i.email, list(i.groups), i.preferred_username,
-            t.access_token, t.refresh_token, t.id_token, _t(t.access_expires_at), _t(t.refresh_expires_at),
+            _pack_token(t.access_token), t.refresh_token, _pack_token(t.id_token),
+            _t(t.access_expires_at), _t(t.refresh_expires_at),
             _t(t.issued_at), _t(self.created_at), _t(self.signed_in_at), _t(self.refreshed_at), self.refresh_count,
         ]  # fmt: skip
         return json.dumps(row, separators=(",", ":")).encode()
@@ -103,16 +105,48 @@ class Session:
              issued, created, signed_in, refreshed, count) = row  # fmt: skip
             return cls(
                 identity=Identity(sub=sub, user=user, email=email, groups=tuple(groups), preferred_username=preferred),
-                tokens=TokenSet(access_token=access, refresh_token=refresh, id_token=id_token,
-                                access_expires_at=access_exp, refresh_expires_at=refresh_exp, issued_at=issued),
+                tokens=TokenSet(access_token=_unpack_token(access) or "", refresh_token=refresh,
+                                id_token=_unpack_token(id_token), access_expires_at=access_exp,
+                                refresh_expires_at=refresh_exp, issued_at=issued),
                 created_at=created, signed_in_at=signed_in, refreshed_at=refreshed, refresh_count=count,
                 version=version, last_active=last_active,
             )  # fmt: skip
-        except (TypeError, KeyError, IndexError, json.JSONDecodeError) as exc:
+        except (TypeError, KeyError, IndexError, ValueError) as exc:
             raise ValueError("malformed session record") from exc
 
 
-_FORMAT = 1  # bump when the positional layout changes
+_FORMAT = 2  # bump when the positional layout changes
+
+
+def _b64decode(part: str) -> str | None:
+    try:
+        text = base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)).decode()
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return text if _b64encode(text) == part else None  # only what re-encodes to the very same text
+
+
+def _b64encode(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).rstrip(b"=").decode()
+
+
+def _pack_token(token: str | None) -> str | list[str] | None:
+    """A JWT's header and payload stored as the JSON text they encode: it compresses about 70
+    bytes better than its base64 form. Anything that would not round-trip exactly stays as it is."""
+    if token is None or token.count(".") != 2:
+        return token
+    header, payload, signature = token.split(".")
+    plain_header, plain_payload = _b64decode(header), _b64decode(payload)
+    if plain_header is None or plain_payload is None:
+        return token
+    return [plain_header, plain_payload, signature]
+
+
+def _unpack_token(value: str | list[str] | None) -> str | None:
+    if isinstance(value, list):
+        header, payload, signature = value
+        return f"{_b64encode(header)}.{_b64encode(payload)}.{signature}"
+    return value
 
 
 def _t(value: float | None) -> float | None:

@@ -8,7 +8,7 @@ answers 503 and never mistakes an outage for a signed-out user.
 
 Redis layout (``sc:`` prefix; one key per operation so Cluster works):
     sc:s:<store key>   string  "<version>|<last active>|<ciphertext>"  TTL = refresh-token lifetime
-    sc:u:<index hash>  set   store keys of one user's sessions, or of one provider session (sid)
+    sc:u:<index hash>  hash  store keys of one user's sessions, or of one provider session (sid)
     sc:st:<state>      string  pending sign-in (PKCE verifier, nonce, rd)  TTL minutes, GETDEL
     sc:l:<store key>   string  refresh lock owner token             PX, extended while held
     sc:o:<token hash>  string  encrypted outcome of a refresh        TTL seconds
@@ -196,6 +196,13 @@ local p2 = string.find(cur, '|', p1 + 1, true)
 redis.call('SET', KEYS[1], string.sub(cur, 1, p1) .. ARGV[1] .. string.sub(cur, p2), 'KEEPTTL')
 return 1
 """
+# KEYS[1] index; ARGV store key, ttl ms. A small hash stays in Redis' compact listpack encoding
+# (a set of strings does not before Redis 7.2); the index lives as long as its longest session.
+_INDEX = """
+redis.call('HSET', KEYS[1], ARGV[1], '1')
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 1
+"""
 # KEYS[1] lock; ARGV owner token (, ttl ms). Only the owner may extend or release.
 _EXTEND = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
@@ -264,6 +271,7 @@ class RedisStore:
         self._p = prefix
         self._cas = client.register_script(_CAS_SAVE)
         self._touch = client.register_script(_TOUCH)
+        self._index = client.register_script(_INDEX)
         self._extend = client.register_script(_EXTEND)
         self._release = client.register_script(_RELEASE)
 
@@ -305,17 +313,14 @@ class RedisStore:
     async def delete(self, key: str, user: str | None = None) -> None:
         await self._call(self._r.delete(self._p + "s:" + key))
         if user is not None:
-            await self._call(self._r.srem(self._p + "u:" + user, key))
+            await self._call(self._r.hdel(self._p + "u:" + user, key))
 
     async def user_sessions(self, user: str) -> list[str]:
-        members = await self._call(self._r.smembers(self._p + "u:" + user))
+        members = await self._call(self._r.hkeys(self._p + "u:" + user))
         return sorted(m.decode() for m in members)
 
     async def index(self, user: str, key: str, ttl: float) -> None:
-        async with self._r.pipeline(transaction=False) as pipe:
-            pipe.sadd(self._p + "u:" + user, key)
-            pipe.pexpire(self._p + "u:" + user, _ms(max(ttl, 86400 * 90)))
-            await self._call(pipe.execute())
+        await self._call(self._index(keys=[self._p + "u:" + user], args=[key, _ms(ttl)]), "index")
 
     async def put_state(self, state: str, data: bytes, ttl: float) -> None:
         await self._call(self._r.set(self._p + "st:" + state, data, px=_ms(ttl)))

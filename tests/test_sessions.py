@@ -215,3 +215,23 @@ async def test_sign_out_everywhere(store: SessionStore) -> None:
             assert resp.status == 302
         async with phone.get(f"{st.base}/oauth2/auth") as resp:
             assert resp.status == 401
+
+
+def test_records_round_trip_every_token_shape_exactly() -> None:
+    import base64
+
+    def b64(raw: bytes) -> str:
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+    jwt_like = b64(b'{"alg":"RS256"}') + "." + b64('{"sub":"ä","n":1}'.encode()) + "." + b64(b"\x00" * 64)
+    padded = b64(b'{"a":1}') + "=." + b64(b'{"b":2}') + ".sig"  # not canonical base64url: kept verbatim
+    binary = b64(b"\xff\xfe") + "." + b64(b"\x80") + ".x"  # not text
+    for token in (jwt_like, padded, binary, "opaque-token", "a.b", "..", "a.b.c"):
+        session = _session(tokens=TokenSet(access_token=token, id_token=token, refresh_token="r"))
+        again = Session.from_bytes(session.to_bytes(), version=3, last_active=5.0)
+        assert again.tokens.access_token == token and again.tokens.id_token == token
+        assert again.version == 3 and again.last_active == 5.0 and again.identity == session.identity
+    with pytest.raises(ValueError):
+        Session.from_bytes(b'[1,"old format"]', 1, 0.0)
+    with pytest.raises(ValueError):
+        Session.from_bytes(b"not json", 1, 0.0)
