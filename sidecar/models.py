@@ -106,16 +106,17 @@ class Session:
             return cls(
                 identity=Identity(sub=sub, user=user, email=email, groups=tuple(groups), preferred_username=preferred),
                 tokens=TokenSet(access_token=_unpack_token(access) or "", refresh_token=refresh,
-                                id_token=_unpack_token(id_token), access_expires_at=access_exp,
-                                refresh_expires_at=refresh_exp, issued_at=issued),
-                created_at=created, signed_in_at=signed_in, refreshed_at=refreshed, refresh_count=count,
+                                id_token=_unpack_token(id_token), access_expires_at=_from_t(access_exp),
+                                refresh_expires_at=_from_t(refresh_exp), issued_at=_from_t(issued) or 0.0),
+                created_at=_from_t(created) or 0.0, signed_in_at=_from_t(signed_in) or 0.0,
+                refreshed_at=_from_t(refreshed), refresh_count=count,
                 version=version, last_active=last_active,
             )  # fmt: skip
         except (TypeError, KeyError, IndexError, ValueError) as exc:
             raise ValueError("malformed session record") from exc
 
 
-_FORMAT = 2  # bump when the positional layout changes
+_FORMAT = 3  # bump when the positional layout changes
 
 
 def _b64decode(part: str) -> str | None:
@@ -149,6 +150,10 @@ def _unpack_token(value: str | list[str] | None) -> str | None:
     return value
 
 
-def _t(value: float | None) -> float | None:
-    """Times to the millisecond: enough for expiry, shorter to store."""
-    return None if value is None else round(value, 3)
+def _t(value: float | None) -> int | None:
+    """Times in tenths of a second: precise enough for expiry, and every digit costs Redis memory."""
+    return None if value is None else round(value * 10)
+
+
+def _from_t(value: int | None) -> float | None:
+    return None if value is None else value / 10
