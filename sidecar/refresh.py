@@ -43,7 +43,7 @@ from .sessions import Sessions
 log = logging.getLogger("sidecar.refresh")
 
 OUTCOME_TTL = 300.0  # how long a late caller holding a consumed token can still find its successor
-_POLL = 0.05
+_POLL = 0.02  # how often a waiting replica looks for the new record (one small GETRANGE)
 
 
 def outcome_key(refresh_token: str, version: int) -> str:
