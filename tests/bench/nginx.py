@@ -113,11 +113,16 @@ def start(listen_port: int, auth_port: int, app_port: int, workers: int = 1) -> 
     prefix.mkdir()
     error_log = str(prefix / "error.log")
     try:
-        from tests.e2e.nginx import render  # the e2e tests' renderer of the shipped config (one worker)
+        from tests.e2e.procs import nginx_main_conf, render_nginx_conf  # the e2e tests' renderer
 
-        conf = render(prefix, listen_port, f"127.0.0.1:{auth_port}", f"127.0.0.1:{app_port}")
+        server = prefix / "sidecar.conf"
+        server.write_text(render_nginx_conf(listen_port, f"127.0.0.1:{auth_port}", f"127.0.0.1:{app_port}"))
+        for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+            (prefix / sub).mkdir(exist_ok=True)
+        conf = prefix / "nginx.conf"
+        conf.write_text(nginx_main_conf(prefix, server, prefix, workers))
         argv = [binary("nginx"), "-p", str(prefix), "-e", error_log, "-c", str(conf)]
-        source = "deploy/nginx/sidecar.conf, rendered by tests/e2e/nginx.py"
+        source = "deploy/nginx/sidecar.conf, rendered by tests/e2e/procs.py"
     except (ImportError, AssertionError, OSError):
         for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
             (prefix / sub).mkdir(exist_ok=True)
