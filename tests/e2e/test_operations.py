@@ -97,7 +97,11 @@ def _rss_kib(pid: int) -> int:
 
 async def test_soak_mixed_traffic_with_refreshes_keeps_memory_flat(st: Stack, redis_url: str) -> None:
     proc = await _process(
-        st, session_store_type="redis", redis_connection_url=redis_url, workers="1", request_logging="true",
+        st,
+        session_store_type="redis",
+        redis_connection_url=redis_url,
+        workers="1",
+        request_logging="true",
         pass_access_token="true",
     ).ready()
     try:
