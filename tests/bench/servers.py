@@ -23,21 +23,9 @@ from collections.abc import AsyncIterator, Sequence
 import aiohttp
 from aiohttp import web
 
+from sidecar.headers import HOP_BY_HOP  # the same set the sidecar drops
+
 UPSTREAM_BODY = (b"<!doctype html><html><head><title>bench upstream</title></head><body>" + b"x" * 1024)[:1024]
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-        "proxy-connection",
-    }
-)
 
 
 def bare_app() -> web.Application:
