@@ -74,7 +74,3 @@ def view_of(request: web.Request) -> View:
 
 def services(request: web.Request) -> Services:
     return request.app[SERVICES]
-
-
-def authed(request: web.Request) -> tuple[SessionRef, Session] | None:
-    return request.get(AUTHED)

@@ -43,7 +43,8 @@ async def authenticate(request: web.Request, svc: Services) -> tuple[SessionRef,
         # A forged, re-signed or stale cookie is simply "not signed in".
         raise SessionGone(str(exc)) from exc
     session = await svc.refresher.fresh(ref, session)
-    request[AUTHED] = (ref, session)
+    if svc.config.request_logging:  # only the access log line reads it
+        request[AUTHED] = (ref, session)
     return ref, session
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from typing import Any
 
 ACCESS = logging.getLogger("sidecar.access")
@@ -42,7 +41,3 @@ def setup(level: str) -> None:
 
 def access(fields: dict[str, Any]) -> None:
     ACCESS.info("request", extra={"fields": fields})
-
-
-def now() -> float:
-    return time.monotonic()
