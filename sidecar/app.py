@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from . import handlers, metrics, proxy
+from . import handlers, logs, metrics, proxy
 from .context import SERVICES, Services
 from .cookies import CookieCodec
 from .middleware import guarded
@@ -54,6 +54,7 @@ def build_app(config: Any, store: SessionStore | None = None) -> web.Application
         yield
         flusher.cancel()
         metrics.flush()
+        logs.flush()
         await upstream_http.close()
         await http.close()
         if store is None:

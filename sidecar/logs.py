@@ -6,9 +6,11 @@ never include token values, and the access line holds the route, not the query.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
+import time
 from typing import Any
 
 ACCESS = logging.getLogger("sidecar.access")
@@ -39,5 +41,49 @@ def setup(level: str) -> None:
     logging.getLogger("aiohttp.access").disabled = True
 
 
+class AccessLog:
+    """One JSON line per request, written in batches.
+
+    Going through ``logging`` (a record, a handler lock, a formatter) and a write syscall per
+    request halved the sidecar's throughput; lines are instead gathered and written together at
+    most ``_DELAY`` later, and at shutdown. A crash can lose that last fraction of a second."""
+
+    _DELAY = 0.05
+    _MAX_LINES = 512
+
+    def __init__(self) -> None:
+        self._lines: list[str] = []
+        self._timer: asyncio.TimerHandle | None = None
+
+    def write(self, fields: dict[str, Any]) -> None:
+        entry = {"ts": round(time.time(), 3), "level": "info", "logger": ACCESS.name, "msg": "request", **fields}
+        self._lines.append(json.dumps(entry, separators=(",", ":"), default=str))
+        if len(self._lines) >= self._MAX_LINES:
+            self.flush()
+        elif self._timer is None:
+            try:
+                self._timer = asyncio.get_running_loop().call_later(self._DELAY, self.flush)
+            except RuntimeError:
+                self.flush()
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._lines or not ACCESS.isEnabledFor(logging.INFO):
+            self._lines.clear()
+            return
+        text, self._lines = "\n".join(self._lines) + "\n", []
+        sys.stderr.write(text)  # looked up now, so a redirected stderr is honoured
+        sys.stderr.flush()
+
+
+_access_log = AccessLog()
+
+
 def access(fields: dict[str, Any]) -> None:
-    ACCESS.info("request", extra={"fields": fields})
+    _access_log.write(fields)
+
+
+def flush() -> None:
+    _access_log.flush()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from dataclasses import replace
 
@@ -132,7 +133,7 @@ async def test_redis_outage_answers_503_and_signs_nobody_out(redis_url: str) -> 
 
 
 async def test_logs_never_contain_tokens_cookies_or_secrets(
-    store: SessionStore, caplog: pytest.LogCaptureFixture
+    store: SessionStore, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
 ) -> None:
     caplog.set_level(logging.DEBUG)
     async with (
@@ -158,7 +159,10 @@ async def test_logs_never_contain_tokens_cookies_or_secrets(
         cookie = session_cookie(client) or ""
         async with client.get(f"{st.base}/oauth2/sign_out"):
             pass
+    access_lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    assert sum(1 for line in access_lines if line["msg"] == "request") >= 6  # one JSON line per request
     text = "\n".join(f"{r.getMessage()} {getattr(r, 'fields', '')}" for r in caplog.records)
+    text += "\n" + json.dumps(access_lines)
     assert "request" in text  # access lines were written
     for secret in (token, new_token, cookie, cookie.split(".")[0], COOKIE_SECRET, "sidecar-dev-secret"):
         assert secret not in text
