@@ -132,6 +132,8 @@ async def test_soak_mixed_traffic_with_refreshes_keeps_memory_flat(st: Stack, re
         async with aiohttp.ClientSession(cookies={"_sidecar": cookies[0]}) as client:
             async with client.get(proc.base + "/oauth2/auth") as resp:
                 token = resp.headers["X-Auth-Request-Access-Token"]
+        proc.proc.terminate()  # a graceful stop writes out the last batch of access lines
+        assert proc.proc.wait(timeout=20) == 0
         log = proc.output()
     finally:
         proc.stop()
