@@ -151,24 +151,14 @@ def _spawn(name: str, argv: list[str], port: int, directory: Path) -> Proc:
     pytest.fail(f"{name} did not start on port {port}:\n{output}", pytrace=False)
 
 
+def redis_server_argv(binary: str, port: int, directory: Path) -> list[str]:
+    """A throwaway redis-server: loopback only, private port and dir, nothing persisted."""
+    return [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory), "--save", "",
+            "--appendonly", "no", "--protected-mode", "no"]  # fmt: skip
+
+
 def start_server(name: str, directory: Path, port: int, *extra: str) -> Proc:
-    binary = require("redis-server", "redis-server")
-    argv = [
-        binary,
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--dir",
-        str(directory),
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--protected-mode",
-        "no",
-        *extra,
-    ]
+    argv = [*redis_server_argv(require("redis-server", "redis-server"), port, directory), *extra]
     return _spawn(name, argv, port, directory)
 
 

@@ -163,12 +163,16 @@ class ProviderRoutes:
             query["state"] = params["state"]
         return _redirect(str(URL(params["redirect_uri"]).update_query(query)))
 
-    async def authorize_get(self, request: web.Request) -> web.Response:
-        params = _first_values(request.query)
+    def _authorize_problem(self, params: Mapping[str, str]) -> web.Response | None:
+        """Both authorize forms check the client first (400 page), then the protocol (redirect)."""
         checked = self._check_authorize(params)
         if isinstance(checked, web.Response):
             return checked
-        problem = self._protocol_error(params)
+        return self._protocol_error(params)
+
+    async def authorize_get(self, request: web.Request) -> web.Response:
+        params = _first_values(request.query)
+        problem = self._authorize_problem(params)
         if problem is not None:
             return problem
         if self.p.auto_login:
@@ -179,10 +183,7 @@ class ProviderRoutes:
 
     async def authorize_post(self, request: web.Request) -> web.Response:
         params = _first_values(await request.post())
-        checked = self._check_authorize(params)
-        if isinstance(checked, web.Response):
-            return checked
-        problem = self._protocol_error(params)
+        problem = self._authorize_problem(params)
         if problem is not None:
             return problem
         username = params.get("user", "")

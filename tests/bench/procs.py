@@ -195,24 +195,9 @@ def start_redis(port: int | None = None) -> tuple[Proc, str]:
     port = port or free_port()
     data = workdir() / f"redis-{port}"
     data.mkdir()
-    proc = Proc(
-        "redis",
-        [
-            binary("redis-server"),
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(data),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--protected-mode",
-            "no",
-        ],
-    )
+    from tests.redis_procs import redis_server_argv
+
+    proc = Proc("redis", redis_server_argv(binary("redis-server"), port, data))
     wait_port(port, proc)
     return proc, f"redis://127.0.0.1:{port}/0"
 
