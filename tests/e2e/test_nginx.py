@@ -3,13 +3,19 @@
 nginx, the sidecar (``python -m sidecar``, Redis sessions), the development provider and the
 demo app all run as separate processes on private ports, started once for this module. What
 is proven here is what an operator copying the config relies on: sign-in through nginx,
-the identity and token the app receives, a transparent refresh, sign-out, and that no
-identity header a client makes up ever reaches the app.
+the identity and token the app receives, a transparent refresh, sign-out, that no
+identity header a client makes up ever reaches the app, that the app gets its own cookies but
+never the sidecar's session or sign-in cookies, and that /oauth2/auth (which carries the
+access token) answers only nginx's subrequests.
 """
 
 from __future__ import annotations
 
 import asyncio
+import html
+import itertools
+import random
+import re
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -90,9 +96,11 @@ def site(redis_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         f"--redirect-url={base}/oauth2/callback",
         "--cookie-secret=nginx-e2e-cookie-secret-0123456789",
         "--cookie-secure=false",
+        "--email-domain=*",
         "--session-store-type=redis",
         f"--redis-connection-url={redis_url}",
         "--reverse-proxy",
+        "--trusted-proxy=127.0.0.1/32",  # nginx, as in the README: token headers go to it only
         "--pass-access-token",
         "--pass-authorization-header",
         "--refresh-skew=0s",
@@ -301,3 +309,175 @@ async def test_spoofed_identity_headers_never_reach_the_app(site: Site, browser:
                 page = await resp.text()
             assert "mallo" not in page  # (the demo page shows only the first 12 characters of a token)
             assert page.count("(absent)") == 10  # its 8 identity headers, Authorization, X-Forwarded-Access-Token
+
+
+# --------------------------------------------------------------------------
+# The sidecar's cookies stay between the browser, nginx and the sidecar
+# --------------------------------------------------------------------------
+
+# The application's own cookies, among them names that merely contain, start or end like the
+# sidecar's, and a value that looks like one: all of them must reach the application.
+APP_COOKIES = (
+    "a=1",
+    "b=2",
+    "my_sidecar=1",
+    "x_sidecarish=2",
+    "_sidecarish=3",
+    "_sidecar-x=4",
+    "_Sidecar=5",
+    "sidecar=6",
+    "c=_sidecar=7",
+    "sidecar_=8",
+)
+# Sign-in state cookies and anything else named "_sidecar_*": the application never sees them.
+OTHER_SIDECAR_COOKIES = (
+    "_sidecar_csrf_ab=1",
+    "_sidecar_csrf_0123456789abcdef=InN0YXRlIg.Zx.sig",
+    "_sidecar_x=",
+    "_sidecar_=z",
+)
+
+
+def is_sidecar_cookie(pair: str) -> bool:
+    name = pair.split("=", 1)[0].strip()
+    return name == COOKIE or name.startswith(COOKIE + "_")
+
+
+def app_cookie_pairs(header: str | None) -> list[str]:
+    """The cookies of a Cookie header the application received, in order, as sent."""
+    return [part.strip() for part in (header or "").split(";") if part.strip()]
+
+
+async def signed_in_cookie(site: Site, browser: aiohttp.ClientSession) -> str:
+    await sign_in(browser, site)
+    value = cookie(browser)
+    assert value
+    return value
+
+
+async def cookies_seen(site: Site, header: str, path: str = "/_demo/echo") -> str | None:
+    """The Cookie header the application got for a request with exactly ``header``, sent by a
+    client without a cookie jar. The request must pass the auth check: the sidecar did get the
+    session cookie in the auth subrequest."""
+    async with aiohttp.ClientSession() as client:
+        async with client.get(site.base + path, headers={"Cookie": header}, allow_redirects=False) as resp:
+            assert resp.status == 200, (header, resp.status, resp.headers.get("Location"))
+            data: dict[str, Any] = await resp.json()
+    seen: dict[str, str] = {k.lower(): v for k, v in data["headers"].items()}
+    assert seen.get("x-auth-request-user") == "alice@example.com", header
+    return seen.get("cookie")
+
+
+def cookie_cases(session: str) -> list[tuple[str, list[str]]]:
+    """(Cookie header, the cookies the application must get) for a family of orderings."""
+    s = f"{COOKIE}={session}"
+    cases = [
+        (f"a=1; {s}; b=2", ["a=1", "b=2"]),
+        (f"{s}; a=1", ["a=1"]),
+        (f"a=1; {s}", ["a=1"]),
+        (f"_sidecar_csrf_ab=1; a=1; {s}; c=3", ["a=1", "c=3"]),
+        (f"my_sidecar=1; {s}; x_sidecarish=2", ["my_sidecar=1", "x_sidecarish=2"]),
+        (f"a=1;{s};b=2", ["a=1", "b=2"]),
+        (f"a=1;   {s}  ;b=2", ["a=1", "b=2"]),
+        (f"{s}; _sidecar_csrf_ab=1; _sidecar_csrf_cd=2; z=9", ["z=9"]),
+    ]
+    # Every order of four cookies, two of them the sidecar's.
+    for order in itertools.permutations(["a=1", s, "_sidecar_csrf_ab=1", "my_sidecar=1"]):
+        cases.append(("; ".join(order), [c for c in order if not is_sidecar_cookie(c)]))
+    # Random mixes: up to six application cookies, the session and up to four other sidecar
+    # cookies in any position, with the separators browsers and hand-written clients use.
+    rng = random.Random(13)
+    for _ in range(40):
+        mix = [*rng.sample(APP_COOKIES, rng.randint(0, 6)), s]
+        mix += rng.sample(OTHER_SIDECAR_COOKIES, rng.randint(0, 4))
+        rng.shuffle(mix)
+        cases.append((rng.choice(["; ", ";", "; ", ";  "]).join(mix), [c for c in mix if not is_sidecar_cookie(c)]))
+    return cases
+
+
+async def test_the_app_gets_its_own_cookies_and_never_the_sidecars(site: Site, browser: aiohttp.ClientSession) -> None:
+    session = await signed_in_cookie(site, browser)
+    for header, expected in cookie_cases(session):
+        seen = await cookies_seen(site, header)
+        assert app_cookie_pairs(seen) == expected, header
+        assert session not in (seen or ""), header
+        if not expected:
+            assert seen is None, header  # no empty Cookie header either
+
+
+async def test_more_sidecar_cookies_than_the_config_handles_fail_closed(
+    site: Site, browser: aiohttp.ClientSession
+) -> None:
+    session = await signed_in_cookie(site, browser)
+    # Eight sidecar cookies, each between application cookies, are still handled exactly ...
+    sidecar_ones = [f"{COOKIE}={session}", *(f"{COOKIE}_csrf_{i:02x}={i}" for i in range(7))]
+    header = "; ".join(f"{c}; app{i}={i}" for i, c in enumerate(sidecar_ones))
+    assert app_cookie_pairs(await cookies_seen(site, header)) == [f"app{i}={i}" for i in range(8)]
+    # ... and beyond that the application gets no cookies at all rather than the session.
+    for extra in (1, 5, 30):
+        more = [*sidecar_ones, *(f"{COOKIE}_csrf_x{i}={i}" for i in range(extra))]
+        for chosen in (more, list(reversed(more))):
+            header = "; ".join(f"{c}; app{i}={i}" for i, c in enumerate(chosen))
+            assert await cookies_seen(site, header) is None, header
+
+
+async def test_public_paths_get_the_apps_cookies_without_the_sidecars(
+    site: Site, browser: aiohttp.ClientSession
+) -> None:
+    session = await signed_in_cookie(site, browser)
+    for header, expected in cookie_cases(session)[:12]:
+        async with aiohttp.ClientSession() as client:
+            async with client.get(site.base + "/public/page", headers={"Cookie": header}) as resp:
+                assert resp.status == 200
+                page = await resp.text()
+        # The demo page lists the request headers it got, escaped, one table row each.
+        row = re.search(r"<tr><th>Cookie</th><td><code>(.*?)</code></td></tr>", page)
+        seen = html.unescape(row.group(1)) if row else None
+        assert app_cookie_pairs(seen) == expected, header
+        assert session not in page, header
+
+
+async def test_the_sign_in_endpoints_still_get_the_sidecars_cookies(site: Site, browser: aiohttp.ClientSession) -> None:
+    session = await signed_in_cookie(site, browser)
+    # /oauth2/userinfo answers from the session: it got the cookie, among others, in any position.
+    for header in (f"a=1; {COOKIE}={session}; b=2", f"{COOKIE}={session}", f"my_sidecar=1; {COOKIE}={session}"):
+        async with aiohttp.ClientSession() as client:
+            async with client.get(site.base + "/oauth2/userinfo", headers={"Cookie": header}) as resp:
+                assert resp.status == 200, header
+                assert (await resp.json())["email"] == "alice@example.com"
+
+
+# Ways to spell /oauth2/auth that nginx normalises, or that reach the sidecar's other routes.
+AUTH_PATHS = (
+    "/oauth2/auth",
+    "/oauth2/auth?x=1",
+    "/oauth2/auth/",
+    "//oauth2/auth",
+    "/oauth2//auth",
+    "/oauth2/./auth",
+    "/oauth2/x/../auth",
+    "/oauth2/%61uth",
+    "/oauth2%2Fauth",
+    "/oauth2/auth%2F",
+    "/oauth2/auth;x",
+    "/OAUTH2/AUTH",
+)
+TOKEN_RESPONSE_HEADERS = ("X-Auth-Request-Access-Token", "Authorization", "X-Auth-Request-User", "X-Forwarded-User")
+
+
+async def test_the_auth_endpoint_is_not_reachable_from_outside_even_signed_in(
+    site: Site, browser: aiohttp.ClientSession
+) -> None:
+    session = await signed_in_cookie(site, browser)
+    headers = {"Cookie": f"{COOKIE}={session}", "Accept": "*/*"}
+    async with aiohttp.ClientSession() as client:
+        for path in AUTH_PATHS:
+            for method in ("GET", "HEAD", "POST"):
+                url = URL(site.base + path, encoded=True)  # sent exactly as written
+                async with client.request(method, url, headers=headers, allow_redirects=False) as resp:
+                    await resp.read()
+                    where = (method, path, resp.status)
+                    assert resp.status != 202, where
+                    assert not [h for h in TOKEN_RESPONSE_HEADERS if h in resp.headers], where
+                    if path.startswith("/oauth2/auth") and path[len("/oauth2/auth") :] in ("", "?x=1"):
+                        assert resp.status == 404, where
