@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -12,6 +12,7 @@ from aiohttp import web
 from .cookies import CookieCodec, SessionRef
 from .models import Session
 from .oidc import OidcClient
+from .ratelimit import RateLimiter
 from .refresh import Refresher
 from .sessions import Sessions
 
@@ -27,6 +28,7 @@ class Services:
     oidc: OidcClient
     http: aiohttp.ClientSession  # provider calls
     upstream_http: aiohttp.ClientSession | None = None  # proxied requests
+    signin_limiter: RateLimiter = field(default_factory=RateLimiter)  # per client, /oauth2/start and callback
 
 
 @dataclass

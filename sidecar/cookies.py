@@ -3,17 +3,28 @@
 The session cookie carries only a random session id and the key that opens the
 session's record, signed with itsdangerous (HMAC-SHA256). Several secrets may
 be configured: the first signs, all verify, so secrets can be rotated.
+
+A sign-in attempt cookie carries the whole pending sign-in (PKCE verifier,
+nonce, where to return), AES-GCM encrypted under a key derived from the cookie
+secret and bound to its ``state``, then signed and timestamped. Nothing is
+stored server-side until the callback, so anonymous ``/oauth2/start`` floods
+cost no store memory.
+
+Replicas' clocks differ a little: a cookie signed "in the future" by up to
+``CLOCK_LEEWAY`` seconds is accepted.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
+import json
 import os
 from dataclasses import dataclass
 from functools import cached_property
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from itsdangerous import BadData, URLSafeTimedSerializer
 
 from . import crypto
@@ -21,6 +32,7 @@ from .errors import InvalidCookie, InvalidState
 
 SID_BYTES = 32  # 256-bit session ids
 MAX_COOKIE_CHARS = 4096
+CLOCK_LEEWAY = 60.0  # seconds a cookie may appear signed in the future (another replica's clock)
 _CACHE_LIMIT = 10_000
 
 
@@ -30,6 +42,32 @@ def _b64(raw: bytes) -> str:
 
 def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _attempt_key(secret: bytes) -> bytes:
+    """A key only for sign-in attempt cookies, derived so it never equals the signing secret."""
+    return HKDF(algorithm=hashes.SHA256(), length=crypto.KEY_BYTES, salt=None, info=b"sidecar sign-in attempt").derive(
+        secret
+    )
+
+
+def _check_age(signed_at: float, now: float, max_age: float) -> bool:
+    """Fresh enough, and not signed further in the future than a replica's clock may be ahead."""
+    age = now - signed_at
+    return -CLOCK_LEEWAY <= age <= max_age
+
+
+@dataclass(frozen=True)
+class SignInAttempt:
+    """One pending sign-in, carried by its own cookie until the callback."""
+
+    state: str
+    verifier: str
+    nonce: str
+    rd: str
+
+    def __repr__(self) -> str:  # the verifier and nonce are secrets of this attempt
+        return "SignInAttempt(state=..., verifier=..., nonce=..., rd=...)"
 
 
 @dataclass(frozen=True)
@@ -61,6 +99,7 @@ class CookieCodec:
         self._state = URLSafeTimedSerializer(
             keys, salt="sidecar.state", signer_kwargs={"digest_method": hashlib.sha256}
         )
+        self._attempt_keys = tuple(_attempt_key(secret) for secret in secrets)  # first encrypts, all decrypt
         self._max_age = max_age
         self._verified: dict[str, tuple[SessionRef, float]] = {}
 
@@ -75,11 +114,13 @@ class CookieCodec:
         if len(value) > MAX_COOKIE_CHARS:
             raise InvalidCookie("session cookie too large")
         try:
-            payload, signed_at = self._session.loads(value, max_age=int(self._max_age), return_timestamp=True)
+            payload, signed_at = self._session.loads(value, return_timestamp=True)
             sid, key_text = str(payload).split(".")
             key = _unb64(key_text)
         except (BadData, ValueError, TypeError) as exc:
             raise InvalidCookie("session cookie failed verification") from exc
+        if not _check_age(signed_at.timestamp(), now, self._max_age):
+            raise InvalidCookie("session cookie expired or signed too far in the future")
         if len(key) != crypto.KEY_BYTES or len(sid) < 43:
             raise InvalidCookie("session cookie has the wrong shape")
         ref = SessionRef(sid=sid, key=key)
@@ -91,19 +132,51 @@ class CookieCodec:
     def forget(self, value: str) -> None:
         self._verified.pop(value, None)
 
-    def dump_state(self, state: str) -> str:
-        return self._state.dumps(state)
+    def dump_attempt(self, attempt: SignInAttempt) -> str:
+        """Encrypt (bound to the state) and sign a pending sign-in for its cookie."""
+        plain = json.dumps([attempt.verifier, attempt.nonce, attempt.rd], separators=(",", ":")).encode()
+        sealed = crypto.encrypt(self._attempt_keys[0], plain, _attempt_context(attempt.state))
+        return self._state.dumps(_b64(sealed))
 
-    def check_state(self, value: str | None, state: str, max_age: float) -> None:
-        """The CSRF cookie for this attempt must exist, be ours, be fresh and name this state."""
+    def attempt_signed_at(self, value: str) -> float | None:
+        """When an attempt cookie was made, if it is ours; used to keep only the newest few."""
+        if len(value) > MAX_COOKIE_CHARS:
+            return None
+        try:
+            _, signed_at = self._state.loads(value, return_timestamp=True)
+        except BadData:
+            return None
+        return float(signed_at.timestamp())
+
+    def load_attempt(self, value: str | None, state: str, now: float, max_age: float) -> SignInAttempt:
+        """The pending sign-in for this state: the cookie must exist, be ours, be fresh and name this state."""
         if not value:
             raise InvalidState("no sign-in cookie for this state")
+        if len(value) > MAX_COOKIE_CHARS:
+            raise InvalidState("sign-in cookie too large")
         try:
-            signed = self._state.loads(value, max_age=int(max_age))
-        except BadData as exc:
+            sealed_text, signed_at = self._state.loads(value, return_timestamp=True)
+            sealed = _unb64(str(sealed_text))
+        except (BadData, ValueError, TypeError) as exc:
             raise InvalidState("sign-in cookie failed verification") from exc
-        if not hmac.compare_digest(str(signed), state):
-            raise InvalidState("state does not match its sign-in cookie")
+        if not _check_age(signed_at.timestamp(), now, max_age):
+            raise InvalidState("sign-in cookie expired or signed too far in the future")
+        return SignInAttempt(state, *self._open_attempt(sealed, state))
+
+    def _open_attempt(self, sealed: bytes, state: str) -> tuple[str, str, str]:
+        """Decrypt with each configured secret's key; the state is bound in, so another state's cookie fails."""
+        for key in self._attempt_keys:
+            try:
+                fields = json.loads(crypto.decrypt(key, sealed, _attempt_context(state)))
+            except (InvalidCookie, ValueError):
+                continue
+            if isinstance(fields, list) and len(fields) == 3 and all(isinstance(f, str) for f in fields):
+                return fields[0], fields[1], fields[2]
+        raise InvalidState("state does not match its sign-in cookie")
+
+
+def _attempt_context(state: str) -> bytes:
+    return b"sidecar.attempt|" + state.encode()
 
 
 def state_cookie_suffix(state: str) -> str:

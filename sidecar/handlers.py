@@ -2,29 +2,45 @@
 
 from __future__ import annotations
 
+import hashlib
 import html
-import json
 import logging
 import secrets
 import time
 from typing import Any
+from urllib.parse import quote, urlsplit
 
 from aiohttp import web
 
 from . import metrics
 from .context import Services, services, view_of
-from .cookies import state_cookie_suffix
+from .cookies import CLOCK_LEEWAY, MAX_COOKIE_CHARS, SignInAttempt, state_cookie_suffix
 from .errors import InvalidCookie, InvalidState, SessionGone, StoreUnavailable, TokenValidationError
-from .guard import absolute, authenticate, authorize, clear_cookie, clear_session_cookie, set_cookie
+from .guard import (
+    TOKEN_HEADERS,
+    absolute,
+    authenticate,
+    authorize,
+    clear_cookie,
+    clear_session_cookie,
+    set_cookie,
+    tokens_allowed,
+)
 from .headers import auth_response_headers_for
 from .middleware import guarded
 from .oidc import Pkce
 from .policy import identity_from_claims, is_allowed
+from .ratelimit import retry_after
 from .urls import safe_redirect
 
 log = logging.getLogger("sidecar.handlers")
 
 STATE_TTL = 600.0  # a sign-in attempt must finish within ten minutes
+MAX_ATTEMPT_COOKIES = 5  # live sign-in attempts (tabs) per browser; older ones are cleared at /oauth2/start
+PARALLEL_TABS_WINDOW = 120.0  # at a successful callback, attempts younger than this may be other tabs: kept
+SIGNIN_RATE_LIMIT = 30  # default per client and minute for /oauth2/start + /oauth2/callback; burst twice that
+_CALLBACK_SINGLE = ("state", "code", "iss", "error")  # RFC 6749 3.1: a parameter may not be repeated
+_TRUE = ("1", "true", "yes", "on")
 
 
 def _page(title: str, body: str, status: int = 200) -> web.Response:
@@ -40,26 +56,114 @@ def _rd(request: web.Request) -> str:
     """Where to return: ``rd``, else ``X-Auth-Request-Redirect`` (set by nginx's sign-in location,
     which cannot URL-escape the original URI itself), checked by ``safe_redirect``."""
     rd = request.query.get("rd") or request.headers.get("X-Auth-Request-Redirect")
-    return safe_redirect(rd, view_of(request).host, services(request).config.whitelist_domain)
+    view = view_of(request)
+    return safe_redirect(rd, view.scheme, view.host, services(request).config.redirect_hosts)
+
+
+def _attempt_prefix(config: Any) -> str:
+    return f"{config.cookie_name}_csrf_"
 
 
 def _state_cookie_name(config: Any, state: str) -> str:
-    return f"{config.cookie_name}_csrf_{state_cookie_suffix(state)}"
+    return _attempt_prefix(config) + state_cookie_suffix(state)
+
+
+def _client_key(request: web.Request) -> str:
+    """Who is asking, for the rate limit: the peer, or behind a trusted proxy the address it appended."""
+    view = view_of(request)
+    forwarded = request.headers.get("X-Forwarded-For", "") if view.trusted else ""
+    last = forwarded.rsplit(",", 1)[-1].strip()
+    return last[:64] or view.client_ip
+
+
+def _rate_limited(request: web.Request, svc: Services) -> web.Response | None:
+    """Anonymous sign-in endpoints are limited per client (429 + Retry-After), in process memory."""
+    per_minute = float(getattr(svc.config, "signin_rate_limit", SIGNIN_RATE_LIMIT))
+    wait = svc.signin_limiter.take(_client_key(request), per_minute, 2 * per_minute, time.monotonic())
+    if not wait:
+        return None
+    return web.Response(
+        status=429,
+        headers={"Retry-After": retry_after(wait), "Cache-Control": "no-store"},
+        text="429 Too Many Requests: too many sign-in attempts, try again shortly\n",
+    )
+
+
+def _attempt_cookie_value(svc: Services, attempt: SignInAttempt) -> str:
+    """The sealed attempt; a ``rd`` too long for a cookie falls back to ``/`` rather than losing the cookie."""
+    value = svc.codec.dump_attempt(attempt)
+    if len(value) > MAX_COOKIE_CHARS - 200:
+        value = svc.codec.dump_attempt(SignInAttempt(attempt.state, attempt.verifier, attempt.nonce, "/"))
+    return value
+
+
+def _clear_old_attempts(
+    request: web.Request, response: web.Response, svc: Services, keep: int, max_age: float = STATE_TTL
+) -> None:
+    """Keep the ``keep`` newest attempt cookies younger than ``max_age`` (parallel tabs), clear every other one.
+
+    Without this each abandoned sign-in leaves a cookie behind until the browser's Cookie header
+    outgrows every server's limit."""
+    config = svc.config
+    now, prefix = time.time(), _attempt_prefix(config)
+    live: list[tuple[float, str]] = []
+    for name, value in request.cookies.items():
+        if not name.startswith(prefix):
+            continue
+        signed_at = svc.codec.attempt_signed_at(value)
+        if signed_at is not None and -CLOCK_LEEWAY <= now - signed_at <= max_age:
+            live.append((signed_at, name))
+        else:
+            clear_cookie(response, config, name)
+    live.sort(reverse=True)
+    for _, name in live[keep:]:
+        clear_cookie(response, config, name)
 
 
 async def start(request: web.Request, svc: Services) -> web.Response:
-    """Begin sign-in: remember (verifier, nonce, rd) under a fresh state, send the browser to the provider."""
+    """Begin sign-in: seal (verifier, nonce, rd) into this attempt's own cookie, send the browser to the provider.
+
+    Nothing is stored server-side, so anonymous requests here cost the store nothing."""
+    limited = _rate_limited(request, svc)
+    if limited is not None:
+        return limited
     state, nonce, pkce = secrets.token_urlsafe(32), secrets.token_urlsafe(32), Pkce.new()
-    pending = json.dumps({"v": pkce.verifier, "n": nonce, "rd": _rd(request)}).encode()
+    attempt = SignInAttempt(state=state, verifier=pkce.verifier, nonce=nonce, rd=_rd(request))
     url = await svc.oidc.authorize_url(state, nonce, pkce)
-    await svc.sessions.store.put_state(state, pending, STATE_TTL)
     response = web.Response(status=302, headers={"Location": url, "Cache-Control": "no-store"})
-    set_cookie(response, svc.config, _state_cookie_name(svc.config, state), svc.codec.dump_state(state), STATE_TTL)
+    _clear_old_attempts(request, response, svc, keep=MAX_ATTEMPT_COOKIES - 1)
+    name = _state_cookie_name(svc.config, state)
+    set_cookie(response, svc.config, name, _attempt_cookie_value(svc, attempt), STATE_TTL)
     return response
 
 
+def _callback_params(request: web.Request) -> tuple[str, str, str | None]:
+    """(state, code, iss): each at most once and non-empty when present, else 400 before any provider call."""
+    query = request.query
+    for name in _CALLBACK_SINGLE:
+        if len(query.getall(name, [])) > 1:
+            raise InvalidState(f"callback repeats the {name} parameter")
+    state, code, issuer = query.get("state", ""), query.get("code", ""), query.get("iss")
+    if not state or not code or len(state) > 256 or len(code) > 4096:
+        raise InvalidState("callback without state or code")
+    if issuer is not None and (not issuer or len(issuer) > 2048):
+        raise InvalidState("callback iss is empty or too long")
+    return state, code, issuer
+
+
+async def _claim(svc: Services, state: str, signed_for: float) -> None:
+    """Mark the state used (SET NX) for as long as its cookie could still be presented: single use."""
+    marker = hashlib.sha256(b"state:" + state.encode()).hexdigest()[:32]
+    if not await svc.sessions.store.claim_state(marker, max(1.0, signed_for)):
+        raise InvalidState("sign-in state already used")
+
+
 async def callback(request: web.Request, svc: Services) -> web.Response:
-    """Finish sign-in. State is checked (cookie, then single-use store entry) before any provider call."""
+    """Finish sign-in. Parameters, the attempt cookie and the single-use marker are checked before any
+    provider call; only a request carrying a valid attempt cookie writes to the store."""
+    limited = _rate_limited(request, svc)
+    if limited is not None:
+        return limited
     config = svc.config
     if "error" in request.query:
         reason = html.escape(request.query.get("error", "")[:100])
@@ -68,22 +172,16 @@ async def callback(request: web.Request, svc: Services) -> web.Response:
             f"<p>The identity provider said: {reason}</p><p><a href='/oauth2/sign_in'>Try again</a></p>",
             status=403,
         )
-    state, code = request.query.get("state", ""), request.query.get("code", "")
-    if not state or not code or len(state) > 256 or len(code) > 4096:
-        raise InvalidState("callback without state or code")
-    issuer = request.query.get("iss")
+    state, code, issuer = _callback_params(request)
     if issuer is not None and issuer != (await svc.oidc.metadata()).issuer:
         raise InvalidState("callback iss does not name our provider (RFC 9207)")
     cookie_name = _state_cookie_name(config, state)
-    svc.codec.check_state(request.cookies.get(cookie_name), state, STATE_TTL)
-    raw = await svc.sessions.store.take_state(state)  # atomic: a state can be used once
-    if raw is None:
-        raise InvalidState("sign-in state unknown, expired or already used")
-    pending = json.loads(raw)
-    tokens = await svc.oidc.exchange_code(code, pending["v"])
+    attempt = svc.codec.load_attempt(request.cookies.get(cookie_name), state, time.time(), STATE_TTL)
+    await _claim(svc, state, STATE_TTL + CLOCK_LEEWAY)
+    tokens = await svc.oidc.exchange_code(code, attempt.verifier)
     if not tokens.id_token:
         raise TokenValidationError("token response has no id_token")
-    claims = await svc.oidc.validate_id_token(tokens.id_token, nonce=pending["n"])
+    claims = await svc.oidc.validate_id_token(tokens.id_token, nonce=attempt.nonce)
     identity = identity_from_claims(claims, config)
     if not is_allowed(identity, config):
         metrics.DECISIONS.add("403")
@@ -92,8 +190,10 @@ async def callback(request: web.Request, svc: Services) -> web.Response:
         return response
     await _end_previous_session(request)
     ref, _ = await svc.sessions.create(identity, tokens, claims)
-    response = web.Response(status=302, headers={"Location": pending["rd"], "Cache-Control": "no-store"})
+    response = web.Response(status=302, headers={"Location": attempt.rd, "Cache-Control": "no-store"})
     set_cookie(response, config, config.cookie_name, svc.codec.dump_session(ref), config.cookie_expire)
+    # Signed in: abandoned attempts go; only tabs started moments ago, still racing this one, keep theirs.
+    _clear_old_attempts(request, response, svc, keep=MAX_ATTEMPT_COOKIES, max_age=PARALLEL_TABS_WINDOW)
     clear_cookie(response, config, cookie_name)
     return response
 
@@ -113,8 +213,6 @@ async def _end_previous_session(request: web.Request) -> None:
 
 async def sign_in(request: web.Request, svc: Services) -> web.Response:
     rd = html.escape(_rd(request), quote=True)
-    from urllib.parse import quote
-
     href = html.escape(f"/oauth2/start?rd={quote(_rd(request), safe='')}", quote=True)
     return _page(
         "Sign in",
@@ -123,8 +221,57 @@ async def sign_in(request: web.Request, svc: Services) -> web.Response:
     )
 
 
+def _same_origin(request: web.Request) -> bool:
+    """A state-changing POST must come from our own pages: Origin, else Sec-Fetch-Site, when the browser sends
+    them. Clients that send neither (curl, scripts) are not browsers riding on a cookie from another site."""
+    origin = request.headers.get("Origin")
+    if origin is not None:
+        view = view_of(request)
+        return _origin_tuple(origin) == _origin_tuple(f"{view.scheme}://{view.host}")
+    fetch_site = request.headers.get("Sec-Fetch-Site")
+    return fetch_site is None or fetch_site.strip().lower() in ("same-origin", "none")
+
+
+def _origin_tuple(origin: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) with the default port filled in; None for ``null`` or anything malformed."""
+    try:
+        parts = urlsplit(origin.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+        return None
+    return parts.scheme, parts.hostname.lower(), port or (443 if parts.scheme == "https" else 80)
+
+
+async def _wants_everywhere(request: web.Request) -> bool:
+    value = request.query.get("everywhere", "")
+    if not value and request.method == "POST":
+        value = str((await request.post()).get("everywhere", ""))
+    return value.lower() in _TRUE
+
+
+def _confirm_everywhere_page(request: web.Request) -> web.Response:
+    """A GET never signs a user out everywhere (a link or image on another site could): it asks for a POST."""
+    action = html.escape(f"/oauth2/sign_out?everywhere=true&rd={quote(_rd(request), safe='')}", quote=True)
+    response = _page(
+        "Sign out everywhere?",
+        "<p>This ends your sessions in every browser and application.</p>"
+        f"<form method='post' action='{action}'><button type='submit'>Sign out everywhere</button></form>",
+    )
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
 async def sign_out(request: web.Request, svc: Services) -> web.Response:
-    """End the session here, revoke its refresh token at the provider, clear the cookie."""
+    """End the session here, revoke its refresh token at the provider, clear the cookie.
+
+    A plain sign-out may be a GET (oauth2-proxy compatible); "everywhere" needs a same-origin POST."""
+    everywhere = await _wants_everywhere(request)
+    if everywhere and request.method != "POST":
+        return _confirm_everywhere_page(request)
+    if request.method not in ("GET", "HEAD") and not _same_origin(request):
+        return web.Response(status=403, text="403 Forbidden: cross-site sign-out refused\n")
     config = svc.config
     rd = _rd(request)
     id_token, signed_in = None, False
@@ -136,7 +283,7 @@ async def sign_out(request: web.Request, svc: Services) -> web.Response:
             session = await svc.sessions.load_fresh(ref)
         except (InvalidCookie, SessionGone):
             session = None
-        if session is not None and request.query.get("everywhere", "").lower() in ("1", "true", "yes"):
+        if session is not None and everywhere:
             await svc.sessions.end_all_for_user(session.identity.sub)
         if session is not None:
             await svc.sessions.end(ref, session, reason="sign_out")
@@ -188,7 +335,11 @@ async def auth(request: web.Request, svc: Services) -> web.Response:
         metrics.DECISIONS.add("403")
         return web.Response(status=403, text="403 Forbidden\n")
     metrics.DECISIONS.add("202")
-    return web.Response(status=202, headers=auth_response_headers_for(session, svc.config))
+    headers = auth_response_headers_for(session, svc.config)
+    if svc.config.pass_access_token or svc.config.pass_authorization_header:
+        if not tokens_allowed(request, svc.config):
+            headers = {k: v for k, v in headers.items() if k not in TOKEN_HEADERS}
+    return web.Response(status=202, headers=headers)
 
 
 async def userinfo(request: web.Request, svc: Services) -> web.Response:

@@ -57,6 +57,7 @@ class Session:
     refresh_count: int = 0
     version: int = 0  # bumped by every store write; compare-and-set guards it
     last_active: float = 0.0  # kept by the store next to the record, not inside it
+    provider_sid: str | None = None  # the ID token's ``sid``: every save keeps its back-channel index alive
 
     def needs_refresh(self, now: float, skew: float, max_age: float) -> bool:
         """True when the access token is expired, about to expire, or older than ``max_age``."""
@@ -91,6 +92,7 @@ class Session:
             _pack_token(t.access_token), t.refresh_token, _pack_token(t.id_token),
             _t(t.access_expires_at), _t(t.refresh_expires_at),
             _t(t.issued_at), _t(self.created_at), _t(self.signed_in_at), _t(self.refreshed_at), self.refresh_count,
+            self.provider_sid,
         ]  # fmt: skip
         return json.dumps(row, separators=(",", ":")).encode()
 
@@ -99,10 +101,12 @@ class Session:
         """Raises ValueError for anything that is not a record of this format."""
         try:
             row = json.loads(raw)
-            if not isinstance(row, list) or row[0] != _FORMAT:
+            if not isinstance(row, list) or row[0] not in _READABLE_FORMATS:
                 raise ValueError("unknown session record format")
+            if row[0] == 3:  # written before the provider sid was kept: it has none
+                row = [*row, None]
             (_, sub, user, email, groups, preferred, access, refresh, id_token, access_exp, refresh_exp,
-             issued, created, signed_in, refreshed, count) = row  # fmt: skip
+             issued, created, signed_in, refreshed, count, provider_sid) = row  # fmt: skip
             return cls(
                 identity=Identity(sub=sub, user=user, email=email, groups=tuple(groups), preferred_username=preferred),
                 tokens=TokenSet(access_token=_unpack_token(access) or "", refresh_token=refresh,
@@ -110,13 +114,14 @@ class Session:
                                 refresh_expires_at=_from_t(refresh_exp), issued_at=_from_t(issued) or 0.0),
                 created_at=_from_t(created) or 0.0, signed_in_at=_from_t(signed_in) or 0.0,
                 refreshed_at=_from_t(refreshed), refresh_count=count,
-                version=version, last_active=last_active,
+                version=version, last_active=last_active, provider_sid=provider_sid,
             )  # fmt: skip
         except (TypeError, KeyError, IndexError, ValueError) as exc:
             raise ValueError("malformed session record") from exc
 
 
-_FORMAT = 3  # bump when the positional layout changes
+_FORMAT = 4  # bump when the positional layout changes
+_READABLE_FORMATS = (3, 4)  # 3 lacks only the provider sid at the end
 
 
 def _b64decode(part: str) -> str | None:

@@ -5,6 +5,12 @@ Loaded sessions are cached per process for at most ``--session-cache-ttl``
 (under one second), keyed by store key and checked against the stored version,
 so the hot path rarely touches Redis or decrypts, yet a sign-out on any
 replica is honoured everywhere within that time.
+
+Every write of a record (sign-in and each refresh) also extends the indexes
+that find it (the user's, and the provider session's ``sid``) to at least the
+record's own lifetime: with a sliding refresh lifetime a session can outlive
+its first TTL many times, and "sign out everywhere" and back-channel logout
+must still find it.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ class Sessions:
     async def create(self, identity: Identity, tokens: TokenSet, claims: dict[str, Any]) -> tuple[SessionRef, Session]:
         now = self._clock()
         ref = SessionRef.new()  # a fresh id at every sign-in, never the browser's old one
+        provider_sid = claims.get("sid")  # the provider's session id, for back-channel logout
         session = Session(
             identity=identity,
             tokens=self._stored_tokens(tokens),
@@ -63,12 +70,12 @@ class Sessions:
             signed_in_at=now,
             version=1,
             last_active=now,
+            provider_sid=provider_sid if isinstance(provider_sid, str) and provider_sid else None,
         )
         blob = crypto.encrypt(ref.key, session.to_bytes(), ref.store_key.encode())
         ttl = self.record_ttl(session, now)
         await self.store.create(ref.store_key, blob, ttl, now, user_key(identity.sub))
-        if isinstance(claims.get("sid"), str):  # the provider's session id, for back-channel logout
-            await self.store.index(provider_sid_key(claims["sid"]), ref.store_key, ttl)
+        await self._index_provider_session(ref.store_key, session, ttl)
         metrics.SESSIONS_CREATED.inc()
         return ref, session
 
@@ -117,10 +124,21 @@ class Sessions:
         now = self._clock()
         session = replace(session, tokens=self._stored_tokens(session.tokens))
         blob = crypto.encrypt(ref.key, session.to_bytes(), ref.store_key.encode())
-        version = await self.store.save(ref.store_key, blob, session.version, self.record_ttl(session, now))
+        ttl = self.record_ttl(session, now)
+        version = await self.store.save(ref.store_key, blob, session.version, ttl)
         saved = replace(session, version=version)
         self._remember(ref.store_key, saved)
+        await self._keep_indexes(ref.store_key, saved, ttl)
         return saved
+
+    async def _keep_indexes(self, key: str, session: Session, ttl: float) -> None:
+        """The record's TTL just moved: its indexes must live at least as long, or logout would miss it."""
+        await self.store.index(user_key(session.identity.sub), key, ttl)
+        await self._index_provider_session(key, session, ttl)
+
+    async def _index_provider_session(self, key: str, session: Session, ttl: float) -> None:
+        if session.provider_sid:
+            await self.store.index(provider_sid_key(session.provider_sid), key, ttl)
 
     async def end(self, ref: SessionRef, session: Session | None, reason: str) -> None:
         self._cache.pop(ref.store_key, None)

@@ -6,10 +6,16 @@ conformance tests. Stores only move opaque bytes: records arrive here already
 encrypted. Every Redis failure becomes ``StoreUnavailable`` so the web layer
 answers 503 and never mistakes an outage for a signed-out user.
 
+Pending sign-ins live in the browser's (encrypted) attempt cookie, not here:
+only a callback carrying a valid attempt cookie writes a small "used" marker.
+Every short-lived key (markers, locks, outcomes) has a shorter TTL than any
+session, so Redis' ``volatile-ttl`` eviction drops them before sessions. The
+memory store caps its short-lived entries for the same reason.
+
 Redis layout (``sc:`` prefix; one key per operation so Cluster works):
     sc:s:<store key>   string  "<version>|<last active>|<ciphertext>"  TTL = refresh-token lifetime
     sc:u:<index hash>  hash  store keys of one user's sessions, or of one provider session (sid)
-    sc:st:<state>      string  pending sign-in (PKCE verifier, nonce, rd)  TTL minutes, GETDEL
+    sc:st:<state hash> string  "used" marker of a sign-in state       SET NX, TTL = the attempt's remaining life
     sc:l:<store key>   string  refresh lock owner token             PX, extended while held
     sc:o:<token hash>  string  encrypted outcome of a refresh        TTL seconds
 """
@@ -33,6 +39,8 @@ from .errors import StoreUnavailable, VersionConflict
 
 T = TypeVar("T")
 
+MEMORY_SHORT_LIVED_CAP = 100_000  # used-state markers, and refresh outcomes, kept by the memory store
+
 
 @dataclass(frozen=True)
 class StoredRecord:
@@ -52,8 +60,7 @@ class SessionStore(Protocol):
     async def delete(self, key: str, user: str | None = None) -> None: ...
     async def user_sessions(self, user: str) -> list[str]: ...
     async def index(self, user: str, key: str, ttl: float) -> None: ...
-    async def put_state(self, state: str, data: bytes, ttl: float) -> None: ...
-    async def take_state(self, state: str) -> bytes | None: ...
+    async def claim_state(self, state: str, ttl: float) -> bool: ...
     async def acquire_lock(self, key: str, owner: str, ttl: float) -> bool: ...
     async def extend_lock(self, key: str, owner: str, ttl: float) -> bool: ...
     async def release_lock(self, key: str, owner: str) -> None: ...
@@ -71,7 +78,9 @@ class MemoryStore:
         self._clock = clock
         self._records: dict[str, tuple[StoredRecord, float]] = {}
         self._users: dict[str, set[str]] = {}
-        self._values: dict[str, tuple[Any, float]] = {}  # states, locks, outcomes
+        self._values: dict[str, tuple[Any, float]] = {}  # refresh locks (at most one per session)
+        self._outcomes: dict[str, tuple[Any, float]] = {}  # refresh outcomes
+        self._markers: dict[str, tuple[Any, float]] = {}  # used sign-in states
         self._writes = 0
 
     def _live(self, table: dict[str, tuple[T, float]], key: str) -> T | None:
@@ -88,10 +97,21 @@ class MemoryStore:
         self._writes += 1
         if self._writes % 1000:
             return
+        self._drop_expired(self._records, self._values, self._outcomes, self._markers)
+
+    def _drop_expired(self, *tables: dict[str, tuple[Any, float]]) -> None:
         now = self._clock()
-        for table in (self._records, self._values):
+        for table in tables:
             for key in [k for k, (_, exp) in table.items() if exp <= now]:
                 del table[key]
+
+    def _put_bounded(self, table: dict[str, tuple[Any, float]], key: str, value: Any, ttl: float) -> None:
+        """Short-lived entries never grow without bound: past the cap, expired ones go, then the oldest."""
+        if key not in table and len(table) >= MEMORY_SHORT_LIVED_CAP:
+            self._drop_expired(table)
+            while len(table) >= MEMORY_SHORT_LIVED_CAP:
+                del table[next(iter(table))]
+        table[key] = (value, self._clock() + ttl)
 
     async def load(self, key: str) -> StoredRecord | None:
         return self._live(self._records, key)
@@ -130,14 +150,11 @@ class MemoryStore:
     async def index(self, user: str, key: str, ttl: float) -> None:
         self._users.setdefault(user, set()).add(key)
 
-    async def put_state(self, state: str, data: bytes, ttl: float) -> None:
-        self._sweep()
-        self._values["st:" + state] = (data, self._clock() + ttl)
-
-    async def take_state(self, state: str) -> bytes | None:
-        data = self._live(self._values, "st:" + state)
-        self._values.pop("st:" + state, None)
-        return data
+    async def claim_state(self, state: str, ttl: float) -> bool:
+        if self._live(self._markers, state) is not None:
+            return False
+        self._put_bounded(self._markers, state, True, ttl)
+        return True
 
     async def acquire_lock(self, key: str, owner: str, ttl: float) -> bool:
         if self._live(self._values, "l:" + key) is not None:
@@ -160,10 +177,10 @@ class MemoryStore:
 
     async def put_outcome(self, token_hash: str, blob: bytes, ttl: float) -> None:
         self._sweep()
-        self._values["o:" + token_hash] = (blob, self._clock() + ttl)
+        self._put_bounded(self._outcomes, token_hash, blob, ttl)
 
     async def get_outcome(self, token_hash: str) -> bytes | None:
-        return self._live(self._values, "o:" + token_hash)
+        return self._live(self._outcomes, token_hash)
 
     async def ping(self) -> None:
         return None
@@ -322,12 +339,9 @@ class RedisStore:
     async def index(self, user: str, key: str, ttl: float) -> None:
         await self._call(self._index(keys=[self._p + "u:" + user], args=[key, _ms(ttl)]), "index")
 
-    async def put_state(self, state: str, data: bytes, ttl: float) -> None:
-        await self._call(self._r.set(self._p + "st:" + state, data, px=_ms(ttl)))
-
-    async def take_state(self, state: str) -> bytes | None:
-        # GETDEL: exactly one callback can consume a state, even across replicas.
-        return await self._call(self._r.getdel(self._p + "st:" + state), "take_state")
+    async def claim_state(self, state: str, ttl: float) -> bool:
+        # SET NX: exactly one callback can use a state, even across replicas.
+        return bool(await self._call(self._r.set(self._p + "st:" + state, b"1", nx=True, px=_ms(ttl)), "claim_state"))
 
     async def acquire_lock(self, key: str, owner: str, ttl: float) -> bool:
         return bool(await self._call(self._r.set(self._p + "l:" + key, owner, nx=True, px=_ms(ttl)), "lock"))

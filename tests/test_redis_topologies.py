@@ -123,11 +123,10 @@ async def exercise_protocol(store: RedisStore, raw: Any, keys: tuple[str, str] |
 
     # sign-in states are single-use
     state = uid("state")
-    await store.put_state(state, b"pkce+nonce", 600)
+    assert await store.claim_state(state, 600)
     await assert_pttl(raw, "sc:st:" + state, 600)
-    assert await store.take_state(state) == b"pkce+nonce"
-    assert await store.take_state(state) is None
-    assert await store.take_state(uid("never-issued")) is None
+    assert not await store.claim_state(state, 600)
+    assert await store.claim_state(uid("never-issued"), 600)
 
     # refresh lock: one owner; extend and release by the owner only; expiry lets another in
     lock = uid("sess")

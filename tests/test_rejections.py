@@ -7,8 +7,10 @@ from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import pytest
+from yarl import URL
 
 from sidecar.context import SERVICES
+from sidecar.cookies import SignInAttempt, state_cookie_suffix
 from sidecar.store import MemoryStore
 from tests.stack import browser, session_cookie, sign_in, stack
 
@@ -61,12 +63,11 @@ async def test_provider_error_and_missing_pkce_verifier_refuse_sign_in() -> None
             assert resp.status == 403
         url, state = await _start(client, st.base)
         callback = await _authorize(client, url)
-        # The verifier lives server-side with the state; a different state record means the wrong verifier.
-        pending = await st.runners[0].app[SERVICES].sessions.store.take_state(state)
-        assert pending is not None
-        await (
-            st.runners[0].app[SERVICES].sessions.store.put_state(state, pending.replace(b'"v": "', b'"v": "wrong'), 60)
-        )
+        # The verifier travels sealed in the attempt cookie; one sealed with the right secret but another
+        # verifier must be refused by the provider (PKCE), and no session is made.
+        codec = st.runners[0].app[SERVICES].codec
+        wrong = codec.dump_attempt(SignInAttempt(state=state, verifier="w" * 43, nonce="n", rd="/"))
+        client.cookie_jar.update_cookies({f"_sidecar_csrf_{state_cookie_suffix(state)}": wrong}, URL(st.base))
         async with client.get(callback, allow_redirects=False) as resp:
             assert resp.status == 403
         assert session_cookie(client) is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from dataclasses import replace
 
 import aiohttp
@@ -47,7 +48,7 @@ async def test_every_sign_in_gets_a_new_session_id_and_the_old_one_dies(store: S
         await sign_in(client, st.base)
         second = session_cookie(client) or ""
         codec = CookieCodec((COOKIE_SECRET.encode(),), 3600)
-        assert codec.load_session(first, 0).sid != codec.load_session(second, 0).sid
+        assert codec.load_session(first, time.time()).sid != codec.load_session(second, time.time()).sid
         async with aiohttp.ClientSession(cookies={"_sidecar": first}) as old:
             async with old.get(f"{st.base}/oauth2/auth") as resp:
                 assert resp.status == 401
@@ -178,6 +179,7 @@ def _logout_token(st: object, **changes: object) -> str:
         "iss": st.issuer,
         "aud": "sidecar-dev",
         "iat": int(time.time()),
+        "exp": int(time.time()) + 120,
         "jti": uuid.uuid4().hex,  # type: ignore[attr-defined]
         "sub": "alice-sub-1",
         "events": {BACKCHANNEL_EVENT: {}},
@@ -215,7 +217,7 @@ async def test_sign_out_everywhere(store: SessionStore) -> None:
     async with stack(store) as st, browser() as laptop, browser() as phone:
         await sign_in(laptop, st.base)
         await sign_in(phone, st.base)
-        async with laptop.get(f"{st.base}/oauth2/sign_out?everywhere=true", allow_redirects=False) as resp:
+        async with laptop.post(f"{st.base}/oauth2/sign_out?everywhere=true", allow_redirects=False) as resp:
             assert resp.status == 302
         async with phone.get(f"{st.base}/oauth2/auth") as resp:
             assert resp.status == 401

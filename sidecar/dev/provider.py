@@ -55,6 +55,7 @@ BOOL_SETTINGS = (
     "rotate_refresh_tokens",
     "reuse_detection",
     "return_same_refresh_token",
+    "send_sid",
 )
 INT_SETTINGS = ("access_token_ttl", "refresh_token_ttl", "id_token_ttl", "code_ttl")
 SCOPES = ["openid", "email", "profile", "groups", "offline_access"]
@@ -78,6 +79,7 @@ class DevProvider(TokenGrants):
         send_expires_in: bool = True,
         send_refresh_expires_in: bool = True,
         send_id_token_on_refresh: bool = True,
+        send_sid: bool = False,
     ) -> None:
         self.issuer = issuer.rstrip("/")
         self.clients = dict(clients) if clients is not None else default_clients()
@@ -92,6 +94,7 @@ class DevProvider(TokenGrants):
         self.send_expires_in = send_expires_in
         self.send_refresh_expires_in = send_refresh_expires_in
         self.send_id_token_on_refresh = send_id_token_on_refresh
+        self.send_sid = send_sid  # ID tokens name the provider session (the refresh family), as Keycloak's do
         self.rotate_refresh_tokens = rotate_refresh_tokens
         self.reuse_detection = reuse_detection
         self.return_same_refresh_token = return_same_refresh_token

@@ -42,6 +42,7 @@ class TokenGrants:
     send_expires_in: bool
     send_refresh_expires_in: bool
     send_id_token_on_refresh: bool
+    send_sid: bool
     rotate_refresh_tokens: bool
     reuse_detection: bool
     return_same_refresh_token: bool
@@ -242,6 +243,8 @@ class TokenGrants:
             }
             if nonce is not None:
                 claims["nonce"] = nonce
+            if self.send_sid:
+                claims["sid"] = fam.family_id
             body["id_token"] = self.keys.sign(claims)
         body["scope"] = scope
         return body

@@ -1,0 +1,43 @@
+"""A per-client token bucket for the anonymous sign-in endpoints, kept in process memory.
+
+``/oauth2/start`` and ``/oauth2/callback`` answer anyone, so one client must not be
+able to make the sidecar (or the provider behind it) do unbounded work. Memory is
+bounded: past ``max_clients`` the least recently seen client's bucket is dropped
+(a dropped bucket starts full again, which only forgives that one client).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+
+class RateLimiter:
+    """Token buckets keyed by client; ``take`` answers how long to wait (0 when allowed)."""
+
+    def __init__(self, max_clients: int = 10_000) -> None:
+        self._max_clients = max_clients
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # client -> (tokens, at)
+
+    def take(self, client: str, per_minute: float, burst: float, now: float) -> float:
+        """Spend one token for ``client``; returns 0.0 when allowed, else the seconds until one is back."""
+        if per_minute <= 0:
+            return 0.0  # limiting is off
+        rate = per_minute / 60.0
+        tokens, at = self._buckets.pop(client, (burst, now))
+        tokens = min(burst, tokens + max(0.0, now - at) * rate)
+        allowed = tokens >= 1.0
+        if allowed:
+            tokens -= 1.0
+        self._buckets[client] = (tokens, now)  # most recently seen last
+        while len(self._buckets) > self._max_clients:
+            self._buckets.popitem(last=False)
+        return 0.0 if allowed else (1.0 - tokens) / rate
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+def retry_after(seconds: float) -> str:
+    """A Retry-After value in whole seconds, never 0."""
+    return str(max(1, math.ceil(seconds)))
