@@ -13,7 +13,8 @@ import tempfile
 from collections.abc import Sequence
 from typing import Any
 
-from .config import Config, config_or_exit
+from .config import Config
+from .config_load import config_or_exit
 
 log = logging.getLogger("sidecar")
 

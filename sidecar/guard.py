@@ -6,12 +6,15 @@ three see exactly the same rules.
 
 from __future__ import annotations
 
+import ipaddress
 import time
+from functools import lru_cache
 from typing import Any
 from urllib.parse import quote
 
 from aiohttp import web
 
+from .config import Config
 from .context import AUTHED, Services, services, view_of
 from .cookies import SessionRef
 from .errors import InvalidCookie, SessionGone
@@ -102,3 +105,27 @@ def absolute(request: web.Request, path: str) -> str:
         return path
     view = view_of(request)
     return f"{view.scheme}://{view.host}{path}"
+
+
+TOKEN_HEADERS = frozenset({"X-Auth-Request-Access-Token", "Authorization"})
+
+
+@lru_cache(maxsize=1024)
+def _peer_in(remote: str | None, networks: tuple[Any, ...]) -> bool:
+    try:
+        addr = ipaddress.ip_address(remote or "")
+    except ValueError:
+        return False
+    return any(addr in net for net in networks)
+
+
+def tokens_allowed(request: web.Request, config: Config) -> bool:
+    """May this ``/oauth2/auth`` answer carry the access token?
+
+    Only to a front the operator named (the socket peer is in ``--trusted-proxy``: nginx or the
+    ingress controller asking in its auth subrequest), and never when the sidecar proxies the app
+    itself (``--upstream``): there the app gets its tokens on the proxied request, and
+    ``/oauth2/auth`` is reachable by the page's own scripts, which must not read tokens. Request
+    headers cannot decide this: nginx copies the browser's headers (``Sec-Fetch-*`` too) into
+    its subrequest."""
+    return not config.upstreams and _peer_in(request.remote, config.trusted_networks)

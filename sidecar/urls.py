@@ -1,44 +1,66 @@
 """Where a browser may be sent after sign-in or sign-out (the ``rd`` parameter).
 
-Only a local path, the host the request came to, or a host matched by
-``--whitelist-domain`` is accepted; anything else falls back to ``/``.
+Accepted: a local path, a URL of the very origin the request came to (same scheme, host and
+port), or a host and port allowed by ``--whitelist-domain``. Anything else, including
+anything a browser might read differently from us (backslashes, control characters and
+whitespace that browsers drop, user info, odd authorities, encoded slashes), falls back to
+``/``. The URL is parsed strictly once and compared exactly; nothing is "mostly" matched.
 """
 
 from __future__ import annotations
 
-from urllib.parse import unquote, urlsplit
+import re
+from urllib.parse import unquote
+
+from .rules import HostRule, valid_hostname
+
+MAX_RD_CHARS = 2048
+_ABSOLUTE = re.compile(r"^(https?)://([^/?#]*)([/?#].*)?$", re.DOTALL)
+_AUTHORITY = re.compile(r"^([a-z0-9.-]+|\[[0-9a-f:.]+\])(?::([0-9]{1,5}))?$")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
-def _host_allowed(host: str, request_host: str, whitelist: tuple[str, ...]) -> bool:
-    host = host.lower().rstrip(".")
-    if host == request_host.lower().split(":")[0]:
-        return True
-    for entry in whitelist:
-        entry = entry.lower().split(":")[0]
-        if entry.startswith("."):
-            if host == entry[1:] or host.endswith(entry):
-                return True
-        elif host == entry:
-            return True
-    return False
+def _invisible(text: str) -> bool:
+    """Characters a browser strips or reinterprets in a URL: controls, whitespace, backslash."""
+    return any(ch <= " " or ch == "\x7f" or ch == "\\" or ch.isspace() for ch in text)
 
 
-def safe_redirect(rd: str | None, request_host: str, whitelist: tuple[str, ...]) -> str:
+def _authority(text: str, scheme: str) -> tuple[str, int] | None:
+    """(host, port) of ``host[:port]``, or None for anything else (user info, bad ports, odd hosts)."""
+    match = _AUTHORITY.match(text.lower())
+    if not match:
+        return None
+    host, port_text = match.group(1), match.group(2)
+    if not host.startswith("[") and not valid_hostname(host):
+        return None
+    port = int(port_text) if port_text else _DEFAULT_PORTS[scheme]
+    return (host, port) if 0 < port < 65536 else None
+
+
+def _local_path_ok(rd: str, decoded: tuple[str, ...]) -> bool:
+    # "//evil" and "/\evil" are protocol-relative to browsers, in any decoding.
+    return all(form.startswith("/") and not form.startswith(("//", "/\\")) for form in decoded)
+
+
+def safe_redirect(rd: str | None, scheme: str, request_host: str, rules: tuple[HostRule, ...]) -> str:
     """``rd`` when it is safe to redirect to, otherwise ``/``."""
-    if not rd or len(rd) > 2048:
+    if not rd or len(rd) > MAX_RD_CHARS:
         return "/"
-    decoded = unquote(unquote(rd))
-    if any(ch < " " or ch == "\x7f" or ch == "\\" for ch in decoded):
+    once = unquote(rd)
+    decoded = (rd, once, unquote(once))
+    if any(_invisible(form) for form in decoded):
         return "/"
     if rd.startswith("/"):
-        # "//evil" and "/\evil" are protocol-relative to browsers; check the decoded form as well.
-        if decoded.startswith(("//", "/\\")) or rd.startswith(("//", "/\\")):
-            return "/"
+        return rd if _local_path_ok(rd, decoded) else "/"
+    match = _ABSOLUTE.match(rd)
+    if not match:
+        return "/"
+    target_scheme = match.group(1)
+    target = _authority(match.group(2), target_scheme)
+    if target is None:
+        return "/"
+    here = _authority(request_host, scheme) if scheme in _DEFAULT_PORTS else None
+    if here is not None and (target_scheme, target) == (scheme, here):
         return rd
-    try:
-        parts = urlsplit(rd)
-    except ValueError:
-        return "/"
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password:
-        return "/"
-    return rd if _host_allowed(parts.hostname, request_host, whitelist) else "/"
+    host, port = target
+    return rd if any(rule.allows(host, port, _DEFAULT_PORTS[target_scheme]) for rule in rules) else "/"

@@ -39,6 +39,7 @@ def sidecar_settings(issuer: str, port: int, upstream: str | None = None, **over
         "request_logging": "false",
         "provider_timeout": "2s",
         "provider_retries": "1",
+        "email_domain": "*",
     }
     settings.update(overrides)
     return settings
@@ -171,3 +172,13 @@ class SidecarProcess:
             except Exception:  # noqa: BLE001
                 self.proc.kill()
         self.log.close()
+
+
+async def app_token(client: aiohttp.ClientSession, base: str, cookies: dict[str, str] | None = None) -> str | None:
+    """The access token the app receives on a proxied request (``--pass-access-token``). A sidecar
+    with upstreams never puts tokens on ``/oauth2/auth``: a page's script could read them there."""
+    async with client.get(f"{base}/_demo/echo", cookies=cookies) as resp:
+        if resp.status != 200:
+            return None
+        headers = (await resp.json())["headers"]
+    return next((v for k, v in headers.items() if k.lower() == "x-forwarded-access-token"), None)

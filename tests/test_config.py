@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from sidecar.config import load_config, parse_duration
+from sidecar.config import parse_duration
+from sidecar.config_load import load_config
+from sidecar.errors import ConfigError
 
 BASE = [
     "--oidc-issuer-url",
@@ -19,6 +23,8 @@ BASE = [
     "https://app.example.com/oauth2/callback",
     "--cookie-secret",
     "0123456789abcdef0123",
+    "--email-domain",
+    "*",
 ]
 
 
@@ -49,7 +55,7 @@ def test_flags_beat_env_beat_file(tmp_path: Path) -> None:
 
 def test_oauth2_proxy_boolean_and_list_forms() -> None:
     config = load_config(
-        [*BASE, "--cookie-secure=false", "--reverse-proxy", "--allowed-group", "a", "--allowed-group", "b,c"],
+        [*BASE[:-2], "--cookie-secure=false", "--reverse-proxy", "--allowed-group", "a", "--allowed-group", "b,c"],
         {"SIDECAR_EMAIL_DOMAIN": "example.com, example.org"},
     )
     assert config.cookie_secure is False and config.reverse_proxy is True
@@ -121,3 +127,154 @@ def test_help_lists_every_option_with_its_default() -> None:
     for option in OPTIONS:
         assert f"--{option.name}" in proc.stdout
     assert proc.stdout.count("[default:") == len(OPTIONS)
+
+
+# --- Route rules: a regex is one rule, whatever its commas, from every source --------------------
+
+REGEXES = [
+    "^/public/[a-z]{1,}$",
+    "^/v[0-9]{1,3}/items/[0-9]{2,4}$",
+    "^/a{2}/b{,3}$",
+    "^/(x|y),z/[^,]+$",
+    "^/files/.{0,8}\\.txt$",
+]
+
+
+def _route_sources(rule: str, tmp_path: Path) -> dict[str, object]:
+    toml = tmp_path / "routes.toml"
+    toml.write_text("skip_auth_routes = [" + json.dumps(rule) + "]\n")
+    toml_string = tmp_path / "route.toml"
+    toml_string.write_text("skip-auth-route = " + json.dumps(rule) + "\n")
+    return {
+        "flag": load_config([*BASE, "--skip-auth-route", rule], {}),
+        "env json": load_config(BASE, {"SIDECAR_SKIP_AUTH_ROUTE": json.dumps([rule])}),
+        "env lines": load_config(BASE, {"SIDECAR_SKIP_AUTH_ROUTE": rule + "\n^/also/$\n"}),
+        "oauth2-proxy env json": load_config(BASE, {"OAUTH2_PROXY_SKIP_AUTH_ROUTES": json.dumps([rule])}),
+        "toml array": load_config([*BASE, "--config", str(toml)], {}),
+        "toml string": load_config([*BASE, "--config", str(toml_string)], {}),
+    }
+
+
+@pytest.mark.parametrize("regex", REGEXES)
+@pytest.mark.parametrize("method", ["", "GET=", "POST!="])
+def test_a_route_regex_is_never_split(regex: str, method: str, tmp_path: Path) -> None:
+    rule = method + regex
+    for source, config in _route_sources(rule, tmp_path).items():
+        routes = config.skip_routes  # type: ignore[attr-defined]
+        assert routes[0].text == rule and routes[0].pattern.pattern == regex, source
+        assert len(routes) == (2 if source == "env lines" else 1), source
+        for path in ("/", "/admin", "/admin}", "/}$", "/z", "/public/", "/other,z/x"):
+            for verb in ("GET", "POST", "DELETE"):
+                if routes[0].matches(verb, path):
+                    assert re.search(regex, path), (source, verb, path)
+
+
+def test_method_rules_mean_what_they_say() -> None:
+    config = load_config([*BASE, "--skip-auth-route", "GET=^/a/", "--skip-auth-route", "POST!=^/b/"], {})
+    get_a, not_post_b = config.skip_routes
+    assert get_a.matches("GET", "/a/x") and not get_a.matches("POST", "/a/x") and not get_a.matches("GET", "/b/")
+    assert not_post_b.matches("GET", "/b/x") and not_post_b.matches("DELETE", "/b/x")
+    assert not not_post_b.matches("POST", "/b/x") and not not_post_b.matches("GET", "/a/")
+    assert load_config([*BASE, "--skip-auth-route", "get=^/c/"], {}).skip_routes[0].method == "GET"
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"SIDECAR_SKIP_AUTH_ROUTE": "GET=^/public/[a-z]{1,}$"}, "never split at commas"),
+        ({"SIDECAR_SKIP_AUTH_ROUTE": "^/a/,^/b/"}, "never split at commas"),
+        ({"SIDECAR_SKIP_AUTH_ROUTE": '["^/a/", 3]'}, "JSON array of strings"),
+        ({"SIDECAR_SKIP_AUTH_ROUTE": "[^/a/"}, "not a JSON array"),
+        ({"SIDECAR_SKIP_AUTH_ROUTE": "FETCH=^/a/"}, "not an HTTP method"),
+        ({"SIDECAR_SKIP_AUTH_ROUTE": "GET="}, "empty regex"),
+        ({"SIDECAR_SKIP_AUTH_ROUTE": "GET!=(unclosed"}, "bad regex"),
+        ({"SIDECAR_EMAIL_DOMIAN": "corp.com"}, "did you mean SIDECAR_EMAIL_DOMAIN"),
+        ({"SIDECAR_ALLOWED_GRUOPS": "admins"}, "did you mean SIDECAR_ALLOWED_GROUPS"),
+        ({"SIDECAR_NO_SUCH_THING": "1"}, "SIDECAR_NO_SUCH_THING: unknown option"),
+        ({"OAUTH2_PROXY_HTPASSWD_FILE": "/x"}, "not supported here"),
+        ({"SIDECAR_EMAIL_DOMAIN": "a.com", "SIDECAR_EMAIL_DOMAINS": "b.com"}, "set it once"),
+        ({"SIDECAR_WHITELIST_DOMAIN": "https://ok.example"}, "must be a host"),
+        ({"SIDECAR_WHITELIST_DOMAIN": "ok.example:99999"}, "bad port"),
+        ({"SIDECAR_WHITELIST_DOMAIN": "ok.*.example"}, "not a host name"),
+        ({"SIDECAR_WHITELIST_DOMAIN": "*"}, "not a host name"),
+        ({"SIDECAR_EMAIL_DOMAIN": "corp.com@evil.com"}, "not a domain"),
+        ({"SIDECAR_EMAIL_DOMAIN": "*corp.com"}, "not a domain"),
+        ({"SIDECAR_COOKIE_EXPIRE": "nan"}, "--cookie-expire"),
+        ({"SIDECAR_COOKIE_EXPIRE": "inf"}, "--cookie-expire"),
+        ({"SIDECAR_COOKIE_EXPIRE": "1e400"}, "--cookie-expire"),
+        ({"SIDECAR_COOKIE_EXPIRE": "0"}, "--cookie-expire"),
+        ({"SIDECAR_PROVIDER_TIMEOUT": "0s"}, "--provider-timeout"),
+        ({"SIDECAR_PROVIDER_TIMEOUT": "100000h"}, "--provider-timeout"),
+        ({"SIDECAR_SESSION_CACHE_TTL": "5s"}, "--session-cache-ttl"),
+        ({"SIDECAR_PROVIDER_RETRIES": "-1"}, "--provider-retries"),
+        ({"SIDECAR_PROVIDER_RETRIES": "1000"}, "--provider-retries"),
+        ({"SIDECAR_LOG_LEVEL": "loud"}, "--log-level"),
+    ],
+)
+def test_settings_that_are_not_understood_stop_start_up(env: dict[str, str], needle: str) -> None:
+    if not any("EMAIL_DOMAIN" in name for name in env):
+        env = {"SIDECAR_EMAIL_DOMAIN": "*", **env}
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_config(BASE[:-2], env)
+
+
+def test_oauth2_proxy_plural_spellings_are_the_same_options(tmp_path: Path) -> None:
+    env = {"SIDECAR_EMAIL_DOMAINS": "corp.com", "SIDECAR_ALLOWED_GROUPS": "admins,ops", "OAUTH2_PROXY_UPSTREAMS": ""}
+    config = load_config(BASE[:-2], env)
+    assert config.email_domain == ("corp.com",) and config.allowed_group == ("admins", "ops")
+    config = load_config(BASE[:-2], {"OAUTH2_PROXY_EMAIL_DOMAINS": "corp.com", "SIDECAR_EMAIL_DOMAIN": "b.com"})
+    assert config.email_domain == ("b.com",)  # SIDECAR_ beats OAUTH2_PROXY_ for the same option
+    cfg = tmp_path / "oauth2-proxy.cfg"
+    cfg.write_text('email_domains = ["corp.com", "corp.org"]\nwhitelist_domains = [".corp.com:*"]\n')
+    config = load_config([*BASE[:-2], "--config", str(cfg)], {})
+    assert config.email_domain == ("corp.com", "corp.org")
+    assert config.redirect_hosts[0].subdomains and config.redirect_hosts[0].any_port
+
+
+def test_needless_oauth2_proxy_flags_get_a_notice_not_an_error() -> None:
+    notices: list[str] = []
+    load_config([*BASE, "--skip-provider-button", "--proxy-websockets=true"], {}, notices)
+    assert len(notices) == 2 and all("ignored" in n for n in notices)
+
+
+@pytest.mark.parametrize("flag", ["--cookie-sec", "--email", "--skip-auth", "--allowed-gro"])
+def test_abbreviated_flags_are_refused(flag: str) -> None:
+    with pytest.raises(ConfigError, match="unknown option"):
+        load_config([*BASE, flag, "x"], {})
+
+
+def test_email_domain_must_be_given() -> None:
+    with pytest.raises(ConfigError, match="--email-domain: required"):
+        load_config(BASE[:-2], {})
+
+
+def test_unknown_toml_keys_are_refused_with_a_hint(tmp_path: Path) -> None:
+    cfg = tmp_path / "s.toml"
+    cfg.write_text('email_domian = "corp.com"\n')
+    with pytest.raises(ConfigError, match="did you mean email_domain"):
+        load_config([*BASE, "--config", str(cfg)], {})
+
+
+def test_secrets_never_appear_in_errors_or_repr() -> None:
+    secret_url = "redis://user:hunter2-redis-pw@redis.internal:6380/0"
+    config = load_config(
+        [*BASE, "--client-secret", "client-pw-123", "--session-store-type", "redis"],
+        {"SIDECAR_REDIS_CONNECTION_URL": secret_url, "SIDECAR_REDIS_SENTINEL_PASSWORD": "sentinel-pw"},
+    )
+    text = repr(config) + str(config.public())
+    for secret in ("hunter2-redis-pw", "client-pw-123", "sentinel-pw", "0123456789abcdef0123"):
+        assert secret not in text
+    assert "redis.internal" in text
+    with pytest.raises(ConfigError) as refused:
+        load_config([*BASE, "--session-store-type", "redis"], {"SIDECAR_REDIS_CONNECTION_URL": "http://u:hunter2@x/"})
+    assert "hunter2" not in str(refused.value) and "--redis-connection-url" in str(refused.value)
+    proc = _run("--help")
+    assert "hunter2" not in proc.stdout
+
+
+def test_an_unknown_sidecar_variable_stops_the_process_with_one_line() -> None:
+    proc = _run(*BASE, env={"SIDECAR_EMAIL_DOMAINZ": "corp.com"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "sidecar: error: SIDECAR_EMAIL_DOMAINZ: unknown option (did you mean SIDECAR_EMAIL_DOMAIN?)"
+    )

@@ -33,7 +33,7 @@ def test_every_spelling_of_an_identity_header_is_protected() -> None:
 
 def test_control_characters_never_reach_a_header_value() -> None:
     claims = {
-        "sub": "s\r\n1",
+        "sub": "s1",
         "email": "a@example.com\r\nSet-Cookie: x=1",
         "preferred_username": "bob\x00\x7f",
         "groups": ["ok", "evil\r\nX-Injected: 1", 42],
@@ -41,7 +41,8 @@ def test_control_characters_never_reach_a_header_value() -> None:
     identity = identity_from_claims(claims, _config())
     for value in (identity.sub, identity.email, identity.preferred_username, *identity.groups):
         assert not any(ord(ch) < 32 or ord(ch) == 127 for ch in value)
-    assert identity.groups == ("ok", "evilX-Injected: 1", "42")
+    # A value that is not clean is left out whole, never trimmed into something else.
+    assert identity.groups == ("ok",) and identity.email == "" and identity.preferred_username == ""
 
 
 def test_huge_group_lists_are_capped_at_a_group_boundary() -> None:
@@ -64,7 +65,7 @@ def test_email_domain_and_group_rules() -> None:
 
 
 async def test_huge_and_hostile_groups_from_the_provider_give_a_sane_202() -> None:
-    async with stack(MemoryStore(), pass_authorization_header="true") as st, browser() as client:
+    async with stack(MemoryStore(), pass_authorization_header="true", upstream="") as st, browser() as client:
         st.provider.set_groups("alice", [f"team-{i}" for i in range(3000)] + ["bad\r\nX-Evil: 1"])
         await sign_in(client, st.base)
         async with client.get(f"{st.base}/oauth2/auth") as resp:

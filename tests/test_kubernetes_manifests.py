@@ -500,7 +500,8 @@ def test_sidecar_containers(build: str) -> None:
 @pytest.mark.parametrize("build", sorted(BUILDS))
 def test_sidecar_settings_are_accepted_by_the_sidecar(build: str) -> None:
     """The environment the container gets is valid sidecar configuration."""
-    from sidecar.config import OPTIONS, load_config
+    from sidecar.config import OPTIONS
+    from sidecar.config_load import load_config
 
     known = {opt.env for opt in OPTIONS}
     docs = rendered(build)
@@ -632,7 +633,7 @@ def test_ingress_nginx_overlay() -> None:
     assert app["spec"]["ingressClassName"] == "nginx"
     app_hosts = {r["host"] for r in app["spec"]["rules"]}
 
-    # /oauth2 on the same host goes to the sidecar, without an auth check.
+    # The sidecar's browser endpoints on the same host go to it, without an auth check.
     oauth = one(docs, "Ingress", "sidecar-oauth2")
     assert not any(k.startswith("nginx.ingress.kubernetes.io/auth-") for k in oauth["metadata"].get("annotations", {}))
     assert oauth["spec"]["ingressClassName"] == "nginx"
@@ -647,7 +648,7 @@ def test_ingress_nginx_overlay() -> None:
         for r in oauth["spec"]["rules"]
         for p in r["http"]["paths"]
     }
-    assert routed == {(h, "/oauth2", "Prefix", "sidecar", "http") for h in app_hosts}
+    assert routed == {(h, p, "Exact", "sidecar", "http") for h in app_hosts for p in BROWSER_ENDPOINTS}
 
     # The callback URL is on the application's host, under /oauth2.
     (wl, c), *_ = sidecar_containers(docs)
@@ -659,6 +660,98 @@ def test_ingress_nginx_overlay() -> None:
     assert env["SIDECAR_SET_XAUTHREQUEST"] == "true"
     assert env["SIDECAR_PASS_ACCESS_TOKEN"] == "true"  # X-Auth-Request-Access-Token is forwarded
     assert env["SIDECAR_TRUSTED_PROXY"] not in ("", "127.0.0.1/32")
+
+
+# What a browser needs of the sidecar; never /oauth2/auth, which answers with the access token.
+BROWSER_ENDPOINTS = {
+    "/oauth2/start",
+    "/oauth2/callback",
+    "/oauth2/sign_in",
+    "/oauth2/sign_out",
+    "/oauth2/userinfo",
+    "/oauth2/backchannel_logout",
+}
+STRIP_COOKIE = K8S / "components" / "strip-session-cookie"
+SNIPPET = "nginx.ingress.kubernetes.io/configuration-snippet"
+
+
+def public_routes(docs: list[dict[str, Any]]) -> list[tuple[str, str, str, str]]:
+    """(Ingress, path, pathType, backend Service) of every path of every Ingress."""
+    return [
+        (ing["metadata"]["name"], p["path"], p["pathType"], p["backend"]["service"]["name"])
+        for ing in find(docs, "Ingress")
+        for r in ing["spec"]["rules"]
+        for p in r["http"]["paths"]
+    ]
+
+
+def reaches(path: str, route_path: str, path_type: str) -> bool:
+    """Whether a request for ``path`` matches an Ingress path (Kubernetes' Exact/Prefix rules)."""
+    if path_type == "Exact":
+        return path == route_path
+    prefix = route_path.rstrip("/")
+    return path == prefix or path.startswith(prefix + "/") or prefix == ""
+
+
+def test_ingress_nginx_does_not_route_the_auth_endpoint_to_the_sidecar() -> None:
+    docs = rendered("ingress-nginx")
+    svc = one(docs, "Service", "sidecar")
+    app = one(docs, "Ingress", "demo-app")
+    # ingress-nginx reaches /oauth2/auth through the Service's in-cluster name, not a route.
+    auth_url = urlsplit(app["metadata"]["annotations"]["nginx.ingress.kubernetes.io/auth-url"])
+    assert auth_url.scheme == "http" and auth_url.path == "/oauth2/auth"
+    assert auth_url.hostname == f"sidecar.{namespace_of(svc)}.svc.cluster.local"
+    assert auth_url.port == next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "http")
+
+    routes = public_routes(docs)
+    to_sidecar = [r for r in routes if r[3] == svc["metadata"]["name"]]
+    assert to_sidecar, "the browser endpoints must be routed"
+    for ingress, path, path_type, _ in to_sidecar:
+        assert path_type == "Exact", f"{ingress}: {path} must be an Exact path, not {path_type}"
+        assert path in BROWSER_ENDPOINTS, f"{ingress}: {path} is not a browser endpoint"
+    # No route of any kind (a Prefix /, /oauth2, /oauth2/...) takes it to the sidecar.
+    for probe in ("/oauth2/auth", "/oauth2/auth/", "/oauth2/auth/x"):
+        assert not [r for r in to_sidecar if reaches(probe, r[1], r[2])], probe
+
+
+@pytest.mark.parametrize("build", sorted(BUILDS))
+def test_no_snippet_annotations_by_default(build: str) -> None:
+    """Many clusters refuse *-snippet annotations: the shipped builds work without them."""
+    for ing in find(rendered(build), "Ingress"):
+        notes = ing["metadata"].get("annotations", {})
+        assert not [k for k in notes if k.endswith("-snippet")], ing["metadata"]["name"]
+
+
+def with_component(build: str, component: Path, tmp_path: Path) -> list[dict[str, Any]]:
+    """A build with an opt-in component added, as an operator's own overlay would do it."""
+    rel = Path(*[".."] * len(tmp_path.resolve().parts[1:]))
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [str(rel / BUILDS[build].resolve().relative_to("/"))],
+                "components": [str(rel / component.resolve().relative_to("/"))],
+            }
+        )
+    )
+    return kustomize(tmp_path)
+
+
+def test_strip_session_cookie_component(tmp_path: Path) -> None:
+    docs = with_component("ingress-nginx", STRIP_COOKIE, tmp_path)
+    for doc in docs:
+        assert not schema_errors(doc), schema_errors(doc)
+    app = one(docs, "Ingress", "demo-app")
+    snippet = app["metadata"]["annotations"][SNIPPET]
+    assert "proxy_set_header Cookie $sidecar_app_cookie;" in snippet
+    assert snippet.count("if ($sidecar_app_cookie ~") == 8 + 2  # eight steps, the guard, the trim
+    # Everything else of the Ingress is as shipped; the sidecar's own routes get no snippet (the
+    # sidecar needs its cookies there).
+    shipped = one(rendered("ingress-nginx"), "Ingress", "demo-app")
+    del app["metadata"]["annotations"][SNIPPET]
+    assert app == shipped
+    assert SNIPPET not in one(docs, "Ingress", "sidecar-oauth2")["metadata"].get("annotations", {})
 
 
 def test_pod_sidecar_overlay() -> None:

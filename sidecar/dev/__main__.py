@@ -48,6 +48,7 @@ async def main() -> None:
             "pass_access_token": "true",
             "pass_authorization_header": "true",
             "session_store_type": "memory",
+            "email_domain": "*",  # the demo lets every development user in
             "request_logging": os.environ.get("SIDECAR_DEV_LOG", "false"),
         }
     )

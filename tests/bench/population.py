@@ -44,6 +44,7 @@ def bench_config(issuer: str, redis_url: str) -> Any:
             "cookie_secret": COOKIE_SECRET,
             "session_store_type": "redis",
             "redis_connection_url": redis_url,
+            "email_domain": "*",
         }
     )
 

@@ -244,6 +244,7 @@ def sidecar_flags(issuer: str, port: int, **settings: Any) -> dict[str, Any]:
         "cookie-secure": "false",
         "request-logging": "false",
         "shutdown-timeout": "1s",
+        "email-domain": "*",
     }
     flags.update({k.replace("_", "-"): v for k, v in settings.items()})
     return flags

@@ -26,9 +26,11 @@ from urllib.parse import parse_qs, quote, urlsplit
 import aiohttp
 import jwt
 import pytest
+import yaml
 from yarl import URL
 
 from tests.e2e.procs import (
+    ROOT,
     Proc,
     child_env,
     free_ports,
@@ -79,6 +81,7 @@ class Site:
     base: str  # nginx, where the browser goes
     issuer: str  # the development provider
     sidecar: str
+    app: str  # the demo app, directly
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +132,12 @@ def site(redis_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         sidecar.wait_http(f"http://127.0.0.1:{sidecar_port}/ping")
         conf = render_nginx_conf(nginx_port, f"127.0.0.1:{sidecar_port}", f"127.0.0.1:{app_port}")
         procs.append(start_nginx(conf, nginx_port, log_dir=logs))
-        yield Site(base=base, issuer=issuer, sidecar=f"http://127.0.0.1:{sidecar_port}")
+        yield Site(
+            base=base,
+            issuer=issuer,
+            sidecar=f"http://127.0.0.1:{sidecar_port}",
+            app=f"http://127.0.0.1:{app_port}",
+        )
     finally:
         for proc in reversed(procs):
             proc.stop()
@@ -481,3 +489,84 @@ async def test_the_auth_endpoint_is_not_reachable_from_outside_even_signed_in(
                     assert not [h for h in TOKEN_RESPONSE_HEADERS if h in resp.headers], where
                     if path.startswith("/oauth2/auth") and path[len("/oauth2/auth") :] in ("", "?x=1"):
                         assert resp.status == 404, where
+
+
+# --------------------------------------------------------------------------
+# The opt-in ingress-nginx snippet (deploy/kubernetes/components/strip-session-cookie)
+# --------------------------------------------------------------------------
+
+SNIPPET_PATCH = ROOT / "deploy" / "kubernetes" / "components" / "strip-session-cookie" / "snippet-patch.yaml"
+
+
+def ingress_nginx_like_conf(port: int, site: Site, snippet: str) -> str:
+    """A server shaped like what ingress-nginx generates for an Ingress with auth-url,
+    auth-response-headers and a configuration-snippet: an internal location proxying to the
+    auth URL, auth_request_set/proxy_set_header pairs, the snippet inside the location."""
+    indented = "\n".join("        " + line for line in snippet.splitlines())
+    return f"""
+server {{
+    listen 127.0.0.1:{port};
+    location = /_external-auth-Lw-Prefix {{
+        internal;
+        proxy_pass_request_body off;
+        proxy_set_header Content-Length "";
+        proxy_set_header X-Forwarded-Proto $scheme;
+        proxy_set_header X-Original-URL $scheme://$http_host$request_uri;
+        proxy_set_header X-Original-Method $request_method;
+        proxy_pass {site.sidecar}/oauth2/auth;
+    }}
+    location / {{
+        set $proxy_upstream_name "sidecar-demo-demo-app-http";
+        auth_request /_external-auth-Lw-Prefix;
+        auth_request_set $auth_cookie $upstream_http_set_cookie;
+        auth_request_set $authHeader0 $upstream_http_x_auth_request_user;
+        proxy_set_header 'X-Auth-Request-User' $authHeader0;
+        auth_request_set $authHeader1 $upstream_http_x_auth_request_access_token;
+        proxy_set_header 'X-Auth-Request-Access-Token' $authHeader1;
+{indented}
+        proxy_http_version 1.1;
+        proxy_set_header Host $host;
+        proxy_set_header X-Forwarded-For $remote_addr;
+        proxy_pass {site.app};
+    }}
+}}
+"""
+
+
+@pytest.fixture(scope="module")
+def ingress_like(site: Site, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The component's snippet, as shipped, in an ingress-nginx-shaped server of its own."""
+    patch = yaml.safe_load(SNIPPET_PATCH.read_text())
+    snippet = patch["metadata"]["annotations"]["nginx.ingress.kubernetes.io/configuration-snippet"]
+    (port,) = free_ports(1)
+    proc = start_nginx(
+        ingress_nginx_like_conf(port, site, snippet), port, log_dir=tmp_path_factory.mktemp("ingress-like")
+    )
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.stop()
+
+
+async def test_the_ingress_nginx_snippet_strips_the_same_cookies(
+    site: Site, ingress_like: str, browser: aiohttp.ClientSession
+) -> None:
+    session = await signed_in_cookie(site, browser)
+    for header, expected in cookie_cases(session):
+        async with aiohttp.ClientSession() as client:
+            async with client.get(ingress_like + "/_demo/echo", headers={"Cookie": header}) as resp:
+                assert resp.status == 200, (header, resp.status)
+                seen = {k.lower(): v for k, v in (await resp.json())["headers"].items()}
+        # The auth subrequest still got the session (202, with the identity and the token) ...
+        assert seen.get("x-auth-request-user") == "alice@example.com", header
+        assert seen.get("x-auth-request-access-token", "").startswith("eyJ"), header
+        # ... and the application only its own cookies.
+        assert app_cookie_pairs(seen.get("cookie")) == expected, header
+        if not expected:
+            assert "cookie" not in seen, header
+    # Beyond eight interleaved sidecar cookies: no Cookie header at all.
+    many = "; ".join(f"{COOKIE}_csrf_{i}={i}; app{i}={i}" for i in range(9)) + f"; {COOKIE}={session}"
+    async with aiohttp.ClientSession() as client:
+        async with client.get(ingress_like + "/_demo/echo", headers={"Cookie": many}) as resp:
+            assert resp.status == 200
+            assert "cookie" not in {k.lower() for k in (await resp.json())["headers"]}

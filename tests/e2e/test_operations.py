@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from tests.stack import SidecarProcess, Stack, free_port, sidecar_settings, stack
+from tests.stack import SidecarProcess, Stack, app_token, free_port, sidecar_settings, stack
 
 SOAK_SECONDS = float(os.environ.get("SIDECAR_SOAK_SECONDS", "20"))
 
@@ -71,7 +71,7 @@ async def test_metrics_are_correct_across_workers(st: Stack, redis_url: str) -> 
                     fresh.get(proc.base + "/oauth2/auth") as resp,
                 ):
                     assert resp.status == 202
-                    token = resp.headers["X-Auth-Request-Access-Token"]
+            token = await app_token(client, proc.base) or "missing"
             await asyncio.sleep(2.1)  # the access token expires: the next request refreshes
             async with client.get(proc.base + "/oauth2/auth") as resp:
                 assert resp.status == 202
@@ -130,8 +130,7 @@ async def test_soak_mixed_traffic_with_refreshes_keeps_memory_flat(st: Stack, re
         rss_end = _rss_kib(proc.proc.pid)
         refreshes = st.provider.stats()["token_calls"]["refresh_token"]
         async with aiohttp.ClientSession(cookies={"_sidecar": cookies[0]}) as client:
-            async with client.get(proc.base + "/oauth2/auth") as resp:
-                token = resp.headers["X-Auth-Request-Access-Token"]
+            token = await app_token(client, proc.base) or "missing"
         proc.proc.terminate()  # a graceful stop writes out the last batch of access lines
         assert proc.proc.wait(timeout=20) == 0
         log = proc.output()

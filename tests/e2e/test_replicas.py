@@ -10,7 +10,17 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.stack import SidecarProcess, Stack, browser, free_port, session_cookie, sidecar_settings, sign_in, stack
+from tests.stack import (
+    SidecarProcess,
+    Stack,
+    app_token,
+    browser,
+    free_port,
+    session_cookie,
+    sidecar_settings,
+    sign_in,
+    stack,
+)
 
 OPTS = {
     "refresh_skew": "0s",
@@ -54,8 +64,10 @@ async def _sign_in_at(client: aiohttp.ClientSession, proc: SidecarProcess, st: S
 
 
 async def _auth(client: aiohttp.ClientSession, base: str) -> tuple[int, Any]:
+    """/oauth2/auth's answer, and the access token the app then receives."""
     async with client.get(base + "/oauth2/auth") as resp:
-        return resp.status, resp.headers.get("X-Auth-Request-Access-Token")
+        status = resp.status
+    return status, (await app_token(client, base)) if status == 202 else None
 
 
 async def test_two_processes_refresh_an_expired_session_once(replicas: tuple[Stack, list[SidecarProcess]]) -> None:

@@ -1,0 +1,256 @@
+"""Read settings from flags, the environment and a TOML file, and build the Config.
+
+Precedence: flags beat environment, environment beats file, file beats default. Names are
+the options of ``config.Config``, plus oauth2-proxy's spellings (plural list keys such as
+``email_domains``; ``OAUTH2_PROXY_*`` variables), so an oauth2-proxy set-up carries over.
+Anything not understood stops start-up with one line naming it, with a "did you mean" when a
+known name is close: a misspelt restriction must never vanish without a word.
+
+How lists are written:
+- flags: repeat the flag; plain lists (domains, groups, URLs) may also be comma-separated,
+  regex lists (``--skip-auth-route``) never are: one flag, one rule;
+- TOML: an array, one element per item (never split), or a string as for a flag;
+- environment: a JSON array (``["GET=^/a/[0-9]{1,3}$", "^/health$"]``), or for plain lists a
+  comma list, for regex lists one rule per line. A one-line regex value with a comma is
+  refused: it cannot be told apart from oauth2-proxy's comma lists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import sys
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from .config import BY_ATTR, OPTIONS, Config, Option, build_config
+from .errors import ConfigError
+
+ENV_PREFIXES = ("SIDECAR_", "OAUTH2_PROXY_")
+_ENV_NOT_OPTIONS = frozenset({"SIDECAR_CONFIG", "OAUTH2_PROXY_CONFIG"})
+
+# oauth2-proxy options that need no setting here: accepted with a one-line notice.
+NEEDLESS = {
+    "skip_provider_button": "the sidecar has no provider button page; browsers go straight to the provider",
+    "proxy_websockets": "WebSockets are always proxied",
+}
+
+# oauth2-proxy options the sidecar does not have, and what to do instead.
+NOT_HERE = {
+    "cookie_csrf_per_request": "sign-in cookies are always per attempt here",
+    "cookie_csrf_expire": "sign-in attempts always expire after 10 minutes",
+    "session_cookie_minimal": "sessions are always server-side; the cookie is always minimal",
+    "provider_display_name": "there is no provider button page",
+    "login_url": "use --oidc-issuer-url; endpoints come from discovery",
+    "redeem_url": "use --oidc-issuer-url; endpoints come from discovery",
+    "oidc_jwks_url": "use --oidc-issuer-url; endpoints come from discovery",
+    "skip_oidc_discovery": "discovery is required; point --oidc-issuer-url at the provider",
+    "htpasswd_file": "only OpenID Connect sign-in is supported",
+    "authenticated_emails_file": "use --email-domain and --allowed-group",
+    "pass_basic_auth": "not supported: the upstream gets identity headers instead",
+    "pass_host_header": "the Host header is always passed",
+}
+
+
+def _by_name() -> dict[str, Option]:
+    """Every accepted spelling (snake case) -> its option."""
+    names: dict[str, Option] = {}
+    for opt in OPTIONS:
+        names[opt.attr] = opt
+        for alias in opt.aliases:
+            names[alias] = opt
+    return names
+
+
+_NAMES = _by_name()
+
+
+def _unknown(name: str, shown: str) -> str:
+    """``shown``: the name as the user wrote it; with the closest known spelling when there is one."""
+    if name in NOT_HERE:
+        return f"{shown}: oauth2-proxy option not supported here: {NOT_HERE[name]}"
+    close = difflib.get_close_matches(name, list(_NAMES), n=1, cutoff=0.75)
+    hint = f" (did you mean {_spell_like(shown, close[0])}?)" if close else ""
+    return f"{shown}: unknown option{hint}"
+
+
+def _spell_like(shown: str, attr: str) -> str:
+    for prefix in ENV_PREFIXES:
+        if shown.startswith(prefix):
+            return prefix + attr.upper()
+    if shown.startswith("--"):
+        return "--" + attr.replace("_", "-")
+    return attr
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line and exits 2."""
+
+    def error(self, message: str) -> Any:
+        sys.stderr.write(f"sidecar: error: {message}\n")
+        raise SystemExit(2)
+
+
+def _argument_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(
+        prog="sidecar",
+        allow_abbrev=False,  # "--cookie-sec" must not quietly mean one of two options
+        description="OAuth2 / OpenID Connect authentication proxy. Every flag can also be set "
+        "as SIDECAR_<NAME> in the environment or as <name> in the --config TOML file.",
+    )
+    parser.add_argument("--config", metavar="FILE", help="TOML file with settings (flags and env win)")
+    for opt in OPTIONS:
+        default = opt.shown(opt.default)
+        if isinstance(default, tuple):
+            default = ",".join(default) or "none"
+        text = f"{opt.help} [default: {default}] [env: {opt.env}]"
+        flags = [f"--{opt.name}"] + [f"--{a.replace('_', '-')}" for a in opt.aliases]
+        if opt.kind == "bool":
+            parser.add_argument(*flags, dest=opt.attr, nargs="?", const="true", metavar="BOOL", help=text)
+        elif opt.kind in ("names", "patterns"):
+            parser.add_argument(*flags, dest=opt.attr, action="append", help=text)
+        else:
+            parser.add_argument(*flags, dest=opt.attr, help=text)
+    for name in NEEDLESS:
+        parser.add_argument(f"--{name.replace('_', '-')}", dest="needless_" + name, nargs="?", const="true",
+                            help=argparse.SUPPRESS)  # fmt: skip
+    return parser
+
+
+def _flags(argv: Sequence[str], problems: list[str], notices: list[str]) -> tuple[dict[str, Any], str | None]:
+    args, extra = _argument_parser().parse_known_args(list(argv))
+    for item in extra:
+        if item.startswith("--"):
+            flag = item.split("=", 1)[0]
+            problems.append(_unknown(flag[2:].replace("-", "_"), flag))
+        else:
+            problems.append(f"{item!r}: unexpected argument (every setting is a --flag)")
+    parsed = vars(args)
+    config_file = parsed.pop("config")
+    out: dict[str, Any] = {}
+    for key, value in parsed.items():
+        if value is None:
+            continue
+        if key.startswith("needless_"):
+            notices.append(f"--{key[9:].replace('_', '-')}: {NEEDLESS[key[9:]]}; ignored")
+        elif BY_ATTR[key].kind == "patterns":
+            out[key] = list(value)  # one flag, one rule
+        elif BY_ATTR[key].kind == "names":
+            out[key] = [part for item in value for part in item.split(",")]
+        else:
+            out[key] = value
+    return out, config_file
+
+
+def _env_list(opt: Option, text: str, shown: str) -> Any:
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{shown}: not a JSON array ({exc.msg})") from None
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise ConfigError(f"{shown}: expected a JSON array of strings")
+        return items
+    if opt.kind == "names":
+        return text
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) == 1 and "," in lines[0]:
+        raise ConfigError(
+            f"{shown}: a regex is never split at commas; write one rule per line or a JSON array, "
+            f'e.g. {shown}=\'["GET=^/a/[a-z]{{1,3}}$", "^/b/"]\''
+        )
+    return lines
+
+
+def _environment(environ: Mapping[str, str], problems: list[str], notices: list[str]) -> dict[str, Any]:
+    """``SIDECAR_*`` beats ``OAUTH2_PROXY_*`` for the same option; unknown names are refused."""
+    out: dict[str, Any] = {}
+    seen: dict[str, str] = {}  # option -> the prefix that set it
+    for prefix in reversed(ENV_PREFIXES):  # the later prefix (SIDECAR_) wins
+        for key, text in environ.items():
+            if not key.startswith(prefix) or key in _ENV_NOT_OPTIONS:
+                continue
+            name = key[len(prefix) :].lower()
+            if name in NEEDLESS:
+                notices.append(f"{key}: {NEEDLESS[name]}; ignored")
+                continue
+            opt = _NAMES.get(name)
+            if opt is None:
+                problems.append(_unknown(name, key))
+                continue
+            if opt.attr in seen and seen[opt.attr] != prefix:
+                pass  # the same option under both prefixes: SIDECAR_ wins, as documented
+            elif opt.attr in out:
+                problems.append(f"{key}: {opt.name} is already set by another spelling; set it once")
+                continue
+            seen[opt.attr] = prefix
+            try:
+                out[opt.attr] = _env_list(opt, text, key) if opt.kind in ("names", "patterns") else text
+            except ConfigError as exc:
+                problems.append(str(exc))
+    return out
+
+
+def _toml(path: str, problems: list[str], notices: list[str]) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"--config: cannot read {path!r} ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--config: {path!r} is not valid TOML ({exc})") from None
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name in NEEDLESS:
+            notices.append(f"{path}: {key}: {NEEDLESS[name]}; ignored")
+            continue
+        opt = _NAMES.get(name)
+        if opt is None:
+            problems.append(_unknown(name, f"{path}: {key}"))
+        elif opt.attr in out:
+            problems.append(f"{path}: {key}: {opt.name} is already set by another spelling; set it once")
+        elif isinstance(value, (dict, list)) and opt.kind not in ("names", "patterns"):
+            problems.append(f"{path}: {key}: expected a single value")
+        else:
+            out[opt.attr] = [value] if opt.kind == "patterns" and isinstance(value, str) else value
+    return out
+
+
+def load_config(
+    argv: Sequence[str], environ: Mapping[str, str] | None = None, notices: list[str] | None = None
+) -> Config:
+    """Merge file < env < flags and build the Config; raises ConfigError listing every problem."""
+    environ = os.environ if environ is None else environ
+    problems: list[str] = []
+    notes = notices if notices is not None else []
+    flags, config_file = _flags(argv, problems, notes)
+    config_file = config_file or environ.get("SIDECAR_CONFIG") or environ.get("OAUTH2_PROXY_CONFIG")
+    merged = _toml(config_file, problems, notes) if config_file else {}
+    merged.update(_environment(environ, problems, notes))
+    merged.update(flags)
+    try:
+        config = build_config(merged)
+    except ConfigError as exc:
+        problems.extend(str(exc).splitlines())
+    if problems:
+        raise ConfigError("\n".join(dict.fromkeys(problems)))  # each problem once, in order
+    return config
+
+
+def config_or_exit(argv: Sequence[str], err: Callable[[str], object] | None = None) -> Config:
+    """Build the Config or print each problem on one line and exit with code 2."""
+    write = err or (lambda s: sys.stderr.write(s + "\n"))
+    notices: list[str] = []
+    try:
+        config = load_config(argv, notices=notices)
+    except ConfigError as exc:
+        for line in str(exc).splitlines():
+            write(f"sidecar: error: {line}")
+        raise SystemExit(2) from None
+    for line in notices:
+        write(f"sidecar: notice: {line}")
+    return config

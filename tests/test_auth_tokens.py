@@ -1,0 +1,46 @@
+"""/oauth2/auth never hands the provider's tokens to a page's script: only to a named front."""
+
+from __future__ import annotations
+
+import aiohttp
+
+from sidecar.store import MemoryStore
+from tests.stack import app_token, browser, sign_in, stack
+
+TOKENS = {"pass_access_token": "true", "pass_authorization_header": "true"}
+BROWSER_LIKE = [
+    {},
+    {"Sec-Fetch-Mode": "cors", "Sec-Fetch-Site": "same-origin", "Sec-Fetch-Dest": "empty"},
+    {"Origin": "http://127.0.0.1", "X-Requested-With": "XMLHttpRequest"},
+    {"X-Forwarded-For": "127.0.0.1", "X-Real-IP": "127.0.0.1"},
+]
+
+
+async def _auth_headers(client: aiohttp.ClientSession, base: str, extra: dict[str, str]) -> dict[str, str]:
+    async with client.get(f"{base}/oauth2/auth", headers=extra) as resp:
+        assert resp.status == 202
+        return dict(resp.headers)
+
+
+async def test_in_reverse_proxy_mode_the_auth_endpoint_carries_identity_but_never_tokens() -> None:
+    async with stack(MemoryStore(), **TOKENS) as st, browser() as client:
+        await sign_in(client, st.base)
+        for extra in BROWSER_LIKE:
+            headers = await _auth_headers(client, st.base, extra)
+            assert headers["X-Auth-Request-User"] == "alice@example.com"
+            assert "X-Auth-Request-Access-Token" not in headers and "Authorization" not in headers
+        assert (await app_token(client, st.base) or "").startswith("ey")  # the app still gets it
+
+
+async def test_as_an_auth_request_target_tokens_go_only_to_trusted_fronts() -> None:
+    async with stack(MemoryStore(), upstream="", **TOKENS) as st, browser() as client:
+        await sign_in(client, st.base)
+        headers = await _auth_headers(client, st.base, {})  # loopback: the default --trusted-proxy
+        assert headers["X-Auth-Request-Access-Token"].startswith("ey")
+        assert headers["Authorization"] == "Bearer " + headers["X-Auth-Request-Access-Token"]
+    async with stack(MemoryStore(), upstream="", trusted_proxy="10.0.0.0/8", **TOKENS) as st, browser() as client:
+        await sign_in(client, st.base)
+        for extra in BROWSER_LIKE:
+            headers = await _auth_headers(client, st.base, extra)
+            assert headers["X-Auth-Request-User"] == "alice@example.com"
+            assert "X-Auth-Request-Access-Token" not in headers and "Authorization" not in headers
