@@ -27,8 +27,10 @@ from .guard import (
     tokens_allowed,
 )
 from .headers import auth_response_headers_for
+from .location_rules import location_rules
 from .middleware import guarded
-from .oidc import Pkce
+from .models import Identity
+from .oidc import Pkce, logout_token_replay_ttl
 from .policy import identity_from_claims, is_allowed
 from .ratelimit import retry_after
 from .urls import safe_redirect
@@ -303,7 +305,9 @@ async def sign_out(request: web.Request, svc: Services) -> web.Response:
 
 async def backchannel_logout(request: web.Request, svc: Services) -> web.Response:
     """OIDC Back-Channel Logout: the provider tells us a user's (or one provider session's) sign-out.
-    A replayed token only signs out again, so no replay store is kept."""
+    The token must be recent (``iat``, ``exp``) and its ``jti`` unseen: a replay is refused (400), so a
+    captured token cannot be posted again. A token we cannot check yet (its key not fetchable right
+    now, the store down) is 503 or 504, and the provider retries."""
     form = await request.post()
     token = form.get("logout_token")
     headers = {"Cache-Control": "no-store"}
@@ -313,6 +317,10 @@ async def backchannel_logout(request: web.Request, svc: Services) -> web.Respons
         claims = await svc.oidc.validate_logout_token(token)
     except TokenValidationError as exc:
         log.warning("logout token rejected", extra={"fields": {"detail": str(exc)}})
+        return web.json_response({"error": "invalid_request"}, status=400, headers=headers)
+    seen = hashlib.sha256(f"{claims['iss']}\n{claims['jti']}".encode()).hexdigest()
+    if not await svc.sessions.store.remember_once("lt:" + seen, logout_token_replay_ttl(claims, time.time())):
+        log.warning("logout token rejected", extra={"fields": {"detail": "replayed jti"}})
         return web.json_response({"error": "invalid_request"}, status=400, headers=headers)
     ended = 0
     if isinstance(claims.get("sid"), str):
@@ -331,7 +339,7 @@ async def auth(request: web.Request, svc: Services) -> web.Response:
     except SessionGone:
         metrics.DECISIONS.add("401")
         return web.Response(status=401, text="401 Unauthorized\n")
-    if not is_allowed(session.identity, svc.config):
+    if not is_allowed(session.identity, svc.config) or not _location_allows(request, session.identity):
         metrics.DECISIONS.add("403")
         return web.Response(status=403, text="403 Forbidden\n")
     metrics.DECISIONS.add("202")
@@ -340,6 +348,17 @@ async def auth(request: web.Request, svc: Services) -> web.Response:
         if not tokens_allowed(request, svc.config):
             headers = {k: v for k, v in headers.items() if k not in TOKEN_HEADERS}
     return web.Response(status=202, headers=headers)
+
+
+def _location_allows(request: web.Request, identity: Identity) -> bool:
+    """The ``auth-url``'s own rules (``?allowed_groups=...``); a query it does not understand denies."""
+    query = request.rel_url.raw_query_string
+    if not query:
+        return True
+    rules = location_rules(query)
+    if rules.problem is not None:
+        log.error("auth-url query refused; fix the auth-url", extra={"fields": {"problem": rules.problem}})
+    return rules.allows(identity)
 
 
 async def userinfo(request: web.Request, svc: Services) -> web.Response:

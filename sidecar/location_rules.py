@@ -1,0 +1,80 @@
+"""Per-location rules on ``/oauth2/auth``: oauth2-proxy's ``allowed_groups``, ``allowed_emails`` and
+``allowed_email_domains`` query parameters.
+
+One shared sidecar behind ingress-nginx restricts each app through its ``auth-url``
+(``.../oauth2/auth?allowed_groups=admins``). They narrow the global rules, never widen them:
+every parameter given must pass (any listed value passes it). A parameter the sidecar does not
+know, or one given empty, is a misconfigured ``auth-url``: it is refused (403, logged as an
+error naming it) rather than read as "no restriction".
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from functools import lru_cache
+from urllib.parse import parse_qsl
+
+from .errors import ConfigError
+from .models import Identity
+from .policy import email_domain
+from .rules import DomainRule, parse_domain_rule
+
+PARAMETERS = ("allowed_groups", "allowed_emails", "allowed_email_domains")
+MAX_QUERY_CHARS = 4096
+
+
+@dataclass(frozen=True)
+class LocationRules:
+    groups: frozenset[str] | None = None
+    emails: frozenset[str] | None = None  # lower-cased
+    domains: tuple[DomainRule, ...] | None = None
+    problem: str | None = None  # set when the query is not understood: nobody passes
+
+    def allows(self, identity: Identity) -> bool:
+        if self.problem is not None:
+            return False
+        if self.groups is not None and self.groups.isdisjoint(identity.groups):
+            return False
+        if self.emails is not None and identity.email.lower() not in self.emails:
+            return False
+        if self.domains is not None:
+            domain = email_domain(identity.email)
+            if domain is None or not any(rule.allows(domain) for rule in self.domains):
+                return False
+        return True
+
+
+def _values(pairs: list[tuple[str, str]], name: str) -> list[str] | None:
+    raw = [value for key, value in pairs if key == name]
+    if not raw:
+        return None
+    items = [item.strip() for value in raw for item in value.split(",") if item.strip()]
+    if not items:
+        raise ConfigError(f"{name} is given but empty")
+    return items
+
+
+@lru_cache(maxsize=512)
+def location_rules(query: str) -> LocationRules:
+    """The rules of one ``auth-url`` query string; parsed once per distinct string."""
+    if len(query) > MAX_QUERY_CHARS:
+        return LocationRules(problem="query string too long")
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True, max_num_fields=50)
+    except ValueError:
+        return LocationRules(problem="query string is malformed")
+    for key, _ in pairs:
+        if key not in PARAMETERS:
+            close = difflib.get_close_matches(key, PARAMETERS, n=1, cutoff=0.7)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            return LocationRules(problem=f"unknown parameter {key[:60]!r}{hint}")
+    try:
+        groups, emails, domains = (_values(pairs, name) for name in PARAMETERS)
+        return LocationRules(
+            groups=frozenset(groups) if groups is not None else None,
+            emails=frozenset(e.lower() for e in emails) if emails is not None else None,
+            domains=tuple(parse_domain_rule(d, "allowed_email_domains") for d in domains) if domains else None,
+        )
+    except ConfigError as exc:
+        return LocationRules(problem=str(exc).removeprefix("--"))
