@@ -162,6 +162,11 @@ class Config:
         "hosts allowed in rd redirects: host, host:port, host:*, .example.com (repeatable)",
         aliases=("whitelist_domains",),
     )
+    signin_rate_limit: int = option(
+        30,
+        "sign-in requests (/oauth2/start, /oauth2/callback) per client per minute, burst twice that; 0 = no limit",
+        high=1_000_000,
+    )
     reverse_proxy: bool = option(False, "trust X-Forwarded-* from --trusted-proxy addresses")
     trusted_proxy: Names = option(("127.0.0.1/32", "::1/128"), "proxy networks whose X-Forwarded-* are trusted")
     upstream_timeout: Seconds = option(30.0, "upstream connect + read timeout", low=0.05, high=86400)

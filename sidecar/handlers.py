@@ -40,7 +40,6 @@ log = logging.getLogger("sidecar.handlers")
 STATE_TTL = 600.0  # a sign-in attempt must finish within ten minutes
 MAX_ATTEMPT_COOKIES = 5  # live sign-in attempts (tabs) per browser; older ones are cleared at /oauth2/start
 PARALLEL_TABS_WINDOW = 120.0  # at a successful callback, attempts younger than this may be other tabs: kept
-SIGNIN_RATE_LIMIT = 30  # default per client and minute for /oauth2/start + /oauth2/callback; burst twice that
 _CALLBACK_SINGLE = ("state", "code", "iss", "error")  # RFC 6749 3.1: a parameter may not be repeated
 _TRUE = ("1", "true", "yes", "on")
 
@@ -80,7 +79,7 @@ def _client_key(request: web.Request) -> str:
 
 def _rate_limited(request: web.Request, svc: Services) -> web.Response | None:
     """Anonymous sign-in endpoints are limited per client (429 + Retry-After), in process memory."""
-    per_minute = float(getattr(svc.config, "signin_rate_limit", SIGNIN_RATE_LIMIT))
+    per_minute = float(svc.config.signin_rate_limit)
     wait = svc.signin_limiter.take(_client_key(request), per_minute, 2 * per_minute, time.monotonic())
     if not wait:
         return None
