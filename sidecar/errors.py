@@ -13,7 +13,11 @@ into HTTP statuses. Messages never carry tokens, cookies or secrets.
     │   ├── StoreUnavailable         transient: Redis down or slow -> 503, session kept
     │   └── VersionConflict          compare-and-set lost to a newer write
     ├── ProviderError                the identity provider failed
-    │   ├── ProviderUnavailable      transient: network, 5xx, timeout -> 503, session kept
+    │   ├── ProviderUnavailable      transient: network, 5xx, unknown signing key -> 503, session kept
+    │   │   └── ProviderTimeout      the provider did not answer in --provider-timeout -> 504, session kept
+    │   ├── ProviderProtocolError    an answer we cannot use (token response not JSON, no access_token) -> 502
+    │   ├── ProviderRefused          a token-endpoint refusal other than invalid_grant (RFC 6749 5.2)
+    │   │                            -> token served while valid, then sign in again (see refresh.py)
     │   ├── InvalidGrant             the grant is dead (invalid_grant) -> session deleted
     │   └── TokenValidationError     an ID token failed validation -> sign-in refused
     ├── SessionGone                  the session ended (signed out, expired, grant dead) -> 401
@@ -65,6 +69,30 @@ class ProviderError(SidecarError):
 
 class ProviderUnavailable(ProviderError):
     """Network error, 5xx or timeout: transient, retry later, keep the session."""
+
+
+class ProviderTimeout(ProviderUnavailable):
+    """The provider did not answer in time; the request may or may not have been processed."""
+
+
+class ProviderProtocolError(ProviderError):
+    """The provider answered, but with something that breaks the protocol (a malformed token response)."""
+
+
+class ProviderRefused(ProviderError):
+    """The token endpoint refused the request with an error other than ``invalid_grant``.
+
+    ``permanent``: the grant can never be used again (``invalid_scope``), so the session record goes.
+    ``misconfigured``: the error points at this client's registration or credentials
+    (``invalid_client``, ``unauthorized_client``, ``unsupported_grant_type``, a bare 401); an
+    operator must act, and the record is kept so that fixing the configuration revives it."""
+
+    def __init__(
+        self, message: str, *, error_code: str | None = None, permanent: bool = False, misconfigured: bool = False
+    ) -> None:
+        super().__init__(message, error_code=error_code)
+        self.permanent = permanent
+        self.misconfigured = misconfigured
 
 
 class InvalidGrant(ProviderError):

@@ -34,14 +34,17 @@ class TokenSet:
     issued_at: float = 0.0
 
     def merged_over(self, old: TokenSet) -> TokenSet:
-        """This refresh result on top of the previous set: a missing refresh token keeps the old one."""
+        """This refresh result on top of the previous set. Each token the answer leaves out is kept
+        on its own: a missing refresh token keeps the old one (with its expiry unless a new one is
+        told), and a missing ID token keeps the old one even when the refresh token rotated, since
+        sign-out still needs it as ``id_token_hint``."""
+        merged = replace(self, id_token=self.id_token or old.id_token)
         if self.refresh_token:
-            return self
+            return merged
         return replace(
-            self,
+            merged,
             refresh_token=old.refresh_token,
             refresh_expires_at=self.refresh_expires_at or old.refresh_expires_at,
-            id_token=self.id_token or old.id_token,
         )
 
 

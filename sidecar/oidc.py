@@ -2,20 +2,41 @@
 
 Discovery, PKCE (RFC 7636), the code exchange and refresh grants (RFC 6749),
 revocation (RFC 7009), and ID-token validation (OIDC Core 3.1.3.7) against the
-provider's JWKS, refetched when an unknown ``kid`` shows up. Every network or
-protocol failure leaves here as one of the ``ProviderError`` classes.
+provider's JWKS. Every network or protocol failure leaves here as one of the
+``ProviderError`` classes, chosen on purpose:
+
+- no answer in time: ``ProviderTimeout``; no answer, 5xx, 429: ``ProviderUnavailable``
+  (retried only where the provider cannot have processed the grant);
+- an answer that breaks the protocol (token response not a JSON object, no access
+  token, a token type other than Bearer): ``ProviderProtocolError``;
+- a token-endpoint refusal (RFC 6749 5.2): ``InvalidGrant`` for ``invalid_grant``, else
+  ``ProviderRefused`` marked permanent or misconfigured by its error code, never by
+  its message text.
+
+Anyone can make us validate a token (``/oauth2/backchannel_logout`` is public), so
+the provider is protected from us: discovery and JWKS fetches are single-flight
+(every concurrent caller shares one request), a failed fetch is not repeated for
+``FAILURE_BACKOFF`` seconds, and an unknown ``kid`` refetches the JWKS at most once
+per ``JWKS_MIN_REFETCH`` seconds, counted from the start of the last attempt. A
+token whose key we cannot look up right now is "provider unavailable", never
+"invalid": only a key set fetched for this very token and still lacking its
+``kid`` makes it invalid.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import logging
+import math
+import re
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 from urllib.parse import quote, urlencode
 
 import aiohttp
@@ -23,15 +44,44 @@ import jwt
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
 
 from . import metrics
-from .errors import InvalidGrant, ProviderError, ProviderUnavailable, TokenValidationError
+from .errors import (
+    InvalidGrant,
+    ProviderError,
+    ProviderProtocolError,
+    ProviderRefused,
+    ProviderTimeout,
+    ProviderUnavailable,
+    TokenValidationError,
+)
 from .models import TokenSet
 
 log = logging.getLogger("sidecar.oidc")
 
+T = TypeVar("T")
+
 BACKCHANNEL_EVENT = "http://schemas.openid.net/event/backchannel-logout"
 _ALLOWED_ALGS = {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 _LEEWAY = 60.0
-_JWKS_MIN_REFETCH = 1.0  # an unknown kid may refetch the JWKS at most this often
+JWKS_MIN_REFETCH = 10.0  # an unknown kid refetches the JWKS at most this often (from the start of the last try)
+FAILURE_BACKOFF = 5.0  # a failed discovery or JWKS fetch is not tried again for this long
+LOGOUT_TOKEN_MAX_AGE = 300.0  # a logout token issued longer ago (plus the leeway) is refused
+MAX_LIFETIME = 365 * 86400.0  # a token lifetime the provider states is capped to this
+_ERROR_CODE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # what of a provider's error code we repeat in logs
+
+# RFC 6749 5.2 codes that mean the grant itself cannot be refreshed again: the record goes.
+_PERMANENT_REFUSALS = frozenset({"invalid_scope"})
+# Codes that point at this client's registration or credentials: an operator must act.
+_MISCONFIGURED_REFUSALS = {
+    "invalid_client": "the provider does not accept this client: check the client id/secret "
+    "(--client-id, --client-secret) and the client authentication method",
+    "unauthorized_client": "this client is not allowed this grant type: check the client's registration "
+    "at the provider (authorization code and refresh token grants)",
+    "unsupported_grant_type": "the provider does not support this grant type for this client: "
+    "check the client's registration at the provider",
+}
+_BARE_401 = (
+    "the token endpoint answered 401 without an error code: check the client id/secret (--client-id, --client-secret)"
+)
 
 
 @dataclass(frozen=True)
@@ -56,6 +106,53 @@ class Metadata:
     id_token_algs: frozenset[str]
 
 
+class _Flight(Generic[T]):
+    """One fetch at a time: callers arriving while it runs share its result, and a failure is
+    answered again without asking the provider for ``backoff`` seconds. Without this, a hanging
+    provider makes the k-th queued caller wait k timeouts, and a burst of callers a burst of fetches."""
+
+    def __init__(self, backoff: float) -> None:
+        self.backoff = backoff
+        self.started_at: float | None = None  # monotonic start of the last attempt
+        self.failed = False  # the last finished attempt failed
+        self._task: asyncio.Future[T] | None = None
+        self._failure: tuple[ProviderError, float] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None
+
+    def seconds_since_start(self) -> float:
+        return math.inf if self.started_at is None else time.monotonic() - self.started_at
+
+    async def run(self, fetch: Callable[[], Awaitable[T]]) -> T:
+        if self._task is None:
+            if self._failure is not None and self._failure[1] > time.monotonic():
+                raise _again(self._failure[0])
+            self.started_at = time.monotonic()
+            self._task = asyncio.ensure_future(self._attempt(fetch))
+            self._task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: no warning
+        # shield: a caller that goes away must not cancel the fetch the others share
+        return await asyncio.shield(self._task)
+
+    async def _attempt(self, fetch: Callable[[], Awaitable[T]]) -> T:
+        try:
+            result = await fetch()
+        except ProviderError as exc:
+            self.failed, self._failure = True, (exc, time.monotonic() + self.backoff)
+            raise
+        finally:
+            self._task = None
+        self.failed, self._failure = False, None
+        return result
+
+
+def _again(exc: ProviderError) -> ProviderError:
+    """A fresh copy of a remembered failure (one exception object must not collect every caller's traceback)."""
+    again = type(exc)(f"{exc} (failed moments ago; not asked again yet)", error_code=exc.error_code)
+    return again
+
+
 def _jwt_exp(token: str) -> float | None:
     """The ``exp`` of an access token that happens to be a JWT (read, not trusted, for timing only)."""
     if token.count(".") != 2:
@@ -64,32 +161,129 @@ def _jwt_exp(token: str) -> float | None:
         exp = jwt.decode(token, options={"verify_signature": False}).get("exp")
     except jwt.PyJWTError:
         return None
-    return float(exp) if isinstance(exp, (int, float)) else None
+    return _number(exp)
+
+
+def _number(value: Any) -> float | None:
+    """A finite number from a JSON value (numbers, or digits in a string), else None. Booleans are not numbers."""
+    if isinstance(value, str):
+        # Some providers send digits as a string; anything longer than 15 digits is not a lifetime.
+        value = int(value) if value.isascii() and value.isdigit() and len(value) <= 15 else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer too large for a float
+        return math.inf
+    return number if not math.isnan(number) else None
+
+
+def _lifetime(value: Any) -> float | None:
+    """A stated lifetime in seconds: positive, finite after capping to ``MAX_LIFETIME``; None when absent,
+    zero ("not told", Keycloak's offline tokens), negative or not a number."""
+    seconds = _number(value)
+    if seconds is None or seconds <= 0:
+        return None
+    return min(seconds, MAX_LIFETIME)
+
+
+def _optional_token(body: dict[str, Any], name: str) -> str | None:
+    value = body.get(name)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ProviderProtocolError(f"token response {name} is not a string")
+    return value
 
 
 def token_set_from_response(body: dict[str, Any], now: float) -> TokenSet:
-    """Read a token response. A missing ``expires_in`` stays unknown unless the token is a JWT."""
+    """Read a token response (RFC 6749 5.1). Anything that breaks the protocol is ProviderProtocolError
+    (502); odd lifetimes are read as unknown, huge ones capped. A missing ``expires_in`` stays unknown
+    unless the access token is a JWT with an ``exp``."""
     access = body.get("access_token")
     if not isinstance(access, str) or not access:
-        raise ProviderUnavailable("token response without access_token")
-    expires_in = body.get("expires_in")
-    if isinstance(expires_in, str) and expires_in.isdigit():
-        expires_in = int(expires_in)
-    access_expires = (
-        now + float(expires_in) if isinstance(expires_in, (int, float)) and expires_in > 0 else _jwt_exp(access)
-    )
-    refresh_in = body.get("refresh_expires_in")
-    refresh_expires = now + float(refresh_in) if isinstance(refresh_in, (int, float)) and refresh_in > 0 else None
-    refresh = body.get("refresh_token")
-    id_token = body.get("id_token")
+        raise ProviderProtocolError("token response without access_token")
+    token_type = body.get("token_type")
+    if token_type is not None and (not isinstance(token_type, str) or token_type.lower() != "bearer"):
+        raise ProviderProtocolError("token response token_type is not Bearer")
+    access_in = _lifetime(body.get("expires_in"))
+    if access_in is None:
+        exp = _jwt_exp(access)
+        access_expires = None if exp is None else min(exp, now + MAX_LIFETIME)
+    else:
+        access_expires = now + access_in
+    refresh_in = _lifetime(body.get("refresh_expires_in"))
     return TokenSet(
         access_token=access,
-        refresh_token=refresh if isinstance(refresh, str) and refresh else None,
-        id_token=id_token if isinstance(id_token, str) and id_token else None,
+        refresh_token=_optional_token(body, "refresh_token"),
+        id_token=_optional_token(body, "id_token"),
         access_expires_at=access_expires,
-        refresh_expires_at=refresh_expires,
+        refresh_expires_at=None if refresh_in is None else now + refresh_in,
         issued_at=now,
     )
+
+
+def token_hash(token: str, alg: str) -> str | None:
+    """``at_hash`` (OIDC Core 3.1.3.6): the left half of the token's hash under the ID token's alg's hash
+    function, base64url without padding. None for an algorithm whose hash we do not know (EdDSA means
+    Ed25519 here, hence SHA-512)."""
+    if alg == "EdDSA":
+        digest = hashlib.sha512(token.encode()).digest()
+    elif alg[:2] in ("RS", "PS", "ES") and alg[2:] in ("256", "384", "512"):
+        digest = hashlib.new("sha" + alg[2:], token.encode()).digest()
+    else:
+        return None
+    return base64.urlsafe_b64encode(digest[: len(digest) // 2]).rstrip(b"=").decode()
+
+
+def check_at_hash(id_token: str, access_token: str) -> None:
+    """When the ID token carries ``at_hash``, it must name this access token. Read before the signature
+    check, which the caller does next (``validate_id_token``): a forged ``at_hash`` fails there."""
+    try:
+        alg = jwt.get_unverified_header(id_token).get("alg")
+        claims = jwt.decode(id_token, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return  # not a JWT: validate_id_token refuses it
+    if "at_hash" not in claims:
+        return
+    expected = token_hash(access_token, alg) if isinstance(alg, str) else None
+    at_hash = claims["at_hash"]
+    if expected is None or not isinstance(at_hash, str) or not secrets.compare_digest(at_hash, expected):
+        raise TokenValidationError("ID token at_hash does not match the access token")
+
+
+def logout_token_replay_ttl(claims: dict[str, Any], now: float) -> float:
+    """How long a logout token's ``jti`` must be remembered: as long as the token could still be accepted
+    (its ``exp``, at most its ``iat`` plus the allowed age), plus the leeway."""
+    last = min(float(claims["exp"]), float(claims["iat"]) + LOGOUT_TOKEN_MAX_AGE) + _LEEWAY
+    return max(1.0, last - now + _LEEWAY)
+
+
+def _refusal(status: int, body: dict[str, Any] | None) -> ProviderError:
+    """Classify a token-endpoint error answer (RFC 6749 5.2) by its error code, never by message text."""
+    raw = body.get("error") if body is not None else None
+    code = raw if isinstance(raw, str) and _ERROR_CODE.match(raw) else None
+    if code == "invalid_grant":
+        # The grant is dead (expired, revoked, reused); retrying cannot help.
+        return InvalidGrant("provider refused the grant: invalid_grant", error_code=code)
+    what = code or f"HTTP {status} without an error code"
+    cause = _MISCONFIGURED_REFUSALS.get(code or "") or (_BARE_401 if code is None and status == 401 else None)
+    if cause is not None:
+        log.error("token endpoint refused this client", extra={"fields": {"error": what, "cause": cause}})
+    return ProviderRefused(
+        f"token endpoint refused the request: {what}",
+        error_code=code,
+        permanent=code in _PERMANENT_REFUSALS,
+        misconfigured=cause is not None,
+    )
+
+
+def _json_object(text: str) -> dict[str, Any] | None:
+    try:
+        body = json.loads(text)
+    except (ValueError, RecursionError):  # ValueError: also integers too long to convert
+        return None
+    return body if isinstance(body, dict) else None
 
 
 class OidcClient:
@@ -100,16 +294,16 @@ class OidcClient:
         self._http = http
         self._metadata: Metadata | None = None
         self._keys: dict[str, Any] = {}
-        self._keys_fetched = 0.0
-        self._lock = asyncio.Lock()
+        self._discovery: _Flight[Metadata] = _Flight(FAILURE_BACKOFF)
+        self._jwks: _Flight[dict[str, Any]] = _Flight(FAILURE_BACKOFF)
+        self.jwks_min_refetch = JWKS_MIN_REFETCH
         self._timeout = aiohttp.ClientTimeout(total=config.provider_timeout)
         self.audiences = {config.client_id, *config.oidc_extra_audience}
 
     async def metadata(self) -> Metadata:
+        """The discovery document, fetched once; concurrent first callers share one fetch."""
         if self._metadata is None:
-            async with self._lock:
-                if self._metadata is None:
-                    self._metadata = await self._discover()
+            self._metadata = await self._discovery.run(self._discover)
         return self._metadata
 
     async def _discover(self) -> Metadata:
@@ -119,17 +313,20 @@ class OidcClient:
         if issuer != self._config.oidc_issuer_url and issuer != self._config.oidc_issuer_url.rstrip("/"):
             raise ProviderError(f"discovery issuer {issuer!r} does not match --oidc-issuer-url")
         try:
+            algs = doc.get("id_token_signing_alg_values_supported", ["RS256"])
             return Metadata(
                 issuer=issuer,
-                authorization_endpoint=doc["authorization_endpoint"],
-                token_endpoint=doc["token_endpoint"],
-                jwks_uri=doc["jwks_uri"],
-                revocation_endpoint=doc.get("revocation_endpoint"),
-                end_session_endpoint=doc.get("end_session_endpoint"),
-                id_token_algs=frozenset(doc.get("id_token_signing_alg_values_supported", ["RS256"])) & _ALLOWED_ALGS,
+                authorization_endpoint=_url(doc["authorization_endpoint"]),
+                token_endpoint=_url(doc["token_endpoint"]),
+                jwks_uri=_url(doc["jwks_uri"]),
+                revocation_endpoint=_url(doc["revocation_endpoint"]) if doc.get("revocation_endpoint") else None,
+                end_session_endpoint=_url(doc["end_session_endpoint"]) if doc.get("end_session_endpoint") else None,
+                id_token_algs=frozenset(a for a in algs if isinstance(a, str)) & _ALLOWED_ALGS
+                if isinstance(algs, list)
+                else frozenset(),
             )
         except KeyError as exc:
-            raise ProviderError(f"discovery document lacks {exc.args[0]}") from None
+            raise ProviderProtocolError(f"discovery document lacks {exc.args[0]}") from None
 
     async def _get_json(self, url: str) -> dict[str, Any]:
         started = time.monotonic()
@@ -138,7 +335,9 @@ class OidcClient:
                 if resp.status >= 400:
                     raise ProviderUnavailable(f"{url} answered {resp.status}")
                 data = await resp.json(content_type=None)
-        except (TimeoutError, aiohttp.ClientError, json.JSONDecodeError) as exc:
+        except TimeoutError as exc:
+            raise ProviderTimeout(f"{url} did not answer in time") from exc
+        except (aiohttp.ClientError, ValueError, RecursionError) as exc:
             raise ProviderUnavailable(f"cannot fetch {url}: {type(exc).__name__}") from exc
         finally:
             metrics.PROVIDER_SECONDS.labels(call="metadata").observe(time.monotonic() - started)
@@ -164,6 +363,7 @@ class OidcClient:
         return f"{meta.authorization_endpoint}{sep}{query}"
 
     async def exchange_code(self, code: str, verifier: str) -> TokenSet:
+        """Redeem a code. The ID token's ``at_hash``, when present, must name the access token."""
         body = await self._token_request(
             {
                 "grant_type": "authorization_code",
@@ -173,7 +373,10 @@ class OidcClient:
             },
             retry=False,  # a code is single-use: never send it twice
         )
-        return token_set_from_response(body, time.time())
+        tokens = token_set_from_response(body, time.time())
+        if tokens.id_token:
+            check_at_hash(tokens.id_token, tokens.access_token)
+        return tokens
 
     async def refresh(self, refresh_token: str) -> TokenSet:
         body = await self._token_request({"grant_type": "refresh_token", "refresh_token": refresh_token}, retry=True)
@@ -210,30 +413,22 @@ class OidcClient:
                 url, data=form, timeout=self._timeout, headers={"Accept": "application/json", **auth}
             ) as resp:
                 status = resp.status
-                text = await resp.text()
+                text = await resp.text(errors="replace")
         except aiohttp.ClientConnectorError as exc:
             raise _Retryable(f"token endpoint unreachable: {type(exc).__name__}") from exc
         except TimeoutError as exc:
-            raise ProviderUnavailable("token endpoint timed out") from exc
+            raise ProviderTimeout("token endpoint timed out") from exc
         except aiohttp.ClientError as exc:
             raise ProviderUnavailable(f"token endpoint failed: {type(exc).__name__}") from exc
         finally:
             metrics.PROVIDER_SECONDS.labels(call="token").observe(time.monotonic() - started)
         if status >= 500 or status == 429:
             raise _Retryable(f"token endpoint answered {status}")
-        try:
-            body = json.loads(text)
-        except json.JSONDecodeError:
-            raise ProviderUnavailable(f"token endpoint answered {status} without JSON") from None
-        if not isinstance(body, dict):
-            raise ProviderUnavailable("token endpoint answered a non-object")
-        if status >= 400 or "error" in body:
-            code = str(body.get("error", "unknown"))
-            if code == "invalid_grant":
-                # The grant is dead (expired, revoked, reused); retrying cannot help. Client-level
-                # errors (invalid_client) are a configuration problem and never end sessions.
-                raise InvalidGrant(f"provider refused the grant: {code}", error_code=code)
-            raise ProviderUnavailable(f"token endpoint error: {code}", error_code=code)
+        body = _json_object(text)
+        if status >= 400 or (body is not None and "error" in body):
+            raise _refusal(status, body)
+        if body is None:
+            raise ProviderProtocolError(f"token endpoint answered {status} without a JSON object")
         return body
 
     async def revoke(self, token: str, hint: str = "refresh_token") -> bool:
@@ -264,29 +459,54 @@ class OidcClient:
         sep = "&" if "?" in meta.end_session_endpoint else "?"
         return f"{meta.end_session_endpoint}{sep}{urlencode(params)}"
 
-    async def _signing_key(self, kid: str | None, alg: str) -> Any:
+    def _known_key(self, kid: str | None) -> Any:
         key = self._keys.get(kid or "")
-        if key is None and (time.monotonic() - self._keys_fetched > _JWKS_MIN_REFETCH or not self._keys):
-            await self._load_jwks()
-            key = self._keys.get(kid or "")
         if key is None and kid is None and len(self._keys) == 1:
             key = next(iter(self._keys.values()))
-        if key is None:
-            raise TokenValidationError("ID token signed with an unknown key")
         return key
 
-    async def _load_jwks(self) -> None:
+    def _may_fetch_jwks(self) -> bool:
+        """A JWKS fetch is running (join it), or the last one started long enough ago: a failure
+        ``FAILURE_BACKOFF`` ago, a success ``jwks_min_refetch`` ago."""
+        if self._jwks.running:
+            return True
+        gap = FAILURE_BACKOFF if self._jwks.failed else self.jwks_min_refetch
+        return self._jwks.seconds_since_start() >= gap
+
+    async def _signing_key(self, kid: str | None) -> Any:
+        """The key for ``kid``. Unknown and no fetch allowed yet, or the fetch failed: ProviderUnavailable
+        (we cannot tell yet). Unknown in a key set fetched for this very call: TokenValidationError."""
+        key = self._known_key(kid)
+        if key is not None:
+            return key
+        if not self._may_fetch_jwks():
+            raise ProviderUnavailable("token signed with a key not in the provider's key set fetched moments ago")
+        self._keys = await self._jwks.run(self._load_jwks)
+        key = self._known_key(kid)
+        if key is None:
+            raise TokenValidationError("token signed with a key the provider does not publish")
+        return key
+
+    async def _load_jwks(self) -> dict[str, Any]:
+        """The usable signing keys by kid. A key set with no usable key is a failed fetch, so a provider
+        glitch serving an empty set never makes every token look invalid."""
         meta = await self.metadata()
         doc = await self._get_json(meta.jwks_uri)
+        entries = doc.get("keys")
         keys: dict[str, Any] = {}
-        for entry in doc.get("keys", []):
-            if entry.get("use", "sig") != "sig":
+        for entry in entries if isinstance(entries, list) else ():
+            if not isinstance(entry, dict) or entry.get("use", "sig") != "sig":
+                continue
+            kid = entry.get("kid", "")
+            if not isinstance(kid, str):
                 continue
             try:
-                keys[entry.get("kid", "")] = jwt.PyJWK(entry).key
-            except (jwt.PyJWTError, ValueError, TypeError):
+                keys[kid] = jwt.PyJWK(entry).key
+            except (jwt.PyJWTError, ValueError, TypeError, KeyError):
                 continue  # a key type we cannot use is not fatal while others work
-        self._keys, self._keys_fetched = keys, time.monotonic()
+        if not keys:
+            raise ProviderUnavailable("the provider's JWKS holds no usable signing key")
+        return keys
 
     async def _verify(self, token: str, what: str, require: list[str]) -> dict[str, Any]:
         """Signature (provider JWKS, allowed algorithms only), iss, aud and the required claims."""
@@ -295,10 +515,12 @@ class OidcClient:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:
             raise TokenValidationError(f"{what} is not a JWT") from exc
-        alg = header.get("alg")
+        alg, kid = header.get("alg"), header.get("kid")
         if alg not in meta.id_token_algs:
             raise TokenValidationError(f"{what} algorithm {alg!r} not allowed")
-        key = await self._signing_key(header.get("kid"), alg)
+        if kid is not None and not isinstance(kid, str):
+            raise TokenValidationError(f"{what} kid is not a string")
+        key = await self._signing_key(kid)
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
@@ -311,8 +533,9 @@ class OidcClient:
             )
         except jwt.PyJWTError as exc:
             raise TokenValidationError(f"{what} rejected: {type(exc).__name__}") from exc
-        if float(claims["iat"]) > time.time() + _LEEWAY:
-            raise TokenValidationError(f"{what} issued in the future")
+        iat = _number(claims.get("iat"))
+        if iat is None or iat > time.time() + _LEEWAY:
+            raise TokenValidationError(f"{what} issued in the future or without a usable iat")
         return claims
 
     async def validate_id_token(self, id_token: str, nonce: str | None) -> dict[str, Any]:
@@ -327,8 +550,10 @@ class OidcClient:
         return claims
 
     async def validate_logout_token(self, token: str) -> dict[str, Any]:
-        """OIDC Back-Channel Logout 1.0, section 2.6: a signed event naming a sub and/or a sid."""
-        claims = await self._verify(token, "logout token", ["iss", "aud", "iat", "jti", "events"])
+        """OIDC Back-Channel Logout 1.0, section 2.6: a signed event naming a sub and/or a sid. ``exp`` is
+        required (as 2.4 allows) and ``iat`` must be recent, so a token can only be replayed for minutes;
+        the caller refuses a ``jti`` seen before within that time (``logout_token_replay_ttl``)."""
+        claims = await self._verify(token, "logout token", ["iss", "aud", "iat", "exp", "jti", "events"])
         events = claims.get("events")
         if not isinstance(events, dict) or BACKCHANNEL_EVENT not in events:
             raise TokenValidationError("logout token lacks the back-channel logout event")
@@ -336,7 +561,22 @@ class OidcClient:
             raise TokenValidationError("logout token must not carry a nonce")
         if not isinstance(claims.get("sub"), str) and not isinstance(claims.get("sid"), str):
             raise TokenValidationError("logout token names neither sub nor sid")
+        jti = claims.get("jti")
+        if not isinstance(jti, str) or not 0 < len(jti) <= 256:
+            raise TokenValidationError("logout token jti is not a usable string")
+        exp, iat = _number(claims.get("exp")), _number(claims.get("iat"))
+        if exp is None or iat is None or not math.isfinite(exp):
+            raise TokenValidationError("logout token exp or iat is not a number")
+        if time.time() - iat > LOGOUT_TOKEN_MAX_AGE + _LEEWAY:
+            raise TokenValidationError("logout token issued too long ago")
         return claims
+
+
+def _url(value: Any) -> str:
+    """An endpoint from the discovery document: an absolute http(s) URL, else the document is unusable."""
+    if not isinstance(value, str) or not value.startswith(("https://", "http://")):
+        raise ProviderProtocolError("discovery document names an endpoint that is not an http(s) URL")
+    return value
 
 
 class _Retryable(Exception):

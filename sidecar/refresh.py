@@ -2,16 +2,43 @@
 
 The chain for a session whose token needs renewing:
 
-1. in-process single-flight: concurrent requests share one task (``_inflight``);
-2. cross-replica lock in the store (set-if-absent, random owner, extended while
-   the provider call runs); replicas that lose wait for the record's version to move;
+1. in-process single-flight: concurrent requests share one task (``_inflight``) and one
+   ``Budget`` (``--refresh-wait-timeout``, started once per refresh) from which everything that
+   waits is paid: each caller's wait, the wait for another replica's lock, and the save's
+   retries of a failing store;
+2. cross-replica lock in the store (set-if-absent, random owner), extended from the moment it
+   is taken until the save is done; replicas that lose wait for the record's version to move;
 3. under the lock, reload the record and refresh only if it still needs it;
-4. before calling the provider, look for a kept outcome of this very refresh
-   token, so a token the provider already rotated is never presented twice;
-5. save with compare-and-set, retrying transient store failures, never leaving the
-   consumed token as the stored one.
+4. before calling the provider, look for a kept outcome of this very refresh token, so a
+   token the provider already rotated is never presented twice;
+5. the moment the provider answers, keep the new tokens under the consumed token's outcome key
+   (in the process and the store) BEFORE anything that can take time or fail: validating the
+   new ID token may fetch the JWKS. Then validate, then save with compare-and-set, never
+   leaving the consumed token as the stored one.
 
-A dead grant ends the session; a failing provider or store never does.
+What each provider answer does (told apart by exception class and RFC 6749 5.2 error code,
+never by message text; the token endpoint's refusals are classified in ``oidc``):
+
+==========================================  ===========================  ===============================
+answer                                      session record               the request
+==========================================  ===========================  ===============================
+new tokens                                  saved                        served with them
+``invalid_grant``                           deleted                      sign in again
+``invalid_scope`` (the grant can never be   deleted once the access      current token while it is
+refreshed again)                            token has expired            valid, then sign in again
+``invalid_client``, ``unauthorized_client``, kept: fixing the client's    current token while valid,
+``unsupported_grant_type``, bare 401        configuration revives it     then sign in again
+(logged at ERROR naming the cause)
+any other refusal (``invalid_request``, an  kept: it says nothing about  current token while valid,
+unknown code, an empty or non-JSON 4xx)     the grant                    then sign in again
+timeout, 5xx, unreachable, a signing key    kept                         current token while valid,
+not fetchable yet                                                        else 504 / 503: retry
+a malformed answer (not JSON, no token)     kept                         current token while valid, else 502
+new ID token invalid, or another subject    deleted                      sign in again
+==========================================  ===========================  ===============================
+
+A refusal never leaves anyone stuck: once the access token has expired the browser is sent to
+sign in (and that sign-in replaces the record). A failing provider or store never ends a session.
 """
 
 from __future__ import annotations
@@ -21,13 +48,17 @@ import hashlib
 import logging
 import secrets
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from . import crypto, metrics
 from .cookies import SessionRef
 from .errors import (
     InvalidGrant,
+    ProviderError,
+    ProviderProtocolError,
+    ProviderRefused,
+    ProviderTimeout,
     ProviderUnavailable,
     RefreshBusy,
     SessionGone,
@@ -35,7 +66,7 @@ from .errors import (
     TokenValidationError,
     VersionConflict,
 )
-from .models import Session
+from .models import Session, TokenSet
 from .oidc import OidcClient
 from .policy import identity_from_claims
 from .sessions import Sessions
@@ -52,20 +83,49 @@ def outcome_key(refresh_token: str, version: int) -> str:
     return hashlib.sha256(f"{version}:{refresh_token}".encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class Budget:
+    """The one ``--refresh-wait-timeout`` of one refresh, started when the refresh starts. Every wait
+    of that refresh spends from it, so no path can add up several timeouts."""
+
+    deadline: float  # time.monotonic()
+
+    @classmethod
+    def starting_now(cls, seconds: float) -> Budget:
+        return cls(time.monotonic() + seconds)
+
+    def left(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+    def spent(self) -> bool:
+        return time.monotonic() >= self.deadline
+
+
+def _outcome_label(exc: ProviderError) -> str:
+    """A fixed metrics label per failure class."""
+    if isinstance(exc, ProviderTimeout):
+        return "timeout"
+    if isinstance(exc, ProviderRefused):
+        return "refused"
+    if isinstance(exc, ProviderProtocolError):
+        return "protocol_error"
+    return "provider_error"
+
+
 class Refresher:
     def __init__(self, sessions: Sessions, oidc: OidcClient, config: Any) -> None:
         self._sessions = sessions
         self._store = sessions.store
         self._oidc = oidc
         self._config = config
-        self._inflight: dict[str, asyncio.Future[Session]] = {}
+        self._inflight: dict[str, tuple[asyncio.Future[Session], Budget]] = {}
         self._kept: dict[str, tuple[Session, float]] = {}  # outcomes whose save is still pending
         retries = int(config.provider_retries)
-        # Outlive the slowest provider call it guards (timeouts + backoff), and extend while held.
+        # Outlive the slowest provider call it guards (timeouts + backoff); extended while held anyway.
         self.lock_ttl = float(config.provider_timeout) * (retries + 1) + 0.1 * 2 ** (retries + 1) + 5.0
 
     async def fresh(self, ref: SessionRef, session: Session) -> Session:
-        """The session with a usable access token; raises SessionGone, RefreshBusy or ProviderUnavailable."""
+        """The session with a usable access token; raises SessionGone, RefreshBusy or a ProviderError."""
         now = time.time()
         if not session.needs_refresh(now, self._config.refresh_skew, self._config.cookie_refresh):
             return session
@@ -76,35 +136,55 @@ class Refresher:
             raise SessionGone("access token expired and there is no usable refresh token")
         try:
             return await self._join(ref, session)
-        except (ProviderUnavailable, StoreUnavailable, RefreshBusy):
+        except ProviderRefused as exc:
+            return await self._after_refusal(ref, session, exc)
+        except (ProviderUnavailable, ProviderProtocolError, StoreUnavailable, RefreshBusy):
             if session.access_token_valid(time.time()):
                 return session  # still good for a little while: serve it and retry next time
             raise
 
+    async def _after_refusal(self, ref: SessionRef, session: Session, exc: ProviderRefused) -> Session:
+        """The provider refused the refresh (not invalid_grant): the current token is served while it
+        lasts, then the user signs in again; the record goes only when the refusal is permanent."""
+        if session.access_token_valid(time.time()):
+            return session
+        if exc.permanent:
+            await self._sessions.end(ref, session, reason="refresh_refused")
+        raise SessionGone("the provider refused to refresh the session") from None
+
     async def _join(self, ref: SessionRef, session: Session) -> Session:
         key = ref.store_key
-        task = self._inflight.get(key)
-        if task is None:
-            task = asyncio.ensure_future(self._refresh_across_replicas(ref, session))
-            self._inflight[key] = task
-            task.add_done_callback(lambda t: self._inflight.pop(key, None) if self._inflight.get(key) is t else None)
+        entry = self._inflight.get(key)
+        if entry is None:
+            budget = Budget.starting_now(float(self._config.refresh_wait_timeout))
+            task: asyncio.Future[Session] = asyncio.ensure_future(self._refresh_across_replicas(ref, session, budget))
+            self._inflight[key] = (task, budget)
+            task.add_done_callback(lambda t: self._forget_inflight(key, t))
             task.add_done_callback(lambda t: t.cancelled() or t.exception())  # consumed: no "never retrieved" noise
         else:
+            task, budget = entry
             metrics.REFRESH_JOINED.inc()
         try:
             # shield: a client that goes away must not cancel the refresh others are waiting on
-            return await asyncio.wait_for(asyncio.shield(task), timeout=self._config.refresh_wait_timeout)
+            return await asyncio.wait_for(asyncio.shield(task), timeout=budget.left())
         except TimeoutError:
             raise RefreshBusy("waited too long for a token refresh") from None
 
-    async def _refresh_across_replicas(self, ref: SessionRef, seen: Session) -> Session:
+    def _forget_inflight(self, key: str, task: asyncio.Future[Session]) -> None:
+        entry = self._inflight.get(key)
+        if entry is not None and entry[0] is task:
+            del self._inflight[key]
+
+    async def _refresh_across_replicas(self, ref: SessionRef, seen: Session, budget: Budget) -> Session:
         key, owner = ref.store_key, secrets.token_hex(16)
-        deadline = time.monotonic() + float(self._config.refresh_wait_timeout)
         while True:
             if await self._store.acquire_lock(key, owner, self.lock_ttl):
+                # Held from here until the save is done: the outcome is not safe before that.
+                keeper = asyncio.ensure_future(self._keep_lock(key, owner))
                 try:
-                    return await self._refresh_locked(ref, owner)
+                    return await self._refresh_locked(ref, budget)
                 finally:
+                    keeper.cancel()
                     try:
                         await self._store.release_lock(key, owner)
                     except StoreUnavailable:
@@ -112,15 +192,15 @@ class Refresher:
             metrics.LOCK_WAITS.inc()
             started = time.monotonic()
             try:
-                result = await self._wait_for_other(ref, seen, deadline)
+                result = await self._wait_for_other(ref, seen, budget)
             finally:
                 metrics.LOCK_WAIT_SECONDS.observe(time.monotonic() - started)
             if result is not None:
                 return result
 
-    async def _wait_for_other(self, ref: SessionRef, seen: Session, deadline: float) -> Session | None:
+    async def _wait_for_other(self, ref: SessionRef, seen: Session, budget: Budget) -> Session | None:
         """Wait for another replica's refresh: its new record, or its lock going away (None)."""
-        while time.monotonic() < deadline:
+        while not budget.spent():
             await asyncio.sleep(_POLL)
             version = await self._store.version(ref.store_key)
             if version is None:
@@ -134,7 +214,7 @@ class Refresher:
                 return None
         raise RefreshBusy("another replica's refresh took too long")
 
-    async def _refresh_locked(self, ref: SessionRef, owner: str) -> Session:
+    async def _refresh_locked(self, ref: SessionRef, budget: Budget) -> Session:
         current = await self._sessions.load_fresh(ref)
         consumed = current.tokens.refresh_token
         if consumed:
@@ -142,62 +222,61 @@ class Refresher:
             # use that outcome rather than present the (possibly rotated) token again.
             known = await self._known_outcome(ref, outcome_key(consumed, current.version))
             if known is not None:
-                current = await self._save(ref, replace(known, version=current.version), consumed)
-        now = time.time()
-        if not current.needs_refresh(now, self._config.refresh_skew, self._config.cookie_refresh):
+                current = await self._save(ref, replace(known, version=current.version), consumed, budget)
+        if not current.needs_refresh(time.time(), self._config.refresh_skew, self._config.cookie_refresh):
             return current  # another replica (or a kept outcome) made it fresh
         consumed = current.tokens.refresh_token
         if not consumed:
             raise SessionGone("no refresh token")
         key = outcome_key(consumed, current.version)
-        keeper = asyncio.ensure_future(self._keep_lock(ref.store_key, owner))
+        tokens = await self._call_provider(ref, current, consumed)
+        provisional = replace(
+            current,
+            tokens=tokens.merged_over(current.tokens),
+            refreshed_at=time.time(),
+            refresh_count=current.refresh_count + 1,
+        )
+        await self._keep_outcome(ref, key, provisional)  # first: the consumed token's successor is safe
+        updated = await self._check_identity(ref, current, provisional)
+        if updated is not provisional:
+            await self._keep_outcome(ref, key, updated)
+        metrics.REFRESHES.labels(outcome="ok").inc()
+        return await self._save(ref, updated, consumed, budget, key)
+
+    async def _call_provider(self, ref: SessionRef, current: Session, consumed: str) -> TokenSet:
+        """The refresh grant; a dead grant ends the session here, every other failure is raised as is."""
         started = time.monotonic()
         try:
-            tokens = await self._oidc.refresh(consumed)
+            return await self._oidc.refresh(consumed)
         except InvalidGrant:
             metrics.REFRESHES.labels(outcome="invalid_grant").inc()
             await self._sessions.end(ref, current, reason="invalid_grant")
             raise SessionGone("the provider refused the refresh token") from None
-        except ProviderUnavailable as exc:
-            outcome = "timeout" if "timed out" in str(exc) else "provider_error"
-            metrics.REFRESHES.labels(outcome=outcome).inc()
+        except ProviderError as exc:
+            metrics.REFRESHES.labels(outcome=_outcome_label(exc)).inc()
             raise
         finally:
-            keeper.cancel()
             metrics.REFRESH_SECONDS.observe(time.monotonic() - started)
-        updated = await self._apply(ref, current, tokens)
-        await self._keep_outcome(ref, key, updated)
-        metrics.REFRESHES.labels(outcome="ok").inc()
-        return await self._save(ref, updated, consumed, key)
 
-    async def _apply(self, ref: SessionRef, current: Session, tokens: Any) -> Session:
-        """Merge the new tokens; a new ID token must be valid and for the same subject."""
-        tokens = tokens.merged_over(current.tokens)
-        identity = current.identity
-        if tokens.id_token and tokens.id_token != current.tokens.id_token:
-            try:
-                claims = await self._oidc.validate_id_token(tokens.id_token, nonce=None)
-            except TokenValidationError:
-                await self._sessions.end(ref, current, reason="invalid_id_token")
-                raise SessionGone("refreshed ID token failed validation") from None
-            except ProviderUnavailable:
-                # JWKS unreachable: the tokens themselves came from the token endpoint and may already be
-                # rotated, so keep them; the identity is re-checked at the next refresh.
-                log.warning("could not validate the refreshed ID token now; identity kept")
-                return replace(
-                    current, tokens=tokens, refreshed_at=time.time(), refresh_count=current.refresh_count + 1
-                )
-            if claims.get("sub") != current.identity.sub:
-                await self._sessions.end(ref, current, reason="subject_changed")
-                raise SessionGone("refreshed ID token names another subject")
-            identity = identity_from_claims(claims, self._config)
-        return replace(
-            current,
-            tokens=tokens,
-            identity=identity,
-            refreshed_at=time.time(),
-            refresh_count=current.refresh_count + 1,
-        )
+    async def _check_identity(self, ref: SessionRef, current: Session, provisional: Session) -> Session:
+        """A new ID token must be valid and for the same subject; it then renews the identity. One that
+        cannot be checked now (JWKS unreachable or its key not fetchable yet) keeps the identity: the
+        tokens came from the token endpoint and may already be rotated, so they are kept either way."""
+        id_token = provisional.tokens.id_token
+        if not id_token or id_token == current.tokens.id_token:
+            return provisional
+        try:
+            claims = await self._oidc.validate_id_token(id_token, nonce=None)
+        except TokenValidationError:
+            await self._sessions.end(ref, current, reason="invalid_id_token")
+            raise SessionGone("refreshed ID token failed validation") from None
+        except ProviderError:
+            log.warning("could not validate the refreshed ID token now; identity kept")
+            return provisional
+        if claims.get("sub") != current.identity.sub:
+            await self._sessions.end(ref, current, reason="subject_changed")
+            raise SessionGone("refreshed ID token names another subject")
+        return replace(provisional, identity=identity_from_claims(claims, self._config))
 
     async def _known_outcome(self, ref: SessionRef, digest: str) -> Session | None:
         kept = self._kept.get(digest)
@@ -221,10 +300,12 @@ class Refresher:
         except StoreUnavailable:
             log.warning("could not keep refresh outcome in the store; kept in process")
 
-    async def _save(self, ref: SessionRef, updated: Session, consumed: str, key: str | None = None) -> Session:
-        """Compare-and-set with retries; the consumed refresh token must never stay stored."""
+    async def _save(
+        self, ref: SessionRef, updated: Session, consumed: str, budget: Budget, key: str | None = None
+    ) -> Session:
+        """Compare-and-set, retrying a failing store while the budget lasts; the consumed refresh token
+        must never stay stored. Should the budget run out, the kept outcome still holds the new tokens."""
         delay = 0.05
-        deadline = time.monotonic() + float(self._config.refresh_wait_timeout)
         while True:
             try:
                 saved = await self._sessions.save(ref, updated)
@@ -237,13 +318,14 @@ class Refresher:
                     return latest  # someone stored newer tokens; theirs win
                 updated = replace(updated, version=latest.version)
             except StoreUnavailable:
-                if time.monotonic() + delay > deadline:
+                if budget.left() < delay:
                     raise
                 await asyncio.sleep(delay)
                 delay = min(1.0, delay * 2)
 
     async def _keep_lock(self, key: str, owner: str) -> None:
-        """Extend the lock while the provider call runs, so a slow provider never lets a second replica in."""
+        """Extend the lock from the moment it is taken until the save is done (the caller cancels this),
+        so a slow provider, JWKS fetch or store never lets a second replica in before the outcome is safe."""
         while True:
             await asyncio.sleep(self.lock_ttl / 3)
             try:

@@ -18,6 +18,7 @@ Redis layout (``sc:`` prefix; one key per operation so Cluster works):
     sc:st:<state hash> string  "used" marker of a sign-in state       SET NX, TTL = the attempt's remaining life
     sc:l:<store key>   string  refresh lock owner token             PX, extended while held
     sc:o:<token hash>  string  encrypted outcome of a refresh        TTL seconds
+    sc:once:<hash>     string  a logout token's jti, seen once       SET NX, TTL = minutes
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class SessionStore(Protocol):
     async def lock_held(self, key: str) -> bool: ...
     async def put_outcome(self, token_hash: str, blob: bytes, ttl: float) -> None: ...
     async def get_outcome(self, token_hash: str) -> bytes | None: ...
+    async def remember_once(self, key: str, ttl: float) -> bool: ...
     async def ping(self) -> None: ...
     async def close(self) -> None: ...
 
@@ -181,6 +183,14 @@ class MemoryStore:
 
     async def get_outcome(self, token_hash: str) -> bytes | None:
         return self._live(self._outcomes, token_hash)
+
+    async def remember_once(self, key: str, ttl: float) -> bool:
+        """True the first time ``key`` is seen within ``ttl`` seconds (replay detection), else False."""
+        if self._live(self._values, "once:" + key) is not None:
+            return False
+        self._sweep()
+        self._values["once:" + key] = (True, self._clock() + ttl)
+        return True
 
     async def ping(self) -> None:
         return None
@@ -360,6 +370,10 @@ class RedisStore:
 
     async def get_outcome(self, token_hash: str) -> bytes | None:
         return await self._call(self._r.get(self._p + "o:" + token_hash))
+
+    async def remember_once(self, key: str, ttl: float) -> bool:
+        """SET NX PX: exactly one caller, on any replica, sees True for ``key`` within ``ttl``."""
+        return bool(await self._call(self._r.set(self._p + "once:" + key, b"1", nx=True, px=_ms(ttl)), "once"))
 
     async def ping(self) -> None:
         await self._call(self._r.ping())

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import time
+import uuid
+from typing import Any
 
 import aiohttp
 import redis.asyncio as aioredis
 
+from sidecar.context import SERVICES
+from sidecar.models import TokenSet
+from sidecar.oidc import BACKCHANNEL_EVENT
 from sidecar.store import RedisStore, SessionStore
-from tests.stack import app_token, browser, session_cookie, sign_in, stack
+from tests.stack import Stack, app_token, browser, session_cookie, sign_in, stack
 
 FAST = {"access_token_ttl": 1}
 OPTS = {"refresh_skew": "0s", "pass_access_token": "true"}
@@ -79,7 +85,7 @@ async def test_provider_failure_keeps_the_session_and_recovery_refreshes(store: 
         st.provider.clear_faults()
         st.provider.inject_fault("timeout", count=1, delay=3.0)
         status, _ = await _auth(client, st.base)
-        assert status == 503
+        assert status == 504  # the provider did not answer in --provider-timeout; the session is kept
         st.provider.clear_faults()
         status, token = await _auth(client, st.base)
         assert status == 202 and token
@@ -165,3 +171,112 @@ def test_outcome_keys_name_one_refresh_of_one_record_version() -> None:
     assert outcome_key("rt", 3) != outcome_key("rt", 4)  # a non-rotating token refreshed again later
     assert outcome_key("rt", 3) != outcome_key("rt2", 3)
     assert "rt" not in outcome_key("rt", 3)
+
+
+def _services(st: Stack, index: int = 0) -> Any:
+    return st.runners[index].app[SERVICES]
+
+
+async def test_a_key_rotation_during_a_session_never_ends_it(store: SessionStore) -> None:
+    async with stack(store, provider_kw=FAST, **OPTS) as st, browser() as client, aiohttp.ClientSession() as idp:
+        _services(st).oidc.jwks_min_refetch = 2.5
+        await sign_in(client, st.base)  # the JWKS is fetched here
+        await asyncio.sleep(1.1)
+        # Anyone may make the sidecar look at the JWKS: an unknown kid right before the refresh.
+        now = int(time.time())
+        claims = {"iss": st.issuer, "aud": "sidecar-dev", "iat": now, "exp": now + 60, "jti": uuid.uuid4().hex,
+                  "sub": "nobody", "events": {BACKCHANNEL_EVENT: {}}}  # fmt: skip
+        st.provider.rotate_keys(keep_old=False)
+        async with idp.post(
+            f"{st.base}/oauth2/backchannel_logout", data={"logout_token": st.provider.keys.sign(claims)}
+        ):
+            pass
+        status, token = await _auth(client, st.base)  # refreshed ID token signed with a key not fetchable yet
+        assert status == 202 and token
+        assert st.provider.stats()["token_calls"]["refresh_token"] == 1
+        await asyncio.sleep(2.6)  # a refetch is allowed again: the next refresh checks the identity
+        status, later = await _auth(client, st.base)
+        assert status == 202 and later != token
+        assert st.provider.stats()["token_calls"]["refresh_token"] == 2 and st.provider.stats()["jwks_calls"] == 2
+
+
+async def test_the_lock_is_held_until_the_outcome_is_safe(redis_url: str) -> None:
+    """A slow JWKS fetch after the provider rotated the token, with a refresh lock that lives much shorter:
+    the second replica must neither get in nor present the consumed token."""
+    stores = [RedisStore(aioredis.from_url(redis_url)) for _ in range(2)]
+    provider_kw = {"access_token_ttl": 3, "rotate_refresh_tokens": True, "reuse_detection": True}
+    try:
+        async with stack(stores[0], provider_kw=provider_kw, **OPTS) as st, browser() as client:
+            signer = await st.add_sidecar(stores[1], **OPTS)
+            await sign_in(client, signer)  # the second replica has the JWKS; the first has never fetched it
+            for index in (0, 1):
+                _services(st, index).refresher.lock_ttl = 0.3
+            st.provider.break_endpoint("jwks", "slow", delay=1.5)  # --provider-timeout is 2 s
+            await asyncio.sleep(3.1)
+
+            async def late() -> tuple[int, str | None]:
+                await asyncio.sleep(0.6)  # the first replica is validating the new ID token by now
+                return await _auth(client, signer)
+
+            results = await asyncio.gather(_auth(client, st.base), late())
+            assert [s for s, _ in results] == [202, 202]
+            assert results[0][1] == results[1][1]
+            stats = st.provider.stats()
+            assert stats["reuse_detected"] == 0 and stats["token_calls"]["refresh_token"] == 1
+            assert len(set(stats["refresh_tokens_presented"])) == len(stats["refresh_tokens_presented"])
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def test_one_wait_budget_per_refresh(store: SessionStore) -> None:
+    """Every wait of one refresh spends the same --refresh-wait-timeout: a request that joins late does
+    not get a fresh one, and the refresh itself still completes and is kept."""
+    async with stack(store, provider_kw=FAST, refresh_wait_timeout="2s", provider_timeout="5s", **OPTS) as st, \
+            browser() as client:  # fmt: skip
+        await sign_in(client, st.base)
+        await asyncio.sleep(1.1)
+        st.provider.inject_fault("slow", count=1, delay=3.0)
+        started = time.monotonic()
+
+        async def late() -> tuple[int, float]:
+            await asyncio.sleep(1.5)
+            status, _ = await _auth(client, st.base)
+            return status, time.monotonic() - started
+
+        first, (late_status, late_at) = await asyncio.gather(_auth(client, st.base), late())
+        assert first[0] == 503 and late_status == 503
+        assert late_at < 2.6  # answered when the refresh's budget ran out, not 2 s after it joined
+        await asyncio.sleep(3.2 - (time.monotonic() - started))
+        status, token = await _auth(client, st.base)
+        assert status == 202 and token  # the refresh finished in the background and was saved
+        assert st.provider.stats()["token_calls"]["refresh_token"] == 1
+
+
+async def test_a_refresh_without_an_id_token_keeps_the_stored_one(store: SessionStore) -> None:
+    provider_kw = {**FAST, "rotate_refresh_tokens": True, "send_id_token_on_refresh": False}
+    async with stack(store, provider_kw=provider_kw, oidc_logout_id_token_hint="true", **OPTS) as st, \
+            browser() as client:  # fmt: skip
+        await sign_in(client, st.base)
+        for _ in range(2):
+            await asyncio.sleep(1.1)
+            assert (await _auth(client, st.base))[0] == 202
+        assert st.provider.stats()["token_calls"]["refresh_token"] == 2
+        async with client.post(f"{st.base}/oauth2/sign_out", allow_redirects=False) as resp:
+            assert resp.status == 302
+            assert "id_token_hint=" in resp.headers["Location"]
+
+
+def test_merged_over_keeps_each_missing_token_on_its_own() -> None:
+    old = TokenSet(access_token="a0", refresh_token="r0", id_token="i0", refresh_expires_at=50.0)
+    cases = [
+        (TokenSet(access_token="a1"), ("r0", "i0", 50.0)),
+        (TokenSet(access_token="a1", refresh_token="r1"), ("r1", "i0", None)),
+        (TokenSet(access_token="a1", refresh_token="r1", refresh_expires_at=90.0), ("r1", "i0", 90.0)),
+        (TokenSet(access_token="a1", id_token="i1"), ("r0", "i1", 50.0)),
+        (TokenSet(access_token="a1", refresh_token="r1", id_token="i1"), ("r1", "i1", None)),
+    ]
+    for new, (refresh, id_token, refresh_expires) in cases:
+        merged = new.merged_over(old)
+        assert (merged.access_token, merged.refresh_token, merged.id_token) == ("a1", refresh, id_token)
+        assert merged.refresh_expires_at == refresh_expires

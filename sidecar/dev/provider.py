@@ -24,7 +24,9 @@ from aiohttp import web
 
 from .provider_grants import TokenGrants
 from .provider_model import (
+    AT_HASH_MODES,
     DEFAULT_USERS,
+    ENDPOINT_FAULT_KINDS,
     FAULT_KINDS,
     AuthCode,
     ClientReg,
@@ -98,6 +100,9 @@ class DevProvider(TokenGrants):
         self.rotate_refresh_tokens = rotate_refresh_tokens
         self.reuse_detection = reuse_detection
         self.return_same_refresh_token = return_same_refresh_token
+        self.at_hash = "good"  # see AT_HASH_MODES
+        self.token_overrides: dict[str, Any] = {}  # merged into every token response; None removes a field
+        self.endpoint_faults: dict[str, tuple[str, float]] = {}  # "discovery"/"jwks" -> (kind, delay)
         self.auto_login: str | None = None
         if auto_login is not None:
             self.config(auto_login=auto_login)
@@ -115,6 +120,8 @@ class DevProvider(TokenGrants):
         self.userinfo_calls = 0
         self.codes_issued = 0
         self.logout_calls = 0
+        self.discovery_calls = 0
+        self.jwks_calls = 0
         self.refresh_tokens_presented: list[str] = []
         self.reset_counters()
 
@@ -179,6 +186,9 @@ class DevProvider(TokenGrants):
             if key == "auto_login":
                 if value not in (None, "", False) and value not in self.users:
                     raise ValueError(f"auto_login: unknown user {value!r}")
+            elif key == "at_hash":
+                if value not in AT_HASH_MODES:
+                    raise ValueError(f"at_hash must be one of {AT_HASH_MODES}")
             elif key in BOOL_SETTINGS:
                 if not isinstance(value, bool):
                     raise ValueError(f"{key} must be a boolean")
@@ -195,7 +205,7 @@ class DevProvider(TokenGrants):
 
     def settings(self) -> dict[str, Any]:
         """Current toggles."""
-        names = (*BOOL_SETTINGS, *INT_SETTINGS, "auto_login")
+        names = (*BOOL_SETTINGS, *INT_SETTINGS, "auto_login", "at_hash")
         return {name: getattr(self, name) for name in names}
 
     def stats(self) -> dict[str, Any]:
@@ -207,6 +217,8 @@ class DevProvider(TokenGrants):
             "userinfo_calls": self.userinfo_calls,
             "codes_issued": self.codes_issued,
             "logout_calls": self.logout_calls,
+            "discovery_calls": self.discovery_calls,
+            "jwks_calls": self.jwks_calls,
             "refresh_tokens_presented": list(self.refresh_tokens_presented),
             "active_refresh_families": sum(1 for f in self._families.values() if not f.revoked),
             "faults": [f.to_dict() for f in self._faults],
@@ -222,23 +234,56 @@ class DevProvider(TokenGrants):
         self.userinfo_calls = 0
         self.codes_issued = 0
         self.logout_calls = 0
+        self.discovery_calls = 0
+        self.jwks_calls = 0
         self.refresh_tokens_presented = []
 
-    def inject_fault(self, kind: str, count: int = 1, grant: str = "refresh_token", delay: float = 0.0) -> Fault:
-        """Make the next ``count`` token calls for ``grant`` misbehave (``count=-1``: forever)."""
+    def inject_fault(
+        self,
+        kind: str,
+        count: int = 1,
+        grant: str = "refresh_token",
+        delay: float = 0.0,
+        *,
+        status: int = 400,
+        body: str = "",
+        content_type: str = "application/json",
+    ) -> Fault:
+        """Make the next ``count`` token calls for ``grant`` misbehave (``count=-1``: forever).
+        ``raw`` answers ``status`` with ``body`` as it is: any refusal or malformed answer a provider
+        might send (an empty 400, ``invalid_client``, an HTML 401, a 200 that is not JSON ...)."""
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault kind {kind!r}; expected one of {FAULT_KINDS}")
         if count == 0 or count < -1:
             raise ValueError("count must be positive or -1")
         if delay < 0:
             raise ValueError("delay must not be negative")
-        fault = Fault(kind, count, grant, float(delay))
+        if not 200 <= status <= 599:
+            raise ValueError("status must be an HTTP status")
+        fault = Fault(kind, count, grant, float(delay), status, body, content_type)
         self._faults.append(fault)
         return fault
 
     def clear_faults(self) -> None:
-        """Forget every pending fault."""
+        """Forget every pending fault (token endpoint, discovery and JWKS)."""
         self._faults.clear()
+        self.endpoint_faults.clear()
+
+    def break_endpoint(self, endpoint: str, kind: str, delay: float = 0.0) -> None:
+        """Make ``discovery`` or ``jwks`` misbehave until ``clear_faults``: answer 500, answer after
+        ``delay`` seconds (``slow``; a long delay is a hanging provider), or answer broken JSON."""
+        if endpoint not in ("discovery", "jwks"):
+            raise ValueError("endpoint must be 'discovery' or 'jwks'")
+        if kind not in ENDPOINT_FAULT_KINDS:
+            raise ValueError(f"unknown endpoint fault {kind!r}; expected one of {ENDPOINT_FAULT_KINDS}")
+        if delay < 0:
+            raise ValueError("delay must not be negative")
+        self.endpoint_faults[endpoint] = (kind, float(delay))
+
+    def override_token_fields(self, fields: Mapping[str, Any]) -> None:
+        """Every later token response carries these fields as given (``None`` removes the field); an
+        empty mapping restores normal answers. For odd lifetimes, token types and missing tokens."""
+        self.token_overrides = dict(fields)
 
     def take_fault(self, grant_type: str) -> Fault | None:
         """Consume one use of the first fault matching this call, if any."""

@@ -22,6 +22,7 @@ from .provider_model import (
     OAuthError,
     RefreshFamily,
     RefreshRecord,
+    at_hash,
     random_token,
     sha256_hex,
     verifier_ok,
@@ -43,6 +44,8 @@ class TokenGrants:
     send_refresh_expires_in: bool
     send_id_token_on_refresh: bool
     send_sid: bool
+    at_hash: str
+    token_overrides: dict[str, Any]
     rotate_refresh_tokens: bool
     reuse_detection: bool
     return_same_refresh_token: bool
@@ -245,8 +248,15 @@ class TokenGrants:
                 claims["nonce"] = nonce
             if self.send_sid:
                 claims["sid"] = fam.family_id
+            if self.at_hash != "none":
+                claims["at_hash"] = at_hash(access if self.at_hash == "good" else access + "x")
             body["id_token"] = self.keys.sign(claims)
         body["scope"] = scope
+        for name, value in self.token_overrides.items():  # misbehaviour on request: odd or missing fields
+            if value is None:
+                body.pop(name, None)
+            else:
+                body[name] = value
         return body
 
     # ------------------------------------------------- revocation, userinfo

@@ -20,8 +20,14 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
-FAULT_KINDS = ("500", "503", "timeout", "slow", "invalid_grant", "invalid_json")
-"""What ``inject_fault`` can make the token endpoint do."""
+FAULT_KINDS = ("500", "503", "timeout", "slow", "invalid_grant", "invalid_json", "raw")
+"""What ``inject_fault`` can make the token endpoint do (``raw``: answer ``status`` with ``body`` verbatim)."""
+
+ENDPOINT_FAULT_KINDS = ("500", "slow", "invalid_json")
+"""What ``break_endpoint`` can make discovery or the JWKS do (``slow``: wait ``delay``, then answer)."""
+
+AT_HASH_MODES = ("good", "bad", "none")
+"""ID tokens from the token endpoint carry a correct ``at_hash``, a wrong one, or none."""
 
 _DEFAULT_DELAYS = {"timeout": 30.0, "slow": 2.0}
 _VERIFIER_RE = re.compile(r"^[A-Za-z0-9\-._~]{43,128}$")
@@ -133,6 +139,9 @@ class Fault:
     remaining: int
     grant: str
     delay: float
+    status: int = 400  # raw only
+    body: str = ""  # raw only
+    content_type: str = "application/json"  # raw only
 
     def matches(self, grant_type: str) -> bool:
         """``grant`` of ``"*"``/``"any"`` hits every grant type."""
@@ -152,12 +161,19 @@ class Fault:
             "remaining": self.remaining,
             "grant": self.grant,
             "delay": self.delay,
+            "status": self.status,
         }
 
 
 def random_token(nbytes: int = 32) -> str:
     """Opaque, URL-safe random string for codes and refresh tokens."""
     return secrets.token_urlsafe(nbytes)
+
+
+def at_hash(access_token: str) -> str:
+    """OIDC Core 3.1.3.6 for RS256: left half of SHA-256 of the access token, base64url, unpadded."""
+    digest = hashlib.sha256(access_token.encode("ascii")).digest()
+    return base64.urlsafe_b64encode(digest[:16]).rstrip(b"=").decode("ascii")
 
 
 def sha256_hex(value: str) -> str:

@@ -116,10 +116,26 @@ class ProviderRoutes:
     # ------------------------------------------------------------ discovery
 
     async def discovery(self, request: web.Request) -> web.Response:
-        return web.json_response(self.p.discovery())
+        self.p.discovery_calls += 1
+        return await self._published("discovery") or web.json_response(self.p.discovery())
 
     async def jwks(self, request: web.Request) -> web.Response:
-        return web.json_response(self.p.keys.jwks())
+        self.p.jwks_calls += 1
+        return await self._published("jwks") or web.json_response(self.p.keys.jwks())
+
+    async def _published(self, endpoint: str) -> web.Response | None:
+        """The injected misbehaviour of discovery or the JWKS, if any; None: answer normally."""
+        fault = self.p.endpoint_faults.get(endpoint)
+        if fault is None:
+            return None
+        kind, delay = fault
+        if delay:
+            await asyncio.sleep(delay)
+        if kind == "500":
+            return web.json_response({"error": "server_error"}, status=500)
+        if kind == "invalid_json":
+            return web.Response(text='{"keys": [', content_type="application/json")
+        return None  # slow: answer normally, late
 
     # ------------------------------------------------------------ authorize
 
@@ -249,6 +265,10 @@ class ProviderRoutes:
             return web.json_response(body, status=503, headers={**_NO_STORE, "Retry-After": "1"})
         if fault.kind == "invalid_grant":
             return _oauth_error(OAuthError("invalid_grant", "injected fault"))
+        if fault.kind == "raw":
+            return web.Response(
+                status=fault.status, text=fault.body, content_type=fault.content_type, headers=_NO_STORE
+            )
         return web.Response(  # invalid_json
             text='{"access_token": "trunc', content_type="application/json", headers=_NO_STORE
         )
@@ -341,8 +361,20 @@ class ProviderRoutes:
                 int(data.get("count", 1)),
                 str(data.get("grant", "refresh_token")),
                 float(data.get("delay", 0.0)),
+                status=int(data.get("status", 400)),
+                body=str(data.get("body", "")),
+                content_type=str(data.get("content_type", "application/json")),
             )
             return {"ok": True, "fault": fault.to_dict()}
+        if action == "endpoint_fault":
+            p.break_endpoint(str(data["endpoint"]), str(data["kind"]), float(data.get("delay", 0.0)))
+            return {"ok": True}
+        if action == "token_overrides":
+            fields = data.get("fields", {})
+            if not isinstance(fields, dict):
+                raise ValueError("fields must be an object")
+            p.override_token_fields(fields)
+            return {"ok": True}
         if action == "clear_faults":
             p.clear_faults()
             return {"ok": True}
