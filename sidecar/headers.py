@@ -7,6 +7,7 @@ because some servers and frameworks treat ``X_Auth_Request_User`` as
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -15,6 +16,7 @@ from .models import Identity, Session
 MAX_GROUPS_HEADER = 4096
 
 _PROTECTED_PREFIXES = ("x-auth-request-",)
+# Identity headers: whatever a client sends under these names never reaches the app.
 _PROTECTED = frozenset(
     {
         "x-forwarded-user",
@@ -22,11 +24,22 @@ _PROTECTED = frozenset(
         "x-forwarded-groups",
         "x-forwarded-preferred-username",
         "x-forwarded-access-token",
-        "authorization",
         "x-user",
         "x-email",
     }
 )
+# Set by the sidecar itself from what it saw, so a client's copy is always replaced.
+_REWRITTEN = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
+# What a proxy in front says about the client: believed only from a trusted proxy.
+_FROM_PROXIES = frozenset(
+    {"forwarded", "x-real-ip", "x-forwarded-port", "x-forwarded-prefix", "x-forwarded-server", "x-forwarded-scheme"}
+)
+# Headers that make some frameworks (Symfony, IIS, Zend) serve another path than the request line's:
+# the skip-auth rules never saw that path, so nobody may send them.
+_PATH_OVERRIDES = frozenset({"x-original-url", "x-rewrite-url"})
+# Headers that make some frameworks treat a GET as another method; a method-limited skip-auth rule
+# (``GET=^/public/``) would otherwise let an unauthenticated DELETE through.
+_METHOD_OVERRIDES = frozenset({"x-http-method-override", "x-http-method", "x-method-override"})
 HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -41,23 +54,61 @@ HOP_BY_HOP = frozenset(
         "proxy-connection",
     }
 )
+MAX_VALUE = 4096  # an identity value longer than this is left out rather than cut into another value
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
-def is_protected(name: str) -> bool:
-    """True for any spelling of a header the sidecar owns."""
+def _norm(name: str) -> str:
     norm = name.lower()
-    if "_" in norm:
-        norm = norm.replace("_", "-")
+    return norm.replace("_", "-") if "_" in norm else norm
+
+
+def is_protected(name: str, *, authorization: bool = True) -> bool:
+    """True for any spelling of a header the sidecar owns. ``Authorization`` is the sidecar's only
+    when it sets one (``--pass-authorization-header``): otherwise the client's own reaches the app."""
+    norm = _norm(name)
+    if norm == "authorization":
+        return authorization
     return norm in _PROTECTED or norm.startswith(_PROTECTED_PREFIXES)
 
 
-def join_groups(groups: Iterable[str]) -> str:
-    """Comma-joined groups, cut at a group boundary so a huge list never breaks the response."""
+def dropped_from_client(name: str, *, authorization: bool, trusted_peer: bool, skipped: bool) -> bool:
+    """True when a client's header must not be forwarded to the app.
+
+    ``authorization``: the sidecar sets its own. ``trusted_peer``: the peer is a trusted proxy, whose
+    ``Forwarded``/``X-Real-IP``/``X-Forwarded-Port``/``-Prefix`` describe the real client. ``skipped``:
+    the request passes unauthenticated through a skip-auth rule, so method overrides are dropped too.
+    """
+    norm = _norm(name)
+    if is_protected(norm, authorization=authorization) or norm in _REWRITTEN or norm in _PATH_OVERRIDES:
+        return True
+    if norm in _FROM_PROXIES:
+        return not trusted_peer
+    return skipped and norm in _METHOD_OVERRIDES
+
+
+def header_value(value: object) -> str:
+    """A claim value as a header value: only strings, without control characters or lone surrogates
+    (which cannot be encoded), and empty when longer than ``MAX_VALUE`` (cutting could forge another)."""
+    if not isinstance(value, str):
+        return ""
+    if len(value) > MAX_VALUE * 4:
+        return ""
+    text = _UNSAFE.sub("", value)
+    return text if len(text) <= MAX_VALUE else ""
+
+
+def join_groups(groups: Iterable[object]) -> str:
+    """Comma-joined groups, cut at a group boundary so a huge list never breaks the response.
+
+    A group that is not a string, empty after cleaning, or holds a comma (it would read as two
+    groups downstream) is left out."""
     out: list[str] = []
     size = 0
-    for group in groups:
-        if "," in group:
-            continue  # a comma would split it into two groups downstream
+    for raw in groups:
+        group = header_value(raw)
+        if not group or "," in group:
+            continue
         size += len(group) + 1
         if size > MAX_GROUPS_HEADER:
             break
@@ -67,15 +118,15 @@ def join_groups(groups: Iterable[str]) -> str:
 
 def _identity_values(identity: Identity) -> dict[str, str]:
     return {
-        "User": identity.user,
-        "Email": identity.email,
+        "User": header_value(identity.user),
+        "Email": header_value(identity.email),
         "Groups": join_groups(identity.groups),
-        "Preferred-Username": identity.preferred_username,
+        "Preferred-Username": header_value(identity.preferred_username),
     }
 
 
 def _safe(value: str) -> str:
-    return "".join(ch for ch in value if " " <= ch != "\x7f")
+    return _UNSAFE.sub("", value)
 
 
 def auth_response_headers(session: Session, config: Any) -> dict[str, str]:

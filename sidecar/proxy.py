@@ -8,54 +8,108 @@ cookies never reach the app (the session cookie holds the record's key).
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import functools
-import posixpath
+import logging
+import re
 import time
+import unicodedata
 from typing import Any
-from urllib.parse import quote, unquote
+from urllib.parse import quote, unquote_to_bytes
 
 import aiohttp
 from aiohttp import WSMsgType, web
+from yarl import URL
 
-from . import metrics
+from . import logs, metrics
 from .context import Services, view_of
-from .errors import SessionGone
+from .errors import BadRequest, SessionGone
 from .guard import authorize, sign_in_redirect
-from .headers import HOP_BY_HOP, is_protected, upstream_identity_headers_for
+from .headers import HOP_BY_HOP, dropped_from_client, upstream_identity_headers_for
 
-_PATH_SAFE = "/:@!$&'()*+,;=-._~"
+_PATH_SAFE = "/:@!$&'()*+,=-._~"  # what stays literal in a forwarded path; everything else is %XX
+# A path made only of these, with no empty segment and none of only dots: every server reads it the same way.
+_PLAIN = re.compile(r"(?:/(?!\.+(?:/|$))[A-Za-z0-9\-._~!$&'()*+,=:@]+)*/?")
+_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
-def _plain(raw_path: str) -> bool:
-    """Nothing to decode or collapse: the common case, forwarded exactly as it came."""
-    return "%" not in raw_path and "/." not in raw_path and "//" not in raw_path and "\\" not in raw_path
+class BadPath(BadRequest):
+    """A path the sidecar will not forward, because upstream servers disagree on what it means."""
 
 
 def normalise_path(raw_path: str) -> str:
-    """The one path that is both matched against skip-auth rules and forwarded upstream."""
-    if _plain(raw_path):
-        return raw_path or "/"
-    path = unquote(raw_path)
-    if "\x00" in path or "\\" in path:
-        raise web.HTTPBadRequest(text="400 Bad Request: malformed path\n")
-    normal = posixpath.normpath("/" + path.lstrip("/"))
-    if normal.startswith("//"):
-        normal = "/" + normal.lstrip("/")
-    if path.endswith("/") and normal != "/":
-        normal += "/"
-    return normal
+    """The one path that is both matched against skip-auth rules and forwarded upstream.
+
+    The rule: what the skip-auth rules see is byte for byte what the upstream receives, and it is
+    in a form every upstream (Tomcat, Jetty, Spring, nginx, Go, Node, Python) resolves to the same
+    resource. So the raw path is percent-decoded exactly once, segment by segment, as strict UTF-8;
+    empty segments (``//``) are dropped; the result is re-encoded with one canonical escaping
+    (unreserved and sub-delimiter characters literal, everything else ``%XX``). A path is refused
+    with 400 rather than guessed at when, after that one decoding, it has:
+
+    - a control character (NUL, CR, LF, DEL, C1), a backslash, or a slash that was ``%2F`` (also
+      as a fullwidth lookalike that Unicode normalisation turns into one);
+    - a ``;``, raw or ``%3B``: Java servers cut ``;params`` out of each segment, so
+      ``/public/..;/admin`` would be matched as public and served as ``/admin``, and
+      ``/admin;.css`` would match a ``\\.css$`` rule (Spring Security refuses ``;`` too);
+    - a segment ``.`` or ``..`` in any spelling (``%2e``, ``.%2E``), or one that Windows or
+      Unicode normalisation can turn into one: any segment of only dots and spaces (``...``,
+      ``.. ``), fullwidth dots;
+    - a ``%`` that still forms an escape (``%252e``: a second decoding would change it);
+    - a malformed escape (``%zz``), invalid or overlong UTF-8 (``%c0%ae``).
+
+    Browsers resolve dot segments before sending, so only crafted requests are refused.
+    """
+    if _PLAIN.fullmatch(raw_path):
+        return raw_path  # the common case, forwarded exactly as it came
+    if not raw_path.startswith("/"):
+        raise BadPath("malformed path")
+    kept = [_segment(part) for part in raw_path.split("/") if part]
+    path = "/" + "/".join(kept)
+    if kept and raw_path.endswith("/"):
+        path += "/"
+    return quote(path, safe=_PATH_SAFE)
 
 
-_NOT_FORWARDED = HOP_BY_HOP | {"content-length", "x-forwarded-for"}
+def _segment(raw: str) -> str:
+    """One path segment decoded once, or BadPath when servers could read it differently."""
+    if "%" in raw:
+        if raw.count("%") != len(_ESCAPE.findall(raw)):
+            raise BadPath("malformed percent-escape in path")
+        try:
+            text = unquote_to_bytes(raw).decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadPath("path is not valid UTF-8") from None
+        if _ESCAPE.search(text):
+            raise BadPath("double-encoded path")
+    else:
+        text = raw
+    if _CONTROL.search(text):
+        raise BadPath("path has a control character")
+    folded = unicodedata.normalize("NFKC", text)  # what a server that folds Unicode would see
+    if any(ch in folded for ch in "/\\;"):
+        raise BadPath("path has an encoded slash, a backslash or a ';'")
+    if not folded.strip(". "):
+        raise BadPath("path has a segment of only dots or spaces")
+    return text
 
 
-def _forward_headers(request: web.Request, config: Any) -> dict[str, str]:
+_NOT_FORWARDED = HOP_BY_HOP | {"content-length", "host"}
+
+
+def _forward_headers(request: web.Request, config: Any, *, trusted: bool, skipped: bool) -> dict[str, str]:
+    """The client's headers the app may see: not hop-by-hop, not the sidecar's own, not its cookies."""
     connection = request.headers.get("Connection")
     dropped = _NOT_FORWARDED | {h.strip().lower() for h in connection.split(",")} if connection else _NOT_FORWARDED
+    authorization = bool(config.pass_authorization_header)
     out: dict[str, str] = {}
     for name, value in request.headers.items():
         low = name.lower()
-        if low in dropped or is_protected(low):
+        if low in dropped or dropped_from_client(
+            low, authorization=authorization, trusted_peer=trusted, skipped=skipped
+        ):
             continue
         if low == "cookie" and config.cookie_name in value:
             value = _without_own_cookies(value, config.cookie_name)
@@ -101,23 +155,46 @@ async def handle(request: web.Request, svc: Services) -> web.StreamResponse:
         headers = upstream_identity_headers_for(session, config)
     if upstream is None:
         return web.Response(status=404, text="404 Not Found: no upstream for this path\n")
-    forward = _forward_headers(request, config)
-    forward.update(headers)
+    websocket = _is_websocket(request)
+    if websocket:
+        _check_handshake(request)  # before any upstream connection is opened
     view = view_of(request)
+    forward = _forward_headers(request, config, trusted=view.trusted, skipped=skip)
+    forward.update(headers)
     forward["X-Forwarded-For"] = _forwarded_for(request, config)
     forward["X-Forwarded-Proto"] = view.scheme
     forward["X-Forwarded-Host"] = view.host
-    forward.setdefault("Host", request.host)
-    raw = request.rel_url
-    if path == raw.raw_path:
-        url = upstream.url + raw.raw_path_qs
-    else:
-        url = (
-            upstream.url + quote(path, safe=_PATH_SAFE) + (("?" + raw.raw_query_string) if raw.raw_query_string else "")
-        )
-    if request.headers.get("Upgrade", "").lower() == "websocket":
+    forward["Host"] = request.host  # the client's: apps build links and compare Origin with it
+    query = request.rel_url.raw_query_string
+    # encoded=True: the upstream receives exactly the path the skip-auth rules saw (yarl would
+    # otherwise re-quote it, e.g. turn %3B into ';').
+    url = URL(upstream.url + path + ("?" + query if query else ""), encoded=True)
+    if websocket:
         return await _websocket(request, svc, url, forward)
     return await _stream(request, svc, url, forward)
+
+
+def _is_websocket(request: web.Request) -> bool:
+    upgrade = request.headers.get("Upgrade")
+    return upgrade is not None and "websocket" in {t.strip().lower() for t in upgrade.split(",")}
+
+
+def _check_handshake(request: web.Request) -> None:
+    """RFC 6455 section 4.2.1: a client handshake the sidecar would not accept itself is refused with
+    400 here, so a malformed one never costs (or probes) an upstream connection."""
+    h = request.headers
+    connection = {t.strip().lower() for t in h.get("Connection", "").split(",")}
+    if request.method != "GET" or "upgrade" not in connection or h.get("Upgrade", "").strip().lower() != "websocket":
+        raise BadRequest("not a WebSocket handshake")
+    if h.getall("Sec-WebSocket-Version", []) != ["13"]:
+        raise BadRequest("unsupported Sec-WebSocket-Version (13 expected)")
+    keys = h.getall("Sec-WebSocket-Key", [])
+    try:
+        valid = len(keys) == 1 and len(base64.b64decode(keys[0].strip(), validate=True)) == 16
+    except (binascii.Error, ValueError):
+        valid = False
+    if not valid:
+        raise BadRequest("bad Sec-WebSocket-Key")
 
 
 @functools.lru_cache(maxsize=8)
@@ -125,7 +202,13 @@ def _timeout(seconds: float) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(sock_connect=seconds, sock_read=seconds)
 
 
-async def _stream(request: web.Request, svc: Services, url: str, headers: dict[str, str]) -> web.StreamResponse:
+def _log_upstream_error(request: web.Request, error: str, url: URL) -> None:
+    """The upstream failed (not the user, not the provider): which one, and how. No path, no query string."""
+    fields = {"error": error, "upstream": f"{url.scheme}://{url.host}:{url.port}", "route": request.path[:200]}
+    logs.event("upstream_error", {**fields, "client_ip": view_of(request).client_ip}, logging.ERROR)
+
+
+async def _stream(request: web.Request, svc: Services, url: URL, headers: dict[str, str]) -> web.StreamResponse:
     assert svc.upstream_http is not None
     body = request.content if request.body_exists else None
     started = time.monotonic()
@@ -141,8 +224,10 @@ async def _stream(request: web.Request, svc: Services, url: str, headers: dict[s
             ),
         )
     except TimeoutError:
+        _log_upstream_error(request, "timeout", url)
         return web.Response(status=504, text="504 Gateway Timeout: the upstream did not answer in time\n")
-    except aiohttp.ClientError:
+    except aiohttp.ClientError as exc:
+        _log_upstream_error(request, type(exc).__name__, url)
         return web.Response(status=502, text="502 Bad Gateway: the upstream is unreachable\n")
     metrics.UPSTREAM_SECONDS.observe(time.monotonic() - started)
     try:
@@ -177,12 +262,12 @@ async def _stream(request: web.Request, svc: Services, url: str, headers: dict[s
             upstream.close()  # half-read: this connection cannot be reused
 
 
-async def _websocket(request: web.Request, svc: Services, url: str, headers: dict[str, str]) -> web.StreamResponse:
+async def _websocket(request: web.Request, svc: Services, url: URL, headers: dict[str, str]) -> web.StreamResponse:
+    """Open the upstream WebSocket (with the client's Host and Origin), then pump messages both ways."""
     assert svc.upstream_http is not None
-    for name in ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions", "Host"):
-        headers.pop(name, None)
+    for name in [n for n in headers if n.lower().startswith("sec-websocket-")]:
+        del headers[name]  # the upstream handshake is the client library's own
     protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
-    headers.pop("Sec-WebSocket-Protocol", None)
     try:
         upstream = await svc.upstream_http.ws_connect(
             url, headers=headers, protocols=protocols, timeout=aiohttp.ClientWSTimeout(ws_close=10)

@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from sidecar.config import build_config
-from sidecar.headers import MAX_GROUPS_HEADER, is_protected, join_groups
+from sidecar.headers import (
+    MAX_GROUPS_HEADER,
+    MAX_VALUE,
+    auth_response_headers,
+    is_protected,
+    join_groups,
+    upstream_identity_headers,
+)
+from sidecar.models import Identity, Session, TokenSet
 from sidecar.policy import identity_from_claims, is_allowed
 from sidecar.store import MemoryStore
 from tests.stack import browser, free_port, sidecar_settings, sign_in, stack
@@ -29,6 +37,7 @@ def test_every_spelling_of_an_identity_header_is_protected() -> None:
         assert is_protected(name), name
     for name in ("X-Forwarded-For", "X-Forwarded-Proto", "Content-Type", "X-Request-Id"):
         assert not is_protected(name), name
+    assert not is_protected("Authorization", authorization=False)  # the client's own, when the sidecar sets none
 
 
 def test_control_characters_never_reach_a_header_value() -> None:
@@ -106,3 +115,46 @@ async def test_without_the_id_token_kept_sign_out_names_the_client_instead() -> 
             location = resp.headers["Location"]
         assert location.startswith(st.issuer + "/logout?") and "client_id=sidecar-dev" in location
         assert "id_token_hint" not in location
+
+
+_ODD_STRINGS = [
+    "\ud800",
+    "a\udfffb",
+    "x\r\ny",
+    "\x00",
+    "\x85next-line",
+    "\x7f\x9f",
+    "é ☃ 𝄞",
+    "a" * 1_000_000,
+    "",
+    " ",
+    "a,b",
+]
+_ODD_VALUES: list[object] = [*_ODD_STRINGS, None, 42, 1.5, True, {"a": 1}, ["x"], b"bytes"]
+
+
+def _sendable(value: str) -> bool:
+    """What aiohttp can write in a header: encodable, no line breaks or other control characters."""
+    value.encode("utf-8")
+    return not any(ord(ch) < 32 or 0x7F <= ord(ch) <= 0x9F for ch in value)
+
+
+def test_group_lists_of_odd_values_never_break_the_header() -> None:
+    for size in (1, 3, len(_ODD_VALUES)):
+        for start in range(len(_ODD_VALUES)):
+            groups = (_ODD_VALUES[start:] + _ODD_VALUES[:start])[:size]
+            joined = join_groups(groups)  # type: ignore[arg-type]
+            assert _sendable(joined) and len(joined) <= MAX_GROUPS_HEADER, groups
+    assert join_groups(["ok", 42, None, "x\r\ny", "\ud800z"]) == "ok,xy,z"  # type: ignore[list-item]
+
+
+def test_identity_headers_from_odd_claim_strings_are_sendable() -> None:
+    config = _config(pass_user_headers="true", pass_access_token="true", pass_authorization_header="true")
+    for odd in _ODD_STRINGS:
+        identity = Identity(sub=odd or "s", user=odd, email=odd, groups=(odd, "g"), preferred_username=odd)
+        session = Session(identity=identity, tokens=TokenSet(access_token="tok" + odd[:100]))
+        for headers in (auth_response_headers(session, config), upstream_identity_headers(session, config)):
+            for name, value in headers.items():
+                assert _sendable(value) and len(value) <= MAX_VALUE + 100, (name, odd[:20])
+        if len(odd) > MAX_VALUE:  # cut, it could name someone else: left out instead
+            assert "X-Auth-Request-User" not in auth_response_headers(session, config)
