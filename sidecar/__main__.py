@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import multiprocessing
 import os
@@ -22,14 +23,28 @@ log = logging.getLogger("sidecar")
 def _bind(host: str, port: int, *, reuse_port: bool = False, listen: bool = True) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    if listen:
-        sock.listen(1024)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        if listen:
+            sock.listen(1024)
+    except OSError:
+        sock.close()
+        raise
     sock.set_inheritable(True)
     return sock
+
+
+def _claim(host: str, port: int) -> None:
+    """Fail with EADDRINUSE when anything already listens on the address, including another sidecar.
+
+    The kernel lets every SO_REUSEPORT socket of one user bind a port that other SO_REUSEPORT
+    sockets hold, so a second multi-worker sidecar would quietly share the port with the first.
+    A probe without SO_REUSEPORT (but with SO_REUSEADDR, so TIME_WAIT leftovers of a restart do
+    not count) conflicts with any listening socket; it is closed again before the workers bind."""
+    _bind(host, port, listen=False).close()
 
 
 async def serve(config: Config, sock: socket.socket, metrics_sock: socket.socket | None) -> None:
@@ -57,8 +72,40 @@ async def serve(config: Config, sock: socket.socket, metrics_sock: socket.socket
     log.info("listening", extra={"fields": {"address": config.http_address, "pid": os.getpid()}})
     await stop.wait()
     log.info("shutting down", extra={"fields": {"pid": os.getpid()}})
-    for runner in runners:
-        await runner.cleanup()
+    await _shutdown(runners, config.shutdown_timeout)
+
+
+_CLOSE_MARGIN = 0.5  # seconds after the deadline for closing Redis and the HTTP clients
+
+
+async def _shutdown(runners: Sequence[Any], timeout: float) -> None:
+    """Stop accepting at once; in-flight requests get ``timeout`` from SIGTERM, then are cut.
+
+    aiohttp's ``runner.cleanup`` waits ``shutdown_timeout`` for handlers and then, after asking
+    them to stop, up to ``shutdown_timeout`` again, so a request waiting on its upstream outlived
+    the setting about twice. Here one deadline covers all of it: when it passes, every task still
+    running at SIGTERM (request handlers, a refresh in flight) is cancelled, which ends aiohttp's
+    waits at once, and closing the store and HTTP clients gets a short margin after it."""
+
+    async def cleanup_all() -> None:
+        for runner in runners:
+            await runner.cleanup()
+
+    # What runs now is what the deadline may cut: request handlers (one task per connection) and
+    # background work. Tasks that aiohttp's own cleanup starts later are not in this set.
+    running = asyncio.all_tasks() - {asyncio.current_task()}
+    cleanup = asyncio.ensure_future(cleanup_all())
+    done, _ = await asyncio.wait({cleanup}, timeout=timeout)
+    if done:
+        return cleanup.result()
+    cut = [task for task in running if not task.done()]
+    log.warning("shutdown timeout: cutting in-flight requests", extra={"fields": {"tasks": len(cut)}})
+    for task in cut:
+        task.cancel()
+    try:
+        await asyncio.wait_for(asyncio.shield(cleanup), _CLOSE_MARGIN)
+    except TimeoutError:
+        log.warning("shutdown: closing connections took too long; exiting anyway")
 
 
 def _run_worker(config: Config, sock: socket.socket | None, metrics_sock: socket.socket | None) -> None:
@@ -109,6 +156,13 @@ def _supervise(config: Config, metrics_sock: socket.socket | None) -> int:
             return 0
 
 
+def _cannot_listen(option: str, address: str, exc: OSError) -> int:
+    """One line naming the option, exit code 2 (like any other bad setting)."""
+    what = "address in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+    sys.stderr.write(f"sidecar: error: {option}: cannot listen on {address} ({what})\n")
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     config = config_or_exit(sys.argv[1:] if argv is None else argv)
     if config.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -122,11 +176,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # With several workers the parent only holds the address (bound, not listening, so the
         # kernel never queues a connection on it); each worker listens on its own socket.
+        if config.workers > 1:
+            _claim(config.listen_host, config.listen_port)
         sock = _bind(config.listen_host, config.listen_port, reuse_port=config.workers > 1, listen=config.workers == 1)
+    except OSError as exc:
+        return _cannot_listen("--http-address", config.http_address, exc)
+    try:
         metrics_sock = _bind(config.metrics_host or "", config.metrics_port) if config.metrics_port else None
     except OSError as exc:
-        sys.stderr.write(f"sidecar: error: --http-address: cannot listen ({exc.strerror})\n")
-        return 2
+        sock.close()
+        return _cannot_listen("--metrics-address", config.metrics_address, exc)
     if config.workers == 1:
         _run_worker(config, sock, metrics_sock)
         return 0
