@@ -143,3 +143,67 @@ async def test_soak_mixed_traffic_with_refreshes_keeps_memory_flat(st: Stack, re
     assert errors == []
     assert refreshes >= len(cookies) * int(SOAK_SECONDS / 2.5)  # tokens live 2 s: refreshed all along
     assert rss_end - rss_start < 8 * 1024, (rss_start, rss_end, done)
+
+
+async def _exit_code(proc: SidecarProcess, timeout: float) -> int | None:
+    """The process's exit code once it has exited (polled, so the event loop keeps serving clients)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        code = proc.proc.poll()
+        if code is not None:
+            return code
+        await asyncio.sleep(0.02)
+    return None
+
+
+@pytest.mark.parametrize(("first_workers", "second_workers"), [(1, 1), (2, 2), (2, 1), (1, 2)])
+async def test_a_second_instance_on_an_occupied_port_fails_to_start(
+    st: Stack, redis_url: str, first_workers: int, second_workers: int
+) -> None:
+    port = free_port()
+
+    def on_port(workers: int) -> SidecarProcess:
+        settings = sidecar_settings(
+            st.issuer, port, st.upstream_url + "/", session_store_type="redis", redis_connection_url=redis_url
+        )
+        return SidecarProcess({**settings, "workers": str(workers)})
+
+    first = await on_port(first_workers).ready()
+    second = on_port(second_workers)
+    try:
+        code = await _exit_code(second, timeout=15)
+        assert code == 2, second.output()[-2000:]
+        assert "address in use" in second.output() and "--http-address" in second.output()
+        for _ in range(10):  # the first one still serves every connection
+            async with aiohttp.ClientSession() as client, client.get(first.base + "/ping") as resp:
+                assert resp.status == 200
+        assert first.proc.poll() is None
+    finally:
+        second.stop()
+        first.stop()
+
+
+async def test_shutdown_timeout_bounds_the_time_from_sigterm_to_exit(st: Stack) -> None:
+    proc = await _process(st, skip_auth_route="^/_demo/", shutdown_timeout="2s").ready()
+    try:
+        async with aiohttp.ClientSession() as client:
+
+            async def fetch(query: str) -> bytes:
+                async with client.get(f"{proc.base}/_demo/stream?{query}") as resp:
+                    return await resp.read()
+
+            endless = [asyncio.ensure_future(fetch("n=200&delay=0.2")) for _ in range(5)]  # 40 s each
+            short = asyncio.ensure_future(fetch("n=4&delay=0.3"))  # done 0.9 s after it started
+            await asyncio.sleep(0.3)
+            proc.proc.send_signal(signal.SIGTERM)
+            sent = time.monotonic()
+            code = await _exit_code(proc, timeout=10)
+            took = time.monotonic() - sent
+            assert code == 0 and "Traceback" not in proc.output(), proc.output()[-2000:]
+            assert took < 2.6, took  # --shutdown-timeout 2s, plus closing and interpreter exit
+            assert (await short).count(b"chunk") == 4  # a request that fits in the grace period finishes
+            for task in endless:  # the others were cut, not served for 40 s
+                with pytest.raises(aiohttp.ClientError):
+                    await task
+    finally:
+        proc.stop()
