@@ -7,6 +7,7 @@ import errno
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -70,9 +71,24 @@ async def serve(config: Config, sock: socket.socket, metrics_sock: socket.socket
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info("listening", extra={"fields": {"address": config.http_address, "pid": os.getpid()}})
+    checking = asyncio.ensure_future(_check_provider(runners[0].app))
     await stop.wait()
+    checking.cancel()
     log.info("shutting down", extra={"fields": {"pid": os.getpid()}})
     await _shutdown(runners, config.shutdown_timeout)
+
+
+async def _check_provider(app: Any) -> None:
+    """Fetch the provider's discovery document at start, so a wrong or unreachable issuer is an error in
+    the log straight away rather than at the first sign-in (``/ready`` stays 503 until it succeeds)."""
+    from .context import SERVICES
+    from .errors import ProviderError
+
+    try:
+        await app[SERVICES].oidc.metadata()
+    except ProviderError as exc:
+        fields = {"issuer": app[SERVICES].config.oidc_issuer_url, "error": type(exc).__name__, "detail": str(exc)}
+        log.error("identity provider not usable at start: check --oidc-issuer-url", extra={"fields": fields})
 
 
 _CLOSE_MARGIN = 0.5  # seconds after the deadline for closing Redis and the HTTP clients
@@ -163,16 +179,51 @@ def _cannot_listen(option: str, address: str, exc: OSError) -> int:
     return 2
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    config = config_or_exit(sys.argv[1:] if argv is None else argv)
+def _metrics_dir(config: Config) -> str | None:
+    """Prepare ``PROMETHEUS_MULTIPROC_DIR`` before prometheus_client is imported anywhere; returns the
+    directory made here (to remove at exit), if any.
+
+    With several workers each writes its own files. Files left by an earlier run would be merged into
+    this run's counters, so the client's own files (``*.db``) are removed at start; nothing else in
+    the directory is touched."""
+    made = None
     if config.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        # Before prometheus_client is imported anywhere: every worker writes its own files.
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="sidecar-metrics-")
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
-    from . import logs
+        made = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="sidecar-metrics-")
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+        for name in os.listdir(directory):
+            path = os.path.join(directory, name)
+            if name.endswith(".db") and os.path.isfile(path) and not os.path.islink(path):
+                os.unlink(path)
+    return made
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if "--version" in args:  # before any setting is checked: it must work with none given
+        from .app import version
+
+        sys.stdout.write(f"sidecar {version()}\n")
+        return 0
+    config = config_or_exit(args)
+    made = _metrics_dir(config)
+    try:
+        return _main(config)
+    finally:
+        if made is not None and os.getpid() == _MAIN_PID:
+            shutil.rmtree(made, ignore_errors=True)
+
+
+_MAIN_PID = os.getpid()
+
+
+def _main(config: Config) -> int:
+    from . import logs, metrics
 
     logs.setup(config.log_level)
+    fields = {"version": metrics.version(), "pid": os.getpid(), "settings": config.public()}
+    log.info("starting", extra={"fields": fields})
     try:
         # With several workers the parent only holds the address (bound, not listening, so the
         # kernel never queues a connection on it); each worker listens on its own socket.

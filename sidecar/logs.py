@@ -7,11 +7,14 @@ never include token values, and the access line holds the route, not the query.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import sys
 import time
 from typing import Any
+
+from .models import Identity
 
 ACCESS = logging.getLogger("sidecar.access")
 
@@ -87,3 +90,24 @@ def access(fields: dict[str, Any]) -> None:
 
 def flush() -> None:
     _access_log.flush()
+
+
+EVENTS = logging.getLogger("sidecar.events")
+
+
+def event(name: str, fields: dict[str, Any], level: int = logging.INFO) -> None:
+    """One line an operator can act on (sign-in, sign-out, refresh, denial, refused cookie, upstream error).
+
+    Callers pass only identities, reasons, addresses and timings; never a token, cookie or secret."""
+    if EVENTS.isEnabledFor(level):
+        EVENTS.log(level, name, extra={"fields": {"event": name, **fields}})
+
+
+def sub_hash(sub: str) -> str:
+    """The subject, hashed: lines about one user correlate without the provider's raw identifier."""
+    return hashlib.sha256(b"sub:" + sub.encode()).hexdigest()[:16]
+
+
+def who(identity: Identity) -> dict[str, str]:
+    """The user as headers name them, and the hashed subject; never the claims or tokens behind them."""
+    return {"user": identity.user, "sub_hash": sub_hash(identity.sub)}

@@ -7,9 +7,10 @@ With several workers, prometheus-client's multi-process mode is switched on by
 from __future__ import annotations
 
 import os
+from importlib import metadata
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 _LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -27,9 +28,39 @@ REFRESH_SECONDS = Histogram("sidecar_refresh_seconds", "Latency of a token refre
 PROVIDER_SECONDS = Histogram("sidecar_provider_call_seconds", "Provider call latency", ["call"], buckets=_LATENCY)
 REDIS_SECONDS = Histogram("sidecar_store_call_seconds", "Session store call latency", ["call"], buckets=_LATENCY)
 UPSTREAM_SECONDS = Histogram("sidecar_upstream_seconds", "Upstream response latency (to headers)", buckets=_LATENCY)
+REQUEST_SECONDS = Histogram(
+    "sidecar_request_seconds",
+    "The sidecar's own time per request, to the response headers (route fixed per endpoint, never from the client)",
+    ["route"],
+    buckets=_LATENCY,
+)
+# In multi-process mode every worker writes 1; "max" shows it once instead of summing the workers.
+BUILD_INFO = Gauge(
+    "sidecar_build_info", "Always 1; the version label says which sidecar runs", ["version"], multiprocess_mode="max"
+)
+
+
+def version() -> str:
+    """The installed package's version; a source checkout that was never installed says so."""
+    try:
+        return metadata.version("sidecar")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+BUILD_INFO.labels(version=version()).set(1)
 
 
 _store_children: dict[str, Any] = {}
+_request_children: dict[str, Any] = {}
+
+
+def request_seconds(route: str, seconds: float) -> None:
+    """``route`` is one of the app's fixed route names, so the label set stays small."""
+    child = _request_children.get(route)
+    if child is None:
+        child = _request_children[route] = REQUEST_SECONDS.labels(route=route)
+    child.observe(seconds)
 
 
 def store_call(name: str, seconds: float) -> None:

@@ -16,12 +16,16 @@ import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.http import SERVER_SOFTWARE
 
-from . import logs, metrics
+from . import logs, metrics, pages
 from .context import AUTHED, SERVICES, Services, view_of
 from .errors import (
     BadRequest,
     InvalidGrant,
+    InvalidState,
+    ProviderRefused,
+    ProviderTimeout,
     ProviderUnavailable,
     RefreshBusy,
     SessionGone,
@@ -49,9 +53,13 @@ def _next_request_id() -> str:
 
 def _error_response(request: web.Request, exc: SidecarError) -> web.StreamResponse:
     if isinstance(exc, SessionGone):
-        if request.path == "/oauth2/auth":
+        if request.path == request.app[SERVICES].config.proxy_prefix + "/auth":
             return web.Response(status=401, text="401 Unauthorized\n")
         return sign_in_redirect(request)
+    if isinstance(exc, ProviderTimeout):
+        log.warning("provider timed out", extra={"fields": {"error": type(exc).__name__, "detail": str(exc)}})
+        text = "504 Gateway Timeout: the identity provider did not answer\n"
+        return web.Response(status=504, headers={"Retry-After": _RETRY_AFTER}, text=text)
     if isinstance(exc, (StoreUnavailable, ProviderUnavailable, RefreshBusy)):
         log.warning("temporarily unavailable", extra={"fields": {"error": type(exc).__name__, "detail": str(exc)}})
         return web.Response(
@@ -59,9 +67,15 @@ def _error_response(request: web.Request, exc: SidecarError) -> web.StreamRespon
         )
     if isinstance(exc, (TokenValidationError, InvalidGrant)):
         log.warning("sign-in refused", extra={"fields": {"error": type(exc).__name__, "detail": str(exc)}})
-        return web.Response(status=403, text="403 Forbidden: sign-in could not be completed\n")
+        return pages.refused_sign_in(request)
+    if isinstance(exc, InvalidState):
+        log.info("sign-in state refused", extra={"fields": {"detail": str(exc)}})
+        return pages.expired_sign_in(request)
     if isinstance(exc, BadRequest):
         return web.Response(status=400, text=f"400 Bad Request: {exc}\n")
+    if isinstance(exc, ProviderRefused) and exc.misconfigured:
+        # oidc.py already logged the cause as an error naming the client credentials to check.
+        return pages.misconfigured(request)
     log.error("provider or internal error", extra={"fields": {"error": type(exc).__name__, "detail": str(exc)}})
     return web.Response(status=502, text="502 Bad Gateway: the identity provider failed\n")
 
@@ -76,6 +90,8 @@ def guarded(handler: Handler, route: str) -> Callable[[web.Request], Awaitable[w
         started = time.monotonic()
         try:
             response = await handler(request, svc)
+        except web.HTTPForbidden:
+            response = pages.forbidden(request)
         except web.HTTPException as exc:
             _finish(request, svc, route, exc.status, started)
             raise
@@ -97,6 +113,7 @@ def guarded(handler: Handler, route: str) -> Callable[[web.Request], Awaitable[w
 def _finish(request: web.Request, svc: Services, route: str, status: int, started: float) -> str | None:
     """Count the request and write its log line; returns the request id to echo, if any."""
     metrics.REQUEST_COUNTS.add((route, status))
+    metrics.request_seconds(route, time.monotonic() - started)
     incoming = request.headers.get("X-Request-Id")
     request_id = incoming if incoming and _REQUEST_ID.match(incoming) else None
     if not svc.config.request_logging:
@@ -116,3 +133,12 @@ def _finish(request: web.Request, svc: Services, route: str, status: int, starte
         }
     )
     return request_id
+
+
+async def drop_server_header(request: web.Request, response: web.StreamResponse) -> None:
+    """No ``Server: Python/3.x aiohttp/3.y`` on any answer: it tells a scanner which CVEs to try.
+
+    aiohttp adds it to every response it prepares unless one is set; a proxied app's own
+    ``Server`` header is copied over first and so is kept, as the app chose to send it."""
+    if response.headers.get("Server") == SERVER_SOFTWARE:
+        del response.headers["Server"]

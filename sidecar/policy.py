@@ -95,3 +95,13 @@ def is_allowed(identity: Identity, config: Config) -> bool:
             return False
     allowed = config.allowed_group
     return not allowed or not set(allowed).isdisjoint(identity.groups)
+
+
+def why_denied(identity: Identity, config: Config) -> str | None:
+    """For the log line of a denial: ``email_domain`` or ``group`` (the first rule that fails), None if allowed."""
+    if not any(rule.domain == "*" for rule in config.email_domains):
+        domain = _domain_of(identity.email)
+        if domain is None or not any(rule.allows(domain) for rule in config.email_domains):
+            return "email_domain"
+    allowed = config.allowed_group
+    return "group" if allowed and set(allowed).isdisjoint(identity.groups) else None

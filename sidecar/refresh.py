@@ -51,7 +51,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from . import crypto, metrics
+from . import crypto, logs, metrics
 from .cookies import SessionRef
 from .errors import (
     InvalidGrant,
@@ -245,18 +245,26 @@ class Refresher:
 
     async def _call_provider(self, ref: SessionRef, current: Session, consumed: str) -> TokenSet:
         """The refresh grant; a dead grant ends the session here, every other failure is raised as is."""
-        started = time.monotonic()
+        started, outcome = time.monotonic(), "ok"
         try:
             return await self._oidc.refresh(consumed)
         except InvalidGrant:
-            metrics.REFRESHES.labels(outcome="invalid_grant").inc()
+            outcome = "invalid_grant"
+            metrics.REFRESHES.labels(outcome=outcome).inc()
             await self._sessions.end(ref, current, reason="invalid_grant")
             raise SessionGone("the provider refused the refresh token") from None
         except ProviderError as exc:
-            metrics.REFRESHES.labels(outcome=_outcome_label(exc)).inc()
+            outcome = _outcome_label(exc)
+            metrics.REFRESHES.labels(outcome=outcome).inc()
+            raise
+        except BaseException:
+            outcome = "error"
             raise
         finally:
-            metrics.REFRESH_SECONDS.observe(time.monotonic() - started)
+            elapsed = time.monotonic() - started
+            metrics.REFRESH_SECONDS.observe(elapsed)
+            fields = {**logs.who(current.identity), "outcome": outcome, "provider_latency_ms": round(elapsed * 1000, 1)}
+            logs.event("refresh", fields, logging.INFO if outcome == "ok" else logging.WARNING)
 
     async def _check_identity(self, ref: SessionRef, current: Session, provisional: Session) -> Session:
         """A new ID token must be valid and for the same subject; it then renews the identity. One that
