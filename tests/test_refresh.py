@@ -8,7 +8,9 @@ import uuid
 from typing import Any
 
 import aiohttp
+import jwt
 import redis.asyncio as aioredis
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from sidecar.context import SERVICES
 from sidecar.models import TokenSet
@@ -182,15 +184,15 @@ async def test_a_key_rotation_during_a_session_never_ends_it(store: SessionStore
         _services(st).oidc.jwks_min_refetch = 2.5
         await sign_in(client, st.base)  # the JWKS is fetched here
         await asyncio.sleep(1.1)
-        # Anyone may make the sidecar look at the JWKS: an unknown kid right before the refresh.
+        # Anyone may make the sidecar look at the JWKS (an unknown kid) right before the provider rotates.
         now = int(time.time())
         claims = {"iss": st.issuer, "aud": "sidecar-dev", "iat": now, "exp": now + 60, "jti": uuid.uuid4().hex,
                   "sub": "nobody", "events": {BACKCHANNEL_EVENT: {}}}  # fmt: skip
-        st.provider.rotate_keys(keep_old=False)
-        async with idp.post(
-            f"{st.base}/oauth2/backchannel_logout", data={"logout_token": st.provider.keys.sign(claims)}
-        ):
+        foreign = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        form = {"logout_token": jwt.encode(claims, foreign, algorithm="RS256", headers={"kid": "not-published"})}
+        async with idp.post(f"{st.base}/oauth2/backchannel_logout", data=form):
             pass
+        st.provider.rotate_keys(keep_old=False)
         status, token = await _auth(client, st.base)  # refreshed ID token signed with a key not fetchable yet
         assert status == 202 and token
         assert st.provider.stats()["token_calls"]["refresh_token"] == 1
