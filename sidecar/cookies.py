@@ -65,9 +65,11 @@ class SignInAttempt:
     verifier: str
     nonce: str
     rd: str
+    redirect_uri: str  # sent in the authorize request: the code exchange must send the very same
+    max_age: int | None = None  # asked of the provider: the ID token must then prove a sign-in this recent
 
     def __repr__(self) -> str:  # the verifier and nonce are secrets of this attempt
-        return "SignInAttempt(state=..., verifier=..., nonce=..., rd=...)"
+        return f"SignInAttempt(state=..., verifier=..., nonce=..., rd=..., redirect_uri=..., max_age={self.max_age})"
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,10 @@ class CookieCodec:
 
     def dump_attempt(self, attempt: SignInAttempt) -> str:
         """Encrypt (bound to the state) and sign a pending sign-in for its cookie."""
-        plain = json.dumps([attempt.verifier, attempt.nonce, attempt.rd], separators=(",", ":")).encode()
+        fields: list[str | int] = [attempt.verifier, attempt.nonce, attempt.rd, attempt.redirect_uri]
+        if attempt.max_age is not None:
+            fields.append(attempt.max_age)
+        plain = json.dumps(fields, separators=(",", ":")).encode()
         sealed = crypto.encrypt(self._attempt_keys[0], plain, _attempt_context(attempt.state))
         return self._state.dumps(_b64(sealed))
 
@@ -163,15 +168,20 @@ class CookieCodec:
             raise InvalidState("sign-in cookie expired or signed too far in the future")
         return SignInAttempt(state, *self._open_attempt(sealed, state))
 
-    def _open_attempt(self, sealed: bytes, state: str) -> tuple[str, str, str]:
+    def _open_attempt(self, sealed: bytes, state: str) -> tuple[str, str, str, str, int | None]:
         """Decrypt with each configured secret's key; the state is bound in, so another state's cookie fails."""
         for key in self._attempt_keys:
             try:
                 fields = json.loads(crypto.decrypt(key, sealed, _attempt_context(state)))
             except (InvalidCookie, ValueError):
                 continue
-            if isinstance(fields, list) and len(fields) == 3 and all(isinstance(f, str) for f in fields):
-                return fields[0], fields[1], fields[2]
+            if not isinstance(fields, list) or not all(isinstance(f, str) for f in fields[:4]):
+                continue
+            if len(fields) == 4:
+                return fields[0], fields[1], fields[2], fields[3], None
+            max_age = fields[4] if len(fields) == 5 else None
+            if isinstance(max_age, int) and not isinstance(max_age, bool) and max_age >= 0:
+                return fields[0], fields[1], fields[2], fields[3], max_age
         raise InvalidState("state does not match its sign-in cookie")
 
 
@@ -179,6 +189,35 @@ def _attempt_context(state: str) -> bytes:
     return b"sidecar.attempt|" + state.encode()
 
 
+def without_sidecar_cookies(header: str, cookie_name: str) -> str:
+    """A ``Cookie`` header without the session cookie and every ``<name>_*`` cookie of the sidecar
+    (sign-in attempts), the app's own cookies kept as they were: the session cookie is a complete
+    credential. The same rule as the shipped nginx config."""
+    kept = []
+    own = cookie_name + "_"
+    for part in header.split(";"):
+        name = part.split("=", 1)[0].strip()
+        if name == cookie_name or name.startswith(own):
+            continue
+        kept.append(part.strip())
+    return "; ".join(p for p in kept if p)
+
+
 def state_cookie_suffix(state: str) -> str:
     """Each sign-in attempt has its own CSRF cookie name, so parallel tabs do not clash."""
     return hashlib.sha256(state.encode()).hexdigest()[:16]
+
+
+def cookie_domain_for(domains: tuple[str, ...], host: str) -> str | None:
+    """The Domain attribute for a request to ``host``: the first (longest) configured domain the host
+    falls under, at a label boundary (``app.example.com`` is under ``example.com``, ``badexample.com``
+    is not); None when none fits, which makes a host-only cookie a browser would accept."""
+    name = host.strip().lower()
+    if name.startswith("["):
+        return None  # an IPv6 literal is under no domain
+    name = name.rsplit(":", 1)[0] if name.count(":") == 1 else name
+    name = name.rstrip(".")
+    for domain in domains:
+        if name == domain or name.endswith("." + domain):
+            return domain
+    return None

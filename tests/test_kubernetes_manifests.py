@@ -612,7 +612,7 @@ def test_redis(build: str) -> None:
 
 AUTH_RESPONSE_HEADERS = (
     "X-Auth-Request-User,X-Auth-Request-Email,X-Auth-Request-Groups,"
-    "X-Auth-Request-Preferred-Username,X-Auth-Request-Access-Token"
+    "X-Auth-Request-Preferred-Username,X-Auth-Request-Access-Token,Cookie"
 )
 
 

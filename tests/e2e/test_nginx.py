@@ -570,3 +570,55 @@ async def test_the_ingress_nginx_snippet_strips_the_same_cookies(
         async with client.get(ingress_like + "/_demo/echo", headers={"Cookie": many}) as resp:
             assert resp.status == 200
             assert "cookie" not in {k.lower() for k in (await resp.json())["headers"]}
+
+
+INGRESS = ROOT / "deploy" / "kubernetes" / "overlays" / "ingress-nginx" / "ingress.yaml"
+
+
+def ingress_nginx_default_conf(port: int, site: Site) -> str:
+    """What ingress-nginx generates for the shipped Ingress (no snippet): one auth_request_set and
+    proxy_set_header pair per name in its auth-response-headers annotation, as its template does."""
+    app_ingress = next(d for d in yaml.safe_load_all(INGRESS.read_text()) if d["metadata"]["name"] == "demo-app")
+    names = app_ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/auth-response-headers"].split(",")
+    pairs = "\n".join(
+        f"        auth_request_set $authHeader{i} $upstream_http_{n.strip().lower().replace('-', '_')};\n"
+        f"        proxy_set_header '{n.strip()}' $authHeader{i};"
+        for i, n in enumerate(names)
+    )
+    return ingress_nginx_like_conf(port, site, "").replace(
+        "        auth_request_set $authHeader0 $upstream_http_x_auth_request_user;\n"
+        "        proxy_set_header 'X-Auth-Request-User' $authHeader0;\n"
+        "        auth_request_set $authHeader1 $upstream_http_x_auth_request_access_token;\n"
+        "        proxy_set_header 'X-Auth-Request-Access-Token' $authHeader1;\n",
+        pairs + "\n",
+    )
+
+
+@pytest.fixture(scope="module")
+def ingress_default(site: Site, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    (port,) = free_ports(1)
+    conf = ingress_nginx_default_conf(port, site)
+    assert "'Cookie' $authHeader" in conf  # the shipped annotation asks for the sidecar's Cookie answer
+    proc = start_nginx(conf, port, log_dir=tmp_path_factory.mktemp("ingress-default"))
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.stop()
+
+
+async def test_the_shipped_ingress_keeps_the_session_cookie_from_the_app_without_snippets(
+    site: Site, ingress_default: str, browser: aiohttp.ClientSession
+) -> None:
+    """/oauth2/auth answers a trusted front with the app's cookies minus the sidecar's, and the
+    Ingress's auth-response-headers puts exactly that on the request to the app."""
+    session = await signed_in_cookie(site, browser)
+    many = "; ".join(f"{COOKIE}_csrf_{i}={i}; app{i}={i}" for i in range(9)) + f"; {COOKIE}={session}"
+    cases = [*cookie_cases(session), (many, [f"app{i}={i}" for i in range(9)])]
+    for header, expected in cases:
+        async with aiohttp.ClientSession() as client:
+            async with client.get(ingress_default + "/_demo/echo", headers={"Cookie": header}) as resp:
+                assert resp.status == 200, (header, resp.status)
+                seen = {k.lower(): v for k, v in (await resp.json())["headers"].items()}
+        assert seen.get("x-auth-request-user") == "alice@example.com", header
+        assert app_cookie_pairs(seen.get("cookie")) == expected, header
+        assert session not in str(seen), header
