@@ -136,6 +136,8 @@ def auth_response_headers(session: Session, config: Any) -> dict[str, str]:
         for suffix, value in _identity_values(session.identity).items():
             if value:
                 headers["X-Auth-Request-" + suffix] = value
+        if session.auth_time:  # the last interactive sign-in, whole seconds since the epoch: apps decide step-up too
+            headers["X-Auth-Request-Auth-Time"] = str(int(session.auth_time))
         if config.pass_access_token:
             headers["X-Auth-Request-Access-Token"] = _safe(session.tokens.access_token)
     if config.pass_authorization_header:

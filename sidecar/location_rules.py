@@ -1,5 +1,5 @@
 """Per-location rules on ``/oauth2/auth``: oauth2-proxy's ``allowed_groups``, ``allowed_emails`` and
-``allowed_email_domains`` query parameters.
+``allowed_email_domains`` query parameters, and ``max_age`` (a sign-in at most that many seconds old).
 
 One shared sidecar behind ingress-nginx restricts each app through its ``auth-url``
 (``.../oauth2/auth?allowed_groups=admins``). They narrow the global rules, never widen them:
@@ -19,8 +19,10 @@ from .errors import ConfigError
 from .models import Identity
 from .policy import email_domain
 from .rules import DomainRule, parse_domain_rule
+from .stepup import parse_max_age
 
-PARAMETERS = ("allowed_groups", "allowed_emails", "allowed_email_domains")
+PARAMETERS = ("allowed_groups", "allowed_emails", "allowed_email_domains", "max_age")
+_LISTS = PARAMETERS[:3]
 MAX_QUERY_CHARS = 4096
 
 
@@ -29,6 +31,7 @@ class LocationRules:
     groups: frozenset[str] | None = None
     emails: frozenset[str] | None = None  # lower-cased
     domains: tuple[DomainRule, ...] | None = None
+    max_age: int | None = None  # this location needs a sign-in at most this many seconds old (stepup.py)
     problem: str | None = None  # set when the query is not understood: nobody passes
 
     def allows(self, identity: Identity) -> bool:
@@ -55,6 +58,17 @@ def _values(pairs: list[tuple[str, str]], name: str) -> list[str] | None:
     return items
 
 
+def _max_age(pairs: list[tuple[str, str]]) -> int | None:
+    """``max_age=N``: once, a non-negative whole number of seconds; anything else is a misconfigured auth-url."""
+    raw = [value for key, value in pairs if key == "max_age"]
+    if not raw:
+        return None
+    number = parse_max_age(raw[0].strip()) if len(raw) == 1 else None
+    if number is None:
+        raise ConfigError("max_age must be given once, as a whole number of seconds")
+    return number
+
+
 @lru_cache(maxsize=512)
 def location_rules(query: str) -> LocationRules:
     """The rules of one ``auth-url`` query string; parsed once per distinct string."""
@@ -70,8 +84,9 @@ def location_rules(query: str) -> LocationRules:
             hint = f" (did you mean {close[0]}?)" if close else ""
             return LocationRules(problem=f"unknown parameter {key[:60]!r}{hint}")
     try:
-        groups, emails, domains = (_values(pairs, name) for name in PARAMETERS)
+        groups, emails, domains = (_values(pairs, name) for name in _LISTS)
         return LocationRules(
+            max_age=_max_age(pairs),
             groups=frozenset(groups) if groups is not None else None,
             emails=frozenset(e.lower() for e in emails) if emails is not None else None,
             domains=tuple(parse_domain_rule(d, "allowed_email_domains") for d in domains) if domains else None,

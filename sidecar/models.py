@@ -61,6 +61,11 @@ class Session:
     version: int = 0  # bumped by every store write; compare-and-set guards it
     last_active: float = 0.0  # kept by the store next to the record, not inside it
     provider_sid: str | None = None  # the ID token's ``sid``: every save keeps its back-channel index alive
+    # The last interactive sign-in, from the ID token (the callback time when it has none); a refresh
+    # never moves it. Step-up routes compare it with their max_age (see stepup.py).
+    auth_time: float = 0.0
+    acr: str | None = None
+    amr: tuple[str, ...] = ()
 
     def needs_refresh(self, now: float, skew: float, max_age: float) -> bool:
         """True when the access token is expired, about to expire, or older than ``max_age``."""
@@ -95,7 +100,7 @@ class Session:
             _pack_token(t.access_token), t.refresh_token, _pack_token(t.id_token),
             _t(t.access_expires_at), _t(t.refresh_expires_at),
             _t(t.issued_at), _t(self.created_at), _t(self.signed_in_at), _t(self.refreshed_at), self.refresh_count,
-            self.provider_sid,
+            self.provider_sid, _t(self.auth_time), self.acr, list(self.amr),
         ]  # fmt: skip
         return json.dumps(row, separators=(",", ":")).encode()
 
@@ -108,8 +113,10 @@ class Session:
                 raise ValueError("unknown session record format")
             if row[0] == 3:  # written before the provider sid was kept: it has none
                 row = [*row, None]
+            if row[0] in (3, 4):  # written before auth_time was kept: the sidecar's own sign-in time stands in
+                row = [*row, row[13], None, []]
             (_, sub, user, email, groups, preferred, access, refresh, id_token, access_exp, refresh_exp,
-             issued, created, signed_in, refreshed, count, provider_sid) = row  # fmt: skip
+             issued, created, signed_in, refreshed, count, provider_sid, auth_time, acr, amr) = row  # fmt: skip
             return cls(
                 identity=Identity(sub=sub, user=user, email=email, groups=tuple(groups), preferred_username=preferred),
                 tokens=TokenSet(access_token=_unpack_token(access) or "", refresh_token=refresh,
@@ -118,13 +125,14 @@ class Session:
                 created_at=_from_t(created) or 0.0, signed_in_at=_from_t(signed_in) or 0.0,
                 refreshed_at=_from_t(refreshed), refresh_count=count,
                 version=version, last_active=last_active, provider_sid=provider_sid,
+                auth_time=_from_t(auth_time) or 0.0, acr=acr, amr=tuple(amr),
             )  # fmt: skip
         except (TypeError, KeyError, IndexError, ValueError) as exc:
             raise ValueError("malformed session record") from exc
 
 
-_FORMAT = 4  # bump when the positional layout changes
-_READABLE_FORMATS = (3, 4)  # 3 lacks only the provider sid at the end
+_FORMAT = 5  # bump when the positional layout changes
+_READABLE_FORMATS = (3, 4, 5)  # 3 lacks the provider sid and what 4 lacks; 4 lacks auth_time, acr, amr at the end
 
 
 def _b64decode(part: str) -> str | None:

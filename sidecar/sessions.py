@@ -25,6 +25,7 @@ from . import crypto, metrics
 from .cookies import SessionRef
 from .errors import SessionGone
 from .models import Identity, Session, TokenSet
+from .stepup import session_fields
 from .store import SessionStore
 
 _TOUCH_EVERY = 60.0  # write "last active" at most once a minute per session
@@ -71,6 +72,7 @@ class Sessions:
             version=1,
             last_active=now,
             provider_sid=provider_sid if isinstance(provider_sid, str) and provider_sid else None,
+            **session_fields(claims, now),  # auth_time, acr, amr of this interactive sign-in
         )
         blob = crypto.encrypt(ref.key, session.to_bytes(), ref.store_key.encode())
         ttl = self.record_ttl(session, now)

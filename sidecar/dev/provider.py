@@ -17,6 +17,7 @@ import argparse
 import copy
 import logging
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -37,6 +38,7 @@ from .provider_model import (
     RefreshFamily,
     RefreshRecord,
     default_clients,
+    random_token,
 )
 
 __all__ = [
@@ -58,6 +60,9 @@ BOOL_SETTINGS = (
     "reuse_detection",
     "return_same_refresh_token",
     "send_sid",
+    "remember_logins",
+    "honour_max_age",
+    "send_auth_time",
 )
 INT_SETTINGS = ("access_token_ttl", "refresh_token_ttl", "id_token_ttl", "code_ttl")
 SCOPES = ["openid", "email", "profile", "groups", "offline_access"]
@@ -103,6 +108,15 @@ class DevProvider(TokenGrants):
         self.at_hash = "good"  # see AT_HASH_MODES
         self.token_overrides: dict[str, Any] = {}  # merged into every token response; None removes a field
         self.endpoint_faults: dict[str, tuple[str, float]] = {}  # "discovery"/"jwks" -> (kind, delay)
+        # Single sign-on, off unless asked: a browser that logged in is remembered (a cookie scoped to
+        # /authorize) and not asked again, so its auth_time stays that of the login. max_age makes a
+        # remembered login older than it count for nothing, unless honour_max_age is off (a provider
+        # that ignores it); send_auth_time off leaves auth_time out of ID tokens.
+        self.remember_logins = False
+        self.honour_max_age = True
+        self.send_auth_time = True
+        self._logins: dict[str, tuple[str, int]] = {}  # sso cookie value -> (username, login time)
+        self.interactive_logins = 0
         self.auto_login: str | None = None
         if auto_login is not None:
             self.config(auto_login=auto_login)
@@ -222,6 +236,7 @@ class DevProvider(TokenGrants):
             "refresh_tokens_presented": list(self.refresh_tokens_presented),
             "active_refresh_families": sum(1 for f in self._families.values() if not f.revoked),
             "faults": [f.to_dict() for f in self._faults],
+            "interactive_logins": self.interactive_logins,
             "kids": [k.kid for k in self.keys.keys],
             **self.settings(),
         }
@@ -237,6 +252,7 @@ class DevProvider(TokenGrants):
         self.discovery_calls = 0
         self.jwks_calls = 0
         self.refresh_tokens_presented = []
+        self.interactive_logins = 0
 
     def inject_fault(
         self,
@@ -309,6 +325,30 @@ class DevProvider(TokenGrants):
                 fam.revoked = True
                 killed += 1
         return killed
+
+    def remembered_login(self, sso: str | None, username: str, max_age: int | None, prompt: str) -> int | None:
+        """The login time of this browser's remembered login as ``username``, when it may stand in for a
+        new one: logins are remembered, no ``prompt=login``, and (honouring ``max_age``) recent enough."""
+        login = self._logins.get(sso or "") if self.remember_logins else None
+        if login is None or login[0] != username or "login" in prompt.split():
+            return None
+        if self.honour_max_age and max_age is not None and time.time() - login[1] > max_age:
+            return None
+        return login[1]
+
+    def log_in(self, username: str) -> tuple[int, str | None]:
+        """An interactive login now: (its time, the SSO cookie value to set when logins are remembered)."""
+        self.interactive_logins += 1
+        now = int(time.time())
+        if not self.remember_logins:
+            return now, None
+        sso = random_token(16)
+        self._logins[sso] = (username, now)
+        return now, sso
+
+    def backdate_logins(self, seconds: int) -> None:
+        """Every remembered login happened ``seconds`` earlier: time passing at the provider, without sleeping."""
+        self._logins = {k: (user, at - seconds) for k, (user, at) in self._logins.items()}
 
     def set_groups(self, username: str, groups: Sequence[str]) -> None:
         """Change a user's groups; later tokens and userinfo answers carry the new list."""

@@ -44,6 +44,7 @@ class TokenGrants:
     send_refresh_expires_in: bool
     send_id_token_on_refresh: bool
     send_sid: bool
+    send_auth_time: bool
     at_hash: str
     token_overrides: dict[str, Any]
     rotate_refresh_tokens: bool
@@ -79,8 +80,10 @@ class TokenGrants:
         nonce: str | None,
         username: str,
         scope: str,
+        auth_time: int | None = None,
     ) -> str:
-        """A single-use code bound to everything the token request must match."""
+        """A single-use code bound to everything the token request must match. ``auth_time``: when the user
+        logged in (a remembered login's time), else now."""
         now = time.time()
         self._codes = {c: a for c, a in self._codes.items() if a.expires_at + 600 > now}
         code = random_token()
@@ -92,7 +95,7 @@ class TokenGrants:
             username,
             scope,
             now + self.code_ttl,
-            int(now),
+            int(now) if auth_time is None else auth_time,
         )
         self.codes_issued += 1
         return code
@@ -241,9 +244,10 @@ class TokenGrants:
                 "azp": fam.client_id,
                 "exp": now + self.id_token_ttl,
                 "iat": now,
-                "auth_time": fam.auth_time,
                 **user.claims(),
             }
+            if self.send_auth_time:
+                claims["auth_time"] = fam.auth_time
             if nonce is not None:
                 claims["nonce"] = nonce
             if self.send_sid:

@@ -37,7 +37,9 @@ _AUTHORIZE_PARAMS = (
     "code_challenge_method",
     "prompt",
     "login_hint",
+    "max_age",
 )
+SSO_COOKIE = "dev_provider_sso"  # scoped to /authorize: the relying party on the same host never sees it
 
 
 def _first_values(data: MultiMapping[Any]) -> dict[str, str]:
@@ -159,13 +161,16 @@ class ProviderRoutes:
         """Problems reported back to the client by redirect (RFC 6749 4.1.2.1)."""
         if params.get("response_type") != "code":
             return self._error_redirect(params, "unsupported_response_type", "only response_type=code is supported")
+        max_age = params.get("max_age")
+        if max_age is not None and not (max_age.isascii() and max_age.isdigit() and len(max_age) <= 10):
+            return self._error_redirect(params, "invalid_request", "max_age must be a non-negative integer")
         if not params.get("code_challenge") or params.get("code_challenge_method") != "S256":
             return self._error_redirect(params, "invalid_request", "PKCE with code_challenge_method=S256 is required")
         if "openid" not in params.get("scope", "").split():
             return self._error_redirect(params, "invalid_scope", "scope must include openid")
         return None
 
-    def _code_redirect(self, params: Mapping[str, str], username: str) -> web.Response:
+    def _code_redirect(self, params: Mapping[str, str], username: str, auth_time: int | None = None) -> web.Response:
         code = self.p.issue_code(
             params["client_id"],
             params["redirect_uri"],
@@ -173,6 +178,7 @@ class ProviderRoutes:
             params.get("nonce"),
             username,
             params.get("scope", "openid"),
+            auth_time,
         )
         query = {"code": code, "iss": self.p.issuer}
         if "state" in params:
@@ -192,7 +198,7 @@ class ProviderRoutes:
         if problem is not None:
             return problem
         if self.p.auto_login:
-            return self._code_redirect(params, self.p.auto_login)
+            return self._auto_login(request, params, self.p.auto_login)
         if params.get("prompt") == "none":
             return self._error_redirect(params, "login_required", "interactive login needed")
         return self._login_page(params)
@@ -205,7 +211,25 @@ class ProviderRoutes:
         username = params.get("user", "")
         if username not in self.p.users:
             return _page("Sign-in error", "<p>Unknown user.</p>", 400)
-        return self._code_redirect(params, username)
+        return self._logged_in(params, username)
+
+    def _auto_login(self, request: web.Request, params: Mapping[str, str], username: str) -> web.Response:
+        """``auto_login``: a remembered login that ``max_age`` and ``prompt`` allow answers at once with its
+        own time; otherwise this counts as a new interactive login."""
+        max_age = int(params["max_age"]) if "max_age" in params else None
+        sso = request.cookies.get(SSO_COOKIE)
+        remembered = self.p.remembered_login(sso, username, max_age, params.get("prompt", ""))
+        if remembered is not None:
+            return self._code_redirect(params, username, remembered)
+        return self._logged_in(params, username)
+
+    def _logged_in(self, params: Mapping[str, str], username: str) -> web.Response:
+        """A new interactive login: the code carries its time, and the browser remembers it when asked to."""
+        login_time, sso = self.p.log_in(username)
+        response = self._code_redirect(params, username, login_time)
+        if sso is not None:
+            response.set_cookie(SSO_COOKIE, sso, path="/authorize", httponly=True, samesite="Lax")
+        return response
 
     def _login_page(self, params: Mapping[str, str]) -> web.Response:
         hidden = "".join(
@@ -383,6 +407,9 @@ class ProviderRoutes:
             return {"ok": True, "kid": kid, "kids": [k.kid for k in p.keys.keys]}
         if action == "reset_counters":
             p.reset_counters()
+            return {"ok": True}
+        if action == "backdate_logins":
+            p.backdate_logins(int(data["seconds"]))
             return {"ok": True}
         if action == "revoke_user":
             return {"ok": True, "revoked": p.revoke_user(str(data["sub"]))}
