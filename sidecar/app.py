@@ -3,36 +3,66 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
+import logging
+import ssl
 from collections.abc import AsyncIterator
-from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from . import handlers, logs, metrics, proxy
+from .bearer import BearerVerifier
+from .config import Config
 from .context import SERVICES, Services
 from .cookies import CookieCodec
-from .middleware import guarded
+from .guard import cookie_domain_middleware
+from .middleware import drop_server_header, guarded
 from .oidc import OidcClient
 from .refresh import Refresher
 from .sessions import Sessions
 from .store import SessionStore, make_store
 
+log = logging.getLogger("sidecar")
+
 MAX_HEADER_BYTES = 8190  # larger request lines or header fields are refused with 400 by aiohttp
 
 
-def build_app(config: Any, store: SessionStore | None = None) -> web.Application:
+def provider_http(config: Config) -> aiohttp.ClientSession:
+    """The client for provider calls: ``--provider-ca-file`` trusts only those CAs (an internal IdP with
+    a private CA); ``--ssl-insecure-skip-verify`` verifies nothing and says so at start."""
+    if config.provider_ssl is False:
+        log.warning(
+            "--ssl-insecure-skip-verify: the provider's TLS certificate is not verified; "
+            "anyone on the network path can impersonate it. Use --provider-ca-file instead."
+        )
+    ssl_arg: ssl.SSLContext | bool = True if config.provider_ssl is None else config.provider_ssl
+    return aiohttp.ClientSession(
+        headers={"User-Agent": f"sidecar/{version()}"}, connector=aiohttp.TCPConnector(ssl=ssl_arg)
+    )
+
+
+def version() -> str:
+    """The installed package's version (``sidecar --version``, the User-Agent)."""
+    try:
+        return importlib.metadata.version("sidecar")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def build_app(config: Config, store: SessionStore | None = None) -> web.Application:
     """A ready-to-run application; ``store`` lets tests share one store between apps."""
     app = web.Application(
+        middlewares=[cookie_domain_middleware] if config.cookie_domains else [],
         handler_args={
             "max_line_size": MAX_HEADER_BYTES,
             "max_field_size": MAX_HEADER_BYTES,
-        }
+        },
     )
 
     async def services_ctx(app: web.Application) -> AsyncIterator[None]:
         chosen = store if store is not None else make_store(config)
-        http = aiohttp.ClientSession(headers={"User-Agent": "sidecar/0.1"})
+        http = provider_http(config)
         upstream_http = aiohttp.ClientSession(
             auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),
@@ -49,6 +79,7 @@ def build_app(config: Any, store: SessionStore | None = None) -> web.Application
             oidc=oidc,
             http=http,
             upstream_http=upstream_http,
+            bearer=BearerVerifier(config, http, oidc) if config.skip_jwt_bearer_tokens else None,
         )
         flusher = asyncio.ensure_future(_flush_metrics_every_second())
         yield
@@ -61,7 +92,8 @@ def build_app(config: Any, store: SessionStore | None = None) -> web.Application
             await chosen.close()
 
     app.cleanup_ctx.append(services_ctx)
-    handlers.add_routes(app, with_metrics=not config.metrics_address)
+    app.on_response_prepare.append(drop_server_header)
+    handlers.add_routes(app, config, with_metrics=not config.metrics_address)
     app.router.add_route("*", "/{tail:.*}", guarded(proxy.handle, "proxy"))
     return app
 
@@ -74,5 +106,6 @@ async def _flush_metrics_every_second() -> None:
 
 def build_metrics_app() -> web.Application:
     app = web.Application()
+    app.on_response_prepare.append(drop_server_header)
     app.router.add_get("/metrics", handlers.metrics_page)
     return app

@@ -16,13 +16,16 @@ import ipaddress
 import math
 import os
 import re
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from .errors import ConfigError
-from .rules import DomainRule, HostRule, Route, parse_domain_rule, parse_host_rule, parse_route
+from .rules import DomainRule, HostRule, Route, parse_domain_rule, parse_host_rule, parse_route, valid_hostname
+from .stepup import FreshRoute, parse_fresh_route
+from .templates import DEFAULT_TEMPLATES, PageTemplates, load_templates
 
 Seconds = float
 Names = tuple[str, ...]
@@ -107,7 +110,11 @@ class Config:
     cookie_secret: Names = option(
         (), "cookie signing secret, >= 16 bytes; comma list to rotate, newest first", secret=True
     )
-    cookie_domain: str = option("", "cookie Domain attribute")
+    cookie_domain: Names = option(
+        (),
+        "cookie Domain: the longest listed domain the request's host falls under; none matching: host-only",
+        aliases=("cookie_domains",),
+    )
     cookie_path: str = option("/", "cookie Path attribute")
     cookie_secure: bool = option(True, "cookie Secure attribute")
     cookie_httponly: bool = option(True, "cookie HttpOnly attribute")
@@ -157,6 +164,12 @@ class Config:
         "[METHOD=|METHOD!=]path-regex served without auth (repeatable; never split at commas)",
         aliases=("skip_auth_routes",),
     )
+    fresh_auth_route: Patterns = option(
+        (),
+        "DURATION=[METHOD=|METHOD!=]path-regex: a session whose last interactive sign-in is older than DURATION "
+        "must sign in again there (browsers with max_age, others 401; repeatable, e.g. 5m=^/admin/)",
+        aliases=("fresh_auth_routes",),
+    )
     whitelist_domain: Names = option(
         (),
         "hosts allowed in rd redirects: host, host:port, host:*, .example.com (repeatable)",
@@ -179,11 +192,34 @@ class Config:
     shutdown_timeout: Seconds = option(15.0, "on SIGTERM, wait at most this long for in-flight requests", high=3600)
     log_level: str = option("info", "log level", choices=("debug", "info", "warning", "error"))
     request_logging: bool = option(True, "one JSON log line per request")
+    cookie_secret_file: str = option("", "file holding the cookie secret (one fixed secret for every replica)")
+    provider_ca_file: Names = option(
+        (), "CA certificate files trusted for provider calls instead of the system's (repeatable)",
+        aliases=("provider_ca_files",),
+    )  # fmt: skip
+    ssl_insecure_skip_verify: bool = option(False, "do not verify the provider's TLS certificate (testing only)")
+    skip_jwt_bearer_tokens: bool = option(
+        False, "accept `Authorization: Bearer <JWT>` from API clients, validated against the provider's keys"
+    )
+    extra_jwt_issuers: Names = option((), "more bearer JWT issuers as issuer=audience (repeatable)")
+    api_route: Patterns = option(
+        (), "path regex of API routes: 401 instead of a sign-in redirect (repeatable)", aliases=("api_routes",)
+    )
+    ping_path: str = option("/ping", "liveness endpoint path")
+    ready_path: str = option("/ready", "readiness endpoint path")
+    proxy_prefix: str = option("/oauth2", "path prefix of the sidecar's own endpoints (start, callback, auth, ...)")
+    real_client_ip_header: str = option(
+        "X-Real-IP", "header holding the client IP, read only from --trusted-proxy peers with --reverse-proxy"
+    )
+    banner: str = option("", "text shown on the sign-in and error pages (HTML-escaped)")
+    footer: str = option("", "text shown at the foot of the sign-in and error pages (HTML-escaped)")
+    custom_templates_dir: str = option("", "directory with sign_in.html and/or error.html ($placeholders)")
 
     # Derived once from the options above by build_config.
     cookie_secrets: tuple[bytes, ...] = _derived(())
     upstreams: tuple[Upstream, ...] = _derived(())
     skip_routes: tuple[Route, ...] = _derived(())
+    fresh_routes: tuple[FreshRoute, ...] = _derived(())
     redirect_hosts: tuple[HostRule, ...] = _derived(())
     email_domains: tuple[DomainRule, ...] = _derived(())
     trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = _derived(())
@@ -191,6 +227,11 @@ class Config:
     listen_port: int = _derived(0)
     metrics_host: str | None = _derived(None)
     metrics_port: int | None = _derived(None)
+    cookie_domains: tuple[str, ...] = _derived(())  # normalised, longest first
+    api_routes: tuple[re.Pattern[str], ...] = _derived(())
+    jwt_issuers: tuple[tuple[str, str], ...] = _derived(())  # (issuer, audience) of --extra-jwt-issuers
+    provider_ssl: ssl.SSLContext | bool | None = _derived(None)  # None: system trust; False: not verified
+    pages: PageTemplates = _derived(DEFAULT_TEMPLATES)
 
     def options(self) -> dict[str, Any]:
         """The option values (not the derived ones), as ``build_config`` takes them."""
@@ -339,6 +380,8 @@ def _check(v: Mapping[str, Any], problems: list[str]) -> None:
     need("redirect_url", "required (e.g. https://app.example.com/oauth2/callback)")
     need("email_domain", "required: the email domains allowed in, or '*' for any address (as oauth2-proxy)")
     for attr in ("oidc_issuer_url", "redirect_url"):
+        if attr == "redirect_url" and _relative_path(v[attr]):
+            continue  # built per request from the host the browser used
         if v[attr] and urlsplit(v[attr]).scheme not in ("http", "https"):
             problems.append(f"--{BY_ATTR[attr].name}: must be an http(s) URL, got {v[attr]!r}")
     if not v["cookie_secret"]:
@@ -382,6 +425,103 @@ def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         raise ConfigError(f"--trusted-proxy: not an IP network: {text!r}") from None
 
 
+def _relative_path(text: str) -> bool:
+    """A path such as ``/oauth2/callback``: the sidecar adds the request's scheme and host."""
+    return text.startswith("/") and not text.startswith("//") and "\\" not in text and "?" not in text
+
+
+def _secret_file(path: str, option_name: str, problems: list[str]) -> tuple[str, ...]:
+    """A secret read from a file (a mounted Kubernetes or Docker secret); a comma list rotates, as the flag."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        problems.append(f"--{option_name}: cannot read it ({getattr(exc, 'strerror', None) or 'not text'})")
+        return ()
+    secrets = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not secrets:
+        problems.append(f"--{option_name}: the file is empty")
+    return secrets
+
+
+def _path_option(value: str, option_name: str, problems: list[str]) -> None:
+    """Endpoint paths and the prefix: absolute, no trailing slash, nothing a router would read otherwise."""
+    if not value.startswith("/") or value.startswith("//") or (value.endswith("/") and value != "/"):
+        problems.append(f"--{option_name}: must start with / and not end with /, got {value!r}")
+    elif not re.fullmatch(r"[A-Za-z0-9._~/-]+", value):
+        problems.append(f"--{option_name}: only letters, digits and . _ ~ - / are allowed, got {value!r}")
+
+
+def _cookie_domains(values: Mapping[str, Any], problems: list[str]) -> tuple[str, ...]:
+    out = []
+    for text in values["cookie_domain"]:
+        domain = text.strip().lower().lstrip(".")
+        if not valid_hostname(domain) or "." not in domain.strip("."):
+            problems.append(f"--cookie-domain: not a domain: {text!r}")
+        else:
+            out.append(domain)
+    return tuple(sorted(set(out), key=len, reverse=True))
+
+
+def _jwt_issuers(values: Mapping[str, Any], problems: list[str]) -> tuple[tuple[str, str], ...]:
+    out = []
+    for text in values["extra_jwt_issuers"]:
+        issuer, sep, audience = text.partition("=")
+        if not sep or not audience.strip() or urlsplit(issuer.strip()).scheme not in ("http", "https"):
+            problems.append(f"--extra-jwt-issuers: expected issuer-url=audience, got {text!r}")
+        else:
+            out.append((issuer.strip(), audience.strip()))
+    if out and not values["skip_jwt_bearer_tokens"]:
+        problems.append("--extra-jwt-issuers: only used with --skip-jwt-bearer-tokens; set it too")
+    return tuple(out)
+
+
+def _api_routes(values: Mapping[str, Any], problems: list[str]) -> tuple[re.Pattern[str], ...]:
+    out = []
+    for text in values["api_route"]:
+        try:
+            out.append(re.compile(text))
+        except re.error as exc:
+            problems.append(f"--api-route: not a regular expression: {text!r} ({exc})")
+    return tuple(out)
+
+
+def _provider_ssl(values: Mapping[str, Any], problems: list[str]) -> ssl.SSLContext | bool | None:
+    """TLS for provider calls: the listed CA files only (an internal IdP), or no verification at all."""
+    if values["ssl_insecure_skip_verify"]:
+        return False
+    if not values["provider_ca_file"]:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the chain and the host name
+    for path in values["provider_ca_file"]:
+        try:
+            context.load_verify_locations(cafile=path)
+        except (OSError, ssl.SSLError) as exc:
+            problems.append(f"--provider-ca-file: cannot load {path!r} ({getattr(exc, 'strerror', None) or exc})")
+    return context
+
+
+def _migration_derived(values: Mapping[str, Any], problems: list[str]) -> dict[str, Any]:
+    """Values derived from the options oauth2-proxy users bring along."""
+    for attr in ("proxy_prefix", "ping_path", "ready_path"):
+        _path_option(values[attr], BY_ATTR[attr].name, problems)
+    header = values["real_client_ip_header"]
+    if not re.fullmatch(r"[A-Za-z0-9-]+", header):
+        problems.append(f"--real-client-ip-header: not a header name: {header!r}")
+    try:
+        pages = load_templates(values["custom_templates_dir"], values["banner"], values["footer"])
+    except ConfigError as exc:
+        problems.append(str(exc))
+        pages = DEFAULT_TEMPLATES
+    return {
+        "cookie_domains": _cookie_domains(values, problems),
+        "api_routes": _api_routes(values, problems),
+        "jwt_issuers": _jwt_issuers(values, problems),
+        "provider_ssl": _provider_ssl(values, problems),
+        "pages": pages,
+    }
+
+
 def build_config(raw: Mapping[str, Any]) -> Config:
     """Validate raw settings (attr -> value, already merged by precedence) into a Config."""
     problems = [f"--{name.replace('_', '-')}: unknown option" for name in sorted(set(raw) - set(BY_ATTR))]
@@ -393,6 +533,8 @@ def build_config(raw: Mapping[str, Any]) -> Config:
             detail = "invalid value" if opt.secret else str(exc)
             problems.append(f"--{opt.name}: {detail}")
             values[opt.attr] = opt.default
+    if values["cookie_secret_file"] and not values["cookie_secret"]:
+        values["cookie_secret"] = _secret_file(values["cookie_secret_file"], "cookie-secret-file", problems)
     if values["client_secret_file"] and not values["client_secret"]:
         try:
             with open(values["client_secret_file"], encoding="utf-8") as fh:
@@ -403,9 +545,13 @@ def build_config(raw: Mapping[str, Any]) -> Config:
     derived: dict[str, Any] = {
         "upstreams": _collect(problems, _parse_upstream, values["upstream"]),
         "skip_routes": _collect(problems, parse_route, values["skip_auth_route"], "skip-auth-route"),
+        "fresh_routes": _collect(
+            problems, parse_fresh_route, values["fresh_auth_route"], "fresh-auth-route", parse_duration
+        ),
         "redirect_hosts": _collect(problems, parse_host_rule, values["whitelist_domain"]),
         "email_domains": _collect(problems, parse_domain_rule, values["email_domain"]),
         "trusted_networks": _collect(problems, _network, values["trusted_proxy"]),
+        **_migration_derived(values, problems),
     }
     for attr, key in (("http_address", "listen"), ("metrics_address", "metrics")):
         if values[attr] or attr == "http_address":

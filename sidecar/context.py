@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Any
 
 import aiohttp
 from aiohttp import web
 
+from .bearer import BearerVerifier
+from .config import Config
 from .cookies import CookieCodec, SessionRef
 from .models import Session
 from .oidc import OidcClient
@@ -21,7 +22,7 @@ from .sessions import Sessions
 class Services:
     """Everything a handler needs, built once in ``app.build_app``."""
 
-    config: Any
+    config: Config
     codec: CookieCodec
     sessions: Sessions
     refresher: Refresher
@@ -29,6 +30,7 @@ class Services:
     http: aiohttp.ClientSession  # provider calls
     upstream_http: aiohttp.ClientSession | None = None  # proxied requests
     signin_limiter: RateLimiter = field(default_factory=RateLimiter)  # per client, /oauth2/start and callback
+    bearer: BearerVerifier | None = None  # --skip-jwt-bearer-tokens
 
 
 @dataclass
@@ -47,14 +49,53 @@ VIEW = web.RequestKey("view", View)
 AUTHED: web.RequestKey[tuple[SessionRef, Session]] = web.RequestKey("authed", tuple)
 
 
-def _is_trusted(remote: str | None, config: Any) -> bool:
+def _is_trusted(remote: str | None, config: Config) -> bool:
     if not config.reverse_proxy or not remote:
         return False
+    return _in_networks(remote, config)
+
+
+def _in_networks(address: str, config: Config) -> bool:
     try:
-        addr = ipaddress.ip_address(remote)
+        addr = ipaddress.ip_address(address)
     except ValueError:
         return False
     return any(addr in net for net in config.trusted_networks)
+
+
+def _ip(text: str) -> str | None:
+    """A bare IP address (``[v6]:port`` and ``v4:port`` forms allowed), normalised; None for anything else."""
+    text = text.strip()
+    if text.startswith("[") and "]" in text:
+        text = text[1 : text.index("]")]
+    elif text.count(":") == 1:
+        text = text.split(":", 1)[0]
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return None
+
+
+def forwarded_client_ip(request: web.Request, config: Config) -> str | None:
+    """The client address a trusted proxy reports in ``--real-client-ip-header``; None when it names none.
+
+    For ``X-Forwarded-For`` each proxy appended the address it saw, so the client is the right-most
+    address that is not itself a trusted proxy; entries to its left were written by the client and
+    prove nothing. Other headers (``X-Real-IP``, ``X-ProxyUser-IP``...) hold one address set by the
+    proxy; several values, or anything that is not an IP address, are not believed."""
+    values = request.headers.getall(config.real_client_ip_header, [])
+    if not values:
+        return None
+    if config.real_client_ip_header.lower() != "x-forwarded-for":
+        return _ip(values[0]) if len(values) == 1 and "," not in values[0] else None
+    hops = [part for value in values for part in value.split(",")]
+    for hop in reversed(hops):
+        address = _ip(hop)
+        if address is None:
+            return None
+        if not _in_networks(address, config):
+            return address
+    return None
 
 
 def view_of(request: web.Request) -> View:
@@ -70,7 +111,8 @@ def view_of(request: web.Request) -> View:
             host = request.headers.get("X-Forwarded-Host", host).split(",")[0].strip() or host
         if scheme not in ("http", "https"):
             scheme = "http"
-        view = request[VIEW] = View(scheme=scheme, host=host, client_ip=str(request.remote), trusted=trusted)
+        client_ip = (forwarded_client_ip(request, config) if trusted else None) or str(request.remote)
+        view = request[VIEW] = View(scheme=scheme, host=host, client_ip=client_ip, trusted=trusted)
     return view
 
 

@@ -65,7 +65,7 @@ class SignInAttempt:
     verifier: str
     nonce: str
     rd: str
-    redirect_uri: str  # sent in the authorize request: the code exchange must send the very same
+    redirect_uri: str = ""  # sent in the authorize request, so the code exchange sends the very same; "" = configured
     max_age: int | None = None  # asked of the provider: the ID token must then prove a sign-in this recent
 
     def __repr__(self) -> str:  # the verifier and nonce are secrets of this attempt

@@ -8,18 +8,23 @@ from __future__ import annotations
 
 import ipaddress
 import time
+from collections.abc import Awaitable, Callable
 from functools import lru_cache
 from typing import Any
 from urllib.parse import quote
 
 from aiohttp import web
 
+from . import logs
+from .bearer import bearer_token, invalid_token
 from .config import Config
-from .context import AUTHED, Services, services, view_of
-from .cookies import SessionRef
+from .context import AUTHED, SERVICES, Services, services, view_of
+from .cookies import SessionRef, cookie_domain_for
 from .errors import InvalidCookie, SessionGone
 from .models import Session
-from .policy import is_allowed
+from .policy import why_denied
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def read_cookie(request: web.Request, name: str) -> str | None:
@@ -34,8 +39,24 @@ def read_cookie(request: web.Request, name: str) -> str | None:
     return None
 
 
+BEARER_REF = SessionRef(sid="", key=b"")  # a bearer-token request has no stored session behind it
+
+
 async def authenticate(request: web.Request, svc: Services) -> tuple[SessionRef, Session]:
-    """The request's session with a usable access token; raises SessionGone when not signed in."""
+    """The request's session with a usable access token; raises SessionGone when not signed in.
+
+    With ``--skip-jwt-bearer-tokens`` a request carrying ``Authorization: Bearer`` is judged by that
+    token alone (``bearer.py``): valid, it is who the token names; invalid, a 401 ``invalid_token``.
+    The cookie is not consulted then, so a bad token never quietly turns into someone's session."""
+    if svc.bearer is not None:
+        token = bearer_token(request)
+        if token is not None:
+            if not token:
+                raise invalid_token()
+            session = await svc.bearer.session_for(token)
+            if svc.config.request_logging:
+                request[AUTHED] = (BEARER_REF, session)
+            return BEARER_REF, session
     cookie = read_cookie(request, svc.config.cookie_name)
     if not cookie:
         raise SessionGone("no session cookie")
@@ -44,17 +65,29 @@ async def authenticate(request: web.Request, svc: Services) -> tuple[SessionRef,
         session = await svc.sessions.load(ref)
     except InvalidCookie as exc:
         # A forged, re-signed or stale cookie is simply "not signed in".
+        _log_refused_cookie(request, str(exc))
         raise SessionGone(str(exc)) from exc
+    except SessionGone as exc:
+        _log_refused_cookie(request, str(exc))
+        raise
     session = await svc.refresher.fresh(ref, session)
     if svc.config.request_logging:  # only the access log line reads it
         request[AUTHED] = (ref, session)
     return ref, session
 
 
+def _log_refused_cookie(request: web.Request, detail: str) -> None:
+    """A cookie we would not accept: bad signature, expired, malformed, or a session the store no longer has."""
+    logs.event("cookie_refused", {"reason": detail, "client_ip": view_of(request).client_ip})
+
+
 async def authorize(request: web.Request, svc: Services) -> tuple[SessionRef, Session]:
     """Like ``authenticate`` but also applies the email-domain and group rules (403)."""
     ref, session = await authenticate(request, svc)
-    if not is_allowed(session.identity, svc.config):
+    denied = why_denied(session.identity, svc.config)
+    if denied is not None:
+        fields = {**logs.who(session.identity), "reason": denied, "route": request.path[:200]}
+        logs.event("denied", {**fields, "client_ip": view_of(request).client_ip})
         raise web.HTTPForbidden(text="403 Forbidden: your account is not allowed here\n")
     return ref, session
 
@@ -66,9 +99,10 @@ def wants_html(request: web.Request) -> bool:
 def sign_in_redirect(request: web.Request) -> web.Response:
     """Browsers go to sign in and come back to where they were; API clients get 401."""
     config = services(request).config
-    if wants_html(request):
+    if wants_html(request) and not is_api_route(request, config):
         rd = quote(request.rel_url.raw_path_qs, safe="/?=&%:@!$'()*+,;~-._")
-        return web.Response(status=302, headers={"Location": f"/oauth2/start?rd={quote(rd, safe='')}"})
+        location = f"{config.proxy_prefix}/start?rd={quote(rd, safe='')}"
+        return web.Response(status=302, headers={"Location": location})
     response = web.Response(status=401, text="401 Unauthorized: sign in first\n")
     response.headers["WWW-Authenticate"] = 'Cookie realm="sidecar"'
     if request.cookies.get(config.cookie_name):
@@ -76,10 +110,18 @@ def sign_in_redirect(request: web.Request) -> web.Response:
     return response
 
 
+def is_api_route(request: web.Request, config: Config) -> bool:
+    """``--api-route``: paths whose clients are programs (a page's fetch sends Accept: text/html too), so
+    an unauthenticated request there gets 401, never a sign-in redirect it could not follow."""
+    path = request.path
+    return any(pattern.search(path) for pattern in config.api_routes)
+
+
 def _cookie_attributes(config: Any) -> dict[str, Any]:
+    """The Domain attribute is filled in per request by ``apply_cookie_domain`` (the host decides it)."""
     return {
         "path": config.cookie_path,
-        "domain": config.cookie_domain or None,
+        "domain": None,
         "secure": config.cookie_secure,
         "httponly": config.cookie_httponly,
         "samesite": config.cookie_samesite.capitalize() or None,
@@ -97,6 +139,27 @@ def clear_cookie(response: web.StreamResponse, config: Any, name: str) -> None:
 
 def clear_session_cookie(response: web.StreamResponse, config: Any) -> None:
     clear_cookie(response, config, config.cookie_name)
+
+
+@web.middleware
+async def cookie_domain_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Installed only with ``--cookie-domain``: every cookie the sidecar sets or clears gets the Domain for
+    this request's host (the longest listed domain the host falls under; none: host-only), so sign-in,
+    sign-out and attempt cookies always agree on it. Proxied responses pass their own Set-Cookie
+    headers through untouched (those are not in ``response.cookies``)."""
+    response = await handler(request)
+    if response.cookies:
+        domain = cookie_domain_for(request.app[SERVICES].config.cookie_domains, view_of(request).host)
+        for morsel in response.cookies.values():
+            morsel["domain"] = domain or ""
+    return response
+
+
+def callback_url(request: web.Request, config: Config) -> str:
+    """The redirect_uri of a sign-in started by this request: ``--redirect-url`` as configured, or for a
+    relative one (``/oauth2/callback``: one sidecar serving several hosts) that path on the scheme and
+    host the browser used, as ``view_of`` sees them (X-Forwarded-* only from trusted proxies)."""
+    return absolute(request, config.redirect_url)
 
 
 def absolute(request: web.Request, path: str) -> str:
