@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import html
 import logging
@@ -12,15 +13,25 @@ from urllib.parse import quote, urlsplit
 
 from aiohttp import web
 
-from . import metrics
+from . import logs, metrics, pages
+from .config import Config
 from .context import Services, services, view_of
-from .cookies import CLOCK_LEEWAY, MAX_COOKIE_CHARS, SignInAttempt, state_cookie_suffix
-from .errors import InvalidCookie, InvalidState, SessionGone, StoreUnavailable, TokenValidationError
+from .cookies import CLOCK_LEEWAY, MAX_COOKIE_CHARS, SignInAttempt, state_cookie_suffix, without_sidecar_cookies
+from .errors import (
+    BadRequest,
+    InvalidCookie,
+    InvalidState,
+    ProviderError,
+    SessionGone,
+    StoreUnavailable,
+    TokenValidationError,
+)
 from .guard import (
     TOKEN_HEADERS,
     absolute,
     authenticate,
     authorize,
+    callback_url,
     clear_cookie,
     clear_session_cookie,
     set_cookie,
@@ -31,8 +42,11 @@ from .location_rules import location_rules
 from .middleware import guarded
 from .models import Identity
 from .oidc import Pkce, logout_token_replay_ttl
-from .policy import identity_from_claims, is_allowed
+from .policy import identity_from_claims, why_denied
+from .proxy import normalise_path
 from .ratelimit import retry_after
+from .stepup import callback_problem, is_stale, parse_max_age, required_max_age
+from .stepup import unauthorized as step_up_unauthorized
 from .urls import safe_redirect
 
 log = logging.getLogger("sidecar.handlers")
@@ -44,13 +58,7 @@ _CALLBACK_SINGLE = ("state", "code", "iss", "error")  # RFC 6749 3.1: a paramete
 _TRUE = ("1", "true", "yes", "on")
 
 
-def _page(title: str, body: str, status: int = 200) -> web.Response:
-    title = html.escape(title)
-    text = (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title></head>"
-        f"<body style='font-family:sans-serif;max-width:40em;margin:3em auto'><h1>{title}</h1>{body}</body></html>"
-    )
-    return web.Response(status=status, text=text, content_type="text/html")
+_page = pages.page
 
 
 def _rd(request: web.Request) -> str:
@@ -94,7 +102,7 @@ def _attempt_cookie_value(svc: Services, attempt: SignInAttempt) -> str:
     """The sealed attempt; a ``rd`` too long for a cookie falls back to ``/`` rather than losing the cookie."""
     value = svc.codec.dump_attempt(attempt)
     if len(value) > MAX_COOKIE_CHARS - 200:
-        value = svc.codec.dump_attempt(SignInAttempt(attempt.state, attempt.verifier, attempt.nonce, "/"))
+        value = svc.codec.dump_attempt(dataclasses.replace(attempt, rd="/"))
     return value
 
 
@@ -129,13 +137,33 @@ async def start(request: web.Request, svc: Services) -> web.Response:
     if limited is not None:
         return limited
     state, nonce, pkce = secrets.token_urlsafe(32), secrets.token_urlsafe(32), Pkce.new()
-    attempt = SignInAttempt(state=state, verifier=pkce.verifier, nonce=nonce, rd=_rd(request))
-    url = await svc.oidc.authorize_url(state, nonce, pkce)
+    rd = _rd(request)
+    max_age = _start_max_age(request, svc.config, rd)
+    redirect_uri = callback_url(request, svc.config)  # sealed in the attempt: the code exchange sends the same
+    attempt = SignInAttempt(state, pkce.verifier, nonce, rd, redirect_uri, max_age=max_age)
+    url = await svc.oidc.authorize_url(state, nonce, pkce, redirect_uri=redirect_uri, max_age=max_age)
     response = web.Response(status=302, headers={"Location": url, "Cache-Control": "no-store"})
     _clear_old_attempts(request, response, svc, keep=MAX_ATTEMPT_COOKIES - 1)
     name = _state_cookie_name(svc.config, state)
     set_cookie(response, svc.config, name, _attempt_cookie_value(svc, attempt), STATE_TTL)
     return response
+
+
+def _start_max_age(request: web.Request, config: Config, rd: str) -> int | None:
+    """The ``max_age`` this sign-in asks of the provider: the ``max_age`` parameter (nginx's step-up
+    locations send it), and the strictest ``--fresh-auth-route`` matching the page to return to, so a
+    plain ``/oauth2/start?rd=/admin/`` (nginx's generic sign-in location) cannot loop on a stale session."""
+    values = request.query.getall("max_age", [])
+    asked = parse_max_age(values[0]) if len(values) == 1 else None
+    if values and asked is None:
+        raise BadRequest("max_age must be given once, as a whole number of seconds")
+    try:
+        path = normalise_path(urlsplit(rd).path or "/")
+    except (BadRequest, ValueError):
+        path = None  # an rd no route rule can read: only an explicit max_age applies
+    by_route = required_max_age(config.fresh_routes, "GET", path) if path is not None else None
+    ages = [age for age in (asked, by_route) if age is not None]
+    return min(ages) if ages else None
 
 
 def _callback_params(request: web.Request) -> tuple[str, str, str | None]:
@@ -167,34 +195,53 @@ async def callback(request: web.Request, svc: Services) -> web.Response:
         return limited
     config = svc.config
     if "error" in request.query:
-        reason = html.escape(request.query.get("error", "")[:100])
-        return _page(
-            "Sign-in failed",
-            f"<p>The identity provider said: {reason}</p><p><a href='/oauth2/sign_in'>Try again</a></p>",
-            status=403,
-        )
+        said = request.query.get("error", "")[:100]
+        logs.event("sign_in_refused", {"reason": "provider_error", "client_ip": view_of(request).client_ip})
+        return pages.refused_sign_in(request, said)
     state, code, issuer = _callback_params(request)
     if issuer is not None and issuer != (await svc.oidc.metadata()).issuer:
         raise InvalidState("callback iss does not name our provider (RFC 9207)")
     cookie_name = _state_cookie_name(config, state)
     attempt = svc.codec.load_attempt(request.cookies.get(cookie_name), state, time.time(), STATE_TTL)
     await _claim(svc, state, STATE_TTL + CLOCK_LEEWAY)
-    tokens = await svc.oidc.exchange_code(code, attempt.verifier)
+    tokens = await svc.oidc.exchange_code(code, attempt.verifier, attempt.redirect_uri)
     if not tokens.id_token:
         raise TokenValidationError("token response has no id_token")
     claims = await svc.oidc.validate_id_token(tokens.id_token, nonce=attempt.nonce)
+    stale = None if attempt.max_age is None else callback_problem(claims, attempt.max_age, time.time())
+    if stale is not None:
+        return _step_up_refused(request, config, cookie_name, stale)
     identity = identity_from_claims(claims, config)
-    if not is_allowed(identity, config):
+    denied = why_denied(identity, config)
+    if denied is not None:
         metrics.DECISIONS.add("403")
-        response = _page("Access denied", "<p>Your account is not allowed to use this application.</p>", 403)
+        _log_denial(request, identity, denied, "/oauth2/callback")
+        response = pages.forbidden(request)
         clear_cookie(response, config, cookie_name)
         return response
     await _end_previous_session(request)
     ref, _ = await svc.sessions.create(identity, tokens, claims)
+    logs.event("sign_in", {**logs.who(identity), "client_ip": view_of(request).client_ip})
     response = web.Response(status=302, headers={"Location": attempt.rd, "Cache-Control": "no-store"})
     set_cookie(response, config, config.cookie_name, svc.codec.dump_session(ref), config.cookie_expire)
     # Signed in: abandoned attempts go; only tabs started moments ago, still racing this one, keep theirs.
     _clear_old_attempts(request, response, svc, keep=MAX_ATTEMPT_COOKIES, max_age=PARALLEL_TABS_WINDOW)
+    clear_cookie(response, config, cookie_name)
+    return response
+
+
+def _step_up_refused(request: web.Request, config: Config, cookie_name: str, problem: str) -> web.Response:
+    """A sign-in that asked for ``max_age`` came back without proof of a recent one. No new session (it would
+    be as stale as the old), the old one untouched, and no sign-in link: following it would loop."""
+    log.warning("fresh sign-in not confirmed by the provider", extra={"fields": {"problem": problem}})
+    response = pages.error(
+        request,
+        403,
+        "Fresh sign-in not confirmed",
+        f"This page needs a recent sign-in, but {problem}. Ask the administrator to check that the identity "
+        "provider honours max_age.",
+        (),
+    )
     clear_cookie(response, config, cookie_name)
     return response
 
@@ -213,13 +260,11 @@ async def _end_previous_session(request: web.Request) -> None:
 
 
 async def sign_in(request: web.Request, svc: Services) -> web.Response:
-    rd = html.escape(_rd(request), quote=True)
-    href = html.escape(f"/oauth2/start?rd={quote(_rd(request), safe='')}", quote=True)
-    return _page(
-        "Sign in",
-        f"<p>This application is protected.</p><p><a href='{href}'>Sign in</a></p>"
-        f"<p style='color:#888'>You will return to {rd}</p>",
-    )
+    """The sign-in page, from the built-in or the operator's ``sign_in.html`` (values escaped there)."""
+    rd = _rd(request)
+    href = f"{svc.config.proxy_prefix}/start?rd={quote(rd, safe='')}"
+    text = svc.config.pages.render("sign_in", title="Sign in", sign_in_url=href, redirect=rd)
+    return web.Response(text=text, content_type="text/html")
 
 
 def _same_origin(request: web.Request) -> bool:
@@ -254,7 +299,8 @@ async def _wants_everywhere(request: web.Request) -> bool:
 
 def _confirm_everywhere_page(request: web.Request) -> web.Response:
     """A GET never signs a user out everywhere (a link or image on another site could): it asks for a POST."""
-    action = html.escape(f"/oauth2/sign_out?everywhere=true&rd={quote(_rd(request), safe='')}", quote=True)
+    prefix = services(request).config.proxy_prefix
+    action = html.escape(f"{prefix}/sign_out?everywhere=true&rd={quote(_rd(request), safe='')}", quote=True)
     response = _page(
         "Sign out everywhere?",
         "<p>This ends your sessions in every browser and application.</p>"
@@ -288,6 +334,8 @@ async def sign_out(request: web.Request, svc: Services) -> web.Response:
             await svc.sessions.end_all_for_user(session.identity.sub)
         if session is not None:
             await svc.sessions.end(ref, session, reason="sign_out")
+            fields = {**logs.who(session.identity), "everywhere": everywhere, "client_ip": view_of(request).client_ip}
+            logs.event("sign_out", fields)
             id_token, signed_in = session.tokens.id_token, True
             if session.tokens.refresh_token:
                 await svc.oidc.revoke(session.tokens.refresh_token, "refresh_token")
@@ -338,15 +386,64 @@ async def auth(request: web.Request, svc: Services) -> web.Response:
     except SessionGone:
         metrics.DECISIONS.add("401")
         return web.Response(status=401, text="401 Unauthorized\n")
-    if not is_allowed(session.identity, svc.config) or not _location_allows(request, session.identity):
+    denied = why_denied(session.identity, svc.config)
+    if denied is None and not _location_allows(request, session.identity):
+        denied = "location_rule"
+    if denied is not None:
         metrics.DECISIONS.add("403")
+        _log_denial(request, session.identity, denied, "/oauth2/auth")
         return web.Response(status=403, text="403 Forbidden\n")
+    max_age = _auth_max_age(request, svc.config)
+    if max_age is not None and is_stale(session.auth_time, max_age, time.time()):
+        metrics.DECISIONS.add("401")  # RFC 9470: sign in again, recently; the session itself stays
+        return step_up_unauthorized(max_age)
     metrics.DECISIONS.add("202")
     headers = auth_response_headers_for(session, svc.config)
-    if svc.config.pass_access_token or svc.config.pass_authorization_header:
-        if not tokens_allowed(request, svc.config):
-            headers = {k: v for k, v in headers.items() if k not in TOKEN_HEADERS}
+    if tokens_allowed(request, svc.config):
+        cookie = request.headers.get("Cookie")
+        if cookie is not None:
+            # For ingress-nginx's auth-response-headers "Cookie": the app's cookies without ours,
+            # so the session cookie never reaches the app, with no snippet annotation.
+            headers = {**headers, "Cookie": without_sidecar_cookies(cookie, svc.config.cookie_name)}
+    elif svc.config.pass_access_token or svc.config.pass_authorization_header:
+        headers = {k: v for k, v in headers.items() if k not in TOKEN_HEADERS}
     return web.Response(status=202, headers=headers)
+
+
+def _log_denial(request: web.Request, identity: Identity, reason: str, route: str) -> None:
+    """Why someone signed in was refused: ``email_domain``, ``group`` or ``location_rule`` (an auth-url query)."""
+    fields = {**logs.who(identity), "reason": reason, "route": route, "client_ip": view_of(request).client_ip}
+    logs.event("denied", fields)
+
+
+_ORIGINAL_URI = ("X-Forwarded-Uri", "X-Original-URI", "X-Original-URL")
+_ORIGINAL_METHOD = ("X-Forwarded-Method", "X-Original-Method")
+
+
+def _auth_max_age(request: web.Request, config: Config) -> int | None:
+    """The strictest of the auth-url's ``max_age`` and the ``--fresh-auth-route`` rules matching the original
+    request, which only a trusted front can name (nginx ``X-Original-URI``, ingress-nginx ``X-Original-URL``)."""
+    query = request.rel_url.raw_query_string
+    ages = [location_rules(query).max_age] if query else []
+    if config.fresh_routes and view_of(request).trusted:
+        ages.append(_original_request_max_age(request, config))
+    known = [age for age in ages if age is not None]
+    return min(known) if known else None
+
+
+def _original_request_max_age(request: web.Request, config: Config) -> int | None:
+    """``--fresh-auth-route`` for the request nginx asks about, with the proxy's path normalisation. A path the
+    normalisation refuses gets the strictest rule: never less than a matching rule could have asked."""
+    uri = next((request.headers[name] for name in _ORIGINAL_URI if name in request.headers), None)
+    if uri is None:
+        return None
+    method = next((request.headers[name] for name in _ORIGINAL_METHOD if name in request.headers), "GET")
+    try:
+        raw_path = urlsplit(uri).path if "://" in uri else uri.split("?", 1)[0]
+        path = normalise_path(raw_path or "/")
+    except (BadRequest, ValueError):
+        return min(rule.max_age for rule in config.fresh_routes)
+    return required_max_age(config.fresh_routes, method.strip().upper(), path)
 
 
 def _location_allows(request: web.Request, identity: Identity) -> bool:
@@ -385,10 +482,19 @@ async def ping(request: web.Request, svc: Services) -> web.Response:
 
 
 async def ready(request: web.Request, svc: Services) -> web.Response:
+    """Ready when the store answers and the provider's discovery document was fetched (once is enough)."""
     try:
         await svc.sessions.store.ping()
     except StoreUnavailable:
         return web.Response(status=503, text="session store unreachable\n")
+    try:
+        await svc.oidc.metadata()
+    except ProviderError as exc:
+        log.error(
+            "identity provider not usable: check --oidc-issuer-url",
+            extra={"fields": {"issuer": svc.config.oidc_issuer_url, "error": type(exc).__name__, "detail": str(exc)}},
+        )
+        return web.Response(status=503, text=f"identity provider unreachable or not an OIDC issuer: {exc}\n")
     return web.Response(text="OK\n")
 
 
@@ -396,7 +502,10 @@ async def metrics_page(request: web.Request, svc: Services | None = None) -> web
     return web.Response(body=metrics.render(), content_type="text/plain", charset="utf-8")
 
 
-def add_routes(app: web.Application, with_metrics: bool) -> None:
+def add_routes(app: web.Application, config: Config, with_metrics: bool) -> None:
+    """The endpoints under ``--proxy-prefix`` and at ``--ping-path`` / ``--ready-path``. Metric and log
+    labels keep the default names (``/oauth2/auth``...), so dashboards do not depend on the prefix."""
+    prefix = config.proxy_prefix
     routes = [
         ("GET", "/oauth2/start", start),
         ("GET", "/oauth2/callback", callback),
@@ -405,13 +514,15 @@ def add_routes(app: web.Application, with_metrics: bool) -> None:
         ("*", "/oauth2/auth", auth),
         ("GET", "/oauth2/userinfo", userinfo),
         ("POST", "/oauth2/backchannel_logout", backchannel_logout),
-        ("GET", "/ping", ping),
-        ("GET", "/ready", ready),
     ]
+    paths = [prefix + label.removeprefix("/oauth2") for _, label, _ in routes]
+    routes += [("GET", "/ping", ping), ("GET", "/ready", ready)]
+    paths += [config.ping_path, config.ready_path]
     if with_metrics:
         routes.append(("GET", "/metrics", metrics_page))
-    for method, path, handler in routes:
+        paths.append("/metrics")
+    for (method, label, handler), path in zip(routes, paths, strict=True):
         if method == "GET":
-            app.router.add_get(path, guarded(handler, path))  # HEAD too, for probes
+            app.router.add_get(path, guarded(handler, label))  # HEAD too, for probes
         else:
-            app.router.add_route(method, path, guarded(handler, path))
+            app.router.add_route(method, path, guarded(handler, label))

@@ -345,30 +345,37 @@ class OidcClient:
             raise ProviderUnavailable(f"{url} did not return a JSON object")
         return data
 
-    async def authorize_url(self, state: str, nonce: str, pkce: Pkce) -> str:
+    async def authorize_url(
+        self, state: str, nonce: str, pkce: Pkce, redirect_uri: str | None = None, max_age: int | None = None
+    ) -> str:
+        """``redirect_uri``: the callback built for this request (a relative ``--redirect-url``). ``max_age``
+        (OIDC Core 3.1.2.1) makes the provider re-authenticate a user whose last sign-in there is older;
+        the callback then checks the ID token's ``auth_time``."""
         meta = await self.metadata()
-        query = urlencode(
-            {
-                "response_type": "code",
-                "client_id": self._config.client_id,
-                "redirect_uri": self._config.redirect_url,
-                "scope": self._config.scope,
-                "state": state,
-                "nonce": nonce,
-                "code_challenge": pkce.challenge,
-                "code_challenge_method": "S256",
-            }
-        )
+        params = {
+            "response_type": "code",
+            "client_id": self._config.client_id,
+            "redirect_uri": redirect_uri or self._config.redirect_url,
+            "scope": self._config.scope,
+            "state": state,
+            "nonce": nonce,
+            "code_challenge": pkce.challenge,
+            "code_challenge_method": "S256",
+        }
+        if max_age is not None:
+            params["max_age"] = str(max_age)
+        query = urlencode(params)
         sep = "&" if "?" in meta.authorization_endpoint else "?"
         return f"{meta.authorization_endpoint}{sep}{query}"
 
-    async def exchange_code(self, code: str, verifier: str) -> TokenSet:
-        """Redeem a code. The ID token's ``at_hash``, when present, must name the access token."""
+    async def exchange_code(self, code: str, verifier: str, redirect_uri: str | None = None) -> TokenSet:
+        """Redeem a code. The ID token's ``at_hash``, when present, must name the access token.
+        ``redirect_uri`` must be the one sent in the authorize request (RFC 6749 4.1.3)."""
         body = await self._token_request(
             {
                 "grant_type": "authorization_code",
                 "code": code,
-                "redirect_uri": self._config.redirect_url,
+                "redirect_uri": redirect_uri or self._config.redirect_url,
                 "code_verifier": verifier,
             },
             retry=False,  # a code is single-use: never send it twice
@@ -548,6 +555,12 @@ class OidcClient:
         if nonce is not None and not secrets.compare_digest(str(claims.get("nonce", "")), nonce):
             raise TokenValidationError("ID token nonce does not match")
         return claims
+
+    async def validate_bearer_token(self, token: str) -> dict[str, Any]:
+        """A JWT an API client presents (``--skip-jwt-bearer-tokens``): this issuer's keys and allowed
+        algorithms, ``iss``, an accepted ``aud``, ``exp``/``nbf``/``iat``. No ``azp`` check: a CLI's token
+        is often issued to another client of the same provider, with our client id as audience."""
+        return await self._verify(token, "bearer token", ["iss", "sub", "aud", "exp", "iat"])
 
     async def validate_logout_token(self, token: str) -> dict[str, Any]:
         """OIDC Back-Channel Logout 1.0, section 2.6: a signed event naming a sub and/or a sid. ``exp`` is

@@ -23,10 +23,13 @@ from aiohttp import WSMsgType, web
 from yarl import URL
 
 from . import logs, metrics
+from .config import Config
 from .context import Services, view_of
+from .cookies import without_sidecar_cookies
 from .errors import BadRequest, SessionGone
-from .guard import authorize, sign_in_redirect
+from .guard import authorize, is_api_route, sign_in_redirect, wants_html
 from .headers import HOP_BY_HOP, dropped_from_client, upstream_identity_headers_for
+from .stepup import is_stale, required_max_age, start_url, unauthorized
 
 _PATH_SAFE = "/:@!$&'()*+,=-._~"  # what stays literal in a forwarded path; everything else is %XX
 # A path made only of these, with no empty segment and none of only dots: every server reads it the same way.
@@ -112,7 +115,7 @@ def _forward_headers(request: web.Request, config: Any, *, trusted: bool, skippe
         ):
             continue
         if low == "cookie" and config.cookie_name in value:
-            value = _without_own_cookies(value, config.cookie_name)
+            value = without_sidecar_cookies(value, config.cookie_name)
             if not value:
                 continue
         if name in out:
@@ -122,16 +125,6 @@ def _forward_headers(request: web.Request, config: Any, *, trusted: bool, skippe
     if request.content_length is not None:
         out["Content-Length"] = str(request.content_length)
     return out
-
-
-def _without_own_cookies(header: str, cookie_name: str) -> str:
-    kept = []
-    for part in header.split(";"):
-        name = part.split("=", 1)[0].strip()
-        if name == cookie_name or name.startswith(cookie_name + "_csrf_"):
-            continue
-        kept.append(part.strip())
-    return "; ".join(p for p in kept if p)
 
 
 def _forwarded_for(request: web.Request, config: Any) -> str:
@@ -152,6 +145,9 @@ async def handle(request: web.Request, svc: Services) -> web.StreamResponse:
             _, session = await authorize(request, svc)
         except SessionGone:
             return sign_in_redirect(request)
+        max_age = required_max_age(config.fresh_routes, request.method, path) if config.fresh_routes else None
+        if max_age is not None and is_stale(session.auth_time, max_age, time.time()):
+            return _step_up(request, config, max_age)
         headers = upstream_identity_headers_for(session, config)
     if upstream is None:
         return web.Response(status=404, text="404 Not Found: no upstream for this path\n")
@@ -172,6 +168,16 @@ async def handle(request: web.Request, svc: Services) -> web.StreamResponse:
     if websocket:
         return await _websocket(request, svc, url, forward)
     return await _stream(request, svc, url, forward)
+
+
+def _step_up(request: web.Request, config: Config, max_age: int) -> web.Response:
+    """A session whose last sign-in is too old for this route (``--fresh-auth-route``): browsers sign in
+    again with ``max_age`` and come back here, other clients get the RFC 9470 401. The session stays."""
+    if wants_html(request) and not is_api_route(request, config):
+        rd = quote(request.rel_url.raw_path_qs, safe="/?=&%:@!$'()*+,;~-._")
+        location = start_url(config.proxy_prefix, max_age, rd)
+        return web.Response(status=302, headers={"Location": location, "Cache-Control": "no-store"})
+    return unauthorized(max_age)
 
 
 def _is_websocket(request: web.Request) -> bool:
