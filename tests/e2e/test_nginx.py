@@ -38,6 +38,9 @@ from tests.e2e.procs import (
     render_nginx_conf,
     start_nginx,
 )
+from tests.redis_procs import Proc as RedisProc
+from tests.redis_procs import query
+from tests.redis_procs import start_server as start_redis
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -622,3 +625,127 @@ async def test_the_shipped_ingress_keeps_the_session_cookie_from_the_app_without
         assert seen.get("x-auth-request-user") == "alice@example.com", header
         assert app_cookie_pairs(seen.get("cookie")) == expected, header
         assert session not in str(seen), header
+
+
+# --------------------------------------------------------------------------
+# A sidecar that cannot decide: 503 with Retry-After, not nginx's bare 500
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Outage:
+    base: str  # nginx with the shipped config, in front of a sidecar with a Redis of its own
+    redis: RedisProc
+    redis_dir: Path
+    sidecar: str
+
+
+@pytest.fixture(scope="module")
+def outage(site: Site, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Outage]:
+    """A second sidecar (same provider and app as ``site``) whose Redis the test may stop."""
+    nginx_port, sidecar_port, redis_port = free_ports(3)
+    logs: Path = tmp_path_factory.mktemp("nginx-outage")
+    redis_dir = logs / "redis"
+    base = f"http://127.0.0.1:{nginx_port}"
+    holder = [start_redis("outage-redis", redis_dir, redis_port)]
+    flags = [
+        f"--http-address=127.0.0.1:{sidecar_port}",
+        f"--oidc-issuer-url={site.issuer}",
+        "--client-id=sidecar-dev",
+        "--client-secret=sidecar-dev-secret",
+        f"--redirect-url={base}/oauth2/callback",
+        "--cookie-secret=nginx-outage-cookie-secret-0123456789",
+        "--cookie-secure=false",
+        "--email-domain=*",
+        "--session-store-type=redis",
+        f"--redis-connection-url=redis://127.0.0.1:{redis_port}/0",
+        "--reverse-proxy",
+        "--trusted-proxy=127.0.0.1/32",
+        "--session-cache-ttl=0s",  # every request asks Redis, so stopping it is felt at once
+        "--workers=1",
+        "--shutdown-timeout=2s",
+    ]
+    procs = [Proc("outage-sidecar", python_module("sidecar", *flags), log_dir=logs, env=child_env())]
+    try:
+        procs[0].wait_http(f"http://127.0.0.1:{sidecar_port}/ping")
+        conf = render_nginx_conf(nginx_port, f"127.0.0.1:{sidecar_port}", urlsplit(site.app).netloc)
+        procs.append(start_nginx(conf, nginx_port, log_dir=logs))
+        yield Outage(base, holder[0], redis_dir, f"http://127.0.0.1:{sidecar_port}")
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+        holder[0].stop()
+
+
+# The requests of a signed-in user during an outage: a page, an API call, a form post.
+OUTAGE_REQUESTS = (
+    ("GET", "/_demo/echo", HTML),
+    ("GET", "/some/page?a=1&b=2", HTML),
+    ("GET", "/_demo/echo", {"Accept": "application/json"}),
+    ("HEAD", "/", {}),
+    ("POST", "/_demo/echo", {"Content-Type": "application/x-www-form-urlencoded"}),
+    ("DELETE", "/api/thing/1", {}),
+)
+
+
+async def statuses_during(base: str, cookie_header: str | None) -> list[tuple[str, str, int, str | None, str]]:
+    """(method, path, status, Retry-After, body) for each of OUTAGE_REQUESTS through nginx."""
+    seen = []
+    async with aiohttp.ClientSession() as client:
+        for method, path, headers in OUTAGE_REQUESTS:
+            extra = {"Cookie": cookie_header} if cookie_header else {}
+            async with client.request(
+                method, base + path, headers={**headers, **extra}, data=b"x=1", allow_redirects=False
+            ) as resp:
+                body = await resp.text()
+                seen.append((method, path, resp.status, resp.headers.get("Retry-After"), body))
+    return seen
+
+
+async def test_a_redis_outage_gives_503_with_retry_after_and_the_session_survives(
+    site: Site, outage: Outage, browser: aiohttp.ClientSession
+) -> None:
+    await sign_in(browser, Site(outage.base, site.issuer, outage.sidecar, site.app))
+    session = cookie(browser)
+    assert session
+    header = f"a=1; {COOKIE}={session}"
+    assert {s for _, _, s, _, _ in await statuses_during(outage.base, header)} <= {200}
+    # What the sidecar itself says while Redis is down, so nginx's answer can be compared with it.
+    query(outage.redis.port, lambda c: c.save())
+    outage.redis.stop()
+    try:
+        async with aiohttp.ClientSession() as client:
+            async with client.get(outage.sidecar + "/oauth2/auth", headers={"Cookie": header}) as resp:
+                assert resp.status == 503
+                sidecar_retry = resp.headers["Retry-After"]
+        for method, path, status, retry, body in await statuses_during(outage.base, header):
+            assert status == 503, (method, path, status, body)
+            assert retry == sidecar_retry, (method, path)  # the sidecar's own value, passed on
+            if method != "HEAD":
+                assert "unavailable" in body and session not in body, (method, path)
+    finally:
+        # Back with the saved data: the same cookie works again, nobody was signed out.
+        outage.redis = start_redis("outage-redis", outage.redis_dir, outage.redis.port)
+    assert {s for _, _, s, _, _ in await statuses_during(outage.base, header)} <= {200}
+
+
+@pytest.mark.parametrize("kind", ["sidecar-down", "not-a-sidecar"])
+async def test_an_unreachable_sidecar_is_503_and_other_failures_stay_500(
+    site: Site, kind: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Nothing listening where the sidecar should be (nginx's own 502 for the subrequest) is an
+    outage: 503 with the default Retry-After. An auth answer that is neither 2xx/401/403 nor
+    "unavailable" (here the provider's 404 for /oauth2/auth) is a misconfiguration: still 500,
+    without Retry-After."""
+    nginx_port, dead_port = free_ports(2)
+    target = f"127.0.0.1:{dead_port}" if kind == "sidecar-down" else urlsplit(site.issuer).netloc
+    conf = render_nginx_conf(nginx_port, target, urlsplit(site.app).netloc)
+    proc = start_nginx(conf, nginx_port, log_dir=tmp_path_factory.mktemp(f"nginx-{kind}"))
+    try:
+        for method, path, status, retry, body in await statuses_during(f"http://127.0.0.1:{nginx_port}", None):
+            if kind == "sidecar-down":
+                assert (status, retry) == (503, "5"), (method, path, status, body)
+            else:
+                assert (status, retry) == (500, None), (method, path, status, body)
+    finally:
+        proc.stop()
