@@ -816,3 +816,148 @@ def test_dockerfile_matches_the_manifests() -> None:
         assert setting in env
     ignored = set((ROOT / ".dockerignore").read_text().split())
     assert {".git", ".venv", "tests"} <= ignored
+
+
+# --------------------------------------------------------------------------
+# What the README tells operators to write: applied, as written, to both overlays
+# --------------------------------------------------------------------------
+
+K8S_README = K8S / "README.md"
+
+
+def readme_yaml_block(containing: str) -> dict[str, Any]:
+    """The one ```yaml block of deploy/kubernetes/README.md that contains ``containing``,
+    parsed, with the README's list-item indentation removed."""
+    blocks = re.findall(r"^( *)```yaml\n(.*?)^\1```", K8S_README.read_text(), flags=re.M | re.S)
+    found = [(indent, body) for indent, body in blocks if containing in body]
+    assert len(found) == 1, f"expected one yaml block with {containing!r} in {K8S_README}, found {len(found)}"
+    indent, body = found[0]
+    text = "\n".join(line[len(indent) :] for line in body.splitlines())
+    doc = yaml.safe_load(text)
+    assert isinstance(doc, dict), text
+    return doc
+
+
+def relative_to(tmp_path: Path, target: Path) -> str:
+    """``target`` as a path relative to ``tmp_path`` (kustomize refuses absolute resource paths)."""
+    rel = Path(*[".."] * len(tmp_path.resolve().parts[1:]))
+    return str(rel / target.resolve().relative_to("/"))
+
+
+def overlay_on(build: str, tmp_path: Path, **fields: Any) -> list[dict[str, Any]]:
+    """An operator's own overlay on top of a shipped build, with ``fields`` added."""
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [relative_to(tmp_path, BUILDS[build])],
+        **fields,
+    }
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    return kustomize(tmp_path)
+
+
+def without_placeholder_secret_ref(docs: list[dict[str, Any]], secret: str) -> list[dict[str, Any]]:
+    """The shipped build as the secret-manager patches should leave it: no placeholder Secret,
+    and every sidecar container's secretRef naming ``secret``."""
+    placeholder = [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"].startswith("sidecar-secrets-")]
+    assert len(placeholder) == 1
+    docs = [copy.deepcopy(d) for d in docs if d is not placeholder[0]]
+    for _, c in sidecar_containers(docs):
+        for source in c["envFrom"]:
+            if "secretRef" in source:
+                source["secretRef"]["name"] = secret
+    return docs
+
+
+@pytest.mark.parametrize("build", OVERLAYS)
+def test_the_documented_secret_manager_patch_applies_to_both_overlays(build: str, tmp_path: Path) -> None:
+    block = readme_yaml_block("sidecar-credentials")
+    shipped = rendered(build)
+    docs = overlay_on(build, tmp_path, patches=block["patches"])
+    for doc in docs:
+        assert not schema_errors(doc), schema_errors(doc)
+
+    patched = list(sidecar_containers(docs))
+    assert len(patched) == len(list(sidecar_containers(shipped))) >= 1
+    for wl, c in patched:
+        refs = [s for s in c["envFrom"] if "secretRef" in s]
+        assert [s["secretRef"]["name"] for s in refs] == ["sidecar-credentials"], wl["metadata"]["name"]
+        # The ConfigMap is still the generated one (its hashed name resolves), and comes first,
+        # so the secret manager's keys still win.
+        (cm_ref,) = [s["configMapRef"]["name"] for s in c["envFrom"] if "configMapRef" in s]
+        assert cm_ref.startswith("sidecar-config-") and find(docs, "ConfigMap", cm_ref)
+        assert "configMapRef" in c["envFrom"][0] and "secretRef" in c["envFrom"][-1]
+    assert not [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"].startswith("sidecar-secrets")]
+    # Nothing else changed: no container added to a Deployment without the sidecar, no other
+    # field. (A strategic merge patch may list the patched container first; order aside.)
+    expected = without_placeholder_secret_ref(shipped, "sidecar-credentials")
+    assert by_container_name(docs) == by_container_name(expected)
+
+
+def by_container_name(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``docs`` with each workload's containers sorted by name."""
+    docs = copy.deepcopy(docs)
+    for wl in workloads(docs):
+        wl["spec"]["template"]["spec"]["containers"].sort(key=lambda c: c["name"])
+    return docs
+
+
+APP_HOST_LINE = "      - host=app.example.com\n"
+HOSTS = ("shop.example.org", "a.b.c.example.net", "xn--bcher-kva.example", "my-app.internal")
+
+
+def ingress_hosts(docs: list[dict[str, Any]]) -> list[str]:
+    """Every host of every Ingress: the rules' and the TLS entries'."""
+    hosts = []
+    for ing in find(docs, "Ingress"):
+        hosts += [r["host"] for r in ing["spec"]["rules"]]
+        hosts += [h for tls in ing["spec"].get("tls", []) for h in tls["hosts"]]
+    return hosts
+
+
+def assert_everything_uses_host(docs: list[dict[str, Any]], host: str) -> None:
+    hosts = ingress_hosts(docs)
+    assert len(hosts) == 4 and set(hosts) == {host}, hosts  # two Ingresses, rules and TLS
+    (wl, c), *_ = sidecar_containers(docs)
+    env = container_env(docs, wl, c)
+    assert env["SIDECAR_REDIRECT_URL"] == f"https://{host}/oauth2/callback"
+    assert env["SIDECAR_WHITELIST_DOMAIN"] == host
+    assert "app.example.com" not in yaml.safe_dump_all(docs)
+    # The host setting is for rendering only: it is never applied to the cluster.
+    assert not find(docs, "ConfigMap", "app-host")
+    for doc in docs:
+        assert not schema_errors(doc), schema_errors(doc)
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_the_ingress_host_is_changed_in_one_place(host: str, tmp_path: Path) -> None:
+    copied = tmp_path / "kubernetes"
+    shutil.copytree(K8S, copied)
+    kustomization = copied / "overlays" / "ingress-nginx" / "kustomization.yaml"
+    text = kustomization.read_text()
+    assert text.count(APP_HOST_LINE) == 1
+    kustomization.write_text(text.replace(APP_HOST_LINE, f"      - host={host}\n"))
+    assert_everything_uses_host(kustomize(copied / "overlays" / "ingress-nginx"), host)
+
+
+@pytest.mark.parametrize("host", HOSTS[:2])
+def test_the_documented_host_overlay_changes_every_host(host: str, tmp_path: Path) -> None:
+    block = readme_yaml_block("host=my-app.example.org")
+    (component,) = block["components"]
+    assert component == "../deploy/kubernetes/components/app-host"
+    (generator,) = block["configMapGenerator"]
+    assert generator["literals"] == ["host=my-app.example.org"]
+    generator["literals"] = [f"host={host}"]
+    docs = overlay_on(
+        "ingress-nginx",
+        tmp_path,
+        components=[relative_to(tmp_path, K8S / "components" / "app-host")],
+        configMapGenerator=[generator],
+    )
+    assert_everything_uses_host(docs, host)
+    # Only the host changed.
+    shipped = yaml.safe_dump_all(rendered("ingress-nginx"))
+    ours = yaml.safe_dump_all(docs).replace(host, "app.example.com")
+    assert re.sub(r"sidecar-config-\w+", "sidecar-config-X", ours) == re.sub(
+        r"sidecar-config-\w+", "sidecar-config-X", shipped
+    )
