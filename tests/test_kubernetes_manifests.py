@@ -961,3 +961,65 @@ def test_the_documented_host_overlay_changes_every_host(host: str, tmp_path: Pat
     assert re.sub(r"sidecar-config-\w+", "sidecar-config-X", ours) == re.sub(
         r"sidecar-config-\w+", "sidecar-config-X", shipped
     )
+
+
+# --------------------------------------------------------------------------
+# The documents shipped with the deployment files
+# --------------------------------------------------------------------------
+
+# sha256 of the Apache License 2.0 as the ASF publishes it (LICENSE-2.0.txt), byte for byte.
+APACHE_2_0_SHA256 = "cfc7749b96f63bd31c3c42b5c471bf756814053e847c10f3eb003417bc523d30"
+
+
+def test_the_license_file_is_the_declared_apache_2_0() -> None:
+    import hashlib
+    import tomllib
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["license"]
+    assert declared in ("Apache-2.0", {"text": "Apache-2.0"})
+    text = (ROOT / "LICENSE").read_bytes()
+    assert hashlib.sha256(text).hexdigest() == APACHE_2_0_SHA256, "LICENSE is not the unmodified Apache-2.0 text"
+
+
+def shell_blocks(markdown_text: str) -> list[str]:
+    """Every ```sh block of a Markdown text, backslash continuations joined."""
+    blocks = re.findall(r"^ *```sh\n(.*?)^ *```", markdown_text, flags=re.M | re.S)
+    return [block.replace("\\\n", " ") for block in blocks]
+
+
+# A cookie secret made up when the command runs: a new one at every start.
+FRESH_SECRET = re.compile(r"--cookie-secret[ =][\"']?\$\(")
+DOCS = (ROOT / "README.md", K8S_README, ROOT / "deploy" / "nginx" / "README.md")
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_command_makes_up_a_new_cookie_secret_at_each_start(doc: Path) -> None:
+    for block in shell_blocks(doc.read_text()):
+        assert not FRESH_SECRET.search(block), block
+
+
+def test_the_production_command_reads_one_fixed_cookie_secret_from_a_file(tmp_path: Path) -> None:
+    import shlex
+
+    from sidecar.config_load import load_config
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Production") :]
+    section = section[: section.index("\n## ", 1)]
+    (command, *_) = shell_blocks(section)
+    argv = shlex.split(command, comments=True)
+    argv = argv[argv.index("sidecar") + 1 :]
+    assert "--cookie-secret" not in argv
+    secret_file = argv[argv.index("--cookie-secret-file") + 1]
+    assert secret_file.startswith("/run/secrets/")
+    # The documented command, with the two secret files made real, is accepted as it is, and
+    # every start (every replica) reads the same secret.
+    files = {}
+    for flag in ("--cookie-secret-file", "--client-secret-file"):
+        path = tmp_path / flag.strip("-")
+        path.write_text(secrets.token_urlsafe(32) + "\n")
+        files[argv[argv.index(flag) + 1]] = str(path)
+    real = [files.get(arg, arg) for arg in argv]
+    first, second = load_config(real, environ={}), load_config(real, environ={})
+    expected = (tmp_path / "cookie-secret-file").read_text().strip().encode()
+    assert first.cookie_secrets == second.cookie_secrets == (expected,)

@@ -678,7 +678,7 @@ def outage(site: Site, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Out
 
 
 # The requests of a signed-in user during an outage: a page, an API call, a form post.
-OUTAGE_REQUESTS = (
+OUTAGE_REQUESTS: tuple[tuple[str, str, dict[str, str]], ...] = (
     ("GET", "/_demo/echo", HTML),
     ("GET", "/some/page?a=1&b=2", HTML),
     ("GET", "/_demo/echo", {"Accept": "application/json"}),
