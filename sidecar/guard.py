@@ -117,7 +117,7 @@ def is_api_route(request: web.Request, config: Config) -> bool:
     return any(pattern.search(path) for pattern in config.api_routes)
 
 
-def _cookie_attributes(config: Any) -> dict[str, Any]:
+def _cookie_attributes(config: Config) -> dict[str, Any]:
     """The Domain attribute is filled in per request by ``apply_cookie_domain`` (the host decides it)."""
     return {
         "path": config.cookie_path,
@@ -128,16 +128,16 @@ def _cookie_attributes(config: Any) -> dict[str, Any]:
     }
 
 
-def set_cookie(response: web.StreamResponse, config: Any, name: str, value: str, max_age: float) -> None:
+def set_cookie(response: web.StreamResponse, config: Config, name: str, value: str, max_age: float) -> None:
     """Our cookies all carry the configured attributes (HttpOnly, Secure, SameSite=Lax by default)."""
     response.set_cookie(name, value, max_age=int(max_age), **_cookie_attributes(config))
 
 
-def clear_cookie(response: web.StreamResponse, config: Any, name: str) -> None:
+def clear_cookie(response: web.StreamResponse, config: Config, name: str) -> None:
     response.del_cookie(name, **_cookie_attributes(config))
 
 
-def clear_session_cookie(response: web.StreamResponse, config: Any) -> None:
+def clear_session_cookie(response: web.StreamResponse, config: Config) -> None:
     clear_cookie(response, config, config.cookie_name)
 
 

@@ -8,7 +8,6 @@ import html
 import logging
 import secrets
 import time
-from typing import Any
 from urllib.parse import quote, urlsplit
 
 from aiohttp import web
@@ -69,11 +68,11 @@ def _rd(request: web.Request) -> str:
     return safe_redirect(rd, view.scheme, view.host, services(request).config.redirect_hosts)
 
 
-def _attempt_prefix(config: Any) -> str:
+def _attempt_prefix(config: Config) -> str:
     return f"{config.cookie_name}_csrf_"
 
 
-def _state_cookie_name(config: Any, state: str) -> str:
+def _state_cookie_name(config: Config, state: str) -> str:
     return _attempt_prefix(config) + state_cookie_suffix(state)
 
 

@@ -11,6 +11,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+from .config import Config
 from .models import Identity, Session
 
 MAX_GROUPS_HEADER = 4096
@@ -129,7 +130,7 @@ def _safe(value: str) -> str:
     return _UNSAFE.sub("", value)
 
 
-def auth_response_headers(session: Session, config: Any) -> dict[str, str]:
+def auth_response_headers(session: Session, config: Config) -> dict[str, str]:
     """Headers on a 202 from /oauth2/auth, for nginx auth_request_set / ingress auth-response-headers."""
     headers: dict[str, str] = {}
     if config.set_xauthrequest:
@@ -150,7 +151,7 @@ _auth_memo: _Memo = {}
 _upstream_memo: _Memo = {}
 
 
-def _memoised(memo: _Memo, build: Any, session: Session, config: Any) -> dict[str, str]:
+def _memoised(memo: _Memo, build: Any, session: Session, config: Config) -> dict[str, str]:
     """Headers built once per session object: a cached session answers many requests."""
     hit = memo.get(id(session))
     if hit is not None and hit[0] is session:
@@ -162,15 +163,15 @@ def _memoised(memo: _Memo, build: Any, session: Session, config: Any) -> dict[st
     return headers
 
 
-def auth_response_headers_for(session: Session, config: Any) -> dict[str, str]:
+def auth_response_headers_for(session: Session, config: Config) -> dict[str, str]:
     return _memoised(_auth_memo, auth_response_headers, session, config)
 
 
-def upstream_identity_headers_for(session: Session, config: Any) -> dict[str, str]:
+def upstream_identity_headers_for(session: Session, config: Config) -> dict[str, str]:
     return _memoised(_upstream_memo, upstream_identity_headers, session, config)
 
 
-def upstream_identity_headers(session: Session, config: Any) -> dict[str, str]:
+def upstream_identity_headers(session: Session, config: Config) -> dict[str, str]:
     """Headers added to a request the sidecar proxies to the app itself."""
     headers: dict[str, str] = {}
     values = _identity_values(session.identity)

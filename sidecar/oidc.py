@@ -44,6 +44,7 @@ import jwt
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
 
 from . import metrics
+from .config import Config
 from .errors import (
     InvalidGrant,
     ProviderError,
@@ -289,7 +290,7 @@ def _json_object(text: str) -> dict[str, Any] | None:
 class OidcClient:
     """Talks to one provider; one instance per application, sharing one HTTP session."""
 
-    def __init__(self, config: Any, http: aiohttp.ClientSession) -> None:
+    def __init__(self, config: Config, http: aiohttp.ClientSession) -> None:
         self._config = config
         self._http = http
         self._metadata: Metadata | None = None

@@ -15,7 +15,6 @@ import logging
 import re
 import time
 import unicodedata
-from typing import Any
 from urllib.parse import quote, unquote_to_bytes
 
 import aiohttp
@@ -102,7 +101,7 @@ def _segment(raw: str) -> str:
 _NOT_FORWARDED = HOP_BY_HOP | {"content-length", "host"}
 
 
-def _forward_headers(request: web.Request, config: Any, *, trusted: bool, skipped: bool) -> dict[str, str]:
+def _forward_headers(request: web.Request, config: Config, *, trusted: bool, skipped: bool) -> dict[str, str]:
     """The client's headers the app may see: not hop-by-hop, not the sidecar's own, not its cookies."""
     connection = request.headers.get("Connection")
     dropped = _NOT_FORWARDED | {h.strip().lower() for h in connection.split(",")} if connection else _NOT_FORWARDED
@@ -127,7 +126,7 @@ def _forward_headers(request: web.Request, config: Any, *, trusted: bool, skippe
     return out
 
 
-def _forwarded_for(request: web.Request, config: Any) -> str:
+def _forwarded_for(request: web.Request, config: Config) -> str:
     view = view_of(request)
     prior = request.headers.get("X-Forwarded-For") if view.trusted else None
     return f"{prior}, {request.remote}" if prior else str(request.remote)

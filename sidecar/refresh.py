@@ -49,9 +49,9 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass, replace
-from typing import Any
 
 from . import crypto, logs, metrics
+from .config import Config
 from .cookies import SessionRef
 from .errors import (
     InvalidGrant,
@@ -113,7 +113,7 @@ def _outcome_label(exc: ProviderError) -> str:
 
 
 class Refresher:
-    def __init__(self, sessions: Sessions, oidc: OidcClient, config: Any) -> None:
+    def __init__(self, sessions: Sessions, oidc: OidcClient, config: Config) -> None:
         self._sessions = sessions
         self._store = sessions.store
         self._oidc = oidc

@@ -22,6 +22,7 @@ from dataclasses import replace
 from typing import Any
 
 from . import crypto, metrics
+from .config import Config
 from .cookies import SessionRef
 from .errors import SessionGone
 from .models import Identity, Session, TokenSet
@@ -42,7 +43,7 @@ def provider_sid_key(sid: str) -> str:
 
 
 class Sessions:
-    def __init__(self, store: SessionStore, config: Any, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: SessionStore, config: Config, clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self._config = config
         self._clock = clock

@@ -36,6 +36,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import RedisError
 
 from . import metrics
+from .config import Config
 from .errors import StoreUnavailable, VersionConflict
 
 T = TypeVar("T")
@@ -253,9 +254,9 @@ def _hostports(urls: tuple[str, ...]) -> list[tuple[str, int]]:
     return out
 
 
-def redis_store(config: Any) -> RedisStore:
+def redis_store(config: Config) -> RedisStore:
     """A RedisStore on a single node, Sentinel or Cluster, from the settings (redis-py's own support)."""
-    timeouts = {"socket_timeout": config.redis_timeout, "socket_connect_timeout": config.redis_timeout}
+    timeouts: dict[str, Any] = {"socket_timeout": config.redis_timeout, "socket_connect_timeout": config.redis_timeout}
     if config.redis_use_cluster:
         first = config.redis_cluster_connection_urls[0]
         parts = urlsplit(first if "//" in first else "redis://" + first)
@@ -384,7 +385,7 @@ class RedisStore:
                 await client.aclose()
 
 
-def make_store(config: Any) -> SessionStore:
+def make_store(config: Config) -> SessionStore:
     if config.session_store_type == "redis":
         return redis_store(config)
     return MemoryStore()
