@@ -278,3 +278,94 @@ def test_an_unknown_sidecar_variable_stops_the_process_with_one_line() -> None:
     assert proc.stderr.strip() == (
         "sidecar: error: SIDECAR_EMAIL_DOMAINZ: unknown option (did you mean SIDECAR_EMAIL_DOMAIN?)"
     )
+
+
+OAUTH2_PROXY_CFG = """
+# A typical oauth2-proxy.cfg, as its users write it
+http_address = "0.0.0.0:4180"
+reverse_proxy = true
+provider = "oidc"
+oidc_issuer_url = "https://login.example.com/realms/main"
+client_id = "my-app"
+redirect_url = "https://app.example.com/oauth2/callback"
+scope = "openid email profile groups"
+upstreams = ["http://127.0.0.1:8080/", "http://api.internal:9000/api/"]
+email_domains = ["example.com", "example.org"]
+allowed_groups = ["staff", "admins"]
+whitelist_domains = [".example.com", "tools.example.net:8443"]
+skip_auth_routes = ["GET=^/healthz$", "^/public/[a-z]{1,20}/.*$", "OPTIONS!=^/api/private/"]
+cookie_name = "_oauth2_proxy"
+cookie_secure = true
+cookie_expire = "168h"
+cookie_refresh = "1h"
+cookie_domains = [".example.com"]
+skip_provider_button = true
+set_xauthrequest = true
+pass_access_token = true
+session_store_type = "redis"
+redis_connection_url = "redis://redis.internal:6379/0"
+"""
+
+
+def test_a_realistic_oauth2_proxy_configuration_runs_as_written(tmp_path: Path) -> None:
+    cfg = tmp_path / "oauth2-proxy.cfg"
+    cfg.write_text(OAUTH2_PROXY_CFG)
+    env = {
+        "OAUTH2_PROXY_CONFIG": str(cfg),
+        "OAUTH2_PROXY_COOKIE_SECRET": "0123456789abcdef0123456789abcdef",
+        "OAUTH2_PROXY_CLIENT_SECRET": "client-secret-value",
+        "OAUTH2_PROXY_PROXY_WEBSOCKETS": "true",
+    }
+    notices: list[str] = []
+    config = load_config([], env, notices)
+    assert (config.listen_host, config.listen_port) == ("0.0.0.0", 4180) and config.reverse_proxy
+    assert [(u.prefix, u.url) for u in config.upstreams] == [
+        ("/api/", "http://api.internal:9000"),
+        ("/", "http://127.0.0.1:8080"),
+    ]
+    assert config.email_domain == ("example.com", "example.org")
+    assert config.allowed_group == ("staff", "admins")
+    assert [(r.domain, r.subdomains, r.port) for r in config.redirect_hosts] == [
+        ("example.com", True, None),
+        ("tools.example.net", False, 8443),
+    ]
+    healthz, public, not_options = config.skip_routes
+    assert healthz.matches("GET", "/healthz") and not healthz.matches("POST", "/healthz")
+    assert public.matches("PUT", "/public/abc/x") and not public.matches("GET", "/public/" + "a" * 21 + "/x")
+    assert not_options.matches("GET", "/api/private/x") and not not_options.matches("OPTIONS", "/api/private/x")
+    assert config.cookie_name == "_oauth2_proxy" and config.cookie_expire == 168 * 3600
+    assert config.cookie_refresh == 3600 and config.cookie_domain == (".example.com",)
+    assert config.client_secret == "client-secret-value" and config.pass_access_token
+    assert config.session_store_type == "redis"
+    assert len(notices) == 2 and all("ignored" in n for n in notices)  # skip_provider_button, proxy_websockets
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "needle"),
+    [
+        ("skip_provider_button = true", 'provider_display_name = "Corp SSO"', "not supported here"),
+        ("skip_provider_button = true", 'htpasswd_file = "/etc/htpasswd"', "not supported here"),
+        ("skip_provider_button = true", 'email_domain = ["example.com"]', "set it once"),
+        ("skip_provider_button = true", 'skip_auth_route = ["GET=^/a/"]', "set it once"),
+        ("email_domains =", "emails_domains =", "did you mean email_domains"),
+        ("cookie_secure = true", 'cookie_secure = "perhaps"', "--cookie-secure"),
+        (
+            'upstreams = ["http://127.0.0.1:8080/", "http://api.internal:9000/api/"]',
+            'upstreams = "ftp://x/"',
+            "--upstream",
+        ),
+        ('cookie_expire = "168h"', "cookie_expire = [1]", "expected a single value"),
+        ('cookie_expire = "168h"', 'cookie_expire = "nan"', "--cookie-expire"),
+        ('"GET=^/healthz$"', '"FETCH=^/healthz$"', "not an HTTP method"),
+        ('".example.com", ', '"*.example.*", ', "--whitelist-domain"),
+    ],
+)
+def test_an_oauth2_proxy_configuration_with_a_problem_names_the_key(
+    tmp_path: Path, old: str, new: str, needle: str
+) -> None:
+    assert old in OAUTH2_PROXY_CFG
+    cfg = tmp_path / "oauth2-proxy.cfg"
+    cfg.write_text(OAUTH2_PROXY_CFG.replace(old, new, 1))
+    env = {"OAUTH2_PROXY_COOKIE_SECRET": "0123456789abcdef0123456789abcdef"}
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_config(["--config", str(cfg)], env)
