@@ -1,9 +1,12 @@
 """Error pages that say what happened and offer a way on.
 
-A browser gets a small HTML page with links (sign in again, sign out, sign in as someone else);
-any other client gets one line of text with the same message. Every value that reaches the
-page is HTML-escaped, and nothing from the request is echoed except the path to return to,
-which goes only into an escaped, URL-encoded link.
+A browser gets an HTML page with links (sign in again, sign out, sign in as someone else);
+any other client gets one line of text with the same message. The HTML page is the operator's
+``error`` template (``config.pages``: built-in or ``error.html`` from ``--custom-templates-dir``,
+with ``--banner`` and ``--footer``), so every error page carries the same branding as the
+sign-in page. Every value that reaches the page is HTML-escaped by the template; the only
+markup passed in is the list of links, built here from escaped parts. Nothing from the request
+is echoed except the path to return to, which goes only into an escaped, URL-encoded link.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from urllib.parse import quote
 from aiohttp import web
 
 from .context import SERVICES
+from .templates import Html
 
 SIGN_IN = "sign_in"
 SIGN_OUT = "sign_out"
@@ -46,11 +50,30 @@ def _links(request: web.Request, actions: tuple[str, ...]) -> list[tuple[str, st
 
 
 def page(title: str, body_html: str, status: int = 200) -> web.Response:
-    """A bare HTML page; ``body_html`` must already be escaped by the caller."""
+    """A bare HTML page that is not an error (the sign-out confirmation form); ``body_html`` must already be
+    escaped by the caller. Error pages go through ``error`` and the operator's template instead."""
     title = html.escape(title)
     text = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title></head>"
         f"<body style='font-family:sans-serif;max-width:40em;margin:3em auto'><h1>{title}</h1>{body_html}</body></html>"
+    )
+    return web.Response(status=status, text=text, content_type="text/html")
+
+
+def _actions_html(request: web.Request, actions: tuple[str, ...]) -> Html:
+    """The way-on links as markup: built from escaped labels and hrefs, the one value the template takes as is."""
+    links = "".join(
+        f"<li><a href='{html.escape(href, quote=True)}'>{html.escape(label, quote=True)}</a></li>"
+        for label, href in _links(request, actions)
+    )
+    return Html(f"<ul class='actions'>{links}</ul>" if links else "")
+
+
+def _error_page(request: web.Request, status: int, title: str, message: str, actions: tuple[str, ...]) -> web.Response:
+    """The operator's ``error`` template filled in; ``render`` escapes title, status and message."""
+    pages = request.app[SERVICES].config.pages
+    text = pages.render(
+        "error", title=title, status=str(status), message=message, actions=_actions_html(request, actions)
     )
     return web.Response(status=status, text=text, content_type="text/html")
 
@@ -63,14 +86,10 @@ def error(
     actions: tuple[str, ...] = (SIGN_IN,),
     headers: dict[str, str] | None = None,
 ) -> web.Response:
-    """``status`` with ``title`` and ``message`` (plain text, escaped here) and links to ``actions``."""
+    """``status`` with ``title`` and ``message`` (plain text) and links to ``actions``: the operator's error page
+    for a browser, one line of text for any other client."""
     if _wants_html(request):
-        links = "".join(
-            f"<li><a href='{html.escape(href, quote=True)}'>{html.escape(label)}</a></li>"
-            for label, href in _links(request, actions)
-        )
-        body = f"<p>{html.escape(message)}</p>" + (f"<ul>{links}</ul>" if links else "")
-        response = page(title, body, status)
+        response = _error_page(request, status, title, message, actions)
     else:
         response = web.Response(status=status, text=f"{status} {title}: {message}\n")
     response.headers["Cache-Control"] = "no-store"

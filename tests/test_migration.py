@@ -4,6 +4,7 @@ HTTPS with a private CA), a second dev provider as an extra JWT issuer, real sid
 from __future__ import annotations
 
 import datetime
+import html
 import ipaddress
 import logging
 import os
@@ -32,6 +33,7 @@ from sidecar.context import forwarded_client_ip
 from sidecar.cookies import cookie_domain_for
 from sidecar.dev.provider import DevProvider, run_provider
 from sidecar.errors import ConfigError
+from sidecar.store import MemoryStore
 from sidecar.templates import Html, load_templates
 from tests.stack import COOKIE_SECRET, browser, free_port, session_cookie, sidecar_settings, sign_in, stack
 
@@ -565,6 +567,78 @@ def test_the_error_template_renders_with_links_built_by_the_sidecar(tmp_path: Pa
     pages = load_templates(str(tmp_path), "", "bye")
     text = pages.render("error", status="403", title="Denied", message="<not you>", actions=Html("<a href='/x'>x</a>"))
     assert text == "[403] Denied: &lt;not you&gt; <a href='/x'>x</a><div class='footer'>bye</div>"
+
+
+# Operator and request text that must never become markup, nor a placeholder filled in a second time.
+HOSTILE_TEXT = (
+    "<script>alert(1)</script>",
+    "\"'><img src=x onerror=alert(1)>",
+    "&lt;b&gt; $title ${message}",
+    "a\u202eb</div>",
+)
+ERROR_PAGES = [
+    ("forbidden", 403, "Access denied"),
+    ("expired", 400, "Sign-in expired"),
+    ("refused", 403, "Sign-in refused"),
+]
+
+
+async def _branded_error_page(kind: str, hostile: str, **branding: str) -> str:
+    """The HTML error page ``kind`` from a sidecar with ``branding``, reached with ``hostile`` request text: in
+    the query (403 after sign-in, from a stricter sidecar sharing the store), the state, or the provider's error."""
+    store = MemoryStore()
+    async with stack(store) as st, browser() as client:
+        if kind == "forbidden":
+            assert (await sign_in(client, st.base, rd="/")).status == 200
+            base = await st.add_sidecar(store, allowed_group="auditors", **branding)
+            url, params = f"{base}/app/page", {"q": hostile}
+        else:
+            base = await st.add_sidecar(store, **branding)
+            url = f"{base}/oauth2/callback"
+            params = {"state": hostile, "code": hostile} if kind == "expired" else {"error": hostile, "state": "s"}
+        async with client.get(url, params=params, headers={"Accept": "text/html"}, allow_redirects=False) as resp:
+            assert resp.headers["Content-Type"].startswith("text/html")
+            assert resp.status == dict((k, s) for k, s, _ in ERROR_PAGES)[kind]
+            return await resp.text()
+
+
+def _no_markup_from(hostile: str, page: str) -> None:
+    assert hostile not in page and "<script" not in page and "<img" not in page and "b</div>" not in page
+
+
+@pytest.mark.parametrize("hostile", HOSTILE_TEXT)
+@pytest.mark.parametrize(("kind", "status", "title"), ERROR_PAGES)
+async def test_error_pages_carry_the_escaped_banner_and_footer(
+    kind: str, status: int, title: str, hostile: str
+) -> None:
+    banner, footer = f"ACME staff {hostile}", f"Help: {hostile}"
+    page = await _branded_error_page(kind, hostile, banner=banner, footer=footer)
+    assert f"<div class='banner'>{html.escape(banner)}</div><h1>{title}</h1>" in page
+    assert page.endswith(f"<div class='footer'>{html.escape(footer)}</div></body></html>")
+    assert "<ul class='actions'><li><a href='/oauth2/" in page  # the way on survives the template
+    _no_markup_from(hostile, page)
+    if kind == "refused":  # the provider's word is shown, escaped
+        assert f"The identity provider said: {html.escape(hostile)}</p>" in page
+
+
+@pytest.mark.parametrize("hostile", HOSTILE_TEXT)
+@pytest.mark.parametrize(("kind", "status", "title"), ERROR_PAGES)
+async def test_a_custom_error_template_is_used_for_every_error_page(
+    tmp_path: Path, kind: str, status: int, title: str, hostile: str
+) -> None:
+    (tmp_path / "error.html").write_text(
+        "<main>$banner<h2>[$status] $title</h2><p>$message</p><nav>$actions</nav>$footer</main>"
+    )
+    page = await _branded_error_page(kind, hostile, custom_templates_dir=str(tmp_path), banner=hostile, footer="bye")
+    assert page.startswith(f"<main><div class='banner'>{html.escape(hostile)}</div><h2>[{status}] {title}</h2><p>")
+    assert "</p><nav><ul class='actions'><li><a href='/oauth2/" in page
+    assert page.endswith("</a></li></ul></nav><div class='footer'>bye</div></main>")
+    _no_markup_from(hostile, page)
+    if kind == "refused":
+        assert f"The identity provider said: {html.escape(hostile)}</p>" in page
+    if kind == "forbidden":  # the link back goes to the (encoded) page asked for, never the raw text
+        assert "Sign in as someone else" in page
+        assert "href='/oauth2/sign_out?rd=%2Foauth2%2Fstart%3Frd%3D%252Fapp%252Fpage%253Fq%253D" in page
 
 
 @pytest.mark.parametrize(
