@@ -31,6 +31,8 @@ from tests.redis_procs import free_ports, require
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 SHIPPED_NGINX_CONF = ROOT / "deploy" / "nginx" / "sidecar.conf"
+SHIPPED_STEP_UP_CONF = ROOT / "deploy" / "nginx" / "step-up.conf"
+STEP_UP_INCLUDE = "include /etc/nginx/step-up.conf;"  # in sidecar.conf; the test copy inlines the file
 
 # The addresses in the shipped config that a private copy replaces (see render_nginx_conf).
 NGINX_PLACEHOLDERS = {
@@ -179,8 +181,10 @@ class Proc:
 def render_nginx_conf(listen_port: int, sidecar: str, app: str, text: str | None = None) -> str:
     """The shipped server config with private addresses: ``sidecar`` and ``app`` as host:port,
     nginx on 127.0.0.1:``listen_port``. Fails when a placeholder is missing, so a changed
-    shipped file cannot silently leave a test talking to port 80 or 4180."""
+    shipped file cannot silently leave a test talking to port 80 or 4180. The shipped
+    step-up.conf, which sidecar.conf includes from /etc/nginx, is inlined in its place."""
     text = SHIPPED_NGINX_CONF.read_text() if text is None else text
+    text = text.replace(STEP_UP_INCLUDE, SHIPPED_STEP_UP_CONF.read_text())
     replacements = {
         NGINX_PLACEHOLDERS["sidecar"]: f"server {sidecar};",
         NGINX_PLACEHOLDERS["app"]: f"server {app};",

@@ -749,3 +749,120 @@ async def test_an_unreachable_sidecar_is_503_and_other_failures_stay_500(
                 assert (status, retry) == (500, None), (method, path, status, body)
     finally:
         proc.stop()
+
+
+# --------------------------------------------------------------------------
+# Step-up per location: deploy/nginx/step-up.conf (/admin/, max_age=300), as sidecar.conf includes it
+# --------------------------------------------------------------------------
+
+STEP_UP_CONF = ROOT / "deploy" / "nginx" / "step-up.conf"
+NGINX_README = ROOT / "deploy" / "nginx" / "README.md"
+STEP_UP_CHALLENGE = (
+    'Bearer error="insufficient_user_authentication", '
+    'error_description="A more recent authentication is required", max_age=300'
+)
+
+
+async def provider_post(site: Site, action: str, data: dict[str, Any]) -> None:
+    async with aiohttp.ClientSession() as client:
+        async with client.post(f"{site.issuer}/_control/{action}", json=data) as resp:
+            assert resp.status == 200, await resp.text()
+
+
+async def interactive_logins(site: Site) -> int:
+    return int((await provider_json(site, "/_control/stats"))["interactive_logins"])
+
+
+def test_the_readmes_step_up_lines_are_the_shipped_files() -> None:
+    """The README's step-up snippet is an excerpt of step-up.conf, which the tests run: line for line."""
+    readme = NGINX_README.read_text()
+    section = readme[readme.index("**Per location in nginx**") :]
+    snippet = section[section.index("```nginx") + len("```nginx") : section.index("```", section.index("```nginx") + 3)]
+    shipped = {line.strip() for line in STEP_UP_CONF.read_text().splitlines()}
+    lines = [line.strip() for line in snippet.splitlines() if line.strip()]
+    assert len(lines) > 10
+    assert [line for line in lines if line not in shipped] == []
+    assert "include /etc/nginx/step-up.conf;" in (ROOT / "deploy" / "nginx" / "sidecar.conf").read_text()
+
+
+async def test_step_up_location_needs_a_recent_sign_in_and_the_provider_asks_again(
+    site: Site, browser: aiohttp.ClientSession
+) -> None:
+    spoof = {"X-Auth-Request-Auth-Time": "9999999999", "X-Auth-Request-User": "mallory"}
+    await provider_post(site, "config", {"remember_logins": True})
+    try:
+        await sign_in(browser, site)
+        logins = await interactive_logins(site)
+        # Right after the sign-in: /admin/ is served, with the identity and the sign-in time.
+        async with browser.get(site.base + "/admin/x", headers={**spoof, **HTML}, allow_redirects=False) as resp:
+            assert resp.status == 200
+        async with browser.get(site.base + "/_demo/echo", headers=spoof) as resp:
+            first = {k.lower(): v for k, v in (await resp.json())["headers"].items()}
+        assert first["x-auth-request-user"] == "alice@example.com"
+        signed_in_at = int(first["x-auth-request-auth-time"])
+        assert abs(signed_in_at - time.time()) < 30
+
+        # Ten minutes pass at the provider; a plain sign-in is answered from its remembered login, so
+        # the session's auth_time is ten minutes old while its tokens are new.
+        await provider_post(site, "backdate_logins", {"seconds": 600})
+        async with browser.get(site.base + "/oauth2/start?rd=%2F_demo%2Fecho") as resp:
+            assert resp.status == 200 and resp.url.path == "/_demo/echo"
+            aged = {k.lower(): v for k, v in (await resp.json())["headers"].items()}
+        assert await interactive_logins(site) == logins  # no new login: the provider remembered it
+        assert int(aged["x-auth-request-auth-time"]) <= signed_in_at - 590
+        aged_cookie = cookie(browser)
+
+        # API clients and non-browser requests: the RFC 9470 challenge, the session untouched.
+        for method, headers in (("GET", {"Accept": "application/json"}), ("POST", HTML), ("DELETE", {})):
+            for path in ("/admin/", "/admin/x?y=1", "/admin/x?max_age=999999"):
+                async with browser.request(method, site.base + path, headers=headers, allow_redirects=False) as resp:
+                    assert resp.status == 401, (method, path)
+                    assert resp.headers["WWW-Authenticate"] == STEP_UP_CHALLENGE, (method, path)
+                    assert "Set-Cookie" not in resp.headers and "Location" not in resp.headers
+        # Other locations keep working without a new sign-in.
+        seen = (await echo(browser, site, headers=spoof))["headers"]
+        assert seen["x-auth-request-user"] == "alice@example.com"
+        assert seen["x-auth-request-auth-time"] == aged["x-auth-request-auth-time"]
+        async with browser.get(site.base + "/public/page", headers=HTML, allow_redirects=False) as resp:
+            assert resp.status == 200
+        assert cookie(browser) == aged_cookie and await interactive_logins(site) == logins
+
+        # A browser is sent straight to the provider with max_age=300; the page's own query (with a
+        # max_age and an rd of its own) is the page to come back to, not part of the sign-in request.
+        page = "/admin/x?y=1&max_age=9&rd=%2Fpublic%2Fx"
+        url = URL(site.base + page, encoded=True)  # sent exactly as written
+        async with browser.get(url, headers=HTML, allow_redirects=False) as resp:
+            assert resp.status == 302, await resp.text()
+            authorize = urlsplit(resp.headers["Location"])
+        assert f"{authorize.scheme}://{authorize.netloc}" == site.issuer
+        assert parse_qs(authorize.query)["max_age"] == ["300"]
+        async with browser.get(url, headers={**spoof, **HTML}) as resp:
+            assert resp.status == 200, [str(h.url) for h in resp.history]
+            assert resp.history[-1].headers["Location"] == page  # back on the page asked for, as asked
+            body = await resp.text()
+            assert "alice@example.com" in body and "mallory" not in body
+            assert any("max_age=300" in str(h.headers.get("Location", "")) for h in resp.history)
+        assert await interactive_logins(site) == logins + 1  # the provider really asked again
+
+        # The new session is fresh: /admin/ open to browsers and API clients, with the new auth_time.
+        fresh = (await echo(browser, site, headers=spoof))["headers"]
+        assert int(fresh["x-auth-request-auth-time"]) >= signed_in_at
+        assert cookie(browser) != aged_cookie
+        async with browser.get(site.base + "/admin/x", headers={"Accept": "application/json"}) as resp:
+            assert resp.status == 200
+    finally:
+        await provider_post(site, "config", {"remember_logins": False})
+
+
+async def test_step_up_location_without_a_session(site: Site) -> None:
+    """No session at all: browsers go to sign in (with max_age), others get a plain 401."""
+    async with aiohttp.ClientSession() as client:
+        async with client.get(site.base + "/admin/", headers=HTML, allow_redirects=False) as resp:
+            assert resp.status == 302
+            location = urlsplit(resp.headers["Location"])
+        assert f"{location.scheme}://{location.netloc}" == site.issuer
+        assert parse_qs(location.query)["max_age"] == ["300"]
+        for method, headers in (("GET", {}), ("POST", HTML), ("HEAD", {"Accept": "application/json"})):
+            async with client.request(method, site.base + "/admin/", headers=headers, allow_redirects=False) as resp:
+                assert resp.status == 401, method
+                assert "Location" not in resp.headers
