@@ -363,6 +363,8 @@ def _split_hostport(text: str, option: str) -> tuple[str, int]:
 
 def _parse_upstream(text: str) -> Upstream:
     parts = urlsplit(text)
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError("--upstream: user info in an upstream URL is not supported (it would be logged)")
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
         raise ConfigError(f"--upstream: expected an http(s) URL without query, got {text!r}")
     return Upstream(prefix=parts.path or "/", url=f"{parts.scheme}://{parts.netloc}")
@@ -416,6 +418,10 @@ def _collect(problems: list[str], parse: Any, items: tuple[str, ...], *args: Any
         except ConfigError as exc:
             problems.append(str(exc))
     return tuple(out)
+
+
+def _skip_route(text: str) -> Route:
+    return parse_route(text, "skip-auth-route", refuse_match_all=True)
 
 
 def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -544,7 +550,7 @@ def build_config(raw: Mapping[str, Any]) -> Config:
     _check(values, problems)
     derived: dict[str, Any] = {
         "upstreams": _collect(problems, _parse_upstream, values["upstream"]),
-        "skip_routes": _collect(problems, parse_route, values["skip_auth_route"], "skip-auth-route"),
+        "skip_routes": _collect(problems, _skip_route, values["skip_auth_route"]),
         "fresh_routes": _collect(
             problems, parse_fresh_route, values["fresh_auth_route"], "fresh-auth-route", parse_duration
         ),

@@ -26,7 +26,7 @@ import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from .config import BY_ATTR, OPTIONS, Config, Option, build_config
+from .config import BY_ATTR, OPTIONS, Config, Option, build_config, parse_bool
 from .errors import ConfigError
 
 ENV_PREFIXES = ("SIDECAR_", "OAUTH2_PROXY_")
@@ -66,6 +66,19 @@ def _by_name() -> dict[str, Option]:
 
 
 _NAMES = _by_name()
+
+
+def _needless(name: str, value: Any, shown: str, problems: list[str], notices: list[str]) -> None:
+    """These oauth2-proxy switches describe what the sidecar always does: "true" gets a notice,
+    anything else asks for something the sidecar cannot do, and is refused."""
+    try:
+        wanted = value if isinstance(value, bool) else parse_bool(str(value))
+    except ValueError:
+        wanted = False
+    if wanted:
+        notices.append(f"{shown}: {NEEDLESS[name]}; ignored")
+    else:
+        problems.append(f"{shown}: {NEEDLESS[name]}, so it cannot be turned off; remove the setting")
 
 
 def _unknown(name: str, shown: str) -> str:
@@ -127,7 +140,8 @@ def _flags(argv: Sequence[str], problems: list[str], notices: list[str]) -> tupl
             flag = item.split("=", 1)[0]
             problems.append(_unknown(flag[2:].replace("-", "_"), flag))
         else:
-            problems.append(f"{item!r}: unexpected argument (every setting is a --flag)")
+            # Never echoed: it may be the value of a misspelt secret flag.
+            problems.append("a value without a known --flag before it (every setting is a --flag)")
     parsed = vars(args)
     config_file = parsed.pop("config")
     out: dict[str, Any] = {}
@@ -135,7 +149,7 @@ def _flags(argv: Sequence[str], problems: list[str], notices: list[str]) -> tupl
         if value is None:
             continue
         if key.startswith("needless_"):
-            notices.append(f"--{key[9:].replace('_', '-')}: {NEEDLESS[key[9:]]}; ignored")
+            _needless(key[9:], value, f"--{key[9:].replace('_', '-')}", problems, notices)
         elif BY_ATTR[key].kind == "patterns":
             out[key] = list(value)  # one flag, one rule
         elif BY_ATTR[key].kind == "names":
@@ -175,7 +189,7 @@ def _environment(environ: Mapping[str, str], problems: list[str], notices: list[
                 continue
             name = key[len(prefix) :].lower()
             if name in NEEDLESS:
-                notices.append(f"{key}: {NEEDLESS[name]}; ignored")
+                _needless(name, text, key, problems, notices)
                 continue
             opt = _NAMES.get(name)
             if opt is None:
@@ -206,7 +220,7 @@ def _toml(path: str, problems: list[str], notices: list[str]) -> dict[str, Any]:
     for key, value in data.items():
         name = key.replace("-", "_")
         if name in NEEDLESS:
-            notices.append(f"{path}: {key}: {NEEDLESS[name]}; ignored")
+            _needless(name, value, f"{path}: {key}", problems, notices)
             continue
         opt = _NAMES.get(name)
         if opt is None:

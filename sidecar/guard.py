@@ -185,10 +185,10 @@ def _peer_in(remote: str | None, networks: tuple[Any, ...]) -> bool:
 def tokens_allowed(request: web.Request, config: Config) -> bool:
     """May this ``/oauth2/auth`` answer carry the access token?
 
-    Only to a front the operator named (the socket peer is in ``--trusted-proxy``: nginx or the
-    ingress controller asking in its auth subrequest), and never when the sidecar proxies the app
-    itself (``--upstream``): there the app gets its tokens on the proxied request, and
+    Only to a front the operator named (``--reverse-proxy`` on and the socket peer in
+    ``--trusted-proxy``: nginx or the ingress controller asking in its auth subrequest), and never
+    when the sidecar proxies the app itself (``--upstream``): there the app gets its tokens on the proxied request, and
     ``/oauth2/auth`` is reachable by the page's own scripts, which must not read tokens. Request
     headers cannot decide this: nginx copies the browser's headers (``Sec-Fetch-*`` too) into
     its subrequest."""
-    return not config.upstreams and _peer_in(request.remote, config.trusted_networks)
+    return not config.upstreams and config.reverse_proxy and _peer_in(request.remote, config.trusted_networks)

@@ -13,9 +13,12 @@ from dataclasses import dataclass
 from .errors import ConfigError
 
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"})
-_METHOD_PREFIX = re.compile(r"^([A-Za-z]+)(!?=)(.*)$", re.DOTALL)
-_HOST_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
-_PORT = re.compile(r"^[0-9]{1,5}$")
+# \Z, never $: "$" also matches before a final newline, and "example.com\n" is no host name.
+_METHOD_PREFIX = re.compile(r"\A([A-Za-z]+)(!?=)(.*)\Z", re.DOTALL)
+_HOST_LABEL = re.compile(r"\A(?!-)[a-z0-9-]{1,63}(?<!-)\Z")
+_PORT = re.compile(r"\A[0-9]{1,5}\Z")
+# Paths no sane rule means to cover: a rule that matches them matches everything.
+_PROBES = ("", "/sidecar-probe-8c1e/admin/x.json")
 
 
 @dataclass(frozen=True)
@@ -35,8 +38,11 @@ class Route:
         return self.pattern.search(path) is not None
 
 
-def parse_route(text: str, option: str) -> Route:
-    """One route rule; never split, so ``{1,3}`` and ``,`` inside a regex mean what they say."""
+def parse_route(text: str, option: str, *, refuse_match_all: bool = False) -> Route:
+    """One route rule; never split, so ``{1,3}`` and ``,`` inside a regex mean what they say.
+
+    ``refuse_match_all`` for rules that open routes: a stray ``|`` (``^/x|``) or ``.*`` would
+    make the whole site public, so a regex that matches any path is refused."""
     method: str | None = None
     negate = False
     pattern = text
@@ -52,6 +58,8 @@ def parse_route(text: str, option: str) -> Route:
         compiled = re.compile(pattern)
     except re.error as exc:
         raise ConfigError(f"--{option}: bad regex {pattern!r}: {exc}") from None
+    if refuse_match_all and any(compiled.search(probe) for probe in _PROBES):
+        raise ConfigError(f"--{option}: regex {pattern!r} matches every path (anchor it, e.g. ^/public/)")
     return Route(text=text, method=method, negate=negate, pattern=compiled)
 
 

@@ -15,8 +15,8 @@ from urllib.parse import unquote
 from .rules import HostRule, valid_hostname
 
 MAX_RD_CHARS = 2048
-_ABSOLUTE = re.compile(r"^(https?)://([^/?#]*)([/?#].*)?$", re.DOTALL)
-_AUTHORITY = re.compile(r"^([a-z0-9.-]+|\[[0-9a-f:.]+\])(?::([0-9]{1,5}))?$")
+_ABSOLUTE = re.compile(r"\A(https?)://([^/?#]*)([/?#].*)?\Z", re.DOTALL)
+_AUTHORITY = re.compile(r"\A([a-z0-9.-]+|\[[0-9a-f:.]+\])(?::([0-9]{1,5}))?\Z")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 

@@ -33,7 +33,7 @@ async def test_in_reverse_proxy_mode_the_auth_endpoint_carries_identity_but_neve
 
 
 async def test_as_an_auth_request_target_tokens_go_only_to_trusted_fronts() -> None:
-    async with stack(MemoryStore(), upstream="", **TOKENS) as st, browser() as client:
+    async with stack(MemoryStore(), upstream="", reverse_proxy="true", **TOKENS) as st, browser() as client:
         await sign_in(client, st.base)
         headers = await _auth_headers(client, st.base, {})  # loopback: the default --trusted-proxy
         assert headers["X-Auth-Request-Access-Token"].startswith("ey")
@@ -44,3 +44,11 @@ async def test_as_an_auth_request_target_tokens_go_only_to_trusted_fronts() -> N
             headers = await _auth_headers(client, st.base, extra)
             assert headers["X-Auth-Request-User"] == "alice@example.com"
             assert "X-Auth-Request-Access-Token" not in headers and "Authorization" not in headers
+
+
+async def test_without_reverse_proxy_no_peer_is_a_trusted_front() -> None:
+    async with stack(MemoryStore(), upstream="", **TOKENS) as st, browser() as client:
+        await sign_in(client, st.base)
+        headers = await _auth_headers(client, st.base, {"Cookie": "app=1"})
+        assert "X-Auth-Request-Access-Token" not in headers and "Authorization" not in headers
+        assert "Cookie" not in headers  # the app's HttpOnly cookies are not echoed either

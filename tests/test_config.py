@@ -369,3 +369,40 @@ def test_an_oauth2_proxy_configuration_with_a_problem_names_the_key(
     env = {"OAUTH2_PROXY_COOKIE_SECRET": "0123456789abcdef0123456789abcdef"}
     with pytest.raises(ConfigError, match=re.escape(needle)):
         load_config(["--config", str(cfg)], env)
+
+
+@pytest.mark.parametrize("regex", ["^/x|", "|^/x", ".*", "^", "/", "(?s).*", "^/|^/x", "GET=.", "POST!=^/x|^/y|", "x*"])
+def test_a_skip_rule_that_matches_every_path_is_refused(regex: str) -> None:
+    with pytest.raises(ConfigError, match="matches every path"):
+        load_config([*BASE, "--skip-auth-route", regex], {})
+
+
+@pytest.mark.parametrize("regex", ["^/$", "^/public/", "GET=^/healthz$", "\\.css$", "^/a|^/b"])
+def test_targeted_skip_rules_are_accepted(regex: str) -> None:
+    assert len(load_config([*BASE, "--skip-auth-route", regex], {}).skip_routes) == 1
+
+
+def test_a_stray_value_is_never_echoed_it_may_be_a_secret() -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_config([*BASE, "--cookie-secre", "TOPSECRETVALUE1234"], {})
+    assert "TOPSECRETVALUE1234" not in str(refused.value) and "--cookie-secre" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [
+        (["--proxy-websockets=false"], {}),
+        (["--skip-provider-button=false"], {}),
+        ([], {"OAUTH2_PROXY_PROXY_WEBSOCKETS": "false"}),
+        ([], {"OAUTH2_PROXY_PROXY_WEBSOCKETS": "maybe"}),
+    ],
+)
+def test_needless_switches_turned_off_are_refused_not_ignored(args: list[str], env: dict[str, str]) -> None:
+    with pytest.raises(ConfigError, match="cannot be turned off"):
+        load_config([*BASE, *args], env)
+
+
+def test_upstream_credentials_are_refused_and_never_printed() -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_config([*BASE, "--upstream", "http://user:upstream-pw@app:8080/"], {})
+    assert "upstream-pw" not in str(refused.value) and "--upstream" in str(refused.value)

@@ -74,7 +74,8 @@ def test_email_domain_and_group_rules() -> None:
 
 
 async def test_huge_and_hostile_groups_from_the_provider_give_a_sane_202() -> None:
-    async with stack(MemoryStore(), pass_authorization_header="true", upstream="") as st, browser() as client:
+    settings = {"pass_authorization_header": "true", "upstream": "", "reverse_proxy": "true"}
+    async with stack(MemoryStore(), **settings) as st, browser() as client:
         st.provider.set_groups("alice", [f"team-{i}" for i in range(3000)] + ["bad\r\nX-Evil: 1"])
         await sign_in(client, st.base)
         async with client.get(f"{st.base}/oauth2/auth") as resp:

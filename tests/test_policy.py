@@ -126,3 +126,10 @@ def test_an_unusable_sub_refuses_the_token(sub: Any) -> None:
 def test_emails_of_unexpected_types_are_no_email(email: Any) -> None:
     identity = identity_from_claims({"sub": "s", "email": email}, CORP)
     assert identity.email == "" and not is_allowed(identity, CORP)
+
+
+@pytest.mark.parametrize("address", ["victim@example.com\n", "victim@example.com\r", "victim@example.com\n\n"])
+def test_a_trailing_newline_never_passes_for_an_address_even_with_any_domain(address: str) -> None:
+    anyone = _config(email_domain="*")
+    identity = identity_from_claims({"sub": "s", "email": address, "email_verified": True}, anyone)
+    assert identity.email == "" and email_domain(address) is None

@@ -21,7 +21,7 @@ from tests.stack import Stack, browser, session_cookie, sign_in, stack
 FAST = {"access_token_ttl": 1}
 # No upstream: the auth_request role, where /oauth2/auth itself carries the token (a sidecar that
 # proxies the app never puts tokens there), so each check is exactly one request.
-OPTS = {"refresh_skew": "0s", "pass_access_token": "true", "upstream": ""}
+OPTS = {"refresh_skew": "0s", "pass_access_token": "true", "upstream": "", "reverse_proxy": "true"}
 
 
 async def _auth(client: aiohttp.ClientSession, base: str) -> tuple[int, str | None]:

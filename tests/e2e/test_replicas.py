@@ -133,7 +133,14 @@ async def test_rotated_token_is_saved_even_when_redis_stalls_after_the_provider_
         async with (
             # No upstream: the auth_request role, where /oauth2/auth itself carries the token, so each
             # check is exactly one request (a second one could find the 1 s token expired again).
-            stack(store, provider_kw=provider_kw, refresh_skew="0s", pass_access_token="true", upstream="") as st,
+            stack(
+                store,
+                provider_kw=provider_kw,
+                refresh_skew="0s",
+                pass_access_token="true",
+                upstream="",
+                reverse_proxy="true",
+            ) as st,
             browser() as client,
         ):
             await sign_in(client, st.base)
