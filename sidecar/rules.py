@@ -17,8 +17,9 @@ HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTI
 _METHOD_PREFIX = re.compile(r"\A([A-Za-z]+)(!?=)(.*)\Z", re.DOTALL)
 _HOST_LABEL = re.compile(r"\A(?!-)[a-z0-9-]{1,63}(?<!-)\Z")
 _PORT = re.compile(r"\A[0-9]{1,5}\Z")
-# Paths no sane rule means to cover: a rule that matches them matches everything.
-_PROBES = ("", "/sidecar-probe-8c1e/admin/x.json")
+# A regex that matches the empty string matches at the start of every path: a stray "|" or a
+# ".*" made the whole site public by accident. An intended "^/" still reads as what it is.
+_PROBES = ("",)
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ def parse_route(text: str, option: str, *, refuse_match_all: bool = False) -> Ro
     """One route rule; never split, so ``{1,3}`` and ``,`` inside a regex mean what they say.
 
     ``refuse_match_all`` for rules that open routes: a stray ``|`` (``^/x|``) or ``.*`` would
-    make the whole site public, so a regex that matches any path is refused."""
+    make the whole site public, so a regex that matches even the empty string is refused."""
     method: str | None = None
     negate = False
     pattern = text
@@ -59,7 +60,9 @@ def parse_route(text: str, option: str, *, refuse_match_all: bool = False) -> Ro
     except re.error as exc:
         raise ConfigError(f"--{option}: bad regex {pattern!r}: {exc}") from None
     if refuse_match_all and any(compiled.search(probe) for probe in _PROBES):
-        raise ConfigError(f"--{option}: regex {pattern!r} matches every path (anchor it, e.g. ^/public/)")
+        raise ConfigError(
+            f"--{option}: regex {pattern!r} matches every path, even an empty one (anchor it, e.g. ^/public/)"
+        )
     return Route(text=text, method=method, negate=negate, pattern=compiled)
 
 
