@@ -76,8 +76,11 @@ def parse_max_age(value: str) -> int | None:
 
 
 def is_stale(auth_time: float, max_age: float, now: float) -> bool:
-    """True when the last interactive sign-in is more than ``max_age`` seconds ago."""
-    return now - auth_time > max_age
+    """True when the last interactive sign-in is more than ``max_age`` whole seconds ago.
+
+    ``auth_time`` is whole seconds (OIDC Core), so both sides are compared as whole seconds: a
+    sign-in at 100.9 reported as 100 is not stale at 101.05 under a 1 s rule."""
+    return math.floor(now) - math.floor(auth_time) > max_age
 
 
 def _number(value: Any) -> float | None:
