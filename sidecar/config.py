@@ -511,6 +511,14 @@ def _migration_derived(values: Mapping[str, Any], problems: list[str]) -> dict[s
     """Values derived from the options oauth2-proxy users bring along."""
     for attr in ("proxy_prefix", "ping_path", "ready_path"):
         _path_option(values[attr], BY_ATTR[attr].name, problems)
+    prefix = values["proxy_prefix"].rstrip("/") + "/"
+    for attr in ("ping_path", "ready_path"):
+        if values[attr].startswith(prefix) or values[attr] + "/" == prefix:
+            problems.append(f"--{BY_ATTR[attr].name}: {values[attr]!r} is under --proxy-prefix; choose another path")
+    if values["ping_path"] == values["ready_path"]:
+        problems.append("--ready-path: must differ from --ping-path")
+    if len(values["banner"]) > 4096 or len(values["footer"]) > 4096:
+        problems.append("--banner/--footer: at most 4096 characters each")
     header = values["real_client_ip_header"]
     if not re.fullmatch(r"[A-Za-z0-9-]+", header):
         problems.append(f"--real-client-ip-header: not a header name: {header!r}")

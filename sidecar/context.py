@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import aiohttp
 from aiohttp import web
@@ -49,18 +50,25 @@ VIEW = web.RequestKey("view", View)
 AUTHED: web.RequestKey[tuple[SessionRef, Session]] = web.RequestKey("authed", tuple)
 
 
-def _is_trusted(remote: str | None, config: Config) -> bool:
+def trusted_peer(remote: str | None, config: Config) -> bool:
+    """The socket peer is a proxy the operator named: ``--reverse-proxy`` on, peer in ``--trusted-proxy``."""
     if not config.reverse_proxy or not remote:
         return False
     return _in_networks(remote, config)
 
 
 def _in_networks(address: str, config: Config) -> bool:
+    return _address_in(address, config.trusted_networks)
+
+
+@lru_cache(maxsize=1024)
+def _address_in(address: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+    """Cached: the same few peers (nginx, the ingress controller) ask on every request."""
     try:
         addr = ipaddress.ip_address(address)
     except ValueError:
         return False
-    return any(addr in net for net in config.trusted_networks)
+    return any(addr in net for net in networks)
 
 
 def _ip(text: str) -> str | None:
@@ -103,7 +111,7 @@ def view_of(request: web.Request) -> View:
     view = request.get(VIEW)
     if view is None:
         config = request.app[SERVICES].config
-        trusted = _is_trusted(request.remote, config)
+        trusted = trusted_peer(request.remote, config)
         scheme = "https" if request.secure else "http"
         host = request.host
         if trusted:

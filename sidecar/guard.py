@@ -6,10 +6,8 @@ three see exactly the same rules.
 
 from __future__ import annotations
 
-import ipaddress
 import time
 from collections.abc import Awaitable, Callable
-from functools import lru_cache
 from typing import Any
 from urllib.parse import quote
 
@@ -18,7 +16,7 @@ from aiohttp import web
 from . import logs
 from .bearer import bearer_token, invalid_token
 from .config import Config
-from .context import AUTHED, SERVICES, Services, services, view_of
+from .context import AUTHED, SERVICES, Services, services, trusted_peer, view_of
 from .cookies import SessionRef, cookie_domain_for
 from .errors import InvalidCookie, SessionGone
 from .models import Session
@@ -173,15 +171,6 @@ def absolute(request: web.Request, path: str) -> str:
 TOKEN_HEADERS = frozenset({"X-Auth-Request-Access-Token", "Authorization"})
 
 
-@lru_cache(maxsize=1024)
-def _peer_in(remote: str | None, networks: tuple[Any, ...]) -> bool:
-    try:
-        addr = ipaddress.ip_address(remote or "")
-    except ValueError:
-        return False
-    return any(addr in net for net in networks)
-
-
 def tokens_allowed(request: web.Request, config: Config) -> bool:
     """May this ``/oauth2/auth`` answer carry the access token?
 
@@ -191,4 +180,4 @@ def tokens_allowed(request: web.Request, config: Config) -> bool:
     ``/oauth2/auth`` is reachable by the page's own scripts, which must not read tokens. Request
     headers cannot decide this: nginx copies the browser's headers (``Sec-Fetch-*`` too) into
     its subrequest."""
-    return not config.upstreams and config.reverse_proxy and _peer_in(request.remote, config.trusted_networks)
+    return not config.upstreams and trusted_peer(request.remote, config)

@@ -76,18 +76,10 @@ def _state_cookie_name(config: Config, state: str) -> str:
     return _attempt_prefix(config) + state_cookie_suffix(state)
 
 
-def _client_key(request: web.Request) -> str:
-    """Who is asking, for the rate limit: the peer, or behind a trusted proxy the address it appended."""
-    view = view_of(request)
-    forwarded = request.headers.get("X-Forwarded-For", "") if view.trusted else ""
-    last = forwarded.rsplit(",", 1)[-1].strip()
-    return last[:64] or view.client_ip
-
-
 def _rate_limited(request: web.Request, svc: Services) -> web.Response | None:
     """Anonymous sign-in endpoints are limited per client (429 + Retry-After), in process memory."""
     per_minute = float(svc.config.signin_rate_limit)
-    wait = svc.signin_limiter.take(_client_key(request), per_minute, 2 * per_minute, time.monotonic())
+    wait = svc.signin_limiter.take(view_of(request).client_ip, per_minute, 2 * per_minute, time.monotonic())
     if not wait:
         return None
     return web.Response(

@@ -406,3 +406,18 @@ def test_upstream_credentials_are_refused_and_never_printed() -> None:
     with pytest.raises(ConfigError) as refused:
         load_config([*BASE, "--upstream", "http://user:upstream-pw@app:8080/"], {})
     assert "upstream-pw" not in str(refused.value) and "--upstream" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--ping-path", "/oauth2/auth"],
+        ["--ready-path", "/oauth2"],
+        ["--ping-path", "/ready"],
+        ["--proxy-prefix", "/sso", "--ping-path", "/sso/ping"],
+        ["--banner", "x" * 5000],
+    ],
+)
+def test_endpoint_paths_that_would_shadow_each_other_are_refused(args: list[str]) -> None:
+    with pytest.raises(ConfigError):
+        load_config([*BASE, *args], {})
