@@ -94,6 +94,10 @@ def build_app(config: Config, store: SessionStore | None = None) -> web.Applicat
     app.cleanup_ctx.append(services_ctx)
     app.on_response_prepare.append(drop_server_header)
     handlers.add_routes(app, config, with_metrics=not config.metrics_address)
+    if config.oauth_server:
+        from . import oauth  # only then: the browser path never imports the authorization server
+
+        oauth.install(app, config)  # its routes, and its hooks on SERVICES (after services_ctx)
     app.router.add_route("*", "/{tail:.*}", guarded(proxy.handle, "proxy"))
     return app
 

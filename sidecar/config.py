@@ -214,6 +214,37 @@ class Config:
     banner: str = option("", "text shown on the sign-in and error pages (HTML-escaped)")
     footer: str = option("", "text shown at the foot of the sign-in and error pages (HTML-escaped)")
     custom_templates_dir: str = option("", "directory with sign_in.html and/or error.html ($placeholders)")
+    auth_address: str = option(
+        "", "extra host:port serving only /oauth2/auth on a lean listener (nginx auth_request targets)"
+    )
+    # The OAuth 2.1 authorization server for CLI and MCP clients (sidecar/oauth/).
+    oauth_server: bool = option(False, "be the OAuth authorization server for CLI and MCP clients of --oauth-resource")
+    oauth_resource: Names = option(
+        (),
+        "path of an API the sidecar issues tokens for, e.g. /mcp (repeatable); a token works only under its path",
+        aliases=("oauth_resources",),
+    )
+    oauth_access_token_ttl: Seconds = option(900.0, "lifetime of the access tokens it issues (15m)", low=10, high=86400)
+    oauth_refresh_idle_timeout: Seconds = option(
+        30 * 86400.0, "a grant whose refresh token is unused this long ends (sliding, 720h)", low=60, high=10 * _YEAR
+    )
+    oauth_refresh_max_lifetime: Seconds = option(
+        365 * 86400.0, "a grant ends this long after its sign-in, used or not (8760h)", low=60, high=10 * _YEAR
+    )
+    oauth_grants_per_user: int = option(
+        20, "most live grants per user; a new one ends the least recently used", low=1, high=10_000
+    )
+    oauth_client_idle_timeout: Seconds = option(
+        30 * 86400.0, "a registered client with no grant and no use this long is forgotten (720h)", low=60,
+        high=10 * _YEAR,
+    )  # fmt: skip
+    oauth_registration_rate_limit: int = option(
+        10, "dynamic client registrations per client IP per minute, burst twice that; 0 = no limit", high=1_000_000
+    )
+    oauth_device_code_ttl: Seconds = option(600.0, "how long a device code waits for the user (10m)", low=60, high=3600)
+    oauth_device_poll_interval: Seconds = option(
+        5.0, "least seconds between a device's token polls (RFC 8628 interval)", low=1, high=60
+    )
 
     # Derived once from the options above by build_config.
     cookie_secrets: tuple[bytes, ...] = _derived(())
@@ -232,6 +263,9 @@ class Config:
     jwt_issuers: tuple[tuple[str, str], ...] = _derived(())  # (issuer, audience) of --extra-jwt-issuers
     provider_ssl: ssl.SSLContext | bool | None = _derived(None)  # None: system trust; False: not verified
     pages: PageTemplates = _derived(DEFAULT_TEMPLATES)
+    oauth_resources: tuple[str, ...] = _derived(())  # --oauth-resource paths, longest first
+    auth_host: str | None = _derived(None)
+    auth_port: int | None = _derived(None)
 
     def options(self) -> dict[str, Any]:
         """The option values (not the derived ones), as ``build_config`` takes them."""
@@ -536,6 +570,37 @@ def _migration_derived(values: Mapping[str, Any], problems: list[str]) -> dict[s
     }
 
 
+def _oauth_resources(values: Mapping[str, Any], problems: list[str]) -> tuple[str, ...]:
+    """Resource paths: absolute, distinct, none inside another (a token's audience is one path and
+    everything under it), none over the sidecar's own endpoints or ``/.well-known``."""
+    paths = values["oauth_resource"]
+    if paths and not values["oauth_server"]:
+        problems.append("--oauth-resource: only used with --oauth-server; set it too")
+    if values["oauth_server"] and not paths:
+        problems.append("--oauth-server: name at least one --oauth-resource path (e.g. /mcp)")
+    if values["oauth_refresh_idle_timeout"] > values["oauth_refresh_max_lifetime"]:
+        problems.append("--oauth-refresh-idle-timeout: must not exceed --oauth-refresh-max-lifetime")
+    reserved = (values["proxy_prefix"], "/.well-known", values["ping_path"], values["ready_path"])
+    out: list[str] = []
+    for path in paths:
+        before = len(problems)
+        _path_option(path, "oauth-resource", problems)
+        if len(problems) != before:
+            continue
+        if path == "/" or any(_nested(path, other) for other in reserved):
+            problems.append(f"--oauth-resource: {path!r} overlaps the sidecar's own paths; choose another")
+        elif any(_nested(path, other) for other in out):
+            problems.append(f"--oauth-resource: {path!r} overlaps another resource path; a token must have one")
+        else:
+            out.append(path)
+    return tuple(sorted(out, key=len, reverse=True))
+
+
+def _nested(a: str, b: str) -> bool:
+    """Is one of the two paths the other or under it (``/api`` and ``/api/v2``, not ``/api2``)?"""
+    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
+
+
 def build_config(raw: Mapping[str, Any]) -> Config:
     """Validate raw settings (attr -> value, already merged by precedence) into a Config."""
     problems = [f"--{name.replace('_', '-')}: unknown option" for name in sorted(set(raw) - set(BY_ATTR))]
@@ -566,8 +631,9 @@ def build_config(raw: Mapping[str, Any]) -> Config:
         "email_domains": _collect(problems, parse_domain_rule, values["email_domain"]),
         "trusted_networks": _collect(problems, _network, values["trusted_proxy"]),
         **_migration_derived(values, problems),
+        "oauth_resources": _oauth_resources(values, problems),
     }
-    for attr, key in (("http_address", "listen"), ("metrics_address", "metrics")):
+    for attr, key in (("http_address", "listen"), ("metrics_address", "metrics"), ("auth_address", "auth")):
         if values[attr] or attr == "http_address":
             try:
                 derived[key + "_host"], derived[key + "_port"] = _split_hostport(values[attr], BY_ATTR[attr].name)

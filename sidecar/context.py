@@ -3,20 +3,38 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
 
 from .bearer import BearerVerifier
 from .config import Config
-from .cookies import CookieCodec, SessionRef
-from .models import Session
+from .cookies import CookieCodec, SessionRef, SignInAttempt
+from .models import Identity, Session, TokenSet
 from .oidc import OidcClient
 from .ratelimit import RateLimiter
 from .refresh import Refresher
 from .sessions import Sessions
+
+
+class ResourceGuard(Protocol):
+    """Plugged in by ``sidecar.oauth`` (``--oauth-server``): the browser path calls it without importing it."""
+
+    async def authenticate(self, request: web.Request) -> tuple[SessionRef, Session] | None:
+        """The session behind a sidecar-issued bearer token on a resource path; None: not such a request
+        (the cookie decides). Raises an HTTP 401 for a bad token there."""
+
+    def challenge(self, request: web.Request) -> web.Response | None:
+        """The 401 a resource path answers without credentials (``resource_metadata``); None elsewhere."""
+
+
+# Finishes an upstream sign-in started with a ``purpose`` (``SignInAttempt.purpose``): gets the request,
+# the attempt, the identity, the provider's tokens and the ID token claims; answers the browser.
+SignInFinisher = Callable[[web.Request, SignInAttempt, Identity, TokenSet, dict[str, Any]], Awaitable[web.Response]]
 
 
 @dataclass
@@ -32,6 +50,8 @@ class Services:
     upstream_http: aiohttp.ClientSession | None = None  # proxied requests
     signin_limiter: RateLimiter = field(default_factory=RateLimiter)  # per client, /oauth2/start and callback
     bearer: BearerVerifier | None = None  # --skip-jwt-bearer-tokens
+    resource_guard: ResourceGuard | None = None  # --oauth-server
+    sign_in_finishers: dict[str, SignInFinisher] = field(default_factory=dict)  # by purpose kind, --oauth-server
 
 
 @dataclass
@@ -48,6 +68,8 @@ SERVICES = web.AppKey("services", Services)
 VIEW = web.RequestKey("view", View)
 # (SessionRef, Session) once authenticated; the user goes into the log line
 AUTHED: web.RequestKey[tuple[SessionRef, Session]] = web.RequestKey("authed", tuple)
+# True when a sidecar-issued bearer token authenticated the request: its Authorization never reaches the app
+BY_SIDECAR_TOKEN: web.RequestKey[bool] = web.RequestKey("by_sidecar_token", bool)
 
 
 def trusted_peer(remote: str | None, config: Config) -> bool:

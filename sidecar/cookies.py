@@ -67,9 +67,15 @@ class SignInAttempt:
     rd: str
     redirect_uri: str = ""  # sent in the authorize request, so the code exchange sends the very same; "" = configured
     max_age: int | None = None  # asked of the provider: the ID token must then prove a sign-in this recent
+    # "" for a browser sign-in; "kind:id" hands the tokens to ``Services.sign_in_finishers[kind]`` instead
+    # (``sidecar.oauth``: the upstream tokens of a CLI/MCP grant), and no browser session is made.
+    purpose: str = ""
 
     def __repr__(self) -> str:  # the verifier and nonce are secrets of this attempt
-        return f"SignInAttempt(state=..., verifier=..., nonce=..., rd=..., redirect_uri=..., max_age={self.max_age})"
+        return (
+            f"SignInAttempt(state=..., verifier=..., nonce=..., rd=..., redirect_uri=..., max_age={self.max_age}, "
+            f"purpose={self.purpose.partition(':')[0]!r})"
+        )
 
 
 @dataclass(frozen=True)
@@ -136,9 +142,11 @@ class CookieCodec:
 
     def dump_attempt(self, attempt: SignInAttempt) -> str:
         """Encrypt (bound to the state) and sign a pending sign-in for its cookie."""
-        fields: list[str | int] = [attempt.verifier, attempt.nonce, attempt.rd, attempt.redirect_uri]
-        if attempt.max_age is not None:
+        fields: list[str | int | None] = [attempt.verifier, attempt.nonce, attempt.rd, attempt.redirect_uri]
+        if attempt.max_age is not None or attempt.purpose:
             fields.append(attempt.max_age)
+        if attempt.purpose:
+            fields.append(attempt.purpose)
         plain = json.dumps(fields, separators=(",", ":")).encode()
         sealed = crypto.encrypt(self._attempt_keys[0], plain, _attempt_context(attempt.state))
         return self._state.dumps(_b64(sealed))
@@ -168,20 +176,22 @@ class CookieCodec:
             raise InvalidState("sign-in cookie expired or signed too far in the future")
         return SignInAttempt(state, *self._open_attempt(sealed, state))
 
-    def _open_attempt(self, sealed: bytes, state: str) -> tuple[str, str, str, str, int | None]:
+    def _open_attempt(self, sealed: bytes, state: str) -> tuple[str, str, str, str, int | None, str]:
         """Decrypt with each configured secret's key; the state is bound in, so another state's cookie fails."""
         for key in self._attempt_keys:
             try:
                 fields = json.loads(crypto.decrypt(key, sealed, _attempt_context(state)))
             except (InvalidCookie, ValueError):
                 continue
-            if not isinstance(fields, list) or not all(isinstance(f, str) for f in fields[:4]):
+            if not isinstance(fields, list) or not 4 <= len(fields) <= 6:
                 continue
-            if len(fields) == 4:
-                return fields[0], fields[1], fields[2], fields[3], None
-            max_age = fields[4] if len(fields) == 5 else None
-            if isinstance(max_age, int) and not isinstance(max_age, bool) and max_age >= 0:
-                return fields[0], fields[1], fields[2], fields[3], max_age
+            if not all(isinstance(f, str) for f in fields[:4]):
+                continue
+            max_age = fields[4] if len(fields) >= 5 else None
+            purpose = fields[5] if len(fields) == 6 else ""
+            age_ok = max_age is None or (isinstance(max_age, int) and not isinstance(max_age, bool) and max_age >= 0)
+            if age_ok and isinstance(purpose, str):
+                return fields[0], fields[1], fields[2], fields[3], max_age, purpose
         raise InvalidState("state does not match its sign-in cookie")
 
 

@@ -16,7 +16,7 @@ from aiohttp import web
 from . import logs
 from .bearer import bearer_token, invalid_token
 from .config import Config
-from .context import AUTHED, SERVICES, Services, services, trusted_peer, view_of
+from .context import AUTHED, BY_SIDECAR_TOKEN, SERVICES, Services, services, trusted_peer, view_of
 from .cookies import SessionRef, cookie_domain_for
 from .errors import InvalidCookie, SessionGone
 from .models import Session
@@ -45,7 +45,15 @@ async def authenticate(request: web.Request, svc: Services) -> tuple[SessionRef,
 
     With ``--skip-jwt-bearer-tokens`` a request carrying ``Authorization: Bearer`` is judged by that
     token alone (``bearer.py``): valid, it is who the token names; invalid, a 401 ``invalid_token``.
-    The cookie is not consulted then, so a bad token never quietly turns into someone's session."""
+    The cookie is not consulted then, so a bad token never quietly turns into someone's session.
+    With ``--oauth-server`` a token the sidecar issued is judged first, on its resource paths only."""
+    if svc.resource_guard is not None:
+        found = await svc.resource_guard.authenticate(request)
+        if found is not None:
+            request[BY_SIDECAR_TOKEN] = True
+            if svc.config.request_logging:
+                request[AUTHED] = found
+            return found
     if svc.bearer is not None:
         token = bearer_token(request)
         if token is not None:
@@ -96,7 +104,12 @@ def wants_html(request: web.Request) -> bool:
 
 def sign_in_redirect(request: web.Request) -> web.Response:
     """Browsers go to sign in and come back to where they were; API clients get 401."""
-    config = services(request).config
+    svc = services(request)
+    config = svc.config
+    if svc.resource_guard is not None:
+        challenge = svc.resource_guard.challenge(request)
+        if challenge is not None:
+            return challenge
     if wants_html(request) and not is_api_route(request, config):
         rd = quote(request.rel_url.raw_path_qs, safe="/?=&%:@!$'()*+,;~-._")
         location = f"{config.proxy_prefix}/start?rd={quote(rd, safe='')}"

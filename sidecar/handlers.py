@@ -127,12 +127,26 @@ async def start(request: web.Request, svc: Services) -> web.Response:
     limited = _rate_limited(request, svc)
     if limited is not None:
         return limited
-    state, nonce, pkce = secrets.token_urlsafe(32), secrets.token_urlsafe(32), Pkce.new()
     rd = _rd(request)
-    max_age = _start_max_age(request, svc.config, rd)
+    return await begin_sign_in(request, svc, rd, max_age=_start_max_age(request, svc.config, rd))
+
+
+async def begin_sign_in(
+    request: web.Request,
+    svc: Services,
+    rd: str,
+    *,
+    max_age: int | None = None,
+    purpose: str = "",
+    scope: str | None = None,
+) -> web.Response:
+    """The redirect to the provider, with this attempt sealed in its own cookie. ``purpose`` ("kind:id")
+    hands the callback's tokens to ``svc.sign_in_finishers[kind]`` instead of making a browser session;
+    ``scope`` replaces ``--scope`` for this sign-in (``sidecar.oauth`` adds ``offline_access``)."""
+    state, nonce, pkce = secrets.token_urlsafe(32), secrets.token_urlsafe(32), Pkce.new()
     redirect_uri = callback_url(request, svc.config)  # sealed in the attempt: the code exchange sends the same
-    attempt = SignInAttempt(state, pkce.verifier, nonce, rd, redirect_uri, max_age=max_age)
-    url = await svc.oidc.authorize_url(state, nonce, pkce, redirect_uri=redirect_uri, max_age=max_age)
+    attempt = SignInAttempt(state, pkce.verifier, nonce, rd, redirect_uri, max_age=max_age, purpose=purpose)
+    url = await svc.oidc.authorize_url(state, nonce, pkce, redirect_uri=redirect_uri, max_age=max_age, scope=scope)
     response = web.Response(status=302, headers={"Location": url, "Cache-Control": "no-store"})
     _clear_old_attempts(request, response, svc, keep=MAX_ATTEMPT_COOKIES - 1)
     name = _state_cookie_name(svc.config, state)
@@ -208,6 +222,13 @@ async def callback(request: web.Request, svc: Services) -> web.Response:
         metrics.DECISIONS.add("403")
         _log_denial(request, identity, denied, "/oauth2/callback")
         response = pages.forbidden(request)
+        clear_cookie(response, config, cookie_name)
+        return response
+    if attempt.purpose:
+        finisher = svc.sign_in_finishers.get(attempt.purpose.partition(":")[0])
+        if finisher is None:
+            raise InvalidState("sign-in for a purpose this sidecar does not serve")
+        response = await finisher(request, attempt, identity, tokens, claims)
         clear_cookie(response, config, cookie_name)
         return response
     await _end_previous_session(request)
@@ -376,7 +397,8 @@ async def auth(request: web.Request, svc: Services) -> web.Response:
         _, session = await authenticate(request, svc)
     except SessionGone:
         metrics.DECISIONS.add("401")
-        return web.Response(status=401, text="401 Unauthorized\n")
+        challenge = svc.resource_guard.challenge(request) if svc.resource_guard is not None else None
+        return challenge or web.Response(status=401, text="401 Unauthorized\n")
     denied = why_denied(session.identity, svc.config)
     if denied is None and not _location_allows(request, session.identity):
         denied = "location_rule"

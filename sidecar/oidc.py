@@ -347,7 +347,13 @@ class OidcClient:
         return data
 
     async def authorize_url(
-        self, state: str, nonce: str, pkce: Pkce, redirect_uri: str | None = None, max_age: int | None = None
+        self,
+        state: str,
+        nonce: str,
+        pkce: Pkce,
+        redirect_uri: str | None = None,
+        max_age: int | None = None,
+        scope: str | None = None,
     ) -> str:
         """``redirect_uri``: the callback built for this request (a relative ``--redirect-url``). ``max_age``
         (OIDC Core 3.1.2.1) makes the provider re-authenticate a user whose last sign-in there is older;
@@ -357,7 +363,7 @@ class OidcClient:
             "response_type": "code",
             "client_id": self._config.client_id,
             "redirect_uri": redirect_uri or self._config.redirect_url,
-            "scope": self._config.scope,
+            "scope": scope or self._config.scope,
             "state": state,
             "nonce": nonce,
             "code_challenge": pkce.challenge,

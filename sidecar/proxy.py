@@ -23,7 +23,7 @@ from yarl import URL
 
 from . import logs, metrics
 from .config import Config
-from .context import Services, view_of
+from .context import BY_SIDECAR_TOKEN, Services, view_of
 from .cookies import without_sidecar_cookies
 from .errors import BadRequest, SessionGone
 from .guard import authorize, is_api_route, sign_in_redirect, wants_html
@@ -105,7 +105,9 @@ def _forward_headers(request: web.Request, config: Config, *, trusted: bool, ski
     """The client's headers the app may see: not hop-by-hop, not the sidecar's own, not its cookies."""
     connection = request.headers.get("Connection")
     dropped = _NOT_FORWARDED | {h.strip().lower() for h in connection.split(",")} if connection else _NOT_FORWARDED
-    authorization = bool(config.pass_authorization_header)
+    # The client's Authorization is dropped when the sidecar sets its own, and when it held a sidecar-issued
+    # token (no token passthrough: MCP authorization, "Token Passthrough").
+    authorization = bool(config.pass_authorization_header) or request.get(BY_SIDECAR_TOKEN, False)
     out: dict[str, str] = {}
     for name, value in request.headers.items():
         low = name.lower()

@@ -43,7 +43,17 @@ def provider_sid_key(sid: str) -> str:
 
 
 class Sessions:
-    def __init__(self, store: SessionStore, config: Config, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        store: SessionStore,
+        config: Config,
+        clock: Callable[[], float] = time.time,
+        *,
+        index_provider_sid: bool = True,
+    ) -> None:
+        """``index_provider_sid=False``: back-channel logout by the provider's ``sid`` does not reach these
+        sessions (the upstream tokens of CLI/MCP grants, which outlive a browser sign-out; by ``sub`` it does)."""
+        self._index_provider_sid = index_provider_sid
         self.store = store
         self._config = config
         self._clock = clock
@@ -140,7 +150,7 @@ class Sessions:
         await self._index_provider_session(key, session, ttl)
 
     async def _index_provider_session(self, key: str, session: Session, ttl: float) -> None:
-        if session.provider_sid:
+        if session.provider_sid and self._index_provider_sid:
             await self.store.index(provider_sid_key(session.provider_sid), key, ttl)
 
     async def end(self, ref: SessionRef, session: Session | None, reason: str) -> None:
