@@ -105,6 +105,7 @@ class Metadata:
     revocation_endpoint: str | None
     end_session_endpoint: str | None
     id_token_algs: frozenset[str]
+    scopes_supported: frozenset[str] = frozenset()  # discovery's list ("offline_access" for CLI/MCP grants)
 
 
 class _Flight(Generic[T]):
@@ -324,6 +325,9 @@ class OidcClient:
                 end_session_endpoint=_url(doc["end_session_endpoint"]) if doc.get("end_session_endpoint") else None,
                 id_token_algs=frozenset(a for a in algs if isinstance(a, str)) & _ALLOWED_ALGS
                 if isinstance(algs, list)
+                else frozenset(),
+                scopes_supported=frozenset(s for s in scopes if isinstance(s, str))
+                if isinstance(scopes := doc.get("scopes_supported"), list)
                 else frozenset(),
             )
         except KeyError as exc:
