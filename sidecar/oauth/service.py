@@ -1,0 +1,240 @@
+"""``OAuthServer``: the authorization server's shared state and the operations every endpoint needs.
+
+One instance per application, at ``app[OAUTH]``, built by ``oauth_ctx`` (a cleanup context that runs after
+the browser path's services exist). It holds the grant store, a second ``Sessions`` for the grants'
+upstream-token records (longer lifetimes, not reached by back-channel logout by ``sid``) and a second
+``Refresher`` on it, so a grant's upstream tokens are refreshed by the same single-flight, cross-replica
+machinery as a browser session's.
+
+A grant's session key (``SessionRef.key``) is never stored in the clear: each record that can lead to
+it (code, access token, refresh token) holds it wrapped under its own token (``tokens.wrap_key``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+from typing import Any
+
+from aiohttp import web
+
+from .. import logs
+from ..config import Config
+from ..context import Services, view_of
+from ..cookies import SessionRef
+from ..models import Identity, TokenSet
+from ..refresh import Refresher
+from ..sessions import Sessions, user_key
+from . import tokens as tk
+from .model import AuthorizationCode, Client, DeviceAuthorization, Grant, IssuedTokens
+from .store import GrantStore
+
+CODE_TTL = 120.0  # an authorization code lives this long (RFC 6749 4.1.2 recommends at most 10 minutes)
+PENDING_GRANT_TTL = 900.0  # a grant whose code or device approval was never redeemed disappears after this
+USER_AGENT_CHARS = 200
+
+log = logging.getLogger("sidecar.oauth")
+
+
+def grant_config(config: Config) -> Config:
+    """The settings the grants' session records live by: the --oauth-refresh-* lifetimes."""
+    return config.replace(
+        cookie_expire=config.oauth_refresh_max_lifetime,
+        session_idle_timeout=config.oauth_refresh_idle_timeout,
+    )
+
+
+class OAuthServer:
+    """Shared by the endpoints of ``sidecar.oauth``; see the module docstring."""
+
+    def __init__(
+        self, config: Config, store: GrantStore, svc: Services, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.svc = svc
+        self.clock = clock
+        self.sessions = Sessions(svc.sessions.store, grant_config(config), index_provider_sid=False)
+        self.refresher = Refresher(self.sessions, svc.oidc, grant_config(config))
+
+    # --- where ------------------------------------------------------------------------------------------
+    def issuer(self, request: web.Request) -> str:
+        """The external origin the client used (X-Forwarded-* only from trusted proxies)."""
+        view = view_of(request)
+        return f"{view.scheme}://{view.host}"
+
+    def resource_for(self, request: web.Request, path: str) -> str:
+        """The canonical resource URI of a --oauth-resource path, as this request's client sees it."""
+        return self.issuer(request) + path
+
+    # --- grants -------------------------------------------------------------------------------------------
+    async def start_grant(
+        self,
+        identity: Identity,
+        tokens: TokenSet,
+        claims: dict[str, Any],
+        client: Client,
+        resource: str,
+        resource_path: str,
+        scope: str,
+        client_ip: str,
+        user_agent: str,
+    ) -> tuple[Grant, bytes]:
+        """Keep the upstream tokens in a new session record and make a grant on it; returns the grant and
+        the record's key (the caller wraps it into the code or device approval it issues). Grants of the
+        user beyond --oauth-grants-per-user are ended, least recently used first."""
+        ref, _ = await self.sessions.create(identity, tokens, claims)
+        now = self.clock()
+        grant = Grant(
+            grant_id=tk.new_grant_id(),
+            sub=identity.sub,
+            user=identity.email or identity.user,
+            client_id=client.client_id,
+            client_name=client.client_name,
+            resource=resource,
+            resource_path=resource_path,
+            scope=scope,
+            session_sid=ref.sid,
+            created_at=now,
+            last_used_at=now,
+            last_used_from=client_ip,
+            user_agent=user_agent[:USER_AGENT_CHARS],
+            expires_at=now + float(self.config.oauth_refresh_max_lifetime),
+        )
+        evicted = await self.store.create_grant(grant, PENDING_GRANT_TTL, int(self.config.oauth_grants_per_user))
+        for old in evicted:
+            await self._end_session(old)
+            logs.event("oauth_grant_ended", {"grant_id": old.grant_id, "client_id": old.client_id, "reason": "limit"})
+        logs.event("oauth_grant_started", {"grant_id": grant.grant_id, "client_id": client.client_id})
+        return grant, ref.key
+
+    async def issue_code(self, grant: Grant, session_key: bytes, redirect_uri: str, code_challenge: str) -> str:
+        """A single-use authorization code for ``grant`` (PKCE S256 challenge kept for the token endpoint)."""
+        code = tk.mint(tk.CODE, grant.grant_id)
+        record = AuthorizationCode(
+            grant_id=grant.grant_id,
+            client_id=grant.client_id,
+            redirect_uri=redirect_uri,
+            code_challenge=code_challenge,
+            resource=grant.resource,
+            scope=grant.scope,
+            wrapped_key=tk.wrap_key(session_key, code),
+            expires_at=self.clock() + CODE_TTL,
+        )
+        await self.store.put_code(tk.token_hash(code), record, CODE_TTL)
+        return code
+
+    async def approve_device(self, device: DeviceAuthorization, grant: Grant, session_key: bytes) -> bool:
+        """Mark a pending device authorization approved for ``grant`` (compare-and-set: False when it is no
+        longer pending). The session key waits wrapped under a key from the server secret (``_device_key``)."""
+        wrapped = tk.seal(self._device_key(device.device_code_hash), session_key)
+        approved = replace(device, status="approved", grant_id=grant.grant_id, wrapped_key=wrapped)
+        ok = await self.store.update_device(approved, "pending")
+        if not ok:
+            await self.end_grant(grant.grant_id, "device_not_pending")
+        return ok
+
+    def _device_key(self, device_code_hash: str) -> bytes:
+        return tk.device_wrapping_key(self.config.cookie_secrets[0], device_code_hash)
+
+    def open_device_key(self, device: DeviceAuthorization) -> bytes | None:
+        """The session key of an approved device authorization (any configured cookie secret opens it)."""
+        for secret in self.config.cookie_secrets:
+            key = tk.unseal(tk.device_wrapping_key(secret, device.device_code_hash), device.wrapped_key)
+            if key is not None:
+                return key
+        return None
+
+    async def end_grant(self, grant_id: str, reason: str) -> bool:
+        """End a grant: its token and code records, its index entry and its upstream-token record."""
+        grant = await self.store.end_grant(grant_id)
+        if grant is None:
+            return False
+        await self._end_session(grant)
+        logs.event("oauth_grant_ended", {"grant_id": grant_id, "client_id": grant.client_id, "reason": reason})
+        return True
+
+    async def end_user_grants(self, sub: str, reason: str) -> int:
+        ended = await self.store.end_user_grants(sub)
+        for grant in ended:
+            await self._end_session(grant)
+            fields = {"grant_id": grant.grant_id, "client_id": grant.client_id, "reason": reason}
+            logs.event("oauth_grant_ended", fields)
+        return len(ended)
+
+    async def _end_session(self, grant: Grant) -> None:
+        ref = SessionRef(sid=grant.session_sid, key=b"")
+        await self.sessions.store.delete(ref.store_key, user_key(grant.sub))
+
+    # --- tokens -----------------------------------------------------------------------------------------
+    async def issue_tokens(
+        self,
+        grant: Grant,
+        session_key: bytes,
+        used_refresh_hash: str | None,
+        client_ip: str,
+        user_agent: str,
+    ) -> IssuedTokens | str:
+        """Mint an access and a refresh token for ``grant`` and store them (a rotation when
+        ``used_refresh_hash`` is given). Returns the tokens, or the store's "replayed"/"unknown"."""
+        now = self.clock()
+        access = tk.mint(tk.ACCESS, grant.grant_id)
+        refresh = tk.mint(tk.REFRESH, grant.grant_id)
+        access_ttl = max(1.0, min(float(self.config.oauth_access_token_ttl), grant.expires_at - now))
+        refresh_ttl = min(float(self.config.oauth_refresh_idle_timeout), grant.expires_at - now)
+        if refresh_ttl <= 0:
+            return "unknown"
+
+        def record(token: str, ttl: float) -> bytes:
+            return tk.TokenRecord(
+                wrapped_key=tk.wrap_key(session_key, token),
+                session_sid=grant.session_sid,
+                resource=grant.resource,
+                resource_path=grant.resource_path,
+                client_id=grant.client_id,
+                sub=grant.sub,
+                scope=grant.scope,
+                expires_at=now + ttl,
+            ).to_bytes()
+
+        outcome = await self.store.issue_tokens(
+            grant.grant_id,
+            tk.token_hash(access),
+            record(access, access_ttl),
+            access_ttl,
+            tk.token_hash(refresh),
+            record(refresh, refresh_ttl),
+            refresh_ttl,
+            used_refresh_hash,
+            now,
+            client_ip,
+            user_agent[:USER_AGENT_CHARS],
+        )
+        if outcome != "ok":
+            return outcome
+        return IssuedTokens(
+            access_token=access,
+            refresh_token=refresh,
+            expires_in=int(access_ttl),
+            scope=grant.scope,
+            resource=grant.resource,
+        )
+
+
+OAUTH = web.AppKey("oauth", OAuthServer)
+
+
+async def oauth_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Cleanup context (appended by ``sidecar.oauth.install`` after the services context): builds the
+    ``OAuthServer`` on the session store's connection and plugs the resource guard into the browser path."""
+    from ..context import SERVICES
+    from .resource import ResourceGuardImpl
+    from .store import grant_store_for
+
+    svc = app[SERVICES]
+    server = OAuthServer(svc.config, grant_store_for(svc.sessions.store), svc)
+    app[OAUTH] = server
+    svc.resource_guard = ResourceGuardImpl(server)
+    yield
