@@ -303,6 +303,15 @@ class RedisStore:
         self._extend = client.register_script(_EXTEND)
         self._release = client.register_script(_RELEASE)
 
+    @property
+    def client(self) -> Any:
+        """The Redis client (single node, Sentinel master or Cluster): the OAuth grant store shares it."""
+        return self._r
+
+    @property
+    def prefix(self) -> str:
+        return self._p
+
     async def _call(self, op: Awaitable[T], name: str = "other") -> T:
         started = time.monotonic()
         try:
