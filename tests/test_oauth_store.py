@@ -1,0 +1,193 @@
+"""The grant store (sidecar/oauth/store.py): memory, real redis-server, and a real Redis Cluster."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+
+from sidecar.oauth import tokens as tk
+from sidecar.oauth.model import AuthorizationCode, DeviceAuthorization, Grant
+from sidecar.oauth.store import GrantStore, MemoryGrantStore, RedisGrantStore
+from tests.redis_procs import ClusterTopology, cluster_topology
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterTopology]:
+    with cluster_topology(tmp_path_factory.mktemp("oauth-cluster")) as topo:
+        yield topo
+
+
+@pytest.fixture(params=["memory", "redis", "cluster"])
+async def grants(request: pytest.FixtureRequest, redis_server: str) -> AsyncIterator[GrantStore]:
+    if request.param == "memory":
+        yield MemoryGrantStore()
+        return
+    client: aioredis.Redis | RedisCluster
+    if request.param == "redis":
+        client = aioredis.from_url(redis_server)
+        await client.flushdb()
+    else:
+        topo: ClusterTopology = request.getfixturevalue("cluster")
+        client = RedisCluster(host="127.0.0.1", port=topo.procs[0].port)
+        await client.initialize()
+    yield RedisGrantStore(client, f"t{time.monotonic_ns()}:")  # the cluster is shared by the module's tests
+    await client.aclose()
+
+
+def grant(sub: str = "alice", last: float | None = None) -> Grant:
+    now = time.time() if last is None else last
+    return Grant(
+        grant_id=tk.new_grant_id(),
+        sub=sub,
+        user=f"{sub}@example.com",
+        client_id="client-1",
+        client_name="CLI",
+        resource="http://127.0.0.1/mcp",
+        resource_path="/mcp",
+        scope="openid",
+        session_sid="sid-" + sub,
+        created_at=now,
+        last_used_at=now,
+        last_used_from="127.0.0.1",
+        user_agent="test",
+        expires_at=now + 3600,
+    )
+
+
+async def issue(store: GrantStore, g: Grant, used: str | None = None) -> tuple[str, str, str]:
+    access, refresh = tk.token_hash(tk.mint(tk.ACCESS, g.grant_id)), tk.token_hash(tk.mint(tk.REFRESH, g.grant_id))
+    outcome = await store.issue_tokens(
+        g.grant_id, access, b"A" + access.encode(), 60, refresh, b"R", 120, used, time.time(), "10.0.0.1", "ua"
+    )
+    return outcome, access, refresh
+
+
+async def test_rotation_replay_ends_the_whole_grant(grants: GrantStore) -> None:
+    g = grant()
+    await grants.create_grant(g, 60, 20)
+    ok, a1, r1 = await issue(grants, g)
+    assert ok == "ok" and await grants.access_record(g.grant_id, a1) == b"A" + a1.encode()
+    assert (await issue(grants, g))[0] == "unknown"  # a second "first issue" (code replay race) is refused
+    ok, a2, r2 = await issue(grants, g, used=r1)
+    assert ok == "ok"
+    assert await grants.refresh_record(g.grant_id, r1) is None  # the used one is gone
+    assert await grants.refresh_record(g.grant_id, r2) == b"R"
+    # An unknown token changes nothing.
+    assert (await issue(grants, g, used=tk.token_hash("nope")))[0] == "unknown"
+    assert await grants.get_grant(g.grant_id) is not None
+    # The first refresh token again: replay ends the grant, its access tokens and its current refresh token.
+    assert (await issue(grants, g, used=r1))[0] == "replayed"
+    assert await grants.get_grant(g.grant_id) is None
+    for a in (a1, a2):
+        assert await grants.access_record(g.grant_id, a) is None
+    assert await grants.refresh_record(g.grant_id, r2) is None
+    assert await grants.user_grants("alice") == []
+    assert (await issue(grants, g, used=r2))[0] == "unknown"
+
+
+async def test_end_grant_removes_codes_tokens_and_index(grants: GrantStore) -> None:
+    g, other = grant(), grant()
+    await grants.create_grant(g, 60, 20)
+    await grants.create_grant(other, 60, 20)
+    code = AuthorizationCode(g.grant_id, "client-1", "http://127.0.0.1:1/cb", "x" * 43, g.resource, "", b"k", 0.0)
+    await grants.put_code("c1", code, 60)
+    _, a1, r1 = await issue(grants, g)
+    _, oa, _ = await issue(grants, other)
+    ended = await grants.end_grant(g.grant_id)
+    assert ended is not None and ended.grant_id == g.grant_id
+    assert await grants.end_grant(g.grant_id) is None
+    assert await grants.take_code("c1", g.grant_id) == (None, False)
+    assert await grants.access_record(g.grant_id, a1) is None
+    assert await grants.refresh_record(g.grant_id, r1) is None
+    assert [x.grant_id for x in await grants.user_grants("alice")] == [other.grant_id]
+    assert await grants.access_record(other.grant_id, oa) is not None
+
+
+async def test_code_is_single_use_and_second_use_is_reported(grants: GrantStore) -> None:
+    g = grant()
+    await grants.create_grant(g, 60, 20)
+    code = AuthorizationCode(g.grant_id, "client-1", "http://127.0.0.1:1/cb", "c" * 43, g.resource, "", b"\x00k", 9.5)
+    await grants.put_code("h", code, 60)
+    assert await grants.take_code("h", g.grant_id) == (code, True)
+    assert await grants.take_code("h", g.grant_id) == (code, False)
+    assert await grants.take_code("h", g.grant_id) == (code, False)
+    assert await grants.take_code("other", g.grant_id) == (None, False)
+    # A code for a grant that is gone is never stored.
+    await grants.end_grant(g.grant_id)
+    await grants.put_code("h2", code, 60)
+    assert await grants.take_code("h2", g.grant_id) == (None, False)
+
+
+async def test_per_user_limit_ends_least_recently_used(grants: GrantStore) -> None:
+    now = time.time()
+    first, second, third = grant(last=now - 30), grant(last=now - 20), grant(last=now - 10)
+    for g in (first, second, third):
+        assert await grants.create_grant(g, 60, 3) == []
+    await grants.touch_grant(first, now - 5, "10.1.1.1")  # the oldest is used again: second is now LRU
+    fourth = grant(last=now)
+    ended = await grants.create_grant(fourth, 60, 3)
+    assert [g.grant_id for g in ended] == [second.grant_id]
+    listed = await grants.user_grants("alice")
+    assert [g.grant_id for g in listed] == [fourth.grant_id, first.grant_id, third.grant_id]
+    assert listed[1].last_used_from == "10.1.1.1"
+    assert await grants.user_grants("bob") == []
+    assert {g.grant_id for g in await grants.end_user_grants("alice")} == {g.grant_id for g in listed}
+    assert await grants.user_grants("alice") == []
+
+
+async def test_every_redis_key_has_a_ttl(grants: GrantStore) -> None:
+    if not isinstance(grants, RedisGrantStore):
+        pytest.skip("Redis only")
+    g = grant()
+    await grants.create_grant(g, 60, 20)
+    code = AuthorizationCode(g.grant_id, "c", "http://x/cb", "c" * 43, g.resource, "", b"k", 0.0)
+    await grants.put_code("h", code, 60)
+    _, _, r1 = await issue(grants, g)
+    await issue(grants, g, used=r1)
+    device = DeviceAuthorization("dh", "ABCDEFGH", "c", g.resource, "", time.time() + 60, 5.0, "pending")
+    await grants.put_device(device, 60)
+    await grants.put_pending("x", b"y", 60)
+    client = grants._r  # the test's own client
+    keys = [k async for k in client.scan_iter(match=grants._p + "*")]
+    assert len(keys) >= 8
+    for key in keys:
+        assert await client.pttl(key) > 0, key
+
+
+async def test_device_states_compare_and_set_and_slow_down(grants: GrantStore) -> None:
+    now = time.time()
+    device = DeviceAuthorization(
+        tk.token_hash("dc"), "WXYZ2345", "client-1", "http://r/mcp", "", now + 60, 5.0, "pending"
+    )
+    assert await grants.put_device(device, 60)
+    assert not await grants.put_device(device, 60)  # user code taken
+    assert await grants.device_by_user_code("WXYZ2345") == device
+    first, fast = await grants.poll_device(device.device_code_hash, now)
+    assert first is not None and not fast and first.interval == 5.0
+    second, fast = await grants.poll_device(device.device_code_hash, now + 1)
+    assert second is not None and fast and second.interval == 10.0  # RFC 8628: 5 s more
+    third, fast = await grants.poll_device(device.device_code_hash, now + 12)
+    assert third is not None and not fast and third.interval == 10.0
+    approved = DeviceAuthorization(**{**device.__dict__, "status": "approved", "grant_id": "g", "wrapped_key": b"w"})
+    assert await grants.update_device(approved, "pending")
+    assert not await grants.update_device(approved, "pending")  # only once
+    got = await grants.device_by_code_hash(device.device_code_hash)
+    assert got is not None and got.status == "approved" and got.wrapped_key == b"w"
+    assert got.last_poll_at == pytest.approx(now + 12, abs=0.001) and got.interval == 10.0  # poll state kept
+    redeemed = DeviceAuthorization(**{**got.__dict__, "status": "redeemed"})
+    assert await grants.update_device(redeemed, "approved")
+    assert not await grants.update_device(redeemed, "approved")
+    assert await grants.poll_device("missing", now) == (None, False)
+
+
+async def test_pending_take_is_once(grants: GrantStore) -> None:
+    await grants.put_pending("k", b"v", 60)
+    assert await grants.get_pending("k") == b"v"
+    assert await grants.take_pending("k") == b"v"
+    assert await grants.take_pending("k") is None
