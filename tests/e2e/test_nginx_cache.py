@@ -1,0 +1,281 @@
+"""The optional auth cache (deploy/nginx/auth-cache.conf), run by the distro's nginx.
+
+The shipped sidecar.conf with its two commented cache lines turned on, as an operator would,
+in front of a real sidecar, provider and demo app. nginx logs every auth subrequest with its
+cache status (HIT, MISS, BYPASS, EXPIRED) and the sidecar's own status, so each test sees
+whether the sidecar was asked. What an operator relies on: a cached answer still carries the
+identity, a missing, forged or odd cookie always reaches the sidecar and is never stored, two
+users never share an entry, and a signed-out cookie stops working within the validity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.e2e.procs import ROOT, SHIPPED_NGINX_CONF, Proc, child_env, free_ports, python_module, render_nginx_conf
+from tests.e2e.procs import start_nginx as start_nginx_proc
+from tests.e2e.test_nginx import COOKIE, HTML, IDENTITY, Site, cookie, sign_in
+
+pytestmark = pytest.mark.timeout(90)
+
+CACHE_CONF = ROOT / "deploy" / "nginx" / "auth-cache.conf"
+ZONE_LINE = re.compile(r"^# (proxy_cache_path \S+ (.*))$", re.M)
+INCLUDE_LINE = "# include /etc/nginx/auth-cache.conf;"
+VALIDITY = 1.0  # proxy_cache_valid 202 1s
+_ids = itertools.count(1)
+AUTH_LOGS: dict[str, Path] = {}  # nginx base URL -> its log of auth subrequests
+
+
+def cached_conf(listen_port: int, sidecar: str, app: str, cache_dir: Path, auth_log: Path) -> str:
+    """sidecar.conf with the cache turned on as its comments say, plus a test-only log of each auth subrequest."""
+    text = SHIPPED_NGINX_CONF.read_text()
+    zones = ZONE_LINE.findall(text)
+    assert len(zones) == 1, "sidecar.conf must carry exactly one commented proxy_cache_path line"
+    assert text.count(INCLUDE_LINE) == 1, f"sidecar.conf must carry {INCLUDE_LINE!r} exactly once"
+    whole, rest = zones[0]
+    text = text.replace("# " + whole, f"proxy_cache_path {cache_dir} {rest}")
+    log = f"log_subrequest on;\n        access_log {auth_log} sidecar_auth_test;\n"
+    text = text.replace(INCLUDE_LINE, log + CACHE_CONF.read_text())
+    fmt = "log_format sidecar_auth_test '$http_x_test_id $upstream_cache_status $upstream_status';\n"
+    return fmt + render_nginx_conf(listen_port, sidecar, app, text)
+
+
+@pytest.fixture(scope="module")
+def site(redis_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    nginx_port, sidecar_port, provider_port, app_port = free_ports(4)
+    logs: Path = tmp_path_factory.mktemp("nginx-cache")
+    base, issuer = f"http://127.0.0.1:{nginx_port}", f"http://127.0.0.1:{provider_port}"
+    redis_url = redis_server.rsplit("/", 1)[0] + "/10"  # our own database: others flush database 0
+    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else None  # tmpfs, as the config asks
+    cache_parent = Path(tempfile.mkdtemp(prefix="sidecar-auth-cache-", dir=shm))
+    cache_parent.chmod(0o755)  # nginx's workers (nobody when started as root) create entries below
+    procs: list[Proc] = []
+
+    def launch(name: str, module: str, *args: str) -> Proc:
+        procs.append(Proc(name, python_module(module, *args), log_dir=logs, env=child_env()))
+        return procs[-1]
+
+    try:
+        provider = launch("provider", "sidecar.dev.provider", f"--port={provider_port}", "--auto-login=alice")
+        app = launch("demo-app", "sidecar.dev.demo_app", f"--port={app_port}")
+        sidecar = launch(
+            "sidecar",
+            "sidecar",
+            f"--http-address=127.0.0.1:{sidecar_port}",
+            f"--oidc-issuer-url={issuer}",
+            "--client-id=sidecar-dev",
+            "--client-secret=sidecar-dev-secret",
+            f"--redirect-url={base}/oauth2/callback",
+            "--cookie-secret=nginx-cache-cookie-secret-0123456789",
+            "--cookie-secure=false",
+            "--email-domain=*",
+            "--session-store-type=redis",
+            f"--redis-connection-url={redis_url}",
+            "--reverse-proxy",
+            "--trusted-proxy=127.0.0.1/32",
+            "--pass-access-token",
+            "--pass-authorization-header",
+            "--workers=1",
+            "--shutdown-timeout=2s",
+        )
+        provider.wait_http(issuer + "/.well-known/openid-configuration")
+        app.wait_http(f"http://127.0.0.1:{app_port}/_demo/echo")
+        sidecar.wait_http(f"http://127.0.0.1:{sidecar_port}/ping")
+        conf = cached_conf(
+            nginx_port, f"127.0.0.1:{sidecar_port}", f"127.0.0.1:{app_port}", cache_parent / "c", logs / "auth.log"
+        )
+        procs.append(start_nginx_proc(conf, nginx_port, log_dir=logs))
+        AUTH_LOGS[base] = logs / "auth.log"
+        yield Site(
+            base=base, issuer=issuer, sidecar=f"http://127.0.0.1:{sidecar_port}", app=f"http://127.0.0.1:{app_port}"
+        )
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+        shutil.rmtree(cache_parent, ignore_errors=True)
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as client:
+        yield client
+
+
+def auth_log(site: Site) -> dict[str, tuple[str, str]]:
+    """Test id -> (cache status, the sidecar's status) of every auth subrequest so far ("-": not asked)."""
+    out = {}
+    for line in AUTH_LOGS[site.base].read_text().splitlines():
+        test_id, status, upstream = (line.split(" ", 2) + ["", ""])[:3]
+        out[test_id] = (status, upstream)
+    return out
+
+
+async def fetch(site: Site, headers: dict[str, str]) -> tuple[str, int, dict[str, str]]:
+    """GET /_demo/echo with exactly these headers (plus a test id); (id, status, headers the app saw)."""
+    test_id = f"t{next(_ids)}"
+    async with aiohttp.ClientSession() as client:  # no cookie jar: only the headers given
+        async with client.get(
+            site.base + "/_demo/echo", headers={**headers, "X-Test-Id": test_id}, allow_redirects=False
+        ) as resp:
+            seen = {}
+            if resp.status == 200:
+                seen = {k.lower(): v for k, v in (await resp.json())["headers"].items()}
+            else:
+                await resp.read()
+            return test_id, resp.status, seen
+
+
+async def asked(site: Site, test_id: str) -> tuple[str, str]:
+    """The auth subrequest's log line for this request (nginx writes it at the end of the request)."""
+    for _ in range(50):
+        entry = auth_log(site).get(test_id)
+        if entry is not None:
+            return entry
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no auth subrequest logged for {test_id}")
+
+
+async def test_a_cache_hit_still_hands_the_identity_and_token_to_the_app(
+    site: Site, browser: aiohttp.ClientSession
+) -> None:
+    await sign_in(browser, site)
+    headers = {"Cookie": f"{COOKIE}={cookie(browser)}"}
+    results = [await fetch(site, headers) for _ in range(20)]
+    statuses = [await asked(site, test_id) for test_id, _, _ in results]
+    hits = [r for r, (cache, _) in zip(results, statuses, strict=True) if cache == "HIT"]
+    assert len(hits) >= 10, statuses  # 20 requests in well under a second: most are answered by the cache
+    for _, status, seen in results:
+        assert status == 200
+        for name, value in IDENTITY.items():
+            assert seen.get(name) == value, name
+        assert seen["authorization"] == "Bearer " + seen["x-auth-request-access-token"]
+    for _, (cache, upstream) in zip(hits, [s for s in statuses if s[0] == "HIT"], strict=True):
+        assert cache == "HIT" and upstream == "-"  # the sidecar was not asked, and the app still got all of it
+
+
+def forged_headers(valid: str) -> list[dict[str, str]]:
+    """Cookies the sidecar refuses: none, empty, made up, a valid one altered, the right value under a wrong name."""
+    flipped = valid[:-1] + ("A" if valid[-1] != "A" else "B")
+    return [
+        {},
+        {"Cookie": f"{COOKIE}="},
+        {"Cookie": "other=1"},
+        {"Cookie": f"{COOKIE}=forged"},
+        {"Cookie": f"{COOKIE}={'x' * 200}"},
+        {"Cookie": f"{COOKIE}={flipped}"},
+        {"Cookie": f"{COOKIE}={valid[:-4]}"},
+        {"Cookie": f"{COOKIE}={valid}x"},
+        {"Cookie": f"{COOKIE.upper()}={valid}"},  # nginx's $cookie__sidecar ignores case, the sidecar does not
+        {"Cookie": f"x{COOKIE}={valid}"},
+        {"Cookie": f"{COOKIE}_csrf={valid}"},
+        {"Cookie": f"{COOKIE}={flipped}; {COOKIE.upper()}={valid}"},
+        {"Authorization": "Bearer forged"},
+        {"Authorization": f"Bearer {valid}"},
+    ]
+
+
+async def test_missing_and_forged_cookies_reach_the_sidecar_and_are_never_cached(
+    site: Site, browser: aiohttp.ClientSession
+) -> None:
+    await sign_in(browser, site)
+    valid = cookie(browser)
+    assert valid
+    for _ in range(2):  # a fresh entry for the valid cookie is in the cache meanwhile
+        assert (await fetch(site, {"Cookie": f"{COOKIE}={valid}"}))[1] == 200
+    for headers in forged_headers(valid):
+        for attempt in range(2):  # the second try would be a HIT had the first been stored
+            test_id, status, seen = await fetch(site, headers)
+            cache, upstream = await asked(site, test_id)
+            assert (status, cache, upstream) in ((401, "MISS", "401"), (401, "BYPASS", "401")), (headers, attempt)
+            assert not seen
+
+
+async def test_odd_spellings_of_a_valid_cookie_are_answered_by_the_sidecar_every_time(
+    site: Site, browser: aiohttp.ClientSession
+) -> None:
+    """Where nginx and the sidecar could read different cookies, or a bearer token decides: never cached."""
+    await sign_in(browser, site)
+    valid = cookie(browser)
+    assert (await fetch(site, {"Cookie": f"{COOKIE}={valid}"}))[1] == 200  # cached meanwhile
+    for headers in (
+        {"Cookie": f"{COOKIE}=forged; {COOKIE}={valid}"},
+        {"Cookie": f"{COOKIE}={valid}; {COOKIE}=forged"},
+        {"Cookie": f"{COOKIE} ={valid}"},
+        {"Cookie": f"{COOKIE}={valid}", "Authorization": "Bearer something"},
+    ):
+        for _ in range(2):
+            test_id, _, _ = await fetch(site, headers)
+            cache, upstream = await asked(site, test_id)
+            assert cache == "BYPASS" and upstream != "-", headers
+
+
+async def test_two_users_never_see_each_others_identity(site: Site) -> None:
+    async with (
+        aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as alice,
+        aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as bob,
+    ):
+        await sign_in(alice, site)
+        await provider_config(site, auto_login="bob")
+        try:
+            await sign_in(bob, site)
+        finally:
+            await provider_config(site, auto_login="alice")
+        jars = {"alice@example.com": cookie(alice), "bob@example.org": cookie(bob)}
+        rounds = await asyncio.gather(
+            *(fetch(site, {"Cookie": f"{COOKIE}={value}"}) for _ in range(15) for value in jars.values())
+        )
+        who = list(jars) * 15
+        tokens: dict[str, set[str]] = {user: set() for user in jars}
+        for user, (_, status, seen) in zip(who, rounds, strict=True):
+            assert status == 200
+            assert seen["x-auth-request-email"] == user and seen["x-forwarded-email"] == user
+            tokens[user].add(seen["x-auth-request-access-token"])
+        assert not tokens["alice@example.com"] & tokens["bob@example.org"]
+        hits = [(await asked(site, test_id))[0] for test_id, _, _ in rounds]
+        assert hits.count("HIT") >= 10  # the cache was in play, not bypassed
+
+
+async def provider_config(site: Site, **values: str) -> None:
+    async with aiohttp.ClientSession() as client:
+        async with client.post(f"{site.issuer}/_control/config", json=values) as resp:
+            assert resp.status == 200, await resp.text()
+
+
+async def test_after_sign_out_the_cached_entry_lives_at_most_the_validity(
+    site: Site, browser: aiohttp.ClientSession
+) -> None:
+    await sign_in(browser, site)
+    old = cookie(browser)
+    headers = {"Cookie": f"{COOKIE}={old}"}
+    assert (await fetch(site, headers))[1] == 200
+    assert (await fetch(site, headers))[1] == 200
+    async with browser.get(site.base + "/oauth2/sign_out", allow_redirects=False) as resp:
+        assert resp.status == 302
+    signed_out = time.monotonic()
+    refused_at = None
+    while time.monotonic() - signed_out < VALIDITY + 2.0:
+        _, status, seen = await fetch(site, headers)
+        now = time.monotonic()
+        if status == 200:
+            assert refused_at is None, "accepted again after being refused"
+            assert seen["x-auth-request-email"] == "alice@example.com"
+        else:
+            assert status == 401
+            refused_at = refused_at or now
+        await asyncio.sleep(0.05)
+    assert refused_at is not None
+    # nginx counts cache validity in whole seconds of its clock: "1s" lasts between 1 and 2 s.
+    assert refused_at - signed_out <= 2 * VALIDITY + 0.3, refused_at - signed_out
+    async with aiohttp.ClientSession() as client:  # and a browser is sent to sign in again
+        async with client.get(site.base + "/_demo/echo", headers={**headers, **HTML}, allow_redirects=False) as resp:
+            assert resp.status == 302
