@@ -82,6 +82,7 @@ async def test_rotation_replay_ends_the_whole_grant(grants: GrantStore) -> None:
     assert (await issue(grants, g, used=tk.token_hash("nope")))[0] == "unknown"
     assert await grants.get_grant(g.grant_id) is not None
     # The first refresh token again: replay ends the grant, its access tokens and its current refresh token.
+    assert await grants.report_replay(g.grant_id, tk.token_hash("never issued")) is None
     assert (await issue(grants, g, used=r1))[0] == "replayed"
     assert await grants.get_grant(g.grant_id) is None
     for a in (a1, a2):
@@ -89,6 +90,17 @@ async def test_rotation_replay_ends_the_whole_grant(grants: GrantStore) -> None:
     assert await grants.refresh_record(g.grant_id, r2) is None
     assert await grants.user_grants("alice") == []
     assert (await issue(grants, g, used=r2))[0] == "unknown"
+
+
+async def test_report_replay_of_a_rotated_token_ends_the_grant(grants: GrantStore) -> None:
+    g = grant()
+    await grants.create_grant(g, 60, 20)
+    _, a1, r1 = await issue(grants, g)
+    await issue(grants, g, used=r1)
+    assert await grants.report_replay(g.grant_id, tk.token_hash("other")) is None
+    ended = await grants.report_replay(g.grant_id, r1)
+    assert ended is not None and ended.grant_id == g.grant_id
+    assert await grants.get_grant(g.grant_id) is None and await grants.user_grants("alice") == []
 
 
 async def test_end_grant_removes_codes_tokens_and_index(grants: GrantStore) -> None:
@@ -129,7 +141,9 @@ async def test_per_user_limit_ends_least_recently_used(grants: GrantStore) -> No
     first, second, third = grant(last=now - 30), grant(last=now - 20), grant(last=now - 10)
     for g in (first, second, third):
         assert await grants.create_grant(g, 60, 3) == []
-    await grants.touch_grant(first, now - 5, "10.1.1.1")  # the oldest is used again: second is now LRU
+    await grants.touch_grant(
+        first.grant_id, "alice", now - 5, "10.1.1.1"
+    )  # the oldest is used again: second is now LRU
     fourth = grant(last=now)
     ended = await grants.create_grant(fourth, 60, 3)
     assert [g.grant_id for g in ended] == [second.grant_id]

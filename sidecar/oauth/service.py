@@ -164,6 +164,11 @@ class OAuthServer:
             logs.event("oauth_grant_ended", fields)
         return len(ended)
 
+    async def end_grant_session(self, grant: Grant, reason: str) -> None:
+        """After the store ended ``grant`` by itself (a replayed refresh token): its upstream-token record too."""
+        await self._end_session(grant)
+        logs.event("oauth_grant_ended", {"grant_id": grant.grant_id, "client_id": grant.client_id, "reason": reason})
+
     async def _end_session(self, grant: Grant) -> None:
         ref = SessionRef(sid=grant.session_sid, key=b"")
         await self.sessions.store.delete(ref.store_key, user_key(grant.sub))

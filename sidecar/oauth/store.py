@@ -70,7 +70,7 @@ class GrantStore(Protocol):
         """The user's live grants, most recently used first."""
         ...
 
-    async def touch_grant(self, grant: Grant, now: float, client_ip: str) -> None: ...
+    async def touch_grant(self, grant_id: str, sub: str, now: float, client_ip: str) -> None: ...
     async def end_grant(self, grant_id: str) -> Grant | None:
         """Delete the grant and every token and code record of it, atomically; the ended grant or None."""
         ...
@@ -96,6 +96,11 @@ class GrantStore(Protocol):
         as "unknown" once a refresh token exists) store both token records; else rotate: that refresh token
         must be the grant's current one. Returns "ok", "replayed" (it was current once: the whole grant is
         ended, RFC 9700 4.14.2) or "unknown" (no such grant or token: nothing changes). Updates last use."""
+        ...
+
+    async def report_replay(self, grant_id: str, refresh_hash: str) -> Grant | None:
+        """A refresh token with no record: if it is one the grant rotated away, end the grant (RFC 9700
+        4.14.2) and return it; else None and nothing changes."""
         ...
 
     async def access_record(self, grant_id: str, access_hash: str) -> bytes | None: ...
@@ -249,14 +254,14 @@ class MemoryGrantStore:
         found = [g for g in [await self.get_grant(gid) for gid in index] if g is not None]
         return sorted(found, key=lambda g: g.last_used_at, reverse=True)
 
-    async def touch_grant(self, grant: Grant, now: float, client_ip: str) -> None:
-        entry = self._get("g:" + grant.grant_id)
+    async def touch_grant(self, grant_id: str, sub: str, now: float, client_ip: str) -> None:
+        entry = self._get("g:" + grant_id)
         if entry is None:
             return
         entry["grant"] = replace(entry["grant"], last_used_at=now, last_used_from=client_ip)
-        index = self._get("ug:" + grant.sub)
-        if index is not None and grant.grant_id in index:
-            index[grant.grant_id] = now
+        index = self._get("ug:" + sub)
+        if index is not None and grant_id in index:
+            index[grant_id] = now
 
     async def end_grant(self, grant_id: str) -> Grant | None:
         entry = self._get("g:" + grant_id)
@@ -318,6 +323,12 @@ class MemoryGrantStore:
         if index is not None and grant_id in index:
             index[grant_id] = now
         return "ok"
+
+    async def report_replay(self, grant_id: str, refresh_hash: str) -> Grant | None:
+        entry = self._get("g:" + grant_id)
+        if entry is None or refresh_hash[:USED_CHARS] not in entry["used"]:
+            return None
+        return await self.end_grant(grant_id)
 
     async def access_record(self, grant_id: str, access_hash: str) -> bytes | None:
         found: bytes | None = self._get(f"at:{grant_id}:{access_hash}")
@@ -467,6 +478,17 @@ if string.sub(v, 1, 1) == '1' then return {0, string.sub(v, 2)} end
 redis.call('SET', KEYS[1], '1' .. string.sub(v, 2), 'KEEPTTL')
 return {1, string.sub(v, 2)}
 """
+# KEYS g, k; ARGV prefix, "{gid}", used hash (cut). Ends the grant when the hash is one it rotated away.
+_REPLAY = (
+    _END_BODY
+    + """
+local old = redis.call('HGET', KEYS[1], 'used') or ''
+if string.find(' ' .. old .. ' ', ' ' .. ARGV[3] .. ' ', 1, true) then
+  return end_grant(KEYS[1], KEYS[2], ARGV[1], ARGV[2])
+end
+return nil
+"""
+)
 # KEYS g; ARGV now, client ip.
 _TOUCH = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
@@ -526,6 +548,7 @@ class RedisGrantStore:
         self._put_member = client.register_script(_PUT_MEMBER)
         self._take_code = client.register_script(_TAKE_CODE)
         self._touch = client.register_script(_TOUCH)
+        self._replay = client.register_script(_REPLAY)
         self._index = client.register_script(_INDEX)
         self._device_cas = client.register_script(_DEVICE_CAS)
         self._device_poll = client.register_script(_DEVICE_POLL)
@@ -613,9 +636,9 @@ class RedisGrantStore:
         found = [g for g in [await self.get_grant(gid) for gid in await self._live_ids(sub)] if g is not None]
         return sorted(found, key=lambda g: g.last_used_at, reverse=True)
 
-    async def touch_grant(self, grant: Grant, now: float, client_ip: str) -> None:
-        if await self._call(self._touch(keys=[self._g(grant.grant_id)], args=[repr(now), client_ip])):
-            await self._call(self._r.zadd(self._u(grant.sub), {grant.grant_id: now}, xx=True))
+    async def touch_grant(self, grant_id: str, sub: str, now: float, client_ip: str) -> None:
+        if await self._call(self._touch(keys=[self._g(grant_id)], args=[repr(now), client_ip])):
+            await self._call(self._r.zadd(self._u(sub), {grant_id: now}, xx=True))
 
     async def end_grant(self, grant_id: str) -> Grant | None:
         raw = await self._call(
@@ -684,6 +707,14 @@ class RedisGrantStore:
             if grant is not None:
                 await self._call(self._r.zadd(self._u(grant.sub), {grant_id: now}, xx=True))
         return outcome
+
+    async def report_replay(self, grant_id: str, refresh_hash: str) -> Grant | None:
+        keys = [self._g(grant_id), self._k(grant_id)]
+        args = [self._p, "{" + grant_id + "}", refresh_hash[:USED_CHARS]]
+        grant = _load(Grant, await self._call(self._replay(keys=keys, args=args)))
+        if grant is not None:
+            await self._call(self._r.zrem(self._u(grant.sub), grant_id))
+        return grant
 
     async def access_record(self, grant_id: str, access_hash: str) -> bytes | None:
         return await self._call(self._r.get(f"{self._p}at:{{{grant_id}}}:{access_hash}"))
