@@ -9,11 +9,47 @@ through ``Services.resource_guard`` and ``Services.sign_in_finishers``).
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 from aiohttp import web
 
 from ..config import Config
+from ..context import SERVICES
+from ..middleware import guarded
+from ..ratelimit import RateLimiter
 
 
 def install(app: web.Application, config: Config) -> None:
     """Add the authorization server's routes and hooks to ``app`` (called before the proxy catch-all)."""
-    raise NotImplementedError("--oauth-server is being built")
+    from . import authorize, device, grants_page, metadata, registration, revocation, token_endpoint
+    from .service import oauth_ctx
+
+    async def hooks_ctx(app: web.Application) -> AsyncIterator[None]:
+        """After ``oauth_ctx``: the grant's own upstream sign-in comes back through the browser callback."""
+        app[SERVICES].sign_in_finishers["grant"] = authorize.finish_grant
+        yield
+        app[SERVICES].sign_in_finishers.pop("grant", None)
+
+    app.cleanup_ctx.append(oauth_ctx)
+    app.cleanup_ctx.append(hooks_ctx)
+    app[registration.REGISTRATION_LIMITER] = RateLimiter()
+    app[device.DEVICE_LIMITER] = RateLimiter()
+    app[device.ENTRY_LIMITER] = RateLimiter()
+    router, prefix = app.router, config.proxy_prefix
+    router.add_get(metadata.AS_PATH, guarded(metadata.authorization_server, "oauth_metadata"))
+    router.add_route("OPTIONS", metadata.AS_PATH, guarded(metadata.preflight, "oauth_metadata"))
+    resource_metadata = metadata.PRM_PATH + "{path:(/.*)?}"
+    router.add_get(resource_metadata, guarded(metadata.protected_resource, "oauth_resource_metadata"))
+    router.add_route("OPTIONS", resource_metadata, guarded(metadata.preflight, "oauth_resource_metadata"))
+    router.add_post(prefix + "/register", guarded(registration.register, "/oauth2/register"))
+    router.add_get(prefix + "/authorize", guarded(authorize.authorize, "/oauth2/authorize"))
+    router.add_post(prefix + "/consent", guarded(authorize.consent, "/oauth2/consent"))
+    router.add_post(
+        prefix + "/device_authorization", guarded(device.device_authorization, "/oauth2/device_authorization")
+    )
+    router.add_get(prefix + "/device", guarded(device.device_page, "/oauth2/device"))
+    router.add_post(prefix + "/device", guarded(device.device_page, "/oauth2/device"))
+    router.add_get(prefix + "/grants", guarded(grants_page.grants, "/oauth2/grants"))
+    router.add_post(prefix + "/grants/revoke", guarded(grants_page.revoke, "/oauth2/grants/revoke"))
+    router.add_post(prefix + "/token", guarded(token_endpoint.handle, "/oauth2/token"))
+    router.add_post(prefix + "/revoke", guarded(revocation.handle, "/oauth2/revoke"))

@@ -1,0 +1,413 @@
+"""``GET P/authorize``, ``POST P/consent`` and the ``grant`` sign-in finisher: how a user gives a client access.
+
+The sidecar has one upstream client and lets anyone register clients, so without a consent step it would be
+a confused deputy: a link to ``/authorize`` with an attacker's client would hand the attacker a token in the
+signed-in user's name. Hence:
+
+1. ``/authorize`` checks the request. An unknown client or a redirect URI not registered exactly gets an error
+   page, never a redirect (that would be an open redirector); other errors go back to the client with
+   ``error``, ``state`` and ``iss`` (RFC 9207). PKCE S256 is required.
+2. Without a browser session the user signs in first (``P/start``) and comes back here.
+3. The consent page names the client (and that its name is unverified), where the answer goes, the resource,
+   the scopes and the signed-in user. Its form carries a CSRF token bound to the browser session and to the
+   pending request (an HMAC under the cookie secret); the pending request itself stays server-side.
+4. Approval starts a second upstream sign-in (``purpose="grant:<pending id>"``), so the grant gets its own
+   upstream tokens, with ``offline_access`` where the provider offers it. The finisher checks that the
+   identity coming back is the user who consented, makes the grant and redirects with a code (or approves the
+   device authorization of the device flow).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import re
+import secrets
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from aiohttp import web
+
+from .. import handlers, logs
+from ..config import Config
+from ..context import Services, view_of
+from ..cookies import SessionRef, SignInAttempt
+from ..errors import InvalidCookie, SessionGone
+from ..guard import read_cookie
+from ..models import Identity, Session, TokenSet
+from ..policy import why_denied
+from . import pages
+from .model import GRANT_AUTHORIZATION_CODE, Client, DeviceAuthorization
+from .service import OAUTH, OAuthServer
+
+log = logging.getLogger("sidecar.oauth")
+
+SCOPES = ("openid", "profile", "email", "offline_access")
+PENDING_TTL = 600.0  # a consent must be given within ten minutes
+MAX_QUERY_CHARS = 4096
+MAX_STATE_CHARS = 1024
+_S256_CHALLENGE = re.compile(r"[A-Za-z0-9_-]{43}")
+_SINGLE = (
+    "response_type",
+    "client_id",
+    "redirect_uri",
+    "state",
+    "code_challenge",
+    "code_challenge_method",
+    "scope",
+    "resource",
+    "prompt",
+    "response_mode",
+)
+_CLIENT_ID = re.compile(r"[A-Za-z0-9._~:/-]{1,255}")
+
+
+# --- shared by the browser-facing endpoints -------------------------------------------------------------------
+
+
+def parse_scope(text: str | None) -> str | None:
+    """The granted scope in canonical order; empty means all of the vocabulary; None for an unknown scope."""
+    if text is None or not text.strip():
+        return " ".join(SCOPES)
+    if len(text) > 500:
+        return None
+    asked = set(text.split(" ")) - {""}
+    if not asked <= set(SCOPES):
+        return None
+    return " ".join(s for s in SCOPES if s in asked)
+
+
+def pick_resource(request: web.Request, oauth: OAuthServer, values: list[str]) -> tuple[str, str] | None:
+    """(canonical resource URI, its path) named by the ``resource`` parameter (RFC 8707): exactly one of ours,
+    a single trailing "/" tolerated; none given is allowed only when there is exactly one resource."""
+    paths = oauth.config.oauth_resources
+    if not values:
+        return (oauth.resource_for(request, paths[0]), paths[0]) if len(paths) == 1 else None
+    if len(values) != 1:
+        return None
+    for path in paths:
+        canonical = oauth.resource_for(request, path)
+        if values[0] in (canonical, canonical + "/"):
+            return canonical, path
+    return None
+
+
+async def browser_session(request: web.Request, svc: Services) -> tuple[SessionRef, Session] | None:
+    """The browser's own session (the cookie, as ``guard.authenticate`` reads it); None when not signed in.
+    A sidecar-issued bearer token never counts here: consent is given by a person in a browser."""
+    cookie = read_cookie(request, svc.config.cookie_name)
+    if not cookie:
+        return None
+    try:
+        ref = svc.codec.load_session(cookie, time.time())
+        return ref, await svc.sessions.load(ref)
+    except (InvalidCookie, SessionGone):
+        return None
+
+
+def csrf_token(config: Config, sid: str, bound_to: str, secret: bytes | None = None) -> str:
+    """An HMAC under the cookie secret of the browser session id and what the form acts on: a form from
+    another session, or for another pending request, does not verify."""
+    key = secret if secret is not None else config.cookie_secrets[0]
+    mac = hmac.new(key, f"sidecar.oauth.csrf\0{sid}\0{bound_to}".encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+
+
+def csrf_ok(config: Config, sid: str, bound_to: str, presented: str) -> bool:
+    """Any configured cookie secret may have made it (secret rotation)."""
+    return bool(presented) and any(
+        hmac.compare_digest(csrf_token(config, sid, bound_to, secret).encode(), presented.encode())
+        for secret in config.cookie_secrets
+    )
+
+
+async def find_client(oauth: OAuthServer, client_id: str) -> Client | None:
+    if not _CLIENT_ID.fullmatch(client_id):
+        return None
+    return await oauth.store.get_client(client_id)
+
+
+async def grant_scope(svc: Services) -> str:
+    """What the grant's upstream sign-in asks for: ``--scope``, plus ``offline_access`` where the provider lists
+    it (a refresh token that outlives the browser session)."""
+    scope = svc.config.scope
+    if "offline_access" in (await svc.oidc.metadata()).scopes_supported and "offline_access" not in scope.split():
+        scope += " offline_access"
+    return scope
+
+
+def sign_in_first(svc: Services, request: web.Request) -> web.Response:
+    """To the normal browser sign-in, returning to this very request (a relative URL)."""
+    rd = request.rel_url.raw_path_qs
+    location = f"{svc.config.proxy_prefix}/start?rd={quote(rd, safe='')}"
+    return web.Response(status=302, headers={"Location": location, "Cache-Control": "no-store"})
+
+
+def same_origin(request: web.Request) -> bool:
+    return handlers._same_origin(request)
+
+
+# --- the pending authorization ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pending:
+    """An authorization waiting for the user's consent and the grant's sign-in (server-side, 10 minutes)."""
+
+    kind: str  # "code" | "device"
+    client_id: str
+    resource: str
+    resource_path: str
+    scope: str
+    sub: str  # the browser user who saw the consent page
+    redirect_uri: str = ""
+    state: str | None = None
+    code_challenge: str = ""
+    device_code_hash: str = ""
+    approved: bool = False
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes | None) -> Pending | None:
+        if raw is None:
+            return None
+        try:
+            return cls(**json.loads(raw))
+        except (ValueError, TypeError):
+            return None
+
+
+def _pending_key(pending_id: str) -> str:
+    return "consent:" + hashlib.sha256(pending_id.encode()).hexdigest()
+
+
+async def save_pending(oauth: OAuthServer, pending: Pending, pending_id: str | None = None) -> str:
+    pending_id = pending_id or secrets.token_urlsafe(24)
+    await oauth.store.put_pending(_pending_key(pending_id), pending.to_bytes(), PENDING_TTL)
+    return pending_id
+
+
+async def consent_page(
+    request: web.Request, svc: Services, authed: tuple[SessionRef, Session], client: Client, pending: Pending
+) -> web.Response:
+    """Keep ``pending`` server-side and show the consent form for it."""
+    oauth = request.app[OAUTH]
+    pending_id = await save_pending(oauth, pending)
+    ref, session = authed
+    view = pages.ConsentView(
+        client_name=client.client_name or client.client_id,
+        client_id=client.client_id,
+        verified=False,  # every client is self-registered (DCR); nothing vouches for its name
+        redirect_uri=pending.redirect_uri,
+        resource=pending.resource,
+        scopes=pending.scope.split(),
+        user=session.identity.email or session.identity.user,
+        pending=pending_id,
+        csrf=csrf_token(svc.config, ref.sid, "consent:" + pending_id),
+        action=f"{svc.config.proxy_prefix}/consent",
+    )
+    return pages.consent(svc.config, view)
+
+
+# --- GET P/authorize ---------------------------------------------------------------------------------------------
+
+
+def _error_page(svc: Services, text: str) -> web.Response:
+    """Errors that must not redirect: the redirect URI is not known to be the client's."""
+    return pages.message(svc.config, "Authorization request refused", text, status=400)
+
+
+def to_client(redirect_uri: str, params: dict[str, str | None]) -> web.Response:
+    """A 302 to the client's registered redirect URI with ``params`` added to its query."""
+    query = urlencode({k: v for k, v in params.items() if v is not None})
+    sep = "&" if "?" in redirect_uri else "?"
+    return web.Response(
+        status=302,
+        headers={"Location": f"{redirect_uri}{sep}{query}", "Cache-Control": "no-store", "Pragma": "no-cache"},
+    )
+
+
+async def authorize(request: web.Request, svc: Services) -> web.Response:
+    """RFC 6749 4.1.1 with OAuth 2.1's rules; see the module docstring for the order of the checks."""
+    oauth = request.app[OAUTH]
+    query = request.query
+    if len(request.rel_url.raw_query_string) > MAX_QUERY_CHARS:
+        return _error_page(svc, "The authorization request is too long.")
+    client_ids, redirect_uris = query.getall("client_id", []), query.getall("redirect_uri", [])
+    if len(client_ids) != 1 or len(redirect_uris) != 1:
+        return _error_page(svc, "The request must name its client_id and redirect_uri exactly once.")
+    client = await find_client(oauth, client_ids[0])
+    if client is None:
+        return _error_page(svc, "This application is not registered (or its registration expired).")
+    redirect_uri = redirect_uris[0]
+    if redirect_uri not in client.redirect_uris:
+        logs.event("oauth_authorize_refused", {"client_id": client.client_id, "reason": "redirect_uri"})
+        return _error_page(svc, "The redirect URI is not one this application registered.")
+    states = query.getall("state", [])
+    state = states[0] if len(states) == 1 and len(states[0]) <= MAX_STATE_CHARS else None
+    iss = oauth.issuer(request)
+
+    def error(code: str, description: str) -> web.Response:
+        fields = {"client_id": client.client_id, "reason": code}
+        logs.event("oauth_authorize_refused", fields)
+        return to_client(redirect_uri, {"error": code, "error_description": description, "state": state, "iss": iss})
+
+    problem = _request_problem(query, client)
+    if problem is not None:
+        return error(*problem)
+    found = pick_resource(request, oauth, query.getall("resource", []))
+    if found is None:
+        return error("invalid_target", "resource must name one of this server's protected resources")
+    scope = parse_scope(query.get("scope"))
+    if scope is None:
+        return error("invalid_scope", f"scopes offered: {' '.join(SCOPES)}")
+    authed = await browser_session(request, svc)
+    if query.get("prompt") == "none":
+        return error("login_required" if authed is None else "consent_required", "this server always asks the user")
+    if authed is None:
+        return sign_in_first(svc, request)
+    session = authed[1]
+    if why_denied(session.identity, svc.config) is not None:
+        raise web.HTTPForbidden()
+    await oauth.store.touch_client(client.client_id, float(svc.config.oauth_client_idle_timeout))
+    pending = Pending(
+        kind="code",
+        client_id=client.client_id,
+        resource=found[0],
+        resource_path=found[1],
+        scope=scope,
+        sub=session.identity.sub,
+        redirect_uri=redirect_uri,
+        state=state,
+        code_challenge=query["code_challenge"],
+    )
+    return await consent_page(request, svc, authed, client, pending)
+
+
+def _request_problem(query: Any, client: Client) -> tuple[str, str] | None:
+    """(error, description) for what is wrong with a request whose client and redirect URI are fine."""
+    for name in _SINGLE:
+        if len(query.getall(name, [])) > 1:
+            return "invalid_request", f"{name} given more than once"
+    if len(query.get("state", "")) > MAX_STATE_CHARS:
+        return "invalid_request", "state too long"
+    response_type = query.get("response_type")
+    if not response_type:
+        return "invalid_request", "response_type missing"
+    if response_type != "code":
+        return "unsupported_response_type", "only response_type=code"
+    if query.get("response_mode", "query") != "query":
+        return "invalid_request", "only response_mode=query"
+    if GRANT_AUTHORIZATION_CODE not in client.grant_types:
+        return "unauthorized_client", "this client did not register the authorization_code grant"
+    challenge, method = query.get("code_challenge"), query.get("code_challenge_method")
+    if not challenge:
+        return "invalid_request", "code_challenge required (PKCE)"
+    if method != "S256":
+        return "invalid_request", "code_challenge_method must be S256"
+    if not _S256_CHALLENGE.fullmatch(challenge):
+        return "invalid_request", "code_challenge must be a base64url SHA-256 (43 characters)"
+    return None
+
+
+# --- POST P/consent ------------------------------------------------------------------------------------------------
+
+
+async def consent(request: web.Request, svc: Services) -> web.Response:
+    """The consent form's answer: same origin, the same browser session, a CSRF token for this pending request."""
+    config = svc.config
+    if not same_origin(request):
+        return pages.message(config, "Refused", "Cross-site form submission refused.", status=403)
+    form = await request.post()
+    pending_id, csrf, decision = (str(form.get(name, ""))[:200] for name in ("pending", "csrf", "decision"))
+    authed = await browser_session(request, svc)
+    if authed is None:
+        return pages.message(config, "Not signed in", "Your session ended; start again from the application.", 403)
+    ref, session = authed
+    if not pending_id or not csrf_ok(config, ref.sid, "consent:" + pending_id, csrf):
+        return pages.message(config, "Refused", "This form is not from your session (CSRF check failed).", status=403)
+    oauth = request.app[OAUTH]
+    pending = Pending.from_bytes(await oauth.store.get_pending(_pending_key(pending_id)))
+    if pending is None:
+        return pages.message(config, "Request expired", "This request expired; start again from the application.", 400)
+    if pending.sub != session.identity.sub:
+        return pages.message(config, "Refused", "This request was shown to another user.", status=403)
+    if decision == "deny":
+        return await _deny(request, oauth, pending_id, pending)
+    if decision != "approve":
+        return pages.message(config, "Bad request", "Choose Allow or Deny.", status=400)
+    await save_pending(oauth, Pending(**{**asdict(pending), "approved": True}), pending_id)
+    logs.event("oauth_consent", {**logs.who(session.identity), "client_id": pending.client_id, "kind": pending.kind})
+    return await handlers.begin_sign_in(request, svc, "/", purpose=f"grant:{pending_id}", scope=await grant_scope(svc))
+
+
+async def _deny(request: web.Request, oauth: OAuthServer, pending_id: str, pending: Pending) -> web.Response:
+    """Back to the client with ``access_denied``; for a device, its polling now gets ``access_denied``."""
+    await oauth.store.take_pending(_pending_key(pending_id))
+    logs.event("oauth_consent_denied", {"client_id": pending.client_id, "kind": pending.kind})
+    if pending.kind == "device":
+        device = await oauth.store.device_by_code_hash(pending.device_code_hash)
+        if device is not None and device.status == "pending":
+            await oauth.store.update_device(_with_status(device, "denied"), "pending")
+        return pages.message(oauth.config, "Access denied", "The device was not given access.")
+    params = {"error": "access_denied", "state": pending.state, "iss": oauth.issuer(request)}
+    return to_client(pending.redirect_uri, params)
+
+
+def _with_status(device: DeviceAuthorization, status: str) -> DeviceAuthorization:
+    return DeviceAuthorization(**{**asdict(device), "status": status})
+
+
+# --- the "grant" sign-in finisher ----------------------------------------------------------------------------
+
+
+async def finish_grant(
+    request: web.Request, attempt: SignInAttempt, identity: Identity, tokens: TokenSet, claims: dict[str, Any]
+) -> web.Response:
+    """The grant's own upstream sign-in came back: make the grant, then a code (or the device's approval)."""
+    oauth = request.app[OAUTH]
+    config = oauth.config
+    pending_id = attempt.purpose.partition(":")[2]
+    pending = Pending.from_bytes(await oauth.store.take_pending(_pending_key(pending_id)))
+    if pending is None or not pending.approved:
+        return pages.message(config, "Request expired", "This request expired; start again from the application.", 400)
+    if identity.sub != pending.sub:
+        logs.event("oauth_grant_refused", {"client_id": pending.client_id, "reason": "other_user"})
+        return pages.message(
+            config, "Refused", "You signed in as a different user than the one who allowed access.", status=403
+        )
+    client = await oauth.store.get_client(pending.client_id)
+    if client is None:
+        return pages.message(config, "Request expired", "The application's registration expired.", 400)
+    if pending.kind == "device" and not await _device_waiting(oauth, pending):
+        return pages.message(config, "Code expired", "The device code expired or was used; start again.", 400)
+    grant, key = await oauth.start_grant(
+        identity,
+        tokens,
+        claims,
+        client,
+        pending.resource,
+        pending.resource_path,
+        pending.scope,
+        view_of(request).client_ip,
+        request.headers.get("User-Agent", ""),
+    )
+    if pending.kind == "device":
+        device = await oauth.store.device_by_code_hash(pending.device_code_hash)
+        if device is None or not await oauth.approve_device(device, grant, key):
+            return pages.message(config, "Code expired", "The device code expired or was used; start again.", 400)
+        return pages.message(config, "Device connected", "You may close this page and return to your device.")
+    code = await oauth.issue_code(grant, key, pending.redirect_uri, pending.code_challenge)
+    return to_client(pending.redirect_uri, {"code": code, "state": pending.state, "iss": oauth.issuer(request)})
+
+
+async def _device_waiting(oauth: OAuthServer, pending: Pending) -> bool:
+    device = await oauth.store.device_by_code_hash(pending.device_code_hash)
+    return device is not None and device.status == "pending" and device.expires_at > time.time()

@@ -1,0 +1,228 @@
+"""The device authorization grant (RFC 8628): ``POST P/device_authorization`` and the user's ``P/device`` page.
+
+A command-line tool without a browser asks for a device code and shows the user a short user code; the
+user opens ``P/device`` in a browser where they are signed in, types it, sees the same consent page as the
+authorization code flow, and approves (a grant sign-in whose pending record says "device") or denies. The
+tool meanwhile polls the token endpoint (``token_endpoint.py``) with the device code.
+
+User codes are 8 characters from 20 consonants that are hard to confuse (no vowels: no words), shown as
+``XXXX-XXXX`` and accepted in any case, with or without the dash or spaces: about 34.5 bits, against
+code entry limited per browser session and per client address, for the ten minutes a code lives.
+``verification_uri_complete`` only pre-fills the form: the user still confirms, so a link sent by someone
+else cannot approve anything by itself. A wrong, expired, used or denied code all get the same answer.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import secrets
+import time
+from urllib.parse import quote, unquote, urlsplit
+
+from aiohttp import web
+
+from .. import logs
+from ..context import Services, view_of
+from ..policy import why_denied
+from ..ratelimit import RateLimiter, retry_after
+from . import pages
+from . import tokens as tk
+from .authorize import (
+    Pending,
+    browser_session,
+    consent_page,
+    csrf_ok,
+    csrf_token,
+    find_client,
+    parse_scope,
+    pick_resource,
+    same_origin,
+    sign_in_first,
+)
+from .model import GRANT_DEVICE_CODE, Client, DeviceAuthorization
+from .service import OAUTH
+
+ALPHABET = "BCDFGHJKLMNPQRSTVWXZ"
+USER_CODE_CHARS = 8
+CODE_ENTRY_PER_MINUTE = 10.0  # per browser session and per client address
+DEVICE_LIMITER = web.AppKey("oauth_device_limiter", RateLimiter)  # code requests per client address
+ENTRY_LIMITER = web.AppKey("oauth_code_entry_limiter", RateLimiter)  # code entries per session and address
+_JSON_HEADERS = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+_SINGLE = ("client_id", "client_secret", "scope", "resource")
+
+
+def new_user_code() -> str:
+    return "".join(secrets.choice(ALPHABET) for _ in range(USER_CODE_CHARS))
+
+
+def pretty(user_code: str) -> str:
+    return f"{user_code[:4]}-{user_code[4:]}"
+
+
+def normalise(text: str) -> str | None:
+    """``bcdf-ghjk``, ``BCDF GHJK``, ``bcdfghjk`` -> ``BCDFGHJK``; None for anything that cannot be a code."""
+    code = "".join(ch for ch in text.upper() if ch not in "- \t")
+    if len(code) != USER_CODE_CHARS or any(ch not in ALPHABET for ch in code):
+        return None
+    return code
+
+
+def _oauth_error(code: str, description: str, status: int = 400) -> web.Response:
+    body = {"error": code, "error_description": description}
+    headers = dict(_JSON_HEADERS)
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Basic realm="sidecar"'
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _basic_credentials(request: web.Request) -> tuple[str, str] | None:
+    """RFC 6749 2.3.1: both parts form-urlencoded inside Basic."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        user, sep, password = base64.b64decode(value.strip(), validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return (unquote(user), unquote(password)) if sep else None
+
+
+def _client_authenticated(request: web.Request, client: Client, form_secret: str | None) -> bool:
+    """Public clients need nothing (RFC 8628 3.1); confidential ones their secret, as at the token endpoint."""
+    if client.token_endpoint_auth_method == "none":
+        return True
+    basic = _basic_credentials(request)
+    if client.token_endpoint_auth_method == "client_secret_basic":
+        presented = basic[1] if basic is not None and basic[0] == client.client_id else None
+    else:
+        presented = form_secret
+    return presented is not None and client.secret_hash is not None and tk.same_secret(presented, client.secret_hash)
+
+
+async def device_authorization(request: web.Request, svc: Services) -> web.Response:
+    """RFC 8628 3.1-3.2: a device code, a user code and where to enter it."""
+    oauth = request.app[OAUTH]
+    client_ip = view_of(request).client_ip
+    per_minute = float(svc.config.signin_rate_limit)
+    wait = request.app[DEVICE_LIMITER].take(client_ip, per_minute, 2 * per_minute, time.monotonic())
+    if wait:
+        response = _oauth_error("slow_down", "too many device authorization requests from this address", 429)
+        response.headers["Retry-After"] = retry_after(wait)
+        return response
+    form = await request.post()
+    for name in _SINGLE:
+        if len(form.getall(name, [])) > 1:
+            return _oauth_error("invalid_request", f"{name} given more than once")
+    basic = _basic_credentials(request)
+    client_id = basic[0] if basic is not None else str(form.get("client_id", ""))
+    client = await find_client(oauth, client_id) if client_id else None
+    secret = form.get("client_secret")
+    if client is None or not _client_authenticated(request, client, secret if isinstance(secret, str) else None):
+        return _oauth_error("invalid_client", "unknown client or wrong credentials", 401)
+    if GRANT_DEVICE_CODE not in client.grant_types:
+        return _oauth_error("unauthorized_client", "this client did not register the device code grant")
+    scope = parse_scope(str(form["scope"]) if "scope" in form else None)
+    if scope is None:
+        return _oauth_error("invalid_scope", "scopes offered: openid profile email offline_access")
+    found = pick_resource(request, oauth, [str(v) for v in form.getall("resource", [])])
+    if found is None:
+        return _oauth_error("invalid_target", "resource must name one of this server's protected resources")
+    device_code = secrets.token_urlsafe(32)
+    ttl = float(svc.config.oauth_device_code_ttl)
+    for _ in range(5):
+        user_code = new_user_code()
+        device = DeviceAuthorization(
+            device_code_hash=tk.token_hash(device_code),
+            user_code=user_code,
+            client_id=client.client_id,
+            resource=found[0],
+            scope=scope,
+            expires_at=time.time() + ttl,
+            interval=float(svc.config.oauth_device_poll_interval),
+            status="pending",
+        )
+        if await oauth.store.put_device(device, ttl):
+            break
+    else:
+        return _oauth_error("temporarily_unavailable", "try again", 503)
+    await oauth.store.touch_client(client.client_id, float(svc.config.oauth_client_idle_timeout))
+    logs.event("oauth_device_started", {"client_id": client.client_id, "client_ip": client_ip})
+    verification = oauth.issuer(request) + svc.config.proxy_prefix + "/device"
+    body = {
+        "device_code": device_code,
+        "user_code": pretty(user_code),
+        "verification_uri": verification,
+        "verification_uri_complete": f"{verification}?user_code={quote(pretty(user_code))}",
+        "expires_in": int(ttl),
+        "interval": int(svc.config.oauth_device_poll_interval),
+    }
+    return web.json_response(body, headers=_JSON_HEADERS)
+
+
+# --- the user's page ----------------------------------------------------------------------------------------------
+
+_WRONG = "That code is not valid, has expired or was already used. Check the code on your device."
+
+
+async def device_page(request: web.Request, svc: Services) -> web.Response:
+    """GET: the code entry form (pre-filled from ``user_code``); POST: check the code, then the consent page."""
+    authed = await browser_session(request, svc)
+    if authed is None:
+        if request.method == "POST":
+            return pages.message(svc.config, "Not signed in", "Sign in, then enter the code again.", 403)
+        return sign_in_first(svc, request)
+    ref, session = authed
+    if why_denied(session.identity, svc.config) is not None:
+        raise web.HTTPForbidden()
+    action = svc.config.proxy_prefix + "/device"
+    csrf = csrf_token(svc.config, ref.sid, "device")
+    if request.method != "POST":
+        given = normalise(request.query.get("user_code", "")[:32])
+        return pages.device_entry(svc.config, action, csrf, pretty(given) if given else "")
+    if not same_origin(request):
+        return pages.message(svc.config, "Refused", "Cross-site form submission refused.", status=403)
+    form = await request.post()
+    if not csrf_ok(svc.config, ref.sid, "device", str(form.get("csrf", ""))[:200]):
+        return pages.message(svc.config, "Refused", "This form is not from your session (CSRF check failed).", 403)
+    limited = _entry_limited(request, ref.sid)
+    if limited is not None:
+        return limited
+    user_code = normalise(str(form.get("user_code", ""))[:32])
+    device = await request.app[OAUTH].store.device_by_user_code(user_code) if user_code else None
+    client = await find_client(request.app[OAUTH], device.client_id) if device is not None else None
+    if device is None or client is None or device.status != "pending" or device.expires_at <= time.time():
+        logs.event("oauth_device_code_refused", {"client_ip": view_of(request).client_ip})
+        return pages.device_entry(svc.config, action, csrf, "", problem=_WRONG, status=400)
+    pending = Pending(
+        kind="device",
+        client_id=client.client_id,
+        resource=device.resource,
+        resource_path=_resource_path(device.resource),
+        scope=device.scope,
+        sub=session.identity.sub,
+        device_code_hash=device.device_code_hash,
+    )
+    return await consent_page(request, svc, authed, client, pending)
+
+
+def _resource_path(resource: str) -> str:
+    """The --oauth-resource path of a canonical resource URI (checked when the device code was issued)."""
+    return urlsplit(resource).path
+
+
+def _entry_limited(request: web.Request, sid: str) -> web.Response | None:
+    """Guessing codes is limited per browser session and per client address (RFC 8628 5.1)."""
+    limiter, now = request.app[ENTRY_LIMITER], time.monotonic()
+    wait = max(
+        limiter.take("s:" + sid, CODE_ENTRY_PER_MINUTE, CODE_ENTRY_PER_MINUTE, now),
+        limiter.take("a:" + view_of(request).client_ip, CODE_ENTRY_PER_MINUTE, CODE_ENTRY_PER_MINUTE, now),
+    )
+    if not wait:
+        return None
+    response = pages.message(
+        request.app[OAUTH].config, "Too many attempts", "Too many codes entered; wait a minute.", 429
+    )
+    response.headers["Retry-After"] = retry_after(wait)
+    return response

@@ -1,0 +1,83 @@
+"""Discovery: Authorization Server Metadata (RFC 8414) and Protected Resource Metadata (RFC 9728).
+
+A client that gets a 401 on ``/mcp`` follows its ``resource_metadata`` to
+``/.well-known/oauth-protected-resource/mcp``, learns the authorization server (the sidecar's external
+origin) and reads ``/.well-known/oauth-authorization-server`` for the endpoints. Both are public and
+carry no secret, so they are answered to any origin (``Access-Control-Allow-Origin: *``: browser-based MCP
+clients read them from another origin; the TypeScript SDK's ``MCP-Protocol-Version`` header makes the
+browser ask first, hence ``OPTIONS``). Token-bearing endpoints never get that header.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from ..context import Services
+from .authorize import SCOPES
+from .model import AUTH_METHODS, GRANT_TYPES
+from .service import OAUTH
+
+AS_PATH = "/.well-known/oauth-authorization-server"
+PRM_PATH = "/.well-known/oauth-protected-resource"
+CORS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "GET, OPTIONS",
+    "Access-Control-Allow-Headers": "*",
+    "Access-Control-Max-Age": "600",
+}
+
+
+def _json(body: dict[str, Any]) -> web.Response:
+    return web.json_response(body, headers={**CORS, "Cache-Control": "private, max-age=300"})
+
+
+async def authorization_server(request: web.Request, svc: Services) -> web.Response:
+    """RFC 8414 metadata; the issuer is the external origin this client used."""
+    issuer = request.app[OAUTH].issuer(request)
+    prefix = issuer + svc.config.proxy_prefix
+    return _json(
+        {
+            "issuer": issuer,
+            "authorization_endpoint": prefix + "/authorize",
+            "token_endpoint": prefix + "/token",
+            "registration_endpoint": prefix + "/register",
+            "revocation_endpoint": prefix + "/revoke",
+            "device_authorization_endpoint": prefix + "/device_authorization",
+            "response_types_supported": ["code"],
+            "response_modes_supported": ["query"],
+            "grant_types_supported": list(GRANT_TYPES),
+            "code_challenge_methods_supported": ["S256"],
+            "token_endpoint_auth_methods_supported": list(AUTH_METHODS),
+            "revocation_endpoint_auth_methods_supported": list(AUTH_METHODS),
+            "scopes_supported": list(SCOPES),
+            "authorization_response_iss_parameter_supported": True,
+            "client_id_metadata_document_supported": False,
+        }
+    )
+
+
+async def protected_resource(request: web.Request, svc: Services) -> web.Response:
+    """RFC 9728 metadata of the resource at the path after the well-known prefix; the root form names the
+    first resource (the only one, usually). A path that is not a resource is 404."""
+    oauth = request.app[OAUTH]
+    path = request.match_info.get("path", "")
+    paths = svc.config.oauth_resources
+    if path in ("", "/"):
+        path = sorted(paths)[0]
+    elif path not in paths:
+        return web.json_response({"error": "not_found"}, status=404, headers=CORS)
+    return _json(
+        {
+            "resource": oauth.resource_for(request, path),
+            "authorization_servers": [oauth.issuer(request)],
+            "bearer_methods_supported": ["header"],
+            "scopes_supported": list(SCOPES),
+            "resource_name": f"{path} on {oauth.issuer(request)}",
+        }
+    )
+
+
+async def preflight(request: web.Request, svc: Services) -> web.Response:
+    return web.Response(status=204, headers=CORS)

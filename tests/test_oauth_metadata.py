@@ -1,0 +1,93 @@
+"""Discovery documents: RFC 8414 authorization server metadata and RFC 9728 protected resource metadata."""
+
+from __future__ import annotations
+
+import aiohttp
+
+from tests.test_oauth_authorize import oauth_stack, register
+
+
+async def _get(url: str, **kw: object) -> tuple[int, dict[str, str], dict[str, object]]:
+    async with aiohttp.ClientSession() as http, http.get(url, **kw) as resp:  # type: ignore[arg-type]
+        body = await resp.json(content_type=None)
+        return resp.status, dict(resp.headers), body
+
+
+async def test_authorization_server_metadata_names_every_endpoint_and_only_s256() -> None:
+    async with oauth_stack() as st:
+        base = st.base
+        status, headers, meta = await _get(f"{base}/.well-known/oauth-authorization-server")
+        assert status == 200
+        assert headers["Access-Control-Allow-Origin"] == "*"
+        assert meta["issuer"] == base
+        for name, path in [
+            ("authorization_endpoint", "/oauth2/authorize"),
+            ("token_endpoint", "/oauth2/token"),
+            ("registration_endpoint", "/oauth2/register"),
+            ("revocation_endpoint", "/oauth2/revoke"),
+            ("device_authorization_endpoint", "/oauth2/device_authorization"),
+        ]:
+            assert meta[name] == base + path
+        assert meta["response_types_supported"] == ["code"]
+        assert meta["code_challenge_methods_supported"] == ["S256"]
+        assert set(meta["grant_types_supported"]) == {  # type: ignore[arg-type]
+            "authorization_code",
+            "refresh_token",
+            "urn:ietf:params:oauth:grant-type:device_code",
+        }
+        assert set(meta["token_endpoint_auth_methods_supported"]) == {  # type: ignore[arg-type]
+            "none",
+            "client_secret_post",
+            "client_secret_basic",
+        }
+        assert meta["authorization_response_iss_parameter_supported"] is True
+        assert meta["client_id_metadata_document_supported"] is False
+        assert "offline_access" in meta["scopes_supported"]  # type: ignore[operator]
+
+
+async def test_protected_resource_metadata_per_path_and_root_form_and_404_elsewhere() -> None:
+    async with oauth_stack(oauth_resource="/mcp,/api/v1") as st:
+        base = st.base
+        for path in ("/mcp", "/api/v1"):
+            status, headers, meta = await _get(f"{base}/.well-known/oauth-protected-resource{path}")
+            assert status == 200 and headers["Access-Control-Allow-Origin"] == "*"
+            assert meta["resource"] == base + path
+            assert meta["authorization_servers"] == [base]
+            assert meta["bearer_methods_supported"] == ["header"]
+        status, _, meta = await _get(f"{base}/.well-known/oauth-protected-resource")
+        assert status == 200 and meta["resource"] in (f"{base}/mcp", f"{base}/api/v1")
+        for path in ("/other", "/mcp/", "/mcp/x", "/api", "/MCP", "//mcp", "/mcp%2F"):
+            status, _, _ = await _get(f"{base}/.well-known/oauth-protected-resource{path}")
+            assert status == 404, path
+
+
+async def test_issuer_ignores_forwarded_headers_from_untrusted_peers() -> None:
+    async with oauth_stack() as st:
+        headers = {"X-Forwarded-Host": "evil.example", "X-Forwarded-Proto": "https"}
+        _, _, meta = await _get(f"{st.base}/.well-known/oauth-authorization-server", headers=headers)
+        assert meta["issuer"] == st.base
+        _, _, prm = await _get(f"{st.base}/.well-known/oauth-protected-resource/mcp", headers=headers)
+        assert prm["authorization_servers"] == [st.base]
+
+
+async def test_cors_preflight_for_metadata_but_no_cors_on_registration() -> None:
+    async with oauth_stack() as st:
+        async with aiohttp.ClientSession() as http:
+            for path in ("/.well-known/oauth-authorization-server", "/.well-known/oauth-protected-resource/mcp"):
+                headers = {
+                    "Origin": "https://inspector.example",
+                    "Access-Control-Request-Method": "GET",
+                    "Access-Control-Request-Headers": "mcp-protocol-version",
+                }
+                async with http.options(st.base + path, headers=headers) as resp:
+                    assert resp.status == 204
+                    assert resp.headers["Access-Control-Allow-Origin"] == "*"
+            async with http.post(
+                f"{st.base}/oauth2/register",
+                json={"redirect_uris": ["http://127.0.0.1:1/cb"], "token_endpoint_auth_method": "none"},
+                headers={"Origin": "https://inspector.example"},
+            ) as resp:
+                assert resp.status == 201
+                assert "Access-Control-Allow-Origin" not in resp.headers
+        reg = await register(st.base, token_endpoint_auth_method="client_secret_post")
+        assert reg["client_secret"]
