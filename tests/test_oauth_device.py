@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import re
+import time
 from typing import Any
 
 import aiohttp
@@ -211,3 +212,26 @@ async def test_device_authorization_is_rate_limited_per_address(limit: str) -> N
         reg = await device_client(st.base)
         statuses = [(await start_device(st.base, {"client_id": reg["client_id"]}))[0] for _ in range(6)]
         assert statuses[:4] == [200] * 4 and statuses[4:] == [429, 429]
+
+
+async def test_an_expired_device_code_is_just_a_wrong_code() -> None:
+    from sidecar.oauth.model import DeviceAuthorization
+    from sidecar.oauth.service import OAUTH
+
+    async with oauth_stack() as st, browser() as user:
+        reg = await device_client(st.base)
+        server = st.runners[0].app[OAUTH]
+        expired = DeviceAuthorization(
+            device_code_hash="0" * 64,
+            user_code="BCDFGHJK",
+            client_id=reg["client_id"],
+            resource=f"{st.base}/mcp",
+            scope="openid",
+            expires_at=time.time() - 1,
+            interval=5.0,
+            status="pending",
+        )
+        assert await server.store.put_device(expired, 60.0)
+        await sign_in(user, st.base)
+        resp = await enter_code(user, st.base, "BCDF-GHJK")
+        assert resp.status == 400

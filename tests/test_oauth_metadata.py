@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import aiohttp
 
 from tests.test_oauth_authorize import oauth_stack, register
 
 
-async def _get(url: str, **kw: object) -> tuple[int, dict[str, str], dict[str, object]]:
-    async with aiohttp.ClientSession() as http, http.get(url, **kw) as resp:  # type: ignore[arg-type]
+async def _get(url: str, **kw: Any) -> tuple[int, dict[str, str], dict[str, Any]]:
+    async with aiohttp.ClientSession() as http, http.get(url, **kw) as resp:
         body = await resp.json(content_type=None)
         return resp.status, dict(resp.headers), body
 
@@ -30,19 +32,19 @@ async def test_authorization_server_metadata_names_every_endpoint_and_only_s256(
             assert meta[name] == base + path
         assert meta["response_types_supported"] == ["code"]
         assert meta["code_challenge_methods_supported"] == ["S256"]
-        assert set(meta["grant_types_supported"]) == {  # type: ignore[arg-type]
+        assert set(meta["grant_types_supported"]) == {
             "authorization_code",
             "refresh_token",
             "urn:ietf:params:oauth:grant-type:device_code",
         }
-        assert set(meta["token_endpoint_auth_methods_supported"]) == {  # type: ignore[arg-type]
+        assert set(meta["token_endpoint_auth_methods_supported"]) == {
             "none",
             "client_secret_post",
             "client_secret_basic",
         }
         assert meta["authorization_response_iss_parameter_supported"] is True
         assert meta["client_id_metadata_document_supported"] is False
-        assert "offline_access" in meta["scopes_supported"]  # type: ignore[operator]
+        assert "offline_access" in meta["scopes_supported"]
 
 
 async def test_protected_resource_metadata_per_path_and_root_form_and_404_elsewhere() -> None:

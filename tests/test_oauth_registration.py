@@ -55,6 +55,9 @@ BAD_REDIRECTS = [
     "https://app.example.com:/cb",
     "https://[::2]/cb",
     "https:///cb",
+    "http://[::1/cb",
+    "http://[::1]x/cb",
+    "http://[::ffff:127.0.0.1]/cb",
     "",
     "https://app.example.com/" + "a" * 2100,
 ]
@@ -100,8 +103,10 @@ async def test_public_and_confidential_clients_register(store: SessionStore) -> 
         assert secret not in repr(stored)
 
 
-@pytest.mark.parametrize("uri", ["http://app.example.com/cb", "javascript:alert(1)", "https://a.example/cb#x"])
-async def test_bad_redirect_uri_is_invalid_redirect_uri(uri: str) -> None:
+@pytest.mark.parametrize(
+    "uri", ["http://app.example.com/cb", "javascript:alert(1)", "https://a.example/cb#x", "http://[::1/cb", 7, None]
+)
+async def test_bad_redirect_uri_is_invalid_redirect_uri(uri: object) -> None:
     async with oauth_stack() as st:
         status, body = await _post(st.base, {"redirect_uris": ["https://ok.example/cb", uri]})
         assert (status, body["error"]) == (400, "invalid_redirect_uri")
@@ -129,7 +134,12 @@ async def test_malformed_metadata_is_refused() -> None:
         for body in cases:
             status, answer = await _post(st.base, body)
             assert (status, answer["error"]) == (400, "invalid_client_metadata"), body
-        for body in [{"token_endpoint_auth_method": "none"}, {**ok, "redirect_uris": []}, {**ok, "redirect_uris": "x"}]:
+        missing: list[dict[str, Any]] = [
+            {"token_endpoint_auth_method": "none"},
+            {**ok, "redirect_uris": []},
+            {**ok, "redirect_uris": "x"},
+        ]
+        for body in missing:
             status, answer = await _post(st.base, body)
             assert (status, answer["error"]) == (400, "invalid_redirect_uri"), body
         status, answer = await _post(st.base, {**ok, "redirect_uris": ["https://a.example/cb"] * 11})

@@ -72,7 +72,10 @@ def redirect_uri_problem(uri: Any) -> str | None:
         return "must be plain ASCII without spaces, quotes, backslashes or control characters"
     if "#" in uri:
         return "must not have a fragment"
-    parts = urlsplit(uri)
+    try:
+        parts = urlsplit(uri)
+    except ValueError:  # an unclosed IPv6 bracket
+        return "is not a URL"
     if parts.scheme not in ("https", "http") or not uri.startswith(parts.scheme + "://"):
         return "must be an https URL, or an http URL on a loopback address (private-use schemes are refused)"
     netloc = parts.netloc
