@@ -1,13 +1,14 @@
 """``python -m tests.bench [--quick] [--only CASE ...]``: run the benchmarks, print one Markdown table.
 
 Cases (by number or name): 1 framework, 2 auth, 3 proxy, 4 nginx, 5 storm, 6 memory, 7 latency.
+Cases 2-4 run the sidecar at its defaults (request logging on, Redis sessions) with one worker against
+one bare aiohttp process, wrk -t2 -c50; Apache + mod_auth_openidc joins cases 3-4 when installed.
 Progress goes to stderr; the table (and the machine it ran on) goes to stdout, and to ``--output``.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -40,7 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="short runs, 10k sessions, one repetition")
     parser.add_argument("--only", action="append", metavar="CASE", help="run only these cases (repeatable, commas)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (default: nproc)")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="worker processes for cases 6-7 (default 1; cases 2-4 compare one each)"
+    )
     parser.add_argument("--duration", type=float, help="seconds per wrk run")
     parser.add_argument("--repeat", type=int, help="alternating wrk runs per target (median kept)")
     parser.add_argument("--population", type=int, help="sessions stored for the memory case")

@@ -8,12 +8,41 @@ location without the request body, identity headers copied with ``auth_request_s
 
 from __future__ import annotations
 
+import atexit
 import re
+import shutil
 from pathlib import Path
 
 from .procs import ROOT, Proc, binary, wait_port, workdir
 
 SHIPPED = ROOT / "deploy" / "nginx" / "sidecar.conf"
+CACHE_CONF = ROOT / "deploy" / "nginx" / "auth-cache.conf"
+_ZONE_LINE = re.compile(r"^# (proxy_cache_path \S+ (.*))$", re.M)
+_INCLUDE_LINE = "# include /etc/nginx/auth-cache.conf;"
+_SIDECAR_KEEPALIVE = re.compile(r"(upstream sidecar \{[^}]*?keepalive )(\d+);")
+
+
+def variant(text: str, cache_dir: Path | None = None, keepalive: int | None = None) -> str:
+    """The shipped config with the documented auth cache turned on (its two commented lines, the cache under
+    ``cache_dir``) and/or another keepalive pool to the sidecar. Fails when the shipped file lost the lines."""
+    if cache_dir is not None:
+        zones = _ZONE_LINE.findall(text)
+        if len(zones) != 1 or text.count(_INCLUDE_LINE) != 1:
+            raise RuntimeError("sidecar.conf no longer carries the commented auth cache lines")
+        whole, rest = zones[0]
+        text = text.replace("# " + whole, f"proxy_cache_path {cache_dir} {rest}")
+        text = text.replace(_INCLUDE_LINE, CACHE_CONF.read_text())
+    if keepalive is not None:
+        text, count = _SIDECAR_KEEPALIVE.subn(rf"\g<1>{keepalive};", text)
+        if count != 1:
+            raise RuntimeError("sidecar.conf: no keepalive in upstream sidecar")
+    return text
+
+
+def shipped_keepalive() -> int:
+    match = _SIDECAR_KEEPALIVE.search(SHIPPED.read_text())
+    return int(match.group(2)) if match else 0
+
 
 # The main-context wrapper the bench needs to run nginx unprivileged-ish in a temp prefix.
 MAIN = """
@@ -107,23 +136,38 @@ def config_text(prefix: Path, listen_port: int, auth_port: int, app_port: int, w
     return MAIN.format(workers=workers, prefix=prefix, http=http), source
 
 
-def start(listen_port: int, auth_port: int, app_port: int, workers: int = 1) -> tuple[Proc, str]:
-    """nginx on ``listen_port``: the shipped config as the e2e tests render it when possible."""
+def start(
+    listen_port: int, auth_port: int, app_port: int, workers: int = 1, cache: bool = False, keepalive: int | None = None
+) -> tuple[Proc, str]:
+    """nginx on ``listen_port``: the shipped config as the e2e tests render it when possible; ``cache`` turns on
+    the documented auth cache (deploy/nginx/auth-cache.conf, its files on /dev/shm), ``keepalive`` another pool."""
     prefix = workdir() / f"nginx-{listen_port}"
     prefix.mkdir()
     error_log = str(prefix / "error.log")
+    cache_dir = None
+    if cache:
+        shm = Path("/dev/shm")
+        cache_dir = (shm if shm.is_dir() else prefix) / f"sidecar-bench-auth-cache-{listen_port}"
+        atexit.register(shutil.rmtree, cache_dir, True)  # tmpfs outside the run's directory
     try:
         from tests.e2e.procs import nginx_main_conf, render_nginx_conf  # the e2e tests' renderer
 
         server = prefix / "sidecar.conf"
-        server.write_text(render_nginx_conf(listen_port, f"127.0.0.1:{auth_port}", f"127.0.0.1:{app_port}"))
+        text = variant(SHIPPED.read_text(), cache_dir, keepalive)
+        server.write_text(render_nginx_conf(listen_port, f"127.0.0.1:{auth_port}", f"127.0.0.1:{app_port}", text))
         for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
             (prefix / sub).mkdir(exist_ok=True)
         conf = prefix / "nginx.conf"
         conf.write_text(nginx_main_conf(prefix, server, prefix, workers))
         argv = [binary("nginx"), "-p", str(prefix), "-e", error_log, "-c", str(conf)]
         source = "deploy/nginx/sidecar.conf, rendered by tests/e2e/procs.py"
+        if cache:
+            source += " + auth-cache.conf (tmpfs)"
+        if keepalive is not None:
+            source += f", keepalive {keepalive}"
     except (ImportError, AssertionError, OSError):
+        if cache or keepalive is not None:
+            raise
         for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
             (prefix / sub).mkdir(exist_ok=True)
         text, source = config_text(prefix, listen_port, auth_port, app_port, workers)

@@ -242,7 +242,6 @@ def sidecar_flags(issuer: str, port: int, **settings: Any) -> dict[str, Any]:
         "redirect-url": f"http://127.0.0.1:{port}/oauth2/callback",
         "cookie-secret": COOKIE_SECRET,
         "cookie-secure": "false",
-        "request-logging": "false",
         "shutdown-timeout": "1s",
         "email-domain": "*",
     }
@@ -251,7 +250,8 @@ def sidecar_flags(issuer: str, port: int, **settings: Any) -> dict[str, Any]:
 
 
 def start_sidecar(issuer: str, log_file: str | None = None, **settings: Any) -> tuple[Proc, int]:
-    """A real ``python -m sidecar``; settings are flag names (underscores allowed)."""
+    """A real ``python -m sidecar`` at its defaults (request logging on: its lines go to the process's log
+    file, or ``log_file``) plus ``settings``, flag names (underscores allowed)."""
     port = free_port()
     flags = sidecar_flags(issuer, port, **settings)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}

@@ -4,10 +4,13 @@
 
 * ``bare``: answers every request with an empty 202 (the framework's limit, and the
   stand-in for the sidecar behind nginx ``auth_request``);
-* ``upstream``: the small app behind the proxies, a fixed 1 KiB page;
+* ``upstream``: the small app behind the proxies, a fixed 1 KiB page (``/_bench/headers``
+  answers with the request's headers as JSON, so the bench can see what each proxy sends);
 * ``passthrough``: a minimal streaming reverse proxy to ``--target``, built like the
   sidecar's proxy (pooled client, hop-by-hop headers dropped, body streamed both ways)
   but with no authentication, so it is what "proxying in aiohttp" costs by itself.
+  ``--set-header NAME=VALUE`` and ``--drop-header NAME`` (repeatable) make it send the same
+  identity headers (and no session cookie) as the sidecar, so both send the same bytes upstream.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ def bare_app() -> web.Application:
 
 def upstream_app() -> web.Application:
     async def page(request: web.Request) -> web.Response:
+        if request.path == "/_bench/headers":
+            return web.json_response(list(request.headers.items()))
         return web.Response(body=UPSTREAM_BODY, content_type="text/html")
 
     app = web.Application()
@@ -46,7 +51,9 @@ def upstream_app() -> web.Application:
     return app
 
 
-def passthrough_app(target: str) -> web.Application:
+def passthrough_app(target: str, set_headers: Sequence[str] = (), drop_headers: Sequence[str] = ()) -> web.Application:
+    fixed = dict(item.split("=", 1) for item in set_headers)
+    dropped = {name.lower() for name in drop_headers} | {name.lower() for name in fixed}
     client_key = web.AppKey("client", aiohttp.ClientSession)
     target = target.rstrip("/")
 
@@ -62,8 +69,11 @@ def passthrough_app(target: str) -> web.Application:
 
     async def proxy(request: web.Request) -> web.StreamResponse:
         headers = {
-            k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP and k.lower() != "content-length"
+            k: v
+            for k, v in request.headers.items()
+            if k.lower() not in HOP_BY_HOP and k.lower() != "content-length" and k.lower() not in dropped
         }
+        headers.update(fixed)
         if request.content_length is not None:
             headers["Content-Length"] = str(request.content_length)
         headers["X-Forwarded-For"] = str(request.remote)
@@ -102,7 +112,9 @@ def passthrough_app(target: str) -> web.Application:
     return app
 
 
-def build(kind: str, target: str | None) -> web.Application:
+def build(
+    kind: str, target: str | None, set_headers: Sequence[str] = (), drop_headers: Sequence[str] = ()
+) -> web.Application:
     if kind == "bare":
         return bare_app()
     if kind == "upstream":
@@ -110,12 +122,12 @@ def build(kind: str, target: str | None) -> web.Application:
     if kind == "passthrough":
         if not target:
             raise SystemExit("passthrough needs --target")
-        return passthrough_app(target)
+        return passthrough_app(target, set_headers, drop_headers)
     raise SystemExit(f"unknown server kind {kind!r}")
 
 
-async def _serve(kind: str, target: str | None, sock: socket.socket) -> None:
-    runner = web.AppRunner(build(kind, target), access_log=None, handle_signals=False, shutdown_timeout=1.0)
+async def _serve(kind: str, target: str | None, sock: socket.socket, extra: tuple[list[str], list[str]]) -> None:
+    runner = web.AppRunner(build(kind, target, *extra), access_log=None, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()
     await web.SockSite(runner, sock).start()
     stop = asyncio.Event()
@@ -126,11 +138,11 @@ async def _serve(kind: str, target: str | None, sock: socket.socket) -> None:
     await runner.cleanup()
 
 
-def _worker(kind: str, target: str | None, sock: socket.socket) -> None:
+def _worker(kind: str, target: str | None, sock: socket.socket, extra: tuple[list[str], list[str]]) -> None:
     import uvloop
 
     uvloop.install()
-    asyncio.run(_serve(kind, target, sock))
+    asyncio.run(_serve(kind, target, sock, extra))
 
 
 def _listener(port: int, *, reuse_port: bool) -> socket.socket:
@@ -149,11 +161,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--target")
+    parser.add_argument("--set-header", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("--drop-header", action="append", default=[], metavar="NAME")
     args = parser.parse_args(argv)
+    extra = (args.set_header, args.drop_header)
     # The same socket layout as `python -m sidecar --workers N`: one listener per worker with
     # SO_REUSEPORT when there are several, so baseline and sidecar are spread alike.
     if args.workers <= 1:
-        _worker(args.kind, args.target, _listener(args.port, reuse_port=False))
+        _worker(args.kind, args.target, _listener(args.port, reuse_port=False), extra)
         return
     pids = []
     for _ in range(args.workers):
@@ -161,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if pid == 0:
             code = 0
             try:
-                _worker(args.kind, args.target, _listener(args.port, reuse_port=True))
+                _worker(args.kind, args.target, _listener(args.port, reuse_port=True), extra)
             except BaseException:  # noqa: BLE001 - a worker must never return into the parent's loop
                 code = 1
             os._exit(code)
