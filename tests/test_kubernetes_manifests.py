@@ -1023,3 +1023,23 @@ def test_the_production_command_reads_one_fixed_cookie_secret_from_a_file(tmp_pa
     first, second = load_config(real, environ={}), load_config(real, environ={})
     expected = (tmp_path / "cookie-secret-file").read_text().strip().encode()
     assert first.cookie_secrets == second.cookie_secrets == (expected,)
+
+
+# The ingress-nginx auth cache, wherever it is written down (README examples, commented manifests).
+AUTH_CACHE_FILES = (K8S_README, K8S / "overlays" / "ingress-nginx" / "ingress.yaml")
+_CACHE_ANNOTATION = re.compile(r'nginx\.ingress\.kubernetes\.io/auth-cache-(key|duration):\s*"([^"]*)"')
+
+
+@pytest.mark.parametrize("doc", AUTH_CACHE_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_documented_auth_cache_keeps_only_202_briefly_and_keys_by_credentials(doc: Path) -> None:
+    """ingress-nginx's default duration caches 401 for 5 minutes, and a key of the session cookie alone
+    replays one request's app cookies (auth-response-headers "Cookie") and mixes in bearer-token answers."""
+    found = _CACHE_ANNOTATION.findall(doc.read_text())
+    keys = [value for kind, value in found if kind == "key"]
+    durations = [value for kind, value in found if kind == "duration"]
+    assert keys and len(keys) == len(durations), found  # no key without an explicit duration
+    for duration in durations:
+        *statuses, period = duration.split()
+        assert statuses == ["202"] and period == "1s", duration
+    for key in keys:
+        assert "$http_authorization" in key and "$http_cookie" in key, key
