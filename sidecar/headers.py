@@ -88,6 +88,29 @@ def dropped_from_client(name: str, *, authorization: bool, trusted_peer: bool, s
     return skipped and norm in _METHOD_OVERRIDES
 
 
+PROTECTED_PREFIX = _PROTECTED_PREFIXES[0]
+
+
+def _refused_names(authorization: bool, trusted_peer: bool, skipped: bool) -> frozenset[str]:
+    names = _PROTECTED | _REWRITTEN | _PATH_OVERRIDES
+    if authorization:
+        names |= {"authorization"}
+    if not trusted_peer:
+        names |= _FROM_PROXIES
+    if skipped:
+        names |= _METHOD_OVERRIDES
+    return frozenset(names)
+
+
+_REFUSED = {(a, t, s): _refused_names(a, t, s) for a in (False, True) for t in (False, True) for s in (False, True)}
+
+
+def refused_from_client(authorization: bool, trusted_peer: bool, skipped: bool) -> frozenset[str]:
+    """``dropped_from_client`` as data, for the proxy's per-header loop: a normalised name is dropped when it
+    is in this set or starts with ``PROTECTED_PREFIX``. One set per combination of flags, built at import."""
+    return _REFUSED[(authorization, trusted_peer, skipped)]
+
+
 def header_value(value: object) -> str:
     """A claim value as a header value: only strings, without control characters or lone surrogates
     (which cannot be encoded), and empty when longer than ``MAX_VALUE`` (cutting could forge another)."""

@@ -7,6 +7,7 @@ With several workers, prometheus-client's multi-process mode is switched on by
 from __future__ import annotations
 
 import os
+from bisect import bisect_left
 from importlib import metadata
 from typing import Any
 
@@ -51,15 +52,47 @@ def version() -> str:
 BUILD_INFO.labels(version=version()).set(1)
 
 
+class LocalHistogram:
+    """Per-process tallies for a hot histogram (one label set), pushed into Prometheus at most a second late.
+
+    ``Histogram.observe`` takes a lock and, in multi-process mode, writes two mapped-file values per call
+    (about 2 us, twice on a proxied request); here an observation is a bisect and two additions, and
+    ``flush`` adds the bucket counts and the sum to the histogram's own values: the exposition is the same
+    as if every value had been observed there."""
+
+    def __init__(self, child: Histogram) -> None:
+        self._child = child
+        self._bounds = tuple(child._upper_bounds)  # ends with +Inf: every value has a bucket
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+        _local_histograms.append(self)
+
+    def observe(self, seconds: float) -> None:
+        self._counts[bisect_left(self._bounds, seconds)] += 1  # the first bucket with value <= bound
+        self._sum += seconds
+
+    def flush(self) -> None:
+        counts, total = self._counts, self._sum
+        if not any(counts):
+            return
+        self._counts, self._sum = [0] * len(self._bounds), 0.0
+        self._child._sum.inc(total)
+        for bucket, count in zip(self._child._buckets, counts, strict=True):
+            if count:
+                bucket.inc(count)
+
+
+_local_histograms: list[LocalHistogram] = []
 _store_children: dict[str, Any] = {}
-_request_children: dict[str, Any] = {}
+_request_children: dict[str, LocalHistogram] = {}
+UPSTREAM = LocalHistogram(UPSTREAM_SECONDS)
 
 
 def request_seconds(route: str, seconds: float) -> None:
     """``route`` is one of the app's fixed route names, so the label set stays small."""
     child = _request_children.get(route)
     if child is None:
-        child = _request_children[route] = REQUEST_SECONDS.labels(route=route)
+        child = _request_children[route] = LocalHistogram(REQUEST_SECONDS.labels(route=route))
     child.observe(seconds)
 
 
@@ -97,6 +130,8 @@ DECISIONS = LocalCounts(AUTH_DECISIONS)
 def flush() -> None:
     REQUEST_COUNTS.flush()
     DECISIONS.flush()
+    for histogram in _local_histograms:
+        histogram.flush()
 
 
 def render() -> bytes:

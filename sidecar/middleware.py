@@ -19,7 +19,7 @@ from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
 
 from . import logs, metrics, pages
-from .context import AUTHED, SERVICES, Services, view_of
+from .context import AUTHED, SERVICES, VIEW, Services, View, trusted_peer, view_of
 from .errors import (
     BadRequest,
     InvalidGrant,
@@ -38,7 +38,7 @@ from .guard import sign_in_redirect
 log = logging.getLogger("sidecar.errors")
 
 Handler = Callable[[web.Request, Services], Awaitable[web.StreamResponse]]
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # fullmatch: no "$" that lets a trailing newline in
 _RETRY_AFTER = "2"
 
 
@@ -112,27 +112,37 @@ def guarded(handler: Handler, route: str) -> Callable[[web.Request], Awaitable[w
 
 def _finish(request: web.Request, svc: Services, route: str, status: int, started: float) -> str | None:
     """Count the request and write its log line; returns the request id to echo, if any."""
+    seconds = time.monotonic() - started
     metrics.REQUEST_COUNTS.add((route, status))
-    metrics.request_seconds(route, time.monotonic() - started)
+    metrics.request_seconds(route, seconds)
     incoming = request.headers.get("X-Request-Id")
-    request_id = incoming if incoming and _REQUEST_ID.match(incoming) else None
+    request_id = incoming if incoming and _REQUEST_ID.fullmatch(incoming) else None
     if not svc.config.request_logging:
         return request_id  # ids exist to correlate log lines; without logging only echo the caller's
     request_id = request_id or _next_request_id()
     authed = request.get(AUTHED)
-    logs.access(
-        {
-            "request_id": request_id,
-            "method": request.method,
-            "route": route,
-            "path": request.path[:200],
-            "status": status,
-            "latency_ms": round((time.monotonic() - started) * 1000, 2),
-            "user": authed[1].identity.user if authed else None,
-            "client_ip": view_of(request).client_ip,
-        }
+    logs.access_request(
+        request_id,
+        request.method,
+        route,
+        request.path,
+        status,
+        round(seconds * 1000, 2),
+        authed[1] if authed else None,
+        _client_ip(request, svc),
     )
     return request_id
+
+
+def _client_ip(request: web.Request, svc: Services) -> str:
+    """``view_of(request).client_ip`` without building the view only for the log line: from a peer that is
+    not a trusted proxy the client is the peer itself, which is all ``view_of`` would conclude too."""
+    view: View | None = request.get(VIEW)
+    if view is not None:
+        return view.client_ip
+    if not trusted_peer(request.remote, svc.config):
+        return str(request.remote)
+    return view_of(request).client_ip
 
 
 async def drop_server_header(request: web.Request, response: web.StreamResponse) -> None:

@@ -23,11 +23,11 @@ from yarl import URL
 
 from . import logs, metrics
 from .config import Config
-from .context import BY_SIDECAR_TOKEN, Services, view_of
+from .context import BY_SIDECAR_TOKEN, Services, View, view_of
 from .cookies import without_sidecar_cookies
 from .errors import BadRequest, SessionGone
 from .guard import authorize, is_api_route, sign_in_redirect, wants_html
-from .headers import HOP_BY_HOP, dropped_from_client, upstream_identity_headers_for
+from .headers import HOP_BY_HOP, PROTECTED_PREFIX, refused_from_client, upstream_identity_headers_for
 from .stepup import is_stale, required_max_age, start_url, unauthorized
 
 _PATH_SAFE = "/:@!$&'()*+,=-._~"  # what stays literal in a forwarded path; everything else is %XX
@@ -99,24 +99,41 @@ def _segment(raw: str) -> str:
 
 
 _NOT_FORWARDED = HOP_BY_HOP | {"content-length", "host"}
+# By the flags of refused_from_client: what is never forwarded, hop-by-hop and sidecar-owned names together.
+_NEVER_FORWARDED = {
+    flags: _NOT_FORWARDED | refused_from_client(*flags)
+    for flags in ((a, t, s) for a in (False, True) for t in (False, True) for s in (False, True))
+}
+_NOTHING: frozenset[str] = frozenset()
 
 
 def _forward_headers(request: web.Request, config: Config, *, trusted: bool, skipped: bool) -> dict[str, str]:
-    """The client's headers the app may see: not hop-by-hop, not the sidecar's own, not its cookies."""
+    """The client's headers the app may see: not hop-by-hop, not the sidecar's own, not its cookies.
+
+    The names are checked with set lookups (``headers.refused_from_client``), not a function call per header:
+    a name is dropped when its lower-case form is hop-by-hop, listed in ``Connection`` or the sidecar's, or
+    when its normalised form (``_`` as ``-``) is the sidecar's."""
     connection = request.headers.get("Connection")
-    dropped = _NOT_FORWARDED | {h.strip().lower() for h in connection.split(",")} if connection else _NOT_FORWARDED
+    listed = {h.strip().lower() for h in connection.split(",")} if connection else _NOTHING
     # The client's Authorization is dropped when the sidecar sets its own, and when it held a sidecar-issued
     # token (no token passthrough: MCP authorization, "Token Passthrough").
     authorization = bool(config.pass_authorization_header) or request.get(BY_SIDECAR_TOKEN, False)
+    never = _NEVER_FORWARDED[(authorization, trusted, skipped)]
+    refused = refused_from_client(authorization, trusted, skipped)
+    cookie_name = config.cookie_name
     out: dict[str, str] = {}
     for name, value in request.headers.items():
         low = name.lower()
-        if low in dropped or dropped_from_client(
-            low, authorization=authorization, trusted_peer=trusted, skipped=skipped
-        ):
+        if low in never or low in listed:
             continue
-        if low == "cookie" and config.cookie_name in value:
-            value = without_sidecar_cookies(value, config.cookie_name)
+        if "_" in low:
+            low = low.replace("_", "-")  # X_Auth_Request_User reads as X-Auth-Request-User in some servers
+            if low in refused:
+                continue
+        if low.startswith(PROTECTED_PREFIX):
+            continue
+        if low == "cookie" and cookie_name in value:
+            value = without_sidecar_cookies(value, cookie_name)
             if not value:
                 continue
         if name in out:
@@ -128,8 +145,7 @@ def _forward_headers(request: web.Request, config: Config, *, trusted: bool, ski
     return out
 
 
-def _forwarded_for(request: web.Request, config: Config) -> str:
-    view = view_of(request)
+def _forwarded_for(request: web.Request, view: View) -> str:
     prior = request.headers.get("X-Forwarded-For") if view.trusted else None
     return f"{prior}, {request.remote}" if prior else str(request.remote)
 
@@ -158,7 +174,7 @@ async def handle(request: web.Request, svc: Services) -> web.StreamResponse:
     view = view_of(request)
     forward = _forward_headers(request, config, trusted=view.trusted, skipped=skip)
     forward.update(headers)
-    forward["X-Forwarded-For"] = _forwarded_for(request, config)
+    forward["X-Forwarded-For"] = _forwarded_for(request, view)
     forward["X-Forwarded-Proto"] = view.scheme
     forward["X-Forwarded-Host"] = view.host
     forward["Host"] = request.host  # the client's: apps build links and compare Origin with it
@@ -215,9 +231,22 @@ def _log_upstream_error(request: web.Request, error: str, url: URL) -> None:
     logs.event("upstream_error", {**fields, "client_ip": view_of(request).client_ip}, logging.ERROR)
 
 
+WHOLE_BODY = 64 * 1024  # request and response bodies up to this size go in one piece, larger ones are streamed
+
+
+async def _request_body(request: web.Request) -> bytes | aiohttp.StreamReader | None:
+    """A small body with a declared length, read whole: one send upstream instead of a streamed payload."""
+    if not request.body_exists:
+        return None
+    length = request.content_length
+    if length is not None and length <= WHOLE_BODY:
+        return await request.read()
+    return request.content
+
+
 async def _stream(request: web.Request, svc: Services, url: URL, headers: dict[str, str]) -> web.StreamResponse:
     assert svc.upstream_http is not None
-    body = request.content if request.body_exists else None
+    body = await _request_body(request)
     started = time.monotonic()
     try:
         upstream = await svc.upstream_http.request(
@@ -226,9 +255,7 @@ async def _stream(request: web.Request, svc: Services, url: URL, headers: dict[s
             headers=headers,
             data=body,
             allow_redirects=False,
-            timeout=aiohttp.ClientTimeout(
-                sock_connect=svc.config.upstream_timeout, sock_read=svc.config.upstream_timeout
-            ),
+            timeout=_timeout(svc.config.upstream_timeout),
         )
     except TimeoutError:
         _log_upstream_error(request, "timeout", url)
@@ -236,26 +263,22 @@ async def _stream(request: web.Request, svc: Services, url: URL, headers: dict[s
     except aiohttp.ClientError as exc:
         _log_upstream_error(request, type(exc).__name__, url)
         return web.Response(status=502, text="502 Bad Gateway: the upstream is unreachable\n")
-    metrics.UPSTREAM_SECONDS.observe(time.monotonic() - started)
+    metrics.UPSTREAM.observe(time.monotonic() - started)
     try:
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        connection_listed = {h.strip().lower() for h in upstream.headers.get("Connection", "").split(",")}
-        for name, value in upstream.headers.items():
-            low = name.lower()
-            if low in HOP_BY_HOP or low in connection_listed:
-                continue
-            response.headers.add(name, value)
-        if (
-            upstream.headers.get("Content-Length") is None
-            and request.method != "HEAD"
-            and upstream.status not in (204, 304)
-        ):
+        length = upstream.content_length
+        whole = length is not None and length <= WHOLE_BODY and request.method != "HEAD"
+        kind = _WholeAnswer if whole else web.StreamResponse
+        response = kind(status=upstream.status, reason=upstream.reason, headers=_answer_headers(upstream))
+        if length is None and request.method != "HEAD" and upstream.status not in (204, 304):
             response.enable_chunked_encoding()
         try:
             await response.prepare(request)
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
-            await response.write_eof()
+            if whole:
+                await response.write_eof(await upstream.read())  # status line, headers and body in one send
+            else:
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+                await response.write_eof()
         except (TimeoutError, aiohttp.ClientError, ConnectionError):
             # The upstream stalled or either side went away mid-body. Headers are gone already, so
             # cutting the connection is the only honest signal left.
@@ -267,6 +290,22 @@ async def _stream(request: web.Request, svc: Services, url: URL, headers: dict[s
             upstream.release()  # back to the pool for the next request
         else:
             upstream.close()  # half-read: this connection cannot be reused
+
+
+class _WholeAnswer(web.StreamResponse):
+    """A small answer of known length: its headers wait for the body and leave with it in one write.
+
+    ``StreamResponse`` sends the headers at ``prepare`` (right for streams: the client sees the status at
+    once); for a body that is read whole anyway that is one more send per request for nothing."""
+
+    _send_headers_immediately = False
+
+
+def _answer_headers(upstream: aiohttp.ClientResponse) -> list[tuple[str, str]]:
+    """The upstream's response headers without hop-by-hop ones and those its ``Connection`` lists."""
+    connection = upstream.headers.get("Connection")
+    dropped = HOP_BY_HOP | {h.strip().lower() for h in connection.split(",")} if connection else HOP_BY_HOP
+    return [(name, value) for name, value in upstream.headers.items() if name.lower() not in dropped]
 
 
 async def _websocket(request: web.Request, svc: Services, url: URL, headers: dict[str, str]) -> web.StreamResponse:

@@ -11,10 +11,15 @@ that find it (the user's, and the provider session's ``sid``) to at least the
 record's own lifetime: with a sliding refresh lifetime a session can outlive
 its first TTL many times, and "sign out everywhere" and back-channel logout
 must still find it.
+
+When a hot session's cached copy expires, the requests that find it stale together
+share one store read (``_refills``, one task per store key): one Redis GET per
+session per cache period and worker, however many requests are in flight.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from collections.abc import Callable
@@ -31,6 +36,12 @@ from .store import SessionStore
 
 _TOUCH_EVERY = 60.0  # write "last active" at most once a minute per session
 _CACHE_LIMIT = 20_000
+
+
+def _retrieved(task: asyncio.Task[Session]) -> None:
+    """Mark a refill's failure as seen even when every request that waited for it went away."""
+    if not task.cancelled():
+        task.exception()
 
 
 def user_key(sub: str) -> str:
@@ -58,6 +69,7 @@ class Sessions:
         self._config = config
         self._clock = clock
         self._cache: dict[str, tuple[Session, float]] = {}
+        self._refills: dict[str, asyncio.Task[Session]] = {}  # store key -> the one read in flight
         self._cache_ttl = float(config.session_cache_ttl)
 
     def record_ttl(self, session: Session, now: float) -> float:
@@ -98,7 +110,23 @@ class Sessions:
         mono = time.monotonic()
         if hit is not None and mono - hit[1] < self._cache_ttl:
             return hit[0]
-        return await self._load_from_store(ref, hit[0] if hit else None)
+        refill = self._refills.get(ref.store_key)
+        if refill is None:
+            refill = self._refills[ref.store_key] = asyncio.ensure_future(self._refill(ref, hit[0] if hit else None))
+            refill.add_done_callback(_retrieved)
+        # shield: a request that goes away does not cancel the read the others wait for
+        return await asyncio.shield(refill)
+
+    async def _refill(self, ref: SessionRef, cached: Session | None) -> Session:
+        """The one store read shared by every request that found this session stale at the same time.
+
+        Its outcome (the session, SessionGone, StoreUnavailable...) goes to all of them; the entry is
+        gone as soon as it finishes, so a failure is not remembered: the next request reads again."""
+        try:
+            return await self._load_from_store(ref, cached)
+        finally:
+            if self._refills.get(ref.store_key) is asyncio.current_task():
+                del self._refills[ref.store_key]
 
     async def load_fresh(self, ref: SessionRef) -> Session:
         """Bypass the cache: the refresh logic must see what is stored right now."""
