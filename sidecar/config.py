@@ -214,9 +214,6 @@ class Config:
     banner: str = option("", "text shown on the sign-in and error pages (HTML-escaped)")
     footer: str = option("", "text shown at the foot of the sign-in and error pages (HTML-escaped)")
     custom_templates_dir: str = option("", "directory with sign_in.html and/or error.html ($placeholders)")
-    auth_address: str = option(
-        "", "extra host:port serving only /oauth2/auth on a lean listener (nginx auth_request targets)"
-    )
     # The OAuth 2.1 authorization server for CLI and MCP clients (sidecar/oauth/).
     oauth_server: bool = option(False, "be the OAuth authorization server for CLI and MCP clients of --oauth-resource")
     oauth_resource: Names = option(
@@ -264,8 +261,6 @@ class Config:
     provider_ssl: ssl.SSLContext | bool | None = _derived(None)  # None: system trust; False: not verified
     pages: PageTemplates = _derived(DEFAULT_TEMPLATES)
     oauth_resources: tuple[str, ...] = _derived(())  # --oauth-resource paths, longest first
-    auth_host: str | None = _derived(None)
-    auth_port: int | None = _derived(None)
 
     def options(self) -> dict[str, Any]:
         """The option values (not the derived ones), as ``build_config`` takes them."""
@@ -633,7 +628,7 @@ def build_config(raw: Mapping[str, Any]) -> Config:
         **_migration_derived(values, problems),
         "oauth_resources": _oauth_resources(values, problems),
     }
-    for attr, key in (("http_address", "listen"), ("metrics_address", "metrics"), ("auth_address", "auth")):
+    for attr, key in (("http_address", "listen"), ("metrics_address", "metrics")):
         if values[attr] or attr == "http_address":
             try:
                 derived[key + "_host"], derived[key + "_port"] = _split_hostport(values[attr], BY_ATTR[attr].name)
