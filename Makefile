@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench soak system-deps clean
+.PHONY: run test lint bench soak system-deps node-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,10 +29,32 @@ system-deps:
 	  fi; \
 	fi
 
+# The official MCP TypeScript SDK for tests/e2e/test_mcp_sdk.py, from the committed package-lock.json (npm ci).
+# node (20+) and npm come from the distro: installed when missing and root, else a one-line hint; never skipped.
+MCP_JS := tests/e2e/mcp
+MCP_JS_STAMP := $(MCP_JS)/node_modules/.package-lock.json
+node-deps: $(MCP_JS_STAMP)
+
+$(MCP_JS_STAMP): $(MCP_JS)/package.json $(MCP_JS)/package-lock.json
+	@if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing: nodejs npm"; \
+	    (apt-get install -y -q nodejs npm >/dev/null 2>&1 || \
+	     (apt-get update -q >/dev/null && apt-get install -y -q nodejs npm >/dev/null)) || \
+	     { echo "could not install node; run: apt-get install nodejs npm (Node.js 20 or newer)"; exit 1; }; \
+	  else \
+	    echo "missing: node/npm (Node.js 20 or newer), needed by the MCP SDK tests; install: sudo apt-get install nodejs npm"; exit 1; \
+	  fi; \
+	fi
+	@node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 20 ? 0 : 1)' || \
+	  { echo "node $$(node --version) is too old for @modelcontextprotocol/sdk: install Node.js 20 or newer"; exit 1; }
+	cd $(MCP_JS) && npm ci --no-audit --no-fund --loglevel=error
+	touch $(MCP_JS_STAMP)
+
 run: $(STAMP)
 	$(PY) -m sidecar.dev
 
-test: $(STAMP) system-deps
+test: $(STAMP) system-deps node-deps
 	$(PY) -m pytest -q -p no:cacheprovider
 
 lint: $(STAMP)
@@ -47,4 +69,4 @@ soak: $(STAMP) system-deps
 	SIDECAR_SOAK_SECONDS=180 $(PY) -m pytest -q -p no:cacheprovider tests/e2e/test_operations.py -k soak -o timeout=400
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache $(MCP_JS)/node_modules
