@@ -206,6 +206,42 @@ async def test_a_real_app_writes_one_valid_line_per_request_with_the_old_fields(
     assert cookie and cookie not in text and "?q=" not in text
 
 
+XFF = "X-Forwarded-For"
+
+
+@pytest.mark.parametrize(
+    ("reverse_proxy", "header", "headers", "expected"),
+    [
+        ("true", "X-Real-IP", {"X-Real-IP": "203.0.113.7"}, "203.0.113.7"),
+        ("true", XFF, {XFF: "198.51.100.1, 203.0.113.9"}, "203.0.113.9"),
+        ("true", "X-Real-IP", {"X-Real-IP": "not-an-ip", XFF: "203.0.113.5"}, "127.0.0.1"),
+        ("true", "X-Real-IP", {"X-Real-IP": '"><script>'}, "127.0.0.1"),
+        ("true", XFF, {XFF: "<b>, 203.0.113.5"}, "203.0.113.5"),
+        ("true", "X-Real-IP", {}, "127.0.0.1"),
+        ("false", "X-Real-IP", {"X-Real-IP": "203.0.113.7"}, "127.0.0.1"),
+        ("false", XFF, {XFF: "203.0.113.9"}, "127.0.0.1"),
+    ],
+)
+async def test_the_logged_client_ip_is_what_view_of_would_say_without_building_the_view(
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    reverse_proxy: str,
+    header: str,
+    headers: dict[str, str],
+    expected: str,
+) -> None:
+    caplog.set_level(logging.INFO, "sidecar.access")
+    overrides = {"reverse_proxy": reverse_proxy, "real_client_ip_header": header, "request_logging": "true"}
+    async with stack(MemoryStore(), upstream="", **overrides) as st, aiohttp.ClientSession() as client:
+        logs.flush()
+        capsys.readouterr()
+        async with client.get(st.base + "/oauth2/auth", headers=headers) as resp:  # no cookie: no event, no view
+            assert resp.status == 401
+        logs.flush()
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if '"sidecar.access"' in line]
+    assert [e["client_ip"] for e in lines] == [expected]
+
+
 # --- histograms tallied locally ---------------------------------------------------------------------------
 
 VALUES = [0.0, 0.0001, 0.0005, 0.00050001, 0.001, 0.003, 0.02, 0.7, 2.5, 9.99, 10.0, 11.0, 1e9]
