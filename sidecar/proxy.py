@@ -155,7 +155,7 @@ async def handle(request: web.Request, svc: Services) -> web.StreamResponse:
     config = svc.config
     path = normalise_path(request.rel_url.raw_path)
     upstream = next((u for u in config.upstreams if path.startswith(u.prefix) or path + "/" == u.prefix), None)
-    skip = any(rule.matches(request.method, path) for rule in config.skip_routes)
+    skip = bool(config.skip_routes) and any(rule.matches(request.method, path) for rule in config.skip_routes)
     headers = {}
     if not skip:
         try:
