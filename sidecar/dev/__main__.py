@@ -2,7 +2,8 @@
 
 Everything runs in one process on loopback with the in-memory session store:
     http://127.0.0.1:4180  sidecar  (open this)
-    http://127.0.0.1:4181  demo app (the upstream; shows the identity headers it receives)
+    http://127.0.0.1:4181  demo app (the upstream; shows the identity headers it receives; /mcp is its MCP server,
+                           which the sidecar guards as an --oauth-resource for CLI and MCP clients)
     http://127.0.0.1:4182  development OIDC provider (access tokens live one minute)
 Ports move with SIDECAR_DEV_PORT (the sidecar's; the others follow).
 """
@@ -50,6 +51,9 @@ async def main() -> None:
             "session_store_type": "memory",
             "email_domain": "*",  # the demo lets every development user in
             "request_logging": os.environ.get("SIDECAR_DEV_LOG", "false"),
+            # CLI and MCP clients: the sidecar is their OAuth authorization server for /mcp (the demo's MCP server)
+            "oauth_server": "true",
+            "oauth_resource": "/mcp",
         }
     )
     logs.setup("info")
@@ -58,6 +62,7 @@ async def main() -> None:
         f"\n  sidecar demo (development only, NOT for production)\n"
         f"  open  http://{HOST}:{port}/  and sign in as alice or bob\n"
         f"  provider {issuer}  (tokens live 60 s and are refreshed transparently)\n"
+        f"  MCP / CLI clients: http://{HOST}:{port}/mcp  (OAuth: device flow or an MCP client; see README)\n"
         f"  Ctrl-C to stop\n",
         flush=True,
     )

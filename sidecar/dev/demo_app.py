@@ -3,7 +3,9 @@
 Every path answers a page that shows what the sidecar forwarded (identity
 headers, token expiry) so a person can watch sign-in and transparent refresh
 work. ``/_demo/echo``, ``/_demo/ws`` and ``/_demo/stream`` give the proxy tests
-something deterministic to talk to.
+something deterministic to talk to. ``/mcp`` is a minimal MCP server (JSON-RPC:
+initialize, tools/list, tools/call ``whoami``) for the sidecar's ``--oauth-resource /mcp``
+demo: MCP clients and ``curl`` see who the sidecar says they are.
 
 Run standalone::
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import html
+import json
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -180,12 +183,84 @@ async def stream(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+# --- /mcp: a minimal MCP server (JSON-RPC over streamable HTTP, JSON responses only) -----------------------------
+
+MCP_PROTOCOL_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26")
+MCP_MAX_BODY = 64 * 1024
+WHOAMI_TOOL = {
+    "name": "whoami",
+    "description": "Who the sidecar says is calling: the identity headers this request carried.",
+    "inputSchema": {"type": "object", "properties": {}, "additionalProperties": False},
+}
+
+
+def whoami(request: web.Request) -> dict[str, Any]:
+    """The identity the sidecar forwarded; the Authorization header only as present/absent (never its value)."""
+    identity = {h: request.headers[h] for h in IDENTITY_HEADERS if h in request.headers}
+    return {"identity": identity, "authorization_forwarded": "Authorization" in request.headers}
+
+
+def _rpc_result(rpc_id: Any, result: dict[str, Any]) -> web.Response:
+    return web.json_response({"jsonrpc": "2.0", "id": rpc_id, "result": result})
+
+
+def _rpc_error(rpc_id: Any, code: int, message: str, status: int = 200) -> web.Response:
+    body = {"jsonrpc": "2.0", "id": rpc_id, "error": {"code": code, "message": message}}
+    return web.json_response(body, status=status)
+
+
+def _mcp_call(request: web.Request, rpc_id: Any, method: str, params: dict[str, Any]) -> web.Response:
+    """One request: initialize, ping, tools/list, tools/call whoami; anything else is method-not-found."""
+    if method == "initialize":
+        asked = params.get("protocolVersion")
+        version = asked if asked in MCP_PROTOCOL_VERSIONS else MCP_PROTOCOL_VERSIONS[0]
+        info = {"name": "sidecar-demo", "version": "1"}
+        return _rpc_result(rpc_id, {"protocolVersion": version, "capabilities": {"tools": {}}, "serverInfo": info})
+    if method == "ping":
+        return _rpc_result(rpc_id, {})
+    if method == "tools/list":
+        return _rpc_result(rpc_id, {"tools": [WHOAMI_TOOL]})
+    if method == "tools/call":
+        if params.get("name") != "whoami":
+            return _rpc_error(rpc_id, -32602, "unknown tool")
+        data = whoami(request)
+        text = json.dumps(data, indent=2)
+        return _rpc_result(rpc_id, {"content": [{"type": "text", "text": text}], "structuredContent": data})
+    return _rpc_error(rpc_id, -32601, "method not found")
+
+
+async def mcp(request: web.Request) -> web.StreamResponse:
+    """POST /mcp: the MCP streamable HTTP transport reduced to single JSON-RPC messages answered with JSON.
+
+    Notifications and responses get 202; GET (the server-to-client stream) and DELETE (session end) get
+    405, which the transport allows: this server keeps no sessions and never calls the client.
+    """
+    if request.method != "POST":
+        return web.Response(status=405, headers={"Allow": "POST"})
+    if request.content_length is not None and request.content_length > MCP_MAX_BODY:
+        return _rpc_error(None, -32600, "request too large", status=413)
+    raw = await request.content.read(MCP_MAX_BODY + 1)
+    try:
+        message = json.loads(raw) if len(raw) <= MCP_MAX_BODY else None
+    except (ValueError, RecursionError):
+        return _rpc_error(None, -32700, "parse error", status=400)
+    if not isinstance(message, dict) or message.get("jsonrpc") != "2.0":
+        return _rpc_error(None, -32600, "one JSON-RPC 2.0 message per request", status=400)
+    method, params = message.get("method"), message.get("params") or {}
+    if "id" not in message or not isinstance(method, str):
+        return web.Response(status=202)  # a notification or a response: nothing to answer
+    if not isinstance(params, dict):
+        return _rpc_error(message["id"], -32602, "params must be an object")
+    return _mcp_call(request, message["id"], method, params)
+
+
 def demo_app() -> web.Application:
     """The demo upstream application."""
     app = web.Application()
     app.router.add_route("*", "/_demo/echo", echo)
     app.router.add_get("/_demo/ws", ws_echo)
     app.router.add_get("/_demo/stream", stream)
+    app.router.add_route("*", "/mcp", mcp)
     app.router.add_route("*", "/{tail:.*}", page)
     return app
 

@@ -63,3 +63,30 @@ async def approve_authorization(
     assert html.escape(redirect_uri, quote=True) in page or redirect_uri in page, "consent names the redirect URI"
     resp = await submit(browser, authorize_url, page, {"decision": "approve"})
     return await follow_to(browser, resp, redirect_uri)
+
+
+async def approve_device(browser: aiohttp.ClientSession, verification_uri_complete: str, user: str = "alice") -> str:
+    """What the person does with ``verification_uri_complete``: open it (signing in at the provider if asked,
+    as ``user``), confirm the pre-filled code, Allow on the consent page, go through the grant's sign-in.
+    Returns the final page's text (the sidecar's "Device connected" page)."""
+    url = verification_uri_complete
+    resp = await browser.get(url, allow_redirects=False)
+    for _ in range(MAX_HOPS * 2):
+        page = await resp.text()
+        url = str(resp.url)
+        if resp.status in (302, 303, 307):
+            resp = await browser.get(urljoin(url, resp.headers["Location"]), allow_redirects=False)
+            continue
+        assert resp.status == 200, f"{resp.status} at {url}: {page[:300]}"
+        if "Device connected" in page:
+            return page
+        if "name='user_code'" in page:  # the code entry form, pre-filled: confirm it
+            code = parse_qsl(urlsplit(verification_uri_complete).query)
+            resp = await submit(browser, url, page, {"user_code": dict(code)["user_code"]})
+        elif "name='decision'" in page:  # the consent page
+            resp = await submit(browser, url, page, {"decision": "approve"})
+        elif "name='user'" in page:  # the dev provider's login page (make run has no auto-login)
+            resp = await submit(browser, url, page, {"user": user})
+        else:
+            raise AssertionError(f"unexpected page at {url}: {page[:500]}")
+    raise AssertionError("the device approval did not finish")

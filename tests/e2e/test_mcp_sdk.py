@@ -137,6 +137,7 @@ def assert_identity(result: dict[str, Any]) -> None:
     assert identity.get("x-forwarded-email") == "alice@example.com", result
     assert identity.get("x-forwarded-user"), result
     assert result["sidecar_token_seen"] is False, result
+    assert result["authorization_present"] is False, result  # no --pass-authorization-header: none at all
 
 
 # --- the Python SDK ---------------------------------------------------------------------------------------------
@@ -253,6 +254,25 @@ async def test_python_sdk_discovers_registers_consents_refreshes_and_is_refused_
         info = storage.client_info
         status, body = await raw_refresh(st.base, second.refresh_token, info.client_id, info.client_secret)
         assert status == 400 and body["error"] == "invalid_grant"
+
+
+async def test_python_sdk_against_the_make_run_demo_mcp_endpoint(redis_store: RedisStore) -> None:
+    """The demo app's hand-written ``/mcp`` (what ``make run`` serves) is enough for the unmodified SDK."""
+    async with stack(redis_store, oauth_server="true", oauth_resource="/mcp") as st, browser() as b:
+        await sign_in(b, st.base, rd="/oauth2/userinfo")
+        redirect_uri = f"http://127.0.0.1:{free_port()}/callback"
+        user = ScriptedUser(b, redirect_uri)
+        provider = OAuthClientProvider(
+            server_url=st.base + "/mcp",
+            client_metadata=OAuthClientMetadata(client_name="demo check", redirect_uris=[AnyUrl(redirect_uri)]),
+            storage=MemoryStorage(),
+            redirect_handler=user.redirect,
+            callback_handler=user.callback,
+        )
+        seen = await asyncio.wait_for(python_whoami(st.base, provider), 60)
+        assert seen["identity"]["X-Forwarded-Email"] == "alice@example.com", seen
+        assert seen["authorization_forwarded"] is False, seen
+        assert len(user.authorize_urls) == 1
 
 
 # --- the TypeScript SDK -----------------------------------------------------------------------------------------
