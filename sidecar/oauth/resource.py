@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -32,6 +33,29 @@ _TOUCH_EVERY = 60.0
 _TOUCH_CACHE = 10_000
 
 
+_ORIGINAL_URI = ("X-Forwarded-Uri", "X-Original-URI", "X-Original-URL")
+
+
+def _asked_path(request: web.Request) -> str:
+    """The path of the request a front asks ``/oauth2/auth`` about (nginx: X-Original-URI and X-Forwarded-Uri,
+    Traefik: X-Forwarded-Uri, ingress-nginx: X-Original-URL, a whole URL). Fronts copy the client's own headers
+    into the auth request, so a client can add one the front does not set: when they name different paths
+    the request is refused (400), never judged by the path the client picked (a token's audience)."""
+    paths = {_path_of(value) for name in _ORIGINAL_URI for value in request.headers.getall(name, [])}
+    if len(paths) > 1:
+        raise web.HTTPBadRequest(text="400 Bad Request: the original-URI headers name different paths\n")
+    return paths.pop() if paths else ""
+
+
+def _path_of(uri: str) -> str:
+    if uri.startswith("/"):
+        return uri.split("?", 1)[0]
+    try:
+        return urlsplit(uri).path or "/"
+    except ValueError:
+        return uri  # not a URL: normalise_path refuses it, so it names no resource
+
+
 class ResourceGuardImpl:
     """``context.ResourceGuard`` for ``--oauth-server``."""
 
@@ -46,7 +70,7 @@ class ResourceGuardImpl:
         """The --oauth-resource path this request is under (for /oauth2/auth: the one asked about)."""
         raw = request.raw_path
         if raw == self._auth_path or raw.startswith(self._auth_path + "?"):
-            raw = request.headers.get("X-Original-URI") or request.headers.get("X-Forwarded-Uri") or ""
+            raw = _asked_path(request)
         raw = raw.split("?", 1)[0]
         if not any(raw.startswith(r) for r in self._resources) and "%" not in raw and "//" not in raw:
             return None  # the hot path: one prefix check per resource
