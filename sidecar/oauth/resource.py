@@ -20,7 +20,7 @@ from aiohttp import web
 
 from ..context import view_of
 from ..cookies import SessionRef
-from ..errors import BadRequest, InvalidCookie, SessionGone
+from ..errors import BadRequest, InvalidCookie, ProviderUnavailable, SessionGone
 from ..models import Session
 from ..proxy import normalise_path
 from . import tokens as tk
@@ -129,7 +129,12 @@ class ResourceGuardImpl:
         try:
             session = await server.sessions.load(ref)
             session = await server.refresher.fresh(ref, session)
-        except (SessionGone, InvalidCookie):
+        except (SessionGone, InvalidCookie) as exc:
+            if isinstance(exc, SessionGone) and await server.sessions.store.version(ref.store_key) is not None:
+                # The refresher kept the record: the provider refused for a reason that says nothing about
+                # the grant (invalid_client, invalid_request ...). A browser would sign in again; a grant
+                # waits for the provider to be fixed instead of ending (only a gone record ends it).
+                raise ProviderUnavailable("the provider refused to refresh the grant's tokens") from None
             await server.end_grant(grant_id, "upstream_session_gone")
             raise self._invalid(request, resource) from None
         await self._touch(request, grant_id, record.sub)
