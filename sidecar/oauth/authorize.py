@@ -32,6 +32,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from aiohttp import web
+from multidict import MultiDictProxy
 
 from .. import handlers, logs
 from ..config import Config
@@ -95,6 +96,15 @@ def pick_resource(request: web.Request, oauth: OAuthServer, values: list[str]) -
         if values[0] in (canonical, canonical + "/"):
             return canonical, path
     return None
+
+
+async def read_post(request: web.Request) -> MultiDictProxy[Any] | None:
+    """The fields of a form POST; None for a body aiohttp cannot parse (bytes that are not UTF-8, an unknown
+    charset, broken multipart): the client's mistake, answered 400, never a 500."""
+    try:
+        return await request.post()
+    except (ValueError, LookupError):
+        return None
 
 
 async def browser_session(request: web.Request, svc: Services) -> tuple[SessionRef, Session] | None:
@@ -325,7 +335,9 @@ async def consent(request: web.Request, svc: Services) -> web.Response:
     config = svc.config
     if not same_origin(request):
         return pages.message(config, "Refused", "Cross-site form submission refused.", status=403)
-    form = await request.post()
+    form = await read_post(request)
+    if form is None:
+        return pages.message(config, "Bad request", "The form could not be read.", status=400)
     pending_id, csrf, decision = (str(form.get(name, ""))[:200] for name in ("pending", "csrf", "decision"))
     authed = await browser_session(request, svc)
     if authed is None:

@@ -37,6 +37,7 @@ from .authorize import (
     find_client,
     parse_scope,
     pick_resource,
+    read_post,
     same_origin,
     sign_in_first,
 )
@@ -111,7 +112,9 @@ async def device_authorization(request: web.Request, svc: Services) -> web.Respo
         response = _oauth_error("slow_down", "too many device authorization requests from this address", 429)
         response.headers["Retry-After"] = retry_after(wait)
         return response
-    form = await request.post()
+    form = await read_post(request)
+    if form is None:
+        return _oauth_error("invalid_request", "the body must be an application/x-www-form-urlencoded form")
     for name in _SINGLE:
         if len(form.getall(name, [])) > 1:
             return _oauth_error("invalid_request", f"{name} given more than once")
@@ -183,7 +186,9 @@ async def device_page(request: web.Request, svc: Services) -> web.Response:
         return pages.device_entry(svc.config, action, csrf, pretty(given) if given else "")
     if not same_origin(request):
         return pages.message(svc.config, "Refused", "Cross-site form submission refused.", status=403)
-    form = await request.post()
+    form = await read_post(request)
+    if form is None:
+        return pages.message(svc.config, "Bad request", "The form could not be read.", status=400)
     if not csrf_ok(svc.config, ref.sid, "device", str(form.get("csrf", ""))[:200]):
         return pages.message(svc.config, "Refused", "This form is not from your session (CSRF check failed).", 403)
     limited = _entry_limited(request, ref.sid)

@@ -20,7 +20,7 @@ from .. import logs
 from ..context import Services
 from ..policy import why_denied
 from . import pages
-from .authorize import browser_session, csrf_ok, csrf_token, same_origin, sign_in_first
+from .authorize import browser_session, csrf_ok, csrf_token, read_post, same_origin, sign_in_first
 from .service import OAUTH
 
 _BOUND = "grants"
@@ -90,7 +90,9 @@ async def revoke(request: web.Request, svc: Services) -> web.Response:
     if not same_origin(request):
         return _answer(request, svc, 403, "cross-site form submission refused")
     ref, session = authed
-    form = await request.post()
+    form = await read_post(request)
+    if form is None:
+        return _answer(request, svc, 400, "the form could not be read")
     if not csrf_ok(svc.config, ref.sid, _BOUND, str(form.get("csrf", ""))[:200]):
         return _answer(request, svc, 403, "CSRF check failed")
     grant_id = str(form.get("grant_id", ""))[:64]
