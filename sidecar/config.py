@@ -242,6 +242,18 @@ class Config:
     oauth_device_poll_interval: Seconds = option(
         5.0, "least seconds between a device's token polls (RFC 8628 interval)", low=1, high=60
     )
+    oauth_client_metadata_documents: bool = option(
+        False,
+        "accept https URLs as client_id (Client ID Metadata Documents): the sidecar then fetches those documents "
+        "from the internet when asked to authorize; public addresses only unless the host is listed",
+    )
+    oauth_client_metadata_hosts: Names = option(
+        (), "accept metadata documents only from these hosts, as the URL writes them (example.com, 10.0.0.5, "
+        "[fd00::5]; repeatable); a listed host may resolve to a private address (an internal client registry)",
+    )  # fmt: skip
+    oauth_client_metadata_ca_file: Names = option(
+        (), "CA certificate files trusted for metadata document fetches in addition to the system's (repeatable)",
+    )  # fmt: skip
 
     # Derived once from the options above by build_config.
     cookie_secrets: tuple[bytes, ...] = _derived(())
@@ -261,6 +273,7 @@ class Config:
     provider_ssl: ssl.SSLContext | bool | None = _derived(None)  # None: system trust; False: not verified
     pages: PageTemplates = _derived(DEFAULT_TEMPLATES)
     oauth_resources: tuple[str, ...] = _derived(())  # --oauth-resource paths, longest first
+    oauth_client_metadata_ssl: ssl.SSLContext | None = _derived(None)  # system trust + --oauth-client-metadata-ca-file
 
     def options(self) -> dict[str, Any]:
         """The option values (not the derived ones), as ``build_config`` takes them."""
@@ -591,6 +604,40 @@ def _oauth_resources(values: Mapping[str, Any], problems: list[str]) -> tuple[st
     return tuple(sorted(out, key=len, reverse=True))
 
 
+def _client_metadata_ssl(values: Mapping[str, Any], problems: list[str]) -> ssl.SSLContext | None:
+    """TLS for Client ID Metadata Document fetches: the system's trust plus the listed CA files (public clients
+    keep working when an internal registry's CA is added). Hosts are checked here; the switch must be on for
+    either list (a setting is never accepted and then ignored)."""
+    if not values["oauth_client_metadata_documents"]:
+        for attr in ("oauth_client_metadata_hosts", "oauth_client_metadata_ca_file"):
+            if values[attr]:
+                problems.append(f"--{BY_ATTR[attr].name}: only used with --oauth-client-metadata-documents; set it too")
+        return None
+    if not values["oauth_server"]:
+        problems.append("--oauth-client-metadata-documents: only used with --oauth-server; set it too")
+    for host in values["oauth_client_metadata_hosts"]:
+        if not _metadata_host(host):
+            problems.append(f"--oauth-client-metadata-hosts: {host!r} is not a lower-case host name or IP address")
+    context = ssl.create_default_context()  # verifies the chain and the host name
+    for path in values["oauth_client_metadata_ca_file"]:
+        try:
+            context.load_verify_locations(cafile=path)
+        except (OSError, ssl.SSLError) as exc:
+            detail = getattr(exc, "strerror", None) or exc
+            problems.append(f"--oauth-client-metadata-ca-file: cannot load {path!r} ({detail})")
+    return context
+
+
+def _metadata_host(host: str) -> bool:
+    """A host as it appears in a client_id URL: a lower-case DNS name, an IPv4 literal or a bracketed IPv6 one."""
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            return str(ipaddress.IPv6Address(host[1:-1])) == host[1:-1]  # the canonical spelling the URL must use
+        except ValueError:
+            return False
+    return host == host.lower() and valid_hostname(host)
+
+
 def _nested(a: str, b: str) -> bool:
     """Is one of the two paths the other or under it (``/api`` and ``/api/v2``, not ``/api2``)?"""
     return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
@@ -627,6 +674,7 @@ def build_config(raw: Mapping[str, Any]) -> Config:
         "trusted_networks": _collect(problems, _network, values["trusted_proxy"]),
         **_migration_derived(values, problems),
         "oauth_resources": _oauth_resources(values, problems),
+        "oauth_client_metadata_ssl": _client_metadata_ssl(values, problems),
     }
     for attr, key in (("http_address", "listen"), ("metrics_address", "metrics")):
         if values[attr] or attr == "http_address":

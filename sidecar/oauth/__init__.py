@@ -21,7 +21,7 @@ from ..ratelimit import RateLimiter
 
 def install(app: web.Application, config: Config) -> None:
     """Add the authorization server's routes and hooks to ``app`` (called before the proxy catch-all)."""
-    from . import authorize, device, grants_page, metadata, registration, revocation, token_endpoint
+    from . import authorize, cimd, device, grants_page, metadata, registration, revocation, token_endpoint
     from .service import oauth_ctx
 
     async def hooks_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -35,6 +35,7 @@ def install(app: web.Application, config: Config) -> None:
     app[registration.REGISTRATION_LIMITER] = RateLimiter()
     app[device.DEVICE_LIMITER] = RateLimiter()
     app[device.ENTRY_LIMITER] = RateLimiter()
+    app[cimd.DOCUMENTS] = cimd.MetadataDocuments(config)
     router, prefix = app.router, config.proxy_prefix
     router.add_get(metadata.AS_PATH, guarded(metadata.authorization_server, "oauth_metadata"))
     router.add_route("OPTIONS", metadata.AS_PATH, guarded(metadata.preflight, "oauth_metadata"))

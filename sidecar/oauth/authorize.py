@@ -29,7 +29,7 @@ import secrets
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
 from aiohttp import web
 from multidict import MultiDictProxy
@@ -65,7 +65,6 @@ _SINGLE = (
     "prompt",
     "response_mode",
 )
-_CLIENT_ID = re.compile(r"[A-Za-z0-9._~:/-]{1,255}")
 
 
 # --- shared by the browser-facing endpoints -------------------------------------------------------------------
@@ -136,10 +135,16 @@ def csrf_ok(config: Config, sid: str, bound_to: str, presented: str) -> bool:
     )
 
 
-async def find_client(oauth: OAuthServer, client_id: str) -> Client | None:
-    if not _CLIENT_ID.fullmatch(client_id):
-        return None
-    return await oauth.store.get_client(client_id)
+async def find_client(app: web.Application, client_id: str) -> Client | None:
+    """A registered client, or one described by its Client ID Metadata Document (``cimd.py``)."""
+    return (await resolve_client(app, client_id))[0]
+
+
+async def resolve_client(app: web.Application, client_id: str) -> tuple[Client | None, str]:
+    """(client, why there is none); ``cimd`` imports ``registration``, which imports this module: hence here."""
+    from . import cimd
+
+    return await cimd.resolve_client(app, client_id)
 
 
 async def grant_scope(svc: Services) -> str:
@@ -214,7 +219,8 @@ async def consent_page(
     view = pages.ConsentView(
         client_name=client.client_name or client.client_id,
         client_id=client.client_id,
-        verified=False,  # every client is self-registered (DCR); nothing vouches for its name
+        verified=False,  # self-registered (DCR) or self-described (metadata document): nothing vouches for its name
+        client_host=urlsplit(client.client_id).netloc if client.metadata_document else "",
         redirect_uri=pending.redirect_uri,
         resource=pending.resource,
         scopes=pending.scope.split(),
@@ -253,7 +259,10 @@ async def authorize(request: web.Request, svc: Services) -> web.Response:
     client_ids, redirect_uris = query.getall("client_id", []), query.getall("redirect_uri", [])
     if len(client_ids) != 1 or len(redirect_uris) != 1:
         return _error_page(svc, "The request must name its client_id and redirect_uri exactly once.")
-    client = await find_client(oauth, client_ids[0])
+    client, why = await resolve_client(request.app, client_ids[0])
+    if client is None and client_ids[0].startswith("https://") and svc.config.oauth_client_metadata_documents:
+        logs.event("oauth_authorize_refused", {"client_id": client_ids[0][:200], "reason": "client_metadata"})
+        return _error_page(svc, f"This application's client metadata document was not accepted: {why}.")
     if client is None:
         return _error_page(svc, "This application is not registered (or its registration expired).")
     redirect_uri = redirect_uris[0]
@@ -286,7 +295,8 @@ async def authorize(request: web.Request, svc: Services) -> web.Response:
     session = authed[1]
     if why_denied(session.identity, svc.config) is not None:
         raise web.HTTPForbidden()
-    await oauth.store.touch_client(client.client_id, float(svc.config.oauth_client_idle_timeout))
+    if not client.metadata_document:
+        await oauth.store.touch_client(client.client_id, float(svc.config.oauth_client_idle_timeout))
     pending = Pending(
         kind="code",
         client_id=client.client_id,
@@ -395,7 +405,7 @@ async def finish_grant(
         return pages.message(
             config, "Refused", "You signed in as a different user than the one who allowed access.", status=403
         )
-    client = await oauth.store.get_client(pending.client_id)
+    client = await find_client(request.app, pending.client_id)
     if client is None:
         return pages.message(config, "Request expired", "The application's registration expired.", 400)
     if pending.kind == "device" and not await _device_waiting(oauth, pending):

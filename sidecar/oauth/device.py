@@ -120,7 +120,7 @@ async def device_authorization(request: web.Request, svc: Services) -> web.Respo
             return _oauth_error("invalid_request", f"{name} given more than once")
     basic = _basic_credentials(request)
     client_id = basic[0] if basic is not None else str(form.get("client_id", ""))
-    client = await find_client(oauth, client_id) if client_id else None
+    client = await find_client(request.app, client_id) if client_id else None
     secret = form.get("client_secret")
     if client is None or not _client_authenticated(request, client, secret if isinstance(secret, str) else None):
         return _oauth_error("invalid_client", "unknown client or wrong credentials", 401)
@@ -150,7 +150,8 @@ async def device_authorization(request: web.Request, svc: Services) -> web.Respo
             break
     else:
         return _oauth_error("temporarily_unavailable", "try again", 503)
-    await oauth.store.touch_client(client.client_id, float(svc.config.oauth_client_idle_timeout))
+    if not client.metadata_document:
+        await oauth.store.touch_client(client.client_id, float(svc.config.oauth_client_idle_timeout))
     logs.event("oauth_device_started", {"client_id": client.client_id, "client_ip": client_ip})
     verification = oauth.issuer(request) + svc.config.proxy_prefix + "/device"
     body = {
@@ -196,7 +197,7 @@ async def device_page(request: web.Request, svc: Services) -> web.Response:
         return limited
     user_code = normalise(str(form.get("user_code", ""))[:32])
     device = await request.app[OAUTH].store.device_by_user_code(user_code) if user_code else None
-    client = await find_client(request.app[OAUTH], device.client_id) if device is not None else None
+    client = await find_client(request.app, device.client_id) if device is not None else None
     if device is None or client is None or device.status != "pending" or device.expires_at <= time.time():
         logs.event("oauth_device_code_refused", {"client_ip": view_of(request).client_ip})
         return pages.device_entry(svc.config, action, csrf, "", problem=_WRONG, status=400)

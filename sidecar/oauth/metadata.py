@@ -53,7 +53,7 @@ async def authorization_server(request: web.Request, svc: Services) -> web.Respo
             "revocation_endpoint_auth_methods_supported": list(AUTH_METHODS),
             "scopes_supported": list(SCOPES),
             "authorization_response_iss_parameter_supported": True,
-            "client_id_metadata_document_supported": False,
+            "client_id_metadata_document_supported": svc.config.oauth_client_metadata_documents,
         }
     )
 

@@ -64,6 +64,7 @@ class ConsentView:
     pending: str
     csrf: str
     action: str
+    client_host: str = ""  # a Client ID Metadata Document's host: the only part of its identity TLS vouches for
 
 
 _SCOPE_TEXT = {
@@ -89,8 +90,18 @@ def consent(config: Config, view: ConsentView) -> web.Response:
         else "<p>Access will be handed to the device or command-line tool that showed you the code.</p>"
     )
     scopes = "".join(f"<li>{e(_SCOPE_TEXT.get(s, s))} (<code>{e(s)}</code>)</li>" for s in view.scopes)
+    who = f"<strong>{e(view.client_name)}</strong> (client <code>{e(view.client_id)}</code>)"
+    if view.client_host:
+        who = (
+            f"The application at <strong style='font-size:1.3em'>{e(view.client_host)}</strong>, which calls itself "
+            f"&ldquo;{e(view.client_name)}&rdquo; (client <code>{e(view.client_id)}</code>),"
+        )
+        warning = (
+            f"<p style='color:#a40'>Its name comes from its own description at {e(view.client_host)} and is not "
+            "verified. Only continue if you started this sign-in yourself and trust that host.</p>"
+        )
     body = (
-        f"<p><strong>{e(view.client_name)}</strong> (client <code>{e(view.client_id)}</code>) asks to use "
+        f"<p>{who} asks to use "
         f"<code>{e(view.resource)}</code> as <strong>{e(view.user)}</strong>.</p>{warning}{where}"
         f"<p>It will be able to:</p><ul>{scopes}</ul>"
         f"<form method='post' action='{e(view.action)}'>"

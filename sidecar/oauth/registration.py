@@ -15,9 +15,9 @@ Anyone may register, so what a registration can say is narrow:
   register ``--oauth-registration-rate-limit`` clients per minute (429). A client unused for
   ``--oauth-client-idle-timeout`` is forgotten (its record's TTL, renewed on use).
 
-Client ID Metadata Documents (MCP 2025-11-25) are not supported: fetching a URL a client names is a
-server-side request forgery risk that needs an egress policy this sidecar does not have; the metadata
-does not advertise them, so clients fall back to registration.
+Client ID Metadata Documents (MCP 2025-11-25) are the other way in, when the operator turns them on
+(``--oauth-client-metadata-documents``, ``cimd.py``): a document's metadata passes the same checks
+(``check_metadata``), restricted to public clients.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import json
 import re
 import secrets
 import time
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -126,8 +127,22 @@ def _text(meta: dict[str, Any], name: str, limit: int) -> str:
     return value
 
 
-def client_from_metadata(meta: dict[str, Any], client_ip: str) -> tuple[Client, str | None]:
-    """The client to store and its secret (None for a public client); raises Refused."""
+@dataclass(frozen=True)
+class Metadata:
+    """Client metadata that passed the checks; shared by registration and Client ID Metadata Documents."""
+
+    client_name: str
+    redirect_uris: tuple[str, ...]
+    grant_types: tuple[str, ...]
+    token_endpoint_auth_method: str
+    client_uri: str
+
+
+def check_metadata(
+    meta: dict[str, Any], default_method: str = "client_secret_basic", methods: tuple[str, ...] = AUTH_METHODS
+) -> Metadata:
+    """The checked fields of RFC 7591 client metadata (see the module docstring); raises Refused. RFC 7591 2
+    makes ``client_secret_basic`` the default method; a metadata document can only be public (``none``)."""
     grant_types = _strings(meta.get("grant_types"), "grant_types", (GRANT_AUTHORIZATION_CODE,))
     unknown = [g for g in grant_types if g not in GRANT_TYPES]
     if unknown or not grant_types:
@@ -135,9 +150,9 @@ def client_from_metadata(meta: dict[str, Any], client_ip: str) -> tuple[Client, 
     response_types = _strings(meta.get("response_types"), "response_types", ("code",))
     if response_types != ("code",) and not (response_types == () and GRANT_AUTHORIZATION_CODE not in grant_types):
         raise Refused("invalid_client_metadata", "response_types: only code")
-    method = meta.get("token_endpoint_auth_method", "client_secret_basic")  # RFC 7591 2: the default
-    if method not in AUTH_METHODS:
-        raise Refused("invalid_client_metadata", f"token_endpoint_auth_method: one of {', '.join(AUTH_METHODS)}")
+    method = meta.get("token_endpoint_auth_method", default_method)
+    if method not in methods:
+        raise Refused("invalid_client_metadata", f"token_endpoint_auth_method: one of {', '.join(methods)}")
     redirect_uris = _redirect_uris(meta.get("redirect_uris"), grant_types)
     scope = meta.get("scope")
     if scope is not None and (not isinstance(scope, str) or parse_scope(scope) is None):
@@ -145,17 +160,25 @@ def client_from_metadata(meta: dict[str, Any], client_ip: str) -> tuple[Client, 
     client_uri = _text(meta, "client_uri", MAX_URI_CHARS)
     if client_uri and (not client_uri.startswith("https://") or redirect_uri_problem(client_uri) is not None):
         raise Refused("invalid_client_metadata", "client_uri must be an https URL")
+    name = _text(meta, "client_name", MAX_NAME_CHARS).strip()
+    return Metadata(name, redirect_uris, grant_types, method, client_uri)
+
+
+def client_from_metadata(meta: dict[str, Any], client_ip: str) -> tuple[Client, str | None]:
+    """The client to store and its secret (None for a public client); raises Refused."""
+    checked = check_metadata(meta)
+    method = checked.token_endpoint_auth_method
     secret = None if method == "none" else secrets.token_urlsafe(32)
     client = Client(
         client_id=secrets.token_urlsafe(16),
-        client_name=_text(meta, "client_name", MAX_NAME_CHARS).strip(),
-        redirect_uris=redirect_uris,
-        grant_types=grant_types,
+        client_name=checked.client_name,
+        redirect_uris=checked.redirect_uris,
+        grant_types=checked.grant_types,
         token_endpoint_auth_method=method,
         secret_hash=tk.secret_hash(secret) if secret else None,
         created_at=time.time(),
         registered_from=client_ip,
-        client_uri=client_uri,
+        client_uri=checked.client_uri,
     )
     return client, secret
 

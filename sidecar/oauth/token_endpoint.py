@@ -30,6 +30,7 @@ from ..context import Services, view_of
 from ..cookies import SessionRef
 from ..errors import InvalidCookie, SessionGone
 from . import tokens as tk
+from .cimd import find_client
 from .model import GRANT_AUTHORIZATION_CODE, GRANT_DEVICE_CODE, GRANT_REFRESH_TOKEN, Client, Grant, IssuedTokens
 from .service import OAUTH, OAuthServer
 
@@ -108,7 +109,7 @@ async def authenticate_client(server: OAuthServer, request: web.Request, form: d
         client_id, secret, method = form.get("client_id", ""), "", "none"
     if not client_id or len(client_id) > 2048:
         raise OAuthError("invalid_client", "client authentication failed", 401)
-    client = await server.store.get_client(client_id)
+    client = await find_client(request.app, client_id)  # a metadata document's client is public: method none
     if client is None or client.token_endpoint_auth_method != method:
         raise OAuthError("invalid_client", "client authentication failed", 401)
     if method != "none" and (client.secret_hash is None or not tk.same_secret(secret, client.secret_hash)):
