@@ -240,6 +240,13 @@ def _error_page(svc: Services, text: str) -> web.Response:
     return pages.message(svc.config, "Authorization request refused", text, status=400)
 
 
+def is_loopback(redirect_uri: str) -> bool:
+    """A native client's loopback listener (RFC 8252 7.3). An error for a request nobody approved goes back only
+    there: sent to an https URI, which anyone may register, it would make this origin an open redirector."""
+    parts = urlsplit(redirect_uri)
+    return parts.scheme == "http" and parts.hostname in ("127.0.0.1", "::1", "localhost")
+
+
 def to_client(redirect_uri: str, params: dict[str, str | None]) -> web.Response:
     """A 302 to the client's registered redirect URI with ``params`` added to its query."""
     query = urlencode({k: v for k, v in params.items() if v is not None})
@@ -276,6 +283,8 @@ async def authorize(request: web.Request, svc: Services) -> web.Response:
     def error(code: str, description: str) -> web.Response:
         fields = {"client_id": client.client_id, "reason": code}
         logs.event("oauth_authorize_refused", fields)
+        if not is_loopback(redirect_uri):  # RFC 9700 4.11.2: no redirect nobody approved to a URI anyone registers
+            return _error_page(svc, f"The authorization request was refused ({code}: {description}).")
         return to_client(redirect_uri, {"error": code, "error_description": description, "state": state, "iss": iss})
 
     problem = _request_problem(query, client)
