@@ -372,3 +372,29 @@ async def _grant_key(st: Stack, issued: Issued) -> tuple[Grant, bytes]:
     key = tk.unwrap_key(record.wrapped_key, issued.code)
     assert key is not None
     return issued.grant, key
+
+
+async def test_unused_grant_record_lives_for_the_idle_timeout_not_the_browser_refresh_ttl(
+    redis_url: str, raw_redis: Any
+) -> None:
+    """The dev provider gives no refresh_expires_in: the grant's upstream-token record must still live for
+    --oauth-refresh-idle-timeout (60 days here), not --refresh-token-ttl (1 day here)."""
+    import redis.asyncio as aioredis
+
+    from sidecar.cookies import SessionRef
+    from sidecar.store import RedisStore
+
+    store = RedisStore(aioredis.from_url(redis_url))
+    try:
+        async with oauth_stack(
+            store, refresh_token_ttl="24h", oauth_refresh_idle_timeout="1440h", session_store_type="redis"
+        ) as st:
+            st.provider.send_refresh_expires_in = False  # as Entra and many others: no refresh lifetime given
+            issued = await new_grant(st)
+            grant = await server_of(st).store.get_grant(issued.grant.grant_id)
+            assert grant is not None
+            record_key = SessionRef(sid=grant.session_sid, key=b"").store_key
+            ttls = [await raw_redis.ttl(key) async for key in raw_redis.scan_iter(match=f"*{record_key}*")]
+            assert ttls and min(ttls) > 50 * 86400, ttls
+    finally:
+        await store.close()

@@ -39,10 +39,13 @@ log = logging.getLogger("sidecar.oauth")
 
 
 def grant_config(config: Config) -> Config:
-    """The settings the grants' session records live by: the --oauth-refresh-* lifetimes."""
+    """The settings the grants' session records live by: the --oauth-refresh-* lifetimes. A provider that
+    does not say how long its refresh token lives is assumed to keep it for the grant's idle timeout
+    (not the browser's --refresh-token-ttl), so an unused grant's record is not dropped before its time."""
     return config.replace(
         cookie_expire=config.oauth_refresh_max_lifetime,
         session_idle_timeout=config.oauth_refresh_idle_timeout,
+        refresh_token_ttl=config.oauth_refresh_idle_timeout,
     )
 
 
