@@ -111,6 +111,16 @@ def refused_from_client(authorization: bool, trusted_peer: bool, skipped: bool) 
     return _REFUSED[(authorization, trusted_peer, skipped)]
 
 
+SIDECAR_TOKEN_PREFIXES = ("sca.", "scr.", "scc.")  # tokens the sidecar issues (sidecar.oauth.tokens)
+_SIDECAR_TOKEN = re.compile(r"\s*bearer\s+(?:sca|scr|scc)\.", re.IGNORECASE)
+
+
+def holds_sidecar_token(authorization: str) -> bool:
+    """An ``Authorization`` value carrying a token the sidecar issued: never forwarded to an app (MCP
+    authorization forbids token passthrough), whatever authenticated the request."""
+    return _SIDECAR_TOKEN.match(authorization) is not None
+
+
 def header_value(value: object) -> str:
     """A claim value as a header value: only strings, without control characters or lone surrogates
     (which cannot be encoded), and empty when longer than ``MAX_VALUE`` (cutting could forge another)."""

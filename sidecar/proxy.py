@@ -27,7 +27,13 @@ from .context import BY_SIDECAR_TOKEN, Services, View, view_of
 from .cookies import without_sidecar_cookies
 from .errors import BadRequest, SessionGone
 from .guard import authorize, is_api_route, sign_in_redirect, wants_html
-from .headers import HOP_BY_HOP, PROTECTED_PREFIX, refused_from_client, upstream_identity_headers_for
+from .headers import (
+    HOP_BY_HOP,
+    PROTECTED_PREFIX,
+    holds_sidecar_token,
+    refused_from_client,
+    upstream_identity_headers_for,
+)
 from .stepup import is_stale, required_max_age, start_url, unauthorized
 
 _PATH_SAFE = "/:@!$&'()*+,=-._~"  # what stays literal in a forwarded path; everything else is %XX
@@ -132,6 +138,8 @@ def _forward_headers(request: web.Request, config: Config, *, trusted: bool, ski
                 continue
         if low.startswith(PROTECTED_PREFIX):
             continue
+        if low == "authorization" and holds_sidecar_token(value):
+            continue  # a sidecar token never reaches the app, on any path (the cookie may have authenticated)
         if low == "cookie" and cookie_name in value:
             value = without_sidecar_cookies(value, cookie_name)
             if not value:

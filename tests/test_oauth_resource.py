@@ -156,3 +156,27 @@ async def test_upstream_invalid_grant_ends_the_grant_and_outage_keeps_it() -> No
         status, _, resp = await get(st.base + "/mcp", tokens["access_token"])
         assert status == 401 and 'error="invalid_token"' in resp.headers["WWW-Authenticate"]
         assert await server.store.get_grant(issued.grant.grant_id) is None
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    ["Bearer {t}", "bearer {t}", "BEARER  {t}", " Bearer {t}", "Bearer\t{t}"],
+)
+async def test_a_sidecar_token_never_reaches_the_app_off_the_resource_paths(spelling: str) -> None:
+    """A browser with a session (cookie) that also sends a sidecar token on a plain proxied path: the cookie
+    authenticates it, and the token is still not passed through; a client's other Authorization is."""
+    from tests.stack import browser, sign_in
+
+    async with guarded_stack() as (st, seen):
+        issued = await new_grant(st, "/mcp")
+        _, tokens, _ = await redeem(st.base, issued)
+        async with browser() as b:
+            await sign_in(b, st.base)
+            for token in (tokens["access_token"], tokens["refresh_token"]):
+                async with b.get(st.base + "/app/page", headers={"Authorization": spelling.format(t=token)}) as r:
+                    assert r.status == 200
+                assert "Authorization" not in seen[-1]
+                assert token not in str(seen[-1])
+            async with b.get(st.base + "/app/page", headers={"Authorization": "Bearer app-own-token"}) as r:
+                assert r.status == 200
+            assert seen[-1]["Authorization"] == "Bearer app-own-token"

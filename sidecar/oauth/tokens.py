@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from ..headers import SIDECAR_TOKEN_PREFIXES
+
 ACCESS = "sca"
 REFRESH = "scr"
 CODE = "scc"
@@ -53,7 +55,7 @@ def parse(token: str, kind: str) -> str | None:
 
 def looks_like_ours(token: str) -> bool:
     """A bearer token of the sidecar's shape (any kind), well-formed or not: ours to judge, not the JWT verifier's."""
-    return token.startswith(("sca.", "scr.", "scc."))
+    return token.startswith(SIDECAR_TOKEN_PREFIXES)
 
 
 def valid_grant_id(grant_id: str) -> bool:
