@@ -8,8 +8,12 @@ bounded: past ``max_clients`` the least recently seen client's bucket is dropped
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from collections import OrderedDict
+from functools import lru_cache
+
+IPV6_PREFIX = 64  # one IPv6 host usually holds a whole /64: its addresses share one bucket
 
 
 class RateLimiter:
@@ -24,6 +28,7 @@ class RateLimiter:
         if per_minute <= 0:
             return 0.0  # limiting is off
         rate = per_minute / 60.0
+        client = client_key(client)
         tokens, at = self._buckets.pop(client, (burst, now))
         tokens = min(burst, tokens + max(0.0, now - at) * rate)
         allowed = tokens >= 1.0
@@ -36,6 +41,21 @@ class RateLimiter:
 
     def __len__(self) -> int:
         return len(self._buckets)
+
+
+@lru_cache(maxsize=4096)
+def client_key(client: str) -> str:
+    """The bucket of a client address: an IPv6 address counts as its /64 (a host may pick any address in
+    it, one per request); an IPv4-mapped one as its IPv4 address; anything else (a session id) as is."""
+    try:
+        address = ipaddress.ip_address(client)
+    except ValueError:
+        return client
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, IPV6_PREFIX), strict=False))
+    return client
 
 
 def retry_after(seconds: float) -> str:

@@ -25,7 +25,7 @@ from aiohttp import web
 from .. import logs
 from ..context import Services, view_of
 from ..policy import why_denied
-from ..ratelimit import RateLimiter, retry_after
+from ..ratelimit import RateLimiter, client_key, retry_after
 from . import pages
 from . import tokens as tk
 from .authorize import (
@@ -223,7 +223,7 @@ def _entry_limited(request: web.Request, sid: str) -> web.Response | None:
     limiter, now = request.app[ENTRY_LIMITER], time.monotonic()
     wait = max(
         limiter.take("s:" + sid, CODE_ENTRY_PER_MINUTE, CODE_ENTRY_PER_MINUTE, now),
-        limiter.take("a:" + view_of(request).client_ip, CODE_ENTRY_PER_MINUTE, CODE_ENTRY_PER_MINUTE, now),
+        limiter.take("a:" + client_key(view_of(request).client_ip), CODE_ENTRY_PER_MINUTE, CODE_ENTRY_PER_MINUTE, now),
     )
     if not wait:
         return None
