@@ -14,11 +14,9 @@ else cannot approve anything by itself. A wrong, expired, used or denied code al
 
 from __future__ import annotations
 
-import base64
-import binascii
 import secrets
 import time
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote, urlsplit
 
 from aiohttp import web
 
@@ -41,8 +39,9 @@ from .authorize import (
     same_origin,
     sign_in_first,
 )
-from .model import GRANT_DEVICE_CODE, Client, DeviceAuthorization
+from .model import GRANT_DEVICE_CODE, DeviceAuthorization
 from .service import OAUTH
+from .token_endpoint import OAuthError, authenticate_client, error_response
 
 ALPHABET = "BCDFGHJKLMNPQRSTVWXZ"
 USER_CODE_CHARS = 8
@@ -77,31 +76,6 @@ def _oauth_error(code: str, description: str, status: int = 400) -> web.Response
     return web.json_response(body, status=status, headers=headers)
 
 
-def _basic_credentials(request: web.Request) -> tuple[str, str] | None:
-    """RFC 6749 2.3.1: both parts form-urlencoded inside Basic."""
-    header = request.headers.get("Authorization", "")
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() != "basic":
-        return None
-    try:
-        user, sep, password = base64.b64decode(value.strip(), validate=True).decode().partition(":")
-    except (binascii.Error, UnicodeDecodeError):
-        return None
-    return (unquote(user), unquote(password)) if sep else None
-
-
-def _client_authenticated(request: web.Request, client: Client, form_secret: str | None) -> bool:
-    """Public clients need nothing (RFC 8628 3.1); confidential ones their secret, as at the token endpoint."""
-    if client.token_endpoint_auth_method == "none":
-        return True
-    basic = _basic_credentials(request)
-    if client.token_endpoint_auth_method == "client_secret_basic":
-        presented = basic[1] if basic is not None and basic[0] == client.client_id else None
-    else:
-        presented = form_secret
-    return presented is not None and client.secret_hash is not None and tk.same_secret(presented, client.secret_hash)
-
-
 async def device_authorization(request: web.Request, svc: Services) -> web.Response:
     """RFC 8628 3.1-3.2: a device code, a user code and where to enter it."""
     oauth = request.app[OAUTH]
@@ -118,12 +92,11 @@ async def device_authorization(request: web.Request, svc: Services) -> web.Respo
     for name in _SINGLE:
         if len(form.getall(name, [])) > 1:
             return _oauth_error("invalid_request", f"{name} given more than once")
-    basic = _basic_credentials(request)
-    client_id = basic[0] if basic is not None else str(form.get("client_id", ""))
-    client = await find_client(request.app, client_id) if client_id else None
-    secret = form.get("client_secret")
-    if client is None or not _client_authenticated(request, client, secret if isinstance(secret, str) else None):
-        return _oauth_error("invalid_client", "unknown client or wrong credentials", 401)
+    credentials = {name: str(form[name]) for name in ("client_id", "client_secret") if name in form}
+    try:  # RFC 8628 3.1: the client authenticates as at the token endpoint (public clients: client_id only)
+        client = await authenticate_client(oauth, request, credentials)
+    except OAuthError as exc:
+        return error_response(exc)
     if GRANT_DEVICE_CODE not in client.grant_types:
         return _oauth_error("unauthorized_client", "this client did not register the device code grant")
     scope = parse_scope(str(form["scope"]) if "scope" in form else None)
@@ -150,8 +123,6 @@ async def device_authorization(request: web.Request, svc: Services) -> web.Respo
             break
     else:
         return _oauth_error("temporarily_unavailable", "try again", 503)
-    if not client.metadata_document:
-        await oauth.store.touch_client(client.client_id, float(svc.config.oauth_client_idle_timeout))
     logs.event("oauth_device_started", {"client_id": client.client_id, "client_ip": client_ip})
     verification = oauth.issuer(request) + svc.config.proxy_prefix + "/device"
     body = {

@@ -111,4 +111,5 @@ async def revoke(request: web.Request, svc: Services) -> web.Response:
 def _answer(request: web.Request, svc: Services, status: int, text: str) -> web.Response:
     if _wants_json(request):
         return web.json_response({"error": text}, status=status, headers={"Cache-Control": "no-store"})
-    return pages.message(svc.config, "Refused" if status == 403 else "Not found", text.capitalize() + ".", status)
+    title = {400: "Bad request", 403: "Refused"}.get(status, "Not found")
+    return pages.message(svc.config, title, text.capitalize() + ".", status)
