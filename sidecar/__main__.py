@@ -48,11 +48,14 @@ def _claim(host: str, port: int) -> None:
     _bind(host, port, listen=False).close()
 
 
-async def serve(config: Config, sock: socket.socket, metrics_sock: socket.socket | None) -> None:
+async def serve(
+    config: Config, sock: socket.socket, metrics_sock: socket.socket | None, auth_sock: socket.socket | None = None
+) -> None:
     """Serve until SIGTERM/SIGINT, then stop accepting and let in-flight requests finish."""
     from aiohttp import web
 
     from .app import build_app, build_metrics_app
+    from .auth_listener import AuthListener
 
     listeners = [sock]
     runners = [
@@ -66,16 +69,25 @@ async def serve(config: Config, sock: socket.socket, metrics_sock: socket.socket
     for runner, listener in zip(runners, listeners, strict=True):
         await runner.setup()
         await web.SockSite(runner, listener).start()
+    auth = None
+    if auth_sock is not None:  # --auth-address: the same app's services and decision, on a lean listener
+        auth = AuthListener(runners[0].app, config)
+        await auth.start(auth_sock)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("listening", extra={"fields": {"address": config.http_address, "pid": os.getpid()}})
+    fields: dict[str, Any] = {"address": config.http_address, "pid": os.getpid()}
+    if auth is not None:
+        fields["auth_address"] = config.auth_address
+    log.info("listening", extra={"fields": fields})
     checking = asyncio.ensure_future(_check_provider(runners[0].app))
     await stop.wait()
     checking.cancel()
     log.info("shutting down", extra={"fields": {"pid": os.getpid()}})
-    await _shutdown(runners, config.shutdown_timeout)
+    if auth is not None:
+        auth.stop_accepting()
+    await _shutdown(runners, config.shutdown_timeout, auth)
 
 
 async def _check_provider(app: Any) -> None:
@@ -94,16 +106,21 @@ async def _check_provider(app: Any) -> None:
 _CLOSE_MARGIN = 0.5  # seconds after the deadline for closing Redis and the HTTP clients
 
 
-async def _shutdown(runners: Sequence[Any], timeout: float) -> None:
+async def _shutdown(runners: Sequence[Any], timeout: float, auth: Any = None) -> None:
     """Stop accepting at once; in-flight requests get ``timeout`` from SIGTERM, then are cut.
 
     aiohttp's ``runner.cleanup`` waits ``shutdown_timeout`` for handlers and then, after asking
     them to stop, up to ``shutdown_timeout`` again, so a request waiting on its upstream outlived
     the setting about twice. Here one deadline covers all of it: when it passes, every task still
     running at SIGTERM (request handlers, a refresh in flight) is cancelled, which ends aiohttp's
-    waits at once, and closing the store and HTTP clients gets a short margin after it."""
+    waits at once, and closing the store and HTTP clients gets a short margin after it.
+
+    The ``--auth-address`` listener (``auth``) answers what it has read, while the main listener
+    stops accepting, before the app's cleanup closes the store both of them use."""
 
     async def cleanup_all() -> None:
+        if auth is not None:
+            await asyncio.gather(auth.drain(), *(site.stop() for site in list(runners[0].sites)))
         for runner in runners:
             await runner.cleanup()
 
@@ -124,13 +141,20 @@ async def _shutdown(runners: Sequence[Any], timeout: float) -> None:
         log.warning("shutdown: closing connections took too long; exiting anyway")
 
 
-def _run_worker(config: Config, sock: socket.socket | None, metrics_sock: socket.socket | None) -> None:
+def _run_worker(
+    config: Config,
+    sock: socket.socket | None,
+    metrics_sock: socket.socket | None,
+    auth_sock: socket.socket | None = None,
+) -> None:
     """One worker. With several, each listens on its own SO_REUSEPORT socket: the kernel then spreads
     connections evenly, where one shared accept queue lets a single busy worker take most of them."""
     from . import logs
 
     if sock is None:
         sock = _bind(config.listen_host, config.listen_port, reuse_port=True)
+        if config.auth_port is not None:
+            auth_sock = _bind(config.auth_host or "", config.auth_port, reuse_port=True)
     logs.setup(config.log_level)
     try:
         import uvloop  # speed: a faster event loop where available
@@ -138,7 +162,7 @@ def _run_worker(config: Config, sock: socket.socket | None, metrics_sock: socket
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(serve(config, sock, metrics_sock))
+    asyncio.run(serve(config, sock, metrics_sock, auth_sock))
 
 
 def _supervise(config: Config, metrics_sock: socket.socket | None) -> int:
@@ -170,6 +194,18 @@ def _supervise(config: Config, metrics_sock: socket.socket | None) -> int:
                 workers[i] = spawn()
         if stopping and all(p.exitcode is not None for p in workers):
             return 0
+
+
+def _auth_socket(config: Config) -> socket.socket | None:
+    """``--auth-address`` like ``--http-address``: one worker gets a listening socket from here; with
+    several the address is only claimed here and each worker listens on its own SO_REUSEPORT socket."""
+    if config.auth_port is None:
+        return None
+    host = config.auth_host or ""
+    if config.workers > 1:
+        _claim(host, config.auth_port)
+        return None
+    return _bind(host, config.auth_port)
 
 
 def _cannot_listen(option: str, address: str, exc: OSError) -> int:
@@ -237,8 +273,15 @@ def _main(config: Config) -> int:
     except OSError as exc:
         sock.close()
         return _cannot_listen("--metrics-address", config.metrics_address, exc)
+    try:
+        auth_sock = _auth_socket(config)
+    except OSError as exc:
+        sock.close()
+        if metrics_sock is not None:
+            metrics_sock.close()
+        return _cannot_listen("--auth-address", config.auth_address, exc)
     if config.workers == 1:
-        _run_worker(config, sock, metrics_sock)
+        _run_worker(config, sock, metrics_sock, auth_sock)
         return 0
     return _supervise(config, metrics_sock)
 

@@ -214,6 +214,9 @@ class Config:
     banner: str = option("", "text shown on the sign-in and error pages (HTML-escaped)")
     footer: str = option("", "text shown at the foot of the sign-in and error pages (HTML-escaped)")
     custom_templates_dir: str = option("", "directory with sign_in.html and/or error.html ($placeholders)")
+    auth_address: str = option(
+        "", "extra host:port serving only /oauth2/auth on a lean listener (nginx auth_request targets)"
+    )
     # The OAuth 2.1 authorization server for CLI and MCP clients (sidecar/oauth/).
     oauth_server: bool = option(False, "be the OAuth authorization server for CLI and MCP clients of --oauth-resource")
     oauth_resource: Names = option(
@@ -274,6 +277,8 @@ class Config:
     pages: PageTemplates = _derived(DEFAULT_TEMPLATES)
     oauth_resources: tuple[str, ...] = _derived(())  # --oauth-resource paths, longest first
     oauth_client_metadata_ssl: ssl.SSLContext | None = _derived(None)  # system trust + --oauth-client-metadata-ca-file
+    auth_host: str | None = _derived(None)
+    auth_port: int | None = _derived(None)
 
     def options(self) -> dict[str, Any]:
         """The option values (not the derived ones), as ``build_config`` takes them."""
@@ -676,7 +681,7 @@ def build_config(raw: Mapping[str, Any]) -> Config:
         "oauth_resources": _oauth_resources(values, problems),
         "oauth_client_metadata_ssl": _client_metadata_ssl(values, problems),
     }
-    for attr, key in (("http_address", "listen"), ("metrics_address", "metrics")):
+    for attr, key in (("http_address", "listen"), ("metrics_address", "metrics"), ("auth_address", "auth")):
         if values[attr] or attr == "http_address":
             try:
                 derived[key + "_host"], derived[key + "_port"] = _split_hostport(values[attr], BY_ATTR[attr].name)

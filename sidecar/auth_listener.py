@@ -1,0 +1,531 @@
+"""``--auth-address``: a lean listener that serves only ``<prefix>/auth``, for nginx ``auth_request`` and
+ingress-nginx ``auth-url``.
+
+aiohttp's own request machinery (its parser wrapper, request and response objects, the handler task,
+the payload writer) costs more than the whole auth decision on a session cache hit, so the auth
+endpoint, which a front calls once per page request, gets its own ``asyncio.Protocol`` on llhttp
+(``httptools``). The decision itself is not copied: each request becomes an ``AuthRequest`` (the
+few attributes of ``web.Request`` the decision reads) and goes through the very same
+``guarded(handlers.auth)`` the main listener routes to, so status, identity headers, challenges,
+metrics and the access log line are the same code. Only the HTTP framing is new, and it is kept
+narrow: no request bodies, no upgrades, no chunked input, one path; anything else is refused and
+the connection closed, which is what a front's auth subrequest never needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from functools import cached_property
+from http import HTTPStatus
+from http.cookies import SimpleCookie
+from typing import Any, cast
+
+import httptools
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy, MultiDictProxy
+from yarl import URL
+
+from . import handlers
+from .config import Config
+from .middleware import guarded
+
+log = logging.getLogger("sidecar.auth_listener")
+
+MAX_LINE_BYTES = 8190  # the main listener's limits (app.MAX_HEADER_BYTES): request target, each header name/value
+MAX_HEAD_BYTES = 65536  # a whole request head (line and headers) past this is refused with 431
+MAX_HEADERS = 100  # header fields per request; nginx sends a dozen
+HEADER_TIMEOUT = 10.0  # seconds from a request's first byte (or the connection's start) to its complete head
+IDLE_TIMEOUT = 75.0  # keep-alive connection with nothing to do (aiohttp's default, above nginx's 60 s)
+MAX_REQUESTS = 10000  # answers per connection; the last one says Connection: close
+MAX_PIPELINED = 16  # requests read ahead of the answers; reading pauses beyond this
+# Methods a front may use for its auth subrequest (nginx: GET, or the original method with
+# ingress-nginx's auth-method). Every one is answered the same, as on the main listener; none may
+# carry a body.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class AuthRequest:
+    """The part of ``web.Request`` the auth decision reads, over what llhttp parsed.
+
+    ``handlers.auth``, ``guard.authenticate``, ``context.view_of`` and the ``guarded`` wrapper read
+    headers, the raw query, the peer, the host and per-request keys; this gives them exactly those,
+    without aiohttp's per-request objects. The URL and query are built only when asked for."""
+
+    __slots__ = ("method", "path", "raw_query", "headers", "remote", "app", "version", "_keys", "__dict__")
+
+    secure = False  # this listener speaks plain HTTP, as the main one does
+    body_exists = False
+    can_read_body = False
+    content_length = None
+
+    def __init__(
+        self,
+        app: web.Application,
+        method: str,
+        path: str,
+        raw_query: str,
+        headers: CIMultiDictProxy[str],
+        remote: str | None,
+        version: tuple[int, int],
+    ) -> None:
+        self.app = app
+        self.method = method
+        self.path = path
+        self.raw_query = raw_query
+        self.headers = headers
+        self.remote = remote
+        self.version = version
+        self._keys: dict[Any, Any] = {}
+
+    @cached_property
+    def rel_url(self) -> _RelUrl:
+        return _RelUrl(self.path, self.raw_query)
+
+    @cached_property
+    def query(self) -> MultiDictProxy[str]:
+        query: MultiDictProxy[str] = self.rel_url.query
+        return query
+
+    @property
+    def raw_path(self) -> str:
+        return self.rel_url.raw_path_qs
+
+    @property
+    def path_qs(self) -> str:
+        return str(self.rel_url.path_qs)
+
+    @property
+    def host(self) -> str:
+        return self.headers.get("Host") or ""
+
+    @property
+    def scheme(self) -> str:
+        return "http"
+
+    @cached_property
+    def url(self) -> URL:
+        return URL.build(scheme="http", authority=self.host or "localhost").join(self.rel_url._url_or_build())
+
+    @cached_property
+    def cookies(self) -> dict[str, str]:
+        parsed: SimpleCookie = SimpleCookie()
+        for value in self.headers.getall("Cookie", []):
+            try:
+                parsed.load(value)
+            except Exception:  # a malformed Cookie header is no cookies, as in aiohttp
+                continue
+        return {name: morsel.value for name, morsel in parsed.items()}
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return self._keys.get(key, default)
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._keys[key]
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._keys[key] = value
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self._keys
+
+
+class _RelUrl:
+    """``request.rel_url`` for the raw strings the decision reads on every request (``raw_query_string``);
+    anything else is asked of the full ``yarl.URL``, built on first use."""
+
+    __slots__ = ("raw_path", "raw_query_string", "_url")
+
+    def __init__(self, raw_path: str, raw_query: str) -> None:
+        self.raw_path = raw_path
+        self.raw_query_string = raw_query
+        self._url: URL | None = None
+
+    @property
+    def raw_path_qs(self) -> str:
+        return f"{self.raw_path}?{self.raw_query_string}" if self.raw_query_string else self.raw_path
+
+    def _url_or_build(self) -> URL:
+        if self._url is None:
+            self._url = URL.build(path=self.raw_path, query_string=self.raw_query_string, encoded=True)
+        return self._url
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._url_or_build(), name)
+
+
+class _Refused(Exception):
+    """A request this listener will not read further: answered with ``status`` and the connection closed."""
+
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(text)
+        self.status = status
+        self.text = text
+
+
+_date_cache: list[Any] = [0, ""]
+
+
+def _date() -> str:
+    """The Date header, formatted once a second."""
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[0], _date_cache[1] = now, email.utils.formatdate(now, usegmt=True)
+    return str(_date_cache[1])
+
+
+def _plain(status: int, text: str, version: tuple[int, int], keep_alive: bool) -> bytes:
+    """A short text answer (refusals, 404, 405), framed as aiohttp frames its own."""
+    body = text.encode()
+    head = _status_line(status, version) + "Content-Type: text/plain; charset=utf-8\r\n"
+    head += f"Content-Length: {len(body)}\r\nDate: {_date()}\r\n" + _connection(version, keep_alive) + "\r\n"
+    return head.encode() + body
+
+
+def _status_line(status: int, version: tuple[int, int]) -> str:
+    line = _STATUS_LINES.get((status, version))
+    if line is None:
+        try:
+            reason = HTTPStatus(status).phrase
+        except ValueError:
+            reason = ""
+        line = _STATUS_LINES[(status, version)] = f"HTTP/{version[0]}.{version[1]} {status} {reason}\r\n"
+    return line
+
+
+_STATUS_LINES: dict[tuple[int, tuple[int, int]], str] = {}
+
+
+def _connection(version: tuple[int, int], keep_alive: bool) -> str:
+    """aiohttp's rule: HTTP/1.0 kept alive says so, HTTP/1.1 closing says so, otherwise nothing."""
+    if keep_alive:
+        return "Connection: keep-alive\r\n" if version == (1, 0) else ""
+    return "Connection: close\r\n" if version == (1, 1) else ""
+
+
+def serialize(response: web.StreamResponse, version: tuple[int, int], keep_alive: bool, head: bool) -> bytes:
+    """The bytes aiohttp would send for this response: its headers in order, Content-Length, Date,
+    Connection; the body unless HEAD. No Server header (the main listener drops it too)."""
+    body = (response.body if isinstance(response, web.Response) else None) or b""
+    if not isinstance(body, bytes):
+        raise TypeError("the auth answer must be a plain body")
+    text = _status_line(response.status, version) + "".join(
+        [f"{name}: {value}\r\n" for name, value in response.headers.items() if name.lower() not in _FRAMING]
+    )
+    if response.cookies:
+        text += "".join(f"Set-Cookie: {morsel.OutputString()}\r\n" for morsel in response.cookies.values())
+    if "\n" in text.replace("\r\n", ""):  # a header value may never split the head
+        raise ValueError("newline in a response header")
+    if body or not head:  # aiohttp sends no length for an empty answer to HEAD
+        text += f"Content-Length: {len(body)}\r\n"
+    text += f"Date: {_date()}\r\n{_connection(version, keep_alive)}\r\n"
+    data = text.encode("utf-8", "surrogateescape")
+    return data if head else data + body
+
+
+_FRAMING = frozenset({"content-length", "date", "connection", "server", "transfer-encoding"})
+
+
+class AuthListener:
+    """What every connection shares: the app (for its services), the decision, the limits."""
+
+    def __init__(
+        self,
+        app: web.Application,
+        config: Config,
+        *,
+        header_timeout: float = HEADER_TIMEOUT,
+        idle_timeout: float = IDLE_TIMEOUT,
+        max_requests: int = MAX_REQUESTS,
+    ) -> None:
+        self.app = app
+        self.path = config.proxy_prefix + "/auth"
+        self.decide: Handler = guarded(handlers.auth, "/oauth2/auth")
+        self.header_timeout = header_timeout
+        self.idle_timeout = idle_timeout
+        self.max_requests = max_requests
+        self.connections: set[AuthProtocol] = set()
+        self.server: asyncio.AbstractServer | None = None
+        self.closing = False
+
+    def protocol(self) -> AuthProtocol:
+        return AuthProtocol(self)
+
+    async def start(self, sock: Any) -> None:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(self.protocol, sock=sock, backlog=1024)
+
+    def stop_accepting(self) -> None:
+        """At SIGTERM: no new connections; idle ones close now, busy ones after their answers."""
+        self.closing = True
+        if self.server is not None:
+            self.server.close()
+        for conn in list(self.connections):
+            conn.close_when_idle()
+
+    async def drain(self) -> None:
+        """Returns when every connection has closed (the caller bounds it with --shutdown-timeout)."""
+        self.stop_accepting()
+        while self.connections:
+            await asyncio.sleep(0.02)
+        if self.server is not None:
+            await self.server.wait_closed()
+
+
+class AuthProtocol(asyncio.Protocol):
+    """One client connection: llhttp parses, requests queue in order, one task answers them in turn."""
+
+    def __init__(self, listener: AuthListener) -> None:
+        self.listener = listener
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.remote: str | None = None
+        self.queue: deque[tuple[Any, ...]] = deque()
+        self.busy = False
+        self.closed = False
+        self.stopped_reading = False  # after a refusal or the last allowed request: the rest is ignored
+        self.paused = False
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self.served = 0
+        self.in_head = True
+        self.head_bytes = 0
+        self.deadline = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self._url = b""
+        self._headers: list[tuple[str, str]] = []
+        self._lengths = 0
+        self._te = False
+
+    # -- connection ---------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio's classes
+        peer = transport.get_extra_info("peername")
+        self.remote = peer[0] if isinstance(peer, tuple) and peer else None
+        self.listener.connections.add(self)
+        if self.listener.closing:
+            self.close()
+            return
+        self._arm(self.listener.header_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.listener.connections.discard(self)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.writable.set()
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+    def close(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.closed = True
+            self.transport.close()
+
+    def close_when_idle(self) -> None:
+        if not self.busy and not self.queue:
+            self.close()
+
+    # -- timeouts: one timer per connection, moved by setting a deadline -----------------------
+
+    def _arm(self, seconds: float) -> None:
+        self.deadline = self.loop.time() + seconds
+        if self.timer is not None and self.timer.when() > self.deadline:
+            self.timer.cancel()
+            self.timer = None
+        if self.timer is None:
+            self.timer = self.loop.call_at(self.deadline, self._expire)
+
+    def _disarm(self) -> None:
+        self.deadline = 0.0
+
+    def _expire(self) -> None:
+        self.timer = None
+        if self.closed or not self.deadline:
+            return
+        now = self.loop.time()
+        if now < self.deadline:
+            self.timer = self.loop.call_at(self.deadline, self._expire)
+            return
+        if self.busy or self.queue:
+            return  # answering; the idle timer is armed again when the queue is empty
+        self.close()  # slow head (slowloris) or idle keep-alive connection: no answer, just close
+
+    # -- parsing ------------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self.stopped_reading or self.closed:
+            return
+        if self.in_head:
+            self.head_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+            if self.in_head and self.head_bytes > MAX_HEAD_BYTES:
+                raise _Refused(431, "431 Request Header Fields Too Large\n")
+        except _Refused as exc:
+            self._refuse(exc)
+        except httptools.HttpParserUpgrade:
+            self._no_upgrade()
+        except httptools.HttpParserError as exc:
+            cause = exc.__context__
+            self._refuse(cause if isinstance(cause, _Refused) else _Refused(400, "400 Bad Request\n"))
+
+    def _no_upgrade(self) -> None:
+        """``Upgrade`` is not served: a request that asked for one (a websocket page's headers copied into
+        the auth subrequest) is answered as usual, then the connection closes; the bytes after it are
+        never read as HTTP. A CONNECT (llhttp stops before its message completes) is refused."""
+        self.stopped_reading = True
+        if self.queue and self.queue[-1][0] == "request":
+            self.queue[-1] = (*self.queue[-1][:5], False)
+        else:
+            self._refuse(_Refused(400, "400 Bad Request: upgrades are not served here\n"))
+
+    def _refuse(self, exc: _Refused) -> None:
+        """Answer after whatever is already queued, then close; never read this connection again."""
+        self.stopped_reading = True
+        self.queue.append(("refuse", exc.status, exc.text))
+        self._kick()
+
+    def on_message_begin(self) -> None:
+        if not self.in_head:
+            self.in_head = True
+            self.head_bytes = 0
+            self._arm(self.listener.header_timeout)
+        self._url = b""
+        self._headers = []
+        self._lengths = 0
+        self._te = False
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > MAX_LINE_BYTES:
+            raise _Refused(400, "400 Bad Request: request line too long\n")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(name) > MAX_LINE_BYTES or len(value) > MAX_LINE_BYTES:
+            raise _Refused(400, "400 Bad Request: header field too long\n")
+        if len(self._headers) >= MAX_HEADERS:
+            raise _Refused(431, "431 Request Header Fields Too Large\n")
+        lowered = name.lower()
+        if lowered == b"content-length":
+            self._lengths += 1
+            if self._lengths > 1 or value.strip() != b"0":
+                raise _Refused(400, "400 Bad Request: no request body is read here\n")
+        elif lowered == b"transfer-encoding":
+            raise _Refused(400, "400 Bad Request: no request body is read here\n")
+        self._headers.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        self.head_bytes = 0
+        self._disarm()
+
+    def on_body(self, body: bytes) -> None:
+        raise _Refused(400, "400 Bad Request: no request body is read here\n")
+
+    def on_message_complete(self) -> None:
+        version = self.parser.get_http_version()
+        item = (
+            self.parser.get_method().decode("ascii", "replace"),
+            self._url,
+            self._headers,
+            (1, 0) if version == "1.0" else (1, 1),
+            self.parser.should_keep_alive(),
+        )
+        self.served += 1
+        if self.served >= self.listener.max_requests:
+            self.stopped_reading = True  # this is the last answer on the connection; the rest is not read
+            item = (*item[:4], False)
+        self.queue.append(("request", *item))
+        if len(self.queue) >= MAX_PIPELINED and self.transport is not None and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+        self._kick()
+
+    # -- answering ----------------------------------------------------------------------------
+
+    def _kick(self) -> None:
+        if not self.busy:
+            self.busy = True
+            self._disarm()
+            self.loop.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            while self.queue and not self.closed:
+                item = self.queue.popleft()
+                if item[0] == "refuse":
+                    self._write(_plain(item[1], item[2], (1, 1), False))
+                    self.close()
+                    return
+                data, keep = await self._answer(*item[1:])
+                if self.closed:
+                    return
+                self._write(data)
+                if not keep:
+                    self.close()
+                    return
+                if not self.writable.is_set():
+                    await self.writable.wait()
+        except Exception:  # a bug here must cost one connection, never the worker
+            log.exception("auth listener: connection failed")
+            self.close()
+            return
+        finally:
+            self.busy = False
+        if self.closed:
+            return
+        if self.listener.closing:
+            self.close()
+            return
+        if self.paused and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+        if not self.in_head:
+            self._arm(self.listener.idle_timeout)
+        elif not self.deadline:
+            self._arm(self.listener.header_timeout)
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    async def _answer(
+        self, method: str, url: bytes, raw_headers: list[tuple[str, str]], version: tuple[int, int], keep: bool
+    ) -> tuple[bytes, bool]:
+        """The bytes for one request and whether the connection stays open after them."""
+        keep = keep and not self.listener.closing
+        headers = CIMultiDictProxy(CIMultiDict(raw_headers))
+        if version == (1, 1) and "Host" not in headers:
+            return _plain(400, "400 Bad Request: missing Host header\n", version, False), False
+        target = url.decode("ascii", "surrogateescape")
+        path, _, query = target.partition("?")
+        if path != self.listener.path:
+            return _plain(404, "404 Not Found\n", version, keep), keep
+        if method not in METHODS:
+            return _plain(405, "405 Method Not Allowed\n", version, keep), keep
+        request = AuthRequest(self.listener.app, method, path, query, headers, self.remote, version)
+        try:
+            response = await self.listener.decide(request)  # type: ignore[arg-type]
+        except web.HTTPException as exc:  # raised by a hook (401 invalid_token...): it is the answer
+            response = exc
+        try:
+            return serialize(response, version, keep, method == "HEAD"), keep
+        except (TypeError, ValueError):
+            log.exception("auth listener: answer could not be framed")
+            return _plain(500, "500 Internal Server Error\n", version, False), False
