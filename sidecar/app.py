@@ -98,7 +98,7 @@ def build_app(config: Config, store: SessionStore | None = None) -> web.Applicat
         from . import oauth  # only then: the browser path never imports the authorization server
 
         oauth.install(app, config)  # its routes, and its hooks on SERVICES (after services_ctx)
-    app.router.add_route("*", "/{tail:.*}", guarded(proxy.handle, "proxy"))
+    app.router.add_route("*", r"/{tail:[\s\S]*}", guarded(proxy.handle, "proxy"))  # newlines too
     return app
 
 
