@@ -90,7 +90,9 @@ def site(redis_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         )
         provider.wait_http(issuer + "/.well-known/openid-configuration")
         app.wait_http(f"http://127.0.0.1:{app_port}/_demo/echo")
-        sidecar.wait_http(f"http://127.0.0.1:{sidecar_port}/ping")
+        # Ready, not only alive: it has fetched the provider's discovery document, so the first sign-in
+        # on a busy machine does not race it (a 503 from /oauth2/start).
+        sidecar.wait_http(f"http://127.0.0.1:{sidecar_port}/ready", timeout=30)
         conf = cached_conf(
             nginx_port, f"127.0.0.1:{sidecar_port}", f"127.0.0.1:{app_port}", cache_parent / "c", logs / "auth.log"
         )
