@@ -89,6 +89,12 @@ class Site:
 
 @pytest.fixture(scope="module")
 def site(redis_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    yield from run_site(redis_server, tmp_path_factory)
+
+
+def run_site(redis_server: str, tmp_path_factory: pytest.TempPathFactory, *extra_flags: str) -> Iterator[Site]:
+    """The shipped sidecar.conf in real nginx, before the sidecar (these flags plus ``extra_flags``),
+    the dev provider and the demo app, all as processes."""
     nginx_port, sidecar_port, provider_port, app_port = free_ports(4)
     logs: Path = tmp_path_factory.mktemp("nginx-e2e")
     base, issuer = f"http://127.0.0.1:{nginx_port}", f"http://127.0.0.1:{provider_port}"
@@ -112,6 +118,7 @@ def site(redis_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         "--refresh-skew=0s",
         "--workers=1",
         "--shutdown-timeout=2s",
+        *extra_flags,
     ]
     procs: list[Proc] = []
 
