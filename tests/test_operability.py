@@ -273,7 +273,8 @@ async def test_build_info_and_request_latency_by_fixed_route(store: SessionStore
         if line.startswith("sidecar_request_seconds_count{")
     }
     assert {"/ping", "/oauth2/auth", "proxy"} <= routes
-    assert all(r in {"proxy", "/metrics"} or r.startswith(("/oauth2/", "/ping", "/ready")) for r in routes)
+    fixed = {"proxy", "/metrics", "oauth_metadata", "oauth_resource_metadata"}  # the last two: --oauth-server
+    assert all(r in fixed or r.startswith(("/oauth2/", "/ping", "/ready")) for r in routes), routes
     assert "<script>" not in text and "/a/a" not in text
 
 
