@@ -155,9 +155,9 @@ async def test_per_user_limit_ends_least_recently_used(grants: GrantStore) -> No
     assert await grants.user_grants("alice") == []
 
 
+@pytest.mark.parametrize("grants", ["redis", "cluster"], indirect=True)  # the memory store has no keys to check
 async def test_every_redis_key_has_a_ttl(grants: GrantStore) -> None:
-    if not isinstance(grants, RedisGrantStore):
-        pytest.skip("Redis only")
+    assert isinstance(grants, RedisGrantStore)
     g = grant()
     await grants.create_grant(g, 60, 20)
     code = AuthorizationCode(g.grant_id, "c", "http://x/cb", "c" * 43, g.resource, "", b"k", 0.0)
