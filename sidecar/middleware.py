@@ -140,8 +140,9 @@ def _client_ip(request: web.Request, svc: Services) -> str:
     view: View | None = request.get(VIEW)
     if view is not None:
         return view.client_ip
-    if not trusted_peer(request.remote, svc.config):
-        return str(request.remote)
+    remote = request.remote
+    if not trusted_peer(remote, svc.config):
+        return str(remote)
     return view_of(request).client_ip
 
 
