@@ -19,7 +19,7 @@ import aiohttp
 import redis
 
 from . import apache, nginx, procs, wrk
-from .population import SignIn, populate_many, real_sign_in, sign_in
+from .population import SignIn, make_grants, populate_many, real_sign_in, sign_in
 from .procs import Proc
 from .report import Row
 
@@ -924,6 +924,32 @@ def _fmt_rss(values: list[float]) -> str:
     return " + ".join(f"{v:.0f}" for v in values) + " MiB"
 
 
+GRANTS_MEASURED = 2_000
+
+
+def _grant_memory(b: Bench, template: SignIn, started: list[Proc]) -> None:
+    """Redis memory per OAuth grant (``--oauth-server``), made as the sidecar makes them, on a Redis of its own."""
+    red, url = procs.start_redis()
+    started.append(red)
+    before = _used_memory(url)
+    make_grants(b.issuer, url, template, GRANTS_MEASURED)
+    per_grant = (_used_memory(url) - before) / GRANTS_MEASURED
+    client = redis.from_url(url)
+    keys = int(client.dbsize())
+    client.close()
+    b.rows.append(
+        Row(
+            "6",
+            f"Redis memory per OAuth grant at {GRANTS_MEASURED:,} grants",
+            value=f"{per_grant:,.0f} B",
+            notes=[
+                f"INFO used_memory delta / {GRANTS_MEASURED:,}; {keys / GRANTS_MEASURED:.2f} keys/grant",
+                "upstream-token session record + grant + per-user index + one access and one refresh token",
+            ],
+        )
+    )
+
+
 def case_memory(b: Bench) -> None:
     small, big = b.s.small_population, b.s.population
     log(f"case 6: memory at {big:,} sessions; cost per request at {small:,} vs {big:,} stored sessions")
@@ -958,6 +984,7 @@ def case_memory(b: Bench) -> None:
                 ],
             )
         )
+        _grant_memory(b, template, started)
         side: dict[str, tuple[Proc, int]] = {}
         for label, url in (("small", url_small), ("big", url_big)):
             for cache in ("default", "off"):

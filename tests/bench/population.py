@@ -197,3 +197,39 @@ def populate_many(
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(processes) as pool:
         return [cookie for part in pool.map(_populate_part, parts) for cookie in part]
+
+
+async def _make_grants(issuer: str, redis_url: str, template: SignIn, count: int) -> None:
+    """``count`` OAuth grants as the sidecar makes them (``OAuthServer``: the upstream-token session record,
+    the grant, its per-user index, then the first access and refresh token), one user and client each."""
+    from sidecar.context import Services
+    from sidecar.oauth.model import GRANT_TYPES, Client
+    from sidecar.oauth.service import OAuthServer
+    from sidecar.oauth.store import grant_store_for
+    from sidecar.refresh import Refresher
+
+    config = bench_config(issuer, redis_url).replace(oauth_server=True, oauth_resource=("/mcp",))
+    store = RedisStore(aioredis.from_url(redis_url))
+    synth = Synthesizer(template)
+    try:
+        async with aiohttp.ClientSession() as http:
+            sessions = Sessions(store, config)
+            oidc = OidcClient(config, http)
+            svc = Services(config, codec(), sessions, Refresher(sessions, oidc, config), oidc, http)
+            server = OAuthServer(config, grant_store_for(store), svc)
+            client = Client("bench-client", "bench", ("http://127.0.0.1/cb",), GRANT_TYPES, "none", None, 0.0, "")
+            await server.store.put_client(client, 3600)
+            for i in range(count):
+                identity, tokens, claims = synth.make(i)
+                grant, key = await server.start_grant(
+                    identity, tokens, claims, client, "http://127.0.0.1:4180/mcp", "/mcp", "openid", "127.0.0.1", "cli"
+                )
+                issued = await server.issue_tokens(grant, key, None, "127.0.0.1", "cli")
+                if isinstance(issued, str):
+                    raise RuntimeError(f"issuing a grant's first tokens failed: {issued}")
+    finally:
+        await store.close()
+
+
+def make_grants(issuer: str, redis_url: str, template: SignIn, count: int) -> None:
+    asyncio.run(_make_grants(issuer, redis_url, template, count))
