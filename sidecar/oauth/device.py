@@ -41,7 +41,7 @@ from .authorize import (
 )
 from .model import GRANT_DEVICE_CODE, DeviceAuthorization
 from .service import OAUTH
-from .token_endpoint import OAuthError, authenticate_client, error_response
+from .token_endpoint import OAuthError, authenticate_client, error_response, read_form
 
 ALPHABET = "BCDFGHJKLMNPQRSTVWXZ"
 USER_CODE_CHARS = 8
@@ -49,7 +49,6 @@ CODE_ENTRY_PER_MINUTE = 10.0  # per browser session and per client address
 DEVICE_LIMITER = web.AppKey("oauth_device_limiter", RateLimiter)  # code requests per client address
 ENTRY_LIMITER = web.AppKey("oauth_code_entry_limiter", RateLimiter)  # code entries per session and address
 _JSON_HEADERS = {"Cache-Control": "no-store", "Pragma": "no-cache"}
-_SINGLE = ("client_id", "client_secret", "scope", "resource")
 
 
 def new_user_code() -> str:
@@ -86,23 +85,20 @@ async def device_authorization(request: web.Request, svc: Services) -> web.Respo
         response = _oauth_error("slow_down", "too many device authorization requests from this address", 429)
         response.headers["Retry-After"] = retry_after(wait)
         return response
-    form = await read_post(request)
-    if form is None:
-        return _oauth_error("invalid_request", "the body must be an application/x-www-form-urlencoded form")
-    for name in _SINGLE:
-        if len(form.getall(name, [])) > 1:
-            return _oauth_error("invalid_request", f"{name} given more than once")
-    credentials = {name: str(form[name]) for name in ("client_id", "client_secret") if name in form}
+    try:  # one reader for OAuth form bodies: urlencoded only, bounded, each parameter once
+        form = await read_form(request)
+    except OAuthError as exc:
+        return error_response(exc)
     try:  # RFC 8628 3.1: the client authenticates as at the token endpoint (public clients: client_id only)
-        client = await authenticate_client(oauth, request, credentials)
+        client = await authenticate_client(oauth, request, form)
     except OAuthError as exc:
         return error_response(exc)
     if GRANT_DEVICE_CODE not in client.grant_types:
         return _oauth_error("unauthorized_client", "this client did not register the device code grant")
-    scope = parse_scope(str(form["scope"]) if "scope" in form else None)
+    scope = parse_scope(form.get("scope"))
     if scope is None:
         return _oauth_error("invalid_scope", "scopes offered: openid profile email offline_access")
-    found = pick_resource(request, oauth, [str(v) for v in form.getall("resource", [])])
+    found = pick_resource(request, oauth, [form["resource"]] if "resource" in form else [])
     if found is None:
         return _oauth_error("invalid_target", "resource must name one of this server's protected resources")
     device_code = secrets.token_urlsafe(32)
