@@ -281,14 +281,24 @@ async def sign_in(request: web.Request, svc: Services) -> web.Response:
 
 
 def _same_origin(request: web.Request) -> bool:
-    """A state-changing POST must come from our own pages: Origin, else Sec-Fetch-Site, when the browser sends
-    them. Clients that send neither (curl, scripts) are not browsers riding on a cookie from another site."""
+    """A state-changing POST must come from our own pages.
+
+    A real origin in ``Origin`` decides. ``Origin: null`` is what Chromium sends for a same-origin form
+    posted from a page whose referrer policy hides the origin, and also what a sandboxed or opaque page
+    sends, so then ``Sec-Fetch-Site`` decides (``same-origin`` or ``none``, a typed-in navigation); a
+    ``null`` without it is refused. Clients that send neither header (curl, scripts) are not browsers
+    riding on a cookie from another site."""
     origin = request.headers.get("Origin")
-    if origin is not None:
-        view = view_of(request)
-        return _origin_tuple(origin) == _origin_tuple(f"{view.scheme}://{view.host}")
     fetch_site = request.headers.get("Sec-Fetch-Site")
-    return fetch_site is None or fetch_site.strip().lower() in ("same-origin", "none")
+    site = fetch_site.strip().lower() if fetch_site is not None else None
+    if origin is not None and origin.strip().lower() != "null":
+        view = view_of(request)
+        same = _origin_tuple(origin) == _origin_tuple(f"{view.scheme}://{view.host}")
+        # a browser that says cross-site is believed even when Origin looks right (it cannot be forged by a page)
+        return same and site in (None, "same-origin")
+    if origin is not None:  # "null"
+        return site in ("same-origin", "none")
+    return site is None or site in ("same-origin", "none")
 
 
 def _origin_tuple(origin: str) -> tuple[str, str, int] | None:

@@ -312,6 +312,10 @@ async def test_sign_out_everywhere_needs_a_same_origin_post() -> None:
             {"Origin": "garbage"},
             {"Sec-Fetch-Site": "cross-site"},
             {"Sec-Fetch-Site": "same-site"},
+            {"Origin": "null", "Sec-Fetch-Site": "cross-site"},
+            {"Origin": "null", "Sec-Fetch-Site": "same-site"},
+            {"Origin": "null", "Sec-Fetch-Site": "garbage"},
+            {"Origin": st.base, "Sec-Fetch-Site": "cross-site"},
         ]
         for headers in cross_site:
             async with laptop.post(everywhere, headers=headers, allow_redirects=False) as resp:
