@@ -426,3 +426,36 @@ async def test_basic_auth_credentials_are_url_decoded(
         assert (r.status, (await r.json())["error"]) == (400, "invalid_grant")
     async with http.post("/token", data=form, headers=basic_auth("odd client", "p:w")) as r:
         assert r.status == 401
+
+
+async def test_real_provider_quirks(idp: tuple[DevProvider, aiohttp.ClientSession]) -> None:
+    """The switches that make the dev provider behave like providers nobody here wrote."""
+    p, http = idp
+    body = await login(http)
+    assert p.live_refresh_tokens() == {"alice": 1}
+    for error in ("invalid_request", "invalid_grant"):  # a refresh token it forgot, refused either way
+        p.config(unknown_refresh_error=error)
+        assert p.forget_refresh_tokens("alice") == (1 if error == "invalid_request" else 0)
+        status, refused = await refresh(http, body["refresh_token"])
+        assert (status, refused["error"]) == (400, error)
+    assert p.live_refresh_tokens() == {}
+    with pytest.raises(ValueError):
+        p.config(unknown_refresh_error="server_error")
+    # Logout tokens in the format before the 2023 errata carry no exp; otherwise exp is there.
+    for with_exp in (True, False):
+        p.config(logout_token_exp=with_exp)
+        claims = jwt.decode(p.logout_token("bob", sid="s1"), options={"verify_signature": False})
+        assert ("exp" in claims) == with_exp and claims["sid"] == "s1" and claims["sub"] == "bob-sub-2"
+        assert claims["jti"] and claims["iat"] and "nonce" not in claims
+    # No RFC 7009 endpoint: discovery names none and a POST there is a 404 (and counted).
+    p.config(revocation_endpoint=False)
+    async with http.get("/.well-known/openid-configuration") as r:
+        doc = await r.json()
+    assert "revocation_endpoint" not in doc and "revocation_endpoint_auth_methods_supported" not in doc
+    async with http.post("/revoke", data={"token": "x"}, headers=basic_auth(*CLIENT)) as r:
+        assert r.status == 404
+    p.config(revocation_endpoint=True)
+    p.break_endpoint("revoke", "500")
+    async with http.post("/revoke", data={"token": "x"}, headers=basic_auth(*CLIENT)) as r:
+        assert r.status == 500
+    assert p.stats()["revoke_calls"] == 2 and p.revocations == 0

@@ -63,7 +63,12 @@ BOOL_SETTINGS = (
     "remember_logins",
     "honour_max_age",
     "send_auth_time",
+    "logout_token_exp",
+    "revocation_endpoint",
 )
+# What the token endpoint answers for a refresh token it does not know (or has forgotten): most providers
+# say invalid_grant, some (older enterprise SSOs) invalid_request.
+UNKNOWN_REFRESH_ERRORS = ("invalid_grant", "invalid_request", "unauthorized_client")
 INT_SETTINGS = ("access_token_ttl", "refresh_token_ttl", "id_token_ttl", "code_ttl")
 SCOPES = ["openid", "email", "profile", "groups", "offline_access"]
 
@@ -106,8 +111,13 @@ class DevProvider(TokenGrants):
         self.reuse_detection = reuse_detection
         self.return_same_refresh_token = return_same_refresh_token
         self.at_hash = "good"  # see AT_HASH_MODES
+        # Quirks of real providers: back-channel logout tokens in the format before the 2023 errata (no
+        # exp), refusals of a forgotten refresh token as invalid_request, no RFC 7009 endpoint in discovery.
+        self.logout_token_exp = True
+        self.unknown_refresh_error = "invalid_grant"
+        self.revocation_endpoint = True
         self.token_overrides: dict[str, Any] = {}  # merged into every token response; None removes a field
-        self.endpoint_faults: dict[str, tuple[str, float]] = {}  # "discovery"/"jwks" -> (kind, delay)
+        self.endpoint_faults: dict[str, tuple[str, float]] = {}  # "discovery"/"jwks"/"revoke" -> (kind, delay)
         # Single sign-on, off unless asked: a browser that logged in is remembered (a cookie scoped to
         # /authorize) and not asked again, so its auth_time stays that of the login. max_age makes a
         # remembered login older than it count for nothing, unless honour_max_age is off (a provider
@@ -116,7 +126,6 @@ class DevProvider(TokenGrants):
         self.honour_max_age = True
         self.send_auth_time = True
         self._logins: dict[str, tuple[str, int]] = {}  # sso cookie value -> (username, login time)
-        self.interactive_logins = 0
         self.auto_login: str | None = None
         if auto_login is not None:
             self.config(auto_login=auto_login)
@@ -127,17 +136,7 @@ class DevProvider(TokenGrants):
         self._access: dict[str, tuple[str | None, float]] = {}  # jti -> (family, exp)
         self._revoked_jtis: set[str] = set()
         self._faults: list[Fault] = []
-        # Counters.
-        self.token_calls: dict[str, int] = {}
-        self.reuse_detected = 0
-        self.revocations = 0
-        self.userinfo_calls = 0
-        self.codes_issued = 0
-        self.logout_calls = 0
-        self.discovery_calls = 0
-        self.jwks_calls = 0
-        self.refresh_tokens_presented: list[str] = []
-        self.reset_counters()
+        self.reset_counters()  # the counters
 
     # ---------------------------------------------------------------- wiring
 
@@ -159,7 +158,6 @@ class DevProvider(TokenGrants):
             "token_endpoint": self.url("/token"),
             "userinfo_endpoint": self.url("/userinfo"),
             "jwks_uri": self.url("/jwks"),
-            "revocation_endpoint": self.url("/revoke"),
             "end_session_endpoint": self.url("/logout"),
             "response_types_supported": ["code"],
             "response_modes_supported": ["query"],
@@ -167,10 +165,6 @@ class DevProvider(TokenGrants):
             "code_challenge_methods_supported": ["S256"],
             "id_token_signing_alg_values_supported": ["RS256"],
             "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
-            "revocation_endpoint_auth_methods_supported": [
-                "client_secret_basic",
-                "client_secret_post",
-            ],
             "subject_types_supported": ["public"],
             "scopes_supported": list(SCOPES),
             "claims_supported": [
@@ -189,7 +183,12 @@ class DevProvider(TokenGrants):
                 "groups",
             ],
             "authorization_response_iss_parameter_supported": True,
+            **(self._revocation_metadata() if self.revocation_endpoint else {}),
         }
+
+    def _revocation_metadata(self) -> dict[str, Any]:
+        auth_methods = ["client_secret_basic", "client_secret_post"]
+        return {"revocation_endpoint": self.url("/revoke"), "revocation_endpoint_auth_methods_supported": auth_methods}
 
     # ------------------------------------------------------ control surface
 
@@ -203,6 +202,9 @@ class DevProvider(TokenGrants):
             elif key == "at_hash":
                 if value not in AT_HASH_MODES:
                     raise ValueError(f"at_hash must be one of {AT_HASH_MODES}")
+            elif key == "unknown_refresh_error":
+                if value not in UNKNOWN_REFRESH_ERRORS:
+                    raise ValueError(f"unknown_refresh_error must be one of {UNKNOWN_REFRESH_ERRORS}")
             elif key in BOOL_SETTINGS:
                 if not isinstance(value, bool):
                     raise ValueError(f"{key} must be a boolean")
@@ -219,7 +221,7 @@ class DevProvider(TokenGrants):
 
     def settings(self) -> dict[str, Any]:
         """Current toggles."""
-        names = (*BOOL_SETTINGS, *INT_SETTINGS, "auto_login", "at_hash")
+        names = (*BOOL_SETTINGS, *INT_SETTINGS, "auto_login", "at_hash", "unknown_refresh_error")
         return {name: getattr(self, name) for name in names}
 
     def stats(self) -> dict[str, Any]:
@@ -235,6 +237,8 @@ class DevProvider(TokenGrants):
             "jwks_calls": self.jwks_calls,
             "refresh_tokens_presented": list(self.refresh_tokens_presented),
             "active_refresh_families": sum(1 for f in self._families.values() if not f.revoked),
+            "live_refresh_tokens": self.live_refresh_tokens(),
+            "revoke_calls": self.revoke_calls,
             "faults": [f.to_dict() for f in self._faults],
             "interactive_logins": self.interactive_logins,
             "kids": [k.kid for k in self.keys.keys],
@@ -243,15 +247,16 @@ class DevProvider(TokenGrants):
 
     def reset_counters(self) -> None:
         """Zero every counter (state such as tokens and toggles is kept)."""
-        self.token_calls = {"authorization_code": 0, "refresh_token": 0}
+        self.token_calls: dict[str, int] = {"authorization_code": 0, "refresh_token": 0}
         self.reuse_detected = 0
         self.revocations = 0
+        self.revoke_calls = 0
         self.userinfo_calls = 0
         self.codes_issued = 0
         self.logout_calls = 0
         self.discovery_calls = 0
         self.jwks_calls = 0
-        self.refresh_tokens_presented = []
+        self.refresh_tokens_presented: list[str] = []
         self.interactive_logins = 0
 
     def inject_fault(
@@ -286,10 +291,10 @@ class DevProvider(TokenGrants):
         self.endpoint_faults.clear()
 
     def break_endpoint(self, endpoint: str, kind: str, delay: float = 0.0) -> None:
-        """Make ``discovery`` or ``jwks`` misbehave until ``clear_faults``: answer 500, answer after
+        """Make ``discovery``, ``jwks`` or ``revoke`` misbehave until ``clear_faults``: answer 500, answer after
         ``delay`` seconds (``slow``; a long delay is a hanging provider), or answer broken JSON."""
-        if endpoint not in ("discovery", "jwks"):
-            raise ValueError("endpoint must be 'discovery' or 'jwks'")
+        if endpoint not in ("discovery", "jwks", "revoke"):
+            raise ValueError("endpoint must be 'discovery', 'jwks' or 'revoke'")
         if kind not in ENDPOINT_FAULT_KINDS:
             raise ValueError(f"unknown endpoint fault {kind!r}; expected one of {ENDPOINT_FAULT_KINDS}")
         if delay < 0:

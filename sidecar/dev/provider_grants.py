@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import secrets
 import time
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
+import aiohttp
 import jwt
 
 from .provider_model import (
@@ -48,6 +50,8 @@ class TokenGrants:
     at_hash: str
     token_overrides: dict[str, Any]
     rotate_refresh_tokens: bool
+    logout_token_exp: bool
+    unknown_refresh_error: str
     reuse_detection: bool
     return_same_refresh_token: bool
     reuse_detected: int
@@ -144,7 +148,7 @@ class TokenGrants:
             raise OAuthError("invalid_request", "missing refresh_token")
         record = self._refresh.get(sha256_hex(token))
         if record is None:
-            raise OAuthError("invalid_grant", "unknown refresh token")
+            raise OAuthError(self.unknown_refresh_error, "unknown refresh token")
         fam = self._families[record.family_id]
         async with fam.lock:
             return self._refresh_locked(client, form, token, record, fam)
@@ -262,6 +266,50 @@ class TokenGrants:
             else:
                 body[name] = value
         return body
+
+    def forget_refresh_tokens(self, username: str | None = None) -> int:
+        """Lose every refresh token (of ``username``): a provider whose token store was wiped or that
+        expired them early. Later presentations are answered ``unknown_refresh_error``. Returns how many."""
+        gone = [h for h, r in self._refresh.items() if username in (None, self._families[r.family_id].username)]
+        for token_hash in gone:
+            del self._refresh[token_hash]
+        return len(gone)
+
+    def live_refresh_tokens(self) -> dict[str, int]:
+        """Per user, the refresh tokens the provider would still honour: what a revocation must bring down."""
+        now, live = time.time(), dict[str, int]()
+        for record in self._refresh.values():
+            fam = self._families[record.family_id]
+            if not fam.revoked and not record.rotated and record.expires_at > now:
+                live[fam.username] = live.get(fam.username, 0) + 1
+        return live
+
+    # ------------------------------------------------------ back-channel logout
+
+    def logout_token(self, username: str, sid: str | None = None, audience: str = "sidecar-dev") -> str:
+        """A signed OIDC Back-Channel Logout token for ``username`` (and one provider session ``sid``); without
+        ``exp`` when ``logout_token_exp`` is off, as providers wrote them before the 2023 errata."""
+        now = int(time.time())
+        claims: dict[str, Any] = {
+            "iss": self.issuer,
+            "aud": audience,
+            "iat": now,
+            "jti": uuid.uuid4().hex,
+            "sub": self.users[username].sub,
+            "events": {"http://schemas.openid.net/event/backchannel-logout": {}},
+        }
+        if self.logout_token_exp:
+            claims["exp"] = now + 120
+        if sid is not None:
+            claims["sid"] = sid
+        return self.keys.sign(claims)
+
+    async def send_backchannel_logout(self, uri: str, username: str, sid: str | None = None) -> int:
+        """POST a logout token to a relying party's back-channel logout URI, as a provider does; its status."""
+        form = {"logout_token": self.logout_token(username, sid)}
+        async with aiohttp.ClientSession() as http, http.post(uri, data=form) as resp:
+            await resp.read()
+            return resp.status
 
     # ------------------------------------------------- revocation, userinfo
 

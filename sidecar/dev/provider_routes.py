@@ -317,6 +317,12 @@ class ProviderRoutes:
         return web.json_response(user.claims(), headers=_NO_STORE)
 
     async def revoke(self, request: web.Request) -> web.Response:
+        self.p.revoke_calls += 1  # every POST, advertised or not: a client must not guess the endpoint
+        if not self.p.revocation_endpoint:
+            return web.json_response({"error": "not_found"}, status=404)
+        broken = await self._published("revoke")
+        if broken is not None:
+            return broken
         try:
             form = await _read_form(request)
             client = self.p.authenticate_client(*_client_credentials(request, form))
@@ -411,6 +417,9 @@ class ProviderRoutes:
         if action == "backdate_logins":
             p.backdate_logins(int(data["seconds"]))
             return {"ok": True}
+        if action == "forget_refresh_tokens":
+            user = data.get("user")
+            return {"ok": True, "forgotten": p.forget_refresh_tokens(None if user is None else str(user))}
         if action == "revoke_user":
             return {"ok": True, "revoked": p.revoke_user(str(data["sub"]))}
         if action == "set_groups":
