@@ -375,7 +375,7 @@ async def sign_out(request: web.Request, svc: Services) -> web.Response:
 
 async def backchannel_logout(request: web.Request, svc: Services) -> web.Response:
     """OIDC Back-Channel Logout: the provider tells us a user's (or one provider session's) sign-out.
-    The token must be recent (``iat``, ``exp``) and its ``jti`` unseen: a replay is refused (400), so a
+    The token must be recent (``iat``; ``exp`` when it has one) and its ``jti`` unseen: a replay is refused (400), so a
     captured token cannot be posted again. A token we cannot check yet (its key not fetchable right
     now, the store down) is 503 or 504, and the provider retries."""
     form = await request.post()

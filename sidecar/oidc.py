@@ -256,8 +256,11 @@ def check_at_hash(id_token: str, access_token: str) -> None:
 
 def logout_token_replay_ttl(claims: dict[str, Any], now: float) -> float:
     """How long a logout token's ``jti`` must be remembered: as long as the token could still be accepted
-    (its ``exp``, at most its ``iat`` plus the allowed age), plus the leeway."""
-    last = min(float(claims["exp"]), float(claims["iat"]) + LOGOUT_TOKEN_MAX_AGE) + _LEEWAY
+    (its ``iat`` plus the allowed age, sooner when its ``exp`` says so), plus the leeway."""
+    last = float(claims["iat"]) + LOGOUT_TOKEN_MAX_AGE
+    if "exp" in claims:
+        last = min(float(claims["exp"]), last)
+    last += _LEEWAY
     return max(1.0, last - now + _LEEWAY)
 
 
@@ -574,10 +577,12 @@ class OidcClient:
         return await self._verify(token, "bearer token", ["iss", "sub", "aud", "exp", "iat"])
 
     async def validate_logout_token(self, token: str) -> dict[str, Any]:
-        """OIDC Back-Channel Logout 1.0, section 2.6: a signed event naming a sub and/or a sid. ``exp`` is
-        required (as 2.4 allows) and ``iat`` must be recent, so a token can only be replayed for minutes;
-        the caller refuses a ``jti`` seen before within that time (``logout_token_replay_ttl``)."""
-        claims = await self._verify(token, "logout token", ["iss", "aud", "iat", "exp", "jti", "events"])
+        """OIDC Back-Channel Logout 1.0, section 2.6: a signed event naming a sub and/or a sid. ``iat`` must be
+        recent (``LOGOUT_TOKEN_MAX_AGE``, plus the leeway) and ``jti`` present, so a token can only be
+        replayed for minutes; the caller refuses a ``jti`` seen before within that time
+        (``logout_token_replay_ttl``, in the shared store). ``exp`` is checked when present and not required:
+        it became required only in the 2023 errata, and providers still send the earlier format."""
+        claims = await self._verify(token, "logout token", ["iss", "aud", "iat", "jti", "events"])
         events = claims.get("events")
         if not isinstance(events, dict) or BACKCHANNEL_EVENT not in events:
             raise TokenValidationError("logout token lacks the back-channel logout event")
@@ -589,7 +594,7 @@ class OidcClient:
         if not isinstance(jti, str) or not 0 < len(jti) <= 256:
             raise TokenValidationError("logout token jti is not a usable string")
         exp, iat = _number(claims.get("exp")), _number(claims.get("iat"))
-        if exp is None or iat is None or not math.isfinite(exp):
+        if iat is None or ("exp" in claims and (exp is None or not math.isfinite(exp))):
             raise TokenValidationError("logout token exp or iat is not a number")
         if time.time() - iat > LOGOUT_TOKEN_MAX_AGE + _LEEWAY:
             raise TokenValidationError("logout token issued too long ago")

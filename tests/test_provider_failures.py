@@ -240,40 +240,52 @@ async def test_a_wrong_at_hash_refuses_sign_in() -> None:
 # ---------------------------------------------------------------------------------- logout tokens
 
 
-async def test_logout_tokens_need_recent_iat_a_future_exp_and_a_fresh_jti(redis_url: str) -> None:
+@pytest.mark.parametrize("with_exp", [True, False], ids=["exp", "no-exp"])
+async def test_logout_tokens_need_recent_iat_and_a_fresh_jti(redis_url: str, with_exp: bool) -> None:
+    """Both formats: with ``exp`` (2023 errata), and without (earlier providers): ``iat`` within minutes, a
+    fresh ``jti`` across replicas, and everything else as strict."""
     stores = [RedisStore(aioredis.from_url(redis_url)) for _ in range(2)]
     try:
         async with stack(stores[0]) as st, browser() as laptop, aiohttp.ClientSession() as idp:
+            st.provider.config(logout_token_exp=with_exp)
             second = await st.add_sidecar(stores[1])
             await sign_in(laptop, st.base)
             now = int(time.time())
-            bad = [
-                {"exp": None},
+            common = [
                 {"iat": None},
                 {"iat": now - 400},
-                {"iat": now - 86400, "exp": now + 60},
-                {"exp": now - 3600},
-                {"exp": "soon"},
                 {"iat": "now"},
                 {"iat": now + 3600},
                 {"jti": None},
                 {"jti": ""},
                 {"jti": 17},
                 {"jti": "x" * 300},
+                {"nonce": "n"},
+                {"events": None},
+                {"aud": "other-client"},
+                {"iss": "http://elsewhere.example"},
+                {"sub": None},
             ]
-            for changes in bad:
-                assert await _post_logout(idp, st.base, _logout_token(st, **changes)) == 400, changes
+            with_exp_only = [{"iat": now - 86400, "exp": now + 60}, {"exp": now - 3600}, {"exp": "soon"}]
+            no_exp = {} if with_exp else {"exp": None}
+            for changes in common + (with_exp_only if with_exp else []):
+                assert await _post_logout(idp, st.base, _logout_token(st, **{**no_exp, **changes})) == 400, changes
+            assert await _post_logout(idp, st.base, _unknown_kid_token(st, "forged")) in (400, 503)
             assert (await _auth(laptop, st.base))[0] == 202  # nothing was ended by them
-            token = _logout_token(st)
-            assert await _post_logout(idp, st.base, token) == 200
+            uri = f"{st.base}/oauth2/backchannel_logout"
+            assert await st.provider.send_backchannel_logout(uri, "alice") == 200  # the provider's own format
             assert (await _auth(laptop, st.base))[0] == 401
             await sign_in(laptop, st.base)  # signed in again; replays must not end the new session
+            token = st.provider.logout_token("alice")
+            assert ("exp" in jwt.decode(token, options={"verify_signature": False})) == with_exp
+            assert await _post_logout(idp, second, token) == 200
+            await sign_in(laptop, st.base)
             for base in (st.base, second, st.base):
                 assert await _post_logout(idp, base, token) == 400
             assert (await _auth(laptop, st.base))[0] == 202
             same_jti = _logout_claims(st)["jti"]
-            assert await _post_logout(idp, second, _logout_token(st, jti=same_jti)) == 200
-            assert await _post_logout(idp, st.base, _logout_token(st, jti=same_jti, iat=now + 1)) == 400
+            assert await _post_logout(idp, second, _logout_token(st, jti=same_jti, **no_exp)) == 200
+            assert await _post_logout(idp, st.base, _logout_token(st, jti=same_jti, iat=now + 1, **no_exp)) == 400
     finally:
         for s in stores:
             await s.close()
