@@ -66,6 +66,10 @@ class Session:
     auth_time: float = 0.0
     acr: str | None = None
     amr: tuple[str, ...] = ()
+    # Refused refreshes in a row, and no refresh is tried before ``retry_at`` (see refresh.py): kept in the
+    # record so every replica backs off alike.
+    refusals: int = 0
+    retry_at: float | None = None
 
     def needs_refresh(self, now: float, skew: float, max_age: float) -> bool:
         """True when the access token is expired, about to expire, or older than ``max_age``."""
@@ -82,6 +86,10 @@ class Session:
         expires = self.tokens.access_expires_at
         return expires is None or now < expires
 
+    def backing_off(self, now: float) -> bool:
+        """A refresh was refused lately and may not be tried again yet."""
+        return self.refusals > 0 and self.retry_at is not None and now < self.retry_at
+
     def can_refresh(self, now: float) -> bool:
         expires = self.tokens.refresh_expires_at
         return bool(self.tokens.refresh_token) and (expires is None or now < expires)
@@ -96,12 +104,16 @@ class Session:
         """A compact positional encoding: every stored byte counts when Redis holds many sessions."""
         i, t = self.identity, self.tokens
         row = [
-            _FORMAT, i.sub, i.user, i.email, list(i.groups), i.preferred_username,
+            5, i.sub, i.user, i.email, list(i.groups), i.preferred_username,
             _pack_token(t.access_token), t.refresh_token, _pack_token(t.id_token),
             _t(t.access_expires_at), _t(t.refresh_expires_at),
             _t(t.issued_at), _t(self.created_at), _t(self.signed_in_at), _t(self.refreshed_at), self.refresh_count,
             self.provider_sid, _t(self.auth_time), self.acr, list(self.amr),
         ]  # fmt: skip
+        if self.refusals or self.retry_at is not None:
+            # Only a record with refused refreshes needs format 6: others stay readable by replicas not yet
+            # upgraded during a rolling update.
+            row = [_FORMAT, *row[1:], self.refusals, _t(self.retry_at)]
         return json.dumps(row, separators=(",", ":")).encode()
 
     @classmethod
@@ -115,8 +127,11 @@ class Session:
                 row = [*row, None]
             if row[0] in (3, 4):  # written before auth_time was kept: the sidecar's own sign-in time stands in
                 row = [*row, row[13], None, []]
+            if row[0] in (3, 4, 5):  # written before refused refreshes were counted: none were
+                row = [*row, 0, None]
             (_, sub, user, email, groups, preferred, access, refresh, id_token, access_exp, refresh_exp,
-             issued, created, signed_in, refreshed, count, provider_sid, auth_time, acr, amr) = row  # fmt: skip
+             issued, created, signed_in, refreshed, count, provider_sid, auth_time, acr, amr,
+             refusals, retry_at) = row  # fmt: skip
             return cls(
                 identity=Identity(sub=sub, user=user, email=email, groups=tuple(groups), preferred_username=preferred),
                 tokens=TokenSet(access_token=_unpack_token(access) or "", refresh_token=refresh,
@@ -126,13 +141,15 @@ class Session:
                 refreshed_at=_from_t(refreshed), refresh_count=count,
                 version=version, last_active=last_active, provider_sid=provider_sid,
                 auth_time=_from_t(auth_time) or 0.0, acr=acr, amr=tuple(amr),
+                refusals=int(refusals), retry_at=_from_t(retry_at),
             )  # fmt: skip
         except (TypeError, KeyError, IndexError, ValueError) as exc:
             raise ValueError("malformed session record") from exc
 
 
-_FORMAT = 5  # bump when the positional layout changes
-_READABLE_FORMATS = (3, 4, 5)  # 3 lacks the provider sid and what 4 lacks; 4 lacks auth_time, acr, amr at the end
+_FORMAT = 6  # bump when the positional layout changes
+# 3 lacks the provider sid and what 4 lacks; 4 lacks auth_time, acr, amr and what 5 lacks; 5 lacks the refusals
+_READABLE_FORMATS = (3, 4, 5, 6)
 
 
 def _b64decode(part: str) -> str | None:

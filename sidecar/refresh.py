@@ -24,18 +24,28 @@ answer                                      session record               the req
 ==========================================  ===========================  ===============================
 new tokens                                  saved                        served with them
 ``invalid_grant``                           deleted                      sign in again
-``invalid_scope`` (the grant can never be   deleted once the access      current token while it is
-refreshed again)                            token has expired            valid, then sign in again
-``invalid_client``, ``unauthorized_client``, kept: fixing the client's    current token while valid,
-``unsupported_grant_type``, bare 401        configuration revives it     then sign in again
-(logged at ERROR naming the cause)
-any other refusal (``invalid_request``, an  kept: it says nothing about  current token while valid,
-unknown code, an empty or non-JSON 4xx)     the grant                    then sign in again
-timeout, 5xx, unreachable, a signing key    kept                         current token while valid,
+``invalid_scope`` (the grant can never be   judged dead at once          current token while it is
+refreshed again)                                                         valid, then sign in again
+any other refusal (``invalid_request``, an  backs off; judged dead when  current token while valid,
+unknown code, an empty or non-JSON 4xx)     refused again after it       then sign in again
+``invalid_client``, ``unauthorized_client``, backs off, never judged dead: current token while valid,
+``unsupported_grant_type``, bare 401        fixing the client's          then sign in again
+(logged at ERROR naming the cause)          configuration revives it
+timeout, 5xx, unreachable, a signing key    kept, no back-off            current token while valid,
 not fetchable yet                                                        else 504 / 503: retry
 a malformed answer (not JSON, no token)     kept                         current token while valid, else 502
 new ID token invalid, or another subject    deleted                      sign in again
 ==========================================  ===========================  ===============================
+
+**Refusals back off.** A refused refresh is counted in the record (``refusals``) with the time before
+which no refresh is tried again (``retry_at``: ``REFUSAL_BACKOFF`` doubled per refusal, at most
+``REFUSAL_BACKOFF_MAX``), so every replica leaves the provider alone and a dead refresh token is not
+presented on every request. A refusal judged dead (``invalid_scope``, or a grant refusal seen
+``REFUSALS_TO_END`` times in a row) ends the session at once when its access token has expired;
+while the token is still valid its refresh token is dropped instead, so it is served until it expires
+and the session then ends. Client refusals (the client's configuration) are never judged dead by
+count; the refresh token's own known lifetime still ends the session (``can_refresh``). A successful
+refresh clears the count. The state is typed (``ProviderRefused``), never read from message text.
 
 A refusal never leaves anyone stuck: once the access token has expired the browser is sent to
 sign in (and that sign-in replaces the record). A failing provider or store never ends a session.
@@ -74,6 +84,9 @@ from .sessions import Sessions
 log = logging.getLogger("sidecar.refresh")
 
 OUTCOME_TTL = 300.0  # how long a late caller holding a consumed token can still find its successor
+REFUSAL_BACKOFF = 5.0  # no refresh is tried this long after a refusal (doubled after each further one)
+REFUSAL_BACKOFF_MAX = 300.0
+REFUSALS_TO_END = 2  # a grant refusal (not the client's configuration) seen this often in a row: the grant is dead
 _POLL = 0.02  # how often a waiting replica looks for the new record (one small GETRANGE)
 
 
@@ -134,22 +147,23 @@ class Refresher:
                 return session  # nothing to refresh with, but the current token still works
             await self._sessions.end(ref, session, reason="expired")
             raise SessionGone("access token expired and there is no usable refresh token")
+        if session.backing_off(now):
+            return self._after_refusal(session)  # no provider call: a refresh was refused moments ago
         try:
             return await self._join(ref, session)
-        except ProviderRefused as exc:
-            return await self._after_refusal(ref, session, exc)
+        except ProviderRefused:
+            return self._after_refusal(session)
         except (ProviderUnavailable, ProviderProtocolError, StoreUnavailable, RefreshBusy):
             if session.access_token_valid(time.time()):
                 return session  # still good for a little while: serve it and retry next time
             raise
 
-    async def _after_refusal(self, ref: SessionRef, session: Session, exc: ProviderRefused) -> Session:
-        """The provider refused the refresh (not invalid_grant): the current token is served while it
-        lasts, then the user signs in again; the record goes only when the refusal is permanent."""
+    @staticmethod
+    def _after_refusal(session: Session) -> Session:
+        """The provider refused the refresh (not invalid_grant), now or moments ago: the current token is
+        served while it lasts, then the user signs in again (``_record_refusal`` decided about the record)."""
         if session.access_token_valid(time.time()):
             return session
-        if exc.permanent:
-            await self._sessions.end(ref, session, reason="refresh_refused")
         raise SessionGone("the provider refused to refresh the session") from None
 
     async def _join(self, ref: SessionRef, session: Session) -> Session:
@@ -216,6 +230,8 @@ class Refresher:
 
     async def _refresh_locked(self, ref: SessionRef, budget: Budget) -> Session:
         current = await self._sessions.load_fresh(ref)
+        if current.backing_off(time.time()):  # another replica's refresh was just refused
+            raise ProviderRefused("refresh refused moments ago; not asked again yet")
         consumed = current.tokens.refresh_token
         if consumed:
             # A refresh of exactly this record may already have happened with its save lost:
@@ -235,6 +251,8 @@ class Refresher:
             tokens=tokens.merged_over(current.tokens),
             refreshed_at=time.time(),
             refresh_count=current.refresh_count + 1,
+            refusals=0,
+            retry_at=None,
         )
         await self._keep_outcome(ref, key, provisional)  # first: the consumed token's successor is safe
         updated = await self._check_identity(ref, current, provisional)
@@ -256,6 +274,8 @@ class Refresher:
         except ProviderError as exc:
             outcome = _outcome_label(exc)
             metrics.REFRESHES.labels(outcome=outcome).inc()
+            if isinstance(exc, ProviderRefused):
+                await self._record_refusal(ref, current, exc)
             raise
         except BaseException:
             outcome = "error"
@@ -265,6 +285,26 @@ class Refresher:
             metrics.REFRESH_SECONDS.observe(elapsed)
             fields = {**logs.who(current.identity), "outcome": outcome, "provider_latency_ms": round(elapsed * 1000, 1)}
             logs.event("refresh", fields, logging.INFO if outcome == "ok" else logging.WARNING)
+
+    async def _record_refusal(self, ref: SessionRef, current: Session, exc: ProviderRefused) -> None:
+        """Count the refusal in the record and back off (see the module docstring); a refusal judged dead
+        ends the session (SessionGone), or drops its refresh token while its access token still works.
+        A store that fails here only loses the back-off: it never signs anyone out."""
+        now, refusals = time.time(), current.refusals + 1
+        dead = exc.permanent or (not exc.misconfigured and refusals >= REFUSALS_TO_END)
+        if dead and not current.access_token_valid(now):
+            await self._sessions.end(ref, current, reason="refresh_refused")
+            raise SessionGone("the provider refused the refresh token again") from None
+        if dead:
+            tokens = replace(current.tokens, refresh_token=None, refresh_expires_at=None)
+            updated = replace(current, tokens=tokens, refusals=refusals, retry_at=None)
+        else:
+            wait = min(REFUSAL_BACKOFF * 2 ** (refusals - 1), REFUSAL_BACKOFF_MAX)
+            updated = replace(current, refusals=refusals, retry_at=now + wait)
+        try:
+            await self._sessions.save(ref, updated)
+        except (VersionConflict, StoreUnavailable) as err:
+            log.warning("could not record the refused refresh", extra={"fields": {"error": type(err).__name__}})
 
     async def _check_identity(self, ref: SessionRef, current: Session, provisional: Session) -> Session:
         """A new ID token must be valid and for the same subject; it then renews the identity. One that

@@ -236,6 +236,15 @@ def test_records_round_trip_every_token_shape_exactly() -> None:
         again = Session.from_bytes(session.to_bytes(), version=3, last_active=5.0)
         assert again.tokens.access_token == token and again.tokens.id_token == token
         assert again.version == 3 and again.last_active == 5.0 and again.identity == session.identity
+    plain = _session(tokens=TokenSet(access_token="a", refresh_token="r"))
+    assert json.loads(plain.to_bytes())[0] == 5  # no refused refresh: readable by replicas not yet upgraded
+    refused = replace(plain, refusals=2, retry_at=1234.5)
+    assert json.loads(refused.to_bytes())[0] == 6
+    again = Session.from_bytes(refused.to_bytes(), 1, 0.0)
+    assert (again.refusals, again.retry_at) == (2, 1234.5) and again.backing_off(1234.0)
+    assert not again.backing_off(1234.5)
+    with pytest.raises(ValueError):
+        Session.from_bytes(json.dumps([6, *json.loads(refused.to_bytes())[1:-2]]).encode(), 1, 0.0)
     with pytest.raises(ValueError):
         Session.from_bytes(b'[1,"old format"]', 1, 0.0)
     with pytest.raises(ValueError):

@@ -1,0 +1,137 @@
+"""Refresh against each real-provider quirk of the dev provider (``tests/provider_quirks.py``): a refused
+refresh backs off across replicas and then ends the session; a failing provider never ends one.
+
+The cases of one test run side by side (``asyncio.gather``): each waits out token lifetimes and the
+refusal back-off, and in turn they would cost a minute."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import redis.asyncio as aioredis
+
+from sidecar.refresh import REFUSAL_BACKOFF
+from sidecar.store import RedisStore
+from tests.provider_quirks import QUIRKS
+from tests.stack import Stack, browser, session_cookie, sign_in, stack
+
+OPTS = {"refresh_skew": "0s", "pass_access_token": "true", "upstream": "", "reverse_proxy": "true"}
+
+
+async def _auth(http: aiohttp.ClientSession, base: str, cookie: str) -> tuple[int, str | None]:
+    async with http.get(f"{base}/oauth2/auth", cookies={"_sidecar": cookie}) as resp:
+        return resp.status, resp.headers.get("X-Auth-Request-Access-Token")
+
+
+async def _records(redis: aioredis.Redis, prefix: str) -> int:
+    return len([k async for k in redis.scan_iter(match=f"{prefix}s:*")])
+
+
+Case = Callable[[Stack, str, aioredis.Redis, str, str], Awaitable[None]]
+
+
+async def _each_quirk(redis_url: str, case: Case, access_token_ttl: int = 1, **opts: str) -> None:
+    """Run ``case`` once per quirk, concurrently: two replicas on one Redis (own prefix per quirk), a signed-in
+    session, and the quirk applied to the provider before the sign-in. ``opts``: sidecar settings."""
+    opts = {**OPTS, **opts}
+
+    async def one(index: int, name: str, quirk: dict[str, Any]) -> None:
+        prefix = f"q{index}:"
+        raw = aioredis.from_url(redis_url)
+        stores = [RedisStore(aioredis.from_url(redis_url), prefix=prefix) for _ in range(2)]
+        try:
+            async with (
+                stack(stores[0], provider_kw={"access_token_ttl": access_token_ttl}, **opts) as st,
+                browser() as client,
+            ):
+                st.provider.config(quirk)
+                second = await st.add_sidecar(stores[1], **opts)
+                await sign_in(client, st.base)
+                await case(st, second, raw, prefix, session_cookie(client) or "")
+        except AssertionError as exc:
+            raise AssertionError(f"provider quirk {name!r}: {exc}") from exc
+        finally:
+            for store in stores:
+                await store.close()
+            await raw.aclose()
+
+    await asyncio.gather(*(one(i, name, quirk) for i, (name, quirk) in enumerate(QUIRKS.items())))
+
+
+async def test_a_forgotten_refresh_token_costs_at_most_two_grant_calls_then_the_session_ends(redis_url: str) -> None:
+    async def case(st: Stack, second: str, raw: aioredis.Redis, prefix: str, cookie: str) -> None:
+        assert st.provider.forget_refresh_tokens("alice") == 1
+        await asyncio.sleep(1.2)  # the access token has expired
+        async with aiohttp.ClientSession() as http:
+            for base in (st.base, second, st.base, second):
+                assert (await _auth(http, base, cookie))[0] == 401
+            calls = st.provider.stats()["token_calls"]["refresh_token"]
+            assert calls == 1, calls  # refused once; both replicas then back off
+            records = await _records(raw, prefix)
+            # invalid_grant ends it at once; invalid_request is judged dead only when repeated after the back-off
+            assert records == (1 if st.provider.unknown_refresh_error == "invalid_request" else 0)
+            await asyncio.sleep(REFUSAL_BACKOFF + 0.3)
+            for base in (second, st.base, second, st.base):
+                assert (await _auth(http, base, cookie))[0] == 401
+            assert st.provider.stats()["token_calls"]["refresh_token"] in (1, 2)
+            assert await _records(raw, prefix) == 0  # the session has ended
+            async with http.get(
+                f"{st.base}/page", cookies={"_sidecar": cookie}, headers={"Accept": "text/html"}, allow_redirects=False
+            ) as resp:
+                assert resp.status == 302 and resp.headers["Location"].startswith("/oauth2/start")
+            assert st.provider.stats()["token_calls"]["refresh_token"] in (1, 2)
+
+    await _each_quirk(redis_url, case)
+
+
+async def test_a_refusal_while_the_token_is_valid_serves_it_without_asking_again(redis_url: str) -> None:
+    async def case(st: Stack, second: str, raw: aioredis.Redis, prefix: str, cookie: str) -> None:
+        async with aiohttp.ClientSession() as http:
+            status, first = await _auth(http, st.base, cookie)
+            assert status == 202 and first
+            await asyncio.sleep(1.6)  # past half its life: due for refresh, still valid (a JWT exp is whole seconds)
+            st.provider.inject_fault("raw", count=-1, status=400, body="", content_type="text/plain")
+            for base in (st.base, second, st.base, second):
+                assert await _auth(http, base, cookie) == (202, first)
+            assert st.provider.stats()["token_calls"]["refresh_token"] == 1
+            await asyncio.sleep(1.6)
+            assert (await _auth(http, second, cookie))[0] == 401  # expired and backing off: sign in again
+            assert st.provider.stats()["token_calls"]["refresh_token"] == 1
+            assert await _records(raw, prefix) == 1  # one empty 400 is not judged dead
+            st.provider.clear_faults()
+            await asyncio.sleep(REFUSAL_BACKOFF + 0.3)
+            status, token = await _auth(http, st.base, cookie)  # after the back-off it is asked again, and works
+            assert status == 202 and token not in (None, first)
+            st.provider.inject_fault("raw", count=1, status=400, body='{"error": "invalid_request"}')
+            await asyncio.sleep(3.2)  # one more refusal after a success counts as the first: not judged dead
+            assert (await _auth(http, second, cookie))[0] == 401
+            assert await _records(raw, prefix) == 1
+
+    await _each_quirk(redis_url, case, access_token_ttl=3, refresh_skew="30s")
+
+
+async def test_a_failing_provider_never_ends_a_session(redis_url: str) -> None:
+    async def case(st: Stack, second: str, raw: aioredis.Redis, prefix: str, cookie: str) -> None:
+        await asyncio.sleep(1.2)
+        async with aiohttp.ClientSession() as http:
+            # 5xx, 429, and no answer within --provider-timeout (2 s; the provider answers 500 after 3 s, so it
+            # did not process the grant: a rotating provider would otherwise rightly see its token reused).
+            for kind, status, delay, expected in (
+                ("500", 400, 0.0, 503),
+                ("503", 400, 0.0, 503),
+                ("raw", 429, 0.0, 503),
+                ("raw", 502, 0.0, 503),
+                ("500", 400, 3.0, 504),
+            ):
+                st.provider.inject_fault(kind, count=-1, delay=delay, status=status, body="")
+                for base in (st.base, second):
+                    assert (await _auth(http, base, cookie))[0] == expected, (kind, status)
+                st.provider.clear_faults()
+            assert await _records(raw, prefix) == 1
+            status, token = await _auth(http, second, cookie)
+            assert status == 202 and token
+
+    await _each_quirk(redis_url, case)
