@@ -357,11 +357,12 @@ async def sign_out(request: web.Request, svc: Services) -> web.Response:
             await svc.sessions.end_all_for_user(session.identity.sub)
         if session is not None:
             await svc.sessions.end(ref, session, reason="sign_out")
-            fields = {**logs.who(session.identity), "everywhere": everywhere, "client_ip": view_of(request).client_ip}
-            logs.event("sign_out", fields)
-            id_token, signed_in = session.tokens.id_token, True
+            revoked = "none"
             if session.tokens.refresh_token:
-                await svc.oidc.revoke(session.tokens.refresh_token, "refresh_token")
+                revoked = await svc.oidc.revoke(session.tokens.refresh_token, "refresh_token")
+            fields = {**logs.who(session.identity), "everywhere": everywhere, "client_ip": view_of(request).client_ip}
+            logs.event("sign_out", {**fields, "refresh_token": revoked})
+            id_token, signed_in = session.tokens.id_token, True
     location = rd
     if config.provider_sign_out and signed_in:
         try:

@@ -67,6 +67,12 @@ JWKS_MIN_REFETCH = 10.0  # an unknown kid refetches the JWKS at most this often 
 FAILURE_BACKOFF = 5.0  # a failed discovery or JWKS fetch is not tried again for this long
 LOGOUT_TOKEN_MAX_AGE = 300.0  # a logout token issued longer ago (plus the leeway) is refused
 MAX_LIFETIME = 365 * 86400.0  # a token lifetime the provider states is capped to this
+# What a revocation did (``OidcClient.revoke``), as the sign-out and grant-end log lines say it.
+REVOKED = "revoked"
+NOT_REVOKED_NO_ENDPOINT = (
+    "not revoked: the provider names no revocation endpoint; it stays valid there until it expires"
+)
+NOT_REVOKED_FAILED = "not revoked: the revocation request failed"
 _ERROR_CODE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # what of a provider's error code we repeat in logs
 
 # RFC 6749 5.2 codes that mean the grant itself cannot be refreshed again: the record goes.
@@ -452,11 +458,17 @@ class OidcClient:
             raise ProviderProtocolError(f"token endpoint answered {status} without a JSON object")
         return body
 
-    async def revoke(self, token: str, hint: str = "refresh_token") -> bool:
-        """RFC 7009 revocation, best effort. Returns False when unsupported or failed."""
-        meta = await self.metadata()
+    async def revoke(self, token: str, hint: str = "refresh_token") -> str:
+        """RFC 7009 revocation, best effort; what happened, for the log line of the sign-out or grant end:
+        ``REVOKED``, ``NOT_REVOKED_NO_ENDPOINT`` (discovery names no revocation endpoint: nothing is sent,
+        to no guessed URL either, and an offline token stays valid at the provider until it expires) or
+        ``NOT_REVOKED_FAILED``. Never raises: the local sign-out has already happened."""
+        try:
+            meta = await self.metadata()
+        except ProviderError:
+            return NOT_REVOKED_FAILED
         if not meta.revocation_endpoint:
-            return False
+            return NOT_REVOKED_NO_ENDPOINT
         auth, extra = self._client_auth()
         try:
             async with self._http.post(
@@ -465,10 +477,9 @@ class OidcClient:
                 headers=auth,
                 timeout=self._timeout,
             ) as resp:
-                return resp.status == 200
+                return REVOKED if resp.status == 200 else NOT_REVOKED_FAILED
         except (TimeoutError, aiohttp.ClientError):
-            log.warning("token revocation failed")
-            return False
+            return NOT_REVOKED_FAILED
 
     async def end_session_url(self, id_token: str | None, post_logout_redirect: str) -> str | None:
         meta = await self.metadata()

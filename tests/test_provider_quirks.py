@@ -7,15 +7,20 @@ refusal back-off, and in turn they would cost a minute."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import pytest
 import redis.asyncio as aioredis
 
+from sidecar.context import SERVICES
+from sidecar.oidc import NOT_REVOKED_FAILED, NOT_REVOKED_NO_ENDPOINT, REVOKED
 from sidecar.refresh import REFUSAL_BACKOFF
 from sidecar.store import RedisStore
-from tests.provider_quirks import QUIRKS
+from tests.provider_quirks import QUIRKS, each_quirk
 from tests.stack import Stack, browser, session_cookie, sign_in, stack
 
 OPTS = {"refresh_skew": "0s", "pass_access_token": "true", "upstream": "", "reverse_proxy": "true"}
@@ -135,3 +140,61 @@ async def test_a_failing_provider_never_ends_a_session(redis_url: str) -> None:
             assert status == 202 and token
 
     await _each_quirk(redis_url, case)
+
+
+@each_quirk()
+async def test_sign_out_revokes_where_the_provider_can_and_says_so_where_it_cannot(
+    quirk: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    async with stack(provider_kw={"access_token_ttl": 60}) as st, browser() as client:
+        st.provider.config(quirk)
+        await sign_in(client, st.base)
+        assert st.provider.live_refresh_tokens() == {"alice": 1}
+        svc = st.runners[0].app[SERVICES]
+        ref = svc.codec.load_session(session_cookie(client) or "", time.time())
+        refresh_token = (await svc.sessions.load_fresh(ref)).tokens.refresh_token
+        assert refresh_token
+        with caplog.at_level(logging.INFO, logger="sidecar.events"):
+            async with client.get(f"{st.base}/oauth2/sign_out", allow_redirects=False) as resp:
+                assert resp.status == 302
+        lines = [r for r in caplog.records if r.getMessage() == "sign_out"]
+        assert len(lines) == 1
+        said = lines[0].fields["refresh_token"]  # type: ignore[attr-defined]
+        stats = st.provider.stats()
+        if quirk.get("revocation_endpoint", True):
+            assert said == REVOKED and stats["revoke_calls"] == 1 and st.provider.live_refresh_tokens() == {}
+        else:  # nothing is POSTed to an endpoint discovery did not name; the log says the token lives on
+            assert said == NOT_REVOKED_NO_ENDPOINT and stats["revoke_calls"] == 0
+            assert st.provider.live_refresh_tokens() == {"alice": 1}
+        logged = " ".join(f"{r.getMessage()} {getattr(r, 'fields', '')}" for r in caplog.records)
+        assert refresh_token not in logged
+
+
+async def test_a_failing_revocation_endpoint_is_logged_and_never_fails_the_sign_out(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with stack() as st, browser() as client:
+        await sign_in(client, st.base)
+        st.provider.break_endpoint("revoke", "500")
+        with caplog.at_level(logging.INFO, logger="sidecar.events"):
+            async with client.get(f"{st.base}/oauth2/sign_out", allow_redirects=False) as resp:
+                assert resp.status == 302 and session_cookie(client) is None
+        said = [getattr(r, "fields", {}).get("refresh_token") for r in caplog.records if r.getMessage() == "sign_out"]
+        assert said == [NOT_REVOKED_FAILED]
+
+
+@each_quirk()
+async def test_back_channel_logout_from_the_provider_ends_the_session(quirk: dict[str, Any]) -> None:
+    async with stack() as st, browser() as client, aiohttp.ClientSession() as idp:
+        st.provider.config(quirk)
+        await sign_in(client, st.base)
+        token = st.provider.logout_token("alice")
+        async with idp.post(f"{st.base}/oauth2/backchannel_logout", data={"logout_token": token}) as resp:
+            assert resp.status == 200
+        async with client.get(f"{st.base}/oauth2/auth") as resp:
+            assert resp.status == 401
+        await sign_in(client, st.base)
+        async with idp.post(f"{st.base}/oauth2/backchannel_logout", data={"logout_token": token}) as resp:
+            assert resp.status == 400  # a replay
+        async with client.get(f"{st.base}/oauth2/auth") as resp:
+            assert resp.status == 202
