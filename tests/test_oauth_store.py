@@ -155,6 +155,28 @@ async def test_per_user_limit_ends_least_recently_used(grants: GrantStore) -> No
     assert await grants.user_grants("alice") == []
 
 
+async def test_unredeemed_grants_are_handed_out_once_when_abandoned(grants: GrantStore) -> None:
+    now = time.time()
+    redeemed, abandoned, sealed = grant(), grant(), grant()
+    sealed = Grant(**{**sealed.__dict__, "sealed_key": b"\x00\xffkey"})
+    for g in (redeemed, abandoned, sealed):
+        await grants.create_grant(g, 60, 20)
+    await issue(grants, redeemed)
+    assert await grants.take_abandoned(now + 30) == []  # not due yet
+    assert await grants.get_grant(abandoned.grant_id) is not None
+    due = await grants.take_abandoned(now + 61)
+    assert sorted(due) == sorted(g.grant_id for g in (redeemed, abandoned, sealed))
+    assert await grants.take_abandoned(now + 61) == []  # each is handed out once (one replica ends it)
+    assert await grants.end_unredeemed(redeemed.grant_id) is None  # tokens were issued: it lives on
+    assert await grants.get_grant(redeemed.grant_id) is not None
+    ended = await grants.end_unredeemed(sealed.grant_id)
+    assert ended is not None and ended.sealed_key == b"\x00\xffkey"  # what the caller opens to revoke upstream
+    assert (await grants.end_unredeemed(abandoned.grant_id)) == abandoned
+    assert await grants.get_grant(abandoned.grant_id) is None
+    assert await grants.end_unredeemed(abandoned.grant_id) is None
+    assert [g.grant_id for g in await grants.user_grants("alice")] == [redeemed.grant_id]
+
+
 @pytest.mark.parametrize("grants", ["redis", "cluster"], indirect=True)  # the memory store has no keys to check
 async def test_every_redis_key_has_a_ttl(grants: GrantStore) -> None:
     assert isinstance(grants, RedisGrantStore)

@@ -5,7 +5,9 @@ the ordinary session store (``Sessions``) holding the upstream provider's tokens
 single-flight ``Refresher`` as browser sessions. That record is encrypted with its own key, like a
 browser session; the key is never stored in the clear: every token record the grant issues (access
 token, refresh token, authorization code) carries the key wrapped under a key derived from that token
-(``tokens.wrap_key``), so only a holder of a live token can open the upstream tokens.
+(``tokens.wrap_key``), so only a holder of a live token can open the upstream tokens, and the server
+itself (``Grant.sealed_key``, under a key derived from the cookie secret) to revoke the upstream refresh
+token when the grant ends without its client.
 
 Tokens are opaque: ``<kind>.<grant_id>.<secret>``. The grant id in them lets a Redis Cluster keep every
 key of one grant in one slot (``{grant_id}`` hash tag) so rotation and revocation are single atomic
@@ -59,6 +61,7 @@ class Grant:
     last_used_from: str  # client IP of the last token use
     user_agent: str  # of the client at its last token request (cut to 200 characters)
     expires_at: float  # created_at + --oauth-refresh-max-lifetime
+    sealed_key: bytes = b""  # the session key sealed for the server alone (tokens.grant_wrapping_key)
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,14 @@ upstream-token records (longer lifetimes, not reached by back-channel logout by 
 machinery as a browser session's.
 
 A grant's session key (``SessionRef.key``) is never stored in the clear: each record that can lead to
-it (code, access token, refresh token) holds it wrapped under its own token (``tokens.wrap_key``).
+it (code, access token, refresh token) holds it wrapped under its own token (``tokens.wrap_key``), and the
+grant holds it sealed for the server (``ending``), which revokes the upstream refresh token whenever a
+grant ends.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -23,11 +26,11 @@ from aiohttp import web
 from .. import logs
 from ..config import Config
 from ..context import Services, view_of
-from ..cookies import SessionRef
 from ..models import Identity, TokenSet
 from ..refresh import Refresher
-from ..sessions import Sessions, user_key
+from ..sessions import Sessions
 from . import tokens as tk
+from .ending import end_upstream, seal_for_server, sweep_forever
 from .model import AuthorizationCode, Client, DeviceAuthorization, Grant, IssuedTokens
 from .store import GrantStore
 
@@ -106,10 +109,10 @@ class OAuthServer:
             user_agent=user_agent[:USER_AGENT_CHARS],
             expires_at=now + float(self.config.oauth_refresh_max_lifetime),
         )
+        grant = replace(grant, sealed_key=seal_for_server(self.config.cookie_secrets, grant.grant_id, ref.key))
         evicted = await self.store.create_grant(grant, PENDING_GRANT_TTL, int(self.config.oauth_grants_per_user))
         for old in evicted:
-            await self._end_session(old)
-            logs.event("oauth_grant_ended", {"grant_id": old.grant_id, "client_id": old.client_id, "reason": "limit"})
+            await self.end_grant_session(old, "limit")
         logs.event("oauth_grant_started", {"grant_id": grant.grant_id, "client_id": client.client_id})
         return grant, ref.key
 
@@ -155,26 +158,32 @@ class OAuthServer:
         grant = await self.store.end_grant(grant_id)
         if grant is None:
             return False
-        await self._end_session(grant)
-        logs.event("oauth_grant_ended", {"grant_id": grant_id, "client_id": grant.client_id, "reason": reason})
+        await self.end_grant_session(grant, reason)
         return True
 
     async def end_user_grants(self, sub: str, reason: str) -> int:
         ended = await self.store.end_user_grants(sub)
         for grant in ended:
-            await self._end_session(grant)
-            fields = {"grant_id": grant.grant_id, "client_id": grant.client_id, "reason": reason}
-            logs.event("oauth_grant_ended", fields)
+            await self.end_grant_session(grant, reason)
         return len(ended)
 
     async def end_grant_session(self, grant: Grant, reason: str) -> None:
-        """After the store ended ``grant`` by itself (a replayed refresh token): its upstream-token record too."""
-        await self._end_session(grant)
-        logs.event("oauth_grant_ended", {"grant_id": grant.grant_id, "client_id": grant.client_id, "reason": reason})
+        """After the store ended ``grant`` (here, or by itself on a replayed refresh token): revoke its upstream
+        refresh token and delete the record holding it, then log the end and what happened upstream."""
+        revoked = await end_upstream(self.sessions, self.svc.oidc, self.config.cookie_secrets, grant)
+        fields = {"grant_id": grant.grant_id, "client_id": grant.client_id, "reason": reason}
+        logs.event("oauth_grant_ended", {**fields, "upstream_refresh_token": revoked})
 
-    async def _end_session(self, grant: Grant) -> None:
-        ref = SessionRef(sid=grant.session_sid, key=b"")
-        await self.sessions.store.delete(ref.store_key, user_key(grant.sub))
+    async def end_abandoned_grants(self, now: float | None = None) -> int:
+        """End the grants whose code or device approval was not redeemed in time (``PENDING_GRANT_TTL``),
+        upstream tokens included; each is ended by one replica. Returns how many this call ended."""
+        ended = 0
+        for grant_id in await self.store.take_abandoned(self.clock() if now is None else now):
+            grant = await self.store.end_unredeemed(grant_id)
+            if grant is not None:
+                await self.end_grant_session(grant, "abandoned")
+                ended += 1
+        return ended
 
     # --- tokens -----------------------------------------------------------------------------------------
     async def issue_tokens(
@@ -245,4 +254,6 @@ async def oauth_ctx(app: web.Application) -> AsyncIterator[None]:
     server = OAuthServer(svc.config, grant_store_for(svc.sessions.store), svc)
     app[OAUTH] = server
     svc.resource_guard = ResourceGuardImpl(server)
+    sweeper = asyncio.ensure_future(sweep_forever(server.end_abandoned_grants))
     yield
+    sweeper.cancel()

@@ -9,8 +9,10 @@ INTERFACE CONTRACT (callers use only the ``GrantStore`` methods; both stores pas
   (``tokens.TokenRecord``), the rest are the ``model`` dataclasses.
 - ``create_grant`` returns the *Grant objects* it ended to keep the user within ``max_per_user`` (least
   recently used first); the caller ends their session records (``OAuthServer.start_grant`` does).
-- A grant's key lives ``ttl`` at creation (short: until its code or device approval is redeemed); every
-  ``issue_tokens`` extends it to the refresh token's lifetime.
+- A grant's key lives ``ttl`` + ``PENDING_GRACE`` at creation (short: until its code or device approval is
+  redeemed); every ``issue_tokens`` extends it to the refresh token's lifetime. Past ``ttl`` it is handed
+  out once by ``take_abandoned`` (to one replica), which ends it with ``end_unredeemed`` unless tokens were
+  issued meanwhile: the caller then revokes its upstream tokens.
 - ``take_code``: the first call gets ``(code, True)``; later calls within the code's TTL ``(code, False)``:
   the caller ends the grant. Codes are deleted with their grant.
 - ``put_device`` keeps the record ``DEVICE_GRACE`` past ``ttl`` so a late poll still learns ``expired_token``.
@@ -24,6 +26,7 @@ Redis layout (``<prefix>oa:``; ``G`` = ``{grant_id}``):
     at:G:<hash>  string access token record        rt:G:<hash>  string refresh token record (the current one)
     c:G:<hash>   string "0"|"1" (used) + code JSON
     ug:<user>    zset   grant ids by last use       cl:<id> string client JSON
+    pg           zset   grant ids not yet redeemed, by the time they count as abandoned
     d:<hash>     string device authorization JSON   du:<user code> string the device code hash
     p:<key>      string short-lived state of the browser-facing endpoints
 """
@@ -51,6 +54,7 @@ USED_KEPT = 16  # refresh tokens of a grant remembered after rotation (replay de
 USED_CHARS = 32  # of each used token's hash (128 bits)
 DEVICE_GRACE = 60.0
 SLOW_DOWN_STEP = 5.0  # RFC 8628 3.5
+PENDING_GRACE = 600.0  # an unredeemed grant's key outlives its deadline by this much, so a sweep still reads it
 
 
 class GrantStore(Protocol):
@@ -76,6 +80,14 @@ class GrantStore(Protocol):
         ...
 
     async def end_user_grants(self, sub: str) -> list[Grant]: ...
+    async def take_abandoned(self, now: float) -> list[str]:
+        """Ids of grants whose code or device approval was due to be redeemed by ``now``; each id is handed
+        to one caller only."""
+        ...
+
+    async def end_unredeemed(self, grant_id: str) -> Grant | None:
+        """End the grant if it never issued tokens (atomically); the ended grant or None."""
+        ...
 
     # --- tokens ---------------------------------------------------------------------------------------
     async def issue_tokens(
@@ -182,6 +194,7 @@ class MemoryGrantStore:
         self._clock = clock
         self._kv: dict[str, tuple[Any, float]] = {}
         self._writes = 0
+        self._pending: dict[str, float] = {}  # grant id -> when it counts as abandoned
 
     def _get(self, key: str) -> Any:
         entry = self._kv.get(key)
@@ -227,7 +240,9 @@ class MemoryGrantStore:
 
     # grants: "g:<id>" -> dict(grant=Grant, rt=str|None, used=list[str], tokens=set[str])
     async def create_grant(self, grant: Grant, ttl: float, max_per_user: int) -> list[Grant]:
-        self._set("g:" + grant.grant_id, {"grant": grant, "rt": None, "used": [], "tokens": set()}, ttl)
+        entry: dict[str, Any] = {"grant": grant, "rt": None, "used": [], "tokens": set()}
+        self._set("g:" + grant.grant_id, entry, ttl + PENDING_GRACE)
+        self._pending[grant.grant_id] = self._clock() + ttl
         index = self._get("ug:" + grant.sub) or {}
         index[grant.grant_id] = grant.last_used_at
         self._set("ug:" + grant.sub, index, max(self._ttl("ug:" + grant.sub), grant.expires_at - self._clock()))
@@ -283,6 +298,18 @@ class MemoryGrantStore:
         ended = [g for g in [await self.end_grant(gid) for gid in list(index)] if g is not None]
         self._kv.pop("ug:" + sub, None)
         return ended
+
+    async def take_abandoned(self, now: float) -> list[str]:
+        due = [gid for gid, at in self._pending.items() if at <= now]
+        for gid in due:
+            del self._pending[gid]
+        return due
+
+    async def end_unredeemed(self, grant_id: str) -> Grant | None:
+        entry = self._get("g:" + grant_id)
+        if entry is None or entry["rt"] is not None:
+            return None
+        return await self.end_grant(grant_id)
 
     async def issue_tokens(
         self,
@@ -422,6 +449,14 @@ local function end_grant(g, k, pre, tag)
 end
 """
 _END = _END_BODY + "return end_grant(KEYS[1], KEYS[2], ARGV[1], ARGV[2])"
+# The same, only for a grant that never issued tokens (an abandoned code or device approval).
+_END_UNREDEEMED = (
+    _END_BODY
+    + """
+if redis.call('HEXISTS', KEYS[1], 'rt') == 1 then return nil end
+return end_grant(KEYS[1], KEYS[2], ARGV[1], ARGV[2])
+"""
+)
 # Issue or rotate. KEYS g, k, access key, new refresh key, used refresh key (or the new one again);
 # ARGV access record, access ttl ms, refresh record, refresh ttl ms, used hash or "", now, client ip,
 # user agent, grant ttl ms, prefix, "{gid}", access member, access expiry, new refresh hash, kept, chars.
@@ -544,6 +579,7 @@ class RedisGrantStore:
         self._r = client
         self._p = prefix + "oa:"
         self._end = client.register_script(_END)
+        self._end_unredeemed = client.register_script(_END_UNREDEEMED)
         self._issue = client.register_script(_ISSUE)
         self._put_member = client.register_script(_PUT_MEMBER)
         self._take_code = client.register_script(_TAKE_CODE)
@@ -588,7 +624,9 @@ class RedisGrantStore:
             "ua": grant.user_agent,
         }
         await self._call(self._r.hset(self._g(grant.grant_id), mapping=mapping))
-        await self._call(self._r.pexpire(self._g(grant.grant_id), _ms(ttl)))
+        await self._call(self._r.pexpire(self._g(grant.grant_id), _ms(ttl + PENDING_GRACE)))
+        await self._call(self._r.zadd(self._p + "pg", {grant.grant_id: time.time() + ttl}))
+        await self._call(self._r.pexpire(self._p + "pg", _ms(ttl + PENDING_GRACE)))  # each new grant extends it
         index_ttl = _ms(max(ttl, grant.expires_at - time.time()))
         await self._call(
             self._index(keys=[self._u(grant.sub)], args=[repr(grant.last_used_at), grant.grant_id, index_ttl])
@@ -653,6 +691,20 @@ class RedisGrantStore:
         ended = [g for g in [await self.end_grant(gid) for gid in await self._live_ids(sub)] if g is not None]
         await self._call(self._r.delete(self._u(sub)))
         return ended
+
+    async def take_abandoned(self, now: float) -> list[str]:
+        due = await self._call(self._r.zrangebyscore(self._p + "pg", "-inf", repr(now), start=0, num=200))
+        # ZREM answers 1 to one replica only: that one ends the grant.
+        return [m.decode() for m in due if await self._call(self._r.zrem(self._p + "pg", m))]
+
+    async def end_unredeemed(self, grant_id: str) -> Grant | None:
+        raw = await self._call(
+            self._end_unredeemed(keys=[self._g(grant_id), self._k(grant_id)], args=[self._p, "{" + grant_id + "}"])
+        )
+        grant = _load(Grant, raw)
+        if grant is not None:
+            await self._call(self._r.zrem(self._u(grant.sub), grant_id))
+        return grant
 
     # tokens
     async def issue_tokens(

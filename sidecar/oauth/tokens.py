@@ -107,6 +107,14 @@ def device_wrapping_key(server_secret: bytes, device_code_hash: str) -> bytes:
     return hmac.new(server_secret, b"device:" + device_code_hash.encode(), hashlib.sha256).digest()
 
 
+def grant_wrapping_key(server_secret: bytes, grant_id: str) -> bytes:
+    """Wraps the server's own copy of a grant's session key (``Grant.sealed_key``): a grant ended without its
+    client (grants page, per-user limit, replay, abandoned code) must still revoke its upstream refresh
+    token, so the server needs to open the record alone. Derived from the cookie secret (never in Redis),
+    so a dump of Redis alone still opens nothing."""
+    return hmac.new(server_secret, b"grant:" + grant_id.encode(), hashlib.sha256).digest()
+
+
 @dataclass(frozen=True)
 class TokenRecord:
     """What the store keeps per access or refresh token (JSON bytes)."""
