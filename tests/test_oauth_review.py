@@ -8,6 +8,7 @@ import asyncio
 import aiohttp
 import pytest
 
+from sidecar.refresh import REFUSAL_BACKOFF
 from tests.stack import browser, sign_in
 from tests.test_oauth_authorize import OTHER_REDIRECT, REDIRECT, authorize_params, oauth_stack, pkce, register
 from tests.test_oauth_resource import get, guarded_stack
@@ -102,30 +103,33 @@ async def test_hostile_form_bodies_are_refused_never_a_500(content_type: str, bo
 # --- a provider refusal that says nothing about the grant -----------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "body",
-    [
-        '{"error": "invalid_client"}',
-        '{"error": "invalid_request"}',
-        '{"error": "unauthorized_client"}',
-        "",
-    ],
-)
-async def test_upstream_refusal_other_than_invalid_grant_keeps_the_grant(body: str) -> None:
+REFUSALS = ['{"error": "invalid_client"}', '{"error": "invalid_request"}', '{"error": "unauthorized_client"}', ""]
+
+
+async def test_upstream_refusal_other_than_invalid_grant_keeps_the_grant() -> None:
     """A misconfigured or confused provider (the browser path keeps the session record for these) must not end
-    every CLI/MCP grant: the client gets a 503 and the grant works again once the provider does."""
-    async with guarded_stack(provider_kw={"access_token_ttl": 2}) as (st, _):
-        issued = await new_grant(st, "/mcp")
-        _, tokens, _ = await redeem(st.base, issued)
-        server = server_of(st)
-        await asyncio.sleep(2.2)  # the upstream access token has expired: the next use refreshes it
-        st.provider.inject_fault("raw", count=-1, status=400, body=body)
-        status, _, _ = await get(st.base + "/mcp", tokens["access_token"])
-        assert status == 503
-        assert await server.store.get_grant(issued.grant.grant_id) is not None
-        st.provider.clear_faults()
-        status, text, _ = await get(st.base + "/mcp", tokens["access_token"])
-        assert status == 200, text
+    every CLI/MCP grant: the client gets a 503, the provider is not asked again during the refusal back-off,
+    and the grant works again once the provider does. (The cases run side by side: each waits the back-off.)"""
+
+    async def case(body: str) -> None:
+        async with guarded_stack(provider_kw={"access_token_ttl": 2}) as (st, _):
+            issued = await new_grant(st, "/mcp")
+            _, tokens, _ = await redeem(st.base, issued)
+            server = server_of(st)
+            await asyncio.sleep(2.2)  # the upstream access token has expired: the next use refreshes it
+            st.provider.inject_fault("raw", count=-1, status=400, body=body)
+            status, _, _ = await get(st.base + "/mcp", tokens["access_token"])
+            assert status == 503, body
+            assert await server.store.get_grant(issued.grant.grant_id) is not None
+            st.provider.clear_faults()
+            status, _, _ = await get(st.base + "/mcp", tokens["access_token"])
+            assert status == 503, body  # backing off: the provider is left alone for a while
+            assert st.provider.stats()["token_calls"]["refresh_token"] == 1, body
+            await asyncio.sleep(REFUSAL_BACKOFF + 0.2)
+            status, text, _ = await get(st.base + "/mcp", tokens["access_token"])
+            assert status == 200, (body, text)
+
+    await asyncio.gather(*(case(body) for body in REFUSALS))
 
 
 # --- the authorization endpoint as an open redirector (RFC 9700 4.11.2) ----------------------------------------
