@@ -55,6 +55,7 @@ class Stack:
     sidecars: list[str] = field(default_factory=list)
     runners: list[web.AppRunner] = field(default_factory=list)
     configs: list[Config] = field(default_factory=list)
+    provider_runner: web.AppRunner | None = None  # stop it (and start a new one on its port) for an outage
 
     @property
     def base(self) -> str:
@@ -91,7 +92,10 @@ async def stack(
     upstream_port = free_port()
     await web.TCPSite(upstream_runner, "127.0.0.1", upstream_port).start()
     st = Stack(
-        provider=provider, issuer=f"http://127.0.0.1:{provider_port}", upstream_url=f"http://127.0.0.1:{upstream_port}"
+        provider=provider,
+        issuer=f"http://127.0.0.1:{provider_port}",
+        upstream_url=f"http://127.0.0.1:{upstream_port}",
+        provider_runner=provider_runner,
     )
     try:
         if sidecar:
@@ -101,7 +105,8 @@ async def stack(
         for runner in reversed(st.runners):
             await runner.cleanup()
         await upstream_runner.cleanup()
-        await provider_runner.cleanup()
+        if st.provider_runner is not None:
+            await st.provider_runner.cleanup()
 
 
 def browser() -> aiohttp.ClientSession:

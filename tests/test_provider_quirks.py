@@ -8,20 +8,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
+from aiohttp import web
 
 from sidecar.context import SERVICES
 from sidecar.oidc import NOT_REVOKED_FAILED, NOT_REVOKED_NO_ENDPOINT, REVOKED
 from sidecar.refresh import REFUSAL_BACKOFF
 from sidecar.store import RedisStore
 from tests.provider_quirks import QUIRKS, each_quirk
-from tests.stack import Stack, browser, session_cookie, sign_in, stack
+from tests.redis_procs import start_server
+from tests.stack import Stack, browser, free_port, session_cookie, sign_in, stack
 
 OPTS = {"refresh_skew": "0s", "pass_access_token": "true", "upstream": "", "reverse_proxy": "true"}
 
@@ -198,3 +203,34 @@ async def test_back_channel_logout_from_the_provider_ends_the_session(quirk: dic
             assert resp.status == 400  # a replay
         async with client.get(f"{st.base}/oauth2/auth") as resp:
             assert resp.status == 202
+
+
+async def test_a_hung_redis_or_a_refused_connection_never_ends_a_session(tmp_path: Path) -> None:
+    """Redis not answering, then the provider not listening at all: 503 each time, and the session refreshes
+    once both are back."""
+    port = free_port()
+    redis_proc = start_server("redis-hang", tmp_path, port)
+    store = RedisStore(aioredis.from_url(f"redis://127.0.0.1:{port}/0", socket_timeout=0.5))
+    try:
+        async with stack(store, provider_kw={"access_token_ttl": 1}, **OPTS) as st, browser() as client:
+            await sign_in(client, st.base)
+            cookie = session_cookie(client) or ""
+            await asyncio.sleep(1.2)  # expired, and no replica trusts its cached copy any more
+            async with aiohttp.ClientSession() as http:
+                os.kill(redis_proc.popen.pid, signal.SIGSTOP)  # Redis hangs
+                try:
+                    assert (await _auth(http, st.base, cookie))[0] == 503
+                finally:
+                    os.kill(redis_proc.popen.pid, signal.SIGCONT)
+                assert st.provider_runner is not None
+                await st.provider_runner.cleanup()  # nothing listens on the provider's port: connection refused
+                assert (await _auth(http, st.base, cookie))[0] == 503
+                st.provider_runner = web.AppRunner(st.provider.app(), access_log=None, shutdown_timeout=0.5)
+                await st.provider_runner.setup()
+                await web.TCPSite(st.provider_runner, "127.0.0.1", int(st.issuer.rsplit(":", 1)[1])).start()
+                status, token = await _auth(http, st.base, cookie)
+                assert status == 202 and token
+                assert st.provider.stats()["token_calls"]["refresh_token"] == 1
+    finally:
+        await store.close()
+        redis_proc.stop()
