@@ -35,6 +35,9 @@ class ResourceGuard(Protocol):
 # Finishes an upstream sign-in started with a ``purpose`` (``SignInAttempt.purpose``): gets the request,
 # the attempt, the identity, the provider's tokens and the ID token claims; answers the browser.
 SignInFinisher = Callable[[web.Request, SignInAttempt, Identity, TokenSet, dict[str, Any]], Awaitable[web.Response]]
+# Called with a user's ``sub`` before "sign out everywhere" ends their session records: what must be revoked
+# upstream first, while its record can still be opened (--oauth-server: the user's grants). Returns a count.
+UserSignOut = Callable[[str], Awaitable[int]]
 
 
 @dataclass
@@ -52,6 +55,7 @@ class Services:
     bearer: BearerVerifier | None = None  # --skip-jwt-bearer-tokens
     resource_guard: ResourceGuard | None = None  # --oauth-server
     sign_in_finishers: dict[str, SignInFinisher] = field(default_factory=dict)  # by purpose kind, --oauth-server
+    sign_out_everywhere: list[UserSignOut] = field(default_factory=list)  # --oauth-server
 
 
 @dataclass

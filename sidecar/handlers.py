@@ -354,6 +354,8 @@ async def sign_out(request: web.Request, svc: Services) -> web.Response:
         except (InvalidCookie, SessionGone):
             session = None
         if session is not None and everywhere:
+            for before in svc.sign_out_everywhere:  # the user's CLI/MCP grants, revoked upstream
+                await before(session.identity.sub)
             await svc.sessions.end_all_for_user(session.identity.sub)
         if session is not None:
             await svc.sessions.end(ref, session, reason="sign_out")

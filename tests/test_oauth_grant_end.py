@@ -1,6 +1,6 @@
-"""Every way a CLI/MCP grant ends revokes its upstream refresh token at the provider (as a browser sign-out
-does) and deletes the record holding it, against each real-provider quirk of the dev provider: the proof is
-the provider's own count of live refresh tokens, and the session records left in Redis."""
+"""Every way a CLI/MCP grant ends (sign out everywhere included) revokes its upstream refresh token at the
+provider (as a browser sign-out does) and deletes the record holding it, against each real-provider quirk of
+the dev provider: the proof is the provider's own count of live refresh tokens, and the records in Redis."""
 
 from __future__ import annotations
 
@@ -126,10 +126,20 @@ async def test_every_way_a_grant_ends_revokes_its_upstream_refresh_token(
             assert await server.end_abandoned_grants(now=time.time() + PENDING_GRANT_TTL + 1) == 0  # redeemed ones live
             await check("sweep leaves redeemed grants")
 
+            # Sign out everywhere: the two grants left and the browser session itself.
+            async with alice.post(
+                f"{st.base}/oauth2/sign_out?everywhere=true", headers={"Origin": st.base}, allow_redirects=False
+            ) as resp:
+                assert resp.status == 302
+            for _ in range(3):
+                ended()
+            await check("sign out everywhere")
+
             said = [getattr(r, "fields", {}) for r in caplog.records if r.getMessage() == "oauth_grant_ended"]
             reasons = sorted(f["reason"] for f in said)
             assert reasons == sorted(
                 ["revoked_by_client", "revoked_by_user", "refresh_replay", "code_replay", "abandoned", "limit"]
+                + ["signed_out_everywhere"] * 2
             )
             assert {f["upstream_refresh_token"] for f in said} == {REVOKED if revokes else NOT_REVOKED_NO_ENDPOINT}
             if not revokes:

@@ -4,7 +4,7 @@ The sidecar issues its own opaque tokens for the ``--oauth-resource`` paths; eac
 upstream provider's tokens server-side in a session record and refreshes them with the browser path's
 single-flight ``Refresher``. Dependencies point one way: this package uses the session store, refresh
 machinery and provider client; nothing on the browser path imports it (``app.build_app`` plugs it in
-through ``Services.resource_guard`` and ``Services.sign_in_finishers``).
+through ``Services.resource_guard``, ``Services.sign_in_finishers`` and ``Services.sign_out_everywhere``).
 """
 
 from __future__ import annotations
@@ -25,10 +25,18 @@ def install(app: web.Application, config: Config) -> None:
     from .service import oauth_ctx
 
     async def hooks_ctx(app: web.Application) -> AsyncIterator[None]:
-        """After ``oauth_ctx``: the grant's own upstream sign-in comes back through the browser callback."""
+        """After ``oauth_ctx``: the grant's own upstream sign-in comes back through the browser callback, and
+        "sign out everywhere" ends the user's grants (their upstream refresh tokens revoked) first."""
+        from .service import OAUTH
+
+        async def end_grants(sub: str) -> int:
+            return await app[OAUTH].end_user_grants(sub, "signed_out_everywhere")
+
         app[SERVICES].sign_in_finishers["grant"] = authorize.finish_grant
+        app[SERVICES].sign_out_everywhere.append(end_grants)
         yield
         app[SERVICES].sign_in_finishers.pop("grant", None)
+        app[SERVICES].sign_out_everywhere.remove(end_grants)
 
     app.cleanup_ctx.append(oauth_ctx)
     app.cleanup_ctx.append(hooks_ctx)
