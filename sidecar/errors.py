@@ -16,7 +16,7 @@ into HTTP statuses. Messages never carry tokens, cookies or secrets.
     │   ├── ProviderUnavailable      transient: network, 5xx, unknown signing key -> 503, session kept
     │   │   └── ProviderTimeout      the provider did not answer in --provider-timeout -> 504, session kept
     │   ├── ProviderProtocolError    an answer we cannot use (token response not JSON, no access_token) -> 502
-    │   ├── ProviderRefused          a token-endpoint refusal other than invalid_grant (RFC 6749 5.2)
+    │   ├── ProviderRefused          a token-endpoint refusal other than invalid_grant (RFC 6749 5.2): backs off
     │   │                            -> token served while valid, then sign in again (see refresh.py)
     │   ├── InvalidGrant             the grant is dead (invalid_grant) -> session deleted
     │   └── TokenValidationError     an ID token failed validation -> sign-in refused

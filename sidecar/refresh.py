@@ -296,7 +296,8 @@ class Refresher:
             await self._sessions.end(ref, current, reason="refresh_refused")
             raise SessionGone("the provider refused the refresh token again") from None
         if dead:
-            tokens = replace(current.tokens, refresh_token=None, refresh_expires_at=None)
+            # The record then lives (store TTL) only as long as the access token it still serves.
+            tokens = replace(current.tokens, refresh_token=None, refresh_expires_at=current.tokens.access_expires_at)
             updated = replace(current, tokens=tokens, refusals=refusals, retry_at=None)
         else:
             wait = min(REFUSAL_BACKOFF * 2 ** (refusals - 1), REFUSAL_BACKOFF_MAX)
