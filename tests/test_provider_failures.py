@@ -16,7 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from sidecar.oidc import BACKCHANNEL_EVENT, MAX_LIFETIME
+from sidecar.oidc import BACKCHANNEL_EVENT, MAX_LIFETIME, logout_token_replay_ttl
 from sidecar.store import RedisStore
 from tests.stack import Stack, app_token, browser, session_cookie, sign_in, stack
 
@@ -289,3 +289,12 @@ async def test_logout_tokens_need_recent_iat_and_a_fresh_jti(redis_url: str, wit
     finally:
         for s in stores:
             await s.close()
+
+
+def test_a_logout_jti_is_remembered_as_long_as_its_token_could_be_accepted() -> None:
+    """Accepted until iat + 300 s + 60 s of leeway (sooner when exp says so); remembered 60 s beyond that."""
+    now = 1_000_000.0
+    assert logout_token_replay_ttl({"iat": now}, now) == 420  # the pre-2023 format: only iat bounds it
+    assert logout_token_replay_ttl({"iat": now, "exp": now + 3600}, now) == 420  # iat bounds it first
+    assert logout_token_replay_ttl({"iat": now, "exp": now + 10}, now) == 130
+    assert logout_token_replay_ttl({"iat": now - 1000}, now) == 1.0  # long past: no one accepts it any more
