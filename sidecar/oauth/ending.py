@@ -68,3 +68,5 @@ async def sweep_forever(sweep: Callable[[], Awaitable[int]]) -> None:
             await sweep()
         except StoreUnavailable:
             log.warning("could not sweep abandoned grants; the store is unavailable")
+        except Exception:  # noqa: BLE001 - the next sweep must still run
+            log.exception("sweeping abandoned grants failed")

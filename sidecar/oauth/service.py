@@ -15,6 +15,7 @@ grant ends.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -257,3 +258,5 @@ async def oauth_ctx(app: web.Application) -> AsyncIterator[None]:
     sweeper = asyncio.ensure_future(sweep_forever(server.end_abandoned_grants))
     yield
     sweeper.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await sweeper
