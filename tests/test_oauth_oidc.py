@@ -95,11 +95,13 @@ async def test_discovery_jwks_and_id_tokens_for_code_refresh_and_scopes() -> Non
         status, tokens = await redeem(base, reg["client_id"], code, verifier)
         assert status == 200 and "id_token" not in tokens and tokens["scope"] == "email"
 
-        _, challenge = pkce()  # a hostile nonce is refused before any consent
-        for bad in ["x" * 513, "caf\u00e9", "a\nb"]:
-            params = authorize_params(reg["client_id"], challenge, nonce=bad)
+        _, challenge = pkce()  # a hostile nonce, a request object: refused before any consent
+        cases = [({"nonce": bad}, "invalid_request") for bad in ["x" * 513, "caf\u00e9", "a\nb", "a\x00"]]
+        cases += [({"request": "eyJ.e30."}, "request_not_supported"), ({"request_uri": "urn:x"}, "request_uri_not")]
+        for extra, error in cases:
+            params = authorize_params(reg["client_id"], challenge, **extra)
             async with client.get(f"{base}/oauth2/authorize", params=params, allow_redirects=False) as resp:
-                assert resp.status == 302 and "error=invalid_request" in resp.headers["Location"], bad
+                assert resp.status == 302 and f"error={error}" in resp.headers["Location"], extra
 
 
 def test_signing_key_follows_the_cookie_secret_and_rotation_publishes_both() -> None:

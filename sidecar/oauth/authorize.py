@@ -342,6 +342,9 @@ def _request_problem(query: Any, client: Client) -> tuple[str, str] | None:
         return "invalid_request", "code_challenge_method must be S256"
     if not _S256_CHALLENGE.fullmatch(challenge):
         return "invalid_request", "code_challenge must be a base64url SHA-256 (43 characters)"
+    for name in ("request", "request_uri"):  # OIDC Core 6: not supported, and said so in discovery
+        if name in query:
+            return f"{name}_not_supported", f"the {name} parameter is not supported"
     nonce = query.get("nonce", "")
     if len(nonce) > MAX_NONCE_CHARS or not nonce.isascii() or not nonce.isprintable():
         return "invalid_request", "nonce must be printable ASCII of at most 512 characters"
