@@ -32,6 +32,11 @@ async def _register(http: aiohttp.ClientSession, base: str, body: dict[str, Any]
         return resp.status
 
 
+async def _register_json(http: aiohttp.ClientSession, base: str, body: dict[str, Any]) -> tuple[int, Any]:
+    async with http.post(f"{base}/oauth2/register", json=body) as resp:
+        return resp.status, await resp.json()
+
+
 async def test_registration_flood_keeps_every_session_on_a_small_redis(tmp_path: Path) -> None:
     port = free_port()
     proc = start_server("small", tmp_path, port, "--maxmemory-policy", "volatile-ttl")
@@ -108,6 +113,14 @@ async def test_unauthenticated_endpoints_share_their_limits_across_replicas(redi
                         if resp.status == 429:
                             assert (await resp.json())["error"] == "too_many_requests"
                 assert got[4:] == [429, 429] and 429 not in got[:4], (path, got)
+            _, device_client = await _register_json(two, other, body)
+            answers = []
+            for i in range(22):  # one client's device codes, from 22 addresses: 20 wait at once, at most
+                async with _client(f"127.0.7.{i + 1}") as somewhere:
+                    form = {"client_id": device_client["client_id"]}
+                    async with somewhere.post(bases[i % 2] + "/oauth2/device_authorization", data=form) as resp:
+                        answers.append(resp.status)
+            assert answers == [200] * 20 + [429] * 2
     finally:
         for store in stores:
             await store.close()

@@ -230,3 +230,15 @@ async def test_unused_clients_are_counted_short_lived_and_promoted_by_a_grant(gr
         await grants._r.zadd(grants._p + "cn", {gone.client_id: time.time() - 1})
         await grants._r.zadd(grants._p + "cn", {second.client_id: time.time() - 1, third.client_id: time.time() - 1})
         assert await grants.put_new_client(client(6), 60, 1)
+
+
+async def test_a_clients_live_device_authorizations_are_bounded(grants: GrantStore) -> None:
+    now = time.time()
+    client_id = f"dev-{time.monotonic_ns()}"
+    assert await grants.reserve_device(client_id, "h1", now + 60, 2)
+    assert await grants.reserve_device(client_id, "h2", now + 60, 2)
+    assert not await grants.reserve_device(client_id, "h3", now + 60, 2)
+    assert await grants.reserve_device("another-" + client_id, "h3", now + 60, 2)  # per client
+    if isinstance(grants, RedisGrantStore):  # an expired one frees its place
+        await grants._r.zadd(grants._p + "dc:" + client_id, {"h1": now - 1})
+        assert await grants.reserve_device(client_id, "h4", now + 60, 2)

@@ -48,6 +48,7 @@ from .token_endpoint import OAuthError, authenticate_client, error_response, rea
 ALPHABET = "BCDFGHJKLMNPQRSTVWXZ"
 USER_CODE_CHARS = 8
 CODE_ENTRY_PER_MINUTE = 10.0  # per browser session and per client address
+MAX_PENDING = 20  # device codes of one client alive at once, across replicas (what an anonymous client can store)
 ENTRY_LIMITER = web.AppKey("oauth_code_entry_limiter", RateLimiter)  # code entries per session and address
 _JSON_HEADERS = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
@@ -101,6 +102,10 @@ async def device_authorization(request: web.Request, svc: Services) -> web.Respo
         return _oauth_error("invalid_target", "resource must name one of this server's protected resources")
     device_code = secrets.token_urlsafe(32)
     ttl = float(svc.config.oauth_device_code_ttl)
+    if not await oauth.store.reserve_device(
+        client.client_id, tk.token_hash(device_code), time.time() + ttl, MAX_PENDING
+    ):
+        return _oauth_error("too_many_requests", "too many device codes of this client are waiting; try later", 429)
     for _ in range(5):
         user_code = new_user_code()
         device = DeviceAuthorization(

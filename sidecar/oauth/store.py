@@ -27,6 +27,7 @@ Redis layout (``<prefix>oa:``; ``G`` = ``{grant_id}``):
     cn           zset   unused client ids by expiry (their count is bounded across replicas)
     rl:<bucket>:<client>  hash  rate-limit token bucket of an unauthenticated endpoint (``limits.py``)
     d:<hash>     string device authorization JSON   du:<user code> string the device code hash
+    dc:<client>  zset   a client's live device authorizations (their count is bounded)
     p:<key>      string short-lived state of the browser-facing endpoints
 """
 
@@ -130,6 +131,11 @@ class GrantStore(Protocol):
     # --- device authorizations (RFC 8628) --------------------------------------------------------------
     async def put_device(self, device: DeviceAuthorization, ttl: float) -> bool:
         """False when the user code is taken (the caller draws another)."""
+        ...
+
+    async def reserve_device(self, client_id: str, device_code_hash: str, until: float, limit: int) -> bool:
+        """Count a device authorization against its client until ``until``; False (nothing counted) when
+        ``limit`` of the client's are alive already, across replicas (an anonymous client's storage bound)."""
         ...
 
     async def device_by_user_code(self, user_code: str) -> DeviceAuthorization | None: ...
@@ -394,6 +400,15 @@ class MemoryGrantStore:
         self._set("d:" + device.device_code_hash, device, ttl + DEVICE_GRACE)
         return True
 
+    async def reserve_device(self, client_id: str, device_code_hash: str, until: float, limit: int) -> bool:
+        now = self._clock()
+        live = {h: t for h, t in (self._get("dc:" + client_id) or {}).items() if t > now}
+        if len(live) >= limit:
+            return False
+        live[device_code_hash] = until
+        self._set("dc:" + client_id, live, until - now)
+        return True
+
     async def device_by_user_code(self, user_code: str) -> DeviceAuthorization | None:
         code_hash = self._get("du:" + user_code)
         return None if code_hash is None else await self.device_by_code_hash(code_hash)
@@ -570,7 +585,8 @@ return v
 # Unused clients (anonymous registrations no user has granted yet): their record starts with _UNUSED and
 # lives the short TTL; ``cn`` counts them (zset: client id by expiry) across replicas.
 _UNUSED = b"u:"
-# KEYS cn; ARGV now, max, client id, expiry, ttl ms. 1 when the client may be stored.
+# A bounded set of live members (unused clients; a client's device authorizations). KEYS the zset (member by
+# expiry); ARGV now, max, member, expiry, ttl ms. 1 when the member was added, 0 when the set is full.
 _COUNT_NEW = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
@@ -820,6 +836,11 @@ class RedisGrantStore:
             return False
         await self._call(self._r.set(self._p + "d:" + device.device_code_hash, _dump(device), px=px))
         return True
+
+    async def reserve_device(self, client_id: str, device_code_hash: str, until: float, limit: int) -> bool:
+        now = time.time()
+        args = [repr(now), limit, device_code_hash, repr(until), _ms(until - now)]
+        return bool(await self._call(self._count_new(keys=[self._p + "dc:" + client_id], args=args)))
 
     async def device_by_user_code(self, user_code: str) -> DeviceAuthorization | None:
         code_hash = await self._call(self._r.get(self._p + "du:" + user_code))
