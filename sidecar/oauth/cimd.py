@@ -23,7 +23,9 @@ fetch is therefore treated as hostile (server-side request forgery, slow or huge
 - Load: a good document is cached in this process per its ``Cache-Control: max-age`` within 5 min to 24 h
   (1 h without one); a failure is remembered for ``FAILURE_HOLD`` seconds (the draft says not to cache error
   responses; this is a short back-off, so a flood of authorize requests for one broken URL costs one fetch);
-  concurrent requests for one URL share one fetch; at most ``MAX_FETCHES`` fetches run at once.
+  concurrent requests for one URL share one fetch; at most ``MAX_FETCHES`` fetches run at once; an
+  ``/authorize`` naming a URL that would need a fetch counts against its address's limit, shared across
+  replicas (``limits.new_document_wait``), so a flood of new URLs from one place cannot hold the slots.
 
 Nothing vouches for the document's ``client_name``: the consent page shows the URL's host prominently and the
 name as the client's own claim. Such clients are never stored; grants name them by their URL.
