@@ -21,32 +21,18 @@ from ..ratelimit import RateLimiter
 
 def install(app: web.Application, config: Config) -> None:
     """Add the authorization server's routes and hooks to ``app`` (called before the proxy catch-all)."""
-    from . import (
-        authorize,
-        cimd,
-        device,
-        grants_page,
-        limits,
-        metadata,
-        registration,
-        resource,
-        revocation,
-        token_endpoint,
-    )
-    from .service import OAUTH, oauth_ctx
+    from . import authorize, cimd, device, grants_page, metadata, registration, revocation, token_endpoint
+    from .service import oauth_ctx
 
     async def hooks_ctx(app: web.Application) -> AsyncIterator[None]:
-        """After ``oauth_ctx``: bearer tokens on the resource paths, and the grant's own upstream sign-in
-        coming back through the browser callback."""
-        svc = app[SERVICES]
-        app[limits.LIMITER] = limits.limiter_for(svc.sessions.store)
-        svc.resource_guard = resource.ResourceGuardImpl(app[OAUTH])
-        svc.sign_in_finishers["grant"] = authorize.finish_grant
+        """After ``oauth_ctx``: the grant's own upstream sign-in comes back through the browser callback."""
+        app[SERVICES].sign_in_finishers["grant"] = authorize.finish_grant
         yield
-        svc.sign_in_finishers.pop("grant", None)
+        app[SERVICES].sign_in_finishers.pop("grant", None)
 
     app.cleanup_ctx.append(oauth_ctx)
     app.cleanup_ctx.append(hooks_ctx)
+    app.cleanup_ctx.append(_guard_ctx)
     app[device.ENTRY_LIMITER] = RateLimiter()
     app[cimd.DOCUMENTS] = cimd.MetadataDocuments(config)
     router, prefix = app.router, config.proxy_prefix
@@ -70,3 +56,15 @@ def install(app: web.Application, config: Config) -> None:
     router.add_post(prefix + "/grants/revoke", guarded(grants_page.revoke, "/oauth2/grants/revoke"))
     router.add_post(prefix + "/token", guarded(token_endpoint.handle, "/oauth2/token"))
     router.add_post(prefix + "/revoke", guarded(revocation.handle, "/oauth2/revoke"))
+
+
+async def _guard_ctx(app: web.Application) -> AsyncIterator[None]:
+    """After ``oauth_ctx``: bearer tokens on the resource paths (the guard needs the server, the server does not
+    know the guard), and the unauthenticated endpoints' rate limits beside the session store."""
+    from . import limits, resource
+    from .service import OAUTH
+
+    svc = app[SERVICES]
+    app[limits.LIMITER] = limits.limiter_for(svc.sessions.store)
+    svc.resource_guard = resource.ResourceGuardImpl(app[OAUTH])
+    yield

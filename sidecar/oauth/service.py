@@ -244,5 +244,6 @@ async def oauth_ctx(app: web.Application) -> AsyncIterator[None]:
     from .store import grant_store_for
 
     svc = app[SERVICES]
-    app[OAUTH] = OAuthServer(svc.config, grant_store_for(svc.sessions.store), svc)
+    server = OAuthServer(svc.config, grant_store_for(svc.sessions.store), svc)
+    app[OAUTH] = server
     yield
