@@ -23,12 +23,13 @@ Redis layout (``<prefix>oa:``; ``G`` = ``{grant_id}``):
     k:G          zset   the grant's access-token and code keys, by expiry (revocation finds them here)
     at:G:<hash>  string access token record        rt:G:<hash>  string refresh token record (the current one)
     c:G:<hash>   string "0"|"1" (used) + code JSON
-    ug:<user>    zset   grant ids by last use       cl:<id> string client JSON ("u:" + JSON while unused)
-    cn           zset   unused client ids by expiry (their count is bounded across replicas)
-    rl:<bucket>:<client>  hash  rate-limit token bucket of an unauthenticated endpoint (``limits.py``)
+    ug:<user>    zset   grant ids by last use       cl:<id> string client JSON
     d:<hash>     string device authorization JSON   du:<user code> string the device code hash
     dc:<client>  zset   a client's live device authorizations (their count is bounded)
     p:<key>      string short-lived state of the browser-facing endpoints
+    (a client's record is "u:" + JSON while no user has granted it access: see ``put_new_client``)
+    cn           zset   unused client ids by expiry (their count is bounded across replicas)
+    rl:<bucket>:<client>  hash  rate-limit token bucket of an unauthenticated endpoint (``limits.py``)
 """
 
 from __future__ import annotations
