@@ -51,7 +51,6 @@ $(MCP_JS_STAMP): $(MCP_JS)/package.json $(MCP_JS)/package-lock.json
 	cd $(MCP_JS) && npm ci --no-audit --no-fund --loglevel=error
 	touch $(MCP_JS_STAMP)
 
-# make run PORT=0 (free ports, printed) ARGS="--oauth-access-token-ttl 20s" (any sidecar flag over the demo's)
 run: $(STAMP)
 	$(PY) -m sidecar.dev $(if $(PORT),--port $(PORT)) $(ARGS)
 

@@ -13,6 +13,7 @@ or store outage is raised as is (503/504) and changes nothing.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -23,9 +24,12 @@ from ..errors import BadRequest, InvalidCookie, ProviderUnavailable, SessionGone
 from ..models import Session
 from ..proxy import normalise_path
 from . import tokens as tk
-from .scopes import SCOPES
-from .service import OAuthServer
+from .scopes import SCOPES as VOCABULARY
 
+if TYPE_CHECKING:
+    from .service import OAuthServer
+
+SCOPES = " ".join(VOCABULARY)
 _TOUCH_EVERY = 60.0
 _TOUCH_CACHE = 10_000
 
@@ -156,7 +160,7 @@ class ResourceGuardImpl:
             status=401,
             text="401 Unauthorized: this API needs an access token\n",
             headers={
-                "WWW-Authenticate": f'Bearer resource_metadata="{metadata}", scope="{" ".join(SCOPES)}"',
+                "WWW-Authenticate": f'Bearer resource_metadata="{metadata}", scope="{SCOPES}"',
                 "Cache-Control": "no-store",
             },
         )
