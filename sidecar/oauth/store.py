@@ -27,8 +27,8 @@ Redis layout (``<prefix>oa:``; ``G`` = ``{grant_id}``):
     d:<hash>     string device authorization JSON   du:<user code> string the device code hash
     dc:<client>  zset   a client's live device authorizations (their count is bounded)
     p:<key>      string short-lived state of the browser-facing endpoints
-    (a client's record is "u:" + JSON while no user has granted it access: see ``put_new_client``)
-    cn           zset   unused client ids by expiry (their count is bounded across replicas)
+    cn           zset   unused client ids by expiry (their count is bounded across replicas); an unused
+                        client's cl:<id> is "u:" + JSON until a user grants it access (``promote_client``)
     rl:<bucket>:<client>  hash  rate-limit token bucket of an unauthenticated endpoint (``limits.py``)
 """
 
