@@ -117,3 +117,24 @@ def test_signing_key_follows_the_cookie_secret_and_rotation_publishes_both() -> 
     assert id_token.signing_key(new.encode())[1] == id_token.signing_key(new.encode())[1]  # every replica: same key
     token = jwt.encode({"sub": "x"}, id_token.signing_key(new.encode())[0], algorithm="ES256")
     assert jwt.decode(token, jwt.PyJWK(id_token.jwks(after)["keys"][0]).key, algorithms=["ES256"]) == {"sub": "x"}
+
+
+async def test_the_device_grant_gets_an_id_token_without_nonce() -> None:
+    from tests.e2e.person import act
+
+    device = "urn:ietf:params:oauth:grant-type:device_code"
+    async with oauth_stack() as st:
+        reg = await register(st.base, grant_types=[device, "refresh_token"], redirect_uris=[], scope="openid email")
+        async with aiohttp.ClientSession() as http:
+            form = {"client_id": reg["client_id"]}
+            async with http.post(f"{st.base}/oauth2/device_authorization", data=form) as resp:
+                started = await resp.json()
+            assert "Device connected" in await act(started["verification_uri_complete"])  # the person allows
+            form = {"grant_type": device, "device_code": started["device_code"], "client_id": reg["client_id"]}
+            async with http.post(f"{st.base}/oauth2/token", data=form) as resp:
+                tokens = await resp.json()
+                assert resp.status == 200, tokens
+        jwks = await _get_json(st.base + "/oauth2/jwks")
+        claims = _verify(tokens["id_token"], jwks, st.base, reg["client_id"])
+        assert claims["email"] == "alice@example.com" and "nonce" not in claims and "preferred_username" not in claims
+        assert claims["at_hash"] == _at_hash(tokens["access_token"]) and tokens["scope"] == "openid email"
