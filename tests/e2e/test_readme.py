@@ -93,3 +93,13 @@ async def test_readme_curl_device_flow_runs_as_written(demo: str) -> None:
     assert '"scope": "openid profile email offline_access"' in registration
     assert '"X-Forwarded-Email": "alice@example.com"' in whoami and '"authorization_forwarded": true' in whoami
     assert '"access_token": "sca.' in refreshed and '"refresh_token": "scr.' in refreshed
+
+
+def test_make_run_refuses_a_bad_flag_naming_it() -> None:
+    for flags, named in [(["--no-such-flag"], "--no-such-flag"), (["--oauth-access-token-ttl", "soon"], "ttl")]:
+        done = subprocess.run(
+            [sys.executable, "-m", "sidecar.dev", "--port", "0", *flags],
+            cwd=ROOT, capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert done.returncode == 2 and named in done.stderr, (flags, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
