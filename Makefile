@@ -52,7 +52,7 @@ $(MCP_JS_STAMP): $(MCP_JS)/package.json $(MCP_JS)/package-lock.json
 	touch $(MCP_JS_STAMP)
 
 run: $(STAMP)
-	$(PY) -m sidecar.dev
+	$(PY) -m sidecar.dev $(if $(PORT),--port $(PORT)) $(ARGS)
 
 test: $(STAMP) system-deps node-deps
 	$(PY) -m pytest -q -p no:cacheprovider

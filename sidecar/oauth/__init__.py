@@ -40,13 +40,15 @@ def install(app: web.Application, config: Config) -> None:
 
     app.cleanup_ctx.append(oauth_ctx)
     app.cleanup_ctx.append(hooks_ctx)
-    app[registration.REGISTRATION_LIMITER] = RateLimiter()
-    app[device.DEVICE_LIMITER] = RateLimiter()
+    app.cleanup_ctx.append(_guard_ctx)
     app[device.ENTRY_LIMITER] = RateLimiter()
     app[cimd.DOCUMENTS] = cimd.MetadataDocuments(config)
     router, prefix = app.router, config.proxy_prefix
     router.add_get(metadata.AS_PATH, guarded(metadata.authorization_server, "oauth_metadata"))
     router.add_route("OPTIONS", metadata.AS_PATH, guarded(metadata.preflight, "oauth_metadata"))
+    router.add_get(metadata.OIDC_PATH, guarded(metadata.openid_configuration, "oauth_metadata"))
+    router.add_route("OPTIONS", metadata.OIDC_PATH, guarded(metadata.preflight, "oauth_metadata"))
+    router.add_get(prefix + "/jwks", guarded(metadata.jwks, "oauth_metadata"))
     resource_metadata = metadata.PRM_PATH + "{path:(/.*)?}"
     router.add_get(resource_metadata, guarded(metadata.protected_resource, "oauth_resource_metadata"))
     router.add_route("OPTIONS", resource_metadata, guarded(metadata.preflight, "oauth_resource_metadata"))
@@ -62,3 +64,15 @@ def install(app: web.Application, config: Config) -> None:
     router.add_post(prefix + "/grants/revoke", guarded(grants_page.revoke, "/oauth2/grants/revoke"))
     router.add_post(prefix + "/token", guarded(token_endpoint.handle, "/oauth2/token"))
     router.add_post(prefix + "/revoke", guarded(revocation.handle, "/oauth2/revoke"))
+
+
+async def _guard_ctx(app: web.Application) -> AsyncIterator[None]:
+    """After ``oauth_ctx``: bearer tokens on the resource paths (the guard needs the server, the server does not
+    know the guard), and the unauthenticated endpoints' rate limits beside the session store."""
+    from . import limits, resource
+    from .service import OAUTH
+
+    svc = app[SERVICES]
+    app[limits.LIMITER] = limits.limiter_for(svc.sessions.store)
+    svc.resource_guard = resource.ResourceGuardImpl(app[OAUTH])
+    yield

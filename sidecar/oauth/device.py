@@ -27,6 +27,7 @@ from ..ratelimit import RateLimiter, client_key, retry_after
 from . import pages
 from . import tokens as tk
 from .authorize import (
+    SCOPES,
     Pending,
     browser_session,
     consent_page,
@@ -39,6 +40,7 @@ from .authorize import (
     same_origin,
     sign_in_first,
 )
+from .limits import too_many
 from .model import GRANT_DEVICE_CODE, DeviceAuthorization
 from .service import OAUTH
 from .token_endpoint import OAuthError, authenticate_client, error_response, read_form
@@ -46,7 +48,7 @@ from .token_endpoint import OAuthError, authenticate_client, error_response, rea
 ALPHABET = "BCDFGHJKLMNPQRSTVWXZ"
 USER_CODE_CHARS = 8
 CODE_ENTRY_PER_MINUTE = 10.0  # per browser session and per client address
-DEVICE_LIMITER = web.AppKey("oauth_device_limiter", RateLimiter)  # code requests per client address
+MAX_PENDING = 20  # device codes of one client alive at once, across replicas (what an anonymous client can store)
 ENTRY_LIMITER = web.AppKey("oauth_code_entry_limiter", RateLimiter)  # code entries per session and address
 _JSON_HEADERS = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
@@ -79,12 +81,9 @@ async def device_authorization(request: web.Request, svc: Services) -> web.Respo
     """RFC 8628 3.1-3.2: a device code, a user code and where to enter it."""
     oauth = request.app[OAUTH]
     client_ip = view_of(request).client_ip
-    per_minute = float(svc.config.signin_rate_limit)
-    wait = request.app[DEVICE_LIMITER].take(client_ip, per_minute, 2 * per_minute, time.monotonic())
-    if wait:
-        response = _oauth_error("slow_down", "too many device authorization requests from this address", 429)
-        response.headers["Retry-After"] = retry_after(wait)
-        return response
+    limited = await too_many(request, "device", float(svc.config.signin_rate_limit), "device authorization requests")
+    if limited is not None:
+        return limited
     try:  # one reader for OAuth form bodies: urlencoded only, bounded, each parameter once
         form = await read_form(request)
     except OAuthError as exc:
@@ -95,14 +94,18 @@ async def device_authorization(request: web.Request, svc: Services) -> web.Respo
         return error_response(exc)
     if GRANT_DEVICE_CODE not in client.grant_types:
         return _oauth_error("unauthorized_client", "this client did not register the device code grant")
-    scope = parse_scope(form.get("scope"))
+    scope = parse_scope(form.get("scope"), client.scope)
     if scope is None:
-        return _oauth_error("invalid_scope", "scopes offered: openid profile email offline_access")
+        return _oauth_error("invalid_scope", f"scopes offered: {client.scope or ' '.join(SCOPES)}")
     found = pick_resource(request, oauth, [form["resource"]] if "resource" in form else [])
     if found is None:
         return _oauth_error("invalid_target", "resource must name one of this server's protected resources")
     device_code = secrets.token_urlsafe(32)
     ttl = float(svc.config.oauth_device_code_ttl)
+    if not await oauth.store.reserve_device(
+        client.client_id, tk.token_hash(device_code), time.time() + ttl, MAX_PENDING
+    ):
+        return _oauth_error("too_many_requests", "too many device codes of this client are waiting; try later", 429)
     for _ in range(5):
         user_code = new_user_code()
         device = DeviceAuthorization(

@@ -24,11 +24,12 @@ from ..errors import BadRequest, InvalidCookie, ProviderUnavailable, SessionGone
 from ..models import Session
 from ..proxy import normalise_path
 from . import tokens as tk
+from .scopes import SCOPES as VOCABULARY
 
 if TYPE_CHECKING:
     from .service import OAuthServer
 
-SCOPES = "openid profile email offline_access"
+SCOPES = " ".join(VOCABULARY)
 _TOUCH_EVERY = 60.0
 _TOUCH_CACHE = 10_000
 
