@@ -27,7 +27,9 @@ def install(app: web.Application, config: Config) -> None:
     async def hooks_ctx(app: web.Application) -> AsyncIterator[None]:
         """After ``oauth_ctx``: the grant's own upstream sign-in comes back through the browser callback."""
         app[SERVICES].sign_in_finishers["grant"] = authorize.finish_grant
+        app[SERVICES].connected_apps = grants_page.GrantsAsApps(app)
         yield
+        app[SERVICES].connected_apps = None
         app[SERVICES].sign_in_finishers.pop("grant", None)
 
     app.cleanup_ctx.append(oauth_ctx)
