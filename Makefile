@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench soak system-deps node-deps clean
+.PHONY: run test lint bench soak system-deps node-deps browser-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,10 +52,19 @@ $(MCP_JS_STAMP): $(MCP_JS)/package.json $(MCP_JS)/package-lock.json
 	cd $(MCP_JS) && npm ci --no-audit --no-fund --loglevel=error
 	touch $(MCP_JS_STAMP)
 
+# axe-core for the accessibility checks of tests/e2e/a11y.py, from its committed package-lock.json (npm ci).
+BROWSER_JS := tests/e2e/browser
+BROWSER_JS_STAMP := $(BROWSER_JS)/node_modules/.package-lock.json
+browser-deps: $(BROWSER_JS_STAMP)
+
+$(BROWSER_JS_STAMP): $(BROWSER_JS)/package.json $(BROWSER_JS)/package-lock.json | node-deps
+	cd $(BROWSER_JS) && npm ci --no-audit --no-fund --loglevel=error
+	touch $(BROWSER_JS_STAMP)
+
 run: $(STAMP)
 	$(PY) -m sidecar.dev
 
-test: $(STAMP) system-deps node-deps
+test: $(STAMP) system-deps node-deps browser-deps
 	$(PY) -m pytest -q -p no:cacheprovider
 
 lint: $(STAMP)
@@ -70,4 +79,4 @@ soak: $(STAMP) system-deps
 	SIDECAR_SOAK_SECONDS=180 $(PY) -m pytest -q -p no:cacheprovider tests/e2e/test_operations.py -k soak -o timeout=400
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache $(MCP_JS)/node_modules
+	rm -rf $(VENV) *.egg-info .pytest_cache $(MCP_JS)/node_modules $(BROWSER_JS)/node_modules build/screenshots
