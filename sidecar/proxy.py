@@ -175,7 +175,8 @@ async def handle(request: web.Request, svc: Services) -> web.StreamResponse:
             return _step_up(request, config, max_age)
         headers = upstream_identity_headers_for(session, config)
     if upstream is None:
-        return web.Response(status=404, text="404 Not Found: no upstream for this path\n")
+        text = "404 Not Found: no upstream for this path\n"
+        return pages.error(request, 404, "Not found", "Nothing is served at this address.", (pages.HOME,), text=text)
     websocket = _is_websocket(request)
     if websocket:
         _check_handshake(request)  # before any upstream connection is opened

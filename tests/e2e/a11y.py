@@ -3,7 +3,7 @@
 ``inspect(page, name)`` runs axe-core (npm, tests/e2e/browser, installed by ``make browser-deps``) in the
 page as it is, in light and in dark colours, and fails on any serious or critical violation; it also checks
 the skeleton every page shares (``lang``, viewport, one ``<main>``, a title) and that the text fits a 390 px
-screen without sideways scrolling; and it writes screenshots at 1280 and 390 px to build/screenshots/.
+screen without sideways scrolling; and it writes screenshots at 1280 and 390 px (and 390 px dark) to build/screenshots/.
 
 axe is evaluated through the DevTools protocol, which the pages' Content-Security-Policy (no script at all)
 does not govern: the policy stays on while the page is checked.
@@ -89,6 +89,9 @@ async def inspect(page: Page, name: str) -> None:
                 if text_px < 16:
                     problems.append(f"{width} px: body text {text_px} px")
             await page.screenshot(path=str(SHOTS / f"{_slug(name)}-{width}.png"), full_page=True)
+        await page.emulate_media(color_scheme="dark")
+        await page.screenshot(path=str(SHOTS / f"{_slug(name)}-{WIDTHS[-1]}-dark.png"), full_page=True)
+        await page.emulate_media(color_scheme="light")
     finally:
         await page.set_viewport_size(size)
     assert not problems, f"{name} ({page.url}):\n" + "\n".join(problems)

@@ -17,7 +17,7 @@ from urllib.parse import quote, urlencode, urlsplit
 import aiohttp
 import pytest
 import pytest_asyncio
-from playwright.async_api import Browser, Page
+from playwright.async_api import Browser, Page, Route
 
 from tests.e2e import a11y
 from tests.e2e import chromium as person
@@ -77,6 +77,31 @@ async def test_consent_allow_on_a_phone_in_dark_mode(chromium_browser: Browser, 
         assert box is not None and box["height"] >= 44 and box["width"] >= 44, box
         assert await page.evaluate("parseFloat(getComputedStyle(document.body).fontSize)") >= 16
         answer = await person.approve_authorization(page, url, REDIRECT)
+    status, _ = await redeem(oauth.base, reg["client_id"], answer["code"], verifier)
+    assert status == 200
+
+
+async def test_consent_behind_a_front_that_hides_the_referrer(chromium_browser: Browser, oauth: Stack) -> None:
+    """A front (or an operator's template) answering with ``Referrer-Policy: no-referrer``: Chromium then posts
+    our own form with ``Origin: null`` and ``Sec-Fetch-Site: same-origin``, which must be accepted."""
+    reg = await register(oauth.base)
+    verifier, challenge = pkce()
+    url = authorize_url(oauth.base, reg["client_id"], challenge, state="s5")
+
+    async def no_referrer(route: Route) -> None:
+        response = await route.fetch(max_redirects=0)
+        await route.fulfill(response=response, headers={**response.headers, "referrer-policy": "no-referrer"})
+
+    async with person.new_page(chromium_browser) as page:
+        await to_consent(page, url)
+        await page.route(f"{oauth.base}/oauth2/authorize?*", no_referrer)
+        await page.reload(wait_until="load")
+        async with page.expect_request(lambda r: r.method == "POST") as posted:
+            answer = await person.approve_authorization(page, page.url, REDIRECT)
+        sent = await (await posted.value).all_headers()
+    # Origin: null reached the sidecar and was accepted: only with Sec-Fetch-Site same-origin (Playwright's copy
+    # of the request headers may lack the Sec-Fetch-* ones the network stack adds)
+    assert sent.get("origin") == "null" and sent.get("sec-fetch-site", "same-origin") == "same-origin", sent
     status, _ = await redeem(oauth.base, reg["client_id"], answer["code"], verifier)
     assert status == 200
 
