@@ -13,7 +13,7 @@ from urllib.parse import quote, urlsplit
 from aiohttp import web
 from multidict import CIMultiDict
 
-from . import devices, logs, metrics, pages
+from . import devices, kit, logs, metrics, pages
 from .config import Config
 from .context import Services, services, view_of
 from .cookies import CLOCK_LEEWAY, MAX_COOKIE_CHARS, SignInAttempt, state_cookie_suffix, without_sidecar_cookies
@@ -278,7 +278,13 @@ async def sign_in(request: web.Request, svc: Services) -> web.Response:
     rd = _rd(request)
     href = f"{svc.config.proxy_prefix}/start?rd={quote(rd, safe='')}"
     text = svc.config.pages.render("sign_in", title="Sign in", sign_in_url=href, redirect=rd)
-    return web.Response(text=text, content_type="text/html")
+    return web.Response(text=text, content_type="text/html", headers=_built_in_headers(svc.config, "sign_in"))
+
+
+def _built_in_headers(config: Config, name: str) -> dict[str, str] | None:
+    """The kit's strict headers (CSP by the stylesheet's hash) on the kit's pages; an operator's own template
+    may carry its own styles, so it keeps the headers it had."""
+    return kit.HEADERS if config.pages.built_in(name) else None
 
 
 def _same_origin(request: web.Request) -> bool:
