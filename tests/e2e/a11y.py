@@ -18,6 +18,8 @@ from typing import Any
 
 from playwright.async_api import Page
 
+from tests.e2e.chromium import console_errors
+
 ROOT = Path(__file__).resolve().parents[2]
 AXE = ROOT / "tests" / "e2e" / "browser" / "node_modules" / "axe-core" / "axe.min.js"
 SHOTS = Path(os.environ.get("SIDECAR_SCREENSHOTS", ROOT / "build" / "screenshots"))
@@ -71,6 +73,7 @@ def _slug(name: str) -> str:
 async def inspect(page: Page, name: str) -> None:
     """axe (light and dark) + skeleton + 390 px fit + screenshots; raises AssertionError listing every problem."""
     problems = await skeleton_problems(page)
+    problems += [f"console: {text}" for text in console_errors(page) if "Content Security Policy" in text]
     size = page.viewport_size or {"width": 1280, "height": 900}
     SHOTS.mkdir(parents=True, exist_ok=True)
     try:

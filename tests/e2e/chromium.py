@@ -104,10 +104,22 @@ async def new_page(
         user_agent=user_agent,
     )
     context.set_default_timeout(STEP_TIMEOUT_MS)
+    page = await context.new_page()
+    _console[id(page)] = seen = []
+    page.on("console", lambda message: seen.append(message.text) if message.type == "error" else None)
     try:
-        yield await context.new_page()
+        yield page
     finally:
+        _console.pop(id(page), None)
         await context.close()
+
+
+_console: dict[int, list[str]] = {}
+
+
+def console_errors(page: Page) -> list[str]:
+    """The errors Chromium logged in this page so far (a Content-Security-Policy violation is one)."""
+    return list(_console.get(id(page), []))
 
 
 @asynccontextmanager
