@@ -46,6 +46,7 @@ code{background:var(--code);padding:0 .2em;border-radius:3px;overflow-wrap:anywh
 .actions{list-style:none;padding:0;display:flex;flex-wrap:wrap;gap:.75rem}
 form.inline{display:inline}
 .buttons{display:flex;flex-wrap:wrap;gap:.75rem;margin:1rem 0}
+.button{display:inline-block;text-decoration:none}
 button,.button{min-height:44px;min-width:44px;white-space:nowrap;padding:.55rem 1.2rem;font:inherit;font-weight:600;
 border-radius:6px;border:2px solid var(--btn);background:var(--btn);color:var(--btn-fg);cursor:pointer}
 button.secondary{background:transparent;color:var(--link);border-color:var(--link)}
