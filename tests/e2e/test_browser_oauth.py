@@ -259,6 +259,8 @@ async def test_forms_posted_from_another_origin_are_refused(chromium_browser: Br
             text = await person.text(page)
             assert status in (401, 403), (name, status, text)
             assert "Allow" not in text and "Device connected" not in text, (name, text)
+            if name == "consent":
+                await a11y.inspect(page, f"refused-{host}")
         assert not seen, "no code went to the client"
         await page.goto(f"{oauth.base}/oauth2/grants", wait_until="load")
         assert victim in await person.text(page), "the grant was not revoked"
