@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench soak system-deps node-deps clean
+.PHONY: run test lint bench soak system-deps node-deps browser-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,20 +12,21 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test,dev]'
 	touch $(STAMP)
 
-# redis-server, redis-sentinel, nginx and wrk from the distro; installed when missing and root, else a one-line hint.
+# redis-server, redis-sentinel, nginx, wrk and chromium (the browser tests drive /usr/bin/chromium through Playwright;
+# no browser is ever downloaded) from the distro; installed when missing and root, else a one-line hint.
 system-deps:
 	@missing=""; \
-	for b in redis-server redis-sentinel nginx wrk; do \
+	for b in redis-server redis-sentinel nginx wrk chromium; do \
 	  command -v $$b >/dev/null 2>&1 || [ -x /usr/sbin/$$b ] || [ -x /usr/bin/$$b ] || missing="$$missing $$b"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing:$$missing"; \
-	    (apt-get install -y -q redis-server redis-sentinel nginx wrk >/dev/null 2>&1 || \
-	     (apt-get update -q >/dev/null && apt-get install -y -q redis-server redis-sentinel nginx wrk >/dev/null)) || \
-	     { echo "could not install:$$missing; run: apt-get install redis-server redis-sentinel nginx wrk"; exit 1; }; \
+	    (apt-get install -y -q redis-server redis-sentinel nginx wrk chromium >/dev/null 2>&1 || \
+	     (apt-get update -q >/dev/null && apt-get install -y -q redis-server redis-sentinel nginx wrk chromium >/dev/null)) || \
+	     { echo "could not install:$$missing; run: apt-get install redis-server redis-sentinel nginx wrk chromium"; exit 1; }; \
 	  else \
-	    echo "missing:$$missing; install them with: sudo apt-get install redis-server redis-sentinel nginx wrk"; exit 1; \
+	    echo "missing:$$missing; install them with: sudo apt-get install redis-server redis-sentinel nginx wrk chromium"; exit 1; \
 	  fi; \
 	fi
 
@@ -51,10 +52,19 @@ $(MCP_JS_STAMP): $(MCP_JS)/package.json $(MCP_JS)/package-lock.json
 	cd $(MCP_JS) && npm ci --no-audit --no-fund --loglevel=error
 	touch $(MCP_JS_STAMP)
 
+# axe-core for the accessibility checks of tests/e2e/a11y.py, from its committed package-lock.json (npm ci).
+BROWSER_JS := tests/e2e/browser
+BROWSER_JS_STAMP := $(BROWSER_JS)/node_modules/.package-lock.json
+browser-deps: $(BROWSER_JS_STAMP)
+
+$(BROWSER_JS_STAMP): $(BROWSER_JS)/package.json $(BROWSER_JS)/package-lock.json | node-deps
+	cd $(BROWSER_JS) && npm ci --no-audit --no-fund --loglevel=error
+	touch $(BROWSER_JS_STAMP)
+
 run: $(STAMP)
 	$(PY) -m sidecar.dev $(if $(PORT),--port $(PORT)) $(ARGS)
 
-test: $(STAMP) system-deps node-deps
+test: $(STAMP) system-deps node-deps browser-deps
 	$(PY) -m pytest -q -p no:cacheprovider
 
 lint: $(STAMP)
@@ -69,4 +79,4 @@ soak: $(STAMP) system-deps
 	SIDECAR_SOAK_SECONDS=180 $(PY) -m pytest -q -p no:cacheprovider tests/e2e/test_operations.py -k soak -o timeout=400
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache $(MCP_JS)/node_modules
+	rm -rf $(VENV) *.egg-info .pytest_cache $(MCP_JS)/node_modules $(BROWSER_JS)/node_modules build/screenshots

@@ -21,7 +21,7 @@ import aiohttp
 from aiohttp import WSMsgType, web
 from yarl import URL
 
-from . import logs, metrics
+from . import logs, metrics, pages
 from .config import Config
 from .context import BY_SIDECAR_TOKEN, Services, View, view_of
 from .cookies import without_sidecar_cookies
@@ -175,7 +175,8 @@ async def handle(request: web.Request, svc: Services) -> web.StreamResponse:
             return _step_up(request, config, max_age)
         headers = upstream_identity_headers_for(session, config)
     if upstream is None:
-        return web.Response(status=404, text="404 Not Found: no upstream for this path\n")
+        text = "404 Not Found: no upstream for this path\n"
+        return pages.error(request, 404, "Not found", "Nothing is served at this address.", (pages.HOME,), text=text)
     websocket = _is_websocket(request)
     if websocket:
         _check_handshake(request)  # before any upstream connection is opened
@@ -267,10 +268,10 @@ async def _stream(request: web.Request, svc: Services, url: URL, headers: dict[s
         )
     except TimeoutError:
         _log_upstream_error(request, "timeout", url)
-        return web.Response(status=504, text="504 Gateway Timeout: the upstream did not answer in time\n")
+        return pages.upstream_failed(request, 504, "504 Gateway Timeout: the upstream did not answer in time\n")
     except aiohttp.ClientError as exc:
         _log_upstream_error(request, type(exc).__name__, url)
-        return web.Response(status=502, text="502 Bad Gateway: the upstream is unreachable\n")
+        return pages.upstream_failed(request, 502, "502 Bad Gateway: the upstream is unreachable\n")
     metrics.UPSTREAM.observe(time.monotonic() - started)
     try:
         length = upstream.content_length

@@ -613,8 +613,8 @@ async def test_error_pages_carry_the_escaped_banner_and_footer(
 ) -> None:
     banner, footer = f"ACME staff {hostile}", f"Help: {hostile}"
     page = await _branded_error_page(kind, hostile, banner=banner, footer=footer)
-    assert f"<div class='banner'>{html.escape(banner)}</div><h1>{title}</h1>" in page
-    assert page.endswith(f"<div class='footer'>{html.escape(footer)}</div></body></html>")
+    assert f"<header class='banner'>{html.escape(banner)}</header><main><h1>{title}</h1>" in page
+    assert page.endswith(f"<footer class='footer'>{html.escape(footer)}</footer></body></html>")
     assert "<ul class='actions'><li><a href='/oauth2/" in page  # the way on survives the template
     _no_markup_from(hostile, page)
     if kind == "refused":  # the provider's word is shown, escaped

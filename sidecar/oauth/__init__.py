@@ -34,7 +34,9 @@ def install(app: web.Application, config: Config) -> None:
 
         app[SERVICES].sign_in_finishers["grant"] = authorize.finish_grant
         app[SERVICES].sign_out_everywhere.append(end_grants)
+        app[SERVICES].connected_apps = grants_page.GrantsAsApps(app)
         yield
+        app[SERVICES].connected_apps = None
         app[SERVICES].sign_in_finishers.pop("grant", None)
         app[SERVICES].sign_out_everywhere.remove(end_grants)
 
