@@ -46,8 +46,13 @@ def safe_redirect(rd: str | None, scheme: str, request_host: str, rules: tuple[H
     """``rd`` when it is safe to redirect to, otherwise ``/``."""
     if not rd or len(rd) > MAX_RD_CHARS:
         return "/"
-    once = unquote(rd)
-    decoded = (rd, once, unquote(once))
+    if _invisible(rd):
+        return "/"
+    # Decoded forms matter where a browser decodes: scheme, authority and path. A query or fragment is data
+    # (``scope=openid%20email`` from clients that encode with encodeURIComponent) and moves nobody elsewhere.
+    head = re.split(r"[?#]", rd, maxsplit=1)[0]
+    once = unquote(head)
+    decoded = (head, once, unquote(once))
     if any(_invisible(form) for form in decoded):
         return "/"
     if rd.startswith("/"):

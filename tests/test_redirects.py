@@ -22,6 +22,8 @@ def _rd(rd: str, *whitelist: str, scheme: str = "http", host: str = HERE) -> str
     [
         "/", "/a/b?c=d#e", "/%2e%2e/x", "/a//b", "http://app.test:8080/x", "HTTP://app.test:8080/x".lower(),
         "http://APP.test:8080/x",
+        # encoded data in a query or fragment (mcp-remote's encodeURIComponent: scope=openid%20email)
+        "/oauth2/authorize?scope=openid%20email&state=a%0Ab%5C", "/x#a%20b", "http://app.test:8080/x?q=%09%2F%2F",
     ],
 )  # fmt: skip
 def test_local_paths_and_the_same_origin_are_kept(rd: str) -> None:
@@ -65,6 +67,11 @@ CLASSIC_TRICKS = [
     "/%09/evil.example",
     "/\n/evil.example",
     "/%0d%0a/evil.example",
+    "/%2F%2Fevil.example?a=%20",
+    "/%09/evil.example#x%20y",
+    "/x?a b",
+    "/x#a\tb",
+    "/x?a=\r\nLocation:%20//evil",
     " /evil",
     "/ /evil",
     "https:evil.example",

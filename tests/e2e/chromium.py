@@ -1,0 +1,187 @@
+"""Real Chromium for the browser steps: Debian's ``/usr/bin/chromium`` driven by Python Playwright.
+
+No browser is downloaded (never ``playwright install``): Playwright only drives the distro's binary through
+``executable_path``. Chromium itself sets ``Origin``, ``Referer``, ``Sec-Fetch-*`` and cookies, so a test
+that goes through these helpers proves what a person's browser does; none of those headers is set by hand.
+
+Use:
+
+- ``async with chromium() as browser:`` then ``async with new_page(browser) as page:`` (one isolated
+  cookie jar per ``new_page``), from any test or fixture running on the current event loop; or
+- the ``chromium_browser`` fixture (tests/e2e/conftest.py): one Chromium for the whole run, on the session
+  event loop. A module using it runs its tests on that loop: ``pytestmark =
+  pytest.mark.asyncio(loop_scope="session")`` and builds its stacks in fixtures with the same loop scope.
+
+Then the person's steps: ``walk(page, url, done=...)`` signs in at the dev provider when asked, confirms the
+device code, answers the consent page, until ``done`` holds; ``approve_authorization`` and ``approve_device``
+are the two common walks. ``watch(page, prefix)`` records the browser's navigations to a client's redirect
+URI (a real client's loopback listener, or nobody: the request is what counts).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from urllib.parse import parse_qsl, urlsplit
+
+from playwright.async_api import Browser, BrowserContext, Page, Request, async_playwright
+from playwright.async_api import Error as PlaywrightError
+
+CHROMIUM = os.environ.get("SIDECAR_TEST_CHROMIUM", "/usr/bin/chromium")
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
+DESKTOP = {"width": 1280, "height": 900}
+PHONE = {"width": 390, "height": 844}
+STEP_TIMEOUT_MS = 15_000
+MAX_STEPS = 12
+
+
+class ChromiumMissing(RuntimeError):
+    pass
+
+
+def chromium_path() -> str:
+    """The Chromium binary, or a loud failure saying what to install (never a skip)."""
+    path = CHROMIUM if os.path.isabs(CHROMIUM) else (shutil.which(CHROMIUM) or "")
+    if not path or not os.access(path, os.X_OK):
+        raise ChromiumMissing(
+            f"Chromium not found at {CHROMIUM!r}, the browser tests need it: install chromium: apt-get install chromium"
+        )
+    return path
+
+
+@asynccontextmanager
+async def chromium() -> AsyncIterator[Browser]:
+    """A headless Chromium with a fresh profile (its own temporary user-data dir, removed at the end)."""
+    path = chromium_path()
+    profile = tempfile.mkdtemp(prefix="sidecar-chromium-")
+    try:
+        async with async_playwright() as pw:
+            browser = await pw.chromium.launch(
+                executable_path=path,
+                headless=True,
+                args=list(FLAGS),
+                env={**os.environ, "HOME": profile, "XDG_CONFIG_HOME": profile, "XDG_CACHE_HOME": profile},
+            )
+            try:
+                yield browser
+            finally:
+                await browser.close()
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+@asynccontextmanager
+async def new_page(
+    browser: Browser, width: int = DESKTOP["width"], height: int = DESKTOP["height"], dark: bool = False
+) -> AsyncIterator[Page]:
+    """A page in a new browser context: cookies, storage and cache of its own, like a new person."""
+    context: BrowserContext = await browser.new_context(
+        viewport={"width": width, "height": height},
+        color_scheme="dark" if dark else "light",
+        locale="en-GB",
+    )
+    context.set_default_timeout(STEP_TIMEOUT_MS)
+    try:
+        yield await context.new_page()
+    finally:
+        await context.close()
+
+
+def watch(page: Page, prefix: str) -> list[str]:
+    """Record every navigation the browser starts towards ``prefix`` (a client's redirect URI), redirects
+    included; works whether or not a client listens there."""
+    seen: list[str] = []
+
+    def record(request: Request) -> None:
+        if request.is_navigation_request() and request.url.startswith(prefix):
+            seen.append(request.url)
+
+    page.on("request", record)
+    return seen
+
+
+async def text(page: Page) -> str:
+    return await page.locator("body").inner_text()
+
+
+async def click_and_wait(page: Page, selector: str) -> None:
+    """Click ``selector`` and wait until the navigation it starts (with all its redirects) has loaded."""
+    try:
+        async with page.expect_navigation(wait_until="load"):
+            await page.locator(selector).first.click()
+    except PlaywrightError as exc:
+        # a redirect to a loopback redirect URI nobody listens on ends in a network error; ``done`` decides
+        if "net::ERR_" not in str(exc):
+            raise
+
+
+async def step(page: Page, decision: str, user: str) -> None:
+    """The one thing a person does on the page in front of them; fails on a page it does not know."""
+    if await page.locator(f"button[name='user'][value='{user}']").count():  # the dev provider's sign-in
+        await click_and_wait(page, f"button[name='user'][value='{user}']")
+    elif await page.locator("button[name='decision']").count():  # consent
+        await click_and_wait(page, f"button[name='decision'][value='{decision}']")
+    elif await page.locator("input[name='user_code']").count():  # device code, pre-filled or typed
+        await click_and_wait(page, "form:has(input[name='user_code']) button[type='submit']")
+    else:
+        raise AssertionError(f"unexpected page at {page.url}: {(await text(page))[:500]}")
+
+
+async def walk(
+    page: Page,
+    url: str,
+    done: Callable[[str, str], bool],
+    decision: str = "approve",
+    user: str = "alice",
+) -> str:
+    """Open ``url`` and act like a person until ``done(url, body text)``; returns the final body text."""
+    await page.goto(url, wait_until="load")
+    for _ in range(MAX_STEPS):
+        body = await text(page)
+        if done(page.url, body):
+            return body
+        await step(page, decision, user)
+    raise AssertionError(f"not done after {MAX_STEPS} steps, at {page.url}: {(await text(page))[:500]}")
+
+
+async def approve_authorization(
+    page: Page, authorize_url: str, redirect_uri: str, decision: str = "approve", user: str = "alice"
+) -> dict[str, str]:
+    """Open an authorization URL, sign in if asked, answer the consent page, and return the query of the
+    redirect to the client (code/error, state, iss), read from the browser's own request (nobody needs to
+    listen on the redirect URI)."""
+    seen = watch(page, redirect_uri)
+    await walk(page, authorize_url, lambda _url, _body: bool(seen), decision, user)
+    return dict(parse_qsl(urlsplit(seen[-1]).query))
+
+
+DEVICE_FINISHED = ("Device connected", "Access denied")
+
+
+async def approve_device(
+    page: Page, verification_uri: str, decision: str = "approve", user: str = "alice", user_code: str = ""
+) -> str:
+    """Open the device page (``verification_uri_complete``, or ``verification_uri`` and type ``user_code``),
+    Continue, answer the consent page, sign in where asked; returns the final page's text."""
+    await page.goto(verification_uri, wait_until="load")
+    for _ in range(MAX_STEPS):
+        body = await text(page)
+        if any(word in body for word in DEVICE_FINISHED):
+            return body
+        field = page.locator("input[name='user_code']")
+        if user_code and await field.count() and not await field.input_value():
+            await field.fill(user_code)  # typed by the person, as read from the device
+        await step(page, decision, user)
+    raise AssertionError(f"device approval did not finish, at {page.url}: {(await text(page))[:500]}")
