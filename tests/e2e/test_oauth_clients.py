@@ -32,22 +32,23 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, parse_qsl, urlsplit
+from urllib.parse import parse_qs, urlsplit
 
-import aiohttp
 import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 
+from playwright.async_api import Browser
+
 from sidecar.store import RedisStore
-from tests.e2e.oauth_browser import approve_device, follow_to, forms, submit
-from tests.stack import Stack, browser, free_port, sign_in, stack
+from tests.e2e import chromium as person
+from tests.stack import Stack, free_port, stack
 
 HERE = Path(__file__).parent
 CLIENTS = HERE / "clients"
 MCP_SERVER = HERE / "mcp" / "server.py"
 ACCESS_TTL = 10  # seconds: --oauth-access-token-ttl (its minimum), so that a test outlives a token
-pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(120)]
 
 
 # --- the real parts, once for the module --------------------------------------------------------------------------
@@ -79,7 +80,7 @@ def mcp_server() -> Iterator[str]:
     proc.wait(timeout=10)
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def sidecar(redis_server: str, mcp_server: str) -> AsyncIterator[Stack]:
     store = RedisStore(aioredis.from_url(redis_server))
     settings = {
@@ -109,6 +110,13 @@ def npm_bin(name: str) -> str:
     return str(path)
 
 
+def npm_script(name: str, package: str) -> Path:
+    """A script of ours next to the npm package it drives; fails (never skips) when the package is missing."""
+    if not (CLIENTS / "node_modules" / package / "package.json").is_file():
+        pytest.fail(f"{package} is not installed: run `make client-deps` (npm ci in tests/e2e/clients; make test does)")
+    return CLIENTS / name
+
+
 def clean_env(home: Path, **extra: str) -> dict[str, str]:
     """The environment of a client run by a user with a fresh home and no desktop (no display, no session bus),
     so that nothing but the shims below can open a browser."""
@@ -122,41 +130,34 @@ def clean_env(home: Path, **extra: str) -> dict[str, str]:
 
 
 class Person:
-    """Alice at her browser: opens what a client hands her, signs in, allows."""
+    """Alice at her browser (real Chromium, a fresh cookie jar for each errand): opens what a client hands her,
+    signs in at the dev provider, continues and allows; revokes on the grants page."""
 
-    def __init__(self, base: str) -> None:
+    def __init__(self, chromium_browser: Browser, base: str) -> None:
+        self.browser = chromium_browser
         self.base = base
 
-    async def open_authorization(self, url: str) -> None:
-        """Open the authorization URL, click Allow, and let the browser land on the client's redirect URI."""
+    async def open_authorization(self, url: str) -> str:
+        """Open the authorization URL, sign in, Allow, and stay until the browser has loaded the client's
+        redirect URI (the client's own loopback listener answers it); that page's text."""
         redirect_uri = parse_qs(urlsplit(url).query)["redirect_uri"][0]
-        async with browser() as b:
-            await sign_in(b, self.base, rd="/oauth2/userinfo")
-            async with b.get(url, allow_redirects=False) as resp:
-                page = await resp.text()
-                assert resp.status == 200, f"consent page expected, got {resp.status}: {page[:300]}"
-            resp = await submit(b, url, page, {"decision": "approve"})
-            answer = await follow_to(b, resp, redirect_uri)
-            callback = redirect_uri + "?" + "&".join(f"{k}={v}" for k, v in answer.items())
-            async with aiohttp.ClientSession() as c, c.get(callback) as landed:
-                assert landed.status == 200, await landed.text()
+        async with person.new_page(self.browser) as page:
+            return await person.walk(page, url, lambda at, _body: at.startswith(redirect_uri))
 
     async def approve_device(self, verification_uri_complete: str) -> None:
-        async with browser() as b:
-            assert "Device connected" in await approve_device(b, verification_uri_complete)
+        async with person.new_page(self.browser) as page:
+            assert "Device connected" in await person.approve_device(page, verification_uri_complete)
 
     async def revoke_grant(self, client_name: str) -> None:
-        """On /oauth2/grants, revoke the one grant of the client with this name."""
-        async with browser() as b:
-            await sign_in(b, self.base, rd="/oauth2/userinfo")
-            async with b.get(self.base + "/oauth2/grants", headers={"Accept": "application/json"}) as resp:
-                page = await resp.json()
-            mine = [g for g in page["grants"] if g["client_name"] == client_name]
-            assert len(mine) == 1, page["grants"]
-            data = {"csrf": page["csrf"], "grant_id": mine[0]["grant_id"]}
-            headers = {"Origin": self.base, "Accept": "application/json"}
-            async with b.post(self.base + "/oauth2/grants/revoke", data=data, headers=headers) as resp:
-                assert resp.status == 200, await resp.text()
+        """On /oauth2/grants, click Revoke on the one grant of the client with this name."""
+        grants = self.base + "/oauth2/grants"
+        async with person.new_page(self.browser) as page:
+            await person.walk(page, grants, lambda at, body: at == grants and "Application" in body)
+            row = page.locator("tr", has_text=client_name)
+            assert await row.count() == 1, await person.text(page)
+            await person.click_and_wait(page, f"tr:has-text({json.dumps(client_name)}) button:has-text('Revoke')")
+            await page.goto(grants, wait_until="load")
+            assert await page.locator("tr", has_text=client_name).count() == 0, await person.text(page)
 
 
 # --- mcp-remote ---------------------------------------------------------------------------------------------------
@@ -295,12 +296,12 @@ def cached_tokens(config_dir: Path) -> dict[str, Any]:
 
 
 async def test_mcp_remote_bridge_signs_in_calls_refreshes_restarts_and_is_sent_back_after_revocation(
-    sidecar: Stack, tmp_path: Path
+    chromium_browser: Browser, sidecar: Stack, tmp_path: Path
 ) -> None:
     shim = BrowserShim(tmp_path)
     config_dir = tmp_path / "mcp-auth"
     env = clean_env(tmp_path, MCP_REMOTE_CONFIG_DIR=str(config_dir), **shim.env)
-    person = Person(sidecar.base)
+    alice = Person(chromium_browser, sidecar.base)
     server_url = sidecar.base + "/mcp"
     port = free_port()
 
@@ -312,7 +313,8 @@ async def test_mcp_remote_bridge_signs_in_calls_refreshes_restarts_and_is_sent_b
         assert url.startswith(sidecar.base + "/oauth2/authorize?"), url
         assert asked["code_challenge_method"] == ["S256"] and asked["resource"] == [server_url], asked
         assert asked["redirect_uri"][0].startswith(("http://localhost:", "http://127.0.0.1:")), asked
-        await person.open_authorization(url)
+        landed = await alice.open_authorization(url)
+        assert "Authorization successful" in landed, landed  # mcp-remote's own callback page
         init = await bridge.initialize()
         assert init["result"]["serverInfo"]["name"] == "sidecar-e2e", init
         tools = await bridge.request("tools/list")
@@ -338,10 +340,98 @@ async def test_mcp_remote_bridge_signs_in_calls_refreshes_restarts_and_is_sent_b
         # 4. Alice revokes the grant on /oauth2/grants: the bridge's token is refused, its refresh too, and all
         #    it can do is send her to the browser again.
         client_name = json.loads(next(config_dir.glob("mcp-remote-v*/*_client_info.json")).read_text())["client_name"]
-        await person.revoke_grant(client_name)
+        await alice.revoke_grant(client_name)
         call = asyncio.ensure_future(bridge.request("tools/call", {"name": "whoami", "arguments": {}}, timeout=90))
         again = await shim.next_url(1)
         assert again.startswith(sidecar.base + "/oauth2/authorize?"), again
         call.cancel()
         with contextlib.suppress(asyncio.CancelledError, AssertionError):
             await call
+
+
+# --- openid-client ------------------------------------------------------------------------------------------------
+
+
+class LineClient:
+    """A client process that reports each step as one JSON line on stdout."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, name: str) -> None:
+        self.proc = proc
+        self.name = name
+
+    async def next(self, timeout: float = 60) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        try:
+            line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        except TimeoutError:
+            raise AssertionError(f"{self.name} said nothing within {timeout} s") from None
+        if not line:
+            stderr = await self.proc.stderr.read() if self.proc.stderr else b""
+            raise AssertionError(f"{self.name} exited: {stderr.decode(errors='replace')[-2000:]}")
+        event = dict(json.loads(line))
+        assert event["event"] != "error", event
+        return event
+
+    async def expect(self, kind: str) -> dict[str, Any]:
+        event = await self.next()
+        assert event["event"] == kind, event
+        return event
+
+
+def mcp_whoami(call: dict[str, Any]) -> dict[str, Any]:
+    """The whoami result of an MCP tools/call answered over Streamable HTTP (JSON or one SSE event)."""
+    assert call["status"] == 200, call
+    return whoami_of(call["body"])
+
+
+async def test_openid_client_discovers_by_openid_configuration_registers_and_runs_the_device_flow(
+    chromium_browser: Browser, sidecar: Stack
+) -> None:
+    alice = Person(chromium_browser, sidecar.base)
+    resource = sidecar.base + "/mcp"
+    proc = await asyncio.create_subprocess_exec(
+        node(),
+        str(npm_script("openid_device.mjs", "openid-client")),
+        sidecar.base,
+        resource,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    lib = LineClient(proc, "openid-client")
+    try:
+        # discovery through /.well-known/openid-configuration (the library checks the issuer), registration
+        registered = await lib.expect("registered")
+        assert registered["issuer"] == sidecar.base and not registered["has_secret"], registered
+        assert registered["device_endpoint"] == sidecar.base + "/oauth2/device_authorization", registered
+        assert set(str(registered["registered_scope"]).split()) >= {"openid", "offline_access"}, registered
+
+        # the device flow: alice opens verification_uri_complete in Chromium while the library polls
+        device = await lib.expect("device")
+        assert device["verification_uri"] == sidecar.base + "/oauth2/device", device
+        await alice.approve_device(device["verification_uri_complete"])
+        tokens = await lib.expect("tokens")
+        assert tokens["access_token"].startswith("sca.") and tokens["refresh_token"].startswith("scr."), tokens
+        assert 0 < tokens["expires_in"] <= ACCESS_TTL and tokens["token_type"].lower() == "bearer", tokens
+
+        # the call (openid-client's fetchProtectedResource puts the bearer on), refresh (rotation), the call again
+        assert_alice(mcp_whoami(await lib.expect("call")))
+        refreshed = await lib.expect("refreshed")
+        assert refreshed["access_token"] != tokens["access_token"], refreshed
+        assert refreshed["refresh_token"] != tokens["refresh_token"], refreshed
+        assert_alice(mcp_whoami(await lib.expect("call")))
+
+        # RFC 7009 revocation of the refresh token ends the grant: the access token is refused with a challenge
+        # naming the resource metadata, and the refresh token is dead
+        await lib.expect("revoked")
+        refused = (await lib.expect("call_after_revocation"))["failure"]
+        assert refused and refused["status"] == 401 and refused["name"] == "WWWAuthenticateChallengeError", refused
+        challenge = refused["challenges"][0]
+        assert challenge["scheme"] == "bearer" and challenge["parameters"]["error"] == "invalid_token", refused
+        dead = (await lib.expect("refresh_after_revocation"))["failure"]
+        assert dead and dead["error"] == "invalid_grant", dead
+        await lib.expect("done")
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
