@@ -54,7 +54,7 @@ pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(120
 # --- the real parts, once for the module --------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
+@contextlib.contextmanager
 def mcp_server() -> Iterator[str]:
     """The MCP server (Python SDK's ``MCPServer``) in its own process, the upstream behind ``/mcp``."""
     port = free_port()
@@ -63,36 +63,44 @@ def mcp_server() -> Iterator[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
-    deadline = time.monotonic() + 20
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError("MCP server exited:\n" + (proc.stdout.read().decode() if proc.stdout else ""))
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError("MCP server did not start within 20 s") from None
-            time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}/"
-    proc.terminate()
-    proc.wait(timeout=10)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError("MCP server exited:\n" + (proc.stdout.read().decode() if proc.stdout else ""))
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("MCP server did not start within 20 s") from None
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def sidecar(redis_server: str, mcp_server: str) -> AsyncIterator[Stack]:
+async def sidecar(redis_server: str) -> AsyncIterator[Stack]:
+    """The dev provider, the sidecar (Redis store) and the MCP server. The MCP server stops first: the SSE
+    streams the clients opened through the sidecar then end at once (a stream whose client went away is only
+    noticed by the proxy at the upstream's next write, up to 15 s for this server's pings)."""
     store = RedisStore(aioredis.from_url(redis_server))
     settings = {
-        "upstream": mcp_server,
         "oauth_server": "true",
         "oauth_resource": "/mcp",
         "oauth_access_token_ttl": f"{ACCESS_TTL}s",
         "oauth_device_poll_interval": "1s",
     }
-    async with stack(store, **settings) as st:
-        yield st
-    await store.close()
+    try:
+        with contextlib.ExitStack() as upstream:
+            url = upstream.enter_context(mcp_server())
+            async with stack(store, upstream=url, **settings) as st:
+                yield st
+                upstream.close()
+    finally:
+        await store.close()
 
 
 def node() -> str:
@@ -435,3 +443,139 @@ async def test_openid_client_discovers_by_openid_configuration_registers_and_run
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+# --- oidc-agent ---------------------------------------------------------------------------------------------------
+
+
+def oidc_agent_binaries() -> dict[str, str]:
+    found = {name: shutil.which(name) for name in ("oidc-agent", "oidc-gen", "oidc-token", "curl")}
+    missing = [name for name, path in found.items() if path is None]
+    if missing:
+        pytest.fail(f"missing {', '.join(missing)}: install them (Debian: apt-get install oidc-agent-cli curl)")
+    return {name: str(path) for name, path in found.items()}
+
+
+async def run(*command: str, env: dict[str, str], timeout: float = 30) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )  # fmt: skip
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise AssertionError(f"{command[0]} did not finish within {timeout} s") from None
+    return int(proc.returncode or 0), out.decode(errors="replace"), err.decode(errors="replace")
+
+
+async def curl_mcp(curl: str, url: str, token: str, message: dict[str, Any], session: str = "") -> dict[str, Any]:
+    """One MCP message with ``curl -H 'Authorization: Bearer …'``: status, headers, the JSON-RPC answer."""
+    command = [curl, "-sS", "-D", "-", "-X", "POST", url, "-H", f"Authorization: Bearer {token}"]
+    command += ["-H", "Content-Type: application/json", "-H", "Accept: application/json, text/event-stream"]
+    if session:
+        command += ["-H", f"Mcp-Session-Id: {session}"]
+    code, out, err = await run(*command, "--data-binary", json.dumps(message), env=dict(os.environ))
+    assert code == 0, err
+    head, _, body = out.replace("\r\n", "\n").partition("\n\n")
+    status = int(head.split()[1])
+    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in head.split("\n")[1:])}
+    events = [json.loads(ln[5:]) for ln in body.split("\n") if ln.startswith("data:")]
+    answer = events[-1] if events else (json.loads(body) if body.strip().startswith("{") else body)
+    return {"status": status, "headers": headers, "body": answer}
+
+
+async def curl_whoami(curl: str, url: str, token: str) -> dict[str, Any]:
+    """initialize, initialized, tools/call whoami: the MCP session a shell script would hold with curl."""
+    hello = {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "curl", "version": "8"}}
+    init = await curl_mcp(curl, url, token, {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": hello})
+    if init["status"] != 200:
+        return init
+    session = init["headers"].get("mcp-session-id", "")
+    await curl_mcp(curl, url, token, {"jsonrpc": "2.0", "method": "notifications/initialized"}, session)
+    call = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "whoami", "arguments": {}}}
+    return await curl_mcp(curl, url, token, call, session)
+
+
+@contextlib.asynccontextmanager
+async def oidc_agent(agent: str, home: Path) -> AsyncIterator[dict[str, str]]:
+    """A private oidc-agent on the console (not daemonised: this test owns its process) with its socket in a temp
+    dir; yields the environment its clients need (``OIDC_SOCK``, a fresh ``HOME`` for the account files)."""
+    sock = home / "agent.sock"
+    env = clean_env(home)
+    proc = await asyncio.create_subprocess_exec(
+        agent, "--console", "--socket-path", str(sock), "--quiet",
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            if proc.returncode is not None or time.monotonic() > deadline:
+                err = await proc.stderr.read() if proc.stderr else b""
+                raise AssertionError(f"oidc-agent did not open its socket: {err.decode(errors='replace')}")
+            await asyncio.sleep(0.05)
+        yield {**env, "OIDC_SOCK": str(sock), "OIDC_ENCRYPTION_PW": "e2e-account-password"}
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            await proc.wait()
+
+
+async def test_oidc_agent_registers_runs_the_device_flow_and_hands_out_refreshed_tokens_curl_uses(
+    chromium_browser: Browser, sidecar: Stack, tmp_path: Path
+) -> None:
+    bins = oidc_agent_binaries()
+    alice = Person(chromium_browser, sidecar.base)
+    resource = sidecar.base + "/mcp"
+    async with oidc_agent(bins["oidc-agent"], tmp_path) as env:
+        # oidc-gen as its man page has it for a headless machine: dynamic registration at the issuer it discovers
+        # (/.well-known/openid-configuration), the device flow, the account password from the environment
+        gen = await asyncio.create_subprocess_exec(
+            bins["oidc-gen"], "sidecar", f"--iss={sidecar.base}", "--flow=device", "--scope=openid offline_access",
+            "--pw-env", "--no-url-call", "--prompt=none", "--confirm-default",
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            env=env,
+        )  # fmt: skip
+        shown = ""
+        try:
+            assert gen.stdout is not None
+            while "enter the code:" not in shown or not shown.rstrip(" ").endswith("\n"):
+                line = await asyncio.wait_for(gen.stdout.readline(), 30)
+                if not line:
+                    raise AssertionError(f"oidc-gen stopped before showing a code:\n{shown}")
+                shown += line.decode(errors="replace")
+            # what the person reads off the terminal: the URL to visit and the code to type there
+            words = shown.split()
+            verification_uri = next(w for w in words if w.startswith(sidecar.base))
+            user_code = words[words.index("code:") + 1]
+            assert verification_uri == sidecar.base + "/oauth2/device", shown
+            async with person.new_page(alice.browser) as page:
+                done = await person.approve_device(page, verification_uri, user_code=user_code)
+            assert "Device connected" in done, done
+            rest, _ = await asyncio.wait_for(gen.communicate(), 30)
+            shown += rest.decode(errors="replace")
+            assert gen.returncode == 0, shown
+        finally:
+            if gen.returncode is None:
+                gen.kill()
+                await gen.wait()
+
+        # oidc-token hands out the access token; curl calls the MCP server with it
+        code, first, err = await run(bins["oidc-token"], "sidecar", env=env)
+        assert code == 0 and first.strip().startswith("sca."), (first, err)
+        assert_alice(mcp_whoami(await curl_whoami(bins["curl"], resource, first.strip())))
+
+        # a new access token, from the refresh token the agent holds (-f: force a new one); curl again
+        code, second, err = await run(bins["oidc-token"], "--force-new", "sidecar", env=env)
+        assert code == 0 and second.strip().startswith("sca.") and second != first, (first, second, err)
+        assert_alice(mcp_whoami(await curl_whoami(bins["curl"], resource, second.strip())))
+
+        # deleting the account revokes its refresh token (RFC 7009): the grant ends, the last token is refused
+        code, out, err = await run(
+            bins["oidc-gen"], "--delete", "sidecar", "--pw-env", "--prompt=none", "--confirm-yes", env=env
+        )
+        assert code == 0 and "deleted" in out.lower(), (out, err)
+        refused = await curl_mcp(bins["curl"], resource, second.strip(), {"jsonrpc": "2.0", "id": 1, "method": "ping"})
+        assert refused["status"] == 401, refused
+        assert 'error="invalid_token"' in refused["headers"].get("www-authenticate", ""), refused
