@@ -37,7 +37,6 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
-
 from playwright.async_api import Browser
 
 from sidecar.store import RedisStore
