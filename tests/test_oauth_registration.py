@@ -180,3 +180,141 @@ async def test_registration_flood_is_rate_limited_per_address() -> None:
                         assert (await resp.json())["error"]
         assert statuses[:6] == [201] * 6  # burst: twice the per-minute rate
         assert statuses[6:] == [429, 429]
+
+
+# --- private-use schemes, empty redirect lists, scope echo, invisible characters (issue 19) ------------------
+
+GOOD_PRIVATE_USE = [
+    "com.example.app:/callback",
+    "com.example.app:/",
+    "io.github.some-user.tool:/oauth2redirect/provider",
+    "com.example.app2:/cb?tenant=1",
+]
+BAD_PRIVATE_USE = [
+    "myapp:/cb",  # not a reverse domain name: any app may take a one-word scheme
+    "com.example.app://host/cb",  # an authority: written scheme:/path
+    "com.example.app:cb",
+    "com.example.app:",
+    "Com.Example.App:/cb",
+    "com..example:/cb",
+    "com.-example:/cb",
+    "com.example-:/cb",
+    "1com.example:/cb",
+    "com.example.app:/cb#x",
+    "com.example.app:/c b",
+    "com.example.app:/cb\u202e",
+    "com.exa_mple:/cb",
+    "javascript:alert(1)",
+    "data:text/html,x",
+    "http://example.com/cb",
+    "vbscript:msgbox",
+]
+
+
+@pytest.mark.parametrize("uri", GOOD_PRIVATE_USE)
+def test_private_use_redirect_accepted_for_public_clients_only(uri: str) -> None:
+    assert redirect_uri_problem(uri, public=True) is None
+    assert redirect_uri_problem(uri, public=False) is not None
+
+
+@pytest.mark.parametrize("uri", BAD_PRIVATE_USE + BAD_REDIRECTS)
+def test_bad_redirect_refused_even_for_public_clients(uri: str) -> None:
+    if uri in GOOD_PRIVATE_USE or uri == "com.example.app:/callback":
+        return  # in BAD_REDIRECTS for the confidential case only
+    assert redirect_uri_problem(uri, public=True) is not None
+
+
+INVISIBLE = [
+    "Backup tool \u202eelgoog.www",
+    "a\u202ab",
+    "a\u202db",
+    "a\u2066b\u2069",
+    "a\u2067b",
+    "a\u2068b",
+    "go\u200bogle",
+    "go\u200cogle",
+    "go\u200dogle",
+    "a\u200eb",
+    "a\u200fb",
+    "\ufeffName",
+    "a\u2060b",
+    "a\u00adb",
+    "tab\there",
+    "new\nline",
+    "nul\x00",
+    "del\x7f",
+    "c1\x85",
+    "c1\x9b",
+    "a\u2028b",
+    "a\u2029b",
+    "private\ue000",
+    "tag\U000e0041",
+    "blank\u3164",
+    "blank\u115f",
+    "sel\ufe0f",
+    "unassigned\U0010fffe",
+]
+
+
+async def test_registration_rules_over_http() -> None:
+    device = "urn:ietf:params:oauth:grant-type:device_code"
+    async with oauth_stack(oauth_registration_rate_limit="0") as st:
+        body = {"redirect_uris": [*GOOD_PRIVATE_USE, "http://127.0.0.1:9/cb"], "token_endpoint_auth_method": "none"}
+        status, reply = await _post(st.base, {**body, "scope": "offline_access openid"})
+        assert status == 201, reply
+        assert reply["redirect_uris"] == body["redirect_uris"] and reply["scope"] == "openid offline_access"
+        status, reply = await _post(st.base, {"redirect_uris": GOOD_PRIVATE_USE[:1]})  # confidential by default
+        assert (status, reply["error"]) == (400, "invalid_redirect_uri") and "public" in reply["error_description"]
+        for uri in BAD_PRIVATE_USE:
+            status, reply = await _post(st.base, {**body, "redirect_uris": [uri]})
+            assert (status, reply["error"]) == (400, "invalid_redirect_uri"), uri
+        status, reply = await _post(st.base, {"redirect_uris": ["https://a.example/cb"]})
+        assert status == 201 and reply["scope"] == "openid profile email offline_access"  # none named: all
+        device_only = {"grant_types": [device], "token_endpoint_auth_method": "none", "redirect_uris": []}
+        status, reply = await _post(st.base, {**device_only, "scope": "offline_access"})
+        assert status == 201 and reply["redirect_uris"] == [], reply
+        status, again = await _post(st.base, {k: v for k, v in reply.items() if not k.startswith("client_id")})
+        assert status == 201, again  # a client re-sending its own metadata is accepted
+        form = {"client_id": reply["client_id"], "scope": "openid"}  # beyond the registered scope
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{st.base}/oauth2/device_authorization", data=form) as resp:
+                assert (resp.status, (await resp.json())["error"]) == (400, "invalid_scope")
+        status, reply = await _post(st.base, {**device_only, "grant_types": [device, "authorization_code"]})
+        assert (status, reply["error"]) == (400, "invalid_redirect_uri")
+        for name in INVISIBLE:
+            status, reply = await _post(st.base, {**body, "client_name": name})
+            assert (status, reply["error"]) == (400, "invalid_client_metadata"), repr(name)
+        for name in [
+            "Ünïcödé CLI",
+            "工具 CLI",
+            "Outil d\u2019équipe \U0001f680",
+            "\u0627\u0644\u0639\u0631\u0628\u064a\u0629",
+        ]:
+            status, reply = await _post(st.base, {**body, "client_name": name})
+            assert status == 201 and reply["client_name"] == name, name
+
+
+async def test_consent_page_shows_a_private_use_redirect_as_an_app_on_this_device() -> None:
+    from tests.stack import browser, sign_in
+    from tests.test_oauth_authorize import authorize_params, form_fields, pkce
+
+    async with oauth_stack() as st, browser() as client:
+        uri = "com.example.app:/oauth2redirect"
+        status, reg = await _post(st.base, {"redirect_uris": [uri], "token_endpoint_auth_method": "none"})
+        assert status == 201
+        await sign_in(client, st.base)
+        _, challenge = pkce()
+        params = authorize_params(reg["client_id"], challenge, redirect_uri=uri)
+        async with client.get(f"{st.base}/oauth2/authorize", params=params) as resp:
+            page = await resp.text()
+        assert "an app on this device" in page and "<code>com.example.app:</code>" in page
+        fields = {**form_fields(page), "decision": "approve"}
+        async with client.post(f"{st.base}/oauth2/consent", data=fields, allow_redirects=False) as resp:
+            location = resp.headers["Location"]
+        for _ in range(6):  # the grant's own sign-in, then back to the app's scheme
+            if location.startswith(uri):
+                break
+            target = location if location.startswith("http") else st.base + location
+            async with client.get(target, allow_redirects=False) as resp:
+                location = resp.headers["Location"]
+        assert location.startswith(uri + "?code=scc."), location

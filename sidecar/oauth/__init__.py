@@ -21,14 +21,17 @@ from ..ratelimit import RateLimiter
 
 def install(app: web.Application, config: Config) -> None:
     """Add the authorization server's routes and hooks to ``app`` (called before the proxy catch-all)."""
-    from . import authorize, cimd, device, grants_page, metadata, registration, revocation, token_endpoint
-    from .service import oauth_ctx
+    from . import authorize, cimd, device, grants_page, metadata, registration, resource, revocation, token_endpoint
+    from .service import OAUTH, oauth_ctx
 
     async def hooks_ctx(app: web.Application) -> AsyncIterator[None]:
-        """After ``oauth_ctx``: the grant's own upstream sign-in comes back through the browser callback."""
-        app[SERVICES].sign_in_finishers["grant"] = authorize.finish_grant
+        """After ``oauth_ctx``: bearer tokens on the resource paths, and the grant's own upstream sign-in
+        coming back through the browser callback."""
+        svc = app[SERVICES]
+        svc.resource_guard = resource.ResourceGuardImpl(app[OAUTH])
+        svc.sign_in_finishers["grant"] = authorize.finish_grant
         yield
-        app[SERVICES].sign_in_finishers.pop("grant", None)
+        svc.sign_in_finishers.pop("grant", None)
 
     app.cleanup_ctx.append(oauth_ctx)
     app.cleanup_ctx.append(hooks_ctx)
@@ -39,6 +42,9 @@ def install(app: web.Application, config: Config) -> None:
     router, prefix = app.router, config.proxy_prefix
     router.add_get(metadata.AS_PATH, guarded(metadata.authorization_server, "oauth_metadata"))
     router.add_route("OPTIONS", metadata.AS_PATH, guarded(metadata.preflight, "oauth_metadata"))
+    router.add_get(metadata.OIDC_PATH, guarded(metadata.openid_configuration, "oauth_metadata"))
+    router.add_route("OPTIONS", metadata.OIDC_PATH, guarded(metadata.preflight, "oauth_metadata"))
+    router.add_get(prefix + "/jwks", guarded(metadata.jwks, "oauth_metadata"))
     resource_metadata = metadata.PRM_PATH + "{path:(/.*)?}"
     router.add_get(resource_metadata, guarded(metadata.protected_resource, "oauth_resource_metadata"))
     router.add_route("OPTIONS", resource_metadata, guarded(metadata.preflight, "oauth_resource_metadata"))

@@ -42,16 +42,19 @@ from ..errors import InvalidCookie, SessionGone
 from ..guard import read_cookie
 from ..models import Identity, Session, TokenSet
 from ..policy import why_denied
-from . import pages
+from . import cimd, pages
 from .model import GRANT_AUTHORIZATION_CODE, Client, DeviceAuthorization
+from .scopes import SCOPES, parse_scope
 from .service import OAUTH, OAuthServer
+
+__all__ = ["SCOPES", "parse_scope"]  # where device.py and older callers find them
 
 log = logging.getLogger("sidecar.oauth")
 
-SCOPES = ("openid", "profile", "email", "offline_access")
 PENDING_TTL = 600.0  # a consent must be given within ten minutes
 MAX_QUERY_CHARS = 4096
 MAX_STATE_CHARS = 1024
+MAX_NONCE_CHARS = 512
 _S256_CHALLENGE = re.compile(r"[A-Za-z0-9_-]{43}")
 _SINGLE = (
     "response_type",
@@ -64,22 +67,11 @@ _SINGLE = (
     "resource",
     "prompt",
     "response_mode",
+    "nonce",
 )
 
 
 # --- shared by the browser-facing endpoints -------------------------------------------------------------------
-
-
-def parse_scope(text: str | None) -> str | None:
-    """The granted scope in canonical order; empty means all of the vocabulary; None for an unknown scope."""
-    if text is None or not text.strip():
-        return " ".join(SCOPES)
-    if len(text) > 500:
-        return None
-    asked = set(text.split(" ")) - {""}
-    if not asked <= set(SCOPES):
-        return None
-    return " ".join(s for s in SCOPES if s in asked)
 
 
 def pick_resource(request: web.Request, oauth: OAuthServer, values: list[str]) -> tuple[str, str] | None:
@@ -141,9 +133,7 @@ async def find_client(app: web.Application, client_id: str) -> Client | None:
 
 
 async def resolve_client(app: web.Application, client_id: str) -> tuple[Client | None, str]:
-    """(client, why there is none); ``cimd`` imports ``registration``, which imports this module: hence here."""
-    from . import cimd
-
+    """(client, why there is none)."""
     return await cimd.resolve_client(app, client_id)
 
 
@@ -185,6 +175,7 @@ class Pending:
     code_challenge: str = ""
     device_code_hash: str = ""
     approved: bool = False
+    nonce: str = ""
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
@@ -293,9 +284,9 @@ async def authorize(request: web.Request, svc: Services) -> web.Response:
     found = pick_resource(request, oauth, query.getall("resource", []))
     if found is None:
         return error("invalid_target", "resource must name one of this server's protected resources")
-    scope = parse_scope(query.get("scope"))
+    scope = parse_scope(query.get("scope"), client.scope)
     if scope is None:
-        return error("invalid_scope", f"scopes offered: {' '.join(SCOPES)}")
+        return error("invalid_scope", f"scopes offered: {client.scope or ' '.join(SCOPES)}")
     authed = await browser_session(request, svc)
     if query.get("prompt") == "none":
         return error("login_required" if authed is None else "consent_required", "this server always asks the user")
@@ -316,6 +307,7 @@ async def authorize(request: web.Request, svc: Services) -> web.Response:
         redirect_uri=redirect_uri,
         state=state,
         code_challenge=query["code_challenge"],
+        nonce=query.get("nonce", ""),
     )
     return await consent_page(request, svc, authed, client, pending)
 
@@ -343,6 +335,9 @@ def _request_problem(query: Any, client: Client) -> tuple[str, str] | None:
         return "invalid_request", "code_challenge_method must be S256"
     if not _S256_CHALLENGE.fullmatch(challenge):
         return "invalid_request", "code_challenge must be a base64url SHA-256 (43 characters)"
+    nonce = query.get("nonce", "")
+    if len(nonce) > MAX_NONCE_CHARS or not nonce.isascii() or not nonce.isprintable():
+        return "invalid_request", "nonce must be printable ASCII of at most 512 characters"
     return None
 
 
@@ -435,7 +430,7 @@ async def finish_grant(
         if device is None or not await oauth.approve_device(device, grant, key):
             return pages.message(config, "Code expired", "The device code expired or was used; start again.", 400)
         return pages.message(config, "Device connected", "You may close this page and return to your device.")
-    code = await oauth.issue_code(grant, key, pending.redirect_uri, pending.code_challenge)
+    code = await oauth.issue_code(grant, key, pending.redirect_uri, pending.code_challenge, pending.nonce)
     return to_client(pending.redirect_uri, {"code": code, "state": pending.state, "iss": oauth.issuer(request)})
 
 

@@ -18,7 +18,8 @@ fetch is therefore treated as hostile (server-side request forgery, slow or huge
   encoding, at most 5 KiB read incrementally.
 - The document: ``client_id`` equal to the URL (simple string comparison), no client secret, public clients
   only (``token_endpoint_auth_method`` ``none``; ``private_key_jwt`` is not supported), the rest by the same
-  rules as dynamic registration (``registration.check_metadata``: redirect URIs, grant types, scope).
+  rules as dynamic registration (``client_metadata.check_metadata``: redirect URIs, grant types, scope, no
+  invisible or bidi characters in the name).
 - Load: a good document is cached in this process per its ``Cache-Control: max-age`` within 5 min to 24 h
   (1 h without one); a failure is remembered for ``FAILURE_HOLD`` seconds (the draft says not to cache error
   responses; this is a short back-off, so a flood of authorize requests for one broken URL costs one fetch);
@@ -50,7 +51,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from .. import logs
 from ..config import Config
 from ..rules import valid_hostname
-from . import registration
+from .client_metadata import Refused, check_metadata
 from .model import Client
 from .service import OAUTH
 
@@ -294,8 +295,8 @@ def client_from_document(url: str, body: bytes) -> Client:
     if meta.get("token_endpoint_auth_method", "none") != "none":
         raise DocumentRefused("only public clients (token_endpoint_auth_method none); private_key_jwt is not supported")
     try:
-        checked = registration.check_metadata(meta, default_method="none", methods=("none",))
-    except registration.Refused as exc:
+        checked = check_metadata(meta, default_method="none", methods=("none",))
+    except Refused as exc:
         raise DocumentRefused(f"the metadata document is invalid: {exc.description}") from None
     return Client(
         client_id=url,
@@ -308,6 +309,7 @@ def client_from_document(url: str, body: bytes) -> Client:
         registered_from="",
         client_uri=checked.client_uri,
         metadata_document=True,
+        scope=checked.scope,
     )
 
 

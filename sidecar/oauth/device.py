@@ -27,6 +27,7 @@ from ..ratelimit import RateLimiter, client_key, retry_after
 from . import pages
 from . import tokens as tk
 from .authorize import (
+    SCOPES,
     Pending,
     browser_session,
     consent_page,
@@ -95,9 +96,9 @@ async def device_authorization(request: web.Request, svc: Services) -> web.Respo
         return error_response(exc)
     if GRANT_DEVICE_CODE not in client.grant_types:
         return _oauth_error("unauthorized_client", "this client did not register the device code grant")
-    scope = parse_scope(form.get("scope"))
+    scope = parse_scope(form.get("scope"), client.scope)
     if scope is None:
-        return _oauth_error("invalid_scope", "scopes offered: openid profile email offline_access")
+        return _oauth_error("invalid_scope", f"scopes offered: {client.scope or ' '.join(SCOPES)}")
     found = pick_resource(request, oauth, [form["resource"]] if "resource" in form else [])
     if found is None:
         return _oauth_error("invalid_target", "resource must name one of this server's protected resources")

@@ -15,11 +15,14 @@ from typing import Any
 from aiohttp import web
 
 from ..context import Services
-from .authorize import SCOPES
+from . import id_token
 from .model import AUTH_METHODS, GRANT_TYPES
+from .scopes import SCOPES
 from .service import OAUTH
 
 AS_PATH = "/.well-known/oauth-authorization-server"
+OIDC_PATH = "/.well-known/openid-configuration"
+CLAIMS = ("iss", "sub", "aud", "exp", "iat", "auth_time", "nonce", "at_hash", "preferred_username", "email")
 PRM_PATH = "/.well-known/oauth-protected-resource"
 CORS = {
     "Access-Control-Allow-Origin": "*",
@@ -35,27 +38,51 @@ def _json(body: dict[str, Any]) -> web.Response:
 
 async def authorization_server(request: web.Request, svc: Services) -> web.Response:
     """RFC 8414 metadata; the issuer is the external origin this client used."""
-    issuer = request.app[OAUTH].issuer(request)
-    prefix = issuer + svc.config.proxy_prefix
+    return _json(_server_metadata(request, svc))
+
+
+async def openid_configuration(request: web.Request, svc: Services) -> web.Response:
+    """OpenID Connect Discovery 1.0 section 3: the same server, with what an OpenID client needs on top (no
+    userinfo endpoint: the ID token carries every claim the server knows)."""
     return _json(
         {
-            "issuer": issuer,
-            "authorization_endpoint": prefix + "/authorize",
-            "token_endpoint": prefix + "/token",
-            "registration_endpoint": prefix + "/register",
-            "revocation_endpoint": prefix + "/revoke",
-            "device_authorization_endpoint": prefix + "/device_authorization",
-            "response_types_supported": ["code"],
-            "response_modes_supported": ["query"],
-            "grant_types_supported": list(GRANT_TYPES),
-            "code_challenge_methods_supported": ["S256"],
-            "token_endpoint_auth_methods_supported": list(AUTH_METHODS),
-            "revocation_endpoint_auth_methods_supported": list(AUTH_METHODS),
-            "scopes_supported": list(SCOPES),
-            "authorization_response_iss_parameter_supported": True,
-            "client_id_metadata_document_supported": svc.config.oauth_client_metadata_documents,
+            **_server_metadata(request, svc),
+            "claims_supported": list(CLAIMS),
+            "request_parameter_supported": False,
+            "request_uri_parameter_supported": False,
+            "claims_parameter_supported": False,
         }
     )
+
+
+async def jwks(request: web.Request, svc: Services) -> web.Response:
+    """The public keys that sign ID tokens (``id_token.py``)."""
+    return _json(id_token.jwks(svc.config))
+
+
+def _server_metadata(request: web.Request, svc: Services) -> dict[str, Any]:
+    issuer = request.app[OAUTH].issuer(request)
+    prefix = issuer + svc.config.proxy_prefix
+    return {
+        "issuer": issuer,
+        "authorization_endpoint": prefix + "/authorize",
+        "token_endpoint": prefix + "/token",
+        "registration_endpoint": prefix + "/register",
+        "jwks_uri": prefix + "/jwks",
+        "revocation_endpoint": prefix + "/revoke",
+        "device_authorization_endpoint": prefix + "/device_authorization",
+        "response_types_supported": ["code"],
+        "response_modes_supported": ["query"],
+        "grant_types_supported": list(GRANT_TYPES),
+        "code_challenge_methods_supported": ["S256"],
+        "token_endpoint_auth_methods_supported": list(AUTH_METHODS),
+        "revocation_endpoint_auth_methods_supported": list(AUTH_METHODS),
+        "scopes_supported": list(SCOPES),
+        "authorization_response_iss_parameter_supported": True,
+        "client_id_metadata_document_supported": svc.config.oauth_client_metadata_documents,
+        "subject_types_supported": ["public"],
+        "id_token_signing_alg_values_supported": [id_token.ALGORITHM],
+    }
 
 
 async def protected_resource(request: web.Request, svc: Services) -> web.Response:

@@ -39,6 +39,7 @@ class Client:
     client_uri: str = ""
     logo_uri: str = ""
     metadata_document: bool = False
+    scope: str = ""  # the registered scope (canonical order); "" when it named none: the whole vocabulary
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class AuthorizationCode:
     scope: str
     wrapped_key: bytes
     expires_at: float
+    nonce: str = ""  # the OpenID request's nonce, echoed in the ID token
 
 
 @dataclass(frozen=True)
@@ -101,3 +103,4 @@ class IssuedTokens:
     expires_in: int
     scope: str
     resource: str
+    id_token: str = ""  # when the scope has openid (``id_token.py``)

@@ -89,6 +89,13 @@ def consent(config: Config, view: ConsentView) -> web.Response:
         if view.redirect_uri
         else "<p>Access will be handed to the device or command-line tool that showed you the code.</p>"
     )
+    if view.redirect_uri and not host:  # a private-use scheme (RFC 8252 7.1): no host vouches for it
+        scheme = view.redirect_uri.partition(":")[0]
+        where = (
+            f"<p>Access will be handed to <strong>an app on this device</strong> through its own link type "
+            f"<code>{e(scheme)}:</code> (<code>{e(view.redirect_uri)}</code>). Any app installed here can claim "
+            "that link type; continue only if you started this from the app you expect.</p>"
+        )
     scopes = "".join(f"<li>{e(_SCOPE_TEXT.get(s, s))} (<code>{e(s)}</code>)</li>" for s in view.scopes)
     who = f"<strong>{e(view.client_name)}</strong> (client <code>{e(view.client_id)}</code>)"
     if view.client_host:

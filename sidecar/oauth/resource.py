@@ -13,7 +13,6 @@ or store outage is raised as is (503/504) and changes nothing.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -24,11 +23,9 @@ from ..errors import BadRequest, InvalidCookie, ProviderUnavailable, SessionGone
 from ..models import Session
 from ..proxy import normalise_path
 from . import tokens as tk
+from .scopes import SCOPES
+from .service import OAuthServer
 
-if TYPE_CHECKING:
-    from .service import OAuthServer
-
-SCOPES = "openid profile email offline_access"
 _TOUCH_EVERY = 60.0
 _TOUCH_CACHE = 10_000
 
@@ -159,7 +156,7 @@ class ResourceGuardImpl:
             status=401,
             text="401 Unauthorized: this API needs an access token\n",
             headers={
-                "WWW-Authenticate": f'Bearer resource_metadata="{metadata}", scope="{SCOPES}"',
+                "WWW-Authenticate": f'Bearer resource_metadata="{metadata}", scope="{" ".join(SCOPES)}"',
                 "Cache-Control": "no-store",
             },
         )

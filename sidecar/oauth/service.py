@@ -113,7 +113,9 @@ class OAuthServer:
         logs.event("oauth_grant_started", {"grant_id": grant.grant_id, "client_id": client.client_id})
         return grant, ref.key
 
-    async def issue_code(self, grant: Grant, session_key: bytes, redirect_uri: str, code_challenge: str) -> str:
+    async def issue_code(
+        self, grant: Grant, session_key: bytes, redirect_uri: str, code_challenge: str, nonce: str = ""
+    ) -> str:
         """A single-use authorization code for ``grant`` (PKCE S256 challenge kept for the token endpoint)."""
         code = tk.mint(tk.CODE, grant.grant_id)
         record = AuthorizationCode(
@@ -125,6 +127,7 @@ class OAuthServer:
             scope=grant.scope,
             wrapped_key=tk.wrap_key(session_key, code),
             expires_at=self.clock() + CODE_TTL,
+            nonce=nonce,
         )
         await self.store.put_code(tk.token_hash(code), record, CODE_TTL)
         return code
@@ -236,13 +239,10 @@ OAUTH = web.AppKey("oauth", OAuthServer)
 
 async def oauth_ctx(app: web.Application) -> AsyncIterator[None]:
     """Cleanup context (appended by ``sidecar.oauth.install`` after the services context): builds the
-    ``OAuthServer`` on the session store's connection and plugs the resource guard into the browser path."""
+    ``OAuthServer`` on the session store's connection (``install`` then plugs the resource guard in)."""
     from ..context import SERVICES
-    from .resource import ResourceGuardImpl
     from .store import grant_store_for
 
     svc = app[SERVICES]
-    server = OAuthServer(svc.config, grant_store_for(svc.sessions.store), svc)
-    app[OAUTH] = server
-    svc.resource_guard = ResourceGuardImpl(server)
+    app[OAUTH] = OAuthServer(svc.config, grant_store_for(svc.sessions.store), svc)
     yield

@@ -29,6 +29,7 @@ from aiohttp import web
 from ..context import Services, view_of
 from ..cookies import SessionRef
 from ..errors import InvalidCookie, SessionGone
+from . import id_token
 from . import tokens as tk
 from .cimd import find_client
 from .model import GRANT_AUTHORIZATION_CODE, GRANT_DEVICE_CODE, GRANT_REFRESH_TOKEN, Client, Grant, IssuedTokens
@@ -160,19 +161,48 @@ async def _code_grant(server: OAuthServer, request: web.Request, form: dict[str,
     key = tk.unwrap_key(record.wrapped_key, code)
     if grant is None or key is None:
         raise OAuthError("invalid_grant", "the code is invalid or expired")
-    return await _issue(server, request, grant, key, None)
+    return await _issue(server, request, grant, key, None, record.nonce)
 
 
 async def _issue(
-    server: OAuthServer, request: web.Request, grant: Grant, key: bytes, used_refresh_hash: str | None
+    server: OAuthServer,
+    request: web.Request,
+    grant: Grant,
+    key: bytes,
+    used_refresh_hash: str | None,
+    nonce: str = "",
 ) -> IssuedTokens:
     ip, agent = _client_ip_and_agent(request)
     issued = await server.issue_tokens(grant, key, used_refresh_hash, ip, agent)
     if isinstance(issued, IssuedTokens):
+        if "openid" in issued.scope.split(" "):
+            return replace(issued, id_token=await _id_token(server, request, grant, key, issued, nonce))
         return issued
     if issued == "replayed":
         await server.end_grant_session(grant, "refresh_replay")
     raise OAuthError("invalid_grant", "the grant is invalid, expired or revoked")
+
+
+async def _id_token(
+    server: OAuthServer, request: web.Request, grant: Grant, key: bytes, issued: IssuedTokens, nonce: str
+) -> str:
+    """OIDC Core 3.1.3.3: the ID token for a grant with ``openid``, from the user of its upstream record."""
+    try:
+        session = await server.sessions.load(SessionRef(sid=grant.session_sid, key=key))
+    except (SessionGone, InvalidCookie):
+        await server.end_grant(grant.grant_id, "upstream_session_gone")
+        raise OAuthError("invalid_grant", "the grant's sign-in has ended") from None
+    return id_token.mint(
+        server.config,
+        issuer=server.issuer(request),
+        client_id=grant.client_id,
+        scope=issued.scope,
+        session=session,
+        access_token=issued.access_token,
+        nonce=nonce,
+        now=server.clock(),
+        lifetime=float(issued.expires_in),
+    )
 
 
 async def _refresh_grant(
@@ -200,8 +230,9 @@ async def _refresh_grant(
     grant = await server.store.get_grant(grant_id)
     if key is None or grant is None:
         raise OAuthError("invalid_grant", "the refresh token is invalid or expired")
-    try:  # the upstream session must still exist (sign-out everywhere, back-channel logout by sub end it)
-        await server.sessions.load(SessionRef(sid=grant.session_sid, key=key))
+    try:  # the upstream session must still exist (sign-out everywhere, back-channel logout by sub end it);
+        # read from the store, not this process's cache: another Sessions or replica may have ended it
+        await server.sessions.load_fresh(SessionRef(sid=grant.session_sid, key=key))
     except (SessionGone, InvalidCookie):
         await server.end_grant(grant_id, "upstream_session_gone")
         raise OAuthError("invalid_grant", "the grant's sign-in has ended") from None
@@ -246,6 +277,8 @@ def _success(issued: IssuedTokens) -> web.Response:
     }
     if issued.scope:
         body["scope"] = issued.scope
+    if issued.id_token:
+        body["id_token"] = issued.id_token
     return web.Response(text=json.dumps(body), content_type="application/json", headers=NO_STORE)
 
 
