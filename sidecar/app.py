@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from . import handlers, logs, metrics, proxy
+from . import account, handlers, logs, metrics, proxy
 from .bearer import BearerVerifier
 from .config import Config
 from .context import SERVICES, Services
@@ -94,6 +94,7 @@ def build_app(config: Config, store: SessionStore | None = None) -> web.Applicat
     app.cleanup_ctx.append(services_ctx)
     app.on_response_prepare.append(drop_server_header)
     handlers.add_routes(app, config, with_metrics=not config.metrics_address)
+    account.add_routes(app, config)
     if config.oauth_server:
         from . import oauth  # only then: the browser path never imports the authorization server
 

@@ -32,6 +32,29 @@ class ResourceGuard(Protocol):
         """The 401 a resource path answers without credentials (``resource_metadata``); None elsewhere."""
 
 
+@dataclass(frozen=True)
+class ConnectedApp:
+    """An application acting for the user (a CLI/MCP client's grant), as the account page lists it."""
+
+    app_id: str
+    name: str  # what the client calls itself: hostile text, shown isolated and escaped
+    client_id: str
+    resource: str
+    created_at: float
+    last_used_at: float
+    last_used_from: str
+
+
+class ConnectedApps(Protocol):
+    """Plugged in by ``sidecar.oauth``: the account page lists and ends grants without importing it."""
+
+    async def list(self, sub: str) -> list[ConnectedApp]:
+        """The user's grants."""
+
+    async def revoke(self, sub: str, app_id: str) -> bool:
+        """End one of the user's grants; False when ``app_id`` is not one of them."""
+
+
 # Finishes an upstream sign-in started with a ``purpose`` (``SignInAttempt.purpose``): gets the request,
 # the attempt, the identity, the provider's tokens and the ID token claims; answers the browser.
 SignInFinisher = Callable[[web.Request, SignInAttempt, Identity, TokenSet, dict[str, Any]], Awaitable[web.Response]]
@@ -52,6 +75,7 @@ class Services:
     bearer: BearerVerifier | None = None  # --skip-jwt-bearer-tokens
     resource_guard: ResourceGuard | None = None  # --oauth-server
     sign_in_finishers: dict[str, SignInFinisher] = field(default_factory=dict)  # by purpose kind, --oauth-server
+    connected_apps: ConnectedApps | None = None  # --oauth-server: the account page's applications
 
 
 @dataclass

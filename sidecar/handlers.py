@@ -13,7 +13,7 @@ from urllib.parse import quote, urlsplit
 from aiohttp import web
 from multidict import CIMultiDict
 
-from . import logs, metrics, pages
+from . import devices, logs, metrics, pages
 from .config import Config
 from .context import Services, services, view_of
 from .cookies import CLOCK_LEEWAY, MAX_COOKIE_CHARS, SignInAttempt, state_cookie_suffix, without_sidecar_cookies
@@ -83,11 +83,8 @@ def _rate_limited(request: web.Request, svc: Services) -> web.Response | None:
     wait = svc.signin_limiter.take(view_of(request).client_ip, per_minute, 2 * per_minute, time.monotonic())
     if not wait:
         return None
-    return web.Response(
-        status=429,
-        headers={"Retry-After": retry_after(wait), "Cache-Control": "no-store"},
-        text="429 Too Many Requests: too many sign-in attempts, try again shortly\n",
-    )
+    text = "429 Too Many Requests: too many sign-in attempts, try again shortly\n"
+    return pages.too_many(request, text, retry_after(wait))
 
 
 def _attempt_cookie_value(svc: Services, attempt: SignInAttempt) -> str:
@@ -234,6 +231,10 @@ async def callback(request: web.Request, svc: Services) -> web.Response:
         return response
     await _end_previous_session(request)
     ref, _ = await svc.sessions.create(identity, tokens, claims)
+    try:
+        await devices.remember_device(request, svc, ref, identity.sub)
+    except StoreUnavailable:  # the session is made; without its card the account page only leaves it out
+        log.warning("device card not stored", extra={"fields": {"error": "StoreUnavailable"}})
     logs.event("sign_in", {**logs.who(identity), "client_ip": view_of(request).client_ip})
     response = web.Response(status=302, headers={"Location": attempt.rd, "Cache-Control": "no-store"})
     set_cookie(response, config, config.cookie_name, svc.codec.dump_session(ref), config.cookie_expire)
@@ -323,14 +324,27 @@ async def _wants_everywhere(request: web.Request) -> bool:
 def _confirm_everywhere_page(request: web.Request) -> web.Response:
     """A GET never signs a user out everywhere (a link or image on another site could): it asks for a POST."""
     prefix = services(request).config.proxy_prefix
-    action = html.escape(f"{prefix}/sign_out?everywhere=true&rd={quote(_rd(request), safe='')}", quote=True)
-    response = _page(
+    back = f"&rd={quote(_rd(request), safe='')}" if _rd_given(request) else ""
+    action = html.escape(f"{prefix}/sign_out?everywhere=true{back}", quote=True)
+    return _page(
+        request,
         "Sign out everywhere?",
-        "<p>This ends your sessions in every browser and application.</p>"
-        f"<form method='post' action='{action}'><button type='submit'>Sign out everywhere</button></form>",
+        "<p>This ends your sessions in every browser and every connected application (command-line tools, "
+        "MCP clients), not only here.</p>"
+        f"<form method='post' action='{action}'><div class='buttons'>"
+        "<button type='submit'>Sign out everywhere</button></div></form>",
     )
-    response.headers["Cache-Control"] = "no-store"
-    return response
+
+
+def _rd_given(request: web.Request) -> bool:
+    return bool(request.query.get("rd") or request.headers.get("X-Auth-Request-Redirect"))
+
+
+def _after_sign_out(request: web.Request, everywhere: bool) -> str:
+    """Where the browser lands: the ``rd`` asked for, else the signed-out page (which says so)."""
+    if _rd_given(request):
+        return _rd(request)
+    return services(request).config.proxy_prefix + "/signed_out" + ("?everywhere=1" if everywhere else "")
 
 
 async def sign_out(request: web.Request, svc: Services) -> web.Response:
@@ -341,9 +355,10 @@ async def sign_out(request: web.Request, svc: Services) -> web.Response:
     if everywhere and request.method != "POST":
         return _confirm_everywhere_page(request)
     if request.method not in ("GET", "HEAD") and not _same_origin(request):
-        return web.Response(status=403, text="403 Forbidden: cross-site sign-out refused\n")
+        text = "403 Forbidden: cross-site sign-out refused\n"
+        return pages.error(request, 403, "Refused", "A sign-out posted from another site was refused.", (), text=text)
     config = svc.config
-    rd = _rd(request)
+    rd = _after_sign_out(request, everywhere)
     id_token, signed_in = None, False
     cookie = request.cookies.get(config.cookie_name)
     if cookie:

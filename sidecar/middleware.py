@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
 
-from . import logs, metrics, pages
+from . import kit, logs, metrics, pages
 from .context import AUTHED, SERVICES, VIEW, Services, View, trusted_peer, view_of
 from .errors import (
     BadRequest,
@@ -59,12 +59,10 @@ def _error_response(request: web.Request, exc: SidecarError) -> web.StreamRespon
     if isinstance(exc, ProviderTimeout):
         log.warning("provider timed out", extra={"fields": {"error": type(exc).__name__, "detail": str(exc)}})
         text = "504 Gateway Timeout: the identity provider did not answer\n"
-        return web.Response(status=504, headers={"Retry-After": _RETRY_AFTER}, text=text)
+        return pages.unavailable(request, 504, text, _RETRY_AFTER)
     if isinstance(exc, (StoreUnavailable, ProviderUnavailable, RefreshBusy)):
         log.warning("temporarily unavailable", extra={"fields": {"error": type(exc).__name__, "detail": str(exc)}})
-        return web.Response(
-            status=503, headers={"Retry-After": _RETRY_AFTER}, text="503 Service Unavailable: try again shortly\n"
-        )
+        return pages.unavailable(request, 503, "503 Service Unavailable: try again shortly\n", _RETRY_AFTER)
     if isinstance(exc, (TokenValidationError, InvalidGrant)):
         log.warning("sign-in refused", extra={"fields": {"error": type(exc).__name__, "detail": str(exc)}})
         return pages.refused_sign_in(request)
@@ -72,12 +70,12 @@ def _error_response(request: web.Request, exc: SidecarError) -> web.StreamRespon
         log.info("sign-in state refused", extra={"fields": {"detail": str(exc)}})
         return pages.expired_sign_in(request)
     if isinstance(exc, BadRequest):
-        return web.Response(status=400, text=f"400 Bad Request: {exc}\n")
+        return pages.bad_request(request, f"400 Bad Request: {exc}\n", str(exc))
     if isinstance(exc, ProviderRefused) and exc.misconfigured:
         # oidc.py already logged the cause as an error naming the client credentials to check.
         return pages.misconfigured(request)
     log.error("provider or internal error", extra={"fields": {"error": type(exc).__name__, "detail": str(exc)}})
-    return web.Response(status=502, text="502 Bad Gateway: the identity provider failed\n")
+    return pages.bad_gateway(request, "502 Bad Gateway: the identity provider failed\n")
 
 
 def guarded(handler: Handler, route: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
@@ -88,19 +86,23 @@ def guarded(handler: Handler, route: str) -> Callable[[web.Request], Awaitable[w
     async def wrapped(request: web.Request) -> web.StreamResponse:
         svc = request.app[SERVICES]
         started = time.monotonic()
+        request_id = _request_id(request, svc)
+        token = kit.REQUEST_ID.set(request_id)  # for the error pages the handler may build
         try:
             response = await handler(request, svc)
         except web.HTTPForbidden:
             response = pages.forbidden(request)
         except web.HTTPException as exc:
-            _finish(request, svc, route, exc.status, started)
+            _finish(request, svc, route, exc.status, started, request_id)
             raise
         except SidecarError as exc:
             response = _error_response(request, exc)
         except Exception:
             log.exception("unhandled error")
-            response = web.Response(status=500, text="500 Internal Server Error\n")
-        request_id = _finish(request, svc, route, response.status, started)
+            response = pages.internal(request)
+        finally:
+            kit.REQUEST_ID.reset(token)
+        _finish(request, svc, route, response.status, started, request_id)
         if request_id and not response.prepared:
             response.headers["X-Request-Id"] = request_id
         return response
@@ -110,16 +112,24 @@ def guarded(handler: Handler, route: str) -> Callable[[web.Request], Awaitable[w
     return wrapped
 
 
-def _finish(request: web.Request, svc: Services, route: str, status: int, started: float) -> str | None:
-    """Count the request and write its log line; returns the request id to echo, if any."""
+def _request_id(request: web.Request, svc: Services) -> str | None:
+    """The caller's well-formed ``X-Request-Id``, else a new one; none without logging (ids exist to correlate
+    log lines; without logging only the caller's is echoed)."""
+    incoming = request.headers.get("X-Request-Id")
+    if incoming and _REQUEST_ID.fullmatch(incoming):
+        return incoming
+    return _next_request_id() if svc.config.request_logging else None
+
+
+def _finish(
+    request: web.Request, svc: Services, route: str, status: int, started: float, request_id: str | None
+) -> None:
+    """Count the request and write its log line."""
     seconds = time.monotonic() - started
     metrics.REQUEST_COUNTS.add((route, status))
     metrics.request_seconds(route, seconds)
-    incoming = request.headers.get("X-Request-Id")
-    request_id = incoming if incoming and _REQUEST_ID.fullmatch(incoming) else None
-    if not svc.config.request_logging:
-        return request_id  # ids exist to correlate log lines; without logging only echo the caller's
-    request_id = request_id or _next_request_id()
+    if not svc.config.request_logging or request_id is None:
+        return
     authed = request.get(AUTHED)
     logs.access_request(
         request_id,
@@ -131,7 +141,6 @@ def _finish(request: web.Request, svc: Services, route: str, status: int, starte
         authed[1] if authed else None,
         _client_ip(request, svc),
     )
-    return request_id
 
 
 def _client_ip(request: web.Request, svc: Services) -> str:

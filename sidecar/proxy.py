@@ -21,7 +21,7 @@ import aiohttp
 from aiohttp import WSMsgType, web
 from yarl import URL
 
-from . import logs, metrics
+from . import logs, metrics, pages
 from .config import Config
 from .context import BY_SIDECAR_TOKEN, Services, View, view_of
 from .cookies import without_sidecar_cookies
@@ -267,10 +267,10 @@ async def _stream(request: web.Request, svc: Services, url: URL, headers: dict[s
         )
     except TimeoutError:
         _log_upstream_error(request, "timeout", url)
-        return web.Response(status=504, text="504 Gateway Timeout: the upstream did not answer in time\n")
+        return pages.upstream_failed(request, 504, "504 Gateway Timeout: the upstream did not answer in time\n")
     except aiohttp.ClientError as exc:
         _log_upstream_error(request, type(exc).__name__, url)
-        return web.Response(status=502, text="502 Bad Gateway: the upstream is unreachable\n")
+        return pages.upstream_failed(request, 502, "502 Bad Gateway: the upstream is unreachable\n")
     metrics.UPSTREAM.observe(time.monotonic() - started)
     try:
         length = upstream.content_length

@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass, field
 from string import Template
 
+from . import kit
 from .errors import ConfigError
 
 
@@ -31,18 +32,13 @@ PLACEHOLDERS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "error": (frozenset({"title", "status", "message", "actions", "banner", "footer"}), frozenset({"message"})),
 }
 
-_STYLE = "font-family:sans-serif;max-width:40em;margin:3em auto"
-_BUILT_IN = {
-    "sign_in": (
-        "<!doctype html><html><head><meta charset='utf-8'><title>$title</title></head>"
-        f"<body style='{_STYLE}'>$banner<h1>$title</h1><p>This application is protected.</p>"
-        "<p><a href='$sign_in_url'>Sign in</a></p><p style='color:#888'>You will return to $redirect</p>"
-        "$footer</body></html>"
+# The built-in pages are made by the page kit (``kit.document``); these bodies are filled with escaped values.
+_BUILT_IN_BODIES = {
+    "sign_in": Template(
+        "<p>This application is protected. Sign in with your organisation's account to continue.</p>"
+        "<p><a class='button' href='$sign_in_url'>Sign in</a></p><p class='muted'>You will return to $redirect</p>"
     ),
-    "error": (
-        "<!doctype html><html><head><meta charset='utf-8'><title>$title</title></head>"
-        f"<body style='{_STYLE}'>$banner<h1>$title</h1><p>$message</p>$actions$footer</body></html>"
-    ),
+    "error": Template("<p>$message</p>$actions"),
 }
 
 
@@ -65,14 +61,20 @@ class PageTemplates:
             if key not in allowed:
                 raise KeyError(f"template {name!r} has no placeholder {key!r}")
             filled[key] = value if isinstance(value, Html) else html.escape(str(value), quote=True)
-        return self.templates.get(name, _BUILT_IN_TEMPLATES[name]).substitute(filled)
+        custom = self.templates.get(name)
+        if custom is not None:
+            return custom.substitute(filled)
+        title = str(values.get("title", "")) or ("Sign in" if name == "sign_in" else "Error")
+        body = _BUILT_IN_BODIES[name].substitute(filled)
+        return kit.document(title, body, self.banner, self.footer, error=name == "error")
+
+    def built_in(self, name: str) -> bool:
+        """The page comes from the kit (and may carry the kit's strict Content-Security-Policy)."""
+        return name not in self.templates
 
 
 def _wrap(text: str, css_class: str) -> str:
     return f"<div class='{css_class}'>{html.escape(text, quote=True)}</div>" if text else ""
-
-
-_BUILT_IN_TEMPLATES = {name: Template(text) for name, text in _BUILT_IN.items()}
 
 
 def _check(name: str, path: str, template: Template) -> None:

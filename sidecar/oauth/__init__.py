@@ -25,12 +25,14 @@ def install(app: web.Application, config: Config) -> None:
     from .service import OAUTH, oauth_ctx
 
     async def hooks_ctx(app: web.Application) -> AsyncIterator[None]:
-        """After ``oauth_ctx``: bearer tokens on the resource paths, and the grant's own upstream sign-in
-        coming back through the browser callback."""
+        """After ``oauth_ctx``: bearer tokens on the resource paths, the grant's own upstream sign-in coming back
+        through the browser callback, and the grants listed as connected applications on the account page."""
         svc = app[SERVICES]
         svc.resource_guard = resource.ResourceGuardImpl(app[OAUTH])
         svc.sign_in_finishers["grant"] = authorize.finish_grant
+        svc.connected_apps = grants_page.GrantsAsApps(app)
         yield
+        svc.connected_apps = None
         svc.sign_in_finishers.pop("grant", None)
 
     app.cleanup_ctx.append(oauth_ctx)

@@ -201,9 +201,15 @@ async def save_pending(oauth: OAuthServer, pending: Pending, pending_id: str | N
 
 
 async def consent_page(
-    request: web.Request, svc: Services, authed: tuple[SessionRef, Session], client: Client, pending: Pending
+    request: web.Request,
+    svc: Services,
+    authed: tuple[SessionRef, Session],
+    client: Client,
+    pending: Pending,
+    device: DeviceAuthorization | None = None,
 ) -> web.Response:
-    """Keep ``pending`` server-side and show the consent form for it."""
+    """Keep ``pending`` server-side and show the consent form for it (for a device: with its code, and when
+    and from where it was asked for, so a person sent someone else's code can see it is not theirs)."""
     oauth = request.app[OAUTH]
     pending_id = await save_pending(oauth, pending)
     ref, session = authed
@@ -219,8 +225,16 @@ async def consent_page(
         pending=pending_id,
         csrf=csrf_token(svc.config, ref.sid, "consent:" + pending_id),
         action=f"{svc.config.proxy_prefix}/consent",
+        device_code=pretty_code(device.user_code) if device else "",
+        requested_at=device.requested_at if device else 0.0,
+        requested_from=device.requested_from if device else "",
     )
     return pages.consent(svc.config, view)
+
+
+def pretty_code(user_code: str) -> str:
+    """``ABCD-EFGH``: the user code as the device shows it."""
+    return f"{user_code[:4]}-{user_code[4:]}" if len(user_code) == 8 else user_code
 
 
 # --- GET P/authorize ---------------------------------------------------------------------------------------------

@@ -115,6 +115,8 @@ async def device_authorization(request: web.Request, svc: Services) -> web.Respo
             expires_at=time.time() + ttl,
             interval=float(svc.config.oauth_device_poll_interval),
             status="pending",
+            requested_at=time.time(),
+            requested_from=client_ip,
         )
         if await oauth.store.put_device(device, ttl):
             break
@@ -143,7 +145,7 @@ async def device_page(request: web.Request, svc: Services) -> web.Response:
     authed = await browser_session(request, svc)
     if authed is None:
         if request.method == "POST":
-            return pages.message(svc.config, "Not signed in", "Sign in, then enter the code again.", 403)
+            return pages.message(svc.config, "Not signed in", "Sign in, then enter the code again.", 403)  # no session
         return sign_in_first(svc, request)
     ref, session = authed
     if why_denied(session.identity, svc.config) is not None:
@@ -178,7 +180,7 @@ async def device_page(request: web.Request, svc: Services) -> web.Response:
         sub=session.identity.sub,
         device_code_hash=device.device_code_hash,
     )
-    return await consent_page(request, svc, authed, client, pending)
+    return await consent_page(request, svc, authed, client, pending, device)
 
 
 def _resource_path(resource: str) -> str:

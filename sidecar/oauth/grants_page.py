@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from .. import logs
-from ..context import Services
+from ..context import ConnectedApp, Services
 from ..policy import why_denied
 from . import pages
 from .authorize import browser_session, csrf_ok, csrf_token, read_post, same_origin, sign_in_first
@@ -113,3 +113,33 @@ def _answer(request: web.Request, svc: Services, status: int, text: str) -> web.
         return web.json_response({"error": text}, status=status, headers={"Cache-Control": "no-store"})
     title = {400: "Bad request", 403: "Refused"}.get(status, "Not found")
     return pages.message(svc.config, title, text.capitalize() + ".", status)
+
+
+class GrantsAsApps:
+    """The ``ConnectedApps`` hook: the account page lists and ends the user's grants through it."""
+
+    def __init__(self, app: web.Application) -> None:
+        self._app = app
+
+    async def list(self, sub: str) -> list[ConnectedApp]:
+        found = await self._app[OAUTH].store.user_grants(sub)
+        return [
+            ConnectedApp(
+                app_id=g.grant_id,
+                name=g.client_name or g.client_id,
+                client_id=g.client_id,
+                resource=g.resource,
+                created_at=g.created_at,
+                last_used_at=g.last_used_at,
+                last_used_from=g.last_used_from,
+            )
+            for g in found
+        ]
+
+    async def revoke(self, sub: str, app_id: str) -> bool:
+        oauth = self._app[OAUTH]
+        grant = await oauth.store.get_grant(app_id[:64])
+        if grant is None or grant.sub != sub:
+            return False
+        await oauth.end_grant(grant.grant_id, "revoked_by_user")
+        return True

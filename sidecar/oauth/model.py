@@ -92,6 +92,8 @@ class DeviceAuthorization:
     grant_id: str = ""  # once approved
     wrapped_key: bytes = b""  # once approved: the grant's session key wrapped under the device code
     last_poll_at: float = 0.0
+    requested_at: float = 0.0  # when and from where the device asked: shown on the confirmation page
+    requested_from: str = ""
 
 
 @dataclass(frozen=True)
