@@ -241,6 +241,18 @@ class Config:
     oauth_registration_rate_limit: int = option(
         10, "dynamic client registrations per client IP per minute, burst twice that; 0 = no limit", high=1_000_000
     )
+    oauth_unused_client_ttl: Seconds = option(
+        3600.0, "a registered client no user has granted access to yet is forgotten after this (1h)", low=60,
+        high=86400,
+    )  # fmt: skip
+    oauth_unused_clients_max: int = option(
+        1000, "registered clients waiting for their first grant, across all replicas; more are refused (429)", low=1,
+        high=1_000_000,
+    )  # fmt: skip
+    oauth_token_rate_limit: int = option(
+        60, "token, device and revocation requests per client IP per minute, burst twice that; 0 = no limit",
+        high=1_000_000,
+    )  # fmt: skip
     oauth_device_code_ttl: Seconds = option(600.0, "how long a device code waits for the user (10m)", low=60, high=3600)
     oauth_device_poll_interval: Seconds = option(
         5.0, "least seconds between a device's token polls (RFC 8628 interval)", low=1, high=60

@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
 from sidecar.oauth import tokens as tk
-from sidecar.oauth.model import AuthorizationCode, DeviceAuthorization, Grant
+from sidecar.oauth.model import AuthorizationCode, Client, DeviceAuthorization, Grant
 from sidecar.oauth.store import GrantStore, MemoryGrantStore, RedisGrantStore
 from tests.redis_procs import ClusterTopology, cluster_topology
 
@@ -205,3 +205,28 @@ async def test_pending_take_is_once(grants: GrantStore) -> None:
     assert await grants.get_pending("k") == b"v"
     assert await grants.take_pending("k") == b"v"
     assert await grants.take_pending("k") is None
+
+
+async def test_unused_clients_are_counted_short_lived_and_promoted_by_a_grant(grants: GrantStore) -> None:
+    def client(n: int) -> Client:
+        return Client(f"new-{n}-{time.monotonic_ns()}", "CLI", (), ("refresh_token",), "none", None, time.time(), "ip")
+
+    first, second, third = client(1), client(2), client(3)
+    assert await grants.put_new_client(first, 60, 2) and await grants.put_new_client(second, 60, 2)
+    assert not await grants.put_new_client(third, 60, 2)  # the cap, across every replica sharing the store
+    assert await grants.get_client(third.client_id) is None
+    assert await grants.get_client(first.client_id) == first
+    await grants.touch_client(first.client_id, 86400)  # anonymous use does not extend an unused client
+    await grants.promote_client(first.client_id, 86400)  # a grant does, and frees its place
+    assert await grants.get_client(first.client_id) == first
+    assert await grants.put_new_client(third, 60, 2)
+    await grants.promote_client(first.client_id, 86400)  # twice: nothing more happens
+    assert not await grants.put_new_client(client(4), 60, 2)
+    if isinstance(grants, RedisGrantStore):
+        ttl = {c.client_id: await grants._r.pttl(grants._p + "cl:" + c.client_id) for c in (first, second)}
+        assert ttl[first.client_id] > 80_000_000 and 0 < ttl[second.client_id] <= 60_000
+        gone = client(5)  # an expired unused client frees its place without anyone promoting it
+        assert await grants.put_new_client(gone, 60, 10)
+        await grants._r.zadd(grants._p + "cn", {gone.client_id: time.time() - 1})
+        await grants._r.zadd(grants._p + "cn", {second.client_id: time.time() - 1, third.client_id: time.time() - 1})
+        assert await grants.put_new_client(client(6), 60, 1)

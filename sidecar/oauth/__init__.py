@@ -21,13 +21,25 @@ from ..ratelimit import RateLimiter
 
 def install(app: web.Application, config: Config) -> None:
     """Add the authorization server's routes and hooks to ``app`` (called before the proxy catch-all)."""
-    from . import authorize, cimd, device, grants_page, metadata, registration, resource, revocation, token_endpoint
+    from . import (
+        authorize,
+        cimd,
+        device,
+        grants_page,
+        limits,
+        metadata,
+        registration,
+        resource,
+        revocation,
+        token_endpoint,
+    )
     from .service import OAUTH, oauth_ctx
 
     async def hooks_ctx(app: web.Application) -> AsyncIterator[None]:
         """After ``oauth_ctx``: bearer tokens on the resource paths, the grant's own upstream sign-in coming back
         through the browser callback, and the grants listed as connected applications on the account page."""
         svc = app[SERVICES]
+        app[limits.LIMITER] = limits.limiter_for(svc.sessions.store)
         svc.resource_guard = resource.ResourceGuardImpl(app[OAUTH])
         svc.sign_in_finishers["grant"] = authorize.finish_grant
         svc.connected_apps = grants_page.GrantsAsApps(app)
@@ -37,8 +49,6 @@ def install(app: web.Application, config: Config) -> None:
 
     app.cleanup_ctx.append(oauth_ctx)
     app.cleanup_ctx.append(hooks_ctx)
-    app[registration.REGISTRATION_LIMITER] = RateLimiter()
-    app[device.DEVICE_LIMITER] = RateLimiter()
     app[device.ENTRY_LIMITER] = RateLimiter()
     app[cimd.DOCUMENTS] = cimd.MetadataDocuments(config)
     router, prefix = app.router, config.proxy_prefix

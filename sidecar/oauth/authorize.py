@@ -42,7 +42,9 @@ from ..errors import InvalidCookie, SessionGone
 from ..guard import read_cookie
 from ..models import Identity, Session, TokenSet
 from ..policy import why_denied
+from ..ratelimit import retry_after
 from . import cimd, pages
+from .limits import LIMITER
 from .model import GRANT_AUTHORIZATION_CODE, Client, DeviceAuthorization
 from .scopes import SCOPES, parse_scope
 from .service import OAUTH, OAuthServer
@@ -271,6 +273,11 @@ async def authorize(request: web.Request, svc: Services) -> web.Response:
     client_ids, redirect_uris = query.getall("client_id", []), query.getall("redirect_uri", [])
     if len(client_ids) != 1 or len(redirect_uris) != 1:
         return _error_page(svc, "The request must name its client_id and redirect_uri exactly once.")
+    wait = await _new_document_wait(request, svc, client_ids[0])
+    if wait:
+        response = pages.message(svc.config, "Too many requests", "Too many new applications; wait a minute.", 429)
+        response.headers["Retry-After"] = retry_after(wait)
+        return response
     client, why = await resolve_client(request.app, client_ids[0])
     if client is None and client_ids[0].startswith("https://") and svc.config.oauth_client_metadata_documents:
         logs.event("oauth_authorize_refused", {"client_id": client_ids[0][:200], "reason": "client_metadata"})
@@ -324,6 +331,17 @@ async def authorize(request: web.Request, svc: Services) -> web.Response:
         nonce=query.get("nonce", ""),
     )
     return await consent_page(request, svc, authed, client, pending)
+
+
+async def _new_document_wait(request: web.Request, svc: Services, client_id: str) -> float:
+    """A client metadata URL not cached costs a fetch: those are limited per client address, across replicas,
+    so a flood of new URLs cannot take the fetch slots that known clients need."""
+    if not (svc.config.oauth_client_metadata_documents and cimd.is_metadata_url(client_id)):
+        return 0.0
+    if not request.app[cimd.DOCUMENTS].would_fetch(client_id):
+        return 0.0
+    per_minute = float(svc.config.signin_rate_limit)  # the anonymous sign-in's limit, burst twice that
+    return await request.app[LIMITER].take("documents", view_of(request).client_ip, per_minute)
 
 
 def _request_problem(query: Any, client: Client) -> tuple[str, str] | None:
@@ -428,6 +446,8 @@ async def finish_grant(
         return pages.message(config, "Request expired", "The application's registration expired.", 400)
     if pending.kind == "device" and not await _device_waiting(oauth, pending):
         return pages.message(config, "Code expired", "The device code expired or was used; start again.", 400)
+    if not client.metadata_document:  # a user granted it access: no longer an unused registration
+        await oauth.store.promote_client(client.client_id, float(config.oauth_client_idle_timeout))
     grant, key = await oauth.start_grant(
         identity,
         tokens,

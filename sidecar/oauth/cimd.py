@@ -362,6 +362,14 @@ class MetadataDocuments:
             raise DocumentRefused(entry.reason)
         return entry.client
 
+    def would_fetch(self, url: str) -> bool:
+        """Would asking for ``url`` start a fetch (a URL that may be fetched, neither cached nor in flight)?"""
+        try:
+            parse_url(url, self._hosts)
+        except DocumentRefused:
+            return False
+        return url not in self._flights and self._cached(url) is None
+
     def _cached(self, url: str) -> _Entry | None:
         entry = self._entries.get(url)
         if entry is None:

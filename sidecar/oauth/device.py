@@ -40,6 +40,7 @@ from .authorize import (
     same_origin,
     sign_in_first,
 )
+from .limits import too_many
 from .model import GRANT_DEVICE_CODE, DeviceAuthorization
 from .service import OAUTH
 from .token_endpoint import OAuthError, authenticate_client, error_response, read_form
@@ -47,7 +48,6 @@ from .token_endpoint import OAuthError, authenticate_client, error_response, rea
 ALPHABET = "BCDFGHJKLMNPQRSTVWXZ"
 USER_CODE_CHARS = 8
 CODE_ENTRY_PER_MINUTE = 10.0  # per browser session and per client address
-DEVICE_LIMITER = web.AppKey("oauth_device_limiter", RateLimiter)  # code requests per client address
 ENTRY_LIMITER = web.AppKey("oauth_code_entry_limiter", RateLimiter)  # code entries per session and address
 _JSON_HEADERS = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
@@ -80,12 +80,9 @@ async def device_authorization(request: web.Request, svc: Services) -> web.Respo
     """RFC 8628 3.1-3.2: a device code, a user code and where to enter it."""
     oauth = request.app[OAUTH]
     client_ip = view_of(request).client_ip
-    per_minute = float(svc.config.signin_rate_limit)
-    wait = request.app[DEVICE_LIMITER].take(client_ip, per_minute, 2 * per_minute, time.monotonic())
-    if wait:
-        response = _oauth_error("slow_down", "too many device authorization requests from this address", 429)
-        response.headers["Retry-After"] = retry_after(wait)
-        return response
+    limited = await too_many(request, "device", float(svc.config.signin_rate_limit), "device authorization requests")
+    if limited is not None:
+        return limited
     try:  # one reader for OAuth form bodies: urlencoded only, bounded, each parameter once
         form = await read_form(request)
     except OAuthError as exc:

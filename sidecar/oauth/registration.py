@@ -7,8 +7,13 @@ Anyone may register, so what a registration can say is narrow:
   in what the consent page shows). The reply echoes what was kept, ``scope`` included.
 - A confidential client (``client_secret_post`` / ``client_secret_basic``) gets a secret once; only its
   SHA-256 is kept.
-- Bodies over 16 KiB, oversized fields and anything but a JSON object are refused; each client IP may
-  register ``--oauth-registration-rate-limit`` clients per minute (429). A client unused for
+- Bodies over 16 KiB, oversized fields, a checked record over 4 KiB and anything but a JSON object are
+  refused; each client address may register ``--oauth-registration-rate-limit`` clients per minute, counted
+  across replicas (``limits.py``; 429).
+- Anyone may register, so a registration is kept only ``--oauth-unused-client-ttl`` (1h) until a user grants
+  it access (``store.promote_client``, at the grant), and at most ``--oauth-unused-clients-max`` such unused
+  registrations live at once across replicas (429 beyond). Their short TTL also makes them the first keys
+  Redis's ``volatile-ttl`` eviction drops, before any session. Once granted, a client unused for
   ``--oauth-client-idle-timeout`` is forgotten (its record's TTL, renewed on use).
 
 Client ID Metadata Documents (MCP 2025-11-25) are the other way in, when the operator turns them on
@@ -21,15 +26,16 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from dataclasses import asdict
 from typing import Any
 
 from aiohttp import web
 
 from .. import logs
 from ..context import Services, view_of
-from ..ratelimit import RateLimiter, retry_after
 from . import tokens as tk
 from .client_metadata import Refused, check_metadata, redirect_uri_problem
+from .limits import too_many
 from .model import GRANT_AUTHORIZATION_CODE, Client
 from .scopes import SCOPES
 from .service import OAUTH
@@ -37,7 +43,7 @@ from .service import OAUTH
 __all__ = ["Refused", "check_metadata", "client_from_metadata", "redirect_uri_problem", "register"]
 
 MAX_BODY_BYTES = 16 * 1024
-REGISTRATION_LIMITER = web.AppKey("oauth_registration_limiter", RateLimiter)
+MAX_STORED_BYTES = 4 * 1024  # what one anonymous registration may keep in the store, once checked
 _JSON_HEADERS = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 
@@ -105,17 +111,24 @@ def _response(client: Client, secret: str | None) -> dict[str, Any]:
 async def register(request: web.Request, svc: Services) -> web.Response:
     """Register a client (201 with its metadata), or an RFC 7591 error."""
     client_ip = view_of(request).client_ip
-    per_minute = float(svc.config.oauth_registration_rate_limit)
-    wait = request.app[REGISTRATION_LIMITER].take(client_ip, per_minute, 2 * per_minute, time.monotonic())
-    if wait:
-        response = refusal("too_many_requests", "too many registrations from this address; try again later", 429)
-        response.headers["Retry-After"] = retry_after(wait)
-        return response
+    limited = await too_many(request, "register", float(svc.config.oauth_registration_rate_limit), "registrations")
+    if limited is not None:
+        return limited
     try:
         client, secret = client_from_metadata(await _read_json(request), client_ip)
     except Refused as exc:
         return refusal(exc.code, exc.description)
-    await request.app[OAUTH].store.put_client(client, float(svc.config.oauth_client_idle_timeout))
+    if len(json.dumps(asdict(client), separators=(",", ":")).encode()) > MAX_STORED_BYTES:
+        return refusal("invalid_client_metadata", "the client metadata is too large to keep (over 4 KiB)")
+    config = svc.config
+    kept = await request.app[OAUTH].store.put_new_client(
+        client, float(config.oauth_unused_client_ttl), int(config.oauth_unused_clients_max)
+    )
+    if not kept:
+        logs.event("oauth_client_refused", {"reason": "unused_clients_max", "client_ip": client_ip})
+        response = refusal("too_many_requests", "too many registrations wait for their first use; try again later", 429)
+        response.headers["Retry-After"] = "60"
+        return response
     fields = {"client_id": client.client_id, "method": client.token_endpoint_auth_method, "client_ip": client_ip}
     logs.event("oauth_client_registered", fields)
     return web.json_response(_response(client, secret), status=201, headers=_JSON_HEADERS)

@@ -12,11 +12,15 @@ from aiohttp import web
 
 from ..context import Services
 from . import tokens as tk
+from .limits import too_many
 from .service import OAUTH, OAuthServer
 from .token_endpoint import NO_STORE, OAuthError, authenticate_client, error_response, read_form
 
 
 async def handle(request: web.Request, svc: Services) -> web.Response:
+    limited = await too_many(request, "token", float(svc.config.oauth_token_rate_limit), "token requests")
+    if limited is not None:
+        return limited
     server = request.app[OAUTH]
     try:
         form = await read_form(request)

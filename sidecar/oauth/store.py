@@ -23,7 +23,9 @@ Redis layout (``<prefix>oa:``; ``G`` = ``{grant_id}``):
     k:G          zset   the grant's access-token and code keys, by expiry (revocation finds them here)
     at:G:<hash>  string access token record        rt:G:<hash>  string refresh token record (the current one)
     c:G:<hash>   string "0"|"1" (used) + code JSON
-    ug:<user>    zset   grant ids by last use       cl:<id> string client JSON
+    ug:<user>    zset   grant ids by last use       cl:<id> string client JSON ("u:" + JSON while unused)
+    cn           zset   unused client ids by expiry (their count is bounded across replicas)
+    rl:<bucket>:<client>  hash  rate-limit token bucket of an unauthenticated endpoint (``limits.py``)
     d:<hash>     string device authorization JSON   du:<user code> string the device code hash
     p:<key>      string short-lived state of the browser-facing endpoints
 """
@@ -56,8 +58,19 @@ SLOW_DOWN_STEP = 5.0  # RFC 8628 3.5
 class GrantStore(Protocol):
     # --- clients (RFC 7591) -------------------------------------------------------------------------
     async def put_client(self, client: Client, ttl: float) -> None: ...
+    async def put_new_client(self, client: Client, ttl: float, max_new: int) -> bool:
+        """Keep an anonymous registration for ``ttl`` (short) as *unused*; False (nothing stored) when
+        ``max_new`` unused clients are alive already, counted across every replica."""
+        ...
+
+    async def promote_client(self, client_id: str, ttl: float) -> None:
+        """A user granted the client access: from now on it lives ``ttl`` since its last use."""
+        ...
+
     async def get_client(self, client_id: str) -> Client | None: ...
-    async def touch_client(self, client_id: str, ttl: float) -> None: ...
+    async def touch_client(self, client_id: str, ttl: float) -> None:
+        """Renew a used client's life; an unused one keeps its short one (anonymous use does not extend it)."""
+        ...
 
     # --- grants ---------------------------------------------------------------------------------------
     async def create_grant(self, grant: Grant, ttl: float, max_per_user: int) -> list[Grant]:
@@ -217,12 +230,29 @@ class MemoryGrantStore:
     async def put_client(self, client: Client, ttl: float) -> None:
         self._set("cl:" + client.client_id, client, ttl)
 
+    async def put_new_client(self, client: Client, ttl: float, max_new: int) -> bool:
+        now = self._clock()
+        new: dict[str, float] = self._get("cn") or {}
+        for client_id in [c for c, until in new.items() if until <= now]:
+            del new[client_id]
+        if len(new) >= max_new:
+            return False
+        new[client.client_id] = now + ttl
+        self._set("cn", new, ttl)
+        self._set("cl:" + client.client_id, client, ttl)
+        return True
+
+    async def promote_client(self, client_id: str, ttl: float) -> None:
+        new = self._get("cn") or {}
+        if new.pop(client_id, None) is not None:
+            self._expire("cl:" + client_id, ttl)
+
     async def get_client(self, client_id: str) -> Client | None:
         found: Client | None = self._get("cl:" + client_id)
         return found
 
     async def touch_client(self, client_id: str, ttl: float) -> None:
-        if self._get("cl:" + client_id) is not None:
+        if self._get("cl:" + client_id) is not None and client_id not in (self._get("cn") or {}):
             self._expire("cl:" + client_id, ttl)
 
     # grants: "g:<id>" -> dict(grant=Grant, rt=str|None, used=list[str], tokens=set[str])
@@ -537,6 +567,32 @@ return v
 """
 
 
+# Unused clients (anonymous registrations no user has granted yet): their record starts with _UNUSED and
+# lives the short TTL; ``cn`` counts them (zset: client id by expiry) across replicas.
+_UNUSED = b"u:"
+# KEYS cn; ARGV now, max, client id, expiry, ttl ms. 1 when the client may be stored.
+_COUNT_NEW = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[4], ARGV[3])
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[5]) then redis.call('PEXPIRE', KEYS[1], ARGV[5]) end
+return 1
+"""
+# KEYS client; ARGV ttl ms. An unused client becomes used (1), or nothing (0).
+_PROMOTE = """
+local v = redis.call('GET', KEYS[1])
+if not v or string.sub(v, 1, 2) ~= 'u:' then return 0 end
+redis.call('SET', KEYS[1], string.sub(v, 3), 'PX', ARGV[1])
+return 1
+"""
+# KEYS client; ARGV ttl ms. Renews a used client only.
+_TOUCH_CLIENT = """
+local v = redis.call('GET', KEYS[1])
+if not v or string.sub(v, 1, 2) == 'u:' then return 0 end
+return redis.call('PEXPIRE', KEYS[1], ARGV[1])
+"""
+
+
 class RedisGrantStore:
     """Many replicas on one Redis (single node, Sentinel or Cluster), sharing the session store's client."""
 
@@ -553,6 +609,9 @@ class RedisGrantStore:
         self._device_cas = client.register_script(_DEVICE_CAS)
         self._device_poll = client.register_script(_DEVICE_POLL)
         self._take = client.register_script(_TAKE)
+        self._count_new = client.register_script(_COUNT_NEW)
+        self._promote = client.register_script(_PROMOTE)
+        self._touch_client = client.register_script(_TOUCH_CLIENT)
 
     async def _call(self, op: Awaitable[T]) -> T:
         try:
@@ -573,11 +632,25 @@ class RedisGrantStore:
     async def put_client(self, client: Client, ttl: float) -> None:
         await self._call(self._r.set(self._p + "cl:" + client.client_id, _dump(client), px=_ms(ttl)))
 
+    async def put_new_client(self, client: Client, ttl: float, max_new: int) -> bool:
+        now = time.time()
+        args = [repr(now), max_new, client.client_id, repr(now + ttl), _ms(ttl)]
+        if not await self._call(self._count_new(keys=[self._p + "cn"], args=args)):
+            return False
+        value = _UNUSED + _dump(client)
+        await self._call(self._r.set(self._p + "cl:" + client.client_id, value, px=_ms(ttl)))
+        return True
+
+    async def promote_client(self, client_id: str, ttl: float) -> None:
+        if await self._call(self._promote(keys=[self._p + "cl:" + client_id], args=[_ms(ttl)])):
+            await self._call(self._r.zrem(self._p + "cn", client_id))
+
     async def get_client(self, client_id: str) -> Client | None:
-        return _load(Client, await self._call(self._r.get(self._p + "cl:" + client_id)))
+        raw = await self._call(self._r.get(self._p + "cl:" + client_id))
+        return _load(Client, raw[len(_UNUSED) :] if raw is not None and raw.startswith(_UNUSED) else raw)
 
     async def touch_client(self, client_id: str, ttl: float) -> None:
-        await self._call(self._r.pexpire(self._p + "cl:" + client_id, _ms(ttl)))
+        await self._call(self._touch_client(keys=[self._p + "cl:" + client_id], args=[_ms(ttl)]))
 
     # grants
     async def create_grant(self, grant: Grant, ttl: float, max_per_user: int) -> list[Grant]:

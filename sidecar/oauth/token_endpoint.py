@@ -32,6 +32,7 @@ from ..errors import InvalidCookie, SessionGone
 from . import id_token
 from . import tokens as tk
 from .cimd import find_client
+from .limits import too_many
 from .model import GRANT_AUTHORIZATION_CODE, GRANT_DEVICE_CODE, GRANT_REFRESH_TOKEN, Client, Grant, IssuedTokens
 from .service import OAUTH, OAuthServer
 
@@ -284,6 +285,9 @@ def _success(issued: IssuedTokens) -> web.Response:
 
 async def handle(request: web.Request, svc: Services) -> web.Response:
     """POST P/token (RFC 6749 3.2, RFC 8628 3.4)."""
+    limited = await too_many(request, "token", float(svc.config.oauth_token_rate_limit), "token requests")
+    if limited is not None:
+        return limited
     server = request.app[OAUTH]
     try:
         form = await read_form(request)
