@@ -419,12 +419,17 @@ async def test_openid_client_discovers_by_openid_configuration_registers_and_run
         tokens = await lib.expect("tokens")
         assert tokens["access_token"].startswith("sca.") and tokens["refresh_token"].startswith("scr."), tokens
         assert 0 < tokens["expires_in"] <= ACCESS_TTL and tokens["token_type"].lower() == "bearer", tokens
+        # openid was asked for: an ID token the library verified (signature against jwks_uri, iss, aud, exp)
+        claims = tokens["id_token_claims"]
+        assert claims and claims["iss"] == sidecar.base and claims["sub"], tokens
+        assert registered["client_id"] in ([claims["aud"]] if isinstance(claims["aud"], str) else claims["aud"])
 
         # the call (openid-client's fetchProtectedResource puts the bearer on), refresh (rotation), the call again
         assert_alice(mcp_whoami(await lib.expect("call")))
         refreshed = await lib.expect("refreshed")
         assert refreshed["access_token"] != tokens["access_token"], refreshed
         assert refreshed["refresh_token"] != tokens["refresh_token"], refreshed
+        assert refreshed["id_token_claims"]["sub"] == claims["sub"], refreshed  # same person, checked again
         assert_alice(mcp_whoami(await lib.expect("call")))
 
         # RFC 7009 revocation of the refresh token ends the grant: the access token is refused with a challenge

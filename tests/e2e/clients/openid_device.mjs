@@ -10,7 +10,9 @@ import * as client from "openid-client";
 const [issuer, resource] = process.argv.slice(2);
 const emit = (event, data = {}) => process.stdout.write(JSON.stringify({ event, ...data }) + "\n");
 const DEVICE = "urn:ietf:params:oauth:grant-type:device_code";
-const insecure = { execute: [client.allowInsecureRequests] };
+// allowInsecureRequests: plain http on loopback; enableNonRepudiationChecks: ID token signatures are verified
+// against the issuer's jwks_uri (by default the library trusts the TLS channel for token endpoint answers)
+const insecure = { execute: [client.allowInsecureRequests, client.enableNonRepudiationChecks] };
 
 async function mcp(config, accessToken, message, session) {
   // One MCP JSON-RPC message over Streamable HTTP, the bearer token put on by openid-client.
@@ -91,12 +93,16 @@ async function main() {
     expires_in: tokens.expiresIn(),
     scope: tokens.scope,
     token_type: tokens.token_type,
-    has_id_token: Boolean(tokens.id_token),
+    id_token_claims: tokens.claims() ?? null, // checked by the library: iss, aud, exp, iat, signature
   });
   emit("call", await whoami(config, tokens.access_token));
 
   const fresh = await client.refreshTokenGrant(config, tokens.refresh_token, { resource });
-  emit("refreshed", { access_token: fresh.access_token, refresh_token: fresh.refresh_token });
+  emit("refreshed", {
+    access_token: fresh.access_token,
+    refresh_token: fresh.refresh_token,
+    id_token_claims: fresh.claims() ?? null,
+  });
   emit("call", await whoami(config, fresh.access_token));
 
   await client.tokenRevocation(config, fresh.refresh_token, { token_type_hint: "refresh_token" });
