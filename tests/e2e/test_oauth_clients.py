@@ -526,44 +526,48 @@ async def oidc_agent(agent: str, home: Path) -> AsyncIterator[dict[str, str]]:
             await proc.wait()
 
 
+async def oidc_gen_device(
+    gen_bin: str, env: dict[str, str], browser: Browser, base: str, account: str, decision: str = "approve"
+) -> tuple[int, str]:
+    """``oidc-gen`` as its man page has it for a headless machine: dynamic registration at the issuer it
+    discovers (/.well-known/openid-configuration), the device flow, the account password from the environment.
+    The person reads the URL and the code off the terminal and answers in Chromium. (exit code, output)."""
+    gen = await asyncio.create_subprocess_exec(
+        gen_bin, account, f"--iss={base}", "--flow=device", "--scope=openid offline_access",
+        "--pw-env", "--no-url-call", "--prompt=none", "--confirm-default",
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env,
+    )  # fmt: skip
+    shown = ""
+    try:
+        assert gen.stdout is not None
+        while "enter the code:" not in shown:
+            line = await asyncio.wait_for(gen.stdout.readline(), 30)
+            if not line:
+                raise AssertionError(f"oidc-gen stopped before showing a code:\n{shown}")
+            shown += line.decode(errors="replace")
+        words = shown.split()
+        verification_uri = next(w for w in words if w.startswith(base))
+        user_code = words[words.index("code:") + 1]
+        assert verification_uri == base + "/oauth2/device", shown
+        async with person.new_page(browser) as page:
+            done = await person.approve_device(page, verification_uri, decision=decision, user_code=user_code)
+        assert ("Device connected" if decision == "approve" else "Access denied") in done, done
+        rest, _ = await asyncio.wait_for(gen.communicate(), 30)
+        return int(gen.returncode or 0), shown + rest.decode(errors="replace")
+    finally:
+        if gen.returncode is None:
+            gen.kill()
+            await gen.wait()
+
+
 async def test_oidc_agent_registers_runs_the_device_flow_and_hands_out_refreshed_tokens_curl_uses(
     chromium_browser: Browser, sidecar: Stack, tmp_path: Path
 ) -> None:
     bins = oidc_agent_binaries()
-    alice = Person(chromium_browser, sidecar.base)
     resource = sidecar.base + "/mcp"
     async with oidc_agent(bins["oidc-agent"], tmp_path) as env:
-        # oidc-gen as its man page has it for a headless machine: dynamic registration at the issuer it discovers
-        # (/.well-known/openid-configuration), the device flow, the account password from the environment
-        gen = await asyncio.create_subprocess_exec(
-            bins["oidc-gen"], "sidecar", f"--iss={sidecar.base}", "--flow=device", "--scope=openid offline_access",
-            "--pw-env", "--no-url-call", "--prompt=none", "--confirm-default",
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-            env=env,
-        )  # fmt: skip
-        shown = ""
-        try:
-            assert gen.stdout is not None
-            while "enter the code:" not in shown or not shown.rstrip(" ").endswith("\n"):
-                line = await asyncio.wait_for(gen.stdout.readline(), 30)
-                if not line:
-                    raise AssertionError(f"oidc-gen stopped before showing a code:\n{shown}")
-                shown += line.decode(errors="replace")
-            # what the person reads off the terminal: the URL to visit and the code to type there
-            words = shown.split()
-            verification_uri = next(w for w in words if w.startswith(sidecar.base))
-            user_code = words[words.index("code:") + 1]
-            assert verification_uri == sidecar.base + "/oauth2/device", shown
-            async with person.new_page(alice.browser) as page:
-                done = await person.approve_device(page, verification_uri, user_code=user_code)
-            assert "Device connected" in done, done
-            rest, _ = await asyncio.wait_for(gen.communicate(), 30)
-            shown += rest.decode(errors="replace")
-            assert gen.returncode == 0, shown
-        finally:
-            if gen.returncode is None:
-                gen.kill()
-                await gen.wait()
+        code, shown = await oidc_gen_device(bins["oidc-gen"], env, chromium_browser, sidecar.base, "sidecar")
+        assert code == 0, shown
 
         # oidc-token hands out the access token; curl calls the MCP server with it
         code, first, err = await run(bins["oidc-token"], "sidecar", env=env)
@@ -583,3 +587,17 @@ async def test_oidc_agent_registers_runs_the_device_flow_and_hands_out_refreshed
         refused = await curl_mcp(bins["curl"], resource, second.strip(), {"jsonrpc": "2.0", "id": 1, "method": "ping"})
         assert refused["status"] == 401, refused
         assert 'error="invalid_token"' in refused["headers"].get("www-authenticate", ""), refused
+
+
+async def test_oidc_agent_when_the_person_denies_gets_no_account_and_no_token(
+    chromium_browser: Browser, sidecar: Stack, tmp_path: Path
+) -> None:
+    bins = oidc_agent_binaries()
+    async with oidc_agent(bins["oidc-agent"], tmp_path) as env:
+        code, shown = await oidc_gen_device(
+            bins["oidc-gen"], env, chromium_browser, sidecar.base, "denied", decision="deny"
+        )
+        assert code != 0 and "access_denied" in shown.replace(" ", "_").lower(), shown
+        code, out, err = await run(bins["oidc-token"], "denied", env=env)
+        assert code != 0 and not out.strip(), (out, err)
+        assert not (tmp_path / ".oidc-agent" / "denied").exists() and not (tmp_path / ".config").exists()
