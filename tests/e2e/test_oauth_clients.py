@@ -338,10 +338,14 @@ async def test_mcp_remote_bridge_signs_in_calls_refreshes_restarts_and_is_sent_b
         assert second["refresh_token"] != first["refresh_token"], "the refresh token rotated"
         assert len(shim.urls()) == 1, "refreshed, not sent to the browser again"
 
-    # 3. The assistant restarts the bridge: the cached tokens carry the new process, no browser.
+    # 3. The assistant is restarted later, its cached access token expired meanwhile: the new bridge process
+    #    refreshes with the cached refresh token; no browser.
+    await asyncio.sleep(ACCESS_TTL + 1)
     async with mcp_remote(server_url, port, env) as bridge:
         await bridge.initialize()
         assert_alice(whoami_of(await bridge.request("tools/call", {"name": "whoami", "arguments": {}})))
+        third = cached_tokens(config_dir)
+        assert third["refresh_token"] != second["refresh_token"], "the restarted bridge refreshed"
         assert len(shim.urls()) == 1, "the restarted bridge used its cached tokens"
 
         # 4. Alice revokes the grant on /oauth2/grants: the bridge's token is refused, its refresh too, and all
@@ -351,6 +355,10 @@ async def test_mcp_remote_bridge_signs_in_calls_refreshes_restarts_and_is_sent_b
         call = asyncio.ensure_future(bridge.request("tools/call", {"name": "whoami", "arguments": {}}, timeout=90))
         again = await shim.next_url(1)
         assert again.startswith(sidecar.base + "/oauth2/authorize?"), again
+        # the same registered client, asked to authorize anew (a new state and PKCE challenge)
+        renewed = parse_qs(urlsplit(again).query)
+        assert renewed["client_id"] == asked["client_id"] and renewed["state"] != asked["state"], (asked, renewed)
+        assert renewed["code_challenge"] != asked["code_challenge"], (asked, renewed)
         call.cancel()
         with contextlib.suppress(asyncio.CancelledError, AssertionError):
             await call
