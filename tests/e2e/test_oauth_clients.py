@@ -243,6 +243,17 @@ class StdioMCP:
             if message.get("id") == self.next_id:
                 return dict(message)
 
+    async def stderr_line_after(self, marker: str, timeout: float = 30) -> str:
+        """The first line the bridge logs after the line holding ``marker`` (what a person reads in the log)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            lines = [line.strip() for line in self.stderr]
+            for i, line in enumerate(lines[:-1]):
+                if marker in line:
+                    return lines[i + 1]
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"mcp-remote never logged {marker!r}:\n{self.log()}")
+
     async def initialize(self) -> dict[str, Any]:
         params = {
             "protocolVersion": "2025-06-18",
@@ -265,9 +276,9 @@ class StdioMCP:
 
 
 @contextlib.asynccontextmanager
-async def mcp_remote(server_url: str, port: int, env: dict[str, str]) -> AsyncIterator[StdioMCP]:
+async def mcp_remote(server_url: str, port: int, env: dict[str, str], *flags: str) -> AsyncIterator[StdioMCP]:
     """``mcp-remote URL PORT --allow-http`` as an assistant's config would start it (http: loopback test server)."""
-    command = [node(), npm_bin("mcp-remote"), server_url, str(port), "--allow-http", "--auth-timeout", "60"]
+    command = [node(), npm_bin("mcp-remote"), server_url, str(port), "--allow-http", "--auth-timeout", "60", *flags]
     proc = await asyncio.create_subprocess_exec(
         *command,
         stdin=asyncio.subprocess.PIPE,
@@ -362,6 +373,25 @@ async def test_mcp_remote_bridge_signs_in_calls_refreshes_restarts_and_is_sent_b
         call.cancel()
         with contextlib.suppress(asyncio.CancelledError, AssertionError):
             await call
+
+
+async def test_mcp_remote_headless_with_its_device_code_flag(
+    chromium_browser: Browser, sidecar: Stack, tmp_path: Path
+) -> None:
+    """``mcp-remote URL --device-code`` (no browser on this machine): it registers for the device grant, logs the
+    verification URL to stderr (the assistant's log), and polls while the person approves on another device."""
+    shim = BrowserShim(tmp_path)
+    env = clean_env(tmp_path, MCP_REMOTE_CONFIG_DIR=str(tmp_path / "mcp-auth"), **shim.env)
+    async with mcp_remote(sidecar.base + "/mcp", free_port(), env, "--device-code") as bridge:
+        url = (await bridge.stderr_line_after("To authorize this client, visit:")).split()[-1]  # "[pid]   URL"
+        assert url.startswith(sidecar.base + "/oauth2/device?user_code="), url
+        async with person.new_page(chromium_browser) as page:
+            assert "Device connected" in await person.approve_device(page, url)
+        await bridge.initialize()
+        assert_alice(whoami_of(await bridge.request("tools/call", {"name": "whoami", "arguments": {}})))
+    assert shim.urls() == [], "the device flow never opens a browser here"
+    info = json.loads(next((tmp_path / "mcp-auth").glob("mcp-remote-v*/*_client_info.json")).read_text())
+    assert info["grant_types"] == ["urn:ietf:params:oauth:grant-type:device_code", "refresh_token"], info
 
 
 # --- openid-client ------------------------------------------------------------------------------------------------
