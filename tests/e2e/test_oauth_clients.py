@@ -5,16 +5,20 @@ authorization server (``--oauth-server``) in front of a real MCP server at ``/mc
   it speaks MCP over the bridge's stdin/stdout (initialize, tools/list, tools/call). The bridge discovers,
   registers and opens the authorization URL with the system browser; ``BROWSER`` (what its ``open`` dependency's
   ``xdg-open`` uses on Linux without a desktop) and an ``xdg-open`` first on ``PATH`` are shims that hand the URL
-  to the test, whose person approves it in the browser; the browser then lands on the bridge's own loopback
-  callback. It must survive an access-token expiry (short ``--oauth-access-token-ttl``) and its own restart
-  (tokens cached in ``MCP_REMOTE_CONFIG_DIR``), and go back to the browser once the user revokes the grant.
+  to the test, whose person approves it in Chromium; the browser then lands on the bridge's own loopback
+  callback. It must survive an access-token expiry (short ``--oauth-access-token-ttl``) and a restart after its
+  cached token expired (tokens in ``MCP_REMOTE_CONFIG_DIR``), and go back to the browser once the user revokes
+  the grant on ``/oauth2/grants`` (it has no revoke of its own). Headless, ``--device-code`` logs the URL instead.
 - **openid-client** (npm), run by tests/e2e/clients/openid_device.mjs: discovery through
-  ``/.well-known/openid-configuration``, dynamic registration, the device flow, a call, refresh, revocation.
-- **oidc-agent** (Debian): ``oidc-gen`` registers dynamically and runs the device flow against a private agent,
-  ``oidc-token`` hands out a token (refreshed when asked for a longer life) that curl uses on ``/mcp``.
+  ``/.well-known/openid-configuration``, dynamic registration, the device flow, the ID token verified against
+  ``jwks_uri``, a call, refresh, RFC 7009 revocation.
+- **oidc-agent** (Debian): ``oidc-gen`` registers dynamically and runs the device flow against a private agent
+  (the person types the code it prints), ``oidc-token`` hands out a token and a forced new one (a refresh) that
+  curl uses on ``/mcp``; ``oidc-gen --delete`` revokes. A Deny leaves no account.
 
-One stack for the module: the dev provider, the sidecar on a real redis-server, the MCP server as its own process.
-A missing node, npm package or oidc-agent binary fails with what to install; nothing is skipped.
+Every browser step is real Chromium (tests/e2e/chromium.py). One stack for the module: the dev provider, the
+sidecar on a real redis-server, the MCP server as its own process. A missing node, npm package, oidc-agent or
+curl fails with what to install; nothing is skipped.
 """
 
 from __future__ import annotations
