@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench soak system-deps node-deps client-deps clean
+.PHONY: run test lint bench soak system-deps node-deps browser-deps client-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,15 @@ $(MCP_JS_STAMP): $(MCP_JS)/package.json $(MCP_JS)/package-lock.json
 	cd $(MCP_JS) && npm ci --no-audit --no-fund --loglevel=error
 	touch $(MCP_JS_STAMP)
 
+# axe-core for the accessibility checks of tests/e2e/a11y.py, from its committed package-lock.json (npm ci).
+BROWSER_JS := tests/e2e/browser
+BROWSER_JS_STAMP := $(BROWSER_JS)/node_modules/.package-lock.json
+browser-deps: $(BROWSER_JS_STAMP)
+
+$(BROWSER_JS_STAMP): $(BROWSER_JS)/package.json $(BROWSER_JS)/package-lock.json | node-deps
+	cd $(BROWSER_JS) && npm ci --no-audit --no-fund --loglevel=error
+	touch $(BROWSER_JS_STAMP)
+
 # Third-party OAuth clients for tests/e2e/test_oauth_clients.py: mcp-remote and openid-client from the committed
 # tests/e2e/clients/package-lock.json (npm ci; node checked by node-deps first), oidc-agent (oidc-gen, oidc-token)
 # from the distro's oidc-agent-cli: installed when missing and root, else a one-line hint; never skipped.
@@ -76,7 +85,7 @@ $(CLIENTS_JS_STAMP): $(CLIENTS_JS)/package.json $(CLIENTS_JS)/package-lock.json 
 run: $(STAMP)
 	$(PY) -m sidecar.dev
 
-test: $(STAMP) system-deps node-deps client-deps
+test: $(STAMP) system-deps node-deps browser-deps client-deps
 	$(PY) -m pytest -q -p no:cacheprovider
 
 lint: $(STAMP)
@@ -91,4 +100,4 @@ soak: $(STAMP) system-deps
 	SIDECAR_SOAK_SECONDS=180 $(PY) -m pytest -q -p no:cacheprovider tests/e2e/test_operations.py -k soak -o timeout=400
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache $(MCP_JS)/node_modules $(CLIENTS_JS)/node_modules
+	rm -rf $(VENV) *.egg-info .pytest_cache $(MCP_JS)/node_modules $(BROWSER_JS)/node_modules $(CLIENTS_JS)/node_modules build/screenshots

@@ -194,7 +194,7 @@ async def _end_session(svc: Services, sub: str, row_id: str) -> bool:
     index = user_key(sub)
     for key in await svc.sessions.store.user_sessions(index):
         if hmac.compare_digest(_handle(svc.config, key), row_id) and await svc.sessions.store.get_outcome(CARD + key):
-            await svc.sessions.store.delete(key, index)
+            await svc.sessions.end_users_session(sub, key)
             await svc.sessions.store.put_outcome(CARD + key, b"", 1.0)
             return True
     return False

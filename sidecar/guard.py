@@ -94,6 +94,7 @@ async def authorize(request: web.Request, svc: Services) -> tuple[SessionRef, Se
     if denied is not None:
         fields = {**logs.who(session.identity), "reason": denied, "route": request.path[:200]}
         logs.event("denied", {**fields, "client_ip": view_of(request).client_ip})
+        request[AUTHED] = (ref, session)  # the access-denied page names the account
         raise web.HTTPForbidden(text="403 Forbidden: your account is not allowed here\n")
     return ref, session
 

@@ -219,7 +219,7 @@ async def callback(request: web.Request, svc: Services) -> web.Response:
     if denied is not None:
         metrics.DECISIONS.add("403")
         _log_denial(request, identity, denied, "/oauth2/callback")
-        response = pages.forbidden(request)
+        response = pages.forbidden(request, identity.email or identity.user)
         clear_cookie(response, config, cookie_name)
         return response
     if attempt.purpose:

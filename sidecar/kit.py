@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
+import unicodedata
 from contextvars import ContextVar
 
 REQUEST_ID: ContextVar[str | None] = ContextVar("sidecar_request_id", default=None)
@@ -45,7 +46,7 @@ code{background:var(--code);padding:0 .2em;border-radius:3px;overflow-wrap:anywh
 .actions{list-style:none;padding:0;display:flex;flex-wrap:wrap;gap:.75rem}
 form.inline{display:inline}
 .buttons{display:flex;flex-wrap:wrap;gap:.75rem;margin:1rem 0}
-button,.button{min-height:44px;min-width:44px;padding:.55rem 1.2rem;font:inherit;font-weight:600;
+button,.button{min-height:44px;min-width:44px;white-space:nowrap;padding:.55rem 1.2rem;font:inherit;font-weight:600;
 border-radius:6px;border:2px solid var(--btn);background:var(--btn);color:var(--btn-fg);cursor:pointer}
 button.secondary{background:transparent;color:var(--link);border-color:var(--link)}
 label{display:block;font-weight:600;margin-bottom:.3rem}
@@ -75,8 +76,11 @@ def e(value: object) -> str:
 
 
 def name(value: str) -> str:
-    """A name someone else chose (a client's name), isolated so bidi controls cannot reorder the sentence."""
-    return f"<bdi>{e(value)}</bdi>"
+    """A name someone else chose (a client's name): isolated (``<bdi>``) so it cannot reorder the sentence
+    around it, and its invisible characters (bidi overrides, zero-width and other format or control
+    characters) shown as ``<U+202E>`` so "Backup tool <U+202E>elgoog.www" cannot pass for "www.google"."""
+    shown = "".join(f"<U+{ord(ch):04X}>" if unicodedata.category(ch) in ("Cf", "Cc") else ch for ch in value)
+    return f"<bdi>{e(shown)}</bdi>"
 
 
 def document(title: str, body: str, banner: str = "", footer: str = "", error: bool = False) -> str:

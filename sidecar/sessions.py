@@ -186,6 +186,12 @@ class Sessions:
         await self.store.delete(ref.store_key, user_key(session.identity.sub) if session else None)
         metrics.SESSIONS_DELETED.labels(reason=reason).inc()
 
+    async def end_users_session(self, sub: str, key: str, reason: str = "ended_from_account_page") -> None:
+        """End one session of the user's index by its store key (the account page holds no cookie for it)."""
+        self._cache.pop(key, None)
+        await self.store.delete(key, user_key(sub))
+        metrics.SESSIONS_DELETED.labels(reason=reason).inc()
+
     async def end_all_for_user(self, sub: str, reason: str = "signed_out_everywhere") -> int:
         """Sign a user out everywhere (every browser, every CLI client)."""
         return await self._end_indexed(user_key(sub), reason)

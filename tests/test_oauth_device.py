@@ -40,7 +40,7 @@ async def enter_code(client: aiohttp.ClientSession, base: str, code: str) -> aio
     async with client.get(f"{base}/oauth2/device") as resp:
         fields = form_fields(await resp.text())
     async with client.post(
-        f"{base}/oauth2/device", data={**fields, "user_code": code}, headers={"Origin": base}
+        f"{base}/oauth2/device", data={**fields, "user_code": code}
     ) as resp:
         await resp.read()
         return resp
@@ -48,7 +48,7 @@ async def enter_code(client: aiohttp.ClientSession, base: str, code: str) -> aio
 
 async def consent(client: aiohttp.ClientSession, base: str, page: str, decision: str) -> str:
     async with client.post(
-        f"{base}/oauth2/consent", data={**form_fields(page), "decision": decision}, headers={"Origin": base}
+        f"{base}/oauth2/consent", data={**form_fields(page), "decision": decision}
     ) as resp:
         assert resp.status == 200, await resp.text()
         return await resp.text()
@@ -85,7 +85,6 @@ async def test_device_flow_code_entry_consent_and_polling(store: SessionStore) -
         async with user.post(
             f"{base}/oauth2/device",
             data={**form_fields(page), "user_code": typed},
-            headers={"Origin": base},
         ) as resp:
             page = await resp.text()
         assert "Allow" in page and "device" in page and f"{base}/mcp" in page
@@ -111,7 +110,7 @@ async def test_denied_device_gets_access_denied() -> None:
         async with user.get(f"{st.base}/oauth2/device") as resp:
             fields = form_fields(await resp.text())
         async with user.post(
-            f"{st.base}/oauth2/device", data={**fields, "user_code": answer["user_code"]}, headers={"Origin": st.base}
+            f"{st.base}/oauth2/device", data={**fields, "user_code": answer["user_code"]}
         ) as resp:
             page = await resp.text()
         assert "denied" in (await consent(user, st.base, page, "deny")).lower()
@@ -135,7 +134,7 @@ async def test_wrong_codes_reveal_nothing_and_entry_is_rate_limited() -> None:
             fields = form_fields(await resp.text())
         for code in wrong[:3]:
             async with user.post(
-                f"{st.base}/oauth2/device", data={**fields, "user_code": code}, headers={"Origin": st.base}
+                f"{st.base}/oauth2/device", data={**fields, "user_code": code}
             ) as resp:
                 text = await resp.text()
                 texts.add(re.sub(r"value='[^']*'", "", text))
@@ -147,7 +146,6 @@ async def test_wrong_codes_reveal_nothing_and_entry_is_rate_limited() -> None:
             async with user.post(
                 f"{st.base}/oauth2/device",
                 data={**fields, "user_code": answer["user_code"]},
-                headers={"Origin": st.base},
             ) as resp:
                 statuses.append(resp.status)
         assert statuses[-1] == 429  # ten entries a minute per session: even the right code must wait
@@ -165,9 +163,9 @@ async def test_code_entry_needs_a_session_csrf_and_same_origin() -> None:
             foreign = form_fields(await resp.text())
         code = answer["user_code"]
         cases: list[tuple[dict[str, str], dict[str, str]]] = [
-            ({"user_code": code}, {"Origin": st.base}),
-            ({"user_code": code, "csrf": "x"}, {"Origin": st.base}),
-            ({**foreign, "user_code": code}, {"Origin": st.base}),
+            ({"user_code": code}, {}),
+            ({"user_code": code, "csrf": "x"}, {}),
+            ({**foreign, "user_code": code}, {}),
             ({**foreign, "user_code": code}, {"Origin": "https://evil.example"}),
         ]
         for data, headers in cases:

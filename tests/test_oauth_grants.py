@@ -57,16 +57,16 @@ async def test_grants_page_lists_own_grants_and_revoke_ends_one(store: SessionSt
         async with bob.post(
             f"{base}/oauth2/grants/revoke",
             data={"csrf": bob_csrf, "grant_id": grants[0]["grant_id"]},
-            headers={"Origin": base, **JSON},
+            headers=JSON,
         ) as resp:
             assert resp.status == 404
         assert await _mcp(base, tokens["access_token"]) != 401
         # alice's own revoke needs her CSRF token and our origin
         fields = form_fields(page)
         for data, headers in [
-            ({"grant_id": fields["grant_id"]}, {"Origin": base}),
-            ({**fields, "csrf": bob_csrf}, {"Origin": base}),
-            ({**fields, "csrf": "x" * 43}, {"Origin": base}),
+            ({"grant_id": fields["grant_id"]}, {}),
+            ({**fields, "csrf": bob_csrf}, {}),
+            ({**fields, "csrf": "x" * 43}, {}),
             (fields, {"Origin": "https://evil.example"}),
             (fields, {"Sec-Fetch-Site": "cross-site"}),
         ]:
@@ -76,7 +76,7 @@ async def test_grants_page_lists_own_grants_and_revoke_ends_one(store: SessionSt
                 assert resp.status == 403, (data, headers)
         assert await _mcp(base, tokens["access_token"]) != 401
         async with alice.post(
-            f"{base}/oauth2/grants/revoke", data=fields, headers={"Origin": base}, allow_redirects=False
+            f"{base}/oauth2/grants/revoke", data=fields, allow_redirects=False
         ) as resp:
             assert resp.status == 303 and resp.headers["Location"] == "/oauth2/grants"
         assert (await _list(alice, base))["grants"] == []
@@ -121,7 +121,7 @@ async def test_sign_out_everywhere_ends_grants_but_plain_sign_out_does_not(store
         assert await _mcp(base, tokens["access_token"]) != 401  # a browser sign-out leaves CLI grants alone
         await sign_in(alice, base)
         async with alice.post(
-            f"{base}/oauth2/sign_out?everywhere=true", headers={"Origin": base}, allow_redirects=False
+            f"{base}/oauth2/sign_out?everywhere=true", allow_redirects=False
         ) as resp:
             assert resp.status == 302
         await asyncio.sleep(1.1)  # --session-cache-ttl: a replica trusts its cached copy of a record up to 1 s

@@ -8,6 +8,7 @@ Use:
 
 - ``async with chromium() as browser:`` then ``async with new_page(browser) as page:`` (one isolated
   cookie jar per ``new_page``), from any test or fixture running on the current event loop; or
+- ``async with one_page() as page:`` a Chromium of its own, from a test on any loop; or
 - the ``chromium_browser`` fixture (tests/e2e/conftest.py): one Chromium for the whole run, on the session
   event loop. A module using it runs its tests on that loop: ``pytestmark =
   pytest.mark.asyncio(loop_scope="session")`` and builds its stacks in fixtures with the same loop scope.
@@ -20,6 +21,7 @@ URI (a real client's loopback listener, or nobody: the request is what counts).
 
 from __future__ import annotations
 
+import html
 import os
 import shutil
 import tempfile
@@ -27,8 +29,11 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from urllib.parse import parse_qsl, urlsplit
 
+from aiohttp import web
 from playwright.async_api import Browser, BrowserContext, Page, Request, async_playwright
 from playwright.async_api import Error as PlaywrightError
+
+from tests.stack import free_port
 
 CHROMIUM = os.environ.get("SIDECAR_TEST_CHROMIUM", "/usr/bin/chromium")
 FLAGS = (
@@ -84,19 +89,32 @@ async def chromium() -> AsyncIterator[Browser]:
 
 @asynccontextmanager
 async def new_page(
-    browser: Browser, width: int = DESKTOP["width"], height: int = DESKTOP["height"], dark: bool = False
+    browser: Browser,
+    width: int = DESKTOP["width"],
+    height: int = DESKTOP["height"],
+    dark: bool = False,
+    user_agent: str | None = None,
 ) -> AsyncIterator[Page]:
-    """A page in a new browser context: cookies, storage and cache of its own, like a new person."""
+    """A page in a new browser context: cookies, storage and cache of its own, like a new person (or another
+    device of the same person: ``user_agent``)."""
     context: BrowserContext = await browser.new_context(
         viewport={"width": width, "height": height},
         color_scheme="dark" if dark else "light",
         locale="en-GB",
+        user_agent=user_agent,
     )
     context.set_default_timeout(STEP_TIMEOUT_MS)
     try:
         yield await context.new_page()
     finally:
         await context.close()
+
+
+@asynccontextmanager
+async def one_page(width: int = DESKTOP["width"], height: int = DESKTOP["height"]) -> AsyncIterator[Page]:
+    """A Chromium of its own with one page, for a test on its own event loop (about 1.5 s to start)."""
+    async with chromium() as browser, new_page(browser, width, height) as page:
+        yield page
 
 
 def watch(page: Page, prefix: str) -> list[str]:
@@ -185,3 +203,53 @@ async def approve_device(
             await field.fill(user_code)  # typed by the person, as read from the device
         await step(page, decision, user)
     raise AssertionError(f"device approval did not finish, at {page.url}: {(await text(page))[:500]}")
+
+
+@asynccontextmanager
+async def other_site(host: str = "127.0.0.1") -> AsyncIterator[OtherSite]:
+    """A second local origin (another port; ``localhost`` for another site) that serves pages the test writes:
+    what another site's page really makes a browser send (its own Origin, Sec-Fetch-Site: same-site or
+    cross-site, the cookies SameSite lets through)."""
+    site = OtherSite(host)
+    runner = web.AppRunner(site.app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    site.origin = f"http://{host}:{port}"
+    try:
+        yield site
+    finally:
+        await runner.cleanup()
+
+
+class OtherSite:
+    def __init__(self, host: str) -> None:
+        self.origin = ""
+        self.pages: dict[str, str] = {}
+        self.app = web.Application()
+        self.app.router.add_get("/{name}", self._serve)
+
+    async def _serve(self, request: web.Request) -> web.Response:
+        return web.Response(text=self.pages.get(request.match_info["name"], "nothing"), content_type="text/html")
+
+    def form(self, name: str, action: str, fields: dict[str, str]) -> str:
+        """A page with a form posting ``fields`` to ``action`` (on the sidecar); returns its URL."""
+        inputs = "".join(
+            f"<input type='hidden' name='{html.escape(k, quote=True)}' value='{html.escape(v, quote=True)}'>"
+            for k, v in fields.items()
+        )
+        self.pages[name] = (
+            "<!doctype html><html lang='en'><title>another site</title><main>"
+            f"<form method='post' action='{html.escape(action, quote=True)}'>{inputs}"
+            "<button type='submit' id='go'>Win a prize</button></form></main></html>"
+        )
+        return f"{self.origin}/{name}"
+
+
+async def hidden_fields(page: Page, form_selector: str = "form") -> dict[str, str]:
+    """The hidden inputs of a form on the page, as the browser holds them."""
+    fields: dict[str, str] = await page.eval_on_selector(
+        form_selector,
+        "f => Object.fromEntries([...f.querySelectorAll('input[type=hidden]')].map(i => [i.name, i.value]))",
+    )
+    return fields

@@ -1,6 +1,6 @@
 """The README's ``curl`` device-flow session (section "CLI and MCP clients"), request for request, against the
 demo app's ``/mcp`` behind the sidecar: register a public client, ask for a device code, the person approves it
-in a signed-in browser (code form, consent, the grant's sign-in), poll the token endpoint, call the MCP tool with
+in real Chromium (code form, consent, the grant's sign-in), poll the token endpoint, call the MCP tool with
 the access token, refresh (rotation), and see a replayed refresh token end the whole grant.
 
 The requests are the README's: ``test_readme_shows_this_session`` checks that every ``curl`` line of the README
@@ -19,8 +19,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from sidecar.store import RedisStore
-from tests.e2e.oauth_browser import approve_device
-from tests.stack import browser, stack
+from tests.e2e.chromium import approve_device, one_page
+from tests.stack import stack
 
 README = Path(__file__).parents[2] / "README.md"
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
@@ -57,7 +57,7 @@ async def call_whoami(c: aiohttp.ClientSession, url: str, access_token: str) -> 
 
 async def test_device_flow_session_as_in_the_readme(redis_store: RedisStore) -> None:
     settings = {"oauth_server": "true", "oauth_resource": "/mcp", "pass_authorization_header": "true"}
-    async with stack(redis_store, **settings) as st, aiohttp.ClientSession() as cli, browser() as person:
+    async with stack(redis_store, **settings) as st, aiohttp.ClientSession() as cli, one_page() as person:
         s = st.base
         # register: a public client for the device grant (no redirect URI, no secret)
         meta = {

@@ -3,10 +3,11 @@
 The Python SDK (``mcp``: ``OAuthClientProvider`` over ``httpx2``) and the TypeScript SDK
 (``@modelcontextprotocol/sdk``: ``StreamableHTTPClientTransport`` + ``auth()``, run by node from
 tests/e2e/mcp/client.mjs) each: get the 401 on ``/mcp``, discover the resource and authorization server
-metadata, register dynamically, send the user's browser (a scripted, signed-in aiohttp session) through the
-consent page and the grant's upstream sign-in, exchange the code, call the ``whoami`` tool (which reports the
-identity headers the MCP server received and whether a sidecar token reached it), survive access-token
-expiry by refreshing, and are refused once the user revokes the grant on ``/oauth2/grants``.
+metadata, register dynamically, send the user's browser (real Chromium, tests/e2e/chromium.py) through the
+upstream sign-in, the consent page (Allow clicked) and the grant's upstream sign-in, exchange the code, call
+the ``whoami`` tool (which reports the identity headers the MCP server received and whether a sidecar token
+reached it), survive access-token expiry by refreshing, and are refused once the user clicks Revoke on
+``/oauth2/grants`` in the same browser.
 
 Everything is real: redis-server, the dev OIDC provider over HTTP, the MCP server as its own process (the
 Python SDK's ``MCPServer`` with DNS-rebinding protection on), node for the TypeScript SDK. A missing node or
@@ -36,11 +37,12 @@ from mcp import Client
 from mcp.client.auth import OAuthClientProvider
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.auth import AuthorizationCodeResult, OAuthClientInformationFull, OAuthClientMetadata, OAuthToken
+from playwright.async_api import Page
 from pydantic import AnyUrl
 
 from sidecar.store import RedisStore
-from tests.e2e.oauth_browser import approve_authorization
-from tests.stack import browser, free_port, sign_in, stack
+from tests.e2e import chromium as person
+from tests.stack import free_port, stack
 
 MCP_DIR = Path(__file__).parent / "mcp"
 ACCESS_TTL = 10  # seconds: --oauth-access-token-ttl (its minimum), so that the test outlives a token
@@ -92,23 +94,14 @@ def oauth_settings(upstream: str) -> dict[str, Any]:
     }
 
 
-async def grants_of(b: aiohttp.ClientSession, base: str) -> dict[str, Any]:
-    """The signed-in user's grants page as JSON (grants and the revoke form's CSRF token)."""
-    async with b.get(base + "/oauth2/grants", headers={"Accept": "application/json"}) as resp:
-        assert resp.status == 200, await resp.text()
-        return dict(await resp.json())
-
-
-async def revoke_on_grants_page(b: aiohttp.ClientSession, base: str, client_name: str) -> None:
-    """What the user does on /oauth2/grants: revoke the grant of the client with this name."""
-    page = await grants_of(b, base)
-    mine = [g for g in page["grants"] if g["client_name"] == client_name]
-    assert len(mine) == 1, page["grants"]
-    data = {"csrf": page["csrf"], "grant_id": mine[0]["grant_id"]}
-    headers = {"Origin": base, "Accept": "application/json"}
-    async with b.post(base + "/oauth2/grants/revoke", data=data, headers=headers) as resp:
-        assert resp.status == 200, await resp.text()
-    assert not [g for g in (await grants_of(b, base))["grants"] if g["client_name"] == client_name]
+async def revoke_on_grants_page(page: Page, base: str, client_name: str) -> None:
+    """What the user does on /oauth2/grants in the browser: click Revoke on the row of the client with this name."""
+    await page.goto(base + "/oauth2/grants", wait_until="load")
+    row = page.locator("tr", has_text=client_name)
+    assert await row.count() == 1, await person.text(page)
+    await person.click_and_wait(page, f"tr:has-text({json.dumps(client_name)}) button:has-text('Revoke')")
+    assert urlsplit(page.url).path == "/oauth2/grants", page.url
+    assert client_name not in await person.text(page)
 
 
 async def raw_mcp_status(base: str, access_token: str) -> tuple[int, str]:
@@ -170,10 +163,11 @@ class ReauthorizationRefused(Exception):
 
 
 class ScriptedUser:
-    """``redirect_handler`` + ``callback_handler`` for the SDK: the browser step done by a signed-in session."""
+    """``redirect_handler`` + ``callback_handler`` for the SDK: the browser step done in Chromium by a person
+    (sign in at the provider if asked, Allow on the consent page)."""
 
-    def __init__(self, b: aiohttp.ClientSession, redirect_uri: str) -> None:
-        self.browser = b
+    def __init__(self, page: Page, redirect_uri: str) -> None:
+        self.browser = page
         self.redirect_uri = redirect_uri
         self.authorize_urls: list[str] = []
         self.refuse = False
@@ -183,7 +177,7 @@ class ScriptedUser:
         self.authorize_urls.append(url)
         if self.refuse:
             raise ReauthorizationRefused("the user was asked to authorize again")
-        self._answer = await approve_authorization(self.browser, url, self.redirect_uri)
+        self._answer = await person.approve_authorization(self.browser, url, self.redirect_uri)
 
     async def callback(self) -> AuthorizationCodeResult:
         answer, self._answer = self._answer, {}
@@ -204,8 +198,7 @@ async def python_whoami(base: str, provider: OAuthClientProvider) -> dict[str, A
 async def test_python_sdk_discovers_registers_consents_refreshes_and_is_refused_after_revocation(
     redis_store: RedisStore, mcp_server: str
 ) -> None:
-    async with stack(redis_store, **oauth_settings(mcp_server)) as st, browser() as b:
-        await sign_in(b, st.base, rd="/oauth2/userinfo")
+    async with stack(redis_store, **oauth_settings(mcp_server)) as st, person.one_page() as b:
         redirect_uri = f"http://127.0.0.1:{free_port()}/callback"
         user = ScriptedUser(b, redirect_uri)
         storage = MemoryStorage()
@@ -258,8 +251,7 @@ async def test_python_sdk_discovers_registers_consents_refreshes_and_is_refused_
 
 async def test_python_sdk_against_the_make_run_demo_mcp_endpoint(redis_store: RedisStore) -> None:
     """The demo app's hand-written ``/mcp`` (what ``make run`` serves) is enough for the unmodified SDK."""
-    async with stack(redis_store, oauth_server="true", oauth_resource="/mcp") as st, browser() as b:
-        await sign_in(b, st.base, rd="/oauth2/userinfo")
+    async with stack(redis_store, oauth_server="true", oauth_resource="/mcp") as st, person.one_page() as b:
         redirect_uri = f"http://127.0.0.1:{free_port()}/callback"
         user = ScriptedUser(b, redirect_uri)
         provider = OAuthClientProvider(
@@ -323,8 +315,7 @@ class NodeClient:
 async def test_typescript_sdk_discovers_registers_consents_refreshes_and_is_refused_after_revocation(
     redis_store: RedisStore, mcp_server: str
 ) -> None:
-    async with stack(redis_store, **oauth_settings(mcp_server)) as st, browser() as b:
-        await sign_in(b, st.base, rd="/oauth2/userinfo")
+    async with stack(redis_store, **oauth_settings(mcp_server)) as st, person.one_page() as b:
         redirect_uri = f"http://127.0.0.1:{free_port()}/callback"
         proc = await asyncio.create_subprocess_exec(
             *node_client_command(st.base + "/mcp", redirect_uri),
@@ -340,7 +331,7 @@ async def test_typescript_sdk_discovers_registers_consents_refreshes_and_is_refu
             assert event["event"] == "authorize", event
             asked = parse_qs(urlsplit(event["url"]).query)
             assert asked["resource"] == [st.base + "/mcp"] and asked["code_challenge_method"] == ["S256"]
-            answer = await approve_authorization(b, event["url"], redirect_uri)
+            answer = await person.approve_authorization(b, event["url"], redirect_uri)
             await node.send({"code": answer["code"], "state": answer.get("state"), "iss": answer.get("iss")})
             event = await node.read_until("connected", "error")
             assert event["event"] == "connected", event

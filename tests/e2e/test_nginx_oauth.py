@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.e2e.oauth_browser import approve_device
+from tests.e2e.chromium import approve_device, one_page
 from tests.e2e.test_nginx import Site, run_site
 
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
@@ -30,7 +30,7 @@ async def _device_token(site: Site) -> str:
     """A device-flow token, every step through nginx: register, device code, the person approves, poll."""
     async with (
         aiohttp.ClientSession() as cli,
-        aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as person,
+        one_page() as person,
     ):
         meta = {"client_name": "cli", "grant_types": [DEVICE_GRANT], "token_endpoint_auth_method": "none"}
         async with cli.post(site.base + "/oauth2/register", json=meta) as resp:

@@ -1,0 +1,137 @@
+"""The account page's server side, with hand-made hostile requests (the person's clicks are in
+tests/e2e/test_browser_pages.py): who may end which row, device cards, and the page kit's safety."""
+
+from __future__ import annotations
+
+import re
+
+import aiohttp
+import pytest
+
+from sidecar import kit
+from sidecar.devices import describe_device
+from sidecar.store import SessionStore
+from tests.stack import browser, sign_in
+from tests.test_oauth_authorize import oauth_stack
+
+HTML = {"Accept": "text/html"}
+ROW = re.compile(
+    r"<input type='hidden' name='csrf' value='([^']*)'><input type='hidden' name='kind' value='([^']*)'>"
+    r"<input type='hidden' name='id' value='([^']*)'>"
+)
+
+
+@pytest.mark.parametrize(
+    ("agent", "words"),
+    [
+        ("Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/150.0 Safari/537.36",
+         "Chrome on Linux"),
+        ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) AppleWebKit/605.1.15 Version/17.0 Safari/604.1",
+         "Safari on iPhone"),
+        ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 Chrome/120.0 Safari/537.36 Edg/120.0",
+         "Edge on Windows"),
+        ("Mozilla/5.0 (Macintosh; Intel Mac OS X 14.0; rv:128.0) Gecko/20100101 Firefox/128.0", "Firefox on macOS"),
+        ("Mozilla/5.0 (Linux; Android 14) AppleWebKit/537.36 Chrome/120.0 Mobile Safari/537.36", "Chrome on Android"),
+        ("curl/8.5.0", "curl"),
+        ("", "An unknown browser or program"),
+        ("<script>\u202e", "An unknown browser or program"),
+    ],
+)  # fmt: skip
+def test_devices_are_described_in_words(agent: str, words: str) -> None:
+    assert describe_device(agent) == words
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    ["Backup tool \u202eelgoog.www", "a\u200bb", "x\u2066y\u2069", "\x1b[31mred", "<b>bold</b>", "a\u061cb", "\ufeffz"],
+)
+def test_names_are_isolated_escaped_and_show_their_invisible_characters(hostile: str) -> None:
+    shown = kit.name(hostile)
+    assert shown.startswith("<bdi>") and shown.endswith("</bdi>")
+    inner = shown[5:-6]
+    assert "<" not in inner and not any(ord(ch) < 32 or 0x200B <= ord(ch) <= 0x206F for ch in inner), shown
+    assert "\u202e" not in shown and "\ufeff" not in shown
+
+
+def test_every_page_has_the_skeleton_and_the_strict_policy() -> None:
+    page = kit.document("T <x>", "<p>b</p>", banner="B <i>", footer="F", error=True)
+    assert page.startswith("<!doctype html><html lang='en'>")
+    assert "width=device-width" in page and page.count("<main>") == 1 and "<title>T &lt;x&gt;</title>" in page
+    assert "B &lt;i&gt;" in page and "<script" not in page and " style=" not in page
+    assert "script-src" not in kit.CSP and "default-src 'none'" in kit.CSP and "'unsafe-inline'" not in kit.CSP
+
+
+async def rows(client: aiohttp.ClientSession, base: str) -> list[tuple[str, str, str]]:
+    async with client.get(base + "/oauth2/account", headers=HTML) as resp:
+        assert resp.status == 200, await resp.text()
+        return ROW.findall(await resp.text())
+
+
+async def test_account_rows_can_be_ended_only_by_their_own_user_from_their_own_page(store: SessionStore) -> None:
+    async with oauth_stack(store) as st, browser() as alice, browser() as alice2, browser() as bob:
+        base = st.base
+        await sign_in(alice, base)
+        await sign_in(alice2, base)
+        st.provider.config(auto_login="bob")
+        await sign_in(bob, base)
+        st.provider.config(auto_login="alice")
+        mine, bobs = await rows(alice, base), await rows(bob, base)
+        assert len(mine) == 2 and len(bobs) == 1, (mine, bobs)
+        csrf = mine[0][0]
+        other = mine[1]  # alice's other browser (this browser is listed first)
+        hostile = [
+            ({"csrf": csrf, "kind": "session", "id": bobs[0][2]}, {}, 404),  # bob's session, alice's form
+            ({"csrf": bobs[0][0], "kind": "session", "id": other[2]}, {}, 403),  # bob's CSRF token
+            ({"csrf": "x" * 43, "kind": "session", "id": other[2]}, {}, 403),
+            ({"kind": "session", "id": other[2]}, {}, 403),
+            ({"csrf": csrf, "kind": "grant", "id": other[2]}, {}, 404),
+            ({"csrf": csrf, "kind": "app", "id": "no-such-grant"}, {}, 404),
+            ({"csrf": csrf, "kind": "session", "id": ""}, {}, 404),
+            ({"csrf": csrf, "kind": "session", "id": other[2]}, {"Origin": "https://evil.example"}, 403),
+            ({"csrf": csrf, "kind": "session", "id": other[2]}, {"Origin": "null", "Sec-Fetch-Site": "same-site"}, 403),
+            ({"csrf": csrf, "kind": "session", "id": other[2]}, {"Sec-Fetch-Site": "cross-site"}, 403),
+        ]
+        for form, headers, status in hostile:
+            async with alice.post(
+                base + "/oauth2/account/revoke", data=form, headers=headers, allow_redirects=False
+            ) as resp:
+                assert resp.status == status, (form, headers, resp.status, await resp.text())
+        async with alice.post(
+            base + "/oauth2/account/revoke", data=b"\xff\xfe", headers={"Content-Type": "text/plain; charset=bogus"}
+        ) as resp:
+            assert resp.status in (400, 403), resp.status
+        assert len(await rows(alice, base)) == 2 and len(await rows(bob, base)) == 1
+        async with aiohttp.ClientSession() as anonymous:
+            async with anonymous.get(base + "/oauth2/account") as resp:
+                assert resp.status == 401 and (await resp.json())["error"] == "not signed in"
+            async with anonymous.get(base + "/oauth2/account", headers=HTML, allow_redirects=False) as resp:
+                assert resp.status == 302 and resp.headers["Location"].startswith("/oauth2/start?rd=")
+            async with anonymous.post(base + "/oauth2/account/revoke", data={"csrf": csrf, "id": other[2]}) as resp:
+                assert resp.status == 401
+        form = {"csrf": csrf, "kind": "session", "id": other[2]}
+        async with alice.post(base + "/oauth2/account/revoke", data=form, allow_redirects=False) as resp:
+            assert resp.status == 303 and resp.headers["Location"] == "/oauth2/account"
+        assert len(await rows(alice, base)) == 1
+        async with alice2.get(base + "/oauth2/userinfo") as resp:
+            assert resp.status == 401
+        async with bob.get(base + "/oauth2/userinfo") as resp:
+            assert resp.status == 200
+
+
+async def test_device_cards_are_not_stored_in_clear(redis_url: str) -> None:
+    import redis.asyncio as aioredis
+
+    from sidecar.store import RedisStore
+
+    client = aioredis.from_url(redis_url)
+    store = RedisStore(client)
+    try:
+        async with oauth_stack(store) as st, browser() as alice:
+            await sign_in(alice, st.base)
+            keys = [k for k in await client.keys("*") if b"acct:" in k]
+            assert len(keys) == 1
+            blob = await client.get(keys[0])
+            assert b"Python" not in blob and b"127.0.0.1" not in blob and b"device" not in blob
+            assert 0 < await client.pttl(keys[0]) <= st.configs[0].cookie_expire * 1000
+    finally:
+        await store.close()
