@@ -82,8 +82,9 @@ $(CLIENTS_JS_STAMP): $(CLIENTS_JS)/package.json $(CLIENTS_JS)/package-lock.json 
 	cd $(CLIENTS_JS) && npm ci --no-audit --no-fund --loglevel=error
 	touch $(CLIENTS_JS_STAMP)
 
+# make run PORT=0 (free ports, printed) ARGS="--oauth-access-token-ttl 20s" (any sidecar flag over the demo's)
 run: $(STAMP)
-	$(PY) -m sidecar.dev
+	$(PY) -m sidecar.dev $(if $(PORT),--port $(PORT)) $(ARGS)
 
 test: $(STAMP) system-deps node-deps browser-deps client-deps
 	$(PY) -m pytest -q -p no:cacheprovider

@@ -619,3 +619,14 @@ async def test_cache_control_max_age_is_respected_within_bounds(tmp_path: Path) 
 
 def _app_of(st: Stack) -> web.Application:
     return st.runners[0].app
+
+
+async def test_new_document_urls_are_limited_per_address_known_ones_and_garbage_cost_nothing(tmp_path: Path) -> None:
+    async with doc_server(tmp_path) as docs, oauth_stack(**cimd_settings(docs, signin_rate_limit="2")) as st:
+        for i in range(6):
+            docs.routes[f"/c{i}.json"] = document()
+        statuses = [(await authorize_page(st.base, docs.url(f"/c{i}.json")))[0] for i in range(6)]
+        assert statuses == [302] * 4 + [429] * 2  # burst: twice --signin-rate-limit, then no fetch
+        assert docs.hits[("/c4.json")] == 0 and docs.hits["/c5.json"] == 0
+        assert (await authorize_page(st.base, docs.url("/c0.json")))[0] == 302  # cached: no fetch, no limit
+        assert (await authorize_page(st.base, "https://127.0.0.1/../x.json"))[0] == 400  # refused before a fetch

@@ -100,3 +100,18 @@ async def test_discovery_jwks_and_id_tokens_for_code_refresh_and_scopes() -> Non
             params = authorize_params(reg["client_id"], challenge, nonce=bad)
             async with client.get(f"{base}/oauth2/authorize", params=params, allow_redirects=False) as resp:
                 assert resp.status == 302 and "error=invalid_request" in resp.headers["Location"], bad
+
+
+def test_signing_key_follows_the_cookie_secret_and_rotation_publishes_both() -> None:
+    from sidecar.config import build_config
+    from sidecar.oauth import id_token
+    from tests.stack import sidecar_settings
+
+    old, new = "a" * 32, "b" * 32
+    before = build_config({**sidecar_settings("http://127.0.0.1:1", 2, "http://127.0.0.1:3/"), "cookie_secret": [old]})
+    after = before.replace(cookie_secret=[new, old])
+    kids = [k["kid"] for k in id_token.jwks(after)["keys"]]
+    assert len(kids) == 2 and kids[1] == id_token.jwks(before)["keys"][0]["kid"]  # the old key stays published
+    assert id_token.signing_key(new.encode())[1] == id_token.signing_key(new.encode())[1]  # every replica: same key
+    token = jwt.encode({"sub": "x"}, id_token.signing_key(new.encode())[0], algorithm="ES256")
+    assert jwt.decode(token, jwt.PyJWK(id_token.jwks(after)["keys"][0]).key, algorithms=["ES256"]) == {"sub": "x"}

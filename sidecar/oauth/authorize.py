@@ -44,7 +44,7 @@ from ..models import Identity, Session, TokenSet
 from ..policy import why_denied
 from ..ratelimit import retry_after
 from . import cimd, pages
-from .limits import LIMITER
+from .limits import new_document_wait
 from .model import GRANT_AUTHORIZATION_CODE, Client, DeviceAuthorization
 from .scopes import SCOPES, parse_scope
 from .service import OAUTH, OAuthServer
@@ -273,7 +273,7 @@ async def authorize(request: web.Request, svc: Services) -> web.Response:
     client_ids, redirect_uris = query.getall("client_id", []), query.getall("redirect_uri", [])
     if len(client_ids) != 1 or len(redirect_uris) != 1:
         return _error_page(svc, "The request must name its client_id and redirect_uri exactly once.")
-    wait = await _new_document_wait(request, svc, client_ids[0])
+    wait = await new_document_wait(request, client_ids[0])
     if wait:
         response = pages.message(svc.config, "Too many requests", "Too many new applications; wait a minute.", 429)
         response.headers["Retry-After"] = retry_after(wait)
@@ -331,17 +331,6 @@ async def authorize(request: web.Request, svc: Services) -> web.Response:
         nonce=query.get("nonce", ""),
     )
     return await consent_page(request, svc, authed, client, pending)
-
-
-async def _new_document_wait(request: web.Request, svc: Services, client_id: str) -> float:
-    """A client metadata URL not cached costs a fetch: those are limited per client address, across replicas,
-    so a flood of new URLs cannot take the fetch slots that known clients need."""
-    if not (svc.config.oauth_client_metadata_documents and cimd.is_metadata_url(client_id)):
-        return 0.0
-    if not request.app[cimd.DOCUMENTS].would_fetch(client_id):
-        return 0.0
-    per_minute = float(svc.config.signin_rate_limit)  # the anonymous sign-in's limit, burst twice that
-    return await request.app[LIMITER].take("documents", view_of(request).client_ip, per_minute)
 
 
 def _request_problem(query: Any, client: Client) -> tuple[str, str] | None:

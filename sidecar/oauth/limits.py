@@ -20,6 +20,8 @@ from ..context import view_of
 from ..errors import StoreUnavailable
 from ..ratelimit import RateLimiter, client_key, retry_after
 from ..store import RedisStore, SessionStore
+from . import cimd
+from .service import OAUTH
 
 # KEYS bucket; ARGV now (s), refill rate (tokens/s), burst, ttl ms. Returns the wait in seconds (0: allowed).
 _TAKE = """
@@ -92,3 +94,14 @@ async def too_many(request: web.Request, bucket: str, per_minute: float, what: s
     body = {"error": "too_many_requests", "error_description": f"too many {what} from this address; try again later"}
     headers = {"Cache-Control": "no-store", "Pragma": "no-cache", "Retry-After": retry_after(wait)}
     return web.json_response(body, status=429, headers=headers)
+
+
+async def new_document_wait(request: web.Request, client_id: str) -> float:
+    """A client metadata URL neither cached nor being fetched costs a fetch: those are limited per client
+    address (``--signin-rate-limit``), so a flood of new URLs cannot take the fetch slots known clients need."""
+    config = request.app[OAUTH].config
+    if not (config.oauth_client_metadata_documents and cimd.is_metadata_url(client_id)):
+        return 0.0
+    if not request.app[cimd.DOCUMENTS].would_fetch(client_id):
+        return 0.0
+    return await request.app[LIMITER].take("documents", view_of(request).client_ip, float(config.signin_rate_limit))
