@@ -550,22 +550,24 @@ async def oidc_agent(agent: str, home: Path) -> AsyncIterator[dict[str, str]]:
     dir; yields the environment its clients need (``OIDC_SOCK``, a fresh ``HOME`` for the account files)."""
     sock = home / "agent.sock"
     env = clean_env(home)
+    log = (home / "oidc-agent.log").open("wb")
     proc = await asyncio.create_subprocess_exec(
         agent, "--console", "--socket-path", str(sock), "--quiet",
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env,
+        stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, env=env,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 10
         while not sock.exists():
             if proc.returncode is not None or time.monotonic() > deadline:
-                err = await proc.stderr.read() if proc.stderr else b""
-                raise AssertionError(f"oidc-agent did not open its socket: {err.decode(errors='replace')}")
+                said = (home / "oidc-agent.log").read_text(errors="replace")
+                raise AssertionError(f"oidc-agent did not open its socket: {said}")
             await asyncio.sleep(0.05)
         yield {**env, "OIDC_SOCK": str(sock), "OIDC_ENCRYPTION_PW": "e2e-account-password"}
     finally:
         if proc.returncode is None:
             proc.terminate()
             await proc.wait()
+        log.close()
 
 
 async def oidc_gen_device(
