@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench soak system-deps node-deps browser-deps clean
+.PHONY: run test lint bench soak system-deps node-deps browser-deps client-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -61,10 +61,32 @@ $(BROWSER_JS_STAMP): $(BROWSER_JS)/package.json $(BROWSER_JS)/package-lock.json 
 	cd $(BROWSER_JS) && npm ci --no-audit --no-fund --loglevel=error
 	touch $(BROWSER_JS_STAMP)
 
+# Third-party OAuth clients for tests/e2e/test_oauth_clients.py: mcp-remote and openid-client from the committed
+# tests/e2e/clients/package-lock.json (npm ci; node checked by node-deps first), oidc-agent (oidc-gen, oidc-token)
+# from the distro's oidc-agent-cli: installed when missing and root, else a one-line hint; never skipped.
+CLIENTS_JS := tests/e2e/clients
+CLIENTS_JS_STAMP := $(CLIENTS_JS)/node_modules/.package-lock.json
+client-deps: $(CLIENTS_JS_STAMP)
+	@if ! command -v oidc-gen >/dev/null 2>&1 || ! command -v oidc-token >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing: oidc-agent-cli"; \
+	    (apt-get install -y -q oidc-agent-cli >/dev/null 2>&1 || \
+	     (apt-get update -q >/dev/null && apt-get install -y -q oidc-agent-cli >/dev/null)) || \
+	     { echo "could not install oidc-agent; run: apt-get install oidc-agent-cli"; exit 1; }; \
+	  else \
+	    echo "missing: oidc-agent (oidc-gen, oidc-token), needed by the OAuth client tests; install: sudo apt-get install oidc-agent-cli"; exit 1; \
+	  fi; \
+	fi
+
+$(CLIENTS_JS_STAMP): $(CLIENTS_JS)/package.json $(CLIENTS_JS)/package-lock.json | $(MCP_JS_STAMP)
+	cd $(CLIENTS_JS) && npm ci --no-audit --no-fund --loglevel=error
+	touch $(CLIENTS_JS_STAMP)
+
+# make run PORT=0 (free ports, printed) ARGS="--oauth-access-token-ttl 20s" (any sidecar flag over the demo's)
 run: $(STAMP)
 	$(PY) -m sidecar.dev $(if $(PORT),--port $(PORT)) $(ARGS)
 
-test: $(STAMP) system-deps node-deps browser-deps
+test: $(STAMP) system-deps node-deps browser-deps client-deps
 	$(PY) -m pytest -q -p no:cacheprovider
 
 lint: $(STAMP)
@@ -79,4 +101,4 @@ soak: $(STAMP) system-deps
 	SIDECAR_SOAK_SECONDS=180 $(PY) -m pytest -q -p no:cacheprovider tests/e2e/test_operations.py -k soak -o timeout=400
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache $(MCP_JS)/node_modules $(BROWSER_JS)/node_modules build/screenshots
+	rm -rf $(VENV) *.egg-info .pytest_cache $(MCP_JS)/node_modules $(BROWSER_JS)/node_modules $(CLIENTS_JS)/node_modules build/screenshots

@@ -272,7 +272,7 @@ def redis_store(config: Config) -> RedisStore:
         )
     if config.redis_use_sentinel:
         master = urlsplit(config.redis_connection_url)
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        sentinel = Sentinel(  # type: ignore[no-untyped-call,unused-ignore]
             _hostports(config.redis_sentinel_connection_urls),
             sentinel_kwargs={"password": config.redis_sentinel_password or None, **timeouts},
             **timeouts,

@@ -318,3 +318,47 @@ async def test_consent_page_shows_a_private_use_redirect_as_an_app_on_this_devic
             async with client.get(target, allow_redirects=False) as resp:
                 location = resp.headers["Location"]
         assert location.startswith(uri + "?code=scc."), location
+
+
+async def test_a_client_without_the_code_grant_may_send_redirect_uris_it_never_uses_and_they_are_not_kept() -> None:
+    """oidc-agent registers every client (confidential by default) with its loopback ports and its private-use
+    ``edu.kit.data.oidc-agent:/redirect``, even for the device flow alone: accepted, checked, not kept."""
+    device = "urn:ietf:params:oauth:grant-type:device_code"
+    oidc_agent = {  # oidc-gen 4.2.6 --flow=device, byte for byte but the name
+        "application_type": "web",
+        "client_name": "oidc-agent:sidecar-vm",
+        "response_types": [],
+        "grant_types": ["refresh_token", device],
+        "scope": "openid offline_access",
+        "redirect_uris": [
+            "http://localhost:4242",
+            "http://localhost:23273",
+            "http://localhost:8080",
+            "edu.kit.data.oidc-agent:/redirect",
+        ],
+    }
+    async with oauth_stack(oauth_registration_rate_limit="0") as st:
+        status, reply = await _post(st.base, oidc_agent)
+        assert status == 201, reply
+        assert reply["redirect_uris"] == [] and reply["client_secret"], reply
+        assert reply["grant_types"] == ["refresh_token", device] and reply["response_types"] == [], reply
+        # the URIs it sends are still checked: what no client may register is refused here too
+        for uri in [u for u in BAD_PRIVATE_USE + BAD_REDIRECTS if u not in GOOD_PRIVATE_USE]:
+            if uri == "com.example.app:/callback":
+                continue
+            status, refused = await _post(st.base, {**oidc_agent, "redirect_uris": [uri]})
+            assert (status, refused["error"]) == (400, "invalid_redirect_uri"), uri
+        # and they open no redirect: /authorize refuses the client, naming no redirect
+        params = {
+            "client_id": reply["client_id"],
+            "response_type": "code",
+            "redirect_uri": oidc_agent["redirect_uris"][3],
+        }
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{st.base}/oauth2/authorize", params=params, allow_redirects=False) as resp:
+                assert resp.status == 400 and "Location" not in resp.headers, await resp.text()
+        # with the code grant a confidential client still may not register a private-use scheme
+        status, refused = await _post(
+            st.base, {**oidc_agent, "grant_types": ["authorization_code"], "response_types": ["code"]}
+        )
+        assert (status, refused["error"]) == (400, "invalid_redirect_uri") and "public" in refused["error_description"]

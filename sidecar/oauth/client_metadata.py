@@ -10,7 +10,9 @@ neither.
   written plainly: lower-case scheme and host, no fragment, no user info, no whitespace, control characters
   or backslashes, ASCII only (an IDN must be given as punycode). ``/authorize`` then matches exactly.
 - ``redirect_uris`` may be left out or empty (``[]``) only by a client without the authorization-code grant
-  (a device-flow tool: nothing is ever redirected to it).
+  (a device-flow tool: nothing is ever redirected to it). Such a client that sends some anyway (oidc-agent
+  sends its loopback ports and ``edu.kit.data.oidc-agent:/redirect`` with every registration, confidential
+  by default) has them checked as a public client's, then not kept: the reply echoes ``[]``.
 - ``grant_types`` among authorization_code, refresh_token and the device code grant; ``response_types`` only
   ``code``; ``token_endpoint_auth_method`` ``none``, ``client_secret_post`` or ``client_secret_basic``.
 - ``scope``: within the server's vocabulary (``scopes.SCOPES``); kept, echoed, and the limit of what the
@@ -190,12 +192,17 @@ def check_metadata(
 
 
 def _redirect_uris(value: Any, grant_types: tuple[str, ...], public: bool) -> tuple[str, ...]:
-    if GRANT_AUTHORIZATION_CODE not in grant_types and (value is None or value == []):
+    redirects = GRANT_AUTHORIZATION_CODE in grant_types
+    if not redirects and (value is None or value == []):
         return ()  # RFC 7591 2: redirect URIs are for redirect-based flows; a device-only client has none
     if not isinstance(value, list) or not value or len(value) > MAX_REDIRECT_URIS:
         raise Refused("invalid_redirect_uri", f"redirect_uris: a list of 1 to {MAX_REDIRECT_URIS} URLs is required")
     for uri in value:
-        problem = redirect_uri_problem(uri, public)
+        # never redirected to without the code grant: a private-use scheme is harmless there even for a
+        # confidential client; checked, then not kept (RFC 7591 3.2.1: the server may replace values)
+        problem = redirect_uri_problem(uri, public or not redirects)
         if problem is not None:
             raise Refused("invalid_redirect_uri", f"redirect_uris: each {problem}")
+    if not redirects:
+        return ()
     return tuple(dict.fromkeys(value))
