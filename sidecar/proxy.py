@@ -241,6 +241,7 @@ def _log_upstream_error(request: web.Request, error: str, url: URL) -> None:
 
 
 WHOLE_BODY = 64 * 1024  # request and response bodies up to this size go in one piece, larger ones are streamed
+CLIENT_GONE_POLL = 1.0  # seconds between looks at a streaming client's connection
 
 
 async def _request_body(request: web.Request) -> bytes | aiohttp.StreamReader | None:
@@ -285,8 +286,12 @@ async def _stream(request: web.Request, svc: Services, url: URL, headers: dict[s
             if whole:
                 await response.write_eof(await upstream.read())  # status line, headers and body in one send
             else:
-                async for chunk in upstream.content.iter_any():
-                    await response.write(chunk)
+                watcher = asyncio.ensure_future(_close_when_client_leaves(request, upstream))
+                try:
+                    async for chunk in upstream.content.iter_any():
+                        await response.write(chunk)
+                finally:
+                    watcher.cancel()
                 await response.write_eof()
         except (TimeoutError, aiohttp.ClientError, ConnectionError):
             # The upstream stalled or either side went away mid-body. Headers are gone already, so
@@ -299,6 +304,21 @@ async def _stream(request: web.Request, svc: Services, url: URL, headers: dict[s
             upstream.release()  # back to the pool for the next request
         else:
             upstream.close()  # half-read: this connection cannot be reused
+
+
+async def _close_when_client_leaves(request: web.Request, upstream: aiohttp.ClientResponse) -> None:
+    """Close the upstream response once the client has gone.
+
+    aiohttp does not cancel a handler when its client disconnects, and a stream (server-sent events, a
+    long poll) only notices at its next write, which a quiet upstream may not make for minutes: the
+    upstream connection and its server-side stream would be held for nothing. Polling the transport is
+    one timer per open stream; small answers read whole never start one."""
+    while True:
+        await asyncio.sleep(CLIENT_GONE_POLL)
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            upstream.close()
+            return
 
 
 class _WholeAnswer(web.StreamResponse):

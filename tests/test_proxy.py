@@ -112,6 +112,32 @@ async def test_slow_upstream_headers_give_504() -> None:
         await runner.cleanup()
 
 
+async def test_a_quiet_stream_is_closed_upstream_soon_after_the_client_leaves() -> None:
+    """An SSE upstream that has nothing more to say must not hold its connection after the browser left."""
+    closed = asyncio.Event()
+
+    async def sse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        writer.write(b"d\r\ndata: hello\n\n\r\n")
+        await writer.drain()
+        await reader.read()  # nothing more is written: EOF here means the sidecar closed its side
+        closed.set()
+        writer.close()
+
+    server = await asyncio.start_server(sse, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with stack(MemoryStore(), skip_auth_route="^/", upstream=f"http://127.0.0.1:{port}/") as st:
+            async with aiohttp.ClientSession() as client, client.get(f"{st.base}/events") as resp:
+                assert resp.status == 200
+                assert await resp.content.readline() == b"data: hello\n"
+            assert not closed.is_set()  # still open while the client listened
+            await asyncio.wait_for(closed.wait(), timeout=5)  # the upstream timeout is 30 s: this is the watcher
+    finally:
+        server.close()
+
+
 async def test_path_prefix_routing_picks_the_longest_prefix() -> None:
     async with stack(MemoryStore(), skip_auth_route="^/", upstream="") as st, aiohttp.ClientSession() as anon:
         api = await st.add_sidecar(
