@@ -15,7 +15,7 @@ from multidict import CIMultiDict
 
 from . import logs, metrics, pages
 from .config import Config
-from .context import Services, services, view_of
+from .context import Services, original_of, services, view_of
 from .cookies import CLOCK_LEEWAY, MAX_COOKIE_CHARS, SignInAttempt, state_cookie_suffix, without_sidecar_cookies
 from .errors import (
     BadRequest,
@@ -26,6 +26,7 @@ from .errors import (
     StoreUnavailable,
     TokenValidationError,
 )
+from .fronts import Original
 from .guard import (
     TOKEN_HEADERS,
     absolute,
@@ -404,6 +405,7 @@ async def backchannel_logout(request: web.Request, svc: Services) -> web.Respons
 async def auth(request: web.Request, svc: Services) -> web.Response:
     """nginx auth_request target: 202 with identity headers, 401 or 403. Never a redirect, never a cookie:
     nginx only understands 2xx/401/403 here, and the browser is sent to sign in by nginx's error_page."""
+    original_of(request)  # 400 when the front's headers disagree about the original request (fronts.read_auth)
     try:
         _, session = await authenticate(request, svc)
     except SessionGone:
@@ -467,34 +469,32 @@ def _log_denial(request: web.Request, identity: Identity, reason: str, route: st
     logs.event("denied", fields)
 
 
-_ORIGINAL_URI = ("X-Forwarded-Uri", "X-Original-URI", "X-Original-URL")
-_ORIGINAL_METHOD = ("X-Forwarded-Method", "X-Original-Method")
-
-
 def _auth_max_age(request: web.Request, query: str, config: Config) -> int | None:
     """The strictest of the auth-url's ``max_age`` (in its raw ``query``) and the ``--fresh-auth-route`` rules
-    matching the original request, which only a trusted front can name (nginx ``X-Original-URI``,
-    ingress-nginx ``X-Original-URL``)."""
+    matching the original request, which only a trusted front can name, in its own headers (``fronts``)."""
     ages = [location_rules(query).max_age] if query else []
-    if config.fresh_routes and view_of(request).trusted:
-        ages.append(_original_request_max_age(request, config))
+    if config.fresh_routes:
+        ages.append(_original_request_max_age(original_of(request), config))
     known = [age for age in ages if age is not None]
     return min(known) if known else None
 
 
-def _original_request_max_age(request: web.Request, config: Config) -> int | None:
-    """``--fresh-auth-route`` for the request nginx asks about, with the proxy's path normalisation. A path the
-    normalisation refuses gets the strictest rule: never less than a matching rule could have asked."""
-    uri = next((request.headers[name] for name in _ORIGINAL_URI if name in request.headers), None)
-    if uri is None:
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def _original_request_max_age(original: Original, config: Config) -> int | None:
+    """``--fresh-auth-route`` for the request the front asks about, with the proxy's path normalisation. A path
+    the normalisation refuses gets the strictest rule, and so does a path without a method: never less than a
+    matching rule could have asked."""
+    if original.path is None:
         return None
-    method = next((request.headers[name] for name in _ORIGINAL_METHOD if name in request.headers), "GET")
     try:
-        raw_path = urlsplit(uri).path if "://" in uri else uri.split("?", 1)[0]
-        path = normalise_path(raw_path or "/")
+        path = normalise_path(original.path or "/")
     except (BadRequest, ValueError):
         return min(rule.max_age for rule in config.fresh_routes)
-    return required_max_age(config.fresh_routes, method.strip().upper(), path)
+    methods = (original.method,) if original.method else _METHODS
+    ages = [age for age in (required_max_age(config.fresh_routes, m, path) for m in methods) if age is not None]
+    return min(ages) if ages else None
 
 
 def _location_allows(query: str, identity: Identity) -> bool:
@@ -570,6 +570,9 @@ def add_routes(app: web.Application, config: Config, with_metrics: bool) -> None
     if with_metrics:
         routes.append(("GET", "/metrics", metrics_page))
         paths.append("/metrics")
+    if config.front == "envoy":  # ext_authz appends the original path to the auth URL's
+        routes.append(("*", "/oauth2/auth", auth))
+        paths.append(prefix + "/auth/{tail:.*}")
     for (method, label, handler), path in zip(routes, paths, strict=True):
         if method == "GET":
             app.router.add_get(path, guarded(handler, label))  # HEAD too, for probes

@@ -64,9 +64,20 @@ class OAuthServer:
 
     # --- where ------------------------------------------------------------------------------------------
     def issuer(self, request: web.Request) -> str:
-        """The external origin the client used (X-Forwarded-* only from trusted proxies)."""
+        """``--oauth-issuer`` when set; otherwise the external origin the client used, as the configured front's
+        own headers name it (``context.view_of``; the connection's scheme and Host without a trusted front)."""
+        if self.config.oauth_issuer:
+            return self.config.oauth_issuer.rstrip("/")
         view = view_of(request)
         return f"{view.scheme}://{view.host}"
+
+    def foreign_origin(self, request: web.Request) -> bool:
+        """With ``--oauth-issuer``: a trusted front names another origin for this request (an app on another
+        host behind the same sidecar). Its tokens are for the issuer's origin only."""
+        if not self.config.oauth_issuer:
+            return False
+        view = view_of(request)
+        return view.trusted and f"{view.scheme}://{view.host}".lower() != self.issuer(request).lower()
 
     def resource_for(self, request: web.Request, path: str) -> str:
         """The canonical resource URI of a --oauth-resource path, as this request's client sees it."""

@@ -1,0 +1,216 @@
+"""``sidecar.fronts``: the original request is read only from the headers the configured front sets itself.
+
+The tables give each front's own headers as it really writes them (ingress-nginx's auth location,
+Traefik's forwardAuth, Caddy's forward_auth, the shipped nginx config, Envoy's ext_authz) and then add,
+as a hostile client would, every other name of the same family: a name that disagrees is a 400, a name
+that agrees changes nothing, a family member without the front's own header is a 400. The real fronts
+run in tests/e2e/test_fronts_e2e.py; here both listeners answer the same hand-made subrequests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from sidecar.errors import BadRequest
+from sidecar.fronts import FRONTS, REQUEST, Original, read_auth, refuse_undecodable
+from sidecar.store import MemoryStore
+from tests.stack import browser, session_cookie, sign_in, stack
+from tests.test_auth_listener import auth_listener, comparable, exchange
+from tests.test_oauth_tokens import new_grant, redeem
+
+HOST = "app.example.com"
+
+# What each front writes on the auth subrequest for "POST https://app.example.com/admin/x?a=1".
+OWN: dict[str, dict[str, str]] = {
+    "nginx": {
+        "X-Forwarded-Uri": "/admin/x?a=1",
+        "X-Original-URI": "/admin/x?a=1",
+        "X-Forwarded-Method": "POST",
+        "X-Forwarded-Proto": "https",
+        "X-Forwarded-Host": HOST,
+    },
+    "ingress-nginx": {"X-Original-URL": f"https://{HOST}/admin/x?a=1", "X-Original-Method": "POST"},
+    "traefik": {
+        "X-Forwarded-Uri": "/admin/x?a=1",
+        "X-Forwarded-Method": "POST",
+        "X-Forwarded-Proto": "https",
+        "X-Forwarded-Host": HOST,
+    },
+    "caddy": {
+        "X-Forwarded-Uri": "/admin/x?a=1",
+        "X-Forwarded-Method": "POST",
+        "X-Forwarded-Proto": "https",
+        "X-Forwarded-Host": HOST,
+    },
+    "envoy": {"X-Forwarded-Proto": "https"},  # path, method and Host are the subrequest's own
+}
+EXPECTED = Original(uri="/admin/x?a=1", method="POST", scheme="https", host=HOST)
+
+# A client's own copies, naming another request: every family, several spellings.
+HOSTILE: list[tuple[str, str]] = [
+    ("X-Forwarded-Uri", "/public/x"),
+    ("X-Original-URI", "/public/x"),
+    ("X-Original-URL", f"https://{HOST}/public/x"),
+    ("X-Original-URL", f"https://evil.example/admin/x?a=1"),
+    ("X-Original-URL", f"http://{HOST}/admin/x?a=1"),
+    ("X-Forwarded-Path", "/public/x"),
+    ("X-Envoy-Original-Path", "/public/x"),
+    ("X-Rewrite-URL", "/public/x"),
+    ("X-Forwarded-Method", "GET"),
+    ("X-Original-Method", "GET"),
+    ("X-HTTP-Method-Override", "GET"),
+    ("X-Forwarded-Proto", "http"),
+    ("X-Forwarded-Scheme", "http"),
+    ("X-Scheme", "http"),
+    ("X-Forwarded-Ssl", "off"),
+    ("X-Forwarded-Host", "evil.example"),
+    ("X-Original-Host", "evil.example"),
+    ("X-Host", "evil.example"),
+    ("Forwarded", "for=1.2.3.4;host=evil.example;proto=https"),
+    ("Forwarded", f"host={HOST};proto=http"),
+]
+# The same families agreeing with the front: harmless.
+AGREEING: list[tuple[str, str]] = [
+    ("X-Forwarded-Uri", "/admin/x?a=1"),
+    ("X-Original-URI", "/admin/x?a=1"),
+    ("X-Original-URL", f"https://{HOST}/admin/x?a=1"),
+    ("X-Original-Method", "post"),
+    ("X-Forwarded-Method", "POST"),
+    ("X-Scheme", "https"),
+    ("X-Forwarded-Ssl", "on"),
+    ("X-Original-Host", HOST.upper()),
+    ("Forwarded", f'for=1.2.3.4;host="{HOST}";proto=https'),
+]
+
+
+def read(front: str, headers: dict[str, str] | list[tuple[str, str]]) -> Original:
+    items = list(headers.items()) if isinstance(headers, dict) else headers
+    envoy = front == "envoy"
+    return read_auth(
+        CIMultiDictProxy(CIMultiDict(items)),
+        FRONTS[front],
+        "POST" if envoy else "GET",
+        "/admin/x?a=1" if envoy else "",
+        HOST if envoy else "sidecar.sidecar.svc:4180",
+    )
+
+
+@pytest.mark.parametrize("front", sorted(FRONTS))
+def test_each_front_is_read_from_its_own_headers(front: str) -> None:
+    assert read(front, OWN[front]) == EXPECTED
+
+
+@pytest.mark.parametrize(("front", "hostile"), list(itertools.product(sorted(FRONTS), HOSTILE)))
+def test_a_client_copy_naming_another_request_is_refused(front: str, hostile: tuple[str, str]) -> None:
+    name, value = hostile
+    if name in OWN[front]:  # the front overwrites it: the client's copy never arrives; add it twice instead
+        with pytest.raises(BadRequest):
+            read(front, [*OWN[front].items(), hostile])
+        return
+    with pytest.raises(BadRequest):
+        read(front, {**OWN[front], name: value})
+
+
+@pytest.mark.parametrize(("front", "agreeing"), list(itertools.product(sorted(FRONTS), AGREEING)))
+def test_a_copy_that_agrees_changes_nothing(front: str, agreeing: tuple[str, str]) -> None:
+    assert read(front, {**OWN[front], agreeing[0]: agreeing[1]}) == EXPECTED
+
+
+@pytest.mark.parametrize("front", ["nginx", "ingress-nginx", "traefik", "caddy"])
+def test_another_fronts_headers_alone_are_refused(front: str) -> None:
+    """The ingress-nginx bypass: its headers are not the configured front's, so a client cannot choose."""
+    others = {k: v for f, own in OWN.items() if f not in (front, "envoy") for k, v in own.items()}
+    alone = {k: v for k, v in others.items() if k not in OWN[front]}
+    for name, value in alone.items():
+        with pytest.raises(BadRequest, match="does not set"):
+            read(front, {name: value})
+
+
+def test_nothing_named_reads_nothing() -> None:
+    for front in ("nginx", "ingress-nginx", "traefik", "caddy"):
+        assert read(front, {}) == Original(None, None, None, None)
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["/mcp\udcff", "/m\x00cp", "/mcp\t", "/é", "https://app.example.com/\udcff", "not-a-path", "http://[::1/x"],
+)
+def test_bytes_and_shapes_a_front_never_writes_are_refused(value: str) -> None:
+    name = "X-Original-URL" if "://" in value else "X-Forwarded-Uri"
+    front = "ingress-nginx" if name == "X-Original-URL" else "nginx"
+    with pytest.raises(BadRequest):
+        read(front, {name: value})
+    with pytest.raises(BadRequest):
+        refuse_undecodable(CIMultiDictProxy(CIMultiDict({"X-Forwarded-Uri": "/mcp\udcff"})))
+
+
+def test_envoy_reads_the_subrequest_itself() -> None:
+    assert FRONTS["envoy"].method == REQUEST
+    with pytest.raises(BadRequest):  # a client's X-Forwarded-Method is no more than a claim
+        read("envoy", {"X-Forwarded-Proto": "https", "X-Forwarded-Method": "GET"})
+
+
+# --- both listeners, one stack -----------------------------------------------------------------------------
+
+
+async def test_both_listeners_refuse_the_ingress_nginx_bypass_and_bad_bytes_alike() -> None:
+    """--front ingress-nginx with a POST-only step-up rule and an OAuth resource: the client's own copies of
+    X-Forwarded-Uri/-Method (the bypass of issue 18) and undecodable bytes get the same 400 from both
+    listeners; the front's own X-Original-URL decides otherwise."""
+    settings = {
+        "upstream": "",
+        "reverse_proxy": "true",
+        "front": "ingress-nginx",
+        "fresh_auth_route": "1s=POST=^/admin/",
+        "oauth_server": "true",
+        "oauth_resource": "/mcp",
+    }
+    async with stack(MemoryStore(), **settings) as st, browser() as client:
+        await sign_in(client, st.base)
+        cookie = session_cookie(client)
+        issued = await new_grant(st, "/mcp")
+        _, tokens, _ = await redeem(st.base, issued)
+        await asyncio.sleep(2.1)  # the sign-in is now older than the rule's 1 s
+        origin = st.base
+        front = lambda path, method="GET": {  # noqa: E731 - what ingress-nginx writes
+            "X-Original-URL": origin + path,
+            "X-Original-Method": method,
+        }
+        jar = {"Cookie": f"_sidecar={cookie}"}
+        bearer = {"Authorization": "Bearer " + tokens["access_token"]}
+        cases: list[tuple[dict[str, str], int]] = [
+            ({**jar, **front("/admin/x", "POST")}, 401),  # stale for the POST rule
+            ({**jar, **front("/admin/x", "GET")}, 202),
+            ({**jar, **front("/admin/x", "POST"), "X-Forwarded-Uri": "/x"}, 400),
+            ({**jar, **front("/admin/x", "POST"), "X-Forwarded-Method": "GET"}, 400),
+            ({**jar, **front("/admin/x", "POST"), "X-Original-URI": "/public"}, 400),
+            ({**jar, **front("/admin/x", "POST"), "X-Forwarded-Host": "evil.example"}, 400),
+            ({**jar, "X-Forwarded-Uri": "/x", "X-Forwarded-Method": "GET"}, 400),  # no X-Original-URL at all
+            ({**bearer, **front("/mcp/a")}, 202),
+            ({**bearer, **front("/mcp/a"), "X-Forwarded-Uri": "/other"}, 400),
+            ({**bearer, "X-Original-URL": "http://evil.example/mcp/a"}, 401),  # a token for another origin
+            ({**bearer, **front("/other"), "X-Forwarded-Uri": "/mcp/a"}, 400),
+        ]
+        raw_cases: list[tuple[bytes, int]] = [
+            (b"X-Original-URL: " + origin.encode() + b"/mcp\xff\r\n", 400),
+            (b"X-Forwarded-Uri: /mcp\xff\r\n", 400),
+            (b"X-Original-Method: G\xffT\r\n", 400),
+            (b"Authorization: Bearer \xff\r\n", 400),
+        ]
+        host = st.base.split("://", 1)[1]
+        async with auth_listener(st) as port:
+            main_port = int(st.base.rsplit(":", 1)[1])
+            heads = [
+                ("".join(f"{k}: {v}\r\n" for k, v in extra.items()).encode(), status) for extra, status in cases
+            ] + raw_cases
+            for extra, status in heads:
+                head = f"GET /oauth2/auth HTTP/1.1\r\nHost: {host}\r\n".encode() + extra + b"\r\n"
+                ours = await exchange(port, head)
+                theirs = await exchange(main_port, head)
+                assert ours and theirs, extra
+                assert comparable(ours[0]) == comparable(theirs[0]), extra
+                assert ours[0][0] == status, (extra, ours[0])
