@@ -40,6 +40,7 @@ class Front:
     method: str | None
     scheme: str | None
     host: str | None
+    relays: bool = False  # hands the auth answer to the client as it is (a 302 reaches the browser)
     proxied_scheme: str = "X-Forwarded-Proto"
     proxied_host: str = "X-Forwarded-Host"
     passes: str = ""
@@ -71,6 +72,7 @@ FRONTS: dict[str, Front] = {
             uri=("X-Forwarded-Uri",),
             url=None,
             method="X-Forwarded-Method",
+            relays=True,
             scheme="X-Forwarded-Proto",
             host="X-Forwarded-Host",
             passes="X-Original-URI, X-Original-URL, X-Original-Method (trustForwardHeader: false keeps its own)",
@@ -80,6 +82,7 @@ FRONTS: dict[str, Front] = {
             uri=("X-Forwarded-Uri",),
             url=None,
             method="X-Forwarded-Method",
+            relays=True,
             scheme="X-Forwarded-Proto",
             host="X-Forwarded-Host",
             passes="X-Original-URI, X-Original-URL, X-Original-Method (without trusted_proxies it drops "
@@ -90,6 +93,7 @@ FRONTS: dict[str, Front] = {
             uri=(REQUEST,),  # ext_authz appends the original path to the auth URL's path
             url=None,
             method=REQUEST,  # and keeps the original method
+            relays=True,
             scheme="X-Forwarded-Proto",
             host=REQUEST,  # and the original :authority as Host
             proxied_host="Host",

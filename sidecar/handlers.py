@@ -26,7 +26,7 @@ from .errors import (
     StoreUnavailable,
     TokenValidationError,
 )
-from .fronts import Original
+from .fronts import FRONTS, Original
 from .guard import (
     TOKEN_HEADERS,
     absolute,
@@ -46,7 +46,7 @@ from .oidc import Pkce, logout_token_replay_ttl
 from .policy import identity_from_claims, why_denied
 from .proxy import normalise_path
 from .ratelimit import retry_after
-from .stepup import callback_problem, is_stale, parse_max_age, required_max_age
+from .stepup import callback_problem, is_stale, parse_max_age, required_max_age, start_url
 from .stepup import unauthorized as step_up_unauthorized
 from .urls import safe_redirect
 
@@ -411,7 +411,7 @@ async def auth(request: web.Request, svc: Services) -> web.Response:
     except SessionGone:
         metrics.DECISIONS.add("401")
         challenge = svc.resource_guard.challenge(request) if svc.resource_guard is not None else None
-        return challenge or web.Response(status=401, text="401 Unauthorized\n")
+        return challenge or _unauthorized(request, svc.config, None)
     config = svc.config
     query = request.rel_url.raw_query_string  # read once: most auth subrequests carry none
     denied = why_denied(session.identity, config)
@@ -424,7 +424,7 @@ async def auth(request: web.Request, svc: Services) -> web.Response:
     max_age = _auth_max_age(request, query, config)
     if max_age is not None and is_stale(session.auth_time, max_age, time.time()):
         metrics.DECISIONS.add("401")  # RFC 9470: sign in again, recently; the session itself stays
-        return step_up_unauthorized(max_age)
+        return _unauthorized(request, config, max_age)
     metrics.DECISIONS.add("202")
     if tokens_allowed(request, config):
         cookie = request.headers.get("Cookie")
@@ -467,6 +467,25 @@ def _log_denial(request: web.Request, identity: Identity, reason: str, route: st
     """Why someone signed in was refused: ``email_domain``, ``group`` or ``location_rule`` (an auth-url query)."""
     fields = {**logs.who(identity), "reason": reason, "route": route, "client_ip": view_of(request).client_ip}
     logs.event("denied", fields)
+
+
+def _unauthorized(request: web.Request, config: Config, max_age: int | None) -> web.Response:
+    """401 (with RFC 9470's challenge for a step-up): nginx and ingress-nginx send browsers to sign in with
+    their error_page / auth-signin. A front that hands the auth answer to the client as it is (Traefik,
+    Caddy, Envoy) gets the browser's redirect from here instead, back to the original URI its own headers
+    name; API clients (not GET/HEAD text/html, or an --api-route) still get the 401."""
+    original = original_of(request) if FRONTS[config.front].relays else None
+    if original is not None and original.uri is not None and original.path is not None:
+        browser = original.method in ("GET", "HEAD") and "text/html" in request.headers.get("Accept", "")
+        if browser and not any(pattern.search(original.path) for pattern in config.api_routes):
+            view = view_of(request)  # absolute: Traefik resolves a relative Location against the auth URL
+            prefix = f"{view.scheme}://{view.host}{config.proxy_prefix}"
+            rd = original.uri
+            location = start_url(prefix, max_age, rd) if max_age else f"{prefix}/start?rd={quote(rd, safe='')}"
+            return web.Response(status=302, headers={"Location": location, "Cache-Control": "no-store"})
+    if max_age is not None:
+        return step_up_unauthorized(max_age)
+    return web.Response(status=401, text="401 Unauthorized\n")
 
 
 def _auth_max_age(request: web.Request, query: str, config: Config) -> int | None:
