@@ -403,9 +403,10 @@ async def backchannel_logout(request: web.Request, svc: Services) -> web.Respons
 
 
 async def auth(request: web.Request, svc: Services) -> web.Response:
-    """nginx auth_request target: 202 with identity headers, 401 or 403. Never a redirect, never a cookie:
-    nginx only understands 2xx/401/403 here, and the browser is sent to sign in by nginx's error_page."""
-    original_of(request)  # 400 when the front's headers disagree about the original request (fronts.read_auth)
+    """nginx auth_request target: 202 with identity headers, 401 or 403. Never a cookie, and a redirect only for
+    a front that hands the answer to the browser (``_unauthorized``). The original request is read (and its
+    headers refused with 400 when they disagree, ``context.original_of``) only where it decides something:
+    --fresh-auth-route, --oauth-resource, the browser's redirect."""
     try:
         _, session = await authenticate(request, svc)
     except SessionGone:
