@@ -26,18 +26,25 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import aiohttp
+import httpx2
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from mcp import Client
+from mcp.client.auth import OAuthClientProvider
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.auth import OAuthClientMetadata
+from pydantic import AnyUrl
 
 from tests.e2e.front_procs import render_ingress_nginx, start_caddy, start_ingress_nginx, start_traefik
 from tests.e2e.oauth_browser import approve_device
 from tests.e2e.procs import Proc, child_env, free_ports, python_module
+from tests.e2e.test_mcp_sdk import MemoryStorage, ScriptedUser
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -415,3 +422,58 @@ OVERWRITTEN = {
     "traefik": {"x-forwarded-uri", "x-forwarded-method", "x-forwarded-proto", "x-forwarded-host"},
     "caddy": {"x-forwarded-uri", "x-forwarded-method", "x-forwarded-proto", "x-forwarded-host"},
 }
+
+
+# --- the MCP SDK through the ingress-nginx-shaped front, over https -------------------------------------
+
+
+async def test_the_mcp_sdk_reaches_mcp_through_ingress_nginx_with_https_uris(signed_in: dict[str, Front]) -> None:
+    """The unmodified Python SDK against https://<ingress>/mcp: the 401's resource_metadata, the protected
+    resource and authorization server documents all name the https origin the client used (read from the
+    X-Original-URL and X-Forwarded-Proto ingress-nginx sets, never from the in-cluster Host it sends the
+    sidecar), the SDK registers, the person consents, and whoami runs with the identity and no token."""
+    front = signed_in["ingress-nginx"]
+    async with client(front, jar=True) as person:
+        await sign_in_with(person, front)
+        redirect_uri = f"http://127.0.0.1:{free_ports(1)[0]}/callback"
+        user = ScriptedUser(person, redirect_uri)
+        storage = MemoryStorage()
+        provider = OAuthClientProvider(
+            server_url=front.base + "/mcp",
+            client_metadata=OAuthClientMetadata(client_name="through ingress", redirect_uris=[AnyUrl(redirect_uri)]),
+            storage=storage,
+            redirect_handler=user.redirect,
+            callback_handler=user.callback,
+        )
+        async with httpx2.AsyncClient(auth=provider, verify=front.ssl, timeout=httpx2.Timeout(30.0)) as http:
+            async with Client(streamable_http_client(front.base + "/mcp", http_client=http)) as mcp:
+                result = await asyncio.wait_for(mcp.call_tool("whoami", {}), 60)
+    assert not result.is_error, result
+    seen = result.structured_content
+    assert isinstance(seen, dict) and "alice@example.com" in json.dumps(seen), seen
+    assert seen.get("result", seen)["authorization_forwarded"] is False, seen  # no sidecar token reaches the app
+    assert len(user.authorize_urls) == 1
+    asked = parse_qs(urlsplit(user.authorize_urls[0]).query)
+    assert asked["resource"] == [front.base + "/mcp"] and front.base.startswith("https://")
+    assert user.authorize_urls[0].startswith(front.base + "/oauth2/authorize?")
+    tokens = storage.tokens
+    assert tokens is not None and tokens.access_token.startswith("sca.")
+    status, _, body = await get(front, "/.well-known/oauth-authorization-server")
+    assert status == 200 and json.loads(body)["issuer"] == front.base, body
+
+    # The same sidecar and ingress serve another host (app-b): the token for this one is refused there.
+    rpc = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+    bearer = {"Authorization": "Bearer " + tokens.access_token}
+    status, _, _ = await get(front, "/mcp", method="POST", json=rpc, headers=bearer)
+    assert status == 200
+    status, headers, _ = await get(front, "/mcp", method="POST", json=rpc, headers={**bearer, "Host": "app-b.example"})
+    assert status == 401 and 'error="invalid_token"' in headers["WWW-Authenticate"], (status, headers)
+    assert (
+        'resource_metadata="https://app-b.example/.well-known/oauth-protected-resource/mcp"'
+        in (headers["WWW-Authenticate"])
+    )
+
+
+async def sign_in_with(person: aiohttp.ClientSession, front: Front) -> None:
+    async with person.get(front.base + "/_demo/echo", headers=HTML) as resp:
+        assert resp.status == 200, resp.history
