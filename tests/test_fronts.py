@@ -214,3 +214,33 @@ async def test_both_listeners_refuse_the_ingress_nginx_bypass_and_bad_bytes_alik
                 assert ours and theirs, extra
                 assert comparable(ours[0]) == comparable(theirs[0]), extra
                 assert ours[0][0] == status, (extra, ours[0])
+
+
+async def test_envoy_paths_are_judged_the_same_on_both_listeners() -> None:
+    """--front envoy: ext_authz appends the original path to the auth path; both listeners serve those paths
+    and read the original path, method and Host from the subrequest itself (a client's X-Forwarded-Uri
+    naming the resource is refused)."""
+    settings = {"upstream": "", "reverse_proxy": "true", "front": "envoy", "oauth_server": "true"}
+    async with stack(MemoryStore(), oauth_resource="/mcp", **settings) as st:
+        issued = await new_grant(st, "/mcp")
+        _, tokens, _ = await redeem(st.base, issued)
+        bearer = f"Authorization: Bearer {tokens['access_token']}\r\n"
+        host = st.base.split("://", 1)[1]
+        cases = [
+            ("/oauth2/auth/mcp/a", bearer, 202),
+            ("/oauth2/auth/mcp", bearer + "X-Forwarded-Proto: http\r\n", 202),
+            ("/oauth2/auth/other", bearer, 401),
+            ("/oauth2/auth/other", bearer + "X-Forwarded-Uri: /mcp/a\r\n", 400),
+            ("/oauth2/auth/mcp/a", bearer + "X-Original-URL: http://evil.example/mcp/a\r\n", 400),
+            ("/oauth2/auth/mcp/a", bearer + "X-Forwarded-Host: evil.example\r\n", 400),
+            ("/oauth2/authz", bearer, 404),
+        ]
+        async with auth_listener(st) as port:
+            main_port = int(st.base.rsplit(":", 1)[1])
+            for path, extra, status in cases:
+                head = f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n".encode()
+                ours = await exchange(port, head)
+                theirs = await exchange(main_port, head)
+                assert ours and theirs and ours[0][0] == status, (path, extra, ours)
+                if status != 404:  # the two 404 pages differ in wording only
+                    assert comparable(ours[0]) == comparable(theirs[0]), (path, extra)
