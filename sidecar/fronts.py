@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from urllib.parse import urlsplit
 
 from multidict import CIMultiDictProxy
@@ -143,46 +144,81 @@ def _printable(value: str) -> bool:
     return value.isascii() and value.isprintable()
 
 
+_CANONICAL = {name.lower(): name for name in FAMILY}  # a header's name as written -> its family spelling
+_PARTS = ("uri", "method", "scheme", "host")
+
+
+_Memo = dict[tuple[object, ...], "Original | str"]
+_memo: _Memo = {}  # the same pages are asked about again and again: their reading, or why it was refused
+_MEMO_LIMIT = 2048
+
+
 def read_auth(headers: CIMultiDictProxy[str], front: Front, method: str, tail: str, host: str) -> Original:
     """The original request of an auth subrequest, from ``front``'s own headers (``method``, ``tail`` and
     ``host``: the subrequest's own, which only envoy's description reads). Raises BadRequest when two
     present names disagree or when names of a family are present without the front's own."""
+    present = []
+    for key, value in headers.items():  # one pass over the dozen headers a front sends
+        name = _CANONICAL.get(key.lower())
+        if name is not None:
+            present.append((name, value))
+    memo_key = (front.name, *present, method, tail, host) if front.name == "envoy" else (front.name, *present)
+    found = _memo.get(memo_key)
+    if found is None:
+        try:
+            found = _read(present, front, method, tail, host)
+        except BadRequest as exc:
+            found = str(exc)
+        if len(_memo) >= _MEMO_LIMIT:
+            _memo.clear()
+        _memo[memo_key] = found
+    if isinstance(found, str):
+        raise BadRequest(found)
+    return found
+
+
+def _read(present: list[tuple[str, str]], front: Front, method: str, tail: str, host: str) -> Original:
     seen: dict[str, list[tuple[str, str]]] = {"uri": [], "method": [], "scheme": [], "host": []}
-    for name in FAMILY:
-        values = headers.getall(name, [])
-        if not values:
-            continue
-        if len(values) > 1:
-            raise BadRequest(f"{name}: sent more than once")
-        _collect(name, values[0], seen)
+    if len({name for name, _ in present}) != len(present):
+        raise BadRequest("an original-request header was sent more than once")
+    for name, value in present:
+        _collect(name, value, seen)
     if front.uri == (REQUEST,):
         seen["uri"].append((REQUEST, tail or "/"))
     if front.method == REQUEST:
         seen["method"].append((REQUEST, method.upper()))
     if front.host == REQUEST:
         seen["host"].append((REQUEST, host.lower()))
-    own = {
-        "uri": front.uri + ((front.url,) if front.url else ()),
+    own = _own(front.name)
+    found = [_agreed(part, seen[part], own[part], front) for part in _PARTS]
+    return Original(uri=found[0], method=found[1], scheme=found[2], host=found[3])
+
+
+@lru_cache(maxsize=8)
+def _own(name: str) -> dict[str, tuple[str, ...]]:
+    """Per part, the names the front called ``name`` writes itself."""
+    front = FRONTS[name]
+    url = (front.url,) if front.url else ()
+    return {
+        "uri": front.uri + url,
         "method": (front.method,) if front.method else (),
-        "scheme": ((front.scheme,) if front.scheme else ()) + ((front.url,) if front.url else ()),
-        "host": ((front.host,) if front.host else ()) + ((front.url,) if front.url else ()),
+        "scheme": ((front.scheme,) if front.scheme else ()) + url,
+        "host": ((front.host,) if front.host else ()) + url,
     }
-    found = {part: _agreed(part, seen[part], own[part], front) for part in seen}
-    return Original(uri=found["uri"], method=found["method"], scheme=found["scheme"], host=found["host"])
 
 
 def _agreed(part: str, seen: list[tuple[str, str]], own: tuple[str, ...], front: Front) -> str | None:
-    values = {value for _, value in seen}
-    if len(values) > 1:
+    if not seen:
+        return None
+    value = seen[0][1]
+    if any(other != value for _, other in seen):
         names = ", ".join(sorted({name for name, _ in seen}))
         raise BadRequest(f"the original-request headers disagree on the {part} ({names})")
-    if not values:
-        return None
     if not any(name in own for name, _ in seen):
         names = ", ".join(sorted({name for name, _ in seen}))
         _misconfigured(front, part, names)
         raise BadRequest(f"the {part} is named by {names}, which --front {front.name} does not set")
-    return values.pop()
+    return value
 
 
 _warned: set[tuple[str, str]] = set()
