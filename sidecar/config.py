@@ -632,6 +632,12 @@ def _oauth_issuer(values: Mapping[str, Any], problems: list[str]) -> None:
     """An origin only (the endpoints live under it at --proxy-prefix); a URL with a path, query or user would
     be an issuer no client can reach."""
     issuer = values["oauth_issuer"]
+    everyone = any(net.prefixlen == 0 for net in _collect([], _network, values["trusted_proxy"]))
+    if values["oauth_server"] and values["reverse_proxy"] and not issuer and everyone:
+        problems.append(
+            "--trusted-proxy: trusting every address lets any client name the issuer and the tokens' "
+            "audience; name the front's networks, or set --oauth-issuer"
+        )
     if not issuer:
         return
     if not values["oauth_server"]:

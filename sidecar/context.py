@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -15,7 +16,7 @@ from .bearer import BearerVerifier
 from .config import Config
 from .cookies import CookieCodec, SessionRef, SignInAttempt
 from .errors import BadRequest
-from .fronts import FRONTS, Original, read_auth, read_proxied
+from .fronts import FRONTS, Original, names_original, read_auth, read_proxied
 from .models import Identity, Session, TokenSet
 from .oidc import OidcClient
 from .ratelimit import RateLimiter
@@ -67,6 +68,8 @@ class View:
 
 
 NOTHING = Original(uri=None, method=None, scheme=None, host=None)
+
+log = logging.getLogger("sidecar.context")
 
 SERVICES = web.AppKey("services", Services)
 VIEW = web.RequestKey("view", View)
@@ -147,13 +150,35 @@ def original_of(request: web.Request) -> Original:
     found = request.get(ORIGINAL)
     if found is None:
         config = request.app[SERVICES].config
-        if not trusted_peer(request.remote, config) or not is_auth_request(request, config):
+        if not is_auth_request(request, config):
             found = NOTHING
+        elif not trusted_peer(request.remote, config):
+            found = NOTHING
+            if names_original(request.headers):
+                _untrusted_front(request.remote, config)
         else:
             tail = request.raw_path[len(config.proxy_prefix) + len("/auth") :] if config.front == "envoy" else ""
             found = read_auth(request.headers, FRONTS[config.front], request.method, tail, request.host)
         request[ORIGINAL] = found
     return found
+
+
+_untrusted_warned: set[tuple[str, str]] = set()
+
+
+def _untrusted_front(remote: str | None, config: Config) -> None:
+    """Once per peer (up to 16): a front asks about a request but is not trusted, so its headers are not read
+    (step-up rules and OAuth resources then cannot see the original request, and tokens are refused)."""
+    peer = remote or "?"
+    why = "--reverse-proxy is off" if not config.reverse_proxy else "the peer is not in --trusted-proxy"
+    if (peer, why) in _untrusted_warned or len(_untrusted_warned) >= 16:
+        return
+    _untrusted_warned.add((peer, why))
+    log.error(
+        "an auth request names the original request but its headers are not read: %s",
+        why,
+        extra={"fields": {"peer": peer}},
+    )
 
 
 def view_of(request: web.Request) -> View:

@@ -153,6 +153,11 @@ _memo: _Memo = {}  # the same pages are asked about again and again: their readi
 _MEMO_LIMIT = 2048
 
 
+def names_original(headers: CIMultiDictProxy[str]) -> bool:
+    """Does any header name the original request (a front's auth subrequest)?"""
+    return any(key.lower() in _CANONICAL for key in headers)
+
+
 def read_auth(headers: CIMultiDictProxy[str], front: Front, method: str, tail: str, host: str) -> Original:
     """The original request of an auth subrequest, from ``front``'s own headers (``method``, ``tail`` and
     ``host``: the subrequest's own, which only envoy's description reads). Raises BadRequest when two

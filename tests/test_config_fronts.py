@@ -173,3 +173,12 @@ def test_oauth_issuer_needs_the_oauth_server() -> None:
         load_config([*BASE, "--oauth-issuer", "https://app.example.com"], {})
     config = load_config([*BASE, "--oauth-server", "--oauth-resource=/mcp", "--oauth-issuer=https://a.example"], {})
     assert config.oauth_issuer == "https://a.example"
+
+
+def test_trusting_everyone_with_the_oauth_server_needs_an_issuer() -> None:
+    oauth = ["--oauth-server", "--oauth-resource=/mcp", "--reverse-proxy"]
+    for everyone in ("0.0.0.0/0", "::/0"):
+        with pytest.raises(ConfigError, match="--trusted-proxy: trusting every address"):
+            load_config([*BASE, *oauth, "--trusted-proxy", everyone], {})
+        load_config([*BASE, *oauth, "--trusted-proxy", everyone, "--oauth-issuer", "https://a.example"], {})
+    load_config([*BASE, *oauth, "--trusted-proxy", "10.0.0.0/8"], {})

@@ -15,6 +15,7 @@ import itertools
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from sidecar import context
 from sidecar.errors import BadRequest
 from sidecar.fronts import FRONTS, REQUEST, Original, read_auth, refuse_undecodable
 from sidecar.store import MemoryStore
@@ -244,3 +245,18 @@ async def test_envoy_paths_are_judged_the_same_on_both_listeners() -> None:
                 assert ours and theirs and ours[0][0] == status, (path, extra, ours)
                 if status != 404:  # the two 404 pages differ in wording only
                     assert comparable(ours[0]) == comparable(theirs[0]), (path, extra)
+
+
+async def test_an_untrusted_front_is_named_once_in_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    """A front whose address is not a --trusted-proxy: its headers are not read, and the log says why, once."""
+    settings = {"upstream": "", "reverse_proxy": "true", "trusted_proxy": "10.9.9.9/32", "oauth_server": "true"}
+    context._untrusted_warned.clear()  # once per process: another test may have been told already
+    async with stack(MemoryStore(), oauth_resource="/mcp", **settings) as st:
+        host = st.base.split("://", 1)[1]
+        head = f"GET /oauth2/auth HTTP/1.1\r\nHost: {host}\r\nX-Forwarded-Uri: /mcp\r\n\r\n".encode()
+        main_port = int(st.base.rsplit(":", 1)[1])
+        for _ in range(3):
+            (answer,) = await exchange(main_port, head)
+            assert answer[0] == 401 and not any(k.lower() == "www-authenticate" for k, _ in answer[1])
+    said = [r for r in caplog.records if "not in --trusted-proxy" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in caplog.records]
