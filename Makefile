@@ -12,20 +12,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test,dev]'
 	touch $(STAMP)
 
-# redis-server, redis-sentinel, nginx and wrk from the distro; installed when missing and root, else a one-line hint.
+# redis-server, redis-sentinel, nginx, wrk and caddy from the distro; installed when missing and root, else a one-line hint.
 system-deps:
 	@missing=""; \
-	for b in redis-server redis-sentinel nginx wrk; do \
+	for b in redis-server redis-sentinel nginx wrk caddy; do \
 	  command -v $$b >/dev/null 2>&1 || [ -x /usr/sbin/$$b ] || [ -x /usr/bin/$$b ] || missing="$$missing $$b"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing:$$missing"; \
-	    (apt-get install -y -q redis-server redis-sentinel nginx wrk >/dev/null 2>&1 || \
-	     (apt-get update -q >/dev/null && apt-get install -y -q redis-server redis-sentinel nginx wrk >/dev/null)) || \
-	     { echo "could not install:$$missing; run: apt-get install redis-server redis-sentinel nginx wrk"; exit 1; }; \
+	    (apt-get install -y -q redis-server redis-sentinel nginx wrk caddy >/dev/null 2>&1 || \
+	     (apt-get update -q >/dev/null && apt-get install -y -q redis-server redis-sentinel nginx wrk caddy >/dev/null)) || \
+	     { echo "could not install:$$missing; run: apt-get install redis-server redis-sentinel nginx wrk caddy"; exit 1; }; \
 	  else \
-	    echo "missing:$$missing; install them with: sudo apt-get install redis-server redis-sentinel nginx wrk"; exit 1; \
+	    echo "missing:$$missing; install them with: sudo apt-get install redis-server redis-sentinel nginx wrk caddy"; exit 1; \
 	  fi; \
 	fi
 
