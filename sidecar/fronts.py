@@ -15,6 +15,7 @@ member present without the front's own header means the front is not the one con
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -23,6 +24,7 @@ from urllib.parse import urlsplit
 from multidict import CIMultiDictProxy
 
 from .errors import BadRequest
+from .headers import is_protected
 
 log = logging.getLogger("sidecar.fronts")
 
@@ -138,6 +140,22 @@ def refuse_undecodable(headers: Mapping[str, str]) -> None:
         for value in headers.getall(name, []):  # type: ignore[attr-defined]
             if not _printable(value):
                 raise BadRequest(f"{name}: not printable ASCII")
+
+
+_ALIAS_CHARS = re.compile(r"[^A-Za-z0-9-]")
+
+
+def refuse_aliases(headers: Mapping[str, str]) -> None:
+    """Raise BadRequest for a header whose name another spelling of an identity or original-request header:
+    ``X_Auth_Request_User``, ``X.Auth.Request.User``, ``X~Forwarded~Email``. CGI/WSGI/PHP-style applications
+    read each as the dash spelling, which is the only one a front replaces; some fronts (Caddy) pass the others
+    to the application, so a request carrying one is refused here, where every front asks first."""
+    for key in headers:
+        if _ALIAS_CHARS.search(key) is None:
+            continue  # the common case: letters, digits and dashes only
+        norm = _ALIAS_CHARS.sub("-", key).lower()
+        if is_protected(norm) or norm in _CANONICAL:
+            raise BadRequest(f"header name {key!r} is another spelling of {norm}")
 
 
 def _printable(value: str) -> bool:

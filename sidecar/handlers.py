@@ -26,7 +26,7 @@ from .errors import (
     StoreUnavailable,
     TokenValidationError,
 )
-from .fronts import FRONTS, Original
+from .fronts import FRONTS, Original, refuse_aliases
 from .guard import (
     TOKEN_HEADERS,
     absolute,
@@ -407,6 +407,7 @@ async def auth(request: web.Request, svc: Services) -> web.Response:
     a front that hands the answer to the browser (``_unauthorized``). The original request is read (and its
     headers refused with 400 when they disagree, ``context.original_of``) only where it decides something:
     --fresh-auth-route, --oauth-resource, the browser's redirect."""
+    refuse_aliases(request.headers)  # X.Auth.Request.User... which some fronts pass on to the app
     try:
         _, session = await authenticate(request, svc)
     except SessionGone:

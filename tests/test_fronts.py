@@ -201,6 +201,11 @@ async def test_both_listeners_refuse_the_ingress_nginx_bypass_and_bad_bytes_alik
             (b"X-Forwarded-Uri: /mcp\xff\r\n", 400),
             (b"X-Original-Method: G\xffT\r\n", 400),
             (b"Authorization: Bearer \xff\r\n", 400),
+            (b"X_Auth_Request_User: mallory\r\n", 400),  # other spellings of identity and original headers
+            (b"X.Forwarded.Email: mallory\r\n", 400),
+            (b"X~Original~URL: https://evil.example/x\r\n", 400),
+            (b"x_forwarded_uri: /x\r\n", 400),
+            (b"X-Forwarded-Email2: harmless\r\n", 401),  # no session: not refused for its name
         ]
         host = st.base.split("://", 1)[1]
         async with auth_listener(st) as port:

@@ -301,6 +301,25 @@ async def test_the_app_gets_the_identity_and_never_the_session_cookie(signed_in:
     assert not extra, extra
 
 
+ALIASES = ["X_Auth_Request_User", "X.Auth.Request.Email", "X~Forwarded~Email", "x_forwarded_user", "X+User"]
+
+
+@pytest.mark.parametrize("name", FRONT_NAMES)
+async def test_other_spellings_of_identity_headers_never_reach_the_app(signed_in: dict[str, Front], name: str) -> None:
+    """Names a CGI/WSGI/PHP application reads as X-Auth-Request-User, X-Forwarded-Email...: nginx drops them
+    (invalid names), Traefik deletes them (aliasHeadersStrategy), and where a front passes them on (Caddy) the
+    sidecar refuses the request."""
+    front = signed_in[name]
+    for alias in ALIASES:
+        status, _, body = await get(front, "/_demo/echo", headers={**cookie(front), alias: "mallory"})
+        if status == 200:
+            assert "mallory" not in body, (name, alias, body)
+        else:
+            assert status in REFUSED[name], (name, alias, status)
+    if name == "caddy":
+        assert status == 400
+
+
 @pytest.mark.parametrize("name", FRONT_NAMES)
 async def test_a_per_application_rule_refuses_and_the_token_works_on_its_resource(
     signed_in: dict[str, Front], name: str
