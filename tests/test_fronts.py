@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 
+import aiohttp
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar import context
+from sidecar.context import SERVICES
 from sidecar.errors import BadRequest
 from sidecar.fronts import FRONTS, REQUEST, Original, read_auth, refuse_undecodable
+from sidecar.oauth.service import OAUTH
 from sidecar.store import MemoryStore
 from tests.stack import browser, session_cookie, sign_in, stack
 from tests.test_auth_listener import auth_listener, comparable, exchange
-from tests.test_oauth_tokens import new_grant, redeem
+from tests.test_oauth_tokens import REDIRECT, Issued, new_grant, pkce, redeem, register
 
 HOST = "app.example.com"
 
@@ -265,3 +269,44 @@ async def test_an_untrusted_front_is_named_once_in_the_log(caplog: pytest.LogCap
             assert answer[0] == 401 and not any(k.lower() == "www-authenticate" for k, _ in answer[1])
     said = [r for r in caplog.records if "not in --trusted-proxy" in r.getMessage()]
     assert len(said) == 1, [r.getMessage() for r in caplog.records]
+
+
+async def test_oauth_issuer_is_the_origin_whatever_the_front_says_and_other_hosts_are_refused() -> None:
+    """--oauth-issuer: metadata and challenges name it even when a (trusted) front reports another scheme (TLS
+    ended before it); a token for it works when the front names its host, and is refused for another host."""
+    issuer = "https://app.example.com"
+    settings = {"upstream": "", "reverse_proxy": "true", "oauth_server": "true", "oauth_issuer": issuer}
+    async with stack(MemoryStore(), oauth_resource="/mcp", **settings) as st:
+        app = st.runners[0].app
+        server, svc = app[OAUTH], app[SERVICES]
+        async with browser() as b:
+            await sign_in(b, st.base)
+            ref = svc.codec.load_session(session_cookie(b), time.time())
+        session = await svc.sessions.load(ref)
+        client = await register(server)
+        grant, key = await server.start_grant(
+            session.identity, session.tokens, {"sub": session.identity.sub}, client, resource=issuer + "/mcp",
+            resource_path="/mcp", scope="openid", client_ip="127.0.0.1", user_agent="test",
+        )  # fmt: skip
+        verifier, challenge = pkce()
+        code = await server.issue_code(grant, key, REDIRECT, challenge)
+        status, tokens, _ = await redeem(st.base, Issued(grant, code, verifier, client))
+        assert status == 200, tokens
+        host = st.base.split("://", 1)[1]
+        main_port = int(st.base.rsplit(":", 1)[1])
+        bearer = f"Authorization: Bearer {tokens['access_token']}\r\n"
+        for front, status in [
+            ("X-Forwarded-Uri: /mcp\r\nX-Forwarded-Host: app.example.com\r\nX-Forwarded-Proto: http\r\n", 202),
+            ("X-Forwarded-Uri: /mcp\r\nX-Forwarded-Host: app-b.example.com\r\nX-Forwarded-Proto: https\r\n", 401),
+            ("X-Forwarded-Uri: /mcp\r\n", 401),  # no host named: the Host header, 127.0.0.1:port
+        ]:
+            head = f"GET /oauth2/auth HTTP/1.1\r\nHost: {host}\r\n{bearer}{front}\r\n".encode()
+            (answer,) = await exchange(main_port, head)
+            assert answer[0] == status, (front, answer)
+            if status == 401:
+                challenge_header = next(v for k, v in answer[1] if k.lower() == "www-authenticate")
+                assert f'resource_metadata="{issuer}/.well-known/oauth-protected-resource/mcp"' in challenge_header
+        async with aiohttp.ClientSession() as http:
+            spoof = {"X-Forwarded-Host": "evil.example", "X-Forwarded-Proto": "http"}
+            async with http.get(st.base + "/.well-known/oauth-authorization-server", headers=spoof) as resp:
+                assert (await resp.json())["issuer"] == issuer

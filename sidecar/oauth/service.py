@@ -72,12 +72,13 @@ class OAuthServer:
         return f"{view.scheme}://{view.host}"
 
     def foreign_origin(self, request: web.Request) -> bool:
-        """With ``--oauth-issuer``: a trusted front names another origin for this request (an app on another
-        host behind the same sidecar). Its tokens are for the issuer's origin only."""
+        """With ``--oauth-issuer``: a trusted front names another host for this request (an app on another
+        host behind the same sidecar); the issuer's tokens are for its own host only. The scheme is not
+        compared: --oauth-issuer is how a front that cannot know it (TLS ended before it) is corrected."""
         if not self.config.oauth_issuer:
             return False
         view = view_of(request)
-        return view.trusted and f"{view.scheme}://{view.host}".lower() != self.issuer(request).lower()
+        return view.trusted and view.host.lower() != self.config.oauth_issuer.split("://", 1)[1].rstrip("/").lower()
 
     def resource_for(self, request: web.Request, path: str) -> str:
         """The canonical resource URI of a --oauth-resource path, as this request's client sees it."""
