@@ -150,9 +150,11 @@ def refuse_aliases(headers: Mapping[str, str]) -> None:
     ``X_Auth_Request_User``, ``X.Auth.Request.User``, ``X~Forwarded~Email``. CGI/WSGI/PHP-style applications
     read each as the dash spelling, which is the only one a front replaces; some fronts (Caddy) pass the others
     to the application, so a request carrying one is refused here, where every front asks first."""
+    if _ALIAS_CHARS.search("".join(headers)) is None:
+        return  # the common case: every name is letters, digits and dashes
     for key in headers:
         if _ALIAS_CHARS.search(key) is None:
-            continue  # the common case: letters, digits and dashes only
+            continue
         norm = _ALIAS_CHARS.sub("-", key).lower()
         if is_protected(norm) or norm in _CANONICAL:
             raise BadRequest(f"header name {key!r} is another spelling of {norm}")

@@ -20,7 +20,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from sidecar import context
 from sidecar.context import SERVICES
 from sidecar.errors import BadRequest
-from sidecar.fronts import FRONTS, REQUEST, Original, read_auth, refuse_undecodable
+from sidecar.fronts import FRONTS, REQUEST, Original, read_auth, refuse_aliases, refuse_undecodable
 from sidecar.oauth.service import OAUTH
 from sidecar.store import MemoryStore
 from tests.stack import browser, session_cookie, sign_in, stack
@@ -151,6 +151,14 @@ def test_bytes_and_shapes_a_front_never_writes_are_refused(value: str) -> None:
         read(front, {name: value})
     with pytest.raises(BadRequest):
         refuse_undecodable(CIMultiDictProxy(CIMultiDict({"X-Forwarded-Uri": "/mcp\udcff"})))
+
+
+def test_other_spellings_are_refused_and_the_dash_spellings_are_not() -> None:
+    for alias in ("X_Auth_Request_User", "X.Forwarded.Email", "x~original~url", "X+Forwarded+Uri", "X_User"):
+        with pytest.raises(BadRequest, match="another spelling"):
+            refuse_aliases(CIMultiDict({alias: "v", "X-Forwarded-Uri": "/a"}))
+    fine = CIMultiDict({"My_Header": "v", "X-Forwarded-Uri": "/a", "X-Auth-Request-User": "u", "X_Trace": "1"})
+    refuse_aliases(fine)  # an app's own underscore header, next to the dash spellings a front sets
 
 
 def test_envoy_reads_the_subrequest_itself() -> None:
