@@ -12,21 +12,21 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test,dev]'
 	touch $(STAMP)
 
-# redis-server, redis-sentinel, nginx, wrk and chromium (the browser tests drive /usr/bin/chromium through Playwright;
-# no browser is ever downloaded) from the distro; installed when missing and root, else a one-line hint.
+# redis-server, redis-sentinel, nginx, wrk, chromium and caddy from the distro (the browser tests drive /usr/bin/chromium
+# through Playwright, no browser is ever downloaded; Traefik comes from PyPI); installed when missing and root, else a hint.
 system-deps:
 	@missing=""; \
-	for b in redis-server redis-sentinel nginx wrk chromium; do \
+	for b in redis-server redis-sentinel nginx wrk chromium caddy; do \
 	  command -v $$b >/dev/null 2>&1 || [ -x /usr/sbin/$$b ] || [ -x /usr/bin/$$b ] || missing="$$missing $$b"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing:$$missing"; \
-	    (apt-get install -y -q redis-server redis-sentinel nginx wrk chromium >/dev/null 2>&1 || \
-	     (apt-get update -q >/dev/null && apt-get install -y -q redis-server redis-sentinel nginx wrk chromium >/dev/null)) || \
-	     { echo "could not install:$$missing; run: apt-get install redis-server redis-sentinel nginx wrk chromium"; exit 1; }; \
+	    (apt-get install -y -q redis-server redis-sentinel nginx wrk chromium caddy >/dev/null 2>&1 || \
+	     (apt-get update -q >/dev/null && apt-get install -y -q redis-server redis-sentinel nginx wrk chromium caddy >/dev/null)) || \
+	     { echo "could not install:$$missing; run: apt-get install redis-server redis-sentinel nginx wrk chromium caddy"; exit 1; }; \
 	  else \
-	    echo "missing:$$missing; install them with: sudo apt-get install redis-server redis-sentinel nginx wrk chromium"; exit 1; \
+	    echo "missing:$$missing; install them with: sudo apt-get install redis-server redis-sentinel nginx wrk chromium caddy"; exit 1; \
 	  fi; \
 	fi
 

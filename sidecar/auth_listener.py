@@ -248,6 +248,7 @@ class AuthListener:
     ) -> None:
         self.app = app
         self.path = config.proxy_prefix + "/auth"
+        self.subpaths = config.front == "envoy"  # ext_authz appends the original path to the auth URL's
         self.decide: Handler = guarded(handlers.auth, "/oauth2/auth")
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
@@ -515,7 +516,7 @@ class AuthProtocol(asyncio.Protocol):
             return _plain(400, "400 Bad Request: missing Host header\n", version, False), False
         target = url.decode("ascii", "surrogateescape")
         path, _, query = target.partition("?")
-        if path != self.listener.path:
+        if path != self.listener.path and not (self.listener.subpaths and path.startswith(self.listener.path + "/")):
             return _plain(404, "404 Not Found\n", version, keep), keep
         if method not in METHODS:
             return _plain(405, "405 Method Not Allowed\n", version, keep), keep

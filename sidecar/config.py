@@ -34,6 +34,7 @@ Patterns = tuple[str, ...]
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h|d)")
 _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _YEAR = 366 * 86400.0
+_IDLE_FLOOR = 120.0  # sessions.py writes "last active" once a minute: an idle timeout must leave room for that
 
 
 def parse_duration(text: str) -> float:
@@ -182,6 +183,12 @@ class Config:
     )
     reverse_proxy: bool = option(False, "trust X-Forwarded-* from --trusted-proxy addresses")
     trusted_proxy: Names = option(("127.0.0.1/32", "::1/128"), "proxy networks whose X-Forwarded-* are trusted")
+    front: str = option(
+        "nginx",
+        "the proxy in front (--reverse-proxy): which headers it sets itself, the only ones read for the original "
+        "request's URI, method, scheme and host (see README, Deployment)",
+        choices=("nginx", "ingress-nginx", "traefik", "caddy", "envoy"),
+    )
     upstream_timeout: Seconds = option(30.0, "upstream connect + read timeout", low=0.05, high=86400)
     provider_sign_out: bool = option(True, "send browsers to the provider's end_session_endpoint on sign-out")
     oidc_logout_id_token_hint: bool = option(
@@ -224,9 +231,13 @@ class Config:
         "path of an API the sidecar issues tokens for, e.g. /mcp (repeatable); a token works only under its path",
         aliases=("oauth_resources",),
     )
+    oauth_issuer: str = option(
+        "", "the external origin clients use (https://app.example.com): issuer and resource URIs are built from it "
+        "instead of from the front's headers",
+    )  # fmt: skip
     oauth_access_token_ttl: Seconds = option(900.0, "lifetime of the access tokens it issues (15m)", low=10, high=86400)
     oauth_refresh_idle_timeout: Seconds = option(
-        30 * 86400.0, "a grant whose refresh token is unused this long ends (sliding, 720h)", low=60, high=10 * _YEAR
+        30 * 86400.0, "a grant whose refresh token is unused this long ends (sliding, 720h)", low=120, high=10 * _YEAR
     )
     oauth_refresh_max_lifetime: Seconds = option(
         365 * 86400.0, "a grant ends this long after its sign-in, used or not (8760h)", low=60, high=10 * _YEAR
@@ -463,6 +474,13 @@ def _check(v: Mapping[str, Any], problems: list[str]) -> None:
         problems.append(
             f"--redis-connection-url: must start with redis://, rediss:// or unix://, got {mask_url(url)!r}"
         )
+    if v["front"] != "nginx" and not v["reverse_proxy"]:
+        problems.append(f"--front: {v['front']} is only read with --reverse-proxy; set it too")
+    if 0 < v["session_idle_timeout"] < _IDLE_FLOOR:
+        problems.append(
+            f"--session-idle-timeout: at least {_IDLE_FLOOR:g}s (last activity is recorded once a minute), or 0 "
+            f"for never; got {v['session_idle_timeout']:g}s"
+        )
     if v["session_store_type"] == "memory" and v["workers"] > 1:
         problems.append(
             "--workers: the memory store lives in one process; use --session-store-type redis for more workers"
@@ -603,6 +621,7 @@ def _oauth_resources(values: Mapping[str, Any], problems: list[str]) -> tuple[st
         problems.append("--oauth-resource: only used with --oauth-server; set it too")
     if values["oauth_server"] and not paths:
         problems.append("--oauth-server: name at least one --oauth-resource path (e.g. /mcp)")
+    _oauth_issuer(values, problems)
     if values["oauth_refresh_idle_timeout"] > values["oauth_refresh_max_lifetime"]:
         problems.append("--oauth-refresh-idle-timeout: must not exceed --oauth-refresh-max-lifetime")
     reserved = (values["proxy_prefix"], "/.well-known", values["ping_path"], values["ready_path"])
@@ -619,6 +638,37 @@ def _oauth_resources(values: Mapping[str, Any], problems: list[str]) -> tuple[st
         else:
             out.append(path)
     return tuple(sorted(out, key=len, reverse=True))
+
+
+def _oauth_issuer(values: Mapping[str, Any], problems: list[str]) -> None:
+    """An origin only (the endpoints live under it at --proxy-prefix); a URL with a path, query or user would
+    be an issuer no client can reach."""
+    issuer = values["oauth_issuer"]
+    everyone = any(net.prefixlen == 0 for net in _collect([], _network, values["trusted_proxy"]))
+    if values["oauth_server"] and values["reverse_proxy"] and not issuer and everyone:
+        problems.append(
+            "--trusted-proxy: trusting every address lets any client name the issuer and the tokens' "
+            "audience; name the front's networks, or set --oauth-issuer"
+        )
+    if not issuer:
+        return
+    if not values["oauth_server"]:
+        problems.append("--oauth-issuer: only used with --oauth-server; set it too")
+    try:
+        parts = urlsplit(issuer)
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        parts = urlsplit("")
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+        or "@" in parts.netloc
+        or issuer != issuer.strip()
+    ):
+        problems.append(f"--oauth-issuer: expected an origin such as https://app.example.com, got {issuer!r}")
 
 
 def _client_metadata_ssl(values: Mapping[str, Any], problems: list[str]) -> ssl.SSLContext | None:

@@ -21,6 +21,7 @@ import argparse
 import difflib
 import json
 import os
+import re
 import sys
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -30,6 +31,24 @@ from .config import BY_ATTR, OPTIONS, Config, Option, build_config, parse_bool
 from .errors import ConfigError
 
 ENV_PREFIXES = ("SIDECAR_", "OAUTH2_PROXY_")
+
+# Kubernetes service links: for every Service in the namespace (a Service named oauth2-proxy or sidecar is
+# usual) the kubelet sets <NAME>_SERVICE_HOST, <NAME>_SERVICE_PORT[_<port name>], <NAME>_PORT and
+# <NAME>_PORT_<n>_<PROTO>[_PROTO|_PORT|_ADDR]. Recognised by name shape AND value shape, never by name alone.
+_IP = r"(?:\d{1,3}(?:\.\d{1,3}){3}|[0-9a-fA-F:]*:[0-9a-fA-F:.]*)"
+_PORT = r"\d{1,5}"
+_SERVICE_LINK = (
+    (re.compile(r"[A-Z0-9_]+_SERVICE_HOST"), re.compile(_IP)),
+    (re.compile(r"[A-Z0-9_]+_SERVICE_PORT(?:_[A-Z0-9_]+)?"), re.compile(_PORT)),
+    (re.compile(r"[A-Z0-9_]+_PORT"), re.compile(rf"(?:tcp|udp|sctp)://(?:{_IP}|\[{_IP}\]):{_PORT}")),
+    (
+        re.compile(rf"[A-Z0-9_]+_PORT_{_PORT}_(?:TCP|UDP|SCTP)"),
+        re.compile(rf"(?:tcp|udp|sctp)://(?:{_IP}|\[{_IP}\]):{_PORT}"),
+    ),
+    (re.compile(rf"[A-Z0-9_]+_PORT_{_PORT}_(?:TCP|UDP|SCTP)_PROTO"), re.compile(r"tcp|udp|sctp")),
+    (re.compile(rf"[A-Z0-9_]+_PORT_{_PORT}_(?:TCP|UDP|SCTP)_PORT"), re.compile(_PORT)),
+    (re.compile(rf"[A-Z0-9_]+_PORT_{_PORT}_(?:TCP|UDP|SCTP)_ADDR"), re.compile(_IP)),
+)
 _ENV_NOT_OPTIONS = frozenset({"SIDECAR_CONFIG", "OAUTH2_PROXY_CONFIG"})
 
 # oauth2-proxy options that need no setting here: accepted with a one-line notice.
@@ -79,6 +98,26 @@ def _needless(name: str, value: Any, shown: str, problems: list[str], notices: l
         notices.append(f"{shown}: {NEEDLESS[name]}; ignored")
     else:
         problems.append(f"{shown}: {NEEDLESS[name]}, so it cannot be turned off; remove the setting")
+
+
+# List options whose empty value has a meaning of its own that restricts nothing: allowed empty.
+EMPTY_MEANS = {"upstream": "no upstream: the sidecar only answers a front's /oauth2/auth"}
+
+
+def _empty(opt: Option, value: Any, shown: str, problems: list[str]) -> bool:
+    """The one rule for "empty": a list option set to nothing (``--allowed-group ""``, ``SIDECAR_X=``,
+    ``" , "``, TOML ``[]``) is refused, never read as "no restriction". Leaving it out is how to say none.
+    (``EMPTY_MEANS`` lists the options where empty is itself a documented setting.)"""
+    if opt.attr in EMPTY_MEANS:
+        return False
+    items = value if isinstance(value, list) else [value]
+    if not all(isinstance(item, str) for item in items):
+        return False  # the type check names that problem
+    parts = [part for item in items for part in (item.split(",") if opt.kind == "names" else [item])]
+    if any(part.strip() for part in parts):
+        return False
+    problems.append(f"{shown}: set but empty; remove the setting to leave --{opt.name} unset")
+    return True
 
 
 def _unknown(name: str, shown: str) -> str:
@@ -150,6 +189,10 @@ def _flags(argv: Sequence[str], problems: list[str], notices: list[str]) -> tupl
             continue
         if key.startswith("needless_"):
             _needless(key[9:], value, f"--{key[9:].replace('_', '-')}", problems, notices)
+        elif BY_ATTR[key].kind in ("names", "patterns") and _empty(
+            BY_ATTR[key], list(value), f"--{BY_ATTR[key].name}", problems
+        ):
+            continue
         elif BY_ATTR[key].kind == "patterns":
             out[key] = list(value)  # one flag, one rule
         elif BY_ATTR[key].kind == "names":
@@ -157,6 +200,17 @@ def _flags(argv: Sequence[str], problems: list[str], notices: list[str]) -> tupl
         else:
             out[key] = value
     return out, config_file
+
+
+def _json_or_text(text: str) -> Any:
+    """A JSON array as its list (an empty one is empty), anything else as the text."""
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError:
+            return text  # _env_list names the problem
+        return items if isinstance(items, list) else text
+    return text if text.strip() else ""
 
 
 def _env_list(opt: Option, text: str, shown: str) -> Any:
@@ -179,10 +233,17 @@ def _env_list(opt: Option, text: str, shown: str) -> Any:
     return lines
 
 
+def service_link(key: str, value: str) -> bool:
+    """A variable Kubernetes made for a Service (see ``_SERVICE_LINK``): its name and its value fit."""
+    return any(name.fullmatch(key) and shape.fullmatch(value) for name, shape in _SERVICE_LINK)
+
+
 def _environment(environ: Mapping[str, str], problems: list[str], notices: list[str]) -> dict[str, Any]:
-    """``SIDECAR_*`` beats ``OAUTH2_PROXY_*`` for the same option; unknown names are refused."""
+    """``SIDECAR_*`` beats ``OAUTH2_PROXY_*`` for the same option; unknown names are refused, except
+    Kubernetes service links (ignored with one notice)."""
     out: dict[str, Any] = {}
     seen: dict[str, str] = {}  # option -> the prefix that set it
+    links: list[str] = []
     for prefix in reversed(ENV_PREFIXES):  # the later prefix (SIDECAR_) wins
         for key, text in environ.items():
             if not key.startswith(prefix) or key in _ENV_NOT_OPTIONS:
@@ -192,6 +253,9 @@ def _environment(environ: Mapping[str, str], problems: list[str], notices: list[
                 _needless(name, text, key, problems, notices)
                 continue
             opt = _NAMES.get(name)
+            if opt is None and service_link(key, text):
+                links.append(key)
+                continue
             if opt is None:
                 problems.append(_unknown(name, key))
                 continue
@@ -201,10 +265,17 @@ def _environment(environ: Mapping[str, str], problems: list[str], notices: list[
                 problems.append(f"{key}: {opt.name} is already set by another spelling; set it once")
                 continue
             seen[opt.attr] = prefix
+            if opt.kind in ("names", "patterns") and _empty(opt, _json_or_text(text), key, problems):
+                continue
             try:
                 out[opt.attr] = _env_list(opt, text, key) if opt.kind in ("names", "patterns") else text
             except ConfigError as exc:
                 problems.append(str(exc))
+    if links:
+        notices.append(
+            f"{', '.join(sorted(links))}: Kubernetes service links (a Service named like the prefix), not "
+            "settings; ignored (enableServiceLinks: false in the pod spec removes them)"
+        )
     return out
 
 
@@ -229,6 +300,8 @@ def _toml(path: str, problems: list[str], notices: list[str]) -> dict[str, Any]:
             problems.append(f"{path}: {key}: {opt.name} is already set by another spelling; set it once")
         elif isinstance(value, (dict, list)) and opt.kind not in ("names", "patterns"):
             problems.append(f"{path}: {key}: expected a single value")
+        elif opt.kind in ("names", "patterns") and _empty(opt, value, f"{path}: {key}", problems):
+            pass
         else:
             out[opt.attr] = [value] if opt.kind == "patterns" and isinstance(value, str) else value
     return out

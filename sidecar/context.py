@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -14,6 +15,8 @@ from aiohttp import web
 from .bearer import BearerVerifier
 from .config import Config
 from .cookies import CookieCodec, SessionRef, SignInAttempt
+from .errors import BadRequest
+from .fronts import FRONTS, Original, names_original, read_auth, read_proxied
 from .models import Identity, Session, TokenSet
 from .oidc import OidcClient
 from .ratelimit import RateLimiter
@@ -92,8 +95,13 @@ class View:
     trusted: bool  # the peer is a trusted proxy and --reverse-proxy is on
 
 
+NOTHING = Original(uri=None, method=None, scheme=None, host=None)
+
+log = logging.getLogger("sidecar.context")
+
 SERVICES = web.AppKey("services", Services)
 VIEW = web.RequestKey("view", View)
+ORIGINAL = web.RequestKey("original", Original)
 # (SessionRef, Session) once authenticated; the user goes into the log line
 AUTHED: web.RequestKey[tuple[SessionRef, Session]] = web.RequestKey("authed", tuple)
 # True when a sidecar-issued bearer token authenticated the request: its Authorization never reaches the app
@@ -156,8 +164,55 @@ def forwarded_client_ip(request: web.Request, config: Config) -> str | None:
     return None
 
 
+def is_auth_request(request: web.Request, config: Config) -> bool:
+    """A front's auth subrequest (``<prefix>/auth``; envoy's ext_authz appends the original path to it)."""
+    path = request.path
+    auth = config.proxy_prefix + "/auth"
+    return path == auth or (config.front == "envoy" and path.startswith(auth + "/"))
+
+
+def original_of(request: web.Request) -> Original:
+    """The request a trusted front asks ``/oauth2/auth`` about, read from the configured front's own headers
+    (``fronts.read_auth``); NOTHING for other requests and untrusted peers. Raises BadRequest, every time it
+    is asked, when the headers disagree."""
+    found = request.get(ORIGINAL)
+    if found is None:
+        config = request.app[SERVICES].config
+        if not is_auth_request(request, config):
+            found = NOTHING
+        elif not trusted_peer(request.remote, config):
+            found = NOTHING
+            if names_original(request.headers):
+                _untrusted_front(request.remote, config)
+        else:
+            tail = request.raw_path[len(config.proxy_prefix) + len("/auth") :] if config.front == "envoy" else ""
+            found = read_auth(request.headers, FRONTS[config.front], request.method, tail, request.host)
+        request[ORIGINAL] = found
+    return found
+
+
+_untrusted_warned: set[tuple[str, str]] = set()
+
+
+def _untrusted_front(remote: str | None, config: Config) -> None:
+    """Once per peer (up to 16): a front asks about a request but is not trusted, so its headers are not read
+    (step-up rules and OAuth resources then cannot see the original request, and tokens are refused)."""
+    peer = remote or "?"
+    why = "--reverse-proxy is off" if not config.reverse_proxy else "the peer is not in --trusted-proxy"
+    if (peer, why) in _untrusted_warned or len(_untrusted_warned) >= 16:
+        return
+    _untrusted_warned.add((peer, why))
+    log.error(
+        "an auth request names the original request but its headers are not read: %s",
+        why,
+        extra={"fields": {"peer": peer}},
+    )
+
+
 def view_of(request: web.Request) -> View:
-    """Computed on first use only: the hot /oauth2/auth path never needs it."""
+    """Computed on first use only: the hot /oauth2/auth path never needs it. Scheme and host come from the
+    configured front's own headers (on an auth subrequest, those naming the original request); a request
+    whose headers disagree keeps the connection's (``original_of`` refuses it where it matters)."""
     view = request.get(VIEW)
     if view is None:
         config = request.app[SERVICES].config
@@ -165,8 +220,17 @@ def view_of(request: web.Request) -> View:
         scheme = "https" if request.secure else "http"
         host = request.host
         if trusted:
-            scheme = request.headers.get("X-Forwarded-Proto", scheme).split(",")[0].strip().lower() or scheme
-            host = request.headers.get("X-Forwarded-Host", host).split(",")[0].strip() or host
+            front = FRONTS[config.front]
+            if is_auth_request(request, config):
+                try:
+                    original = original_of(request)
+                except BadRequest:
+                    original = NOTHING
+                found = (original.scheme, original.host)
+            else:
+                found = read_proxied(request.headers, front)
+            scheme = found[0] or scheme
+            host = found[1] or host
         if scheme not in ("http", "https"):
             scheme = "http"
         client_ip = (forwarded_client_ip(request, config) if trusted else None) or str(request.remote)

@@ -15,7 +15,7 @@ from multidict import CIMultiDict
 
 from . import devices, kit, logs, metrics, pages
 from .config import Config
-from .context import Services, services, view_of
+from .context import Services, original_of, services, view_of
 from .cookies import CLOCK_LEEWAY, MAX_COOKIE_CHARS, SignInAttempt, state_cookie_suffix, without_sidecar_cookies
 from .errors import (
     BadRequest,
@@ -26,6 +26,7 @@ from .errors import (
     StoreUnavailable,
     TokenValidationError,
 )
+from .fronts import FRONTS, Original, refuse_aliases
 from .guard import (
     TOKEN_HEADERS,
     absolute,
@@ -45,7 +46,7 @@ from .oidc import Pkce, logout_token_replay_ttl
 from .policy import identity_from_claims, why_denied
 from .proxy import normalise_path
 from .ratelimit import retry_after
-from .stepup import callback_problem, is_stale, parse_max_age, required_max_age
+from .stepup import callback_problem, is_stale, parse_max_age, required_max_age, start_url
 from .stepup import unauthorized as step_up_unauthorized
 from .urls import safe_redirect
 
@@ -426,14 +427,17 @@ async def backchannel_logout(request: web.Request, svc: Services) -> web.Respons
 
 
 async def auth(request: web.Request, svc: Services) -> web.Response:
-    """nginx auth_request target: 202 with identity headers, 401 or 403. Never a redirect, never a cookie:
-    nginx only understands 2xx/401/403 here, and the browser is sent to sign in by nginx's error_page."""
+    """nginx auth_request target: 202 with identity headers, 401 or 403. Never a cookie, and a redirect only for
+    a front that hands the answer to the browser (``_unauthorized``). The original request is read (and its
+    headers refused with 400 when they disagree, ``context.original_of``) only where it decides something:
+    --fresh-auth-route, --oauth-resource, the browser's redirect."""
+    refuse_aliases(request.headers)  # X.Auth.Request.User... which some fronts pass on to the app
     try:
         _, session = await authenticate(request, svc)
     except SessionGone:
         metrics.DECISIONS.add("401")
         challenge = svc.resource_guard.challenge(request) if svc.resource_guard is not None else None
-        return challenge or web.Response(status=401, text="401 Unauthorized\n")
+        return challenge or _unauthorized(request, svc.config, None)
     config = svc.config
     query = request.rel_url.raw_query_string  # read once: most auth subrequests carry none
     denied = why_denied(session.identity, config)
@@ -446,7 +450,7 @@ async def auth(request: web.Request, svc: Services) -> web.Response:
     max_age = _auth_max_age(request, query, config)
     if max_age is not None and is_stale(session.auth_time, max_age, time.time()):
         metrics.DECISIONS.add("401")  # RFC 9470: sign in again, recently; the session itself stays
-        return step_up_unauthorized(max_age)
+        return _unauthorized(request, config, max_age)
     metrics.DECISIONS.add("202")
     if tokens_allowed(request, config):
         cookie = request.headers.get("Cookie")
@@ -491,34 +495,51 @@ def _log_denial(request: web.Request, identity: Identity, reason: str, route: st
     logs.event("denied", fields)
 
 
-_ORIGINAL_URI = ("X-Forwarded-Uri", "X-Original-URI", "X-Original-URL")
-_ORIGINAL_METHOD = ("X-Forwarded-Method", "X-Original-Method")
+def _unauthorized(request: web.Request, config: Config, max_age: int | None) -> web.Response:
+    """401 (with RFC 9470's challenge for a step-up): nginx and ingress-nginx send browsers to sign in with
+    their error_page / auth-signin. A front that hands the auth answer to the client as it is (Traefik,
+    Caddy, Envoy) gets the browser's redirect from here instead, back to the original URI its own headers
+    name; API clients (not GET/HEAD text/html, or an --api-route) still get the 401."""
+    original = original_of(request) if FRONTS[config.front].relays else None
+    if original is not None and original.uri is not None and original.path is not None:
+        browser = original.method in ("GET", "HEAD") and "text/html" in request.headers.get("Accept", "")
+        if browser and not any(pattern.search(original.path) for pattern in config.api_routes):
+            view = view_of(request)  # absolute: Traefik resolves a relative Location against the auth URL
+            prefix = f"{view.scheme}://{view.host}{config.proxy_prefix}"
+            rd = original.uri
+            location = start_url(prefix, max_age, rd) if max_age else f"{prefix}/start?rd={quote(rd, safe='')}"
+            return web.Response(status=302, headers={"Location": location, "Cache-Control": "no-store"})
+    if max_age is not None:
+        return step_up_unauthorized(max_age)
+    return web.Response(status=401, text="401 Unauthorized\n")
 
 
 def _auth_max_age(request: web.Request, query: str, config: Config) -> int | None:
     """The strictest of the auth-url's ``max_age`` (in its raw ``query``) and the ``--fresh-auth-route`` rules
-    matching the original request, which only a trusted front can name (nginx ``X-Original-URI``,
-    ingress-nginx ``X-Original-URL``)."""
+    matching the original request, which only a trusted front can name, in its own headers (``fronts``)."""
     ages = [location_rules(query).max_age] if query else []
-    if config.fresh_routes and view_of(request).trusted:
-        ages.append(_original_request_max_age(request, config))
+    if config.fresh_routes:
+        ages.append(_original_request_max_age(original_of(request), config))
     known = [age for age in ages if age is not None]
     return min(known) if known else None
 
 
-def _original_request_max_age(request: web.Request, config: Config) -> int | None:
-    """``--fresh-auth-route`` for the request nginx asks about, with the proxy's path normalisation. A path the
-    normalisation refuses gets the strictest rule: never less than a matching rule could have asked."""
-    uri = next((request.headers[name] for name in _ORIGINAL_URI if name in request.headers), None)
-    if uri is None:
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def _original_request_max_age(original: Original, config: Config) -> int | None:
+    """``--fresh-auth-route`` for the request the front asks about, with the proxy's path normalisation. A path
+    the normalisation refuses gets the strictest rule, and so does a path without a method: never less than a
+    matching rule could have asked."""
+    if original.path is None:
         return None
-    method = next((request.headers[name] for name in _ORIGINAL_METHOD if name in request.headers), "GET")
     try:
-        raw_path = urlsplit(uri).path if "://" in uri else uri.split("?", 1)[0]
-        path = normalise_path(raw_path or "/")
+        path = normalise_path(original.path or "/")
     except (BadRequest, ValueError):
         return min(rule.max_age for rule in config.fresh_routes)
-    return required_max_age(config.fresh_routes, method.strip().upper(), path)
+    methods = (original.method,) if original.method else _METHODS
+    ages = [age for age in (required_max_age(config.fresh_routes, m, path) for m in methods) if age is not None]
+    return min(ages) if ages else None
 
 
 def _location_allows(query: str, identity: Identity) -> bool:
@@ -594,6 +615,9 @@ def add_routes(app: web.Application, config: Config, with_metrics: bool) -> None
     if with_metrics:
         routes.append(("GET", "/metrics", metrics_page))
         paths.append("/metrics")
+    if config.front == "envoy":  # ext_authz appends the original path to the auth URL's
+        routes.append(("*", "/oauth2/auth", auth))
+        paths.append(prefix + "/auth/{tail:.*}")
     for (method, label, handler), path in zip(routes, paths, strict=True):
         if method == "GET":
             app.router.add_get(path, guarded(handler, label))  # HEAD too, for probes

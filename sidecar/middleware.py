@@ -33,6 +33,7 @@ from .errors import (
     StoreUnavailable,
     TokenValidationError,
 )
+from .fronts import refuse_undecodable
 from .guard import sign_in_redirect
 
 log = logging.getLogger("sidecar.errors")
@@ -89,6 +90,7 @@ def guarded(handler: Handler, route: str) -> Callable[[web.Request], Awaitable[w
         request_id = _request_id(request, svc)
         token = kit.REQUEST_ID.set(request_id)  # for the error pages the handler may build
         try:
+            refuse_undecodable(request.headers)  # bytes are judged here, once, for both listeners
             response = await handler(request, svc)
         except web.HTTPForbidden:
             response = pages.forbidden(request)

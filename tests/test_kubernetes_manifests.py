@@ -612,7 +612,9 @@ def test_redis(build: str) -> None:
 
 AUTH_RESPONSE_HEADERS = (
     "X-Auth-Request-User,X-Auth-Request-Email,X-Auth-Request-Groups,"
-    "X-Auth-Request-Preferred-Username,X-Auth-Request-Access-Token,Cookie"
+    "X-Auth-Request-Preferred-Username,X-Auth-Request-Access-Token,X-Auth-Request-Auth-Time,X-Forwarded-User,"
+    "X-Forwarded-Email,X-Forwarded-Groups,X-Forwarded-Preferred-Username,X-Forwarded-Access-Token,X-User,X-Email,"
+    "Cookie"
 )
 
 

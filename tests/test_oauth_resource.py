@@ -120,7 +120,8 @@ async def test_no_credentials_on_a_resource_path_gets_the_challenge() -> None:
 
 
 async def test_auth_endpoint_judges_the_original_uri() -> None:
-    async with guarded_stack() as (st, _):
+    """Asked by a trusted front (--reverse-proxy, loopback): the original URI it names decides the resource."""
+    async with guarded_stack(reverse_proxy="true") as (st, _):
         issued = await new_grant(st, "/mcp")
         _, tokens, _ = await redeem(st.base, issued)
         status, _, resp = await get(st.base + "/oauth2/auth", tokens["access_token"], **{"X-Original-URI": "/mcp/a"})
@@ -129,6 +130,15 @@ async def test_auth_endpoint_judges_the_original_uri() -> None:
         assert status == 401 and 'error="invalid_token"' in resp.headers["WWW-Authenticate"]
         status, _, resp = await get(st.base + "/oauth2/auth", **{"X-Forwarded-Uri": "/api"})
         assert status == 401 and "oauth-protected-resource/api" in resp.headers["WWW-Authenticate"]
+
+
+async def test_an_untrusted_caller_of_the_auth_endpoint_names_no_resource() -> None:
+    """Without --reverse-proxy no header names the original request: the cookie decides (plain 401)."""
+    async with guarded_stack() as (st, _):
+        issued = await new_grant(st, "/mcp")
+        _, tokens, _ = await redeem(st.base, issued)
+        status, _, resp = await get(st.base + "/oauth2/auth", tokens["access_token"], **{"X-Original-URI": "/mcp/a"})
+        assert status == 401 and "WWW-Authenticate" not in resp.headers
 
 
 async def test_expired_access_token_is_refused() -> None:

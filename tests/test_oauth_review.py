@@ -23,8 +23,9 @@ pytestmark = pytest.mark.timeout(90)
 async def test_original_uri_headers_that_disagree_never_move_a_tokens_audience() -> None:
     """Traefik's forwardAuth sets only X-Forwarded-Uri and ingress-nginx only X-Original-URL; both copy the
     client's own headers into the auth request. A client holding a /mcp token that adds ``X-Original-URI: /mcp``
-    to a request for /api must not be let through to /api (RFC 8707 audience)."""
-    async with guarded_stack() as (st, _):
+    to a request for /api must not be let through to /api (RFC 8707 audience). Asked by a trusted front
+    (--reverse-proxy, loopback) configured as nginx (the default --front) and as ingress-nginx."""
+    async with guarded_stack(reverse_proxy="true") as (st, _):
         issued = await new_grant(st, "/mcp")
         _, tokens, _ = await redeem(st.base, issued)
         token = tokens["access_token"]
@@ -60,7 +61,7 @@ async def test_original_uri_headers_that_disagree_never_move_a_tokens_audience()
 
 async def test_ingress_nginx_original_url_names_the_resource() -> None:
     """ingress-nginx names the request in X-Original-URL (a whole URL): the token is judged for that path."""
-    async with guarded_stack() as (st, _):
+    async with guarded_stack(reverse_proxy="true", front="ingress-nginx") as (st, _):
         issued = await new_grant(st, "/mcp")
         _, tokens, _ = await redeem(st.base, issued)
         token = tokens["access_token"]

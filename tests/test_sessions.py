@@ -72,11 +72,15 @@ async def test_cookie_attributes() -> None:
 
 
 async def test_idle_timeout_and_absolute_lifetime_are_enforced_server_side(store: SessionStore) -> None:
-    async with stack(store, session_idle_timeout="1s") as st, browser() as client:
+    async with stack(store, session_idle_timeout="2m", session_cache_ttl="0") as st, browser() as client:
         await sign_in(client, st.base)
-        async with client.get(f"{st.base}/oauth2/auth") as resp:
-            assert resp.status == 202
-        await asyncio.sleep(1.2)
+        sessions = st.runners[0].app[SERVICES].sessions
+        start = time.time()
+        for offset in (0, 59, 118, 177):  # used within every idle window: "last active" moves on, never expires
+            sessions._clock = lambda offset=offset: start + offset  # type: ignore[misc]
+            async with client.get(f"{st.base}/oauth2/auth") as resp:
+                assert resp.status == 202, offset
+        sessions._clock = lambda: start + 177 + 121  # type: ignore[misc]
         async with client.get(f"{st.base}/oauth2/auth") as resp:
             assert resp.status == 401
     async with stack(store, cookie_expire="2s", session_idle_timeout="0") as st, browser() as client:

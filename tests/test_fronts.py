@@ -1,0 +1,320 @@
+"""``sidecar.fronts``: the original request is read only from the headers the configured front sets itself.
+
+The tables give each front's own headers as it really writes them (ingress-nginx's auth location,
+Traefik's forwardAuth, Caddy's forward_auth, the shipped nginx config, Envoy's ext_authz) and then add,
+as a hostile client would, every other name of the same family: a name that disagrees is a 400, a name
+that agrees changes nothing, a family member without the front's own header is a 400. The real fronts
+run in tests/e2e/test_fronts_e2e.py; here both listeners answer the same hand-made subrequests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+
+import aiohttp
+import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from sidecar import context
+from sidecar.context import SERVICES
+from sidecar.errors import BadRequest
+from sidecar.fronts import FRONTS, REQUEST, Original, read_auth, refuse_aliases, refuse_undecodable
+from sidecar.oauth.service import OAUTH
+from sidecar.store import MemoryStore
+from tests.stack import browser, session_cookie, sign_in, stack
+from tests.test_auth_listener import auth_listener, comparable, exchange
+from tests.test_oauth_tokens import REDIRECT, Issued, new_grant, pkce, redeem, register
+
+HOST = "app.example.com"
+
+# What each front writes on the auth subrequest for "POST https://app.example.com/admin/x?a=1".
+OWN: dict[str, dict[str, str]] = {
+    "nginx": {
+        "X-Forwarded-Uri": "/admin/x?a=1",
+        "X-Original-URI": "/admin/x?a=1",
+        "X-Forwarded-Method": "POST",
+        "X-Forwarded-Proto": "https",
+        "X-Forwarded-Host": HOST,
+    },
+    "ingress-nginx": {"X-Original-URL": f"https://{HOST}/admin/x?a=1", "X-Original-Method": "POST"},
+    "traefik": {
+        "X-Forwarded-Uri": "/admin/x?a=1",
+        "X-Forwarded-Method": "POST",
+        "X-Forwarded-Proto": "https",
+        "X-Forwarded-Host": HOST,
+    },
+    "caddy": {
+        "X-Forwarded-Uri": "/admin/x?a=1",
+        "X-Forwarded-Method": "POST",
+        "X-Forwarded-Proto": "https",
+        "X-Forwarded-Host": HOST,
+    },
+    "envoy": {"X-Forwarded-Proto": "https"},  # path, method and Host are the subrequest's own
+}
+EXPECTED = Original(uri="/admin/x?a=1", method="POST", scheme="https", host=HOST)
+
+# A client's own copies, naming another request: every family, several spellings.
+HOSTILE: list[tuple[str, str]] = [
+    ("X-Forwarded-Uri", "/public/x"),
+    ("X-Original-URI", "/public/x"),
+    ("X-Original-URL", f"https://{HOST}/public/x"),
+    ("X-Original-URL", "https://evil.example/admin/x?a=1"),
+    ("X-Original-URL", f"http://{HOST}/admin/x?a=1"),
+    ("X-Forwarded-Path", "/public/x"),
+    ("X-Envoy-Original-Path", "/public/x"),
+    ("X-Rewrite-URL", "/public/x"),
+    ("X-Forwarded-Method", "GET"),
+    ("X-Original-Method", "GET"),
+    ("X-HTTP-Method-Override", "GET"),
+    ("X-Forwarded-Proto", "http"),
+    ("X-Forwarded-Scheme", "http"),
+    ("X-Scheme", "http"),
+    ("X-Forwarded-Ssl", "off"),
+    ("X-Forwarded-Host", "evil.example"),
+    ("X-Original-Host", "evil.example"),
+    ("X-Host", "evil.example"),
+    ("Forwarded", "for=1.2.3.4;host=evil.example;proto=https"),
+    ("Forwarded", f"host={HOST};proto=http"),
+]
+# The same families agreeing with the front: harmless.
+AGREEING: list[tuple[str, str]] = [
+    ("X-Forwarded-Uri", "/admin/x?a=1"),
+    ("X-Original-URI", "/admin/x?a=1"),
+    ("X-Original-URL", f"https://{HOST}/admin/x?a=1"),
+    ("X-Original-Method", "post"),
+    ("X-Forwarded-Method", "POST"),
+    ("X-Scheme", "https"),
+    ("X-Forwarded-Ssl", "on"),
+    ("X-Original-Host", HOST.upper()),
+    ("Forwarded", f'for=1.2.3.4;host="{HOST}";proto=https'),
+]
+
+
+def read(front: str, headers: dict[str, str] | list[tuple[str, str]]) -> Original:
+    items = list(headers.items()) if isinstance(headers, dict) else headers
+    envoy = front == "envoy"
+    return read_auth(
+        CIMultiDictProxy(CIMultiDict(items)),
+        FRONTS[front],
+        "POST" if envoy else "GET",
+        "/admin/x?a=1" if envoy else "",
+        HOST if envoy else "sidecar.sidecar.svc:4180",
+    )
+
+
+@pytest.mark.parametrize("front", sorted(FRONTS))
+def test_each_front_is_read_from_its_own_headers(front: str) -> None:
+    assert read(front, OWN[front]) == EXPECTED
+
+
+@pytest.mark.parametrize(("front", "hostile"), list(itertools.product(sorted(FRONTS), HOSTILE)))
+def test_a_client_copy_naming_another_request_is_refused(front: str, hostile: tuple[str, str]) -> None:
+    name, value = hostile
+    if name in OWN[front]:  # the front overwrites it: the client's copy never arrives; add it twice instead
+        with pytest.raises(BadRequest):
+            read(front, [*OWN[front].items(), hostile])
+        return
+    with pytest.raises(BadRequest):
+        read(front, {**OWN[front], name: value})
+
+
+@pytest.mark.parametrize(("front", "agreeing"), list(itertools.product(sorted(FRONTS), AGREEING)))
+def test_a_copy_that_agrees_changes_nothing(front: str, agreeing: tuple[str, str]) -> None:
+    assert read(front, {**OWN[front], agreeing[0]: agreeing[1]}) == EXPECTED
+
+
+@pytest.mark.parametrize("front", ["nginx", "ingress-nginx", "traefik", "caddy"])
+def test_another_fronts_headers_alone_are_refused(front: str) -> None:
+    """The ingress-nginx bypass: its headers are not the configured front's, so a client cannot choose."""
+    others = {k: v for f, own in OWN.items() if f not in (front, "envoy") for k, v in own.items()}
+    alone = {k: v for k, v in others.items() if k not in OWN[front]}
+    for name, value in alone.items():
+        with pytest.raises(BadRequest, match="does not set"):
+            read(front, {name: value})
+
+
+def test_nothing_named_reads_nothing() -> None:
+    for front in ("nginx", "ingress-nginx", "traefik", "caddy"):
+        assert read(front, {}) == Original(None, None, None, None)
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["/mcp\udcff", "/m\x00cp", "/mcp\t", "/é", "https://app.example.com/\udcff", "not-a-path", "http://[::1/x"],
+)
+def test_bytes_and_shapes_a_front_never_writes_are_refused(value: str) -> None:
+    name = "X-Original-URL" if "://" in value else "X-Forwarded-Uri"
+    front = "ingress-nginx" if name == "X-Original-URL" else "nginx"
+    with pytest.raises(BadRequest):
+        read(front, {name: value})
+    with pytest.raises(BadRequest):
+        refuse_undecodable(CIMultiDictProxy(CIMultiDict({"X-Forwarded-Uri": "/mcp\udcff"})))
+
+
+def test_other_spellings_are_refused_and_the_dash_spellings_are_not() -> None:
+    for alias in ("X_Auth_Request_User", "X.Forwarded.Email", "x~original~url", "X+Forwarded+Uri", "X_User"):
+        with pytest.raises(BadRequest, match="another spelling"):
+            refuse_aliases(CIMultiDict({alias: "v", "X-Forwarded-Uri": "/a"}))
+    fine = CIMultiDict({"My_Header": "v", "X-Forwarded-Uri": "/a", "X-Auth-Request-User": "u", "X_Trace": "1"})
+    refuse_aliases(fine)  # an app's own underscore header, next to the dash spellings a front sets
+
+
+def test_envoy_reads_the_subrequest_itself() -> None:
+    assert FRONTS["envoy"].method == REQUEST
+    with pytest.raises(BadRequest):  # a client's X-Forwarded-Method is no more than a claim
+        read("envoy", {"X-Forwarded-Proto": "https", "X-Forwarded-Method": "GET"})
+
+
+# --- both listeners, one stack -----------------------------------------------------------------------------
+
+
+async def test_both_listeners_refuse_the_ingress_nginx_bypass_and_bad_bytes_alike() -> None:
+    """--front ingress-nginx with a POST-only step-up rule and an OAuth resource: the client's own copies of
+    X-Forwarded-Uri/-Method (the bypass of issue 18) and undecodable bytes get the same 400 from both
+    listeners; the front's own X-Original-URL decides otherwise."""
+    settings = {
+        "upstream": "",
+        "reverse_proxy": "true",
+        "front": "ingress-nginx",
+        "fresh_auth_route": "1s=POST=^/admin/",
+        "oauth_server": "true",
+        "oauth_resource": "/mcp",
+    }
+    async with stack(MemoryStore(), **settings) as st, browser() as client:
+        await sign_in(client, st.base)
+        cookie = session_cookie(client)
+        issued = await new_grant(st, "/mcp")
+        _, tokens, _ = await redeem(st.base, issued)
+        await asyncio.sleep(2.1)  # the sign-in is now older than the rule's 1 s
+        origin = st.base
+        front = lambda path, method="GET": {  # noqa: E731 - what ingress-nginx writes
+            "X-Original-URL": origin + path,
+            "X-Original-Method": method,
+        }
+        jar = {"Cookie": f"_sidecar={cookie}"}
+        bearer = {"Authorization": "Bearer " + tokens["access_token"]}
+        cases: list[tuple[dict[str, str], int]] = [
+            ({**jar, **front("/admin/x", "POST")}, 401),  # stale for the POST rule
+            ({**jar, **front("/admin/x", "GET")}, 202),
+            ({**jar, **front("/admin/x", "POST"), "X-Forwarded-Uri": "/x"}, 400),
+            ({**jar, **front("/admin/x", "POST"), "X-Forwarded-Method": "GET"}, 400),
+            ({**jar, **front("/admin/x", "POST"), "X-Original-URI": "/public"}, 400),
+            ({**jar, **front("/admin/x", "POST"), "X-Forwarded-Host": "evil.example"}, 400),
+            ({**jar, "X-Forwarded-Uri": "/x", "X-Forwarded-Method": "GET"}, 400),  # no X-Original-URL at all
+            ({**bearer, **front("/mcp/a")}, 202),
+            ({**bearer, **front("/mcp/a"), "X-Forwarded-Uri": "/other"}, 400),
+            ({**bearer, "X-Original-URL": "http://evil.example/mcp/a"}, 401),  # a token for another origin
+            ({**bearer, **front("/other"), "X-Forwarded-Uri": "/mcp/a"}, 400),
+        ]
+        raw_cases: list[tuple[bytes, int]] = [
+            (b"X-Original-URL: " + origin.encode() + b"/mcp\xff\r\n", 400),
+            (b"X-Forwarded-Uri: /mcp\xff\r\n", 400),
+            (b"X-Original-Method: G\xffT\r\n", 400),
+            (b"Authorization: Bearer \xff\r\n", 400),
+            (b"X_Auth_Request_User: mallory\r\n", 400),  # other spellings of identity and original headers
+            (b"X.Forwarded.Email: mallory\r\n", 400),
+            (b"X~Original~URL: https://evil.example/x\r\n", 400),
+            (b"x_forwarded_uri: /x\r\n", 400),
+            (b"X-Forwarded-Email2: harmless\r\n", 401),  # no session: not refused for its name
+        ]
+        host = st.base.split("://", 1)[1]
+        async with auth_listener(st) as port:
+            main_port = int(st.base.rsplit(":", 1)[1])
+            heads = [
+                ("".join(f"{k}: {v}\r\n" for k, v in extra.items()).encode(), status) for extra, status in cases
+            ] + raw_cases
+            for extra, status in heads:
+                head = f"GET /oauth2/auth HTTP/1.1\r\nHost: {host}\r\n".encode() + extra + b"\r\n"
+                ours = await exchange(port, head)
+                theirs = await exchange(main_port, head)
+                assert ours and theirs, extra
+                assert comparable(ours[0]) == comparable(theirs[0]), extra
+                assert ours[0][0] == status, (extra, ours[0])
+
+
+async def test_envoy_paths_are_judged_the_same_on_both_listeners() -> None:
+    """--front envoy: ext_authz appends the original path to the auth path; both listeners serve those paths
+    and read the original path, method and Host from the subrequest itself (a client's X-Forwarded-Uri
+    naming the resource is refused)."""
+    settings = {"upstream": "", "reverse_proxy": "true", "front": "envoy", "oauth_server": "true"}
+    async with stack(MemoryStore(), oauth_resource="/mcp", **settings) as st:
+        issued = await new_grant(st, "/mcp")
+        _, tokens, _ = await redeem(st.base, issued)
+        bearer = f"Authorization: Bearer {tokens['access_token']}\r\n"
+        host = st.base.split("://", 1)[1]
+        cases = [
+            ("/oauth2/auth/mcp/a", bearer, 202),
+            ("/oauth2/auth/mcp", bearer + "X-Forwarded-Proto: http\r\n", 202),
+            ("/oauth2/auth/other", bearer, 401),
+            ("/oauth2/auth/other", bearer + "X-Forwarded-Uri: /mcp/a\r\n", 400),
+            ("/oauth2/auth/mcp/a", bearer + "X-Original-URL: http://evil.example/mcp/a\r\n", 400),
+            ("/oauth2/auth/mcp/a", bearer + "X-Forwarded-Host: evil.example\r\n", 400),
+            ("/oauth2/authz", bearer, 404),
+        ]
+        async with auth_listener(st) as port:
+            main_port = int(st.base.rsplit(":", 1)[1])
+            for path, extra, status in cases:
+                head = f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n".encode()
+                ours = await exchange(port, head)
+                theirs = await exchange(main_port, head)
+                assert ours and theirs and ours[0][0] == status, (path, extra, ours)
+                if status != 404:  # the two 404 pages differ in wording only
+                    assert comparable(ours[0]) == comparable(theirs[0]), (path, extra)
+
+
+async def test_an_untrusted_front_is_named_once_in_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    """A front whose address is not a --trusted-proxy: its headers are not read, and the log says why, once."""
+    settings = {"upstream": "", "reverse_proxy": "true", "trusted_proxy": "10.9.9.9/32", "oauth_server": "true"}
+    context._untrusted_warned.clear()  # once per process: another test may have been told already
+    async with stack(MemoryStore(), oauth_resource="/mcp", **settings) as st:
+        host = st.base.split("://", 1)[1]
+        head = f"GET /oauth2/auth HTTP/1.1\r\nHost: {host}\r\nX-Forwarded-Uri: /mcp\r\n\r\n".encode()
+        main_port = int(st.base.rsplit(":", 1)[1])
+        for _ in range(3):
+            (answer,) = await exchange(main_port, head)
+            assert answer[0] == 401 and not any(k.lower() == "www-authenticate" for k, _ in answer[1])
+    said = [r for r in caplog.records if "not in --trusted-proxy" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in caplog.records]
+
+
+async def test_oauth_issuer_is_the_origin_whatever_the_front_says_and_other_hosts_are_refused() -> None:
+    """--oauth-issuer: metadata and challenges name it even when a (trusted) front reports another scheme (TLS
+    ended before it); a token for it works when the front names its host, and is refused for another host."""
+    issuer = "https://app.example.com"
+    settings = {"upstream": "", "reverse_proxy": "true", "oauth_server": "true", "oauth_issuer": issuer}
+    async with stack(MemoryStore(), oauth_resource="/mcp", **settings) as st:
+        app = st.runners[0].app
+        server, svc = app[OAUTH], app[SERVICES]
+        async with browser() as b:
+            await sign_in(b, st.base)
+            ref = svc.codec.load_session(session_cookie(b), time.time())
+        session = await svc.sessions.load(ref)
+        client = await register(server)
+        grant, key = await server.start_grant(
+            session.identity, session.tokens, {"sub": session.identity.sub}, client, resource=issuer + "/mcp",
+            resource_path="/mcp", scope="openid", client_ip="127.0.0.1", user_agent="test",
+        )  # fmt: skip
+        verifier, challenge = pkce()
+        code = await server.issue_code(grant, key, REDIRECT, challenge)
+        status, tokens, _ = await redeem(st.base, Issued(grant, code, verifier, client))
+        assert status == 200, tokens
+        host = st.base.split("://", 1)[1]
+        main_port = int(st.base.rsplit(":", 1)[1])
+        bearer = f"Authorization: Bearer {tokens['access_token']}\r\n"
+        for front, status in [
+            ("X-Forwarded-Uri: /mcp\r\nX-Forwarded-Host: app.example.com\r\nX-Forwarded-Proto: http\r\n", 202),
+            ("X-Forwarded-Uri: /mcp\r\nX-Forwarded-Host: app-b.example.com\r\nX-Forwarded-Proto: https\r\n", 401),
+            ("X-Forwarded-Uri: /mcp\r\n", 401),  # no host named: the Host header, 127.0.0.1:port
+        ]:
+            head = f"GET /oauth2/auth HTTP/1.1\r\nHost: {host}\r\n{bearer}{front}\r\n".encode()
+            (answer,) = await exchange(main_port, head)
+            assert answer[0] == status, (front, answer)
+            if status == 401:
+                challenge_header = next(v for k, v in answer[1] if k.lower() == "www-authenticate")
+                assert f'resource_metadata="{issuer}/.well-known/oauth-protected-resource/mcp"' in challenge_header
+        async with aiohttp.ClientSession() as http:
+            spoof = {"X-Forwarded-Host": "evil.example", "X-Forwarded-Proto": "http"}
+            async with http.get(st.base + "/.well-known/oauth-authorization-server", headers=spoof) as resp:
+                assert (await resp.json())["issuer"] == issuer
