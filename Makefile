@@ -87,7 +87,7 @@ run: $(STAMP)
 	$(PY) -m sidecar.dev $(if $(PORT),--port $(PORT)) $(ARGS)
 
 test: $(STAMP) system-deps node-deps browser-deps client-deps
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check sidecar tests
