@@ -76,6 +76,9 @@ async def test_a_forgotten_refresh_token_costs_at_most_two_grant_calls_then_the_
     burst of 20 on two replicas cost one grant call; after the back-off, one more, and the session is over."""
 
     async def case(st: Stack, second: str, raw: aioredis.Redis, prefix: str, cookie: str) -> None:
+        # a refresh made before the provider forgot (the sign-in on a loaded machine can outlast the token's
+        # one second) is not one of the calls counted here
+        earlier = st.provider.stats()["token_calls"]["refresh_token"]
         assert st.provider.forget_refresh_tokens("alice") == 1
         await asyncio.sleep(1.2)  # the access token has expired
         async with aiohttp.ClientSession() as http:
@@ -83,7 +86,7 @@ async def test_a_forgotten_refresh_token_costs_at_most_two_grant_calls_then_the_
                 assert (await _auth(http, base, cookie))[0] == 401
             burst = await asyncio.gather(*(_auth(http, base, cookie) for base in (st.base, second) * 10))
             assert {status for status, _ in burst} == {401}
-            calls = st.provider.stats()["token_calls"]["refresh_token"]
+            calls = st.provider.stats()["token_calls"]["refresh_token"] - earlier
             assert calls == 1, calls  # refused once; both replicas then back off
             records = await _records(raw, prefix)
             # invalid_grant ends it at once; invalid_request is judged dead only when repeated after the back-off
@@ -91,13 +94,13 @@ async def test_a_forgotten_refresh_token_costs_at_most_two_grant_calls_then_the_
             await asyncio.sleep(REFUSAL_BACKOFF + 0.3)
             for base in (second, st.base, second, st.base):
                 assert (await _auth(http, base, cookie))[0] == 401
-            assert st.provider.stats()["token_calls"]["refresh_token"] in (1, 2)
+            assert st.provider.stats()["token_calls"]["refresh_token"] - earlier in (1, 2)
             assert await _records(raw, prefix) == 0  # the session has ended
             async with http.get(
                 f"{st.base}/page", cookies={"_sidecar": cookie}, headers={"Accept": "text/html"}, allow_redirects=False
             ) as resp:
                 assert resp.status == 302 and resp.headers["Location"].startswith("/oauth2/start")
-            assert st.provider.stats()["token_calls"]["refresh_token"] in (1, 2)
+            assert st.provider.stats()["token_calls"]["refresh_token"] - earlier in (1, 2)
 
     await _each_quirk(redis_url, case)
 
