@@ -294,28 +294,35 @@ def _same_origin(request: web.Request) -> bool:
     posted from a page whose referrer policy hides the origin, and also what a sandboxed or opaque page
     sends, so then ``Sec-Fetch-Site`` decides (``same-origin`` or ``none``, a typed-in navigation); a
     ``null`` without it is refused. Clients that send neither header (curl, scripts) are not browsers
-    riding on a cookie from another site."""
-    origin = request.headers.get("Origin")
-    fetch_site = request.headers.get("Sec-Fetch-Site")
-    site = fetch_site.strip().lower() if fetch_site is not None else None
-    if origin is not None and origin.strip().lower() != "null":
+    riding on a cookie from another site. A browser sends each header once: two of either, or an
+    ``Origin`` that is not a bare origin, is refused, never read by its first value."""
+    origins = request.headers.getall("Origin", [])
+    sites = request.headers.getall("Sec-Fetch-Site", [])
+    if len(origins) > 1 or len(sites) > 1:
+        return False
+    origin = origins[0].strip() if origins else None
+    site = sites[0].strip().lower() if sites else None
+    if origin is not None and origin.lower() != "null":
         view = view_of(request)
-        same = _origin_tuple(origin) == _origin_tuple(f"{view.scheme}://{view.host}")
+        ours = _origin_tuple(f"{view.scheme}://{view.host}")
         # a browser that says cross-site is believed even when Origin looks right (it cannot be forged by a page)
-        return same and site in (None, "same-origin")
+        return ours is not None and _origin_tuple(origin) == ours and site in (None, "same-origin")
     if origin is not None:  # "null"
         return site in ("same-origin", "none")
     return site is None or site in ("same-origin", "none")
 
 
 def _origin_tuple(origin: str) -> tuple[str, str, int] | None:
-    """(scheme, host, port) with the default port filled in; None for ``null`` or anything malformed."""
+    """(scheme, host, port) with the default port filled in; None for ``null`` or anything that is not a bare
+    ``scheme://host[:port]`` (user info, a query or fragment, a path other than ``/``)."""
     try:
         parts = urlsplit(origin.strip())
         port = parts.port
     except ValueError:
         return None
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+        return None
+    if "@" in parts.netloc or parts.query or parts.fragment or "?" in origin or "#" in origin:
         return None
     return parts.scheme, parts.hostname.lower(), port or (443 if parts.scheme == "https" else 80)
 

@@ -12,14 +12,18 @@ from urllib.parse import unquote, urlsplit
 import pytest
 
 from sidecar.store import MemoryStore
-from tests.stack import free_port, stack
+from tests.stack import browser, free_port, session_cookie, sign_in, stack
 
 
-async def _raw(base: str, target: str, headers: list[tuple[str, str]] | None = None) -> tuple[int, str]:
-    """``target`` byte for byte (a client library would normalise it); the status and the body."""
+async def _raw(
+    base: str, target: str, headers: list[tuple[str, str]] | None = None, method: str = "GET", host: str = ""
+) -> tuple[int, str]:
+    """``target`` and ``headers`` byte for byte (a client library would normalise them, and sends a header
+    once); the status and the body."""
     parts = urlsplit(base)
     reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
-    lines = [f"GET {target} HTTP/1.1", f"Host: {parts.netloc}", "Accept: text/html", "Connection: close"]
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {host or parts.netloc}", "Accept: text/html", "Connection: close"]
+    lines += ["Content-Length: 0"] if method == "POST" else []
     lines += [f"{k}: {v}" for k, v in headers or []]
     writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
     await writer.drain()
@@ -73,3 +77,66 @@ async def test_try_again_on_an_error_page_never_leaves_the_site(method_target: s
             assert status in (400, 404, 502) and hrefs, (target, status)
             bad = [h for h in hrefs if _off_site(h)]
             assert not bad, f"{target!r}: the page links off the site: {bad}"
+
+
+def _hostile_origins(base: str) -> list[tuple[str, list[tuple[str, str]]]]:
+    """(what, headers) of POSTs that must be refused: what no browser sends for our own page's form."""
+    own = base  # http://127.0.0.1:<port>
+    host = urlsplit(base).netloc
+    return [
+        ("our Origin first, another second", [("Origin", own), ("Origin", "http://evil.example")]),
+        ("another Origin first, ours second", [("Origin", "http://evil.example"), ("Origin", own)]),
+        ("our Origin twice", [("Origin", own), ("Origin", own)]),
+        ("null then ours", [("Origin", "null"), ("Origin", own), ("Sec-Fetch-Site", "same-origin")]),
+        ("two Sec-Fetch-Site, same-origin first", [("Origin", own), ("Sec-Fetch-Site", "same-origin"),
+                                                  ("Sec-Fetch-Site", "cross-site")]),
+        ("two Sec-Fetch-Site on null", [("Origin", "null"), ("Sec-Fetch-Site", "same-origin"),
+                                        ("Sec-Fetch-Site", "same-site")]),
+        ("user info", [("Origin", f"http://user@{host}")]),
+        ("user info and password", [("Origin", f"http://u:p@{host}")]),
+        ("a query", [("Origin", f"{own}?x")]),
+        ("an empty query", [("Origin", f"{own}/?")]),
+        ("a fragment", [("Origin", f"{own}#x")]),
+        ("a path", [("Origin", f"{own}/oauth2")]),
+        ("a list of origins", [("Origin", f"{own} http://evil.example")]),
+        ("comma list", [("Origin", f"{own}, http://evil.example")]),
+        ("other scheme", [("Origin", own.replace("http://", "https://"))]),
+        ("other port", [("Origin", f"http://127.0.0.1:{free_port()}")]),
+        ("no scheme", [("Origin", host)]),
+        ("a sibling", [("Origin", f"http://evil.{host}")]),
+        ("ours but cross-site", [("Origin", own), ("Sec-Fetch-Site", "cross-site")]),
+        ("ours but same-site", [("Origin", own), ("Sec-Fetch-Site", "same-site")]),
+        ("null, cross-site", [("Origin", "null"), ("Sec-Fetch-Site", "cross-site")]),
+        ("null, same-site", [("Origin", "null"), ("Sec-Fetch-Site", "same-site")]),
+        ("NULL without Sec-Fetch-Site", [("Origin", "NULL")]),
+        ("null without Sec-Fetch-Site", [("Origin", "null")]),
+        ("no Origin, cross-site", [("Sec-Fetch-Site", "cross-site")]),
+        ("no Origin, an unknown Sec-Fetch-Site", [("Sec-Fetch-Site", "same-origin-ish")]),
+    ]  # fmt: skip
+
+
+async def test_a_form_post_with_a_doubtful_origin_is_refused() -> None:
+    """Every spelling of "from another site" and of "which header counts?" is refused (403) before anything is
+    done, on every form of a signed-in person; what browsers really send for our own pages (and a script that
+    sends neither header) passes."""
+    async with stack(MemoryStore(), oauth_server="true", oauth_resource="/mcp") as st, browser() as person:
+        await sign_in(person, st.base)
+        cookie = [("Cookie", f"_sidecar={session_cookie(person)}")]
+        targets = ["/oauth2/sign_out", "/oauth2/sign_out?everywhere=true", "/oauth2/consent", "/oauth2/account/revoke",
+                   "/oauth2/grants/revoke", "/oauth2/device"]  # fmt: skip
+        for target in targets:
+            for what, headers in _hostile_origins(st.base):
+                status, _ = await _raw(st.base, target, cookie + headers, method="POST")
+                assert status == 403, (target, what, status)
+        async with person.get(f"{st.base}/oauth2/auth") as resp:
+            assert resp.status == 202  # still signed in: no refused post ended anything
+        host = urlsplit(st.base).netloc
+        # A malformed Host (a hand-made request) next to a malformed Origin: two unreadable origins are not equal.
+        for bad_host, origin in (("127.0.0.1:99999", "zzz"), ("127.0.0.1:99999", "http://x:99999"), ("[", "[")):
+            status, _ = await _raw(st.base, "/oauth2/sign_out", cookie + [("Origin", origin)], "POST", bad_host)
+            assert status in (400, 403), (bad_host, origin, status)
+        for headers in ([("Origin", st.base)], [("Origin", st.base + "/")], [("Origin", st.base.upper())],
+                        [("Origin", st.base), ("Sec-Fetch-Site", "same-origin")],
+                        [("Origin", "null"), ("Sec-Fetch-Site", "same-origin")], [("Sec-Fetch-Site", "none")], []):
+            status, _ = await _raw(st.base, "/oauth2/sign_out", headers, method="POST", host=host)
+            assert status in (302, 303), (headers, status)
