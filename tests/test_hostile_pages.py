@@ -135,8 +135,14 @@ async def test_a_form_post_with_a_doubtful_origin_is_refused() -> None:
         for bad_host, origin in (("127.0.0.1:99999", "zzz"), ("127.0.0.1:99999", "http://x:99999"), ("[", "[")):
             status, _ = await _raw(st.base, "/oauth2/sign_out", cookie + [("Origin", origin)], "POST", bad_host)
             assert status in (400, 403), (bad_host, origin, status)
-        for headers in ([("Origin", st.base)], [("Origin", st.base + "/")], [("Origin", st.base.upper())],
-                        [("Origin", st.base), ("Sec-Fetch-Site", "same-origin")],
-                        [("Origin", "null"), ("Sec-Fetch-Site", "same-origin")], [("Sec-Fetch-Site", "none")], []):
+        for headers in (
+            [("Origin", st.base)],
+            [("Origin", st.base + "/")],
+            [("Origin", st.base.upper())],
+            [("Origin", st.base), ("Sec-Fetch-Site", "same-origin")],
+            [("Origin", "null"), ("Sec-Fetch-Site", "same-origin")],
+            [("Sec-Fetch-Site", "none")],
+            [],
+        ):
             status, _ = await _raw(st.base, "/oauth2/sign_out", headers, method="POST", host=host)
             assert status in (302, 303), (headers, status)
