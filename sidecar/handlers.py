@@ -13,7 +13,7 @@ from urllib.parse import quote, urlsplit
 from aiohttp import web
 from multidict import CIMultiDict
 
-from . import devices, kit, logs, metrics, pages
+from . import csrf, devices, kit, logs, metrics, pages
 from .config import Config
 from .context import Services, services, view_of
 from .cookies import CLOCK_LEEWAY, MAX_COOKIE_CHARS, SignInAttempt, state_cookie_suffix, without_sidecar_cookies
@@ -335,8 +335,10 @@ async def _wants_everywhere(request: web.Request) -> bool:
 
 
 def _confirm_everywhere_page(request: web.Request) -> web.Response:
-    """A GET never signs a user out everywhere (a link or image on another site could): it asks for a POST."""
-    prefix = services(request).config.proxy_prefix
+    """A GET never signs a user out everywhere (a link or image on another site could): it asks for a POST,
+    with a token bound to this browser's session (``csrf.py``)."""
+    svc = services(request)
+    prefix = svc.config.proxy_prefix
     back = f"&rd={quote(_rd(request), safe='')}" if _rd_given(request) else ""
     action = html.escape(f"{prefix}/sign_out?everywhere=true{back}", quote=True)
     return _page(
@@ -344,9 +346,22 @@ def _confirm_everywhere_page(request: web.Request) -> web.Response:
         "Sign out everywhere?",
         "<p>This ends your sessions in every browser and every connected application (command-line tools, "
         "MCP clients), not only here.</p>"
-        f"<form method='post' action='{action}'><div class='buttons'>"
-        "<button type='submit'>Sign out everywhere</button></div></form>",
+        f"<form method='post' action='{action}'>{everywhere_field(svc, request.cookies.get(svc.config.cookie_name))}"
+        "<div class='buttons'><button type='submit'>Sign out everywhere</button></div></form>",
     )
+
+
+def everywhere_field(svc: Services, cookie: str | None) -> str:
+    """The hidden CSRF field of a "sign out everywhere" form for the browser holding ``cookie`` (none without
+    a readable one: such a post has no session to end)."""
+    try:
+        sid = svc.codec.load_session(cookie, time.time()).sid if cookie else None
+    except InvalidCookie:
+        sid = None
+    if sid is None:
+        return ""
+    token = html.escape(csrf.form_token(svc.config, sid, csrf.EVERYWHERE), quote=True)
+    return f"<input type='hidden' name='csrf' value='{token}'>"
 
 
 def _rd_given(request: web.Request) -> bool:
@@ -363,7 +378,8 @@ def _after_sign_out(request: web.Request, everywhere: bool) -> str:
 async def sign_out(request: web.Request, svc: Services) -> web.Response:
     """End the session here, revoke its refresh token at the provider, clear the cookie.
 
-    A plain sign-out may be a GET (oauth2-proxy compatible); "everywhere" needs a same-origin POST."""
+    A plain sign-out may be a GET (oauth2-proxy compatible); "everywhere" needs a same-origin POST carrying
+    the confirmation form's token (``csrf.py``), bound to this browser's session."""
     everywhere = await _wants_everywhere(request)
     if everywhere and request.method != "POST":
         return _confirm_everywhere_page(request)
@@ -381,6 +397,10 @@ async def sign_out(request: web.Request, svc: Services) -> web.Response:
             session = await svc.sessions.load_fresh(ref)
         except (InvalidCookie, SessionGone):
             session = None
+        if session is not None and everywhere and not await _everywhere_token_ok(request, svc, ref.sid):
+            text = "403 Forbidden: sign out everywhere needs the form of this browser's session\n"
+            message = "This form is not from your session (CSRF check failed). Nothing was signed out."
+            return pages.error(request, 403, "Refused", message, (), text=text)
         if session is not None and everywhere:
             for before in svc.sign_out_everywhere:  # the user's CLI/MCP grants, revoked upstream
                 await before(session.identity.sub)
@@ -402,6 +422,11 @@ async def sign_out(request: web.Request, svc: Services) -> web.Response:
     response = web.Response(status=302, headers={"Location": location, "Cache-Control": "no-store"})
     clear_session_cookie(response, config)
     return response
+
+
+async def _everywhere_token_ok(request: web.Request, svc: Services, sid: str) -> bool:
+    presented = (await request.post()).get("csrf", "")
+    return isinstance(presented, str) and csrf.form_token_ok(svc.config, sid, csrf.EVERYWHERE, presented)
 
 
 async def backchannel_logout(request: web.Request, svc: Services) -> web.Response:

@@ -146,3 +146,55 @@ async def test_a_form_post_with_a_doubtful_origin_is_refused() -> None:
         ):
             status, _ = await _raw(st.base, "/oauth2/sign_out", headers, method="POST", host=host)
             assert status in (302, 303), (headers, status)
+
+
+async def test_sign_out_everywhere_needs_the_token_of_this_browsers_session() -> None:
+    """Same-origin headers alone are not enough (an older browser sends neither for a cross-site post): the
+    POST must carry the confirmation form's token, made for this very browser session and this action."""
+    async with stack(MemoryStore(), oauth_server="true", oauth_resource="/mcp") as st, browser() as laptop:
+        async with browser() as phone:
+            await sign_in(laptop, st.base)
+            await sign_in(phone, st.base)
+            everywhere = f"{st.base}/oauth2/sign_out?everywhere=true"
+            tokens = {}
+            for name, client in (("laptop", laptop), ("phone", phone)):
+                async with client.get(everywhere) as resp:
+                    found = re.search(r"name='csrf' value='([^']*)'", await resp.text())
+                    assert found, name
+                    tokens[name] = found.group(1)
+            async with laptop.get(f"{st.base}/oauth2/account", headers={"Accept": "text/html"}) as resp:
+                account_page = await resp.text()
+            revoke_token = re.search(r"name='csrf' value='([^']*)'", account_page)
+            assert revoke_token and revoke_token.group(1) != tokens["laptop"]  # the rows' token: another action
+            own = tokens["laptop"]
+            hostile: list[list[tuple[str, str]]] = [
+                [],
+                [("csrf", "")],
+                [("csrf", tokens["phone"])],  # another browser's session
+                [("csrf", revoke_token.group(1))],  # the account rows' token
+                [("csrf", own[:-1])],
+                [("csrf", own[:-1] + ("A" if own[-1] != "A" else "B"))],
+                [("csrf", own + "=")],
+                [("csrf", own.upper() if own.upper() != own else own.lower())],
+                [("csrf", own * 4)],
+                [("csrf", " " + own)],
+                [("csrf", "x"), ("csrf", own)],  # the first value counts
+                [("token", own)],
+            ]
+            for fields in hostile:
+                async with laptop.post(
+                    everywhere, data=fields, headers={"Origin": st.base}, allow_redirects=False
+                ) as resp:
+                    assert resp.status == 403, (fields, resp.status)
+            for client in (laptop, phone):  # nothing was ended
+                async with client.get(f"{st.base}/oauth2/auth") as resp:
+                    assert resp.status == 202
+            everywhere_form = re.search(
+                r"action='/oauth2/sign_out\?everywhere=true'><input[^>]*value='([^']*)'", account_page
+            )
+            assert everywhere_form and everywhere_form.group(1) == own  # the account page's button carries it too
+            async with laptop.post(everywhere, data={"csrf": own}, headers={"Origin": st.base}) as resp:
+                assert resp.status == 200 and "signed out" in (await resp.text()).lower()
+            for client in (laptop, phone):
+                async with client.get(f"{st.base}/oauth2/auth") as resp:
+                    assert resp.status == 401
