@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import re
+import unicodedata
 from urllib.parse import unquote, urlsplit
 
+import aiohttp
 import pytest
 
 from sidecar.store import MemoryStore
 from tests.stack import browser, free_port, session_cookie, sign_in, stack
+from tests.test_oauth_authorize import REDIRECT, code_flow, register
 
 
 async def _raw(
@@ -198,3 +201,42 @@ async def test_sign_out_everywhere_needs_the_token_of_this_browsers_session() ->
             for client in (laptop, phone):
                 async with client.get(f"{st.base}/oauth2/auth") as resp:
                     assert resp.status == 401
+
+
+SPOOFING_AGENTS = [
+    "Backup tool \u202eelgoog.www",  # right-to-left override: reads "www.google"
+    "tool \u2066x\u2069 \u2067y\u2069",  # isolates
+    "tool \u200bzero\u200cwidth\u200d\ufeff",
+    "tool \u061cmark \u200e\u200f",
+    "tool \u00adsoft\u2060joiner\u202aembed\u202c",
+]
+
+
+async def test_a_clients_user_agent_on_the_grants_page_cannot_reorder_or_hide_text() -> None:
+    """The User-Agent of a token request is the client's own text, shown on the grants page: isolated
+    (``<bdi>``) and its invisible characters shown as code points, like a client's name."""
+    async with stack(MemoryStore(), oauth_server="true", oauth_resource="/mcp") as st, browser() as person:
+        await sign_in(person, st.base)
+        for agent in SPOOFING_AGENTS:
+            reg = await register(st.base, client_name="Plain name")
+            query, verifier = await code_flow(st.base, reg["client_id"], person)
+            form = {
+                "grant_type": "authorization_code",
+                "code": query["code"][0],
+                "redirect_uri": REDIRECT,
+                "client_id": reg["client_id"],
+                "code_verifier": verifier,
+            }
+            async with (
+                aiohttp.ClientSession() as http,
+                http.post(f"{st.base}/oauth2/token", data=form, headers={"User-Agent": agent}) as resp,
+            ):
+                assert resp.status == 200, await resp.text()
+        async with person.get(f"{st.base}/oauth2/grants", headers={"Accept": "text/html"}) as resp:
+            page = await resp.text()
+        for agent in SPOOFING_AGENTS:
+            hidden = [ch for ch in agent if unicodedata.category(ch) in ("Cf", "Cc")]
+            assert hidden
+            assert not any(ch in page for ch in hidden), agent
+            assert all(f"&lt;U+{ord(ch):04X}&gt;" in page for ch in hidden), agent
+        assert page.count("<bdi>") >= 2 * len(SPOOFING_AGENTS)  # each row's name and agent
