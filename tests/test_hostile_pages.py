@@ -280,3 +280,39 @@ async def test_a_hostile_request_id_is_never_reflected_into_an_error_page() -> N
             assert echoed is None or re.fullmatch(r"[A-Za-z0-9._-]{1,64}", echoed.group(1).strip()), value
             shown = re.search(r"Request id: <code>([^<]*)</code>", body)
             assert shown is None or re.fullmatch(r"[A-Za-z0-9._-]{1,64}", shown.group(1)), (value, shown)
+
+
+async def test_nobody_ends_another_users_application_from_the_account_page() -> None:
+    """Bob holds a valid form of his own account page and alice's grant id (ids are no secret: they appear
+    in pages and logs): no spelling of it ends alice's application."""
+    async with stack(MemoryStore(), oauth_server="true", oauth_resource="/mcp") as st, browser() as alice:
+        async with browser() as bob:
+            await sign_in(alice, st.base)
+            reg = await register(st.base, client_name="Alice's tool")
+            query, verifier = await code_flow(st.base, reg["client_id"], alice)
+            form = {"grant_type": "authorization_code", "code": query["code"][0], "redirect_uri": REDIRECT,
+                    "client_id": reg["client_id"], "code_verifier": verifier}  # fmt: skip
+            async with aiohttp.ClientSession() as http, http.post(f"{st.base}/oauth2/token", data=form) as resp:
+                tokens = await resp.json()
+            async with alice.get(f"{st.base}/oauth2/account", headers={"Accept": "text/html"}) as resp:
+                alices_page = await resp.text()
+            alices_app = re.search(
+                r"name='kind' value='app'><input type='hidden' name='id' value='([^']*)'", alices_page
+            )
+            assert alices_app, alices_page
+            grant_id = alices_app.group(1)
+            st.provider.config(auto_login="bob")
+            await sign_in(bob, st.base)
+            async with bob.get(f"{st.base}/oauth2/account", headers={"Accept": "text/html"}) as resp:
+                bobs_csrf = re.search(r"name='csrf' value='([^']*)'", await resp.text())
+            assert bobs_csrf
+            for kind, row_id in [("app", grant_id), ("app", grant_id + " "), ("app", grant_id.upper()),
+                                 ("app", grant_id + "x" * 200), ("session", grant_id), ("APP", grant_id)]:  # fmt: skip
+                data = {"csrf": bobs_csrf.group(1), "kind": kind, "id": row_id}
+                async with bob.post(f"{st.base}/oauth2/account/revoke", data=data, allow_redirects=False) as resp:
+                    assert resp.status == 404, (kind, row_id, resp.status)
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(f"{st.base}/mcp", headers={"Authorization": f"Bearer {tokens['access_token']}"}) as resp,
+            ):
+                assert resp.status != 401  # alice's application still works
