@@ -30,7 +30,7 @@ from .cookies import SessionRef
 from .devices import CARD, open_card
 from .errors import InvalidCookie, SessionGone
 from .guard import clear_session_cookie, read_cookie
-from .handlers import _same_origin
+from .handlers import _same_origin, everywhere_field
 from .middleware import guarded
 from .models import Session
 from .policy import why_denied
@@ -152,7 +152,8 @@ async def account(request: web.Request, svc: Services) -> web.Response:
         "End any you do not recognise.</p>"
         + _table(sessions + apps, prefix + "/account/revoke", _csrf(svc.config, ref.sid))
         + "<h2>Everywhere at once</h2><p>Ends every session above, in every browser and application.</p>"
-        f"<form method='post' action='{kit.e(prefix)}/sign_out?everywhere=true'><div class='buttons'>"
+        f"<form method='post' action='{kit.e(prefix)}/sign_out?everywhere=true'>"
+        f"{everywhere_field(svc, read_cookie(request, svc.config.cookie_name))}<div class='buttons'>"
         "<button type='submit'>Sign out everywhere</button></div></form>"
     )
     return _page(svc, "Your sessions and applications", body)

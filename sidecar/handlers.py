@@ -13,7 +13,7 @@ from urllib.parse import quote, urlsplit
 from aiohttp import web
 from multidict import CIMultiDict
 
-from . import devices, kit, logs, metrics, pages
+from . import csrf, devices, kit, logs, metrics, pages
 from .config import Config
 from .context import Services, original_of, services, view_of
 from .cookies import CLOCK_LEEWAY, MAX_COOKIE_CHARS, SignInAttempt, state_cookie_suffix, without_sidecar_cookies
@@ -295,28 +295,35 @@ def _same_origin(request: web.Request) -> bool:
     posted from a page whose referrer policy hides the origin, and also what a sandboxed or opaque page
     sends, so then ``Sec-Fetch-Site`` decides (``same-origin`` or ``none``, a typed-in navigation); a
     ``null`` without it is refused. Clients that send neither header (curl, scripts) are not browsers
-    riding on a cookie from another site."""
-    origin = request.headers.get("Origin")
-    fetch_site = request.headers.get("Sec-Fetch-Site")
-    site = fetch_site.strip().lower() if fetch_site is not None else None
-    if origin is not None and origin.strip().lower() != "null":
+    riding on a cookie from another site. A browser sends each header once: two of either, or an
+    ``Origin`` that is not a bare origin, is refused, never read by its first value."""
+    origins = request.headers.getall("Origin", [])
+    sites = request.headers.getall("Sec-Fetch-Site", [])
+    if len(origins) > 1 or len(sites) > 1:
+        return False
+    origin = origins[0].strip() if origins else None
+    site = sites[0].strip().lower() if sites else None
+    if origin is not None and origin.lower() != "null":
         view = view_of(request)
-        same = _origin_tuple(origin) == _origin_tuple(f"{view.scheme}://{view.host}")
+        ours = _origin_tuple(f"{view.scheme}://{view.host}")
         # a browser that says cross-site is believed even when Origin looks right (it cannot be forged by a page)
-        return same and site in (None, "same-origin")
+        return ours is not None and _origin_tuple(origin) == ours and site in (None, "same-origin")
     if origin is not None:  # "null"
         return site in ("same-origin", "none")
     return site is None or site in ("same-origin", "none")
 
 
 def _origin_tuple(origin: str) -> tuple[str, str, int] | None:
-    """(scheme, host, port) with the default port filled in; None for ``null`` or anything malformed."""
+    """(scheme, host, port) with the default port filled in; None for ``null`` or anything that is not a bare
+    ``scheme://host[:port]`` (user info, a query or fragment, a path other than ``/``)."""
     try:
         parts = urlsplit(origin.strip())
         port = parts.port
     except ValueError:
         return None
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+        return None
+    if "@" in parts.netloc or parts.query or parts.fragment or "?" in origin or "#" in origin:
         return None
     return parts.scheme, parts.hostname.lower(), port or (443 if parts.scheme == "https" else 80)
 
@@ -329,8 +336,10 @@ async def _wants_everywhere(request: web.Request) -> bool:
 
 
 def _confirm_everywhere_page(request: web.Request) -> web.Response:
-    """A GET never signs a user out everywhere (a link or image on another site could): it asks for a POST."""
-    prefix = services(request).config.proxy_prefix
+    """A GET never signs a user out everywhere (a link or image on another site could): it asks for a POST,
+    with a token bound to this browser's session (``csrf.py``)."""
+    svc = services(request)
+    prefix = svc.config.proxy_prefix
     back = f"&rd={quote(_rd(request), safe='')}" if _rd_given(request) else ""
     action = html.escape(f"{prefix}/sign_out?everywhere=true{back}", quote=True)
     return _page(
@@ -338,9 +347,22 @@ def _confirm_everywhere_page(request: web.Request) -> web.Response:
         "Sign out everywhere?",
         "<p>This ends your sessions in every browser and every connected application (command-line tools, "
         "MCP clients), not only here.</p>"
-        f"<form method='post' action='{action}'><div class='buttons'>"
-        "<button type='submit'>Sign out everywhere</button></div></form>",
+        f"<form method='post' action='{action}'>{everywhere_field(svc, request.cookies.get(svc.config.cookie_name))}"
+        "<div class='buttons'><button type='submit'>Sign out everywhere</button></div></form>",
     )
+
+
+def everywhere_field(svc: Services, cookie: str | None) -> str:
+    """The hidden CSRF field of a "sign out everywhere" form for the browser holding ``cookie`` (none without
+    a readable one: such a post has no session to end)."""
+    try:
+        sid = svc.codec.load_session(cookie, time.time()).sid if cookie else None
+    except InvalidCookie:
+        sid = None
+    if sid is None:
+        return ""
+    token = html.escape(csrf.form_token(svc.config, sid, csrf.EVERYWHERE), quote=True)
+    return f"<input type='hidden' name='csrf' value='{token}'>"
 
 
 def _rd_given(request: web.Request) -> bool:
@@ -357,7 +379,8 @@ def _after_sign_out(request: web.Request, everywhere: bool) -> str:
 async def sign_out(request: web.Request, svc: Services) -> web.Response:
     """End the session here, revoke its refresh token at the provider, clear the cookie.
 
-    A plain sign-out may be a GET (oauth2-proxy compatible); "everywhere" needs a same-origin POST."""
+    A plain sign-out may be a GET (oauth2-proxy compatible); "everywhere" needs a same-origin POST carrying
+    the confirmation form's token (``csrf.py``), bound to this browser's session."""
     everywhere = await _wants_everywhere(request)
     if everywhere and request.method != "POST":
         return _confirm_everywhere_page(request)
@@ -375,6 +398,10 @@ async def sign_out(request: web.Request, svc: Services) -> web.Response:
             session = await svc.sessions.load_fresh(ref)
         except (InvalidCookie, SessionGone):
             session = None
+        if session is not None and everywhere and not await _everywhere_token_ok(request, svc, ref.sid):
+            text = "403 Forbidden: sign out everywhere needs the form of this browser's session\n"
+            message = "This form is not from your session (CSRF check failed). Nothing was signed out."
+            return pages.error(request, 403, "Refused", message, (), text=text)
         if session is not None and everywhere:
             for before in svc.sign_out_everywhere:  # the user's CLI/MCP grants, revoked upstream
                 await before(session.identity.sub)
@@ -396,6 +423,11 @@ async def sign_out(request: web.Request, svc: Services) -> web.Response:
     response = web.Response(status=302, headers={"Location": location, "Cache-Control": "no-store"})
     clear_session_cookie(response, config)
     return response
+
+
+async def _everywhere_token_ok(request: web.Request, svc: Services, sid: str) -> bool:
+    presented = (await request.post()).get("csrf", "")
+    return isinstance(presented, str) and csrf.form_token_ok(svc.config, sid, csrf.EVERYWHERE, presented)
 
 
 async def backchannel_logout(request: web.Request, svc: Services) -> web.Response:

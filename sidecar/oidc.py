@@ -5,7 +5,8 @@ revocation (RFC 7009), and ID-token validation (OIDC Core 3.1.3.7) against the
 provider's JWKS. Every network or protocol failure leaves here as one of the
 ``ProviderError`` classes, chosen on purpose:
 
-- no answer in time: ``ProviderTimeout``; no answer, 5xx, 429: ``ProviderUnavailable``
+- no answer in time: ``ProviderTimeout``; no answer, 5xx, 429, an error code that says the provider
+  is in trouble (``server_error``, ``temporarily_unavailable``): ``ProviderUnavailable``
   (retried only where the provider cannot have processed the grant);
 - an answer that breaks the protocol (token response not a JSON object, no access
   token, a token type other than Bearer): ``ProviderProtocolError``;
@@ -77,6 +78,9 @@ _ERROR_CODE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # what of a provider's erro
 
 # RFC 6749 5.2 codes that mean the grant itself cannot be refreshed again: the record goes.
 _PERMANENT_REFUSALS = frozenset({"invalid_scope"})
+# Codes a provider sends for its own passing trouble (RFC 6749 4.1.2.1; some token endpoints answer them with
+# a 400): the provider is unavailable, like a 5xx, and nobody's session is judged by them.
+_TRANSIENT_REFUSALS = frozenset({"server_error", "temporarily_unavailable"})
 # Codes that point at this client's registration or credentials: an operator must act.
 _MISCONFIGURED_REFUSALS = {
     "invalid_client": "the provider does not accept this client: check the client id/secret "
@@ -277,6 +281,8 @@ def _refusal(status: int, body: dict[str, Any] | None) -> ProviderError:
     if code == "invalid_grant":
         # The grant is dead (expired, revoked, reused); retrying cannot help.
         return InvalidGrant("provider refused the grant: invalid_grant", error_code=code)
+    if code in _TRANSIENT_REFUSALS:
+        return ProviderUnavailable(f"token endpoint is unavailable: {code}")
     what = code or f"HTTP {status} without an error code"
     cause = _MISCONFIGURED_REFUSALS.get(code or "") or (_BARE_401 if code is None and status == 401 else None)
     if cause is not None:

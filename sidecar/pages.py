@@ -20,6 +20,7 @@ from aiohttp import web
 from . import kit
 from .context import AUTHED, SERVICES
 from .templates import Html
+from .urls import safe_redirect
 
 SIGN_IN = "sign_in"
 SIGN_OUT = "sign_out"
@@ -33,9 +34,13 @@ def _wants_html(request: web.Request) -> bool:
 
 
 def _return_to(request: web.Request) -> str:
-    """Where "sign in again" should land: the page asked for, or ``/`` from the sidecar's own endpoints."""
+    """Where "sign in again" or "try again" should land: the page asked for, or ``/`` from the sidecar's own
+    endpoints. The path is the client's text: ``//evil.example/`` (or ``/\\evil``) as an ``href`` would leave
+    the site, so it must pass as a local path (``safe_redirect``), else ``/``."""
     path = request.rel_url.raw_path_qs
-    return "/" if path.startswith(_prefix(request) + "/") else path
+    if path.startswith(_prefix(request) + "/"):
+        return "/"
+    return safe_redirect(path, "", "", ()) if path.startswith("/") else "/"
 
 
 def _prefix(request: web.Request) -> str:

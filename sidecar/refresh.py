@@ -26,13 +26,16 @@ new tokens                                  saved                        served 
 ``invalid_grant``                           deleted                      sign in again
 ``invalid_scope`` (the grant can never be   judged dead at once          current token while it is
 refreshed again)                                                         valid, then sign in again
-any other refusal (``invalid_request``, an  backs off; judged dead when  current token while valid,
-unknown code, an empty or non-JSON 4xx)     refused again after it       then sign in again
+any other error code (``invalid_request``,  backs off; judged dead when  current token while valid,
+an unknown code)                            refused again after it       then sign in again
+an empty or non-JSON 4xx (often a firewall  backs off, never judged      current token while valid,
+or a proxy in front of the provider)        dead by count                then sign in again
 ``invalid_client``, ``unauthorized_client``, backs off, never judged dead: current token while valid,
 ``unsupported_grant_type``, bare 401        fixing the client's          then sign in again
 (logged at ERROR naming the cause)          configuration revives it
-timeout, 5xx, unreachable, a signing key    kept, no back-off            current token while valid,
-not fetchable yet                                                        else 504 / 503: retry
+timeout, 5xx, 429, unreachable, a signing   kept, no back-off            current token while valid,
+key not fetchable yet, ``server_error``,                                 else 504 / 503: retry
+``temporarily_unavailable``
 a malformed answer (not JSON, no token)     kept                         current token while valid, else 502
 new ID token invalid, or another subject    deleted                      sign in again
 ==========================================  ===========================  ===============================
@@ -40,12 +43,13 @@ new ID token invalid, or another subject    deleted                      sign in
 **Refusals back off.** A refused refresh is counted in the record (``refusals``) with the time before
 which no refresh is tried again (``retry_at``: ``REFUSAL_BACKOFF`` doubled per refusal, at most
 ``REFUSAL_BACKOFF_MAX``), so every replica leaves the provider alone and a dead refresh token is not
-presented on every request. A refusal judged dead (``invalid_scope``, or a grant refusal seen
-``REFUSALS_TO_END`` times in a row) ends the session at once when its access token has expired;
+presented on every request. A refusal judged dead (``invalid_scope``, or a refusal with an error code
+seen ``REFUSALS_TO_END`` times in a row) ends the session at once when its access token has expired;
 while the token is still valid its refresh token is dropped instead, so it is served until it expires
-and the session then ends. Client refusals (the client's configuration) are never judged dead by
-count; the refresh token's own known lifetime still ends the session (``can_refresh``). A successful
-refresh clears the count. The state is typed (``ProviderRefused``), never read from message text.
+and the session then ends. Client refusals (the client's configuration) and refusals without an error
+code are never judged dead by count; the refresh token's own known lifetime still ends the session
+(``can_refresh``). A successful refresh clears the count. The state is typed (``ProviderRefused``), never
+read from message text.
 
 A refusal never leaves anyone stuck: once the access token has expired the browser is sent to
 sign in (and that sign-in replaces the record). A failing provider or store never ends a session.
@@ -291,7 +295,11 @@ class Refresher:
         ends the session (SessionGone), or drops its refresh token while its access token still works.
         A store that fails here only loses the back-off: it never signs anyone out."""
         now, refusals = time.time(), current.refusals + 1
-        dead = exc.permanent or (not exc.misconfigured and refusals >= REFUSALS_TO_END)
+        # Only a refusal the provider classified (an RFC 6749 error code) counts towards "dead": an empty or
+        # non-JSON 4xx is as often a firewall, a load balancer or a maintenance page in front of the provider
+        # as the provider itself, and a passing condition must never end a valid session.
+        classified = exc.error_code is not None and not exc.misconfigured
+        dead = exc.permanent or (classified and refusals >= REFUSALS_TO_END)
         if dead and not current.access_token_valid(now):
             await self._sessions.end(ref, current, reason="refresh_refused")
             raise SessionGone("the provider refused the refresh token again") from None

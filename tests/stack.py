@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+import re
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -119,6 +121,22 @@ async def sign_in(client: aiohttp.ClientSession, base: str, rd: str = "/_demo/ec
     async with client.get(f"{base}/oauth2/start", params={"rd": rd}, headers={"Accept": "text/html"}) as resp:
         await resp.read()
         return resp
+
+
+async def sign_out_everywhere(
+    client: aiohttp.ClientSession, base: str, headers: dict[str, str] | None = None, form: dict[str, str] | None = None
+) -> int:
+    """What a person does: open the "sign out everywhere" confirmation, press its button (the form's action and
+    CSRF token, plus ``form``); the status of that POST."""
+    async with client.get(f"{base}/oauth2/sign_out?everywhere=true") as resp:
+        page = await resp.text()
+    found = re.search(r"<form method='post' action='([^']*)'>", page)
+    assert found, page
+    token = re.search(r"name='csrf' value='([^']*)'", page)
+    data = {**({"csrf": html.unescape(token.group(1))} if token else {}), **(form or {})}
+    action = base + html.unescape(found.group(1))
+    async with client.post(action, data=data, headers=headers or {}, allow_redirects=False) as resp:
+        return resp.status
 
 
 def session_cookie(client: aiohttp.ClientSession, name: str = "_sidecar") -> str | None:

@@ -115,12 +115,44 @@ async def test_unauthenticated_endpoints_share_their_limits_across_replicas(redi
                 assert got[4:] == [429, 429] and 429 not in got[:4], (path, got)
             _, device_client = await _register_json(two, other, body)
             answers = []
-            for i in range(22):  # one client's device codes, from 22 addresses: 20 wait at once, at most
+            for i in range(22):  # one client's device codes from 22 addresses: each address has its own count
                 async with _client(f"127.0.7.{i + 1}") as somewhere:
                     form = {"client_id": device_client["client_id"]}
                     async with somewhere.post(bases[i % 2] + "/oauth2/device_authorization", data=form) as resp:
                         answers.append(resp.status)
-            assert answers == [200] * 20 + [429] * 2
+            assert answers == [200] * 22
+    finally:
+        for store in stores:
+            await store.close()
+
+
+async def test_one_address_cannot_lock_a_clients_other_users_out_of_the_device_flow(redis_url: str) -> None:
+    """A client id is no secret (a metadata document's URL is public): one address asking for device codes of
+    someone else's client, through two replicas, fills only its own count (20 waiting), never the client's."""
+    stores = [RedisStore(aioredis.from_url(redis_url), prefix="lock:") for _ in range(2)]
+    limits = {"signin_rate_limit": "100"}  # the per-address request rate is not what is tested here
+    try:
+        async with (
+            stack(stores[0], **OAUTH, **limits) as st,
+            _client("127.0.8.1") as owner,
+            _client("127.0.8.2") as attacker,
+        ):
+            other = await st.add_sidecar(stores[1], **OAUTH, **limits)
+            bases = (st.base, other)
+            body = {"grant_types": [DEVICE], "token_endpoint_auth_method": "none", "client_name": "Team CLI"}
+            _, victim = await _register_json(owner, st.base, body)
+            form = {"client_id": victim["client_id"]}
+            answers = []
+            for i in range(24):
+                async with attacker.post(bases[i % 2] + "/oauth2/device_authorization", data=form) as resp:
+                    answers.append(resp.status)
+            assert answers == [200] * 20 + [429] * 4, answers  # the attacker's own bound, across both replicas
+            for address in ("127.0.8.3", "127.0.8.4", "127.0.8.5"):  # the client's real users, elsewhere
+                async with _client(address) as user:
+                    for base in bases:
+                        async with user.post(base + "/oauth2/device_authorization", data=form) as resp:
+                            assert resp.status == 200, (address, resp.status)
+                            assert (await resp.json())["user_code"]
     finally:
         for store in stores:
             await store.close()

@@ -16,7 +16,7 @@ from sidecar.oauth.service import OAUTH, PENDING_GRANT_TTL
 from sidecar.oidc import NOT_REVOKED_NO_ENDPOINT, REVOKED
 from sidecar.store import RedisStore
 from tests.provider_quirks import each_quirk
-from tests.stack import Stack, browser, sign_in
+from tests.stack import Stack, browser, sign_in, sign_out_everywhere
 from tests.test_oauth_authorize import code_flow, oauth_stack, redeem, register
 
 JSON = {"Accept": "application/json"}
@@ -127,10 +127,7 @@ async def test_every_way_a_grant_ends_revokes_its_upstream_refresh_token(
             await check("sweep leaves redeemed grants")
 
             # Sign out everywhere: the two grants left and the browser session itself.
-            async with alice.post(
-                f"{st.base}/oauth2/sign_out?everywhere=true", headers={"Origin": st.base}, allow_redirects=False
-            ) as resp:
-                assert resp.status == 302
+            assert await sign_out_everywhere(alice, st.base, headers={"Origin": st.base}) == 302
             for _ in range(3):
                 ended()
             await check("sign out everywhere")

@@ -7,7 +7,7 @@ import asyncio
 import aiohttp
 
 from sidecar.store import SessionStore
-from tests.stack import browser, sign_in
+from tests.stack import browser, sign_in, sign_out_everywhere
 from tests.test_oauth_authorize import code_flow, form_fields, oauth_stack, redeem, register
 
 JSON = {"Accept": "application/json"}
@@ -120,10 +120,7 @@ async def test_sign_out_everywhere_ends_grants_but_plain_sign_out_does_not(store
             assert resp.status == 302
         assert await _mcp(base, tokens["access_token"]) != 401  # a browser sign-out leaves CLI grants alone
         await sign_in(alice, base)
-        async with alice.post(
-            f"{base}/oauth2/sign_out?everywhere=true", allow_redirects=False
-        ) as resp:
-            assert resp.status == 302
+        assert await sign_out_everywhere(alice, base) == 302
         await asyncio.sleep(1.1)  # --session-cache-ttl: a replica trusts its cached copy of a record up to 1 s
         assert await _mcp(base, tokens["access_token"]) == 401
         await sign_in(alice, base)

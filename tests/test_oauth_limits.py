@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 
 from sidecar.store import SessionStore
-from tests.stack import Stack, browser, sign_in, stack
+from tests.stack import Stack, browser, sign_in, sign_out_everywhere, stack
 from tests.test_oauth_authorize import code_flow, redeem, register
 
 pytestmark = pytest.mark.timeout(90)
@@ -147,10 +147,7 @@ async def test_sign_out_everywhere_ends_only_that_users_grants(store: SessionSto
         bobs = await new_grant(st, bob)
         await signed_in(st, alice, "alice")
         alices = [await new_grant(st, alice) for _ in range(2)]
-        async with alice.post(
-            f"{st.base}/oauth2/sign_out?everywhere=true", allow_redirects=False
-        ) as resp:
-            assert resp.status == 302, await resp.text()
+        assert await sign_out_everywhere(alice, st.base) == 302
         await asyncio.sleep(SESSION_CACHE_WAIT)
         for tokens in alices:
             await assert_ended(st.base, tokens)

@@ -253,6 +253,13 @@ INVISIBLE = [
     "blank\u115f",
     "sel\ufe0f",
     "unassigned\U0010fffe",
+    "go\u034fogle",  # combining grapheme joiner: a mark that shows nothing
+    "go\u17b4ogle",
+    "go\u17b5ogle",
+    "sel\U000e0100",  # a variation selector from the supplement
+    "blank\u2800",
+    "blank\uffa0",
+    "mongolian\u180e",
 ]
 
 

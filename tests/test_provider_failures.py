@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from sidecar.oidc import BACKCHANNEL_EVENT, MAX_LIFETIME, logout_token_replay_ttl
+from sidecar.refresh import REFUSAL_BACKOFF
 from sidecar.store import RedisStore
 from tests.stack import Stack, app_token, browser, session_cookie, sign_in, stack
 
@@ -206,6 +207,53 @@ async def _refused_refresh(redis_url: str, index: int, status: int, body: str, c
 
 async def test_a_refused_refresh_serves_the_token_while_valid_then_sends_to_sign_in(redis_url: str) -> None:
     await asyncio.gather(*(_refused_refresh(redis_url, i, *case) for i, case in enumerate(REFUSALS)))
+
+
+# Answers that say nothing about the grant: a firewall's or load balancer's page in front of the provider, an
+# empty or odd 4xx, an error field that is no RFC 6749 code, and the codes a provider sends for its own passing
+# trouble. (status, body, content type, what /oauth2/auth answers once the access token has expired)
+PASSING_REFUSALS = [
+    (403, "<html><body>Request blocked by the web application firewall</body></html>", "text/html", 401),
+    (400, "", "application/json", 401),
+    (404, "<html>Not Found</html>", "text/html", 401),
+    (408, "Request Timeout", "text/plain", 401),
+    (400, '{"error": 12}', "application/json", 401),
+    (400, '{"error": "no such\\ncode"}', "application/json", 401),
+    (400, '{"error": "temporarily_unavailable"}', "application/json", 503),
+    (400, '{"error": "server_error", "error_description": "database restarting"}', "application/json", 503),
+]
+
+
+async def _passing_refusal(redis_url: str, index: int, status: int, body: str, ctype: str, expired: int) -> None:
+    client_redis = aioredis.from_url(redis_url)
+    prefix = f"passing{index}:"
+    store = RedisStore(client_redis, prefix=prefix)
+    try:
+        async with (
+            stack(store, provider_kw={"access_token_ttl": 1}, pass_access_token="true", refresh_skew="0s") as st,
+            browser() as client,
+        ):
+            await sign_in(client, st.base)
+            first = await _auth(client, st.base)
+            assert first[0] == 202 and first[1]
+            st.provider.inject_fault("raw", count=-1, status=status, body=body, content_type=ctype)
+            await asyncio.sleep(1.2)  # expired: each request now needs a refresh
+            for _ in range(2):  # refused, then refused again once the back-off has passed
+                assert (await _auth(client, st.base))[0] == expired, (status, body)
+                assert len([k async for k in client_redis.scan_iter(match=f"{prefix}s:*")]) == 1, (status, body)
+                await asyncio.sleep(REFUSAL_BACKOFF + 0.3)
+            st.provider.clear_faults()
+            await asyncio.sleep(REFUSAL_BACKOFF + 0.3)  # the second back-off is twice as long
+            status_after, token = await _auth(client, st.base)  # the same cookie, refreshed: never signed out
+            assert status_after == 202 and token not in (None, first[1]), (status, body, status_after)
+    finally:
+        await store.close()
+
+
+async def test_a_passing_refusal_repeated_never_ends_a_valid_session(redis_url: str) -> None:
+    """Only the provider's own verdict (an RFC 6749 error code, repeated) may end a session: the same page from
+    a firewall twice in a row, or ``temporarily_unavailable``, must not sign everyone out."""
+    await asyncio.gather(*(_passing_refusal(redis_url, i, *case) for i, case in enumerate(PASSING_REFUSALS)))
 
 
 async def test_configuration_refusals_are_logged_as_errors_naming_the_cause(caplog: pytest.LogCaptureFixture) -> None:

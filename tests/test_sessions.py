@@ -16,7 +16,7 @@ from sidecar.context import SERVICES
 from sidecar.cookies import CookieCodec
 from sidecar.models import Identity, Session, TokenSet
 from sidecar.store import RedisStore, SessionStore
-from tests.stack import COOKIE_SECRET, app_token, browser, session_cookie, sign_in, stack
+from tests.stack import COOKIE_SECRET, app_token, browser, session_cookie, sign_in, sign_out_everywhere, stack
 
 
 def _session(**changes: object) -> Session:
@@ -225,8 +225,7 @@ async def test_sign_out_everywhere(store: SessionStore) -> None:
     async with stack(store) as st, browser() as laptop, browser() as phone:
         await sign_in(laptop, st.base)
         await sign_in(phone, st.base)
-        async with laptop.post(f"{st.base}/oauth2/sign_out?everywhere=true", allow_redirects=False) as resp:
-            assert resp.status == 302
+        assert await sign_out_everywhere(laptop, st.base) == 302
         async with phone.get(f"{st.base}/oauth2/auth") as resp:
             assert resp.status == 401
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import time
 import uuid
 from pathlib import Path
@@ -21,7 +22,7 @@ from sidecar.oidc import BACKCHANNEL_EVENT
 from sidecar.sessions import user_key
 from sidecar.store import MEMORY_SHORT_LIVED_CAP, MemoryStore, RedisStore
 from tests.redis_procs import start_server
-from tests.stack import COOKIE_SECRET, Stack, browser, free_port, session_cookie, sign_in, stack
+from tests.stack import COOKIE_SECRET, Stack, browser, free_port, session_cookie, sign_in, sign_out_everywhere, stack
 
 
 def _client(ip: str = "127.0.0.1", jar: aiohttp.CookieJar | None = None) -> aiohttp.ClientSession:
@@ -88,8 +89,7 @@ async def test_sliding_sessions_stay_reachable_by_logout_after_their_first_ttl(r
                     assert resp.status == 200
             assert await _status(laptop, f"{st.base}/oauth2/auth") == 401
             assert await _status(tablet, f"{st.base}/oauth2/auth") == 202
-            async with phone.post(f"{st.base}/oauth2/sign_out?everywhere=true", allow_redirects=False) as resp:
-                assert resp.status == 302
+            assert await sign_out_everywhere(phone, st.base) == 302
             assert await _status(tablet, f"{st.base}/oauth2/auth") == 401
     finally:
         await store.close()
@@ -324,13 +324,15 @@ async def test_sign_out_everywhere_needs_a_same_origin_post() -> None:
                 assert resp.status == 403, headers
         for client in (laptop, phone):  # nothing above ended anything
             assert await _status(client, f"{st.base}/oauth2/auth") == 202
-        async with laptop.post(everywhere, headers={"Origin": st.base}, allow_redirects=False) as resp:
-            assert resp.status == 302
+        assert await sign_out_everywhere(laptop, st.base, headers={"Origin": st.base}) == 302
         assert await _status(phone, f"{st.base}/oauth2/auth") == 401
         await sign_in(phone, st.base)
         await sign_in(laptop, st.base)
+        async with phone.get(f"{st.base}/oauth2/sign_out?everywhere=true") as resp:
+            token = re.search(r"name='csrf' value='([^']*)'", await resp.text())
+        assert token
         fetch = {"Sec-Fetch-Site": "same-origin"}
-        form = {"everywhere": "true"}
+        form = {"everywhere": "true", "csrf": token.group(1)}
         async with phone.post(f"{st.base}/oauth2/sign_out", data=form, headers=fetch, allow_redirects=False) as resp:
             assert resp.status == 302
         assert await _status(laptop, f"{st.base}/oauth2/auth") == 401

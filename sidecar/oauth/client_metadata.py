@@ -20,8 +20,9 @@ neither.
 - Text shown to a person (``client_name``) may not hold control, format or other invisible characters:
   C0/C1 controls, bidi embeddings, overrides and isolates (U+202A-202E, U+2066-2069), zero-width characters
   (U+200B-200F, U+2060-2064, U+FEFF), line/paragraph separators, private-use, unassigned and surrogate code
-  points, tag characters and blank-looking letters (U+115F, U+1160, U+3164, U+FFA0, U+2800): such a name can
-  reverse the consent sentence or pass for another name ("tool \\u202Eelgoog" shows as "tool google").
+  points, tag characters, variation selectors, blank-looking letters (U+115F, U+1160, U+3164, U+FFA0, U+2800)
+  and marks that show nothing (U+034F, U+17B4, U+17B5): such a name can reverse the consent sentence or pass
+  for another name ("tool \\u202Eelgoog" shows as "tool google").
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ _PORT = re.compile(r"[0-9]{1,5}")
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _PRIVATE_SCHEME = re.compile(rf"[a-z](?:[a-z0-9-]{{0,61}}[a-z0-9])?(?:\.{_LABEL})+")
 _INVISIBLE_CATEGORIES = ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp")
-_BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800\u180e")
+# Blank-looking letters, and marks that render as nothing (combining grapheme joiner, Khmer inherent vowels)
+_BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800\u180e\u034f\u17b4\u17b5")
 
 
 class Refused(Exception):
@@ -59,7 +61,10 @@ class Refused(Exception):
 def invisible_characters(text: str) -> bool:
     """Does ``text`` hold a character a person cannot see, or that changes how the text around it reads?"""
     return any(
-        unicodedata.category(ch) in _INVISIBLE_CATEGORIES or ch in _BLANK_LETTERS or "\ufe00" <= ch <= "\ufe0f"
+        unicodedata.category(ch) in _INVISIBLE_CATEGORIES
+        or ch in _BLANK_LETTERS
+        or "\ufe00" <= ch <= "\ufe0f"  # variation selectors
+        or "\U000e0100" <= ch <= "\U000e01ef"  # variation selectors supplement
         for ch in text
     )
 

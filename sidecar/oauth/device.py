@@ -48,7 +48,11 @@ from .token_endpoint import OAuthError, authenticate_client, error_response, rea
 ALPHABET = "BCDFGHJKLMNPQRSTVWXZ"
 USER_CODE_CHARS = 8
 CODE_ENTRY_PER_MINUTE = 10.0  # per browser session and per client address
-MAX_PENDING = 20  # device codes of one client alive at once, across replicas (what an anonymous client can store)
+# Device codes of one client from one client address (an IPv6 /64) alive at once, across replicas: what an
+# anonymous caller can make the server keep. Counted per address, not per client alone: a client id is no
+# secret (a metadata document's URL is public), and one address filling a shared count would lock every
+# user of that client out of the device flow for the code's whole life.
+MAX_PENDING = 20
 ENTRY_LIMITER = web.AppKey("oauth_code_entry_limiter", RateLimiter)  # code entries per session and address
 _JSON_HEADERS = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
@@ -102,10 +106,10 @@ async def device_authorization(request: web.Request, svc: Services) -> web.Respo
         return _oauth_error("invalid_target", "resource must name one of this server's protected resources")
     device_code = secrets.token_urlsafe(32)
     ttl = float(svc.config.oauth_device_code_ttl)
-    if not await oauth.store.reserve_device(
-        client.client_id, tk.token_hash(device_code), time.time() + ttl, MAX_PENDING
-    ):
-        return _oauth_error("too_many_requests", "too many device codes of this client are waiting; try later", 429)
+    counted = f"{client.client_id}@{client_key(client_ip)}"  # "@" never appears in an address bucket
+    if not await oauth.store.reserve_device(counted, tk.token_hash(device_code), time.time() + ttl, MAX_PENDING):
+        text = "too many device codes of this client from this address are waiting; try later"
+        return _oauth_error("too_many_requests", text, 429)
     for _ in range(5):
         user_code = new_user_code()
         device = DeviceAuthorization(

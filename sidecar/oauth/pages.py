@@ -182,7 +182,7 @@ def grants(config: Config, user: str, rows: Iterable[GrantRow], action: str, csr
             f"</small></td><td data-label='Resource'><code>{e(row.resource)}</code></td>"
             f"<td data-label='Created'>{e(_when(row.created_at))}</td>"
             f"<td data-label='Last used'>{e(_when(row.last_used_at))}</td>"
-            f"<td data-label='From'>{e(row.last_used_from)}<br><small>{e(row.user_agent)}</small></td>"
+            f"<td data-label='From'>{e(row.last_used_from)}<br><small>{kit.name(row.user_agent)}</small></td>"
             f"<td><form method='post' action='{e(action)}'><input type='hidden' name='csrf' value='{e(csrf)}'>"
             f"<input type='hidden' name='grant_id' value='{e(row.grant_id)}'>"
             "<button type='submit' class='secondary'>Revoke</button></form></td></tr>"

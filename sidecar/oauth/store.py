@@ -28,7 +28,7 @@ Redis layout (``<prefix>oa:``; ``G`` = ``{grant_id}``):
     ug:<user>    zset   grant ids by last use       cl:<id> string client JSON
     pg           zset   grant ids not yet redeemed, by the time they count as abandoned
     d:<hash>     string device authorization JSON   du:<user code> string the device code hash
-    dc:<client>  zset   a client's live device authorizations (their count is bounded)
+    dc:<client>@<address>  zset   a client's live device authorizations from one address (bounded count)
     p:<key>      string short-lived state of the browser-facing endpoints
     cn           zset   unused client ids by expiry (their count is bounded across replicas); an unused
                         client's cl:<id> is "u:" + JSON until a user grants it access (``promote_client``)
