@@ -108,7 +108,9 @@ FRONTS: dict[str, Front] = {
 # Every name a front might use for each part of the original request. All that are present must agree.
 URI_HEADERS = ("X-Forwarded-Uri", "X-Original-URI", "X-Forwarded-Path", "X-Envoy-Original-Path", "X-Rewrite-URL")
 URL_HEADERS = ("X-Original-URL",)
-METHOD_HEADERS = ("X-Forwarded-Method", "X-Original-Method", "X-HTTP-Method-Override")
+# X-HTTP-Method and X-Method-Override: the other override names applications honour (OData, ASP.NET, some
+# Express set-ups); a POST that one of them turns into a DELETE must not be judged as a POST.
+METHOD_HEADERS = ("X-Forwarded-Method", "X-Original-Method", "X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override")
 SCHEME_HEADERS = ("X-Forwarded-Proto", "X-Forwarded-Scheme", "X-Scheme", "X-Forwarded-Ssl", "Front-End-Https")
 HOST_HEADERS = ("X-Forwarded-Host", "X-Original-Host", "X-Host")
 FAMILY = (*URI_HEADERS, *URL_HEADERS, *METHOD_HEADERS, *SCHEME_HEADERS, *HOST_HEADERS, "Forwarded")
@@ -209,7 +211,7 @@ def _read(present: list[tuple[str, str]], front: Front, method: str, tail: str, 
     for name, value in present:
         _collect(name, value, seen)
     if front.uri == (REQUEST,):
-        seen["uri"].append((REQUEST, tail or "/"))
+        seen["uri"].append((REQUEST, _target(REQUEST, tail or "/")))
     if front.method == REQUEST:
         seen["method"].append((REQUEST, method.upper()))
     if front.host == REQUEST:
@@ -278,21 +280,43 @@ def _collect(name: str, value: str, seen: dict[str, list[tuple[str, str]]]) -> N
         seen["method"].append((name, value.strip().upper()))
     elif lowered in ("x-forwarded-ssl", "front-end-https"):
         seen["scheme"].append((name, "https" if value.strip().lower() == "on" else "http"))
-    elif name in SCHEME_HEADERS:
-        seen["scheme"].append((name, value.split(",")[0].strip().lower()))
+    elif name in SCHEME_HEADERS:  # every element of a list: an application may read the last one
+        seen["scheme"].extend((name, item.strip().lower()) for item in value.split(","))
     elif name in HOST_HEADERS:
-        seen["host"].append((name, value.split(",")[0].strip().lower()))
-    else:  # Forwarded (RFC 7239): its first element's proto= and host=
-        for pair in value.split(",")[0].split(";"):
-            key, _, item = pair.strip().partition("=")
-            if key.lower() in ("proto", "host"):
-                part = "scheme" if key.lower() == "proto" else "host"
-                seen[part].append((name, item.strip().strip('"').lower()))
+        seen["host"].extend((name, item.strip().lower()) for item in value.split(","))
+    else:  # Forwarded (RFC 7239): proto= and host= of every element, quoted strings read as one value
+        for key, item in _forwarded_pairs(name, value):
+            if key in ("proto", "host"):
+                seen["scheme" if key == "proto" else "host"].append((name, item.lower()))
+
+
+_FORWARDED = re.compile(r'\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^,;"\s]*)\s*([,;]|$)')
+
+
+def _forwarded_pairs(name: str, value: str) -> list[tuple[str, str]]:
+    """Every ``key=value`` of a Forwarded header, across all its elements; a ``,`` or ``;`` inside a quoted
+    string stays in the value (``for="a,b";host=evil`` names host evil). Anything else is refused (400)."""
+    pairs, pos = [], 0
+    while pos < len(value):
+        found = _FORWARDED.match(value, pos)
+        if found is None or found.end() == pos:
+            raise BadRequest(f"{name}: not an RFC 7239 list of key=value pairs")
+        item = found.group(2)
+        if item.startswith('"'):
+            item = re.sub(r"\\(.)", r"\1", item[1:-1])
+        pairs.append((found.group(1).lower(), item))
+        pos = found.end()
+    return pairs
 
 
 def _target(name: str, value: str) -> str:
+    """A request target as a front writes it: a path (and query). A ``#`` is refused: a browser never sends a
+    fragment, nginx passes it on in ``$request_uri``, and applications differ on it (most cut it off and serve
+    ``/admin/x`` for ``/admin/x#y``, which rules would otherwise judge as the path ``/admin/x%23y``)."""
     if not value.startswith("/"):
         raise BadRequest(f"{name}: not a path")
+    if "#" in value:
+        raise BadRequest(f"{name}: a fragment (#) in the original request")
     return value
 
 
@@ -304,6 +328,8 @@ def _url(name: str, value: str) -> tuple[str, str, str]:
         raise BadRequest(f"{name}: not a URL") from None
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.username or parts.password:
         raise BadRequest(f"{name}: not an http(s) URL")
+    if "#" in value:
+        raise BadRequest(f"{name}: a fragment (#) in the original request")
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     return parts.scheme, parts.netloc.lower(), target
 

@@ -20,7 +20,16 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from sidecar import context
 from sidecar.context import SERVICES
 from sidecar.errors import BadRequest
-from sidecar.fronts import FRONTS, REQUEST, Original, read_auth, refuse_aliases, refuse_undecodable
+from sidecar.fronts import (
+    FRONTS,
+    REQUEST,
+    URI_HEADERS,
+    URL_HEADERS,
+    Original,
+    read_auth,
+    refuse_aliases,
+    refuse_undecodable,
+)
 from sidecar.oauth.service import OAUTH
 from sidecar.store import MemoryStore
 from tests.stack import browser, session_cookie, sign_in, stack
@@ -77,6 +86,24 @@ HOSTILE: list[tuple[str, str]] = [
     ("X-Host", "evil.example"),
     ("Forwarded", "for=1.2.3.4;host=evil.example;proto=https"),
     ("Forwarded", f"host={HOST};proto=http"),
+    # Other method overrides applications honour (review 2).
+    ("X-HTTP-Method", "GET"),
+    ("X-Method-Override", "GET"),
+    ("x-http-method", "DELETE"),
+    # Lists: an application may read any element (Werkzeug's ProxyFix the last), so every one must agree.
+    ("X-Forwarded-Host", f"{HOST}, evil.example"),
+    ("X-Original-Host", f"{HOST},evil.example"),
+    ("X-Forwarded-Proto", "https, http"),
+    ("X-Scheme", "https,http"),
+    # Forwarded: every element, quoted strings holding "," or ";", any case, malformed lists.
+    ("Forwarded", f'for="1.2.3.4,5.6.7.8";host=evil.example;proto=https'),
+    ("Forwarded", f'for="a;host={HOST}";host=evil.example;proto=https'),
+    ("Forwarded", f"host={HOST};proto=https, host=evil.example"),
+    ("Forwarded", f"host={HOST};proto=https,for=1.2.3.4;proto=http"),
+    ("Forwarded", 'FOR=x;HOST="evil.example";PROTO=https'),
+    ("Forwarded", f'host="{HOST}'),
+    ("Forwarded", f"host={HOST} evil.example"),
+    ("Forwarded", "host"),
 ]
 # The same families agreeing with the front: harmless.
 AGREEING: list[tuple[str, str]] = [
@@ -89,6 +116,8 @@ AGREEING: list[tuple[str, str]] = [
     ("X-Forwarded-Ssl", "on"),
     ("X-Original-Host", HOST.upper()),
     ("Forwarded", f'for=1.2.3.4;host="{HOST}";proto=https'),
+    ("X-HTTP-Method", "POST"),
+    ("Forwarded", f'for="1.2.3.4,5.6.7.8";host={HOST}, for=9.9.9.9;Host="{HOST}";proto=https'),
 ]
 
 
@@ -159,6 +188,26 @@ def test_other_spellings_are_refused_and_the_dash_spellings_are_not() -> None:
             refuse_aliases(CIMultiDict({alias: "v", "X-Forwarded-Uri": "/a"}))
     fine = CIMultiDict({"My_Header": "v", "X-Forwarded-Uri": "/a", "X-Auth-Request-User": "u", "X_Trace": "1"})
     refuse_aliases(fine)  # an app's own underscore header, next to the dash spellings a front sets
+
+
+FRAGMENTS = ["/admin/x#y", "/admin/x#", "/admin/x?a=1#y", "/admin/x#/../public/", "/#/admin/x", "/admin/x?a#b?c"]
+
+
+@pytest.mark.parametrize(("front", "target"), list(itertools.product(sorted(FRONTS), FRAGMENTS)))
+def test_a_fragment_in_the_original_target_is_refused(front: str, target: str) -> None:
+    """nginx passes a client's ``GET /admin/x#y`` on in ``$request_uri``, and most applications serve /admin/x
+    for it: judged as the path ``/admin/x%23y`` it would slip past ``^/admin/x$``. Never a browser's request."""
+    if front == "envoy":
+        with pytest.raises(BadRequest, match="fragment"):
+            read_auth(CIMultiDictProxy(CIMultiDict(OWN[front])), FRONTS[front], "POST", target, HOST)
+        return
+    names = FRONTS[front].uri or (FRONTS[front].url or "",)
+    own = {k: v for k, v in OWN[front].items() if k not in (*URI_HEADERS, *URL_HEADERS)}
+    headers = {**own, **{name: f"https://{HOST}{target}" if name in URL_HEADERS else target for name in names}}
+    with pytest.raises(BadRequest, match="fragment"):
+        read(front, headers)
+    escaped = {k: v.replace("#", "%23") for k, v in headers.items()}  # an escaped "#" is part of the path
+    assert read(front, escaped).path == target.split("?", 1)[0].replace("#", "%23")
 
 
 def test_envoy_reads_the_subrequest_itself() -> None:
@@ -232,6 +281,57 @@ async def test_both_listeners_refuse_the_ingress_nginx_bypass_and_bad_bytes_alik
                 assert ours and theirs, extra
                 assert comparable(ours[0]) == comparable(theirs[0]), extra
                 assert ours[0][0] == status, (extra, ours[0])
+
+
+async def test_fragments_method_overrides_and_odd_lists_never_pass_a_step_up_on_either_listener() -> None:
+    """Review 2: --front nginx (its own X-Forwarded-Uri/-Method, as deploy/nginx writes them for a client's
+    request line) with end-anchored and DELETE-only step-up rules and a stale sign-in. A fragment nginx copies
+    from the request line, another method-override name, a host or scheme list and a Forwarded element hiding
+    in a quoted string are 400 on both listeners; the rules themselves still decide (401) and other paths
+    pass (202)."""
+    settings = {
+        "upstream": "",
+        "reverse_proxy": "true",
+        "fresh_auth_route": ["1s=^/admin/x$", "1s=DELETE=^/account$"],
+    }
+    async with stack(MemoryStore(), **settings) as st, browser() as client:
+        await sign_in(client, st.base)
+        cookie = session_cookie(client)
+        await asyncio.sleep(2.1)  # the sign-in is now older than the rules' 1 s
+        host = st.base.split("://", 1)[1]
+
+        def nginx(uri: str, method: str = "GET") -> str:  # what deploy/nginx/sidecar.conf writes
+            fields = {"X-Forwarded-Uri": uri, "X-Original-URI": uri, "X-Forwarded-Method": method}
+            fields |= {"X-Forwarded-Proto": "http", "X-Forwarded-Host": host}
+            return "".join(f"{k}: {v}\r\n" for k, v in fields.items())
+
+        cases = [
+            (nginx("/admin/x"), 401),
+            (nginx("/admin/x?a=1"), 401),
+            (nginx("/admin/x%23y"), 202),  # an escaped "#": another path, for the application too
+            (nginx("/admin/y"), 202),
+            (nginx("/account", "DELETE"), 401),
+            (nginx("/account", "POST"), 202),
+            *[(nginx(uri), 400) for uri in ("/admin/x#y", "/admin/x#", "/admin/x?a#b", "/admin/x#/../y")],
+            *[
+                (nginx("/account", "POST") + f"{name}: DELETE\r\n", 400)
+                for name in ("X-HTTP-Method", "X-Method-Override", "x-http-method", "X-HTTP-Method-Override")
+            ],
+            (nginx("/admin/y") + f"X-Original-Host: {host}, evil.example\r\n", 400),
+            (nginx("/admin/y") + "X-Scheme: http, https\r\n", 400),
+            (nginx("/admin/y") + f'Forwarded: for="1.2.3.4,x";host=evil.example\r\n', 400),
+            (nginx("/admin/y") + f"Forwarded: host={host}, host=evil.example\r\n", 400),
+            (nginx("/admin/y") + f'Forwarded: for="1.2.3.4,x";host="{host}";proto=http\r\n', 202),
+        ]
+        async with auth_listener(st) as port:
+            main_port = int(st.base.rsplit(":", 1)[1])
+            for extra, status in cases:
+                head = f"GET /oauth2/auth HTTP/1.1\r\nHost: {host}\r\nCookie: _sidecar={cookie}\r\n{extra}\r\n"
+                ours = await exchange(port, head.encode())
+                theirs = await exchange(main_port, head.encode())
+                assert ours and theirs, extra
+                assert comparable(ours[0]) == comparable(theirs[0]), extra
+                assert ours[0][0] == status, (extra, ours[0][:2])
 
 
 async def test_envoy_paths_are_judged_the_same_on_both_listeners() -> None:
