@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import ipaddress
 import json
 import os
 import re
@@ -34,20 +35,41 @@ ENV_PREFIXES = ("SIDECAR_", "OAUTH2_PROXY_")
 
 # Kubernetes service links: for every Service in the namespace (a Service named oauth2-proxy or sidecar is
 # usual) the kubelet sets <NAME>_SERVICE_HOST, <NAME>_SERVICE_PORT[_<port name>], <NAME>_PORT and
-# <NAME>_PORT_<n>_<PROTO>[_PROTO|_PORT|_ADDR]. Recognised by name shape AND value shape, never by name alone.
-_IP = r"(?:\d{1,3}(?:\.\d{1,3}){3}|[0-9a-fA-F:]*:[0-9a-fA-F:.]*)"
-_PORT = r"\d{1,5}"
-_SERVICE_LINK = (
-    (re.compile(r"[A-Z0-9_]+_SERVICE_HOST"), re.compile(_IP)),
-    (re.compile(r"[A-Z0-9_]+_SERVICE_PORT(?:_[A-Z0-9_]+)?"), re.compile(_PORT)),
-    (re.compile(r"[A-Z0-9_]+_PORT"), re.compile(rf"(?:tcp|udp|sctp)://(?:{_IP}|\[{_IP}\]):{_PORT}")),
-    (
-        re.compile(rf"[A-Z0-9_]+_PORT_{_PORT}_(?:TCP|UDP|SCTP)"),
-        re.compile(rf"(?:tcp|udp|sctp)://(?:{_IP}|\[{_IP}\]):{_PORT}"),
-    ),
-    (re.compile(rf"[A-Z0-9_]+_PORT_{_PORT}_(?:TCP|UDP|SCTP)_PROTO"), re.compile(r"tcp|udp|sctp")),
-    (re.compile(rf"[A-Z0-9_]+_PORT_{_PORT}_(?:TCP|UDP|SCTP)_PORT"), re.compile(_PORT)),
-    (re.compile(rf"[A-Z0-9_]+_PORT_{_PORT}_(?:TCP|UDP|SCTP)_ADDR"), re.compile(_IP)),
+# <NAME>_PORT_<n>_<PROTO>[_PROTO|_PORT|_ADDR]. Recognised by name shape AND value shape, never by name alone,
+# and the values as strictly as the kubelet writes them: a real IP address (IPv6 in brackets inside a URL),
+# a port from 1 to 65535, and the port number and protocol the name itself carries.
+_LINK_URL = re.compile(r"(tcp|udp|sctp)://(?:\[([0-9a-f:.]+)\]|([0-9.]+)):([0-9]{1,5})")
+_LINK_PROTOS = r"(TCP|UDP|SCTP)"
+
+
+def _link_ip(text: str, version: int | None = None) -> bool:
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return "%" not in text and (version is None or address.version == version)
+
+
+def _link_port(text: str, want: str | None = None) -> bool:
+    return re.fullmatch(r"[1-9][0-9]{0,4}", text) is not None and int(text) <= 65535 and want in (None, text)
+
+
+def _link_url(text: str, proto: str | None = None, port: str | None = None) -> bool:
+    found = _LINK_URL.fullmatch(text)
+    if found is None or proto not in (None, found[1]):
+        return False
+    address_ok = _link_ip(found[2], 6) if found[2] is not None else _link_ip(found[3], 4)
+    return address_ok and _link_port(found[4], port)
+
+
+_SERVICE_LINK: tuple[tuple[re.Pattern[str], Callable[[re.Match[str], str], bool]], ...] = (
+    (re.compile(r"[A-Z0-9_]+_SERVICE_HOST"), lambda _, v: _link_ip(v)),
+    (re.compile(r"[A-Z0-9_]+_SERVICE_PORT(?:_[A-Z0-9_]+)?"), lambda _, v: _link_port(v)),
+    (re.compile(r"[A-Z0-9_]+_PORT"), lambda _, v: _link_url(v)),
+    (re.compile(rf"[A-Z0-9_]+_PORT_([0-9]+)_{_LINK_PROTOS}"), lambda m, v: _link_url(v, m[2].lower(), m[1])),
+    (re.compile(rf"[A-Z0-9_]+_PORT_([0-9]+)_{_LINK_PROTOS}_PROTO"), lambda m, v: v == m[2].lower()),
+    (re.compile(rf"[A-Z0-9_]+_PORT_([0-9]+)_{_LINK_PROTOS}_PORT"), lambda m, v: _link_port(v, m[1])),
+    (re.compile(rf"[A-Z0-9_]+_PORT_([0-9]+)_{_LINK_PROTOS}_ADDR"), lambda _, v: _link_ip(v)),
 )
 _ENV_NOT_OPTIONS = frozenset({"SIDECAR_CONFIG", "OAUTH2_PROXY_CONFIG"})
 
@@ -235,7 +257,11 @@ def _env_list(opt: Option, text: str, shown: str) -> Any:
 
 def service_link(key: str, value: str) -> bool:
     """A variable Kubernetes made for a Service (see ``_SERVICE_LINK``): its name and its value fit."""
-    return any(name.fullmatch(key) and shape.fullmatch(value) for name, shape in _SERVICE_LINK)
+    for name, fits in _SERVICE_LINK:
+        found = name.fullmatch(key)
+        if found is not None and fits(found, value):
+            return True
+    return False
 
 
 def _environment(environ: Mapping[str, str], problems: list[str], notices: list[str]) -> dict[str, Any]:

@@ -21,11 +21,12 @@ def links(service: str, ip: str, ports: dict[str, int]) -> dict[str, str]:
     """What the kubelet sets for one Service: its name upper-cased, dashes as underscores, per port."""
     name = service.upper().replace("-", "_")
     first = next(iter(ports.values()))
-    env = {f"{name}_SERVICE_HOST": ip, f"{name}_SERVICE_PORT": str(first), f"{name}_PORT": f"tcp://{ip}:{first}"}
+    at = f"[{ip}]" if ":" in ip else ip  # Go's net.JoinHostPort, as the kubelet writes the URLs
+    env = {f"{name}_SERVICE_HOST": ip, f"{name}_SERVICE_PORT": str(first), f"{name}_PORT": f"tcp://{at}:{first}"}
     for port_name, port in ports.items():
         env[f"{name}_SERVICE_PORT_{port_name.upper().replace('-', '_')}"] = str(port)
         prefix = f"{name}_PORT_{port}_TCP"
-        env.update({prefix: f"tcp://{ip}:{port}", prefix + "_PROTO": "tcp", prefix + "_PORT": str(port)})
+        env.update({prefix: f"tcp://{at}:{port}", prefix + "_PROTO": "tcp", prefix + "_PORT": str(port)})
         env[prefix + "_ADDR"] = ip
     return env
 
@@ -35,6 +36,7 @@ POD_ENV = {
     **links("sidecar", "10.96.0.13", {"http": 4180, "auth": 4181, "metrics": 9180}),
     **links("sidecar-redis", "10.96.0.14", {"redis": 6379}),
     **links("redis", "fd00:10:96::15", {"redis": 6379}),
+    **links("oauth2-proxy-redis", "fd00:10:96::16", {"redis": 6379}),
     "KUBERNETES_SERVICE_HOST": "10.96.0.1",
 }
 
@@ -53,6 +55,13 @@ def _started(env: dict[str, str]) -> str:
         proc.terminate()
         _, err = proc.communicate(timeout=20)
     return err
+
+
+def test_ipv6_and_udp_services_are_links_too() -> None:
+    env = links("sidecar", "fd00:10:96::d", {"http": 4180})
+    env |= {"SIDECAR_PORT_53_UDP": "udp://10.96.0.10:53", "SIDECAR_PORT_53_UDP_PROTO": "udp"}
+    assert env["SIDECAR_PORT"] == "tcp://[fd00:10:96::d]:4180"
+    assert all(service_link(k, v) for k, v in env.items()), [k for k, v in env.items() if not service_link(k, v)]
 
 
 def test_the_pod_environment_has_the_shapes_the_kubelet_writes() -> None:
@@ -90,6 +99,28 @@ def test_a_real_process_starts_with_the_pod_environment_and_says_so_once() -> No
         ("SIDECAR_PORT_4180_TCP_PROTO", "http"),
         ("SIDECAR_PORT_4180_TCP_ADDR", "10.0.0.1; rm"),
         ("SIDECAR_PORT_4180_HTTP", "tcp://10.0.0.1:4180"),
+        # Review 2: values only as strict as the kubelet writes them; a name alone never makes a link.
+        ("SIDECAR_SERVICE_HOST", ":"),
+        ("SIDECAR_SERVICE_HOST", "::::"),
+        ("SIDECAR_SERVICE_HOST", "999.1.1.1"),
+        ("SIDECAR_SERVICE_HOST", "fe80::1%eth0"),
+        ("SIDECAR_REDIS_SERVICE_HOST", "dead:beef"),
+        ("SIDECAR_PORT", "tcp://:4180"),
+        ("SIDECAR_PORT", "tcp://fd00::1:4180"),  # IPv6 without brackets: never what the kubelet writes
+        ("SIDECAR_PORT", "tcp://[10.0.0.1]:4180"),
+        ("SIDECAR_PORT", "tcp://10.0.0.1:99999"),
+        ("SIDECAR_PORT", "tcp://10.0.0.1:0"),
+        ("SIDECAR_PORT", "TCP://10.0.0.1:4180"),
+        ("SIDECAR_SERVICE_PORT", "0"),
+        ("SIDECAR_SERVICE_PORT", "70000"),
+        ("SIDECAR_SERVICE_PORT_HTTP", "04180"),
+        ("SIDECAR_PORT_4180_TCP", "tcp://10.0.0.1:4181"),  # the name's port and the URL's differ
+        ("SIDECAR_PORT_4180_TCP", "udp://10.0.0.1:4180"),  # the name's protocol and the URL's differ
+        ("SIDECAR_PORT_4180_TCP_PROTO", "udp"),
+        ("SIDECAR_PORT_4180_UDP_PROTO", "UDP"),
+        ("SIDECAR_PORT_4180_TCP_PORT", "4181"),
+        ("SIDECAR_PORT_4180_TCP_ADDR", "10.0.0.256"),
+        ("OAUTH2_PROXY_REDIS_PORT_6379_TCP_ADDR", "::g"),
     ],
 )
 def test_anything_else_still_stops_start_up(key: str, value: str) -> None:
