@@ -288,7 +288,7 @@ async def test_sign_out_through_nginx_ends_the_session(site: Site, browser: aioh
         assert resp.status == 302
         end_session = urlsplit(resp.headers["Location"])
     # The provider's end-session page sends the browser back to nginx, port included
-    # (X-Forwarded-Host is $http_host, not $host).
+    # (X-Forwarded-Host is the Host header as sent when it names $host).
     assert f"{end_session.scheme}://{end_session.netloc}" == site.issuer
     assert parse_qs(end_session.query)["post_logout_redirect_uri"] == [site.base + "/oauth2/signed_out"]
     assert not cookie(browser)

@@ -445,6 +445,45 @@ async def test_hostile_forwarded_headers_never_move_a_token_off_its_resource(
             assert status in (401, *REFUSED[name]), (name, variant, status)
 
 
+async def _raw_status(base: str, head: str, body: bytes) -> int:
+    """One request with a request line and Host header of our choosing (aiohttp writes neither as asked)."""
+    where = urlsplit(base)
+    reader, writer = await asyncio.open_connection(where.hostname, where.port)
+    try:
+        writer.write(head.encode() + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+        line = await asyncio.wait_for(reader.readline(), 10)
+        return int(line.split()[1])
+    finally:
+        writer.close()
+
+
+async def test_an_absolute_uri_naming_another_host_moves_no_token_through_nginx(
+    signed_in: dict[str, Front],
+) -> None:
+    """Review 2. ``GET http://a.example/mcp`` with ``Host: b.example``: nginx serves the request line's host
+    ($host) while $http_host says b.example; deploy/nginx sends X-Forwarded-Host only when the two agree, so a
+    token for the Host header's host is not taken for one on the request line's (two server blocks, one
+    sidecar). Here the token's host is on the Host header, another host on the request line: refused."""
+    front = signed_in["nginx"]
+    ours = urlsplit(front.base).netloc
+    port = urlsplit(front.base).port
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "ping"}).encode()
+    auth = f"Authorization: Bearer {front.token}\r\nContent-Type: application/json\r\n"
+    for target in (
+        "http://other.example/mcp",
+        f"http://other.example:{port}/mcp",
+        "http://OTHER.example/mcp",
+        f"https://127.0.0.2:{port}/mcp",
+        "http://localhost/mcp",
+    ):
+        status = await _raw_status(front.base, f"POST {target} HTTP/1.1\r\nHost: {ours}\r\n{auth}", body)
+        assert status == 401, (target, status)
+    status = await _raw_status(front.base, f"POST http://{ours}/mcp HTTP/1.1\r\nHost: {ours.upper()}\r\n{auth}", body)
+    assert status == 200, status  # the same host on both (any case): the token works
+    status = await _raw_status(front.base, f"POST /mcp HTTP/1.1\r\nHost: {ours}\r\n{auth}", body)
+    assert status == 200, status
+
+
 # How the sidecar's 400 (headers that disagree) reaches the client: Traefik and Caddy hand it over as it is;
 # nginx's auth_request knows only 2xx, 401 and 403 and turns anything else into 500.
 REFUSED = {"nginx": (500,), "ingress-nginx": (500,), "traefik": (400,), "caddy": (400,)}
