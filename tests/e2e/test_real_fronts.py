@@ -309,6 +309,27 @@ async def test_the_app_gets_the_identity_and_never_the_session_cookie(signed_in:
     # (the shipped nginx config also sets X-Forwarded-User from the answer's X-Auth-Request-User).
     extra = {k: v for k, v in seen.items() if k in ("x-forwarded-user", "x-email", "authorization")}
     assert extra in ({}, {"x-forwarded-user": "alice@example.com"} if name == "nginx" else {}), extra
+    # Review 2: the session cookie alone (the sidecar's answer then has an empty Cookie), or with sign-in
+    # cookies, or next to a made-up Authorization, and an OAuth client's own token: none reaches the app.
+    # (Caddy 2.10 to 2.11.1 keep a client's header when the answer's is empty or absent: the shipped
+    # Caddyfile sets both from the answer itself.)
+    for variant in (
+        {"Cookie": f"_sidecar={front.session}"},
+        {"Cookie": f"_sidecar={front.session}; _sidecar_csrf_x=1"},
+        {"Cookie": f"_sidecar={front.session}", "Authorization": "Bearer mallory"},
+        {"Cookie": f"_sidecar={front.session};_sidecar_x=1;  _sidecar_y=2"},
+    ):
+        if name == "ingress-nginx" and "Authorization" in variant:
+            continue  # the shipped Ingress leaves the app's own Authorization alone (README)
+        status, _, body = await get(front, "/_demo/echo", headers=variant)
+        assert status == 200, (name, variant, status)
+        seen = {k.lower(): v for k, v in json.loads(body)["headers"].items()}
+        assert "_sidecar" not in seen.get("cookie", "") and "mallory" not in str(seen), (name, variant, seen)
+    call = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "whoami"}}
+    for variant in ({"Authorization": f"Bearer {front.token}"}, {"Authorization": f"Bearer {front.token}", "Cookie": "a=1"}):
+        status, _, body = await get(front, "/mcp", method="POST", json=call, headers=variant)
+        assert status == 200, (name, variant, status, body)
+        assert json.loads(body)["result"]["structuredContent"]["authorization_forwarded"] is False, (name, body)
 
 
 ALIASES = ["X_Auth_Request_User", "X.Auth.Request.Email", "X~Forwarded~Email", "x_forwarded_user", "X+User"]
