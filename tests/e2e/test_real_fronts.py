@@ -505,6 +505,29 @@ async def test_an_absolute_uri_naming_another_host_moves_no_token_through_nginx(
     assert status == 200, status
 
 
+@pytest.mark.parametrize("name", FRONT_NAMES)
+async def test_hostile_forwarded_headers_never_change_the_issuer_or_the_challenge(
+    signed_in: dict[str, Front], name: str
+) -> None:
+    """Review 2: the metadata document's issuer and the 401's resource_metadata stay the front's own origin
+    whatever forwarded/original headers a client adds; a request the sidecar cannot read is refused."""
+    front = signed_in[name]
+    rpc = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+    for variant in [{}, *hostile(front, "/mcp")]:
+        status, _, body = await get(front, "/.well-known/oauth-authorization-server", headers=variant)
+        if status == 200:
+            assert json.loads(body)["issuer"] == front.base, (name, variant, body)
+        else:  # not routed to the sidecar by this front, or refused
+            assert status in (302, 400, 401, 404, *REFUSED[name]), (name, variant, status)
+        status, headers, _ = await get(front, "/mcp", method="POST", json=rpc, headers=variant)
+        assert status in (401, *REFUSED[name]), (name, variant, status)
+        if status == 401:
+            challenge = headers.get("WWW-Authenticate", "")
+            assert f'resource_metadata="{front.base}/.well-known/oauth-protected-resource/mcp"' in challenge, (
+                name, variant, challenge,
+            )  # fmt: skip
+
+
 # How the sidecar's 400 (headers that disagree) reaches the client: Traefik and Caddy hand it over as it is;
 # nginx's auth_request knows only 2xx, 401 and 403 and turns anything else into 500.
 REFUSED = {"nginx": (500,), "ingress-nginx": (500,), "traefik": (400,), "caddy": (400,)}
