@@ -47,6 +47,11 @@ MAX_PIPELINED = 16  # requests read ahead of the answers; reading pauses beyond 
 # ingress-nginx's auth-method). Every one is answered the same, as on the main listener; none may
 # carry a body.
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# Headers a request may carry once (RFC 9110), refused with 400 when repeated, as aiohttp's parser does on the
+# main listener: two Host headers name two requests. (Content-Length and Transfer-Encoding are refused anyway.)
+SINGLETONS = frozenset(
+    {b"host", b"content-location", b"content-range", b"content-type", b"etag", b"max-forwards", b"server", b"user-agent"}
+)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -306,6 +311,7 @@ class AuthProtocol(asyncio.Protocol):
         self._headers: list[tuple[str, str]] = []
         self._lengths = 0
         self._te = False
+        self._once: set[bytes] = set()
 
     # -- connection ---------------------------------------------------------------------------
 
@@ -411,6 +417,7 @@ class AuthProtocol(asyncio.Protocol):
         self._headers = []
         self._lengths = 0
         self._te = False
+        self._once = set()
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -429,6 +436,13 @@ class AuthProtocol(asyncio.Protocol):
                 raise _Refused(400, "400 Bad Request: no request body is read here\n")
         elif lowered == b"transfer-encoding":
             raise _Refused(400, "400 Bad Request: no request body is read here\n")
+        elif lowered in SINGLETONS:
+            if lowered in self._once:
+                raise _Refused(400, f"400 Bad Request: more than one {name.decode('ascii', 'replace')} header\n")
+            self._once.add(lowered)
+        # A field value has no whitespace at either end (RFC 9110 5.5); llhttp leaves it at the end, aiohttp
+        # strips it: "X-Forwarded-Uri: /admin/x " must name /admin/x on both listeners.
+        value = value.strip(b" \t")
         self._headers.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:

@@ -269,13 +269,14 @@ def _collect(name: str, value: str, seen: dict[str, list[tuple[str, str]]]) -> N
     if not _printable(value):
         raise BadRequest(f"{name}: not printable ASCII")
     lowered = name.lower()
-    if name in URL_HEADERS:
+    if name in URL_HEADERS or (name in URI_HEADERS and "://" in value):
+        # A whole URL names a scheme and host too, even in a header that usually holds a path: they must agree
         scheme, host, target = _url(name, value)
         seen["uri"].append((name, target))
         seen["scheme"].append((name, scheme))
         seen["host"].append((name, host))
     elif name in URI_HEADERS:
-        seen["uri"].append((name, _url(name, value)[2] if "://" in value else _target(name, value)))
+        seen["uri"].append((name, _target(name, value)))
     elif name in METHOD_HEADERS:
         seen["method"].append((name, value.strip().upper()))
     elif lowered in ("x-forwarded-ssl", "front-end-https"):

@@ -104,6 +104,11 @@ HOSTILE: list[tuple[str, str]] = [
     ("Forwarded", f'host="{HOST}'),
     ("Forwarded", f"host={HOST} evil.example"),
     ("Forwarded", "host"),
+    # A whole URL in a header that usually holds a path names a scheme and a host as well.
+    ("X-Original-URI", "https://evil.example/admin/x?a=1"),
+    ("X-Rewrite-URL", "https://evil.example/admin/x?a=1"),
+    ("X-Forwarded-Uri", f"http://{HOST}/admin/x?a=1"),
+    ("X-Envoy-Original-Path", f"http://{HOST}/admin/x?a=1"),
 ]
 # The same families agreeing with the front: harmless.
 AGREEING: list[tuple[str, str]] = [
@@ -117,6 +122,7 @@ AGREEING: list[tuple[str, str]] = [
     ("X-Original-Host", HOST.upper()),
     ("Forwarded", f'for=1.2.3.4;host="{HOST}";proto=https'),
     ("X-HTTP-Method", "POST"),
+    ("X-Original-URI", f"https://{HOST}/admin/x?a=1"),
     ("Forwarded", f'for="1.2.3.4,5.6.7.8";host={HOST}, for=9.9.9.9;Host="{HOST}";proto=https'),
 ]
 
@@ -332,6 +338,57 @@ async def test_fragments_method_overrides_and_odd_lists_never_pass_a_step_up_on_
                 assert ours and theirs, extra
                 assert comparable(ours[0]) == comparable(theirs[0]), extra
                 assert ours[0][0] == status, (extra, ours[0][:2])
+
+
+async def test_whitespace_at_the_ends_and_repeated_singletons_read_alike_on_both_listeners() -> None:
+    """Review 2: the lean listener kept a value's trailing whitespace (llhttp does, aiohttp strips it), so
+    ``X-Forwarded-Uri: /admin/x `` passed an end-anchored step-up rule there and not on the main listener;
+    and it decided requests with two Host headers, which aiohttp refuses. Both now answer alike."""
+    settings = {"upstream": "", "reverse_proxy": "true", "front": "traefik", "fresh_auth_route": ["1s=^/admin/x$"]}
+    async with stack(MemoryStore(), **settings) as st, browser() as client:
+        await sign_in(client, st.base)
+        cookie = session_cookie(client)
+        await asyncio.sleep(2.1)
+        host = st.base.split("://", 1)[1]
+        traefik = f"X-Forwarded-Method: GET\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: {host}\r\n"
+        jar = f"Cookie: _sidecar={cookie}\r\n"
+        cases = [
+            (f"Host: {host}\r\n{jar}{traefik}X-Forwarded-Uri: /admin/x\r\n", 401),
+            *[
+                (f"Host: {host}\r\n{jar}{traefik}X-Forwarded-Uri: /admin/x{tail}\r\n", 401)
+                for tail in (" ", "  ", "\t", " \t ")
+            ],
+            (f"Host: {host}\r\n{jar}{traefik}X-Forwarded-Uri: /admin/y \r\n", 202),
+            (f"Host: {host} \r\nCookie: _sidecar={cookie} \r\n{traefik}X-Forwarded-Uri: /admin/y\r\n", 202),
+            (f"Host: {host}\r\n{jar}X-Forwarded-Method: GET \r\nX-Forwarded-Proto: http\t\r\n"
+             f"X-Forwarded-Host: {host} \r\nX-Forwarded-Uri: /admin/x \r\nX-Original-URI: /admin/x\r\n", 401),
+            *[
+                (f"Host: {host}\r\n{jar}{traefik}X-Forwarded-Uri: /admin/y\r\n{name}: {value}\r\n", 400)
+                for name, value in (
+                    ("Host", "evil.example"),
+                    ("host", host),
+                    ("User-Agent", "b"),
+                    ("Content-Type", "text/plain"),
+                    ("Max-Forwards", "1"),
+                )
+            ],
+        ]  # fmt: skip
+        async with auth_listener(st) as port:
+            main_port = int(st.base.rsplit(":", 1)[1])
+            for extra, status in cases:
+                if "User-Agent" in extra:
+                    extra = "User-Agent: a\r\n" + extra
+                elif "Content-Type" in extra:
+                    extra = "Content-Type: text/html\r\n" + extra
+                elif "Max-Forwards" in extra:
+                    extra = "Max-Forwards: 2\r\n" + extra
+                head = f"GET /oauth2/auth HTTP/1.1\r\n{extra}\r\n".encode()
+                ours = await exchange(port, head)
+                theirs = await exchange(main_port, head)
+                assert ours and theirs, extra
+                assert ours[0][0] == theirs[0][0] == status, (extra, ours[0][:2], theirs[0][:2])
+                if status != 400:  # the two parsers word their refusals differently
+                    assert comparable(ours[0]) == comparable(theirs[0]), extra
 
 
 async def test_envoy_paths_are_judged_the_same_on_both_listeners() -> None:
