@@ -62,8 +62,11 @@ def parse_fresh_route(text: str, option: str, parse_duration: Callable[[str], fl
 
 
 def required_max_age(rules: Iterable[FreshRoute], method: str, path: str) -> int | None:
-    """The strictest ``max_age`` of the rules matching this request (a normalised path), or None."""
-    ages = [rule.max_age for rule in rules if rule.matches(method, path)]
+    """The strictest ``max_age`` of the rules matching this request (a normalised path), or None. A HEAD is
+    also judged as the GET it is (applications answer it with their GET handler, headers and side effects
+    alike), so a ``GET=`` rule is not passed by asking for the same page with HEAD."""
+    methods = (method, "GET") if method == "HEAD" else (method,)
+    ages = [rule.max_age for rule in rules if any(rule.matches(m, path) for m in methods)]
     return min(ages) if ages else None
 
 

@@ -70,6 +70,24 @@ def test_fresh_route_refused(text: str) -> None:
         parse_fresh_route(text, "fresh-auth-route", parse_duration)
 
 
+@pytest.mark.parametrize(
+    ("rule", "method", "expected"),
+    [
+        ("60=GET=^/admin/", "HEAD", 60),  # review 2: a HEAD runs the application's GET handler
+        ("60=GET=^/admin/", "GET", 60),
+        ("60=GET=^/admin/", "POST", None),
+        ("60=HEAD=^/admin/", "HEAD", 60),
+        ("60=HEAD=^/admin/", "GET", None),
+        ("60=POST!=^/admin/", "HEAD", 60),
+        ("60=GET!=^/admin/", "HEAD", 60),  # HEAD itself is not GET
+        ("60=POST=^/admin/", "HEAD", None),
+    ],
+)
+def test_a_head_is_judged_as_the_get_it_is(rule: str, method: str, expected: int | None) -> None:
+    rules = [parse_fresh_route(rule, "fresh-auth-route", parse_duration)]
+    assert required_max_age(rules, method, "/admin/x") == expected
+
+
 async def test_fresh_route_refused_at_start_up_and_strictest_wins() -> None:
     with pytest.raises(ConfigError, match="fresh-auth-route"):
         async with stack(fresh_auth_route=["5m=^/admin/", "soon=^/x"]):
