@@ -472,6 +472,8 @@ async def auth(request: web.Request, svc: Services) -> web.Response:
         return challenge or _unauthorized(request, svc.config, None)
     config = svc.config
     query = request.rel_url.raw_query_string  # read once: most auth subrequests carry none
+    if query and config.front == "envoy" and request.path != config.proxy_prefix + "/auth":
+        query = ""  # ext_authz appended the original path AND its query: the client's, never the operator's rules
     denied = why_denied(session.identity, config)
     if denied is None and query and not _location_allows(query, session.identity):
         denied = "location_rule"

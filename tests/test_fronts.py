@@ -409,6 +409,14 @@ async def test_envoy_paths_are_judged_the_same_on_both_listeners() -> None:
             ("/oauth2/auth/mcp/a", bearer + "X-Original-URL: http://evil.example/mcp/a\r\n", 400),
             ("/oauth2/auth/mcp/a", bearer + "X-Forwarded-Host: evil.example\r\n", 400),
             ("/oauth2/authz", bearer, 404),
+            # Review 2: the original query comes along (/oauth2/auth/search?q=1): it is the client's, so neither
+            # an unknown parameter (403 and an error log for every page with a query) nor a rule it names counts.
+            ("/oauth2/auth/mcp/a?page=2", bearer, 202),
+            ("/oauth2/auth/mcp/a?allowed_groups=nobody", bearer, 202),
+            ("/oauth2/auth/mcp/a?allowed_emails=x@y&max_age=0", bearer, 202),
+            ("/oauth2/auth/mcp/a?max_age=0", bearer, 202),
+            ("/oauth2/auth/mcp/a?", bearer, 202),
+            ("/oauth2/auth?allowed_groups=nobody", bearer, 400),  # no original path: not what ext_authz sends
         ]
         async with auth_listener(st) as port:
             main_port = int(st.base.rsplit(":", 1)[1])
