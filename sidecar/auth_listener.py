@@ -50,7 +50,16 @@ METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 # Headers a request may carry once (RFC 9110), refused with 400 when repeated, as aiohttp's parser does on the
 # main listener: two Host headers name two requests. (Content-Length and Transfer-Encoding are refused anyway.)
 SINGLETONS = frozenset(
-    {b"host", b"content-location", b"content-range", b"content-type", b"etag", b"max-forwards", b"server", b"user-agent"}
+    {
+        b"host",
+        b"content-location",
+        b"content-range",
+        b"content-type",
+        b"etag",
+        b"max-forwards",
+        b"server",
+        b"user-agent",
+    }
 )
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -110,7 +110,13 @@ URI_HEADERS = ("X-Forwarded-Uri", "X-Original-URI", "X-Forwarded-Path", "X-Envoy
 URL_HEADERS = ("X-Original-URL",)
 # X-HTTP-Method and X-Method-Override: the other override names applications honour (OData, ASP.NET, some
 # Express set-ups); a POST that one of them turns into a DELETE must not be judged as a POST.
-METHOD_HEADERS = ("X-Forwarded-Method", "X-Original-Method", "X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override")
+METHOD_HEADERS = (
+    "X-Forwarded-Method",
+    "X-Original-Method",
+    "X-HTTP-Method-Override",
+    "X-HTTP-Method",
+    "X-Method-Override",
+)
 SCHEME_HEADERS = ("X-Forwarded-Proto", "X-Forwarded-Scheme", "X-Scheme", "X-Forwarded-Ssl", "Front-End-Https")
 HOST_HEADERS = ("X-Forwarded-Host", "X-Original-Host", "X-Host")
 FAMILY = (*URI_HEADERS, *URL_HEADERS, *METHOD_HEADERS, *SCHEME_HEADERS, *HOST_HEADERS, "Forwarded")

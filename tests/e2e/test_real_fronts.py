@@ -326,7 +326,10 @@ async def test_the_app_gets_the_identity_and_never_the_session_cookie(signed_in:
         seen = {k.lower(): v for k, v in json.loads(body)["headers"].items()}
         assert "_sidecar" not in seen.get("cookie", "") and "mallory" not in str(seen), (name, variant, seen)
     call = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "whoami"}}
-    for variant in ({"Authorization": f"Bearer {front.token}"}, {"Authorization": f"Bearer {front.token}", "Cookie": "a=1"}):
+    for variant in (
+        {"Authorization": f"Bearer {front.token}"},
+        {"Authorization": f"Bearer {front.token}", "Cookie": "a=1"},
+    ):
         status, _, body = await get(front, "/mcp", method="POST", json=call, headers=variant)
         assert status == 200, (name, variant, status, body)
         assert json.loads(body)["result"]["structuredContent"]["authorization_forwarded"] is False, (name, body)
