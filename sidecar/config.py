@@ -654,21 +654,31 @@ def _oauth_issuer(values: Mapping[str, Any], problems: list[str]) -> None:
         return
     if not values["oauth_server"]:
         problems.append("--oauth-issuer: only used with --oauth-server; set it too")
-    try:
-        parts = urlsplit(issuer)
-        parts.port  # noqa: B018 - raises on a bad port
-    except ValueError:
-        parts = urlsplit("")
-    if (
-        parts.scheme not in ("http", "https")
-        or not parts.hostname
-        or parts.path not in ("", "/")
-        or parts.query
-        or parts.fragment
-        or "@" in parts.netloc
-        or issuer != issuer.strip()
-    ):
-        problems.append(f"--oauth-issuer: expected an origin such as https://app.example.com, got {issuer!r}")
+    if not _is_origin(issuer):
+        problems.append(
+            f"--oauth-issuer: expected an origin such as https://app.example.com (lower case, no default port), "
+            f"got {issuer!r}"
+        )
+
+
+_ORIGIN = re.compile(r"(https?)://([a-z0-9.-]+|\[[0-9a-f:.]+\])(?::([1-9][0-9]{0,4}))?/?")
+
+
+def _is_origin(text: str) -> bool:
+    """``scheme://host[:port]`` exactly as a browser writes an origin: lower case, no default port, nothing
+    else (a ``#``, ``?``, ``;``, escape or space would give an issuer and audience no request ever matches)."""
+    found = _ORIGIN.fullmatch(text)
+    if found is None:
+        return False
+    scheme, host, port = found.groups()
+    if port is not None and (int(port) > 65535 or int(port) == (443 if scheme == "https" else 80)):
+        return False
+    if host.startswith("["):
+        try:
+            return ipaddress.ip_address(host[1:-1]).version == 6
+        except ValueError:
+            return False
+    return valid_hostname(host) and not host.endswith(".")
 
 
 def _client_metadata_ssl(values: Mapping[str, Any], problems: list[str]) -> ssl.SSLContext | None:

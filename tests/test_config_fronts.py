@@ -192,11 +192,24 @@ def test_front_choices_and_their_conditions() -> None:
 @pytest.mark.parametrize(
     "issuer",
     ["app.example.com", "https://app.example.com/mcp", "https://app.example.com?x", "https://u@app.example.com",
-     "ftp://app.example.com", "https://", "https://app.example.com:99999", " https://app.example.com"],
+     "ftp://app.example.com", "https://", "https://app.example.com:99999", " https://app.example.com",
+     # review 2: each of these was taken, giving an issuer and audience no request matches (all tokens refused)
+     "https://app.example.com:443", "http://app.example.com:80", "https://APP.example.com", "https://app.example.com#",
+     "https://app.example.com/?", "https://app.example.com%2f", "https://app .example.com", "https://app.example.com:0",
+     "https://app.example.com:", "https://-bad-.example", "https://app_x.example.com", "https://app.example.com.",
+     "https://app.example.com;x", "https://[::g]", "https://[1.2.3.4]"],
 )  # fmt: skip
 def test_oauth_issuer_must_be_an_origin(issuer: str) -> None:
     with pytest.raises(ConfigError, match="--oauth-issuer: expected an origin"):
         load_config([*BASE, "--oauth-server", "--oauth-resource", "/mcp", "--oauth-issuer", issuer], {})
+
+
+@pytest.mark.parametrize(
+    "issuer", ["https://app.example.com", "https://app.example.com/", "http://app.example.com:8080", "https://[::1]",
+               "https://10.0.0.1:8443"],
+)  # fmt: skip
+def test_oauth_issuer_origins_that_are_taken(issuer: str) -> None:
+    load_config([*BASE, "--oauth-server", "--oauth-resource", "/mcp", "--oauth-issuer", issuer], {})
 
 
 def test_oauth_issuer_needs_the_oauth_server() -> None:
