@@ -406,6 +406,14 @@ def hostile(front: Front, target: str) -> list[dict[str, str]]:
         {"X-Host": other},
         {"Forwarded": f"host={other};proto={scheme}"},
         {"Forwarded": f"proto={scheme}"},
+        # review 2: other override names, lists whose later elements differ, quoted Forwarded, URLs in path headers
+        {"X-HTTP-Method": "GET"},
+        {"X-Method-Override": "GET"},
+        {"X-Forwarded-Host": f"{urlsplit(origin).netloc}, {other}"},
+        {"X-Forwarded-Proto": f"{origin.split(':')[0]}, {scheme}"},
+        {"Forwarded": f'for="1.2.3.4,x";host={other}'},
+        {"Forwarded": f"host={urlsplit(origin).netloc};proto={origin.split(':')[0]}, host={other}"},
+        {"X-Original-URI": f"{scheme}://{other}{target}"},
         {"x-forwarded-uri": target, "x-original-url": origin + target, "x-forwarded-method": "GET"},
     ]
     everything: dict[str, str] = {}
