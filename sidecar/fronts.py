@@ -220,8 +220,8 @@ def _read(present: list[tuple[str, str]], front: Front, method: str, tail: str, 
         seen["uri"].append((REQUEST, _target(REQUEST, tail or "/")))
     if front.method == REQUEST:
         seen["method"].append((REQUEST, method.upper()))
-    if front.host == REQUEST:
-        seen["host"].append((REQUEST, host.lower()))
+    if front.host == REQUEST and host:
+        seen["host"].append((REQUEST, _host("Host", host)))
     own = _own(front.name)
     found = [_agreed(part, seen[part], own[part], front) for part in _PARTS]
     return Original(uri=found[0], method=found[1], scheme=found[2], host=found[3])
@@ -290,11 +290,13 @@ def _collect(name: str, value: str, seen: dict[str, list[tuple[str, str]]]) -> N
     elif name in SCHEME_HEADERS:  # every element of a list: an application may read the last one
         seen["scheme"].extend((name, item.strip().lower()) for item in value.split(","))
     elif name in HOST_HEADERS:
-        seen["host"].extend((name, item.strip().lower()) for item in value.split(","))
+        seen["host"].extend((name, _host(name, item.strip())) for item in value.split(","))
     else:  # Forwarded (RFC 7239): proto= and host= of every element, quoted strings read as one value
         for key, item in _forwarded_pairs(name, value):
-            if key in ("proto", "host"):
-                seen["scheme" if key == "proto" else "host"].append((name, item.lower()))
+            if key == "proto":
+                seen["scheme"].append((name, item.lower()))
+            elif key == "host":
+                seen["host"].append((name, _host(name, item)))
 
 
 _FORWARDED = re.compile(r'\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^,;"\s]*)\s*([,;]|$)')
@@ -327,7 +329,22 @@ def _target(name: str, value: str) -> str:
     return value
 
 
+# A URL's or a host header's host[:port]: what a request's Host can rightly hold. nginx accepts a Host such as
+# "app.example.com?" or "a\\b" and ingress-nginx writes it into X-Original-URL as it came, where "?" would
+# end the authority and turn the path into a query ("https://app.example.com?/admin/x" names "/").
+_AUTHORITY = re.compile(r"(?:[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+
+
+def _host(name: str, value: str) -> str:
+    if not _AUTHORITY.fullmatch(value):
+        raise BadRequest(f"{name}: not a host")
+    return value.lower()
+
+
 def _url(name: str, value: str) -> tuple[str, str, str]:
+    authority = value.partition("://")[2].split("/", 1)[0]
+    if not _AUTHORITY.fullmatch(authority):
+        raise BadRequest(f"{name}: not an http(s) URL with a host")
     try:
         parts = urlsplit(value)
         parts.port  # noqa: B018 - raises on a bad port

@@ -216,6 +216,28 @@ def test_a_fragment_in_the_original_target_is_refused(front: str, target: str) -
     assert read(front, escaped).path == target.split("?", 1)[0].replace("#", "%23")
 
 
+BAD_HOSTS = ["app.example.com?", "app.example.com?x=", "a\\b", "a;b", "a b", "app.example.com#", "[::1", "a:b:c",
+             "a%2fb", "a,b", "app.example.com:4x", "a@b", "(a)"]  # fmt: skip
+
+
+@pytest.mark.parametrize(("front", "bad"), list(itertools.product(sorted(FRONTS), BAD_HOSTS)))
+def test_a_host_no_request_can_have_is_refused(front: str, bad: str) -> None:
+    """Review 2: nginx takes ``Host: app.example.com?`` and ingress-nginx writes it into X-Original-URL as it
+    came, where the "?" ended the host and made the path a query: ``https://app.example.com?/admin/x`` was
+    read as the page "/" (no step-up rule for /admin/x). A host a request cannot have is refused."""
+    own = dict(OWN[front])
+    if front == "envoy":
+        with pytest.raises(BadRequest):
+            read_auth(CIMultiDictProxy(CIMultiDict(own)), FRONTS[front], "POST", "/admin/x?a=1", bad)
+        return
+    if front == "ingress-nginx":
+        own["X-Original-URL"] = f"https://{bad}/admin/x?a=1"
+    else:
+        own["X-Forwarded-Host"] = bad
+    with pytest.raises(BadRequest):
+        read(front, own)
+
+
 def test_envoy_reads_the_subrequest_itself() -> None:
     assert FRONTS["envoy"].method == REQUEST
     with pytest.raises(BadRequest):  # a client's X-Forwarded-Method is no more than a claim
