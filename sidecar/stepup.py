@@ -64,10 +64,22 @@ def parse_fresh_route(text: str, option: str, parse_duration: Callable[[str], fl
 def required_max_age(rules: Iterable[FreshRoute], method: str, path: str) -> int | None:
     """The strictest ``max_age`` of the rules matching this request (a normalised path), or None. A HEAD is
     also judged as the GET it is (applications answer it with their GET handler, headers and side effects
-    alike), so a ``GET=`` rule is not passed by asking for the same page with HEAD."""
+    alike), so a ``GET=`` rule is not passed by asking for the same page with HEAD; and the path in every
+    spelling an application may take for it (``_aliases``)."""
     methods = (method, "GET") if method == "HEAD" else (method,)
-    ages = [rule.max_age for rule in rules if any(rule.matches(m, path) for m in methods)]
+    paths = _aliases(path)
+    ages = [rule.max_age for rule in rules if any(rule.matches(m, p) for m in methods for p in paths)]
     return min(ages) if ages else None
+
+
+def _aliases(path: str) -> tuple[str, ...]:
+    """The spellings of ``path`` an application may serve as the same page: many route without regard to case
+    (Express, ASP.NET, IIS) or to a trailing slash (Express, Starlette's redirect_slashes). A step-up rule is
+    only ever made stricter by them, so ``^/admin/x$`` also holds for ``/Admin/X`` and ``/admin/x/``."""
+    found = {path, path.lower()}
+    for item in tuple(found):
+        found.add(item[:-1] if item.endswith("/") and len(item) > 1 else item + "/")
+    return tuple(found)
 
 
 def parse_max_age(value: str) -> int | None:

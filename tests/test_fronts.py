@@ -336,6 +336,10 @@ async def test_fragments_method_overrides_and_odd_lists_never_pass_a_step_up_on_
         cases = [
             (nginx("/admin/x"), 401),
             (nginx("/admin/x?a=1"), 401),
+            (nginx("/ADMIN/X"), 401),  # the spellings many applications serve as /admin/x
+            (nginx("/admin/x/"), 401),
+            (nginx("/%41dmin/x/?a=1"), 401),
+            (nginx("/Account/", "DELETE"), 401),
             (nginx("/admin/x%23y"), 202),  # an escaped "#": another path, for the application too
             (nginx("/admin/y"), 202),
             (nginx("/account", "DELETE"), 401),

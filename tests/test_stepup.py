@@ -88,6 +88,29 @@ def test_a_head_is_judged_as_the_get_it_is(rule: str, method: str, expected: int
     assert required_max_age(rules, method, "/admin/x") == expected
 
 
+@pytest.mark.parametrize(
+    ("rule", "method", "path", "expected"),
+    [
+        ("60=^/admin/x$", "GET", "/ADMIN/X", 60),  # review 2: Express, ASP.NET, IIS route without regard to case
+        ("60=^/admin/x$", "GET", "/Admin/x", 60),
+        ("60=^/admin/x$", "GET", "/admin/x/", 60),  # and Express, Starlette without regard to a trailing slash
+        ("60=^/admin/x$", "GET", "/Admin/X/", 60),
+        ("60=^/admin/x/$", "GET", "/admin/x", 60),
+        ("60=POST=^/settings/password$", "POST", "/Settings/Password/", 60),
+        ("60=^/Admin/$", "GET", "/Admin/", 60),  # a rule with capitals still holds for its own spelling
+        ("60=^/admin/x$", "GET", "/admin/xy", None),
+        ("60=^/admin/x$", "GET", "/admin", None),
+        ("60=^/admin/x$", "GET", "/", None),
+        ("60=POST=^/settings/password$", "GET", "/settings/password", None),
+    ],
+)
+def test_a_rule_holds_for_the_spellings_an_application_serves_as_its_page(
+    rule: str, method: str, path: str, expected: int | None
+) -> None:
+    rules = [parse_fresh_route(rule, "fresh-auth-route", parse_duration)]
+    assert required_max_age(rules, method, path) == expected
+
+
 async def test_fresh_route_refused_at_start_up_and_strictest_wins() -> None:
     with pytest.raises(ConfigError, match="fresh-auth-route"):
         async with stack(fresh_auth_route=["5m=^/admin/", "soon=^/x"]):
