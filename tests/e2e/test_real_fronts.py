@@ -448,6 +448,27 @@ async def test_hostile_forwarded_headers_never_pass_a_step_up_page(signed_in: di
 
 
 @pytest.mark.parametrize("name", WITH_APP_RULE)
+async def test_a_query_of_the_clients_own_never_widens_a_per_application_rule(
+    signed_in: dict[str, Front], name: str
+) -> None:
+    """Review 2: the rule is the auth URL's query (allowed_groups=finance); a front that merged the page's own
+    query into it would let ``?allowed_groups=staff`` (any listed group passes) through."""
+    front = signed_in[name]
+    for query in (
+        "allowed_groups=staff",
+        "allowed_groups=finance,staff",
+        "allowed_emails=alice@example.com",
+        "allowed_email_domains=example.com",
+        "allowed_groups=staff&allowed_groups=admins",
+        "x=1&allowed_groups=staff",
+        "allowed_groups",
+        "ALLOWED_GROUPS=staff",
+    ):
+        status, _, _ = await get(front, f"/finance/report?{query}", headers=cookie(front))
+        assert status in (403, *REFUSED[name]), (name, query, status)
+
+
+@pytest.mark.parametrize("name", WITH_APP_RULE)
 async def test_hostile_forwarded_headers_never_pass_a_per_application_rule(
     signed_in: dict[str, Front], name: str
 ) -> None:
