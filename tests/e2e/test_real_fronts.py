@@ -335,6 +335,26 @@ async def test_the_app_gets_the_identity_and_never_the_session_cookie(signed_in:
         assert json.loads(body)["result"]["structuredContent"]["authorization_forwarded"] is False, (name, body)
 
 
+@pytest.mark.parametrize("name", ["nginx", "traefik", "caddy"])
+async def test_headers_that_name_another_path_never_reach_the_app(signed_in: dict[str, Front], name: str) -> None:
+    """Review 2: IIS URL Rewrite and older Symfony/Zend applications route by X-Original-URL/X-Rewrite-URL. Copies
+    that agree with the page pass the sidecar's check, and without a --fresh-auth-route it reads none at all, so
+    the shipped configs remove them (and X-Original-URI, X-Forwarded-Prefix) on the way to the app; nginx's
+    public location too. (ingress-nginx cannot without snippets: README.)"""
+    front = signed_in[name]
+    marker = "/_demo/echo"
+    names = {"X-Original-URL": front.base + marker, "X-Rewrite-URL": marker, "X-Original-URI": marker}
+    names["X-Forwarded-Prefix"] = "/review2-prefix"
+    status, _, body = await get(front, "/_demo/echo", headers={**cookie(front), **names})
+    assert status == 200, (name, status, body)
+    seen = {k.lower() for k in json.loads(body)["headers"]}
+    assert not seen & {k.lower() for k in names}, (name, seen)
+    if name == "nginx":  # the public location: no sign-in, and still none of them
+        hostile = {k: "/review2-marker" for k in names}
+        status, _, body = await get(front, "/public/x", headers=hostile)
+        assert status == 200 and "review2" not in body, (status, body)
+
+
 ALIASES = ["X_Auth_Request_User", "X.Auth.Request.Email", "X~Forwarded~Email", "x_forwarded_user", "X+User"]
 
 
@@ -588,12 +608,14 @@ async def test_hostile_forwarded_headers_never_change_the_issuer_or_the_challeng
 # nginx's auth_request knows only 2xx, 401 and 403 and turns anything else into 500.
 REFUSED = {"nginx": (500,), "ingress-nginx": (500,), "traefik": (400,), "caddy": (400,)}
 
-# The names each front overwrites (or blanks) on the auth subrequest: a client's copy never arrives.
+# The names each front overwrites (or blanks, or removes) on the auth subrequest: a client's copy never arrives.
+# Traefik and Caddy remove the names applications take as the path (review 2) before asking the sidecar.
+REMOVED = {"x-original-url", "x-rewrite-url", "x-original-uri", "x-forwarded-prefix"}
 OVERWRITTEN = {
     "nginx": {"x-forwarded-uri", "x-original-uri", "x-forwarded-method", "x-forwarded-proto", "x-forwarded-host"},
     "ingress-nginx": {"x-original-url", "x-original-method", "x-forwarded-proto"},
-    "traefik": {"x-forwarded-uri", "x-forwarded-method", "x-forwarded-proto", "x-forwarded-host"},
-    "caddy": {"x-forwarded-uri", "x-forwarded-method", "x-forwarded-proto", "x-forwarded-host"},
+    "traefik": {"x-forwarded-uri", "x-forwarded-method", "x-forwarded-proto", "x-forwarded-host", *REMOVED},
+    "caddy": {"x-forwarded-uri", "x-forwarded-method", "x-forwarded-proto", "x-forwarded-host", *REMOVED},
 }
 
 
