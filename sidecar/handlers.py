@@ -438,26 +438,18 @@ async def auth(request: web.Request, svc: Services) -> web.Response:
     return web.Response(status=202, headers=_prebuilt(session, config, False))
 
 
-_Prebuilt = dict[tuple[int, bool], tuple[Session, CIMultiDict[str]]]
-_prebuilt_headers: _Prebuilt = {}
-
-
 def _prebuilt(session: Session, config: Config, with_tokens: bool) -> CIMultiDict[str]:
     """The 202's identity headers as the CIMultiDict aiohttp copies them from, built once per session object
-    (a cached session answers many requests; copying a CIMultiDict is a third of building one from a dict).
-    Without ``with_tokens`` the token headers are left out: only a trusted front may read them. aiohttp
-    copies the headers into each response, so the shared object is never changed."""
-    key = (id(session), with_tokens)
-    hit = _prebuilt_headers.get(key)
-    if hit is not None and hit[0] is session:
-        return hit[1]
-    headers = auth_response_headers_for(session, config)
-    if not with_tokens:
-        headers = {k: v for k, v in headers.items() if k not in TOKEN_HEADERS}
-    if len(_prebuilt_headers) >= 10_000:
-        _prebuilt_headers.clear()
-    built = CIMultiDict(headers)
-    _prebuilt_headers[key] = (session, built)
+    and kept on it (a cached session answers many requests; copying a CIMultiDict is a third of building one
+    from a dict). Without ``with_tokens`` the token headers are left out: only a trusted front may read them.
+    aiohttp copies the headers into each response, so the shared object is never changed."""
+    name = "auth_multidict_tokens" if with_tokens else "auth_multidict"
+    built: CIMultiDict[str] | None = session.derived.get(name)
+    if built is None:
+        headers = auth_response_headers_for(session, config)
+        if not with_tokens:
+            headers = {k: v for k, v in headers.items() if k not in TOKEN_HEADERS}
+        built = session.derived[name] = CIMultiDict(headers)
     return built
 
 
