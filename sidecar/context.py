@@ -6,7 +6,7 @@ import ipaddress
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 from aiohttp import web
@@ -19,6 +19,9 @@ from .oidc import OidcClient
 from .ratelimit import RateLimiter
 from .refresh import Refresher
 from .sessions import Sessions
+
+if TYPE_CHECKING:  # decisions imports this module
+    from .decisions import DecisionCache
 
 
 class ResourceGuard(Protocol):
@@ -52,6 +55,7 @@ class Services:
     bearer: BearerVerifier | None = None  # --skip-jwt-bearer-tokens
     resource_guard: ResourceGuard | None = None  # --oauth-server
     sign_in_finishers: dict[str, SignInFinisher] = field(default_factory=dict)  # by purpose kind, --oauth-server
+    decisions: DecisionCache | None = None  # cached /oauth2/auth 202s (decisions.py)
 
 
 @dataclass
@@ -70,6 +74,8 @@ VIEW = web.RequestKey("view", View)
 AUTHED: web.RequestKey[tuple[SessionRef, Session]] = web.RequestKey("authed", tuple)
 # True when a sidecar-issued bearer token authenticated the request: its Authorization never reaches the app
 BY_SIDECAR_TOKEN: web.RequestKey[bool] = web.RequestKey("by_sidecar_token", bool)
+# The decision cache key the lean listener computed and found no entry for (``()``: not cacheable)
+DECISION_KEY: web.RequestKey[tuple[str, ...]] = web.RequestKey("decision_key", tuple)
 
 
 def trusted_peer(remote: str | None, config: Config) -> bool:

@@ -15,8 +15,9 @@ from multidict import CIMultiDict
 
 from . import logs, metrics, pages
 from .config import Config
-from .context import Services, services, view_of
+from .context import AUTHED, Services, services, view_of
 from .cookies import CLOCK_LEEWAY, MAX_COOKIE_CHARS, SignInAttempt, state_cookie_suffix, without_sidecar_cookies
+from .decisions import decision_key, remember
 from .errors import (
     BadRequest,
     InvalidCookie,
@@ -404,8 +405,14 @@ async def backchannel_logout(request: web.Request, svc: Services) -> web.Respons
 async def auth(request: web.Request, svc: Services) -> web.Response:
     """nginx auth_request target: 202 with identity headers, 401 or 403. Never a redirect, never a cookie:
     nginx only understands 2xx/401/403 here, and the browser is sent to sign in by nginx's error_page."""
+    key, hit = decision_key(request, svc)
+    if hit is not None:
+        metrics.DECISIONS.add("202")
+        if svc.config.request_logging:
+            request[AUTHED] = (hit.ref, hit.session)
+        return web.Response(status=202, headers=hit.headers)
     try:
-        _, session = await authenticate(request, svc)
+        ref, session = await authenticate(request, svc)
     except SessionGone:
         metrics.DECISIONS.add("401")
         challenge = svc.resource_guard.challenge(request) if svc.resource_guard is not None else None
@@ -424,6 +431,14 @@ async def auth(request: web.Request, svc: Services) -> web.Response:
         metrics.DECISIONS.add("401")  # RFC 9470: sign in again, recently; the session itself stays
         return step_up_unauthorized(max_age)
     metrics.DECISIONS.add("202")
+    response = _accepted(request, session, config)
+    if key:
+        remember(request, svc, key, ref, session, max_age, response)
+    return response
+
+
+def _accepted(request: web.Request, session: Session, config: Config) -> web.Response:
+    """The 202 with the identity headers; the token headers only for a trusted front."""
     if tokens_allowed(request, config):
         cookie = request.headers.get("Cookie")
         if cookie is not None:
