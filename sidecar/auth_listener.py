@@ -258,6 +258,10 @@ class AuthListener:
         self.connections: set[AuthProtocol] = set()
         self.server: asyncio.AbstractServer | None = None
         self.closing = False
+        # One sweep for every connection's header and idle deadlines: moving a deadline is then a store,
+        # where a timer per connection cost a cancel and a new timer on every request.
+        self.tick = min(1.0, header_timeout / 5, idle_timeout / 5)
+        self.sweeper: asyncio.TimerHandle | None = None
 
     def protocol(self) -> AuthProtocol:
         return AuthProtocol(self)
@@ -265,6 +269,15 @@ class AuthListener:
     async def start(self, sock: Any) -> None:
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(self.protocol, sock=sock, backlog=1024)
+        self.sweeper = loop.call_later(self.tick, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close the connections whose deadline has passed (slow heads, idle keep-alive), then come back."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for conn in [c for c in self.connections if c.deadline and c.deadline <= now]:
+            conn._expire()
+        self.sweeper = loop.call_later(self.tick, self._sweep)
 
     def stop_accepting(self) -> None:
         """At SIGTERM: no new connections; idle ones close now, busy ones after their answers."""
@@ -279,6 +292,8 @@ class AuthListener:
         self.stop_accepting()
         while self.connections:
             await asyncio.sleep(0.02)
+        if self.sweeper is not None:
+            self.sweeper.cancel()
         if self.server is not None:
             await self.server.wait_closed()
 
@@ -303,8 +318,7 @@ class AuthProtocol(asyncio.Protocol):
         self.served = 0
         self.in_head = True
         self.head_bytes = 0
-        self.deadline = 0.0
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0  # loop.time() after which the listener's sweep closes this connection; 0: none
         self._url = b""
         self._headers: list[tuple[str, str]] = []
         self._lengths = 0
@@ -326,9 +340,6 @@ class AuthProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.listener.connections.discard(self)
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         self.writable.set()
 
     def pause_writing(self) -> None:
@@ -346,26 +357,17 @@ class AuthProtocol(asyncio.Protocol):
         if not self.busy and not self.queue:
             self.close()
 
-    # -- timeouts: one timer per connection, moved by setting a deadline -----------------------
+    # -- timeouts: a deadline per connection, checked by the listener's sweep ---------------------
 
     def _arm(self, seconds: float) -> None:
         self.deadline = self.loop.time() + seconds
-        if self.timer is not None and self.timer.when() > self.deadline:
-            self.timer.cancel()
-            self.timer = None
-        if self.timer is None:
-            self.timer = self.loop.call_at(self.deadline, self._expire)
 
     def _disarm(self) -> None:
         self.deadline = 0.0
 
     def _expire(self) -> None:
-        self.timer = None
+        """Called by the sweep once the deadline has passed."""
         if self.closed or not self.deadline:
-            return
-        now = self.loop.time()
-        if now < self.deadline:
-            self.timer = self.loop.call_at(self.deadline, self._expire)
             return
         if self.busy or self.queue:
             return  # answering; the idle timer is armed again when the queue is empty
@@ -456,7 +458,20 @@ class AuthProtocol(asyncio.Protocol):
         if self.served >= self.listener.max_requests:
             self.stopped_reading = True  # this is the last answer on the connection; the rest is not read
             item = (*item[:4], False)
-        self.queue.append(("request", *item))
+        looked_up: tuple[Key | None, ...] = ()
+        if not self.busy and not self.queue and self.writable.is_set() and not self.parser.should_upgrade():
+            # Nothing ahead of it: a cached answer goes out now, with no task, queue or request object.
+            keep = item[4] and not self.listener.closing
+            data, key = self._from_cache(item[0], item[1], item[2], item[3], keep)
+            if data is not None:
+                self._write(data)
+                if not keep:
+                    self.close()
+                else:
+                    self._arm(self.listener.idle_timeout)
+                return
+            looked_up = (key,)  # a miss: the decision gets the key, not a second lookup
+        self.queue.append(("request", *item, *looked_up))
         if len(self.queue) >= MAX_PIPELINED and self.transport is not None and not self.paused:
             self.paused = True
             self.transport.pause_reading()
@@ -511,20 +526,26 @@ class AuthProtocol(asyncio.Protocol):
             self.transport.write(data)
 
     async def _answer(
-        self, method: str, url: bytes, raw_headers: list[tuple[str, str]], version: tuple[int, int], keep: bool
+        self,
+        method: str,
+        url: bytes,
+        raw_headers: list[tuple[str, str]],
+        version: tuple[int, int],
+        keep: bool,
+        *looked_up: Key | None,
     ) -> tuple[bytes, bool]:
-        """The bytes for one request and whether the connection stays open after them."""
+        """The bytes for one request and whether the connection stays open after them. ``looked_up``: the
+        decision cache key, when the cache was already asked (and had nothing) as the request arrived."""
         keep = keep and not self.listener.closing
-        started = time.monotonic()
+        if looked_up:
+            key = looked_up[0]
+        else:
+            data, key = self._from_cache(method, url, raw_headers, version, keep)
+            if data is not None:
+                return data, keep
         target = url.decode("ascii", "surrogateescape")
         path, _, query = target.partition("?")
         svc: Services = self.listener.app[SERVICES]
-        key: Key | None = None
-        if svc.decisions is not None and path == self.listener.path and method in METHODS:
-            key = request_key(raw_headers, query, self.trusted, self.listener.config)
-            hit = svc.decisions.get(key) if key is not None else None
-            if hit is not None and key is not None and (version != (1, 1) or "host" in key[3::2]):
-                return self._cached(svc, hit, method, path, raw_headers, version, keep, started), keep
         headers = CIMultiDictProxy(CIMultiDict(raw_headers))
         if version == (1, 1) and "Host" not in headers:
             return _plain(400, "400 Bad Request: missing Host header\n", version, False), False
@@ -544,6 +565,25 @@ class AuthProtocol(asyncio.Protocol):
         except (TypeError, ValueError):
             log.exception("auth listener: answer could not be framed")
             return _plain(500, "500 Internal Server Error\n", version, False), False
+
+    def _from_cache(
+        self, method: str, url: bytes, raw_headers: list[tuple[str, str]], version: tuple[int, int], keep: bool
+    ) -> tuple[bytes | None, Key | None]:
+        """The cached answer's bytes, or None and the key (None: not cacheable) for the decision to use."""
+        svc: Services = self.listener.app[SERVICES]
+        if svc.decisions is None or method not in METHODS:
+            return None, None
+        started = time.monotonic()
+        path, _, query = url.decode("ascii", "surrogateescape").partition("?")
+        if path != self.listener.path:
+            return None, None
+        key = request_key(raw_headers, query, self.trusted, self.listener.config)
+        if key is None:
+            return None, None
+        hit = svc.decisions.get(key)
+        if hit is None or (version == (1, 1) and "host" not in key[3::2]):  # no Host: the decision's 400
+            return None, key
+        return self._cached(svc, hit, method, path, raw_headers, version, keep, started), key
 
     def _cached(
         self,
