@@ -400,3 +400,17 @@ async def test_the_decision_reads_no_header_outside_its_key(settings: dict[str, 
                     if name not in allowed and name not in _KEY_NAMES and not name.startswith(_KEY_PREFIXES)
                 }
                 assert outside == set(), (settings, query)
+
+
+async def test_the_cache_can_be_turned_off_and_is_off_without_a_session_cache() -> None:
+    """``--auth-decision-cache=false``: no table at all; ``--session-cache-ttl=0``: nothing is ever kept
+    (an answer may not outlive the session cache), and every answer is still right."""
+    for settings in ({"auth_decision_cache": "false"}, {"session_cache_ttl": "0s"}):
+        async with stack(MemoryStore(), **TOKENS, **settings) as st:
+            cookie = await _signed_in(st)
+            cache = svc_of(st).decisions
+            async with lean(st) as port:
+                for _ in range(3):
+                    assert (await ask(port, cookie))[0] == 202
+                    assert (await ask(port_of(st.base), cookie))[0] == 202
+            assert (cache is None) if "auth_decision_cache" in settings else (cache is not None and len(cache) == 0)
