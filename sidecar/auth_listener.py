@@ -607,7 +607,7 @@ class AuthProtocol(asyncio.Protocol):
         if method != "HEAD":
             tail += "Content-Length: 0\r\n"
         tail += f"Date: {_date()}\r\n{_connection(version, keep)}\r\n"
-        return STATUS_202[version] + hit.block + tail.encode()
+        return STATUS_202[version] + hit.header_block() + tail.encode()
 
 
 ROUTE = "/oauth2/auth"  # the metrics and log label, as on the main listener

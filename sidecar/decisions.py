@@ -20,12 +20,15 @@ An entry is used only while all of these hold, and is dropped as soon as one fai
 Only 202s are kept. Nothing is kept for a request without the session cookie, with it twice, with two
 Cookie headers, or with ``Authorization`` (a bearer token decides then, not the cookie). The table is
 bounded in entries and in bytes; the oldest go first, and expired ones are swept as new ones come in.
+A key is kept only the second time it is seen (a set of recent key hashes remembers the first): a
+stream of one-off keys (a new URI per request) then costs a hash, not an entry, and pushes nothing out.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -57,14 +60,20 @@ def _status(text: str) -> bytes:
 class Decision:
     """One cached 202."""
 
-    headers: CIMultiDict[str]  # for aiohttp (the main listener)
-    block: bytes  # "Name: value\r\n" for each header, for the lean listener
+    headers: CIMultiDict[str]  # for aiohttp (the main listener); never changed (aiohttp copies it)
+    block: bytes | None  # "Name: value\r\n" for each header, for the lean listener (built at its first hit)
     deadline: float  # time.monotonic()
     store_key: str
     ref: SessionRef
     session: Session
     forwarded_ip: str | None  # the client a trusted front names (the access line), None: the peer itself
     size: int
+
+    def header_block(self) -> bytes:
+        if self.block is None:
+            text = "".join(f"{name}: {value}\r\n" for name, value in self.headers.items())
+            self.block = text.encode("utf-8", "surrogateescape")
+        return self.block
 
 
 def request_key(items: Iterable[tuple[str, str]], raw_query: str, trusted: bool, config: Config) -> Key | None:
@@ -99,8 +108,9 @@ class DecisionCache:
         self._ttl = float(config.session_cache_ttl)
         self.max_entries = max_entries
         self.max_bytes = max_bytes
-        self._entries: dict[Key, Decision] = {}
-        self._keys_of: dict[str, list[Key]] = {}  # store key -> its entries' keys, to drop them together
+        self._entries: OrderedDict[Key, Decision] = OrderedDict()  # oldest first, popped in O(1)
+        self._keys_of: dict[str, dict[Key, None]] = {}  # store key -> its entries' keys (an ordered set)
+        self._seen: set[int] = set()  # hashes of keys seen once: the admission check
         self.bytes = 0
         sessions.on_change.append(self.drop_session)
 
@@ -119,6 +129,16 @@ class DecisionCache:
         self._drop(key)
         metrics.DECISION_CACHE.add("miss")
         return None
+
+    def admit(self, key: Key) -> bool:
+        """Whether an answer for ``key`` should be kept: the second time the key is seen, not the first."""
+        seen = hash(key)
+        if seen in self._seen:
+            return True
+        if len(self._seen) >= 4 * self.max_entries:
+            self._seen.clear()
+        self._seen.add(seen)
+        return False
 
     def put(
         self,
@@ -141,16 +161,16 @@ class DecisionCache:
         if until <= now:
             return
         deadline = min(cached_until, mono + (until - now))
-        block = "".join(f"{name}: {value}\r\n" for name, value in headers.items()).encode("utf-8", "surrogateescape")
-        # the block, and the multidict holding the same text again, and the key's strings
-        size = _ENTRY_OVERHEAD + 2 * len(block) + sum(len(part) for part in key)
+        # the header text twice (the multidict, the lean listener's block) and the key's strings
+        size = _ENTRY_OVERHEAD + 2 * sum(len(name) + len(value) + 4 for name, value in headers.items())
+        size += sum(map(len, key))
         if size > self.max_bytes // 4:
             return  # one answer may not crowd out the rest
         self._drop(key)
         self._sweep(mono)
-        entry = Decision(headers, block, deadline, ref.store_key, ref, session, forwarded_ip, size)
+        entry = Decision(headers, None, deadline, ref.store_key, ref, session, forwarded_ip, size)
         self._entries[key] = entry
-        self._keys_of.setdefault(ref.store_key, []).append(key)
+        self._keys_of.setdefault(ref.store_key, {})[key] = None
         self.bytes += size
         while len(self._entries) > self.max_entries or self.bytes > self.max_bytes:
             self._drop(next(iter(self._entries)))
@@ -180,8 +200,10 @@ class DecisionCache:
     def _sweep(self, mono: float) -> None:
         """Drop a few expired entries from the old end, so the table follows the sessions in use."""
         for _ in range(2):
-            oldest = next(iter(self._entries), None)
-            if oldest is None or self._entries[oldest].deadline > mono:
+            if not self._entries:
+                return
+            oldest, entry = next(iter(self._entries.items()))
+            if entry.deadline > mono:
                 return
             self._drop(oldest)
 
@@ -192,7 +214,7 @@ class DecisionCache:
         self.bytes -= entry.size
         keys = self._keys_of.get(entry.store_key)
         if keys is not None:
-            keys.remove(key)
+            keys.pop(key, None)
             if not keys:
                 del self._keys_of[entry.store_key]
 
@@ -224,21 +246,22 @@ def remember(
     ref: SessionRef,
     session: Session,
     max_age: int | None,
-    response: web.Response,
+    headers: CIMultiDict[str],
 ) -> None:
-    """Keep this 202 for the next requests with the same key, when the session cookie made it."""
-    if svc.decisions is None or ref is BEARER_REF or request.get(BY_SIDECAR_TOKEN):
+    """Keep this 202 (``headers``: what the answer was made from, never changed afterwards) for the next
+    requests with the same key, when the session cookie made it."""
+    if svc.decisions is None or ref is BEARER_REF or request.get(BY_SIDECAR_TOKEN) or not svc.decisions.admit(key):
         return
     config = svc.config
     cookie = read_cookie(request, config.cookie_name)
     svc.decisions.put(
         key,
-        CIMultiDict(response.headers),
+        headers,
         ref,
         session,
         max_age=max_age,
         cookie_until=svc.codec.session_valid_until(cookie) if cookie else None,
-        forwarded_ip=forwarded_client_ip(request, config) if trusted_peer(request.remote, config) else None,
+        forwarded_ip=forwarded_client_ip(request, config) if key[2] == "t" else None,  # a trusted peer
     )
 
 

@@ -431,14 +431,15 @@ async def auth(request: web.Request, svc: Services) -> web.Response:
         metrics.DECISIONS.add("401")  # RFC 9470: sign in again, recently; the session itself stays
         return step_up_unauthorized(max_age)
     metrics.DECISIONS.add("202")
-    response = _accepted(request, session, config)
+    headers = _accepted(request, session, config)
     if key:
-        remember(request, svc, key, ref, session, max_age, response)
-    return response
+        remember(request, svc, key, ref, session, max_age, headers)
+    return web.Response(status=202, headers=headers)
 
 
-def _accepted(request: web.Request, session: Session, config: Config) -> web.Response:
-    """The 202 with the identity headers; the token headers only for a trusted front."""
+def _accepted(request: web.Request, session: Session, config: Config) -> CIMultiDict[str]:
+    """The 202's identity headers; the token headers only for a trusted front. aiohttp copies them into the
+    response, so the object may be shared (per session) and kept by the decision cache."""
     if tokens_allowed(request, config):
         cookie = request.headers.get("Cookie")
         if cookie is not None:
@@ -448,9 +449,9 @@ def _accepted(request: web.Request, session: Session, config: Config) -> web.Res
                 **auth_response_headers_for(session, config),
                 "Cookie": without_sidecar_cookies(cookie, config.cookie_name),
             }
-            return web.Response(status=202, headers=headers)
-        return web.Response(status=202, headers=_prebuilt(session, config, True))
-    return web.Response(status=202, headers=_prebuilt(session, config, False))
+            return CIMultiDict(headers)
+        return _prebuilt(session, config, True)
+    return _prebuilt(session, config, False)
 
 
 def _prebuilt(session: Session, config: Config, with_tokens: bool) -> CIMultiDict[str]:
