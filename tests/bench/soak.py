@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -186,6 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     next_restart = args.redis_restart or float("inf")
     restarts = 0
+    restarter: threading.Thread | None = None
     print(
         "#  time   " + "   ".join(f"replica {n} RSS" for n in range(len(replicas))) + "   requests  off-status",
         flush=True,
@@ -201,8 +203,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{elapsed:7.0f}s  " + "  ".join(f"{v:12.1f} MiB" for v in rss) + f"  {tally['requests']:9d}  {off}",
             flush=True,
         )
-        if elapsed >= next_restart:
-            store.restart()
+        if elapsed >= next_restart and (restarter is None or not restarter.is_alive()):
+            # in a thread: the traffic goes on while Redis is down (503s then are expected, 401s never)
+            restarter = threading.Thread(target=store.restart, daemon=True)
+            restarter.start()
             restarts += 1
             next_restart += args.redis_restart
     after = [(t, sum(v)) for t, v in samples if t >= args.warmup] or [(t, sum(v)) for t, v in samples]
@@ -218,6 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         + (", ".join(f"{k}: {v}" for k, v in sorted(tally.items()) if k != "requests") or "none")
     )
     print(f"# load at end: {Path('/proc/loadavg').read_text().split()[:3]}")
+    if restarter is not None:
+        restarter.join(timeout=30)
     lost = sum(v for k, v in tally.items() if k.endswith(" 401"))
     for proc, _, _ in replicas:
         proc.stop()
