@@ -86,7 +86,18 @@ def trusted_peer(remote: str | None, config: Config) -> bool:
 
 
 def _in_networks(address: str, config: Config) -> bool:
-    return _address_in(address, config.trusted_networks)
+    networks = config.trusted_networks
+    hit = _trust.get(address)
+    if hit is not None and hit[0] is networks:  # hashing the networks tuple (ipaddress objects) costs ~1 us
+        return hit[1]
+    trusted = _address_in(address, networks)
+    if len(_trust) >= 1024:
+        _trust.clear()
+    _trust[address] = (networks, trusted)
+    return trusted
+
+
+_trust: dict[str, tuple[tuple[Any, ...], bool]] = {}  # peer address -> (the networks it was checked against, answer)
 
 
 @lru_cache(maxsize=1024)
