@@ -258,8 +258,8 @@ class AuthListener:
         self.connections: set[AuthProtocol] = set()
         self.server: asyncio.AbstractServer | None = None
         self.closing = False
-        # One sweep for every connection's header and idle deadlines: moving a deadline is then a store,
-        # where a timer per connection cost a cancel and a new timer on every request.
+        # One sweep for every connection's header and idle timeouts: the requests themselves touch no clock
+        # and no timer (a timer per connection cost a cancel and a new timer on every request).
         self.tick = min(1.0, header_timeout / 5, idle_timeout / 5)
         self.sweeper: asyncio.TimerHandle | None = None
 
@@ -272,11 +272,21 @@ class AuthListener:
         self.sweeper = loop.call_later(self.tick, self._sweep)
 
     def _sweep(self) -> None:
-        """Close the connections whose deadline has passed (slow heads, idle keep-alive), then come back."""
+        """Close the connections that sat in one state too long: a head still incomplete after the header
+        timeout (slowloris, or a silent new connection), a keep-alive connection idle past the idle timeout.
+        A connection's state is (answers so far, inside a head); the clock starts when the sweep first sees
+        it, so a timeout is its value plus at most one tick. Connections with answers pending are left be."""
         loop = asyncio.get_running_loop()
         now = loop.time()
-        for conn in [c for c in self.connections if c.deadline and c.deadline <= now]:
-            conn._expire()
+        for conn in list(self.connections):
+            if conn.closed or conn.busy or conn.queue:
+                conn.mark = None
+                continue
+            state = (conn.served, conn.in_head)
+            if state != conn.mark:
+                conn.mark, conn.since = state, now
+            elif now - conn.since >= (self.header_timeout if conn.in_head else self.idle_timeout):
+                conn.close()  # no answer, just close
         self.sweeper = loop.call_later(self.tick, self._sweep)
 
     def stop_accepting(self) -> None:
@@ -318,7 +328,8 @@ class AuthProtocol(asyncio.Protocol):
         self.served = 0
         self.in_head = True
         self.head_bytes = 0
-        self.deadline = 0.0  # loop.time() after which the listener's sweep closes this connection; 0: none
+        self.mark: tuple[int, bool] | None = None  # the state the listener's sweep last saw, and since when
+        self.since = 0.0
         self._url = b""
         self._headers: list[tuple[str, str]] = []
         self._lengths = 0
@@ -334,8 +345,6 @@ class AuthProtocol(asyncio.Protocol):
         self.listener.connections.add(self)
         if self.listener.closing:
             self.close()
-            return
-        self._arm(self.listener.header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -356,22 +365,6 @@ class AuthProtocol(asyncio.Protocol):
     def close_when_idle(self) -> None:
         if not self.busy and not self.queue:
             self.close()
-
-    # -- timeouts: a deadline per connection, checked by the listener's sweep ---------------------
-
-    def _arm(self, seconds: float) -> None:
-        self.deadline = self.loop.time() + seconds
-
-    def _disarm(self) -> None:
-        self.deadline = 0.0
-
-    def _expire(self) -> None:
-        """Called by the sweep once the deadline has passed."""
-        if self.closed or not self.deadline:
-            return
-        if self.busy or self.queue:
-            return  # answering; the idle timer is armed again when the queue is empty
-        self.close()  # slow head (slowloris) or idle keep-alive connection: no answer, just close
 
     # -- parsing ------------------------------------------------------------------------------
 
@@ -412,7 +405,6 @@ class AuthProtocol(asyncio.Protocol):
         if not self.in_head:
             self.in_head = True
             self.head_bytes = 0
-            self._arm(self.listener.header_timeout)
         self._url = b""
         self._headers = []
         self._lengths = 0
@@ -440,7 +432,6 @@ class AuthProtocol(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self.in_head = False
         self.head_bytes = 0
-        self._disarm()
 
     def on_body(self, body: bytes) -> None:
         raise _Refused(400, "400 Bad Request: no request body is read here\n")
@@ -467,8 +458,6 @@ class AuthProtocol(asyncio.Protocol):
                 self._write(data)
                 if not keep:
                     self.close()
-                else:
-                    self._arm(self.listener.idle_timeout)
                 return
             looked_up = (key,)  # a miss: the decision gets the key, not a second lookup
         self.queue.append(("request", *item, *looked_up))
@@ -482,7 +471,6 @@ class AuthProtocol(asyncio.Protocol):
     def _kick(self) -> None:
         if not self.busy:
             self.busy = True
-            self._disarm()
             self.loop.create_task(self._drain())
 
     async def _drain(self) -> None:
@@ -516,10 +504,6 @@ class AuthProtocol(asyncio.Protocol):
         if self.paused and self.transport is not None:
             self.paused = False
             self.transport.resume_reading()
-        if not self.in_head:
-            self._arm(self.listener.idle_timeout)
-        elif not self.deadline:
-            self._arm(self.listener.header_timeout)
 
     def _write(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
