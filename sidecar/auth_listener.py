@@ -10,6 +10,10 @@ few attributes of ``web.Request`` the decision reads) and goes through the very 
 metrics and the access log line are the same code. Only the HTTP framing is new, and it is kept
 narrow: no request bodies, no upgrades, no chunked input, one path; anything else is refused and
 the connection closed, which is what a front's auth subrequest never needs.
+
+A hot session's answer comes from the decision cache (``decisions.py``, shared with the main listener):
+the raw headers give the key, and a hit is written straight from the parser's callback with its
+access line and counts, with no request object, task or response object (``AuthProtocol._from_cache``).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ log = logging.getLogger("sidecar.auth_listener")
 MAX_LINE_BYTES = 8190  # the main listener's limits (app.MAX_HEADER_BYTES): request target, each header name/value
 MAX_HEAD_BYTES = 65536  # a whole request head (line and headers) past this is refused with 431
 MAX_HEADERS = 100  # header fields per request; nginx sends a dozen
-HEADER_TIMEOUT = 10.0  # seconds from a request's first byte (or the connection's start) to its complete head
+HEADER_TIMEOUT = 10.0  # seconds in a head (from its first byte or the connection's start), plus one sweep tick
 IDLE_TIMEOUT = 75.0  # keep-alive connection with nothing to do (aiohttp's default, above nginx's 60 s)
 MAX_REQUESTS = 10000  # answers per connection; the last one says Connection: close
 MAX_PIPELINED = 16  # requests read ahead of the answers; reading pauses beyond this
