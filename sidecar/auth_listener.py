@@ -565,11 +565,11 @@ class AuthProtocol(asyncio.Protocol):
         path, _, query = url.decode("ascii", "surrogateescape").partition("?")
         if path != self.listener.path:
             return None, None
-        key = request_key(raw_headers, query, self.trusted, self.listener.config)
+        key = request_key(method, raw_headers, query, self.trusted, self.listener.config)
         if key is None:
             return None, None
         hit = svc.decisions.get(key)
-        if hit is None or (version == (1, 1) and "host" not in key[3::2]):  # no Host: the decision's 400
+        if hit is None or (version == (1, 1) and "host" not in key[4::2]):  # no Host: the decision's 400
             return None, key
         return self._cached(svc, hit, method, path, raw_headers, version, keep, started), key
 

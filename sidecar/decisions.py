@@ -52,10 +52,6 @@ _KEY_NAMES = frozenset({"host", "forwarded", "x-real-ip"})
 Key = tuple[str, ...]
 
 
-def _status(text: str) -> bytes:
-    return text.encode()
-
-
 @dataclass(slots=True)
 class Decision:
     """One cached 202."""
@@ -76,9 +72,13 @@ class Decision:
         return self.block
 
 
-def request_key(items: Iterable[tuple[str, str]], raw_query: str, trusted: bool, config: Config) -> Key | None:
-    """The cache key of an auth request's headers (name, value pairs as sent), or None when it may not be
-    cached. ``trusted``: the socket peer is a trusted front (it decides whether tokens are answered)."""
+def request_key(
+    method: str, items: Iterable[tuple[str, str]], raw_query: str, trusted: bool, config: Config
+) -> Key | None:
+    """The cache key of an auth request: its method (a front may ask with the original one), its headers
+    (name, value pairs as sent), the raw query; None when it may not be cached. ``trusted``: the socket
+    peer is a trusted front (it decides whether tokens are answered). Laid out as (cookie, query, trust,
+    method, name, value, name, value...): ``key[4::2]`` are the header names."""
     cookie: str | None = None
     picked: list[str] = []
     client_ip_header = config.real_client_ip_header.lower()
@@ -94,7 +94,7 @@ def request_key(items: Iterable[tuple[str, str]], raw_query: str, trusted: bool,
             picked += (lower, value)
     if cookie is None or cookie.count(config.cookie_name + "=") != 1:
         return None  # no session cookie, or it twice (or a look-alike name: not worth the doubt)
-    return (cookie, raw_query, "t" if trusted else "u", *picked)
+    return (cookie, raw_query, "t" if trusted else "u", method, *picked)
 
 
 class DecisionCache:
@@ -233,7 +233,7 @@ def decision_key(request: web.Request, svc: Services) -> tuple[Key, Decision | N
     if svc.decisions is None:
         return (), None
     trusted = trusted_peer(request.remote, svc.config)
-    key = request_key(request.headers.items(), request.rel_url.raw_query_string, trusted, svc.config)
+    key = request_key(request.method, request.headers.items(), request.rel_url.raw_query_string, trusted, svc.config)
     if key is None:
         return (), None
     return key, svc.decisions.get(key)
@@ -265,4 +265,4 @@ def remember(
     )
 
 
-STATUS_202 = {(1, 1): _status("HTTP/1.1 202 Accepted\r\n"), (1, 0): _status("HTTP/1.0 202 Accepted\r\n")}
+STATUS_202 = {(1, 1): b"HTTP/1.1 202 Accepted\r\n", (1, 0): b"HTTP/1.0 202 Accepted\r\n"}

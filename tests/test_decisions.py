@@ -156,7 +156,7 @@ async def test_nothing_is_kept_without_one_session_cookie_or_with_authorization(
             assert len(cache) == 0, extra
     for value, extra, _ in uncacheable:
         items = list(extra.items()) + ([("Cookie", f"_sidecar={value}")] if value else [])
-        assert request_key(items, "", True, st.configs[0]) is None, extra
+        assert request_key("GET", items, "", True, st.configs[0]) is None, extra
 
 
 async def test_sign_out_here_ends_cached_answers_at_once(st: Stack) -> None:
@@ -431,3 +431,29 @@ async def test_the_cache_can_be_turned_off_and_is_off_without_a_session_cache() 
                     assert (await ask(port, cookie))[0] == 202
                     assert (await ask(port_of(st.base), cookie))[0] == 202
             assert (cache is None) if "auth_decision_cache" in settings else (cache is not None and len(cache) == 0)
+
+
+async def test_a_cached_answer_never_skips_the_host_rule_or_mixes_methods(st: Stack) -> None:
+    """An entry stored from HTTP/1.0 requests without Host is never an HTTP/1.1 request's answer without
+    one (that is a 400), even with a header whose value is "host"; HEAD and GET are kept apart."""
+    from tests.test_auth_listener import exchange
+
+    cookie = await _signed_in(st)
+    cache = svc_of(st).decisions
+    assert cache is not None
+    async with lean(st) as port:
+        old = f"GET /oauth2/auth HTTP/1.0\r\nX-Forwarded-Host: host\r\nCookie: _sidecar={cookie}\r\n\r\n"
+        for _ in range(3):
+            assert (await exchange(port, old.encode()))[0][0] == 202
+        assert len(cache) == 1
+        new = old.replace("HTTP/1.0", "HTTP/1.1")
+        got = await exchange(port, new.encode())
+        assert got[0][0] == 400
+        head = f"HEAD /oauth2/auth HTTP/1.1\r\nHost: a\r\nCookie: _sidecar={cookie}\r\n\r\n"
+        get = head.replace("HEAD", "GET", 1)
+        for _ in range(3):
+            (h,) = await exchange(port, head.encode(), heads=(True,))
+            (g,) = await exchange(port, get.encode())
+            assert h[0] == g[0] == 202
+            assert header(h, "Content-Length") is None and header(g, "Content-Length") == "0"
+        assert len(cache) == 3
