@@ -457,3 +457,67 @@ async def test_a_cached_answer_never_skips_the_host_rule_or_mixes_methods(st: St
             assert h[0] == g[0] == 202
             assert header(h, "Content-Length") is None and header(g, "Content-Length") == "0"
         assert len(cache) == 3
+
+
+def _config(**overrides: str) -> Any:
+    from sidecar.config import build_config
+    from tests.stack import sidecar_settings
+
+    return build_config(sidecar_settings("http://127.0.0.1:1", 4180, "", **overrides))
+
+
+BASE_HEADERS = [("Host", "app.example"), ("Cookie", "a=1; _sidecar=v.s.t"), ("X-Original-URI", "/x")]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("Host", "h"), ("Cookie", "_sidecar=v"), ("cookie", "_sidecar=v")],  # two Cookie headers, any case
+        [("COOKIE", "_sidecar=v"), ("Cookie", "b=2")],
+        [("Cookie", "_sidecar=v"), ("authorization", "")],  # Authorization in any case, even empty
+        [("Cookie", "_sidecar=v"), ("AUTHORIZATION", "Bearer x")],
+        [("Cookie", "_sidecar=v; _sidecar=w")],  # the session cookie twice
+        [("Cookie", "app=_sidecar=x; _sidecar=v")],  # its name inside another cookie's value: not worth the doubt
+        [("Cookie", "x_sidecar=v; _sidecar=w")],  # a look-alike next to it
+        [("Cookie", "_SIDECAR=v")],  # another case is another cookie
+        [("Cookie", "")],
+        [("Host", "h")],
+    ],
+)
+def test_requests_that_are_never_cached(headers: list[tuple[str, str]]) -> None:
+    assert request_key("GET", headers, "", True, _config()) is None
+
+
+def test_the_key_changes_with_every_input_the_decision_may_read_and_nothing_else() -> None:
+    config = _config(real_client_ip_header="X-ProxyUser-IP")
+    base = request_key("GET", BASE_HEADERS, "", True, config)
+    assert base is not None
+    same = [
+        [*BASE_HEADERS, ("User-Agent", "x"), ("Accept", "text/html"), ("X-Request-Id", "1"), ("Referer", "/")],
+        [(name.upper(), value) for name, value in BASE_HEADERS],  # header names are case-insensitive
+    ]
+    for headers in same:
+        assert request_key("GET", headers, "", True, config) == base, headers
+    changed: list[tuple[str, list[tuple[str, str]], str, bool]] = [
+        ("GET", [*BASE_HEADERS[:1], ("Cookie", "a=2; _sidecar=v.s.t"), *BASE_HEADERS[2:]], "", True),  # app cookie
+        ("GET", [*BASE_HEADERS[:2], ("X-Original-URI", "/y")], "", True),
+        ("GET", [*BASE_HEADERS, ("X-Original-Method", "POST")], "", True),
+        ("GET", [*BASE_HEADERS, ("X-Original-URL", "http://other/x")], "", True),
+        ("GET", [*BASE_HEADERS, ("X-Forwarded-Uri", "/admin")], "", True),
+        ("GET", [*BASE_HEADERS, ("X-Forwarded-Method", "DELETE")], "", True),
+        ("GET", [*BASE_HEADERS, ("X-Forwarded-Proto", "https")], "", True),
+        ("GET", [*BASE_HEADERS, ("X-Forwarded-For", "203.0.113.1")], "", True),
+        ("GET", [*BASE_HEADERS, ("X-Forwarded-Prefix", "/p")], "", True),
+        ("GET", [*BASE_HEADERS, ("X-Real-IP", "203.0.113.1")], "", True),
+        ("GET", [*BASE_HEADERS, ("Forwarded", "for=203.0.113.1")], "", True),
+        ("GET", [*BASE_HEADERS, ("X-ProxyUser-IP", "203.0.113.1")], "", True),  # --real-client-ip-header
+        ("GET", [("Host", "other"), *BASE_HEADERS[1:]], "", True),
+        ("GET", BASE_HEADERS, "max_age=1", True),
+        ("GET", BASE_HEADERS, "allowed_groups=admins", True),
+        ("GET", BASE_HEADERS, "", False),  # untrusted peer
+        ("HEAD", BASE_HEADERS, "", True),
+        ("POST", BASE_HEADERS, "", True),
+    ]
+    keys = [request_key(method, headers, query, trusted, config) for method, headers, query, trusted in changed]
+    assert None not in keys and base not in keys
+    assert len(set(keys)) == len(keys)  # and no two of them collide either
