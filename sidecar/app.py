@@ -16,6 +16,7 @@ from .bearer import BearerVerifier
 from .config import Config
 from .context import SERVICES, Services
 from .cookies import CookieCodec
+from .decisions import DecisionCache
 from .guard import cookie_domain_middleware
 from .middleware import drop_server_header, guarded
 from .oidc import OidcClient
@@ -80,6 +81,7 @@ def build_app(config: Config, store: SessionStore | None = None) -> web.Applicat
             http=http,
             upstream_http=upstream_http,
             bearer=BearerVerifier(config, http, oidc) if config.skip_jwt_bearer_tokens else None,
+            decisions=DecisionCache(sessions, config) if config.auth_decision_cache else None,
         )
         flusher = asyncio.ensure_future(_flush_metrics_every_second())
         yield

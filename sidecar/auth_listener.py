@@ -10,6 +10,10 @@ few attributes of ``web.Request`` the decision reads) and goes through the very 
 metrics and the access log line are the same code. Only the HTTP framing is new, and it is kept
 narrow: no request bodies, no upgrades, no chunked input, one path; anything else is refused and
 the connection closed, which is what a front's auth subrequest never needs.
+
+A hot session's answer comes from the decision cache (``decisions.py``, shared with the main listener):
+the raw headers give the key, and a hit is written straight from the parser's callback with its
+access line and counts, with no request object, task or response object (``AuthProtocol._from_cache``).
 """
 
 from __future__ import annotations
@@ -30,16 +34,18 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDictProxy
 from yarl import URL
 
-from . import handlers
+from . import handlers, metrics
 from .config import Config
-from .middleware import guarded
+from .context import DECISION_KEY, SERVICES, Services, trusted_peer
+from .decisions import STATUS_202, Decision, Key, request_key
+from .middleware import finish_cached, guarded
 
 log = logging.getLogger("sidecar.auth_listener")
 
 MAX_LINE_BYTES = 8190  # the main listener's limits (app.MAX_HEADER_BYTES): request target, each header name/value
 MAX_HEAD_BYTES = 65536  # a whole request head (line and headers) past this is refused with 431
 MAX_HEADERS = 100  # header fields per request; nginx sends a dozen
-HEADER_TIMEOUT = 10.0  # seconds from a request's first byte (or the connection's start) to its complete head
+HEADER_TIMEOUT = 10.0  # seconds in a head (from its first byte or the connection's start), plus one sweep tick
 IDLE_TIMEOUT = 75.0  # keep-alive connection with nothing to do (aiohttp's default, above nginx's 60 s)
 MAX_REQUESTS = 10000  # answers per connection; the last one says Connection: close
 MAX_PIPELINED = 16  # requests read ahead of the answers; reading pauses beyond this
@@ -264,12 +270,17 @@ class AuthListener:
         self.path = config.proxy_prefix + "/auth"
         self.subpaths = config.front == "envoy"  # ext_authz appends the original path to the auth URL's
         self.decide: Handler = guarded(handlers.auth, "/oauth2/auth")
+        self.config = config
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
         self.max_requests = max_requests
         self.connections: set[AuthProtocol] = set()
         self.server: asyncio.AbstractServer | None = None
         self.closing = False
+        # One sweep for every connection's header and idle timeouts: the requests themselves touch no clock
+        # and no timer (a timer per connection cost a cancel and a new timer on every request).
+        self.tick = min(1.0, header_timeout / 5, idle_timeout / 5)
+        self.sweeper: asyncio.TimerHandle | None = None
 
     def protocol(self) -> AuthProtocol:
         return AuthProtocol(self)
@@ -277,6 +288,25 @@ class AuthListener:
     async def start(self, sock: Any) -> None:
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(self.protocol, sock=sock, backlog=1024)
+        self.sweeper = loop.call_later(self.tick, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close the connections that sat in one state too long: a head still incomplete after the header
+        timeout (slowloris, or a silent new connection), a keep-alive connection idle past the idle timeout.
+        A connection's state is (answers so far, inside a head); the clock starts when the sweep first sees
+        it, so a timeout is its value plus at most one tick. Connections with answers pending are left be."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for conn in list(self.connections):
+            if conn.closed or conn.busy or conn.queue:
+                conn.mark = None
+                continue
+            state = (conn.served, conn.in_head)
+            if state != conn.mark:
+                conn.mark, conn.since = state, now
+            elif now - conn.since >= (self.header_timeout if conn.in_head else self.idle_timeout):
+                conn.close()  # no answer, just close
+        self.sweeper = loop.call_later(self.tick, self._sweep)
 
     def stop_accepting(self) -> None:
         """At SIGTERM: no new connections; idle ones close now, busy ones after their answers."""
@@ -291,6 +321,8 @@ class AuthListener:
         self.stop_accepting()
         while self.connections:
             await asyncio.sleep(0.02)
+        if self.sweeper is not None:
+            self.sweeper.cancel()
         if self.server is not None:
             await self.server.wait_closed()
 
@@ -304,6 +336,7 @@ class AuthProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.remote: str | None = None
+        self.trusted = False
         self.queue: deque[tuple[Any, ...]] = deque()
         self.busy = False
         self.closed = False
@@ -314,8 +347,8 @@ class AuthProtocol(asyncio.Protocol):
         self.served = 0
         self.in_head = True
         self.head_bytes = 0
-        self.deadline = 0.0
-        self.timer: asyncio.TimerHandle | None = None
+        self.mark: tuple[int, bool] | None = None  # the state the listener's sweep last saw, and since when
+        self.since = 0.0
         self._url = b""
         self._headers: list[tuple[str, str]] = []
         self._lengths = 0
@@ -328,18 +361,14 @@ class AuthProtocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio's classes
         peer = transport.get_extra_info("peername")
         self.remote = peer[0] if isinstance(peer, tuple) and peer else None
+        self.trusted = trusted_peer(self.remote, self.listener.config)
         self.listener.connections.add(self)
         if self.listener.closing:
             self.close()
-            return
-        self._arm(self.listener.header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.listener.connections.discard(self)
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         self.writable.set()
 
     def pause_writing(self) -> None:
@@ -356,31 +385,6 @@ class AuthProtocol(asyncio.Protocol):
     def close_when_idle(self) -> None:
         if not self.busy and not self.queue:
             self.close()
-
-    # -- timeouts: one timer per connection, moved by setting a deadline -----------------------
-
-    def _arm(self, seconds: float) -> None:
-        self.deadline = self.loop.time() + seconds
-        if self.timer is not None and self.timer.when() > self.deadline:
-            self.timer.cancel()
-            self.timer = None
-        if self.timer is None:
-            self.timer = self.loop.call_at(self.deadline, self._expire)
-
-    def _disarm(self) -> None:
-        self.deadline = 0.0
-
-    def _expire(self) -> None:
-        self.timer = None
-        if self.closed or not self.deadline:
-            return
-        now = self.loop.time()
-        if now < self.deadline:
-            self.timer = self.loop.call_at(self.deadline, self._expire)
-            return
-        if self.busy or self.queue:
-            return  # answering; the idle timer is armed again when the queue is empty
-        self.close()  # slow head (slowloris) or idle keep-alive connection: no answer, just close
 
     # -- parsing ------------------------------------------------------------------------------
 
@@ -421,7 +425,6 @@ class AuthProtocol(asyncio.Protocol):
         if not self.in_head:
             self.in_head = True
             self.head_bytes = 0
-            self._arm(self.listener.header_timeout)
         self._url = b""
         self._headers = []
         self._lengths = 0
@@ -457,7 +460,6 @@ class AuthProtocol(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self.in_head = False
         self.head_bytes = 0
-        self._disarm()
 
     def on_body(self, body: bytes) -> None:
         raise _Refused(400, "400 Bad Request: no request body is read here\n")
@@ -475,7 +477,18 @@ class AuthProtocol(asyncio.Protocol):
         if self.served >= self.listener.max_requests:
             self.stopped_reading = True  # this is the last answer on the connection; the rest is not read
             item = (*item[:4], False)
-        self.queue.append(("request", *item))
+        looked_up: tuple[Key | None, ...] = ()
+        if not self.busy and not self.queue and self.writable.is_set() and not self.parser.should_upgrade():
+            # Nothing ahead of it: a cached answer goes out now, with no task, queue or request object.
+            keep = item[4] and not self.listener.closing
+            data, key = self._from_cache(item[0], item[1], item[2], item[3], keep)
+            if data is not None:
+                self._write(data)
+                if not keep:
+                    self.close()
+                return
+            looked_up = (key,)  # a miss: the decision gets the key, not a second lookup
+        self.queue.append(("request", *item, *looked_up))
         if len(self.queue) >= MAX_PIPELINED and self.transport is not None and not self.paused:
             self.paused = True
             self.transport.pause_reading()
@@ -486,7 +499,6 @@ class AuthProtocol(asyncio.Protocol):
     def _kick(self) -> None:
         if not self.busy:
             self.busy = True
-            self._disarm()
             self.loop.create_task(self._drain())
 
     async def _drain(self) -> None:
@@ -520,30 +532,42 @@ class AuthProtocol(asyncio.Protocol):
         if self.paused and self.transport is not None:
             self.paused = False
             self.transport.resume_reading()
-        if not self.in_head:
-            self._arm(self.listener.idle_timeout)
-        elif not self.deadline:
-            self._arm(self.listener.header_timeout)
 
     def _write(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
             self.transport.write(data)
 
     async def _answer(
-        self, method: str, url: bytes, raw_headers: list[tuple[str, str]], version: tuple[int, int], keep: bool
+        self,
+        method: str,
+        url: bytes,
+        raw_headers: list[tuple[str, str]],
+        version: tuple[int, int],
+        keep: bool,
+        *looked_up: Key | None,
     ) -> tuple[bytes, bool]:
-        """The bytes for one request and whether the connection stays open after them."""
+        """The bytes for one request and whether the connection stays open after them. ``looked_up``: the
+        decision cache key, when the cache was already asked (and had nothing) as the request arrived."""
         keep = keep and not self.listener.closing
+        if looked_up:
+            key = looked_up[0]
+        else:
+            data, key = self._from_cache(method, url, raw_headers, version, keep)
+            if data is not None:
+                return data, keep
+        target = url.decode("ascii", "surrogateescape")
+        path, _, query = target.partition("?")
+        svc: Services = self.listener.app[SERVICES]
         headers = CIMultiDictProxy(CIMultiDict(raw_headers))
         if version == (1, 1) and "Host" not in headers:
             return _plain(400, "400 Bad Request: missing Host header\n", version, False), False
-        target = url.decode("ascii", "surrogateescape")
-        path, _, query = target.partition("?")
         if path != self.listener.path and not (self.listener.subpaths and path.startswith(self.listener.path + "/")):
             return _plain(404, "404 Not Found\n", version, keep), keep
         if method not in METHODS:
             return _plain(405, "405 Method Not Allowed\n", version, keep), keep
         request = AuthRequest(self.listener.app, method, path, query, headers, self.remote, version)
+        if svc.decisions is not None:
+            request[DECISION_KEY] = key or ()  # looked up above: the decision does not look again
         try:
             response = await self.listener.decide(request)  # type: ignore[arg-type]
         except web.HTTPException as exc:  # raised by a hook (401 invalid_token...): it is the answer
@@ -553,3 +577,49 @@ class AuthProtocol(asyncio.Protocol):
         except (TypeError, ValueError):
             log.exception("auth listener: answer could not be framed")
             return _plain(500, "500 Internal Server Error\n", version, False), False
+
+    def _from_cache(
+        self, method: str, url: bytes, raw_headers: list[tuple[str, str]], version: tuple[int, int], keep: bool
+    ) -> tuple[bytes | None, Key | None]:
+        """The cached answer's bytes, or None and the key (None: not cacheable) for the decision to use."""
+        svc: Services = self.listener.app[SERVICES]
+        if svc.decisions is None or method not in METHODS:
+            return None, None
+        started = time.monotonic()
+        path, _, query = url.decode("ascii", "surrogateescape").partition("?")
+        if path != self.listener.path:
+            return None, None
+        key = request_key(method, raw_headers, query, self.trusted, self.listener.config)
+        if key is None:
+            return None, None
+        hit = svc.decisions.get(key)
+        if hit is None or (version == (1, 1) and "host" not in key[4::2]):  # no Host: the decision's 400
+            return None, key
+        return self._cached(svc, hit, method, path, raw_headers, version, keep, started), key
+
+    def _cached(
+        self,
+        svc: Services,
+        hit: Decision,
+        method: str,
+        path: str,
+        raw_headers: list[tuple[str, str]],
+        version: tuple[int, int],
+        keep: bool,
+        started: float,
+    ) -> bytes:
+        """A cached 202 as the decision would have framed it: its headers, then X-Request-Id, length, Date,
+        Connection; counted and logged as any other answer."""
+        metrics.DECISIONS.add("202")
+        incoming = next((value for name, value in raw_headers if name.lower() == "x-request-id"), None)
+        client_ip = (hit.forwarded_ip or str(self.remote)) if self.trusted else str(self.remote)
+        seconds = time.monotonic() - started
+        request_id = finish_cached(svc, ROUTE, method, path, seconds, incoming, hit.session, client_ip)
+        tail = f"X-Request-Id: {request_id}\r\n" if request_id else ""
+        if method != "HEAD":
+            tail += "Content-Length: 0\r\n"
+        tail += f"Date: {_date()}\r\n{_connection(version, keep)}\r\n"
+        return STATUS_202[version] + hit.header_block() + tail.encode()
+
+
+ROUTE = "/oauth2/auth"  # the metrics and log label, as on the main listener

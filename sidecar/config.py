@@ -150,6 +150,9 @@ class Config:
     redis_cluster_connection_urls: Names = option((), "Redis Cluster node URLs (repeatable)", secret=True)
     redis_timeout: Seconds = option(2.0, "timeout of one Redis command", low=0.01, high=60)
     session_cache_ttl: Seconds = option(1.0, "how long a replica trusts its cached copy of a session (0 to 1s)", high=1)
+    auth_decision_cache: bool = option(
+        True, "keep each /oauth2/auth 202 per cookie and request for at most --session-cache-ttl (see decisions.py)"
+    )
     email_domain: Names = option(
         (),
         "allowed email domains: example.com, .example.com (subdomains) or * for any (required)",

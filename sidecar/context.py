@@ -7,7 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 from aiohttp import web
@@ -22,6 +22,9 @@ from .oidc import OidcClient
 from .ratelimit import RateLimiter
 from .refresh import Refresher
 from .sessions import Sessions
+
+if TYPE_CHECKING:  # decisions imports this module
+    from .decisions import DecisionCache
 
 
 class ResourceGuard(Protocol):
@@ -83,6 +86,7 @@ class Services:
     sign_in_finishers: dict[str, SignInFinisher] = field(default_factory=dict)  # by purpose kind, --oauth-server
     sign_out_everywhere: list[UserSignOut] = field(default_factory=list)  # --oauth-server
     connected_apps: ConnectedApps | None = None  # --oauth-server: the account page's applications
+    decisions: DecisionCache | None = None  # cached /oauth2/auth 202s (decisions.py)
 
 
 @dataclass
@@ -106,6 +110,8 @@ ORIGINAL = web.RequestKey("original", Original)
 AUTHED: web.RequestKey[tuple[SessionRef, Session]] = web.RequestKey("authed", tuple)
 # True when a sidecar-issued bearer token authenticated the request: its Authorization never reaches the app
 BY_SIDECAR_TOKEN: web.RequestKey[bool] = web.RequestKey("by_sidecar_token", bool)
+# The decision cache key the lean listener computed and found no entry for (``()``: not cacheable)
+DECISION_KEY: web.RequestKey[tuple[str, ...]] = web.RequestKey("decision_key", tuple)
 
 
 def trusted_peer(remote: str | None, config: Config) -> bool:
@@ -116,7 +122,18 @@ def trusted_peer(remote: str | None, config: Config) -> bool:
 
 
 def _in_networks(address: str, config: Config) -> bool:
-    return _address_in(address, config.trusted_networks)
+    networks = config.trusted_networks
+    hit = _trust.get(address)
+    if hit is not None and hit[0] is networks:  # hashing the networks tuple (ipaddress objects) costs ~1 us
+        return hit[1]
+    trusted = _address_in(address, networks)
+    if len(_trust) >= 1024:
+        _trust.clear()
+    _trust[address] = (networks, trusted)
+    return trusted
+
+
+_trust: dict[str, tuple[tuple[Any, ...], bool]] = {}  # peer address -> (the networks it was checked against, answer)
 
 
 @lru_cache(maxsize=1024)

@@ -140,6 +140,12 @@ class CookieCodec:
     def forget(self, value: str) -> None:
         self._verified.pop(value, None)
 
+    def session_valid_until(self, value: str) -> float | None:
+        """When a session cookie verified here stops being accepted (its signature's age limit); None when
+        it is not one this codec has verified."""
+        hit = self._verified.get(value)
+        return None if hit is None else hit[1] + self._max_age
+
     def dump_attempt(self, attempt: SignInAttempt) -> str:
         """Encrypt (bound to the state) and sign a pending sign-in for its cookie."""
         fields: list[str | int | None] = [attempt.verifier, attempt.nonce, attempt.rd, attempt.redirect_uri]

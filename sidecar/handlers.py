@@ -15,8 +15,9 @@ from multidict import CIMultiDict
 
 from . import csrf, devices, kit, logs, metrics, pages
 from .config import Config
-from .context import Services, original_of, services, view_of
+from .context import AUTHED, Services, original_of, services, view_of
 from .cookies import CLOCK_LEEWAY, MAX_COOKIE_CHARS, SignInAttempt, state_cookie_suffix, without_sidecar_cookies
+from .decisions import decision_key, remember
 from .errors import (
     BadRequest,
     InvalidCookie,
@@ -463,9 +464,15 @@ async def auth(request: web.Request, svc: Services) -> web.Response:
     a front that hands the answer to the browser (``_unauthorized``). The original request is read (and its
     headers refused with 400 when they disagree, ``context.original_of``) only where it decides something:
     --fresh-auth-route, --oauth-resource, the browser's redirect."""
+    key, hit = decision_key(request, svc)
+    if hit is not None:
+        metrics.DECISIONS.add("202")
+        if svc.config.request_logging:
+            request[AUTHED] = (hit.ref, hit.session)
+        return web.Response(status=202, headers=hit.headers)
     refuse_aliases(request.headers)  # X.Auth.Request.User... which some fronts pass on to the app
     try:
-        _, session = await authenticate(request, svc)
+        ref, session = await authenticate(request, svc)
     except SessionGone:
         metrics.DECISIONS.add("401")
         challenge = svc.resource_guard.challenge(request) if svc.resource_guard is not None else None
@@ -486,6 +493,15 @@ async def auth(request: web.Request, svc: Services) -> web.Response:
         metrics.DECISIONS.add("401")  # RFC 9470: sign in again, recently; the session itself stays
         return _unauthorized(request, config, max_age)
     metrics.DECISIONS.add("202")
+    headers = _accepted(request, session, config)
+    if key:
+        remember(request, svc, key, ref, session, max_age, headers)
+    return web.Response(status=202, headers=headers)
+
+
+def _accepted(request: web.Request, session: Session, config: Config) -> CIMultiDict[str]:
+    """The 202's identity headers; the token headers only for a trusted front. aiohttp copies them into the
+    response, so the object may be shared (per session) and kept by the decision cache."""
     if tokens_allowed(request, config):
         cookie = request.headers.get("Cookie")
         if cookie is not None:
@@ -495,31 +511,23 @@ async def auth(request: web.Request, svc: Services) -> web.Response:
                 **auth_response_headers_for(session, config),
                 "Cookie": without_sidecar_cookies(cookie, config.cookie_name),
             }
-            return web.Response(status=202, headers=headers)
-        return web.Response(status=202, headers=_prebuilt(session, config, True))
-    return web.Response(status=202, headers=_prebuilt(session, config, False))
-
-
-_Prebuilt = dict[tuple[int, bool], tuple[Session, CIMultiDict[str]]]
-_prebuilt_headers: _Prebuilt = {}
+            return CIMultiDict(headers)
+        return _prebuilt(session, config, True)
+    return _prebuilt(session, config, False)
 
 
 def _prebuilt(session: Session, config: Config, with_tokens: bool) -> CIMultiDict[str]:
     """The 202's identity headers as the CIMultiDict aiohttp copies them from, built once per session object
-    (a cached session answers many requests; copying a CIMultiDict is a third of building one from a dict).
-    Without ``with_tokens`` the token headers are left out: only a trusted front may read them. aiohttp
-    copies the headers into each response, so the shared object is never changed."""
-    key = (id(session), with_tokens)
-    hit = _prebuilt_headers.get(key)
-    if hit is not None and hit[0] is session:
-        return hit[1]
-    headers = auth_response_headers_for(session, config)
-    if not with_tokens:
-        headers = {k: v for k, v in headers.items() if k not in TOKEN_HEADERS}
-    if len(_prebuilt_headers) >= 10_000:
-        _prebuilt_headers.clear()
-    built = CIMultiDict(headers)
-    _prebuilt_headers[key] = (session, built)
+    and kept on it (a cached session answers many requests; copying a CIMultiDict is a third of building one
+    from a dict). Without ``with_tokens`` the token headers are left out: only a trusted front may read them.
+    aiohttp copies the headers into each response, so the shared object is never changed."""
+    name = "auth_multidict_tokens" if with_tokens else "auth_multidict"
+    built: CIMultiDict[str] | None = session.derived.get(name)
+    if built is None:
+        headers = auth_response_headers_for(session, config)
+        if not with_tokens:
+            headers = {k: v for k, v in headers.items() if k not in TOKEN_HEADERS}
+        built = session.derived[name] = CIMultiDict(headers)
     return built
 
 

@@ -179,29 +179,20 @@ def auth_response_headers(session: Session, config: Config) -> dict[str, str]:
     return headers
 
 
-_Memo = dict[int, tuple[Session, dict[str, str]]]
-_auth_memo: _Memo = {}
-_upstream_memo: _Memo = {}
-
-
-def _memoised(memo: _Memo, build: Any, session: Session, config: Config) -> dict[str, str]:
-    """Headers built once per session object: a cached session answers many requests."""
-    hit = memo.get(id(session))
-    if hit is not None and hit[0] is session:
-        return hit[1]
-    if len(memo) >= 10_000:
-        memo.clear()
-    headers: dict[str, str] = build(session, config)
-    memo[id(session)] = (session, headers)
+def _memoised(name: str, build: Any, session: Session, config: Config) -> dict[str, str]:
+    """Headers built once per session object (a cached session answers many requests), kept on the object."""
+    headers: dict[str, str] | None = session.derived.get(name)
+    if headers is None:
+        headers = session.derived[name] = build(session, config)
     return headers
 
 
 def auth_response_headers_for(session: Session, config: Config) -> dict[str, str]:
-    return _memoised(_auth_memo, auth_response_headers, session, config)
+    return _memoised("auth_headers", auth_response_headers, session, config)
 
 
 def upstream_identity_headers_for(session: Session, config: Config) -> dict[str, str]:
-    return _memoised(_upstream_memo, upstream_identity_headers, session, config)
+    return _memoised("upstream_headers", upstream_identity_headers, session, config)
 
 
 def upstream_identity_headers(session: Session, config: Config) -> dict[str, str]:

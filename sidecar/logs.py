@@ -101,7 +101,6 @@ _ACCESS_START = '{"ts":'
 _ACCESS_FIXED = ',"level":"info","logger":' + json_string(ACCESS.name) + ',"msg":"request","request_id":'
 _NO_USER = ',"user":null,"client_ip":'
 _route_parts: dict[str, str] = {}
-_user_parts: dict[int, tuple[Session, str]] = {}
 
 
 def _route_part(route: str) -> str:
@@ -115,13 +114,9 @@ def _user_part(session: Session | None) -> str:
     """``"user"`` of a session object, rendered once: a cached session answers many requests."""
     if session is None:
         return _NO_USER
-    hit = _user_parts.get(id(session))
-    if hit is not None and hit[0] is session:
-        return hit[1]
-    if len(_user_parts) >= 10_000:
-        _user_parts.clear()
-    part = ',"user":' + json_string(session.identity.user) + ',"client_ip":'
-    _user_parts[id(session)] = (session, part)
+    part: str | None = session.derived.get("log_user")
+    if part is None:
+        part = session.derived["log_user"] = ',"user":' + json_string(session.identity.user) + ',"client_ip":'
     return part
 
 

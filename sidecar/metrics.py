@@ -19,6 +19,9 @@ REQUESTS = Counter("sidecar_requests_total", "Requests by route and status", ["r
 AUTH_DECISIONS = Counter("sidecar_auth_decisions_total", "Auth decisions (202/401/403)", ["decision"])
 SESSIONS_CREATED = Counter("sidecar_sessions_created_total", "Sessions created at sign-in")
 SESSIONS_DELETED = Counter("sidecar_sessions_deleted_total", "Sessions deleted", ["reason"])
+DECISION_CACHE_LOOKUPS = Counter(
+    "sidecar_auth_decision_cache_total", "/oauth2/auth decision cache lookups (hit, miss)", ["result"]
+)
 REFRESHES = Counter("sidecar_refreshes_total", "Token refreshes by outcome", ["outcome"])
 REFRESH_JOINED = Counter("sidecar_refresh_joined_total", "Requests that joined an in-flight refresh")
 LOCK_WAITS = Counter("sidecar_refresh_lock_waits_total", "Waits for another replica's refresh lock")
@@ -125,11 +128,13 @@ class LocalCounts:
 
 REQUEST_COUNTS = LocalCounts(REQUESTS)
 DECISIONS = LocalCounts(AUTH_DECISIONS)
+DECISION_CACHE = LocalCounts(DECISION_CACHE_LOOKUPS)
 
 
 def flush() -> None:
     REQUEST_COUNTS.flush()
     DECISIONS.flush()
+    DECISION_CACHE.flush()
     for histogram in _local_histograms:
         histogram.flush()
 

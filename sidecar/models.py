@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import base64
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,11 @@ class Session:
     # record so every replica backs off alike.
     refusals: int = 0
     retry_at: float | None = None
+    # What is derived from this object and worth keeping while it is in use (the identity headers, the access
+    # line's user part): memoised on the object, so it lives and dies with it. A process-wide table keyed by
+    # ``id(session)`` kept every stale copy alive (a new object at each cache refill and refresh). Not a field
+    # of the record: not compared, not stored, not copied by ``replace``.
+    derived: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def needs_refresh(self, now: float, skew: float, max_age: float) -> bool:
         """True when the access token is expired, about to expire, or older than ``max_age``."""

@@ -71,6 +71,9 @@ class Sessions:
         self._cache: dict[str, tuple[Session, float]] = {}
         self._refills: dict[str, asyncio.Task[Session]] = {}  # store key -> the one read in flight
         self._cache_ttl = float(config.session_cache_ttl)
+        # Told the store key of a session that ended or was rewritten in this process (the decision cache
+        # drops its answers for it at once, instead of when it next finds them stale).
+        self.on_change: list[Callable[[str], None]] = []
 
     def record_ttl(self, session: Session, now: float) -> float:
         """Redis TTL: the refresh-token lifetime (provider's word, else --refresh-token-ttl)."""
@@ -136,6 +139,7 @@ class Sessions:
         record = await self.store.load(ref.store_key)
         if record is None:
             self._cache.pop(ref.store_key, None)
+            self._changed(ref.store_key)
             raise SessionGone("no such session")
         if cached is not None and cached.version == record.version:
             session = replace(cached, last_active=record.last_active)
@@ -155,6 +159,23 @@ class Sessions:
         self._remember(ref.store_key, session)
         return session
 
+    def is_cached(self, key: str, session: Session) -> bool:
+        """``session`` is the very object this process's cache holds for ``key`` (whatever its age)."""
+        hit = self._cache.get(key)
+        return hit is not None and hit[0] is session
+
+    def cache_deadline(self, key: str, session: Session) -> float | None:
+        """When the cached ``session`` stops being served from cache (``time.monotonic()``); None when the cache
+        does not hold this very object."""
+        hit = self._cache.get(key)
+        if hit is None or hit[0] is not session:
+            return None
+        return hit[1] + self._cache_ttl
+
+    def _changed(self, key: str) -> None:
+        for tell in self.on_change:
+            tell(key)
+
     def _remember(self, key: str, session: Session) -> None:
         if len(self._cache) >= _CACHE_LIMIT:
             self._cache.pop(next(iter(self._cache)))
@@ -169,6 +190,7 @@ class Sessions:
         version = await self.store.save(ref.store_key, blob, session.version, ttl)
         saved = replace(session, version=version)
         self._remember(ref.store_key, saved)
+        self._changed(ref.store_key)
         await self._keep_indexes(ref.store_key, saved, ttl)
         return saved
 
@@ -183,6 +205,7 @@ class Sessions:
 
     async def end(self, ref: SessionRef, session: Session | None, reason: str) -> None:
         self._cache.pop(ref.store_key, None)
+        self._changed(ref.store_key)
         await self.store.delete(ref.store_key, user_key(session.identity.sub) if session else None)
         metrics.SESSIONS_DELETED.labels(reason=reason).inc()
 
@@ -204,6 +227,7 @@ class Sessions:
         keys = await self.store.user_sessions(index)
         for key in keys:
             self._cache.pop(key, None)
+            self._changed(key)
             await self.store.delete(key, index)
         metrics.SESSIONS_DELETED.labels(reason=reason).inc(len(keys))
         return len(keys)

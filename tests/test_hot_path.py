@@ -174,7 +174,7 @@ def test_the_user_part_is_rendered_once_per_session_object() -> None:
     a = logs.access_line("1", "GET", "auth", "/", 202, 0.1, first, "127.0.0.1")
     b = logs.access_line("2", "GET", "auth", "/", 202, 0.1, second, "127.0.0.1")
     assert json.loads(a)["user"] == "alice" and json.loads(b)["user"] == "bob"
-    assert logs._user_parts[id(first)][0] is first  # memoised by object, checked by identity
+    assert first.derived["log_user"] == ',"user":"alice","client_ip":'  # memoised on the object itself
 
 
 async def test_a_real_app_writes_one_valid_line_per_request_with_the_old_fields(

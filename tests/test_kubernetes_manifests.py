@@ -468,7 +468,10 @@ def test_sidecar_containers(build: str) -> None:
         pod = wl["spec"]["template"]["spec"]
         assert effective_security(wl, c)["runAsUser"] == SIDECAR_UID, at
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-        assert ports == {"http": 4180, "metrics": 9180}, at
+        shared = wl["metadata"]["name"] == "sidecar"  # the auth-url Deployment: its lean listener too
+        assert ports == (
+            {"http": 4180, "auth": 4181, "metrics": 9180} if shared else {"http": 4180, "metrics": 9180}
+        ), at
         assert c["livenessProbe"]["httpGet"]["path"] == "/ping", at
         assert port_number(c, c["livenessProbe"]["httpGet"]["port"]) == 4180, at
         assert c["readinessProbe"]["httpGet"]["path"] == "/ready", at
@@ -484,6 +487,7 @@ def test_sidecar_containers(build: str) -> None:
         assert "emptyDir" in volumes[mounts["/tmp/prometheus"]], at
         assert all(v.get("emptyDir", {}).get("sizeLimit") for v in volumes.values() if "emptyDir" in v), at
         assert env["SIDECAR_HTTP_ADDRESS"] == "0.0.0.0:4180", at
+        assert env.get("SIDECAR_AUTH_ADDRESS") == ("0.0.0.0:4181" if shared else None), at
         assert env["SIDECAR_METRICS_ADDRESS"] == "0.0.0.0:9180", at
         assert env["SIDECAR_SESSION_STORE_TYPE"] == "redis", at
         assert env["SIDECAR_REVERSE_PROXY"] == "true", at
@@ -520,6 +524,7 @@ def test_sidecar_settings_are_accepted_by_the_sidecar(build: str) -> None:
         env["SIDECAR_CLIENT_SECRET"] = secrets.token_urlsafe(24)
         config = load_config([], environ=env)
         assert (config.listen_host, config.listen_port) == ("0.0.0.0", 4180)
+        assert config.auth_port == (4181 if wl["metadata"]["name"] == "sidecar" else None)
         assert config.metrics_port == 9180
         assert config.session_store_type == "redis"
         assert config.reverse_proxy is True
@@ -561,7 +566,7 @@ def test_shared_deployment_is_highly_available() -> None:
 
     svc = one(docs, "Service", "sidecar")
     ports = {p["name"]: (p["port"], p["targetPort"]) for p in svc["spec"]["ports"]}
-    assert ports == {"http": (4180, "http"), "metrics": (9180, "metrics")}
+    assert ports == {"http": (4180, "http"), "auth": (4181, "auth"), "metrics": (9180, "metrics")}
     assert selects(svc["spec"]["selector"], labels)
 
 
@@ -628,7 +633,7 @@ def test_ingress_nginx_overlay() -> None:
     app = one(docs, "Ingress", "demo-app")
     notes = app["metadata"]["annotations"]
     assert notes["nginx.ingress.kubernetes.io/auth-url"] == (
-        f"http://{svc['metadata']['name']}.{ns}.svc.cluster.local:4180/oauth2/auth"
+        f"http://{svc['metadata']['name']}.{ns}.svc.cluster.local:4181/oauth2/auth"
     )
     assert notes["nginx.ingress.kubernetes.io/auth-signin"] == "https://$host/oauth2/start?rd=$escaped_request_uri"
     assert notes["nginx.ingress.kubernetes.io/auth-response-headers"] == AUTH_RESPONSE_HEADERS
@@ -703,7 +708,7 @@ def test_ingress_nginx_does_not_route_the_auth_endpoint_to_the_sidecar() -> None
     auth_url = urlsplit(app["metadata"]["annotations"]["nginx.ingress.kubernetes.io/auth-url"])
     assert auth_url.scheme == "http" and auth_url.path == "/oauth2/auth"
     assert auth_url.hostname == f"sidecar.{namespace_of(svc)}.svc.cluster.local"
-    assert auth_url.port == next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "http")
+    assert auth_url.port == next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "auth")  # --auth-address
 
     routes = public_routes(docs)
     to_sidecar = [r for r in routes if r[3] == svc["metadata"]["name"]]

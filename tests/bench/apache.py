@@ -54,7 +54,28 @@ def _user() -> str:
     return "nobody"
 
 
-def config(prefix: Path, port: int, issuer: str, app_port: int) -> str:
+def _mpm(processes: int | None) -> str:
+    """The distro's mpm_event defaults (mods-available/mpm_event.conf), or exactly ``processes`` child
+    processes of 25 threads each (ServerLimit caps them), for a run at the sidecar's process count."""
+    if processes is None:
+        return """# The distro's mpm_event defaults (mods-available/mpm_event.conf), stated so the run is reproducible.
+StartServers 2
+MinSpareThreads 25
+MaxSpareThreads 75
+ThreadLimit 64
+ThreadsPerChild 25
+MaxRequestWorkers 150"""
+    return f"""# {processes} child process(es) of 25 threads: the same process count as the sidecar it is compared with.
+ServerLimit {processes}
+StartServers {processes}
+MinSpareThreads 1
+MaxSpareThreads {25 * processes}
+ThreadLimit 64
+ThreadsPerChild 25
+MaxRequestWorkers {25 * processes}"""
+
+
+def config(prefix: Path, port: int, issuer: str, app_port: int, processes: int | None = None) -> str:
     loads = "\n".join(f"LoadModule {m[4:-3]}_module {MODULES / m}" for m in NEEDED if m != "mod_mpm_event.so")
     user = f"User {_user()}\nGroup {_user() if _user() != 'nobody' else 'nogroup'}" if os.geteuid() == 0 else ""
     return f"""
@@ -68,13 +89,7 @@ LogLevel warn
 LoadModule mpm_event_module {MODULES / "mod_mpm_event.so"}
 {loads}
 LoadModule auth_openidc_module {MODULES / OPENIDC}
-# The distro's mpm_event defaults (mods-available/mpm_event.conf), stated so the run is reproducible.
-StartServers 2
-MinSpareThreads 25
-MaxSpareThreads 75
-ThreadLimit 64
-ThreadsPerChild 25
-MaxRequestWorkers 150
+{_mpm(processes)}
 MaxConnectionsPerChild 0
 KeepAlive On
 MaxKeepAliveRequests 0
@@ -102,13 +117,13 @@ ProxyPass / http://127.0.0.1:{app_port}/ keepalive=On
 """
 
 
-def start(issuer: str, app_port: int) -> tuple[Proc, int]:
+def start(issuer: str, app_port: int, processes: int | None = None) -> tuple[Proc, int]:
     port = free_port()
     prefix = workdir() / f"apache-{port}"
     prefix.mkdir()
     prefix.chmod(0o755)
     conf = prefix / "httpd.conf"
-    conf.write_text(config(prefix, port, issuer, app_port))
+    conf.write_text(config(prefix, port, issuer, app_port, processes))
     proc = Proc("apache", [APACHE, "-d", str(prefix), "-f", str(conf), "-DFOREGROUND"], env={"LANG": "C"})
     wait_port(port, proc)
     return proc, port

@@ -90,6 +90,7 @@ class Target:
     cookie_name: str = "_sidecar"
     peer: bool = False  # another product: its socket errors are shown in its row, not counted as the bench's failures
     script: Path | None = None
+    unique: str | None = None  # a header with a new value per request (every request a decision cache miss)
     runs: list[wrk.WrkResult] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     answered: int = 0  # requests wrk saw answered, preflight and warm-up included
@@ -209,7 +210,9 @@ class Bench:
 
     def run_wrk(self, target: Target, duration: float) -> wrk.WrkResult:
         if target.script is None:
-            target.script = wrk.script(target.cookies, expect=target.expect, name=target.cookie_name)
+            target.script = wrk.script(
+                target.cookies, expect=target.expect, name=target.cookie_name, unique=target.unique
+            )
         return wrk.run(target.url, duration, self.s.threads, self.s.connections, script=target.script)
 
     def measure(self, targets: Sequence[Target], repeat: int | None = None, duration: float | None = None) -> None:
@@ -362,24 +365,27 @@ def case_auth(b: Bench, with_auth: bool) -> None:
                     sidecar_port=oauth[1],
                 )
                 targets.append(extra["oauth"])
-            auth_port = procs.free_port()
-            lean = try_sidecar(b, workers=1, auth_address=f"127.0.0.1:{auth_port}")
-            if isinstance(lean, str):
-                skips.append(("/oauth2/auth on the --auth-address listener", lean))
-            else:
+            raw, raw_port = procs.start_server("raw", 1)
+            started.append(raw)
+            extra["raw"] = Target(
+                "raw asyncio.Protocol + httptools 202, 1 process", raw_port, "/oauth2/auth", 202, [cookie]
+            )
+            targets.append(extra["raw"])
+            for key, cache in (("lean", "true"), ("off", "false")):
+                auth_port = procs.free_port()
+                lean = try_sidecar(b, workers=1, auth_address=f"127.0.0.1:{auth_port}", auth_decision_cache=cache)
+                label = "/oauth2/auth on the --auth-address listener" + ("" if cache == "true" else ", cache off")
+                if isinstance(lean, str):
+                    skips.append((label, lean))
+                    continue
                 started.append(lean[0])
                 try:
                     procs.wait_port(auth_port, lean[0], timeout=10)
-                    extra["lean"] = Target(
-                        "/oauth2/auth on the --auth-address listener (else defaults)",
-                        auth_port,
-                        "/oauth2/auth",
-                        202,
-                        [cookie],
-                    )
-                    targets.append(extra["lean"])
                 except RuntimeError as exc:
-                    skips.append(("/oauth2/auth on the --auth-address listener", str(exc).splitlines()[0][:300]))
+                    skips.append((label, str(exc).splitlines()[0][:300]))
+                    continue
+                _lean_targets(extra, key, lean[1], auth_port, cookie)
+            targets += [extra[k] for k in LEAN_KEYS if k in extra]
         b.measure(targets)
         b.row("1", bare_t, notes=["aiohttp + uvloop, one process, access log off: the framework's limit"])
         if not with_auth:
@@ -388,22 +394,109 @@ def case_auth(b: Bench, with_auth: bool) -> None:
         b.row("2", extra["quiet"], bare_t, notes=[f"{extra['quiet'].ratio(default_t):.2f}× defaults"])
         if "oauth" in extra:
             b.row("2", extra["oauth"], bare_t, notes=[f"{extra['oauth'].ratio(default_t):.2f}× --oauth-server off"])
-        if "lean" in extra:
-            b.row(
-                "2",
-                extra["lean"],
-                bare_t,
-                MOONSHOT_TARGET,
-                notes=[f"{extra['lean'].ratio(default_t):.2f}× the main listener (defaults row)"],
-            )
+        _lean_rows(b, extra, bare_t, default_t)
         for name, reason in skips:
             b.rows.append(Row("2", name, value=f"skipped: {reason}"))
         assert default_t.typical is not None
         b.results["auth_redis_rps"] = default_t.typical.rps
         _count_gets(b, default_t, own_url)
+        _hit_ratio(b, default_t, default_t.port)
+        if "lean" in extra and extra["lean"].sidecar_port:
+            _hit_ratio(b, extra["lean"], extra["lean"].sidecar_port)
     finally:
         for proc in started:
             proc.stop()
+
+
+LEAN_KEYS = ("lean", "main-miss", "lean-miss", "off-main", "off", "off-main-uniq", "off-uniq")
+
+
+def _lean_targets(extra: dict[str, Target], key: str, port: int, auth_port: int, cookie: str) -> None:
+    """The decision cache rows of one sidecar process (``key`` "lean": cache on, "off": cache off): its main
+    listener and its --auth-address listener, a hot cookie (hits), and one new X-Original-URI per request
+    (every request a miss; with the cache off the same requests, for a fair comparison). The main listener's
+    hot row with the cache on is the defaults row (a process of its own)."""
+    on = key == "lean"
+    state = "cache on" if on else "cache off"
+    names = {"main": ("main listener", port), "lean": ("--auth-address listener", auth_port)}
+    hot = {"lean": "lean"} if on else {"main": "off-main", "lean": "off"}
+    uniq = {"main": "main-miss", "lean": "lean-miss"} if on else {"main": "off-main-uniq", "lean": "off-uniq"}
+    for where, (name, listen) in names.items():
+        if where in hot:
+            label = f"/oauth2/auth, {name}, {state} (else defaults)"
+            extra[hot[where]] = Target(label, listen, "/oauth2/auth", 202, [cookie], sidecar_port=port)
+        label = f"/oauth2/auth, {name}, {state}, a new X-Original-URI per request" + (" (all misses)" if on else "")
+        extra[uniq[where]] = Target(
+            label, listen, "/oauth2/auth", 202, [cookie], sidecar_port=port, unique="X-Original-URI"
+        )
+
+
+def _lean_rows(b: Bench, extra: dict[str, Target], bare_t: Target, default_t: Target) -> None:
+    """Rows for the decision cache: hits on both listeners, misses against the cache turned off, the floor."""
+    if "raw" in extra:
+        b.row("2", extra["raw"], bare_t, notes=["no framework: the floor under the lean listener"])
+    if "lean" in extra:
+        notes = [f"{extra['lean'].ratio(default_t):.2f}× the main listener (defaults row)"]
+        if "raw" in extra:
+            notes.append(f"{extra['lean'].ratio(extra['raw']):.2f}× the raw protocol handler")
+        if "off" in extra:
+            notes.append(f"{extra['lean'].ratio(extra['off']):.2f}× the same listener, cache off")
+        b.row("2", extra["lean"], bare_t, MOONSHOT_TARGET, notes=notes)
+    if "off-main" in extra:
+        b.row(
+            "2",
+            extra["off-main"],
+            bare_t,
+            notes=[f"defaults row (cache on): {default_t.ratio(extra['off-main']):.2f}× this"],
+        )
+    if "off" in extra:
+        b.row("2", extra["off"], bare_t)
+    for miss, off in (("main-miss", "off-main-uniq"), ("lean-miss", "off-uniq")):
+        if off in extra:
+            b.row("2", extra[off], bare_t)
+        if miss in extra:
+            notes = [f"{extra[miss].ratio(extra[off]):.2f}× the cache off (same requests)"] if off in extra else []
+            b.row("2", extra[miss], bare_t, notes=notes)
+
+
+def _cache_lookups(port: int) -> tuple[float, float] | None:
+    """(hits, misses) of the decision cache from a sidecar's /metrics (all workers)."""
+    try:
+        status, _, body = procs.http_get(port, "/metrics")
+    except OSError:
+        return None
+    if status != 200:
+        return None
+    text = body.decode()
+    found = [
+        re.search(rf'sidecar_auth_decision_cache_total\{{result="{r}"\}} ([0-9.e+]+)', text) for r in ("hit", "miss")
+    ]
+    return (float(found[0].group(1)) if found[0] else 0.0, float(found[1].group(1)) if found[1] else 0.0)
+
+
+def _hit_ratio(b: Bench, t: Target, metrics_port: int, case: str = "2") -> None:
+    """One more run of a hot-session target: the decision cache's hit ratio from the sidecar's own counts."""
+    before = _cache_lookups(metrics_port)
+    result = b.run_wrk(t, 3)
+    time.sleep(1.3)  # workers push their tallies every second
+    after = _cache_lookups(metrics_port)
+    if before is None or after is None:
+        b.rows.append(Row(case, f"decision cache hit ratio: {t.name}", value="not measured: no /metrics"))
+        return
+    hits, misses = after[0] - before[0], after[1] - before[1]
+    ratio = hits / (hits + misses) if hits + misses else 0.0
+    log(f"  hit ratio {t.name}: {hits:.0f} hits, {misses:.0f} misses")
+    b.rows.append(
+        Row(
+            case,
+            f"decision cache hit ratio: {t.name}",
+            result.rps,
+            result.p50_ms,
+            result.p99_ms,
+            f"{100 * ratio:.2f}% hits",
+            notes=[f"{hits:,.0f} hits, {misses:,.0f} misses in a 3 s run (sidecar_auth_decision_cache_total)"],
+        )
+    )
 
 
 def _count_gets(b: Bench, t: Target, url: str) -> None:
@@ -524,6 +617,10 @@ def case_proxy(b: Bench, peer: bool = True) -> None:
         if peer_t is not None:
             started.append(peer_t[0])
             targets.append(peer_t[1])
+        peer_one = _apache_target(b, up_port, processes=1)[0] if peer and peer_t is not None else None
+        if peer_one is not None:  # at the sidecar's process count (one worker here)
+            started.append(peer_one[0])
+            targets.append(peer_one[1])
         b.measure(targets)
         b.row("3", direct, notes=["reference: no proxy"])
         b.row("3", bare, direct, notes=[same])
@@ -537,32 +634,37 @@ def case_proxy(b: Bench, peer: bool = True) -> None:
             b.rows.append(Row("3", "sidecar reverse proxy, --oauth-server on", value=f"skipped: {oauth_skip}"))
         if peer_t is not None:
             b.row("3", peer_t[1], bare, notes=[PEER_NOTE])
-        elif peer:
-            b.rows.append(Row("3", "Apache + mod_auth_openidc → app", value=f"skipped: {peer_why}"))
+        if peer_one is not None:
+            b.row("3", peer_one[1], bare, notes=[f"sidecar (1 worker): {sidecar.ratio(peer_one[1]):.2f}× this"])
+        if peer_t is None and peer:
+            for count in ("distro defaults", "1 process, as the sidecar"):
+                b.rows.append(Row("3", f"Apache + mod_auth_openidc → app, {count}", value=f"skipped: {peer_why}"))
     finally:
         for proc in started:
             proc.stop()
 
 
-def _apache_target(b: Bench, app_port: int) -> tuple[tuple[Proc, Target] | None, str]:
-    """Apache + mod_auth_openidc in front of the app, signed in for real; or None and why not."""
+def _apache_target(b: Bench, app_port: int, processes: int | None = None) -> tuple[tuple[Proc, Target] | None, str]:
+    """Apache + mod_auth_openidc in front of the app, signed in for real; or None and why not. ``processes``:
+    that many Apache children (the sidecar's worker count), else the distro's defaults."""
     why = apache.available()
     if why is not None:
         return None, why
-    proc, port = apache.start(b.issuer, app_port)
+    proc, port = apache.start(b.issuer, app_port, processes)
     try:
         cookie = apache.sign_in(port)
     except (RuntimeError, aiohttp.ClientError) as exc:
         proc.stop()
         return None, f"Apache sign-in failed: {exc}"[:300]
     t = Target(
-        "Apache + mod_auth_openidc → app (reverse proxy)",
+        "Apache + mod_auth_openidc → app (reverse proxy)"
+        + (f", {processes} process(es) × 25 threads" if processes else ", distro defaults"),
         port,
         "/app/page",
         200,
         [cookie],
         body_has=b"bench upstream",
-        short="Apache + mod_auth_openidc",
+        short=f"Apache ({processes} proc)" if processes else "Apache + mod_auth_openidc",
         cookie_name=apache.COOKIE,
         peer=True,
     )
@@ -591,20 +693,23 @@ def case_nginx(b: Bench) -> None:
         started.append(up)
         bare, bare_port = procs.start_server("bare", 1)
         started.append(bare)
-        side, side_port = b.sidecar("redis", workers=1)
+        lean_port = procs.free_port()
+        side, side_port = b.sidecar("redis", workers=1, auth_address=f"127.0.0.1:{lean_port}")
         started.append(side)
+        procs.wait_port(lean_port, side, timeout=10)
         cookie = b.redis_cookie(side_port)
         page = b"bench upstream"
         fronts = {}
-        for key, auth_port, cache, keepalive in (
-            ("bare", bare_port, False, None),
-            ("side", side_port, False, None),
-            ("cache-bare", bare_port, True, None),
-            ("cache-side", side_port, True, None),
-            ("old-side", side_port, False, 32),
+        for key, auth_port, cache, keepalive, lean in (
+            ("bare", bare_port, False, None, None),
+            ("lean-side", side_port, False, None, lean_port),  # the shipped config: subrequests to --auth-address
+            ("side", side_port, False, None, side_port),  # the same, its subrequests to the main listener
+            ("cache-bare", bare_port, True, None, None),
+            ("cache-side", side_port, True, None, lean_port),
+            ("old-side", side_port, False, 32, side_port),
         ):
             port = procs.free_port()
-            proc, source = nginx.start(port, auth_port, up_port, cache=cache, keepalive=keepalive)
+            proc, source = nginx.start(port, auth_port, up_port, cache=cache, keepalive=keepalive, lean_port=lean)
             started.append(proc)
             fronts[key] = (port, source)
         shipped = nginx.shipped_keepalive()
@@ -623,11 +728,12 @@ def case_nginx(b: Bench) -> None:
             )
 
         t_bare = front("bare", "nginx auth_request → bare 202 → app", "nginx + bare 202")
-        t_side = front("side", "nginx auth_request → sidecar (defaults, 1 worker) → app")
+        t_lean = front("lean-side", "nginx auth_request → sidecar --auth-address (shipped config, 1 worker) → app")
+        t_side = front("side", "nginx auth_request → sidecar main listener (defaults, 1 worker) → app")
         t_cache_bare = front("cache-bare", "nginx + auth cache → bare 202 → app", "nginx + cache + bare 202")
         t_cache_side = front("cache-side", "nginx + auth cache (1 s) → sidecar → app", checked=False)
         t_old = front("old-side", "nginx, auth keepalive 32 (before) → sidecar → app")
-        targets = [t_bare, t_side, t_cache_bare, t_cache_side, t_old]
+        targets = [t_bare, t_lean, t_side, t_cache_bare, t_cache_side, t_old]
         peer_t, peer_why = _apache_target(b, up_port)
         if peer_t is not None:
             started.append(peer_t[0])
@@ -635,7 +741,14 @@ def case_nginx(b: Bench) -> None:
         b.measure(targets)
         conns = {key: _new_connections(b, t, side_port) for key, t in (("side", t_side), ("old-side", t_old))}
         b.row("4", t_bare, notes=[f"config: {fronts['bare'][1]}"])
-        b.row("4", t_side, t_bare, NGINX_TARGET, notes=[f"keepalive {shipped}: {conns['side']}"])
+        b.row(
+            "4",
+            t_lean,
+            t_bare,
+            NGINX_TARGET,
+            notes=[f"{t_lean.ratio(t_side):.2f}× nginx → main listener", f"config: {fronts['lean-side'][1]}"],
+        )
+        b.row("4", t_side, t_bare, notes=[f"keepalive {shipped}: {conns['side']}", f"config: {fronts['side'][1]}"])
         b.row("4", t_old, t_bare, notes=[f"{t_old.ratio(t_side):.2f}× keepalive {shipped}", conns["old-side"]])
         b.row("4", t_cache_bare, t_bare, notes=[f"config: {fronts['cache-bare'][1]}"])
         if peer_t is not None:

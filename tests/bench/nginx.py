@@ -137,7 +137,13 @@ def config_text(prefix: Path, listen_port: int, auth_port: int, app_port: int, w
 
 
 def start(
-    listen_port: int, auth_port: int, app_port: int, workers: int = 1, cache: bool = False, keepalive: int | None = None
+    listen_port: int,
+    auth_port: int,
+    app_port: int,
+    workers: int = 1,
+    cache: bool = False,
+    keepalive: int | None = None,
+    lean_port: int | None = None,
 ) -> tuple[Proc, str]:
     """nginx on ``listen_port``: the shipped config as the e2e tests render it when possible; ``cache`` turns on
     the documented auth cache (deploy/nginx/auth-cache.conf, its files on /dev/shm), ``keepalive`` another pool."""
@@ -154,13 +160,18 @@ def start(
 
         server = prefix / "sidecar.conf"
         text = variant(SHIPPED.read_text(), cache_dir, keepalive)
-        server.write_text(render_nginx_conf(listen_port, f"127.0.0.1:{auth_port}", f"127.0.0.1:{app_port}", text))
+        auth = f"127.0.0.1:{lean_port or auth_port}"  # the shipped config's auth subrequests (--auth-address)
+        server.write_text(
+            render_nginx_conf(listen_port, f"127.0.0.1:{auth_port}", f"127.0.0.1:{app_port}", text, auth=auth)
+        )
         for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
             (prefix / sub).mkdir(exist_ok=True)
         conf = prefix / "nginx.conf"
         conf.write_text(nginx_main_conf(prefix, server, prefix, workers))
         argv = [binary("nginx"), "-p", str(prefix), "-e", error_log, "-c", str(conf)]
         source = "deploy/nginx/sidecar.conf, rendered by tests/e2e/procs.py"
+        if lean_port is None:
+            source += ", auth subrequests to the main listener"
         if cache:
             source += " + auth-cache.conf (tmpfs)"
         if keepalive is not None:

@@ -4,6 +4,8 @@
 
 * ``bare``: answers every request with an empty 202 (the framework's limit, and the
   stand-in for the sidecar behind nginx ``auth_request``);
+* ``raw``: the same empty 202 from a bare ``asyncio.Protocol`` on llhttp (``httptools``), no
+  framework at all: the floor under the lean ``--auth-address`` listener;
 * ``upstream``: the small app behind the proxies, a fixed 1 KiB page (``/_bench/headers``
   answers with the request's headers as JSON, so the bench can see what each proxy sends);
 * ``passthrough``: a minimal streaming reverse proxy to ``--target``, built like the
@@ -126,7 +128,62 @@ def build(
     raise SystemExit(f"unknown server kind {kind!r}")
 
 
+_dates: list[object] = [0, ""]
+
+
+def _date() -> str:
+    """Formatted once a second, as aiohttp and the lean listener do."""
+    import email.utils
+    import time
+
+    now = int(time.time())
+    if _dates[0] != now:
+        _dates[0], _dates[1] = now, email.utils.formatdate(now, usegmt=True)
+    return str(_dates[1])
+
+
+class _Raw(asyncio.Protocol):
+    """An empty 202 (with Date, as aiohttp sends) per request; keep-alive as the client asks. Nothing else."""
+
+    def __init__(self) -> None:
+        import httptools
+
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except Exception:  # noqa: BLE001 - a baseline: drop what it cannot parse
+            if self.transport is not None:
+                self.transport.close()
+
+    def on_message_complete(self) -> None:
+        keep = self.parser.should_keep_alive()
+        head = "HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\nDate: " + _date()
+        assert self.transport is not None
+        self.transport.write((head + ("\r\n\r\n" if keep else "\r\nConnection: close\r\n\r\n")).encode())
+        if not keep:
+            self.transport.close()
+
+
+async def _serve_raw(sock: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(_Raw, sock=sock, backlog=1024)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    server.close()
+
+
 async def _serve(kind: str, target: str | None, sock: socket.socket, extra: tuple[list[str], list[str]]) -> None:
+    if kind == "raw":
+        await _serve_raw(sock)
+        return
     runner = web.AppRunner(build(kind, target, *extra), access_log=None, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()
     await web.SockSite(runner, sock).start()
@@ -157,7 +214,7 @@ def _listener(port: int, *, reuse_port: bool) -> socket.socket:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.bench.servers")
-    parser.add_argument("kind", choices=("bare", "upstream", "passthrough"))
+    parser.add_argument("kind", choices=("bare", "raw", "upstream", "passthrough"))
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--target")

@@ -99,9 +99,13 @@ def run(
     return parse(done.stdout)
 
 
-def script(cookies: Sequence[str] = (), expect: int | None = None, name: str = "_sidecar") -> Path:
+def script(
+    cookies: Sequence[str] = (), expect: int | None = None, name: str = "_sidecar", unique: str | None = None
+) -> Path:
     """A Lua script: rotate among session cookies (requests formatted once, up front) and count
     answers whose status is not exactly ``expect`` (wrk alone would accept any 2xx or 3xx).
+    ``unique``: a header sent with a new value on every request (``/page/<thread>-<n>``), so no two
+    requests share a decision cache key: every one is a miss (each request is formatted then).
 
     Each wrk thread starts at a different offset so threads do not walk the list in lockstep."""
     path = workdir() / f"wrk-{next(_scripts)}.lua"
@@ -125,7 +129,18 @@ def script(cookies: Sequence[str] = (), expect: int | None = None, name: str = "
         "  if n > 0 then i = ((thread_id or 0) * 7919) % n end",
         "end",
     ]
-    if cookies:
+    if cookies and unique:
+        lines += [
+            "local count = 0",
+            "function request()",
+            "  i = i + 1",
+            "  if i > n then i = 1 end",
+            "  count = count + 1",
+            f"  return wrk.format(nil, nil, {{['Cookie'] = '{name}=' .. cookies[i],"
+            f" ['{unique}'] = '/page/' .. (thread_id or 0) .. '-' .. count}})",
+            "end",
+        ]
+    elif cookies:
         lines += [
             "function request()",
             "  i = i + 1",

@@ -37,6 +37,7 @@ STEP_UP_INCLUDE = "include /etc/nginx/step-up.conf;"  # in sidecar.conf; the tes
 # The addresses in the shipped config that a private copy replaces (see render_nginx_conf).
 NGINX_PLACEHOLDERS = {
     "sidecar": "server 127.0.0.1:4180;",
+    "auth": "server 127.0.0.1:4181;",
     "app": "server 127.0.0.1:8080;",
     "listen": "listen 80;",
 }
@@ -178,15 +179,17 @@ class Proc:
         return self.popen.returncode
 
 
-def render_nginx_conf(listen_port: int, sidecar: str, app: str, text: str | None = None) -> str:
-    """The shipped server config with private addresses: ``sidecar`` and ``app`` as host:port,
-    nginx on 127.0.0.1:``listen_port``. Fails when a placeholder is missing, so a changed
+def render_nginx_conf(listen_port: int, sidecar: str, app: str, text: str | None = None, *, auth: str) -> str:
+    """The shipped server config with private addresses: ``sidecar`` (the main listener), ``auth`` (its
+    ``--auth-address`` listener, which the auth subrequests go to) and ``app`` as host:port, nginx on
+    127.0.0.1:``listen_port``. Fails when a placeholder is missing, so a changed
     shipped file cannot silently leave a test talking to port 80 or 4180. The shipped
     step-up.conf, which sidecar.conf includes from /etc/nginx, is inlined in its place."""
     text = SHIPPED_NGINX_CONF.read_text() if text is None else text
     text = text.replace(STEP_UP_INCLUDE, SHIPPED_STEP_UP_CONF.read_text())
     replacements = {
         NGINX_PLACEHOLDERS["sidecar"]: f"server {sidecar};",
+        NGINX_PLACEHOLDERS["auth"]: f"server {auth};",
         NGINX_PLACEHOLDERS["app"]: f"server {app};",
         NGINX_PLACEHOLDERS["listen"]: f"listen 127.0.0.1:{listen_port};",
     }

@@ -95,13 +95,14 @@ def site(redis_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 def run_site(redis_server: str, tmp_path_factory: pytest.TempPathFactory, *extra_flags: str) -> Iterator[Site]:
     """The shipped sidecar.conf in real nginx, before the sidecar (these flags plus ``extra_flags``),
     the dev provider and the demo app, all as processes."""
-    nginx_port, sidecar_port, provider_port, app_port = free_ports(4)
+    nginx_port, sidecar_port, provider_port, app_port, auth_port = free_ports(5)
     logs: Path = tmp_path_factory.mktemp("nginx-e2e")
     base, issuer = f"http://127.0.0.1:{nginx_port}", f"http://127.0.0.1:{provider_port}"
     # A database of our own on the shared server: other tests flush database 0 between tests.
     redis_url = redis_server.rsplit("/", 1)[0] + "/9"
     sidecar_flags = [
         f"--http-address=127.0.0.1:{sidecar_port}",
+        f"--auth-address=127.0.0.1:{auth_port}",  # the shipped config sends the auth subrequests there
         f"--oidc-issuer-url={issuer}",
         "--client-id=sidecar-dev",
         "--client-secret=sidecar-dev-secret",
@@ -140,7 +141,10 @@ def run_site(redis_server: str, tmp_path_factory: pytest.TempPathFactory, *extra
         provider.wait_http(issuer + "/.well-known/openid-configuration")
         app.wait_http(f"http://127.0.0.1:{app_port}/_demo/echo")
         sidecar.wait_http(f"http://127.0.0.1:{sidecar_port}/ping")
-        conf = render_nginx_conf(nginx_port, f"127.0.0.1:{sidecar_port}", f"127.0.0.1:{app_port}")
+        sidecar.wait_http(f"http://127.0.0.1:{auth_port}/oauth2/auth", expect=401)
+        conf = render_nginx_conf(
+            nginx_port, f"127.0.0.1:{sidecar_port}", f"127.0.0.1:{app_port}", auth=f"127.0.0.1:{auth_port}"
+        )
         procs.append(start_nginx(conf, nginx_port, log_dir=logs))
         yield Site(
             base=base,
@@ -650,13 +654,14 @@ class Outage:
 @pytest.fixture(scope="module")
 def outage(site: Site, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Outage]:
     """A second sidecar (same provider and app as ``site``) whose Redis the test may stop."""
-    nginx_port, sidecar_port, redis_port = free_ports(3)
+    nginx_port, sidecar_port, redis_port, auth_port = free_ports(4)
     logs: Path = tmp_path_factory.mktemp("nginx-outage")
     redis_dir = logs / "redis"
     base = f"http://127.0.0.1:{nginx_port}"
     holder = [start_redis("outage-redis", redis_dir, redis_port)]
     flags = [
         f"--http-address=127.0.0.1:{sidecar_port}",
+        f"--auth-address=127.0.0.1:{auth_port}",
         f"--oidc-issuer-url={site.issuer}",
         "--client-id=sidecar-dev",
         "--client-secret=sidecar-dev-secret",
@@ -675,7 +680,10 @@ def outage(site: Site, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Out
     procs = [Proc("outage-sidecar", python_module("sidecar", *flags), log_dir=logs, env=child_env())]
     try:
         procs[0].wait_http(f"http://127.0.0.1:{sidecar_port}/ping")
-        conf = render_nginx_conf(nginx_port, f"127.0.0.1:{sidecar_port}", urlsplit(site.app).netloc)
+        procs[0].wait_http(f"http://127.0.0.1:{auth_port}/oauth2/auth", expect=401)
+        conf = render_nginx_conf(
+            nginx_port, f"127.0.0.1:{sidecar_port}", urlsplit(site.app).netloc, auth=f"127.0.0.1:{auth_port}"
+        )
         procs.append(start_nginx(conf, nginx_port, log_dir=logs))
         yield Outage(base, holder[0], redis_dir, f"http://127.0.0.1:{sidecar_port}")
     finally:
@@ -746,7 +754,7 @@ async def test_an_unreachable_sidecar_is_503_and_other_failures_stay_500(
     without Retry-After."""
     nginx_port, dead_port = free_ports(2)
     target = f"127.0.0.1:{dead_port}" if kind == "sidecar-down" else urlsplit(site.issuer).netloc
-    conf = render_nginx_conf(nginx_port, target, urlsplit(site.app).netloc)
+    conf = render_nginx_conf(nginx_port, target, urlsplit(site.app).netloc, auth=target)
     proc = start_nginx(conf, nginx_port, log_dir=tmp_path_factory.mktemp(f"nginx-{kind}"))
     try:
         for method, path, status, retry, body in await statuses_during(f"http://127.0.0.1:{nginx_port}", None):

@@ -36,7 +36,7 @@ _ids = itertools.count(1)
 AUTH_LOGS: dict[str, Path] = {}  # nginx base URL -> its log of auth subrequests
 
 
-def cached_conf(listen_port: int, sidecar: str, app: str, cache_dir: Path, auth_log: Path) -> str:
+def cached_conf(listen_port: int, sidecar: str, app: str, cache_dir: Path, auth_log: Path, auth: str) -> str:
     """sidecar.conf with the cache turned on as its comments say, plus a test-only log of each auth subrequest."""
     text = SHIPPED_NGINX_CONF.read_text()
     zones = ZONE_LINE.findall(text)
@@ -47,12 +47,12 @@ def cached_conf(listen_port: int, sidecar: str, app: str, cache_dir: Path, auth_
     log = f"log_subrequest on;\n        access_log {auth_log} sidecar_auth_test;\n"
     text = text.replace(INCLUDE_LINE, log + CACHE_CONF.read_text())
     fmt = "log_format sidecar_auth_test '$http_x_test_id $upstream_cache_status $upstream_status';\n"
-    return fmt + render_nginx_conf(listen_port, sidecar, app, text)
+    return fmt + render_nginx_conf(listen_port, sidecar, app, text, auth=auth)
 
 
 @pytest.fixture(scope="module")
 def site(redis_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
-    nginx_port, sidecar_port, provider_port, app_port = free_ports(4)
+    nginx_port, sidecar_port, provider_port, app_port, auth_port = free_ports(5)
     logs: Path = tmp_path_factory.mktemp("nginx-cache")
     base, issuer = f"http://127.0.0.1:{nginx_port}", f"http://127.0.0.1:{provider_port}"
     redis_url = redis_server.rsplit("/", 1)[0] + "/10"  # our own database: others flush database 0
@@ -72,6 +72,7 @@ def site(redis_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             "sidecar",
             "sidecar",
             f"--http-address=127.0.0.1:{sidecar_port}",
+            f"--auth-address=127.0.0.1:{auth_port}",
             f"--oidc-issuer-url={issuer}",
             "--client-id=sidecar-dev",
             "--client-secret=sidecar-dev-secret",
@@ -93,8 +94,14 @@ def site(redis_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         # Ready, not only alive: it has fetched the provider's discovery document, so the first sign-in
         # on a busy machine does not race it (a 503 from /oauth2/start).
         sidecar.wait_http(f"http://127.0.0.1:{sidecar_port}/ready", timeout=30)
+        sidecar.wait_http(f"http://127.0.0.1:{auth_port}/oauth2/auth", expect=401)
         conf = cached_conf(
-            nginx_port, f"127.0.0.1:{sidecar_port}", f"127.0.0.1:{app_port}", cache_parent / "c", logs / "auth.log"
+            nginx_port,
+            f"127.0.0.1:{sidecar_port}",
+            f"127.0.0.1:{app_port}",
+            cache_parent / "c",
+            logs / "auth.log",
+            f"127.0.0.1:{auth_port}",
         )
         procs.append(start_nginx_proc(conf, nginx_port, log_dir=logs))
         AUTH_LOGS[base] = logs / "auth.log"
@@ -167,7 +174,9 @@ async def test_a_cache_hit_still_hands_the_identity_and_token_to_the_app(
 
 def forged_headers(valid: str) -> list[dict[str, str]]:
     """Cookies the sidecar refuses: none, empty, made up, a valid one altered, the right value under a wrong name."""
-    flipped = valid[:-1] + ("A" if valid[-1] != "A" else "B")
+    # One letter of the signature changed, not the last: the last base64 letter carries two unused bits,
+    # so A/B/C/D there decode to the same signature (the cookie stays valid one run in sixteen).
+    flipped = valid[:-5] + ("A" if valid[-5] != "A" else "B") + valid[-4:]
     return [
         {},
         {"Cookie": f"{COOKIE}="},

@@ -1,0 +1,274 @@
+"""The per-process cache of ``/oauth2/auth`` answers: a hot session's 202 at memory speed.
+
+For one session the decision reads only a few inputs: the Cookie header, the auth-url's raw query,
+whether the socket peer is a trusted front, and the headers a front sets about the original request
+(``X-Original-*``, ``X-Forwarded-*``, ``Forwarded``, ``X-Real-IP``, ``Host``, the real-client-IP header).
+The key is every one of them, raw, so whichever of those headers a front's table tells the decision to
+believe, two requests with one key get one answer. The value is the whole 202: its header block (status
+line and framing are added per request) and the header multidict for aiohttp.
+
+An entry is used only while all of these hold, and is dropped as soon as one fails:
+
+- this process's session cache still holds the very ``Session`` object the answer was made from
+  (a sign-out, refresh, session end or cache refill in this process replaces or drops it), so an
+  entry never outlives the session-cache period; a sign-out on another replica is seen here at most
+  ``--session-cache-ttl`` later, exactly as for the session cache;
+- it is before the moment the access token is due for refresh, the session reaches its lifetime or
+  idle limit, the cookie's signature expires, or the session's ``auth_time`` becomes too old for the
+  step-up ``max_age`` (auth-url or ``--fresh-auth-route``) that the answer was checked against.
+
+Only 202s are kept. Nothing is kept for a request without the session cookie, with it twice, with two
+Cookie headers, or with ``Authorization`` (a bearer token decides then, not the cookie). The table is
+bounded in entries and in bytes; the oldest go first, and expired ones are swept as new ones come in.
+A key is kept only the second time it is seen (a set of recent key hashes remembers the first): a
+stream of one-off keys (a new URI per request) then costs a hash, not an entry, and pushes nothing out.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from . import metrics
+from .config import Config
+from .context import BY_SIDECAR_TOKEN, DECISION_KEY, Services, forwarded_client_ip, trusted_peer
+from .cookies import SessionRef
+from .fronts import FAMILY
+from .guard import BEARER_REF, read_cookie
+from .models import Session
+from .sessions import Sessions
+
+MAX_ENTRIES = 10_000
+MAX_BYTES = 16 * 1024 * 1024
+_ENTRY_OVERHEAD = 400  # the entry object, its tuple key and the dict slot, roughly
+_KEY_PREFIXES = ("x-forwarded-", "x-original-")
+# Every header some front's table reads about the original request (fronts.FAMILY: method overrides,
+# X-Host, X-Rewrite-URL, X-Envoy-Original-Path, Front-End-Https...) is part of the key, whichever front is
+# configured, so no input the decision may read is left out.
+_KEY_NAMES = frozenset({"host", "forwarded", "x-real-ip", *(name.lower() for name in FAMILY)})
+
+Key = tuple[str, ...]
+
+
+@dataclass(slots=True)
+class Decision:
+    """One cached 202."""
+
+    headers: CIMultiDict[str]  # for aiohttp (the main listener); never changed (aiohttp copies it)
+    block: bytes | None  # "Name: value\r\n" for each header, for the lean listener (built at its first hit)
+    deadline: float  # time.monotonic()
+    store_key: str
+    ref: SessionRef
+    session: Session
+    forwarded_ip: str | None  # the client a trusted front names (the access line), None: the peer itself
+    size: int
+
+    def header_block(self) -> bytes:
+        if self.block is None:
+            text = "".join(f"{name}: {value}\r\n" for name, value in self.headers.items())
+            self.block = text.encode("utf-8", "surrogateescape")
+        return self.block
+
+
+def request_key(
+    method: str, items: Iterable[tuple[str, str]], raw_query: str, trusted: bool, config: Config
+) -> Key | None:
+    """The cache key of an auth request: its method (a front may ask with the original one), its headers
+    (name, value pairs as sent), the raw query; None when it may not be cached. ``trusted``: the socket
+    peer is a trusted front (it decides whether tokens are answered). Laid out as (cookie, query, trust,
+    method, name, value, name, value...): ``key[4::2]`` are the header names."""
+    cookie: str | None = None
+    picked: list[str] = []
+    client_ip_header = config.real_client_ip_header.lower()
+    for name, value in items:
+        lower = name.lower()
+        if lower == "cookie":
+            if cookie is not None:
+                return None  # two Cookie headers: which one a reader believes is not ours to guess
+            cookie = value
+        elif lower == "authorization":
+            return None
+        elif lower.startswith(_KEY_PREFIXES) or lower in _KEY_NAMES or lower == client_ip_header:
+            picked += (lower, value)
+        elif not lower.replace("-", "").isalnum():
+            return None  # X_Forwarded_Uri, X.Auth.Request.User...: the full decision refuses such spellings
+    if cookie is None or cookie.count(config.cookie_name + "=") != 1:
+        return None  # no session cookie, or it twice (or a look-alike name: not worth the doubt)
+    return (cookie, raw_query, "t" if trusted else "u", method, *picked)
+
+
+class DecisionCache:
+    """Cached 202s by request key; see the module docstring for when an entry is used."""
+
+    def __init__(
+        self, sessions: Sessions, config: Config, *, max_entries: int = MAX_ENTRIES, max_bytes: int = MAX_BYTES
+    ) -> None:
+        self._sessions = sessions
+        self._config = config
+        self._ttl = float(config.session_cache_ttl)
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[Key, Decision] = OrderedDict()  # oldest first, popped in O(1)
+        self._keys_of: dict[str, dict[Key, None]] = {}  # store key -> its entries' keys (an ordered set)
+        self._seen: set[int] = set()  # hashes of keys seen once: the admission check
+        self.bytes = 0
+        sessions.on_change.append(self.drop_session)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: Key) -> Decision | None:
+        """The entry for ``key`` if it may still answer; a stale one is dropped."""
+        entry = self._entries.get(key)
+        if entry is None:
+            metrics.DECISION_CACHE.add("miss")
+            return None
+        if time.monotonic() < entry.deadline and self._sessions.is_cached(entry.store_key, entry.session):
+            metrics.DECISION_CACHE.add("hit")
+            return entry
+        self._drop(key)
+        metrics.DECISION_CACHE.add("miss")
+        return None
+
+    def admit(self, key: Key) -> bool:
+        """Whether an answer for ``key`` should be kept: the second time the key is seen, not the first."""
+        seen = hash(key)
+        if seen in self._seen:
+            return True
+        if len(self._seen) >= 4 * self.max_entries:
+            self._seen.clear()
+        self._seen.add(seen)
+        return False
+
+    def put(
+        self,
+        key: Key,
+        headers: CIMultiDict[str],
+        ref: SessionRef,
+        session: Session,
+        *,
+        max_age: int | None,
+        cookie_until: float | None,
+        forwarded_ip: str | None,
+    ) -> None:
+        """Keep a 202 made from ``session`` (the object the session cache holds) for ``key``. ``max_age``: the
+        step-up age the answer was checked against; ``cookie_until``: when the cookie's signature expires."""
+        mono, now = time.monotonic(), time.time()
+        cached_until = self._sessions.cache_deadline(ref.store_key, session)
+        if cached_until is None:
+            return  # not the session cache's copy (a bearer token, a refresh that failed over): never kept
+        until = self._valid_until(session, now, max_age, cookie_until)
+        if until <= now:
+            return
+        deadline = min(cached_until, mono + (until - now))
+        # the header text twice (the multidict, the lean listener's block) and the key's strings
+        size = _ENTRY_OVERHEAD + 2 * sum(len(name) + len(value) + 4 for name, value in headers.items())
+        size += sum(map(len, key))
+        if size > self.max_bytes // 4:
+            return  # one answer may not crowd out the rest
+        self._drop(key)
+        self._sweep(mono)
+        entry = Decision(headers, None, deadline, ref.store_key, ref, session, forwarded_ip, size)
+        self._entries[key] = entry
+        self._keys_of.setdefault(ref.store_key, {})[key] = None
+        self.bytes += size
+        while len(self._entries) > self.max_entries or self.bytes > self.max_bytes:
+            self._drop(next(iter(self._entries)))
+
+    def _valid_until(self, session: Session, now: float, max_age: int | None, cookie_until: float | None) -> float:
+        """Wall-clock time until which nothing but a store change could alter this answer."""
+        config = self._config
+        limits = [now + self._ttl]
+        tokens = session.tokens
+        if tokens.access_expires_at is not None:
+            # Session.needs_refresh turns true at expires - early: the decision must run again then
+            early = min(float(config.refresh_skew), max(0.0, tokens.access_expires_at - tokens.issued_at) / 2)
+            limits.append(tokens.access_expires_at - early)
+        if config.cookie_refresh:
+            limits.append(tokens.issued_at + float(config.cookie_refresh))
+        if config.cookie_expire:
+            limits.append(session.created_at + float(config.cookie_expire))
+        if config.session_idle_timeout:
+            limits.append((session.last_active or session.created_at) + float(config.session_idle_timeout))
+        if cookie_until is not None:
+            limits.append(cookie_until)
+        if max_age is not None:
+            # stepup.is_stale compares whole seconds: stale from floor(auth_time) + max_age + 1 on
+            limits.append(math.floor(session.auth_time) + max_age + 1)
+        return min(limits)
+
+    def _sweep(self, mono: float) -> None:
+        """Drop a few expired entries from the old end, so the table follows the sessions in use."""
+        for _ in range(2):
+            if not self._entries:
+                return
+            oldest, entry = next(iter(self._entries.items()))
+            if entry.deadline > mono:
+                return
+            self._drop(oldest)
+
+    def _drop(self, key: Key) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is None:
+            return
+        self.bytes -= entry.size
+        keys = self._keys_of.get(entry.store_key)
+        if keys is not None:
+            keys.pop(key, None)
+            if not keys:
+                del self._keys_of[entry.store_key]
+
+    def drop_session(self, store_key: str) -> None:
+        """A session ended or was rewritten (sign-out, refresh, expiry) in this process: its answers go now."""
+        for key in list(self._keys_of.get(store_key, ())):
+            self._drop(key)
+
+
+def decision_key(request: web.Request, svc: Services) -> tuple[Key, Decision | None]:
+    """This request's key (``()``: not cacheable) and the cached answer for it, if any. The lean listener
+    looked the key up already and left it on the request (``DECISION_KEY``): no second lookup then."""
+    known = request.get(DECISION_KEY)
+    if known is not None:
+        return known, None
+    if svc.decisions is None or request.path != svc.config.proxy_prefix + "/auth":
+        return (), None  # envoy's /oauth2/auth/<original path>: the path is an input the key does not hold
+    trusted = trusted_peer(request.remote, svc.config)
+    key = request_key(request.method, request.headers.items(), request.rel_url.raw_query_string, trusted, svc.config)
+    if key is None:
+        return (), None
+    return key, svc.decisions.get(key)
+
+
+def remember(
+    request: web.Request,
+    svc: Services,
+    key: Key,
+    ref: SessionRef,
+    session: Session,
+    max_age: int | None,
+    headers: CIMultiDict[str],
+) -> None:
+    """Keep this 202 (``headers``: what the answer was made from, never changed afterwards) for the next
+    requests with the same key, when the session cookie made it."""
+    if svc.decisions is None or ref is BEARER_REF or request.get(BY_SIDECAR_TOKEN) or not svc.decisions.admit(key):
+        return
+    config = svc.config
+    cookie = read_cookie(request, config.cookie_name)
+    svc.decisions.put(
+        key,
+        headers,
+        ref,
+        session,
+        max_age=max_age,
+        cookie_until=svc.codec.session_valid_until(cookie) if cookie else None,
+        forwarded_ip=forwarded_client_ip(request, config) if key[2] == "t" else None,  # a trusted peer
+    )
+
+
+STATUS_202 = {(1, 1): b"HTTP/1.1 202 Accepted\r\n", (1, 0): b"HTTP/1.0 202 Accepted\r\n"}

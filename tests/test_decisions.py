@@ -1,0 +1,523 @@
+"""The /oauth2/auth decision cache, on both listeners, with the real app, the dev provider and Redis.
+
+Every way an answer can change must reach the cached one in time: sign-out here (at once), sign-out on
+another replica (within --session-cache-ttl), a refresh (never an expired token), a step-up age crossed
+during the cache period (never a 202 past it), the auth-url's location rules and the peer's trust (part of
+the key). Nothing is cached without the session cookie, with two, or with Authorization; the table stays
+within its entry and byte bounds. Requests here are written by hand on purpose: these are the hostile and
+boundary variants on top of the real-nginx tests in tests/e2e, which go through the cache too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from sidecar import metrics
+from sidecar.auth_listener import AuthListener
+from sidecar.context import SERVICES, Services
+from sidecar.decisions import DecisionCache, request_key
+from sidecar.store import MemoryStore, RedisStore
+from tests.stack import Stack, browser, session_cookie, sign_in, stack
+from tests.test_auth_listener import Response, comparable, header
+
+TOKENS = {"pass_access_token": "true", "pass_authorization_header": "true", "upstream": ""}
+
+
+@asynccontextmanager
+async def lean(st: Stack, index: int = 0) -> AsyncIterator[int]:
+    listener = AuthListener(st.runners[index].app, st.configs[index])
+    sock = socket.create_server(("127.0.0.1", 0))
+    await listener.start(sock)
+    try:
+        yield int(sock.getsockname()[1])
+    finally:
+        await asyncio.wait_for(listener.drain(), 5)
+
+
+def svc_of(st: Stack, index: int = 0) -> Services:
+    return st.runners[index].app[SERVICES]
+
+
+def port_of(base: str) -> int:
+    return int(base.rsplit(":", 1)[1])
+
+
+async def ask(
+    port: int,
+    cookie: str | None = None,
+    query: str = "",
+    extra: dict[str, str] | None = None,
+    source: str = "127.0.0.1",
+) -> Response:
+    """One GET /oauth2/auth on its own connection, from ``source`` (127.0.0.2 is not a trusted proxy)."""
+    head = f"GET /oauth2/auth{query} HTTP/1.1\r\nHost: app.example\r\n"
+    if cookie is not None:
+        head += f"Cookie: _sidecar={cookie}\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in (extra or {}).items()) + "\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+    try:
+        writer.write(head.encode())
+        line = await asyncio.wait_for(reader.readline(), 5)
+        status = int(line.split(b" ")[1])
+        headers: list[tuple[str, str]] = []
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").rstrip("\r\n").partition(":")
+            headers.append((name, value.strip()))
+        length = int(next((v for k, v in headers if k.lower() == "content-length"), "0"))
+        return status, headers, await reader.readexactly(length)
+    finally:
+        writer.close()
+
+
+def lookups() -> dict[str, float]:
+    metrics.flush()
+    return {r: metrics.DECISION_CACHE_LOOKUPS.labels(r)._value.get() for r in ("hit", "miss")}  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+async def st() -> AsyncIterator[Stack]:
+    async with stack(MemoryStore(), reverse_proxy="true", trusted_proxy="127.0.0.1/32", **TOKENS) as s:
+        yield s
+
+
+async def _signed_in(st: Stack, base: str | None = None) -> str:
+    async with browser() as client:
+        await sign_in(client, base or st.base)
+        cookie = session_cookie(client)
+    assert cookie
+    return cookie
+
+
+async def test_a_hit_answers_byte_for_byte_what_the_decision_answered_on_both_listeners(st: Stack) -> None:
+    cookie = await _signed_in(st)
+    main = port_of(st.base)
+    async with lean(st) as port:
+        cases = [{}, {"X-Request-Id": "r-1"}, {"X-Original-URI": "/a?b=c", "X-Forwarded-For": "203.0.113.7"}]
+        for extra in cases:
+            # the first sighting of a key is not kept, the second is: from the third on, hits
+            first = await ask(port, cookie, extra=extra)
+            await ask(port, cookie, extra=extra)
+            before = lookups()
+            again = [await ask(port, cookie, extra=extra), await ask(main, cookie, extra=extra)]
+            after = lookups()
+            assert first[0] == 202 and header(first, "X-Auth-Request-Access-Token")
+            assert after["hit"] - before["hit"] == 2 and after["miss"] == before["miss"], extra
+            assert [comparable(r) for r in again] == [comparable(first)] * 2, extra
+
+
+async def test_a_key_seen_once_is_not_kept(st: Stack) -> None:
+    """One-off keys (a new URI per request) cost a hash, not an entry: they push nothing out."""
+    cookie = await _signed_in(st)
+    cache = svc_of(st).decisions
+    assert cache is not None
+    async with lean(st) as port:
+        for i in range(30):
+            assert (await ask(port, cookie, extra={"X-Original-URI": f"/once/{i}"}))[0] == 202
+        assert len(cache) == 0
+        for _ in range(2):
+            assert (await ask(port, cookie, extra={"X-Original-URI": "/once/3"}))[0] == 202
+        assert len(cache) == 1
+
+
+async def test_nothing_is_kept_without_one_session_cookie_or_with_authorization(st: Stack) -> None:
+    cookie = await _signed_in(st)
+    cache = svc_of(st).decisions
+    assert cache is not None
+    async with lean(st) as port:
+        uncacheable: list[tuple[str | None, dict[str, str], int]] = [
+            (None, {}, 401),
+            (None, {"Cookie": "other=1"}, 401),
+            (None, {"Cookie": f"_sidecar={cookie}; _sidecar={cookie}"}, 202),  # twice in one header
+            (None, {"Cookie": f"x_sidecar=1; _sidecar={cookie}"}, 202),  # a look-alike name: not worth the doubt
+            (cookie, {"Cookie": "app=1"}, 202),  # two Cookie headers
+            (cookie, {"Authorization": "Bearer abc.def.ghi"}, 202),  # a bearer token is the app's here
+            (cookie, {"authorization": "Basic eDp5"}, 202),
+        ]
+        not_202: list[tuple[str | None, dict[str, str], int]] = [
+            (None, {"Cookie": f"_sidecar={cookie[:-2]}xx"}, 401),  # forged
+            (None, {"Cookie": "_sidecar="}, 401),
+        ]
+        for value, extra, status in uncacheable + not_202:
+            for _ in range(2):
+                got = await ask(port, value, extra=extra)
+                assert got[0] == status, (value, extra, got[0])
+            assert len(cache) == 0, extra
+    for value, extra, _ in uncacheable:
+        items = list(extra.items()) + ([("Cookie", f"_sidecar={value}")] if value else [])
+        assert request_key("GET", items, "", True, st.configs[0]) is None, extra
+
+
+async def test_sign_out_here_ends_cached_answers_at_once(st: Stack) -> None:
+    cookie = await _signed_in(st)
+    async with lean(st) as port, aiohttp.ClientSession(cookies={"_sidecar": cookie}) as client:
+        assert (await ask(port, cookie))[0] == 202
+        assert (await ask(port_of(st.base), cookie))[0] == 202  # both listeners share the cache
+        assert (await ask(port, cookie))[0] == 202
+        assert len(svc_of(st).decisions or ()) == 1
+        async with client.get(st.base + "/oauth2/sign_out", allow_redirects=False) as resp:
+            assert resp.status == 302
+        assert len(svc_of(st).decisions or ()) == 0  # dropped, not merely skipped
+        assert (await ask(port, cookie))[0] == 401
+        assert (await ask(port_of(st.base), cookie))[0] == 401
+
+
+async def test_sign_out_on_another_replica_is_seen_within_the_session_cache_period(redis_url: str) -> None:
+    """The documented bound: another replica's sign-out reaches this one's cached answers within
+    --session-cache-ttl (here 1 s), as for the session cache; after that, never a 202 again."""
+    stores = [RedisStore(aioredis.from_url(redis_url)) for _ in range(2)]
+    try:
+        async with stack(stores[0], session_cache_ttl="1s", **TOKENS) as st:
+            await st.add_sidecar(stores[1], session_cache_ttl="1s", **TOKENS)
+            cookie = await _signed_in(st)
+            async with lean(st) as port, aiohttp.ClientSession(cookies={"_sidecar": cookie}) as client:
+                for _ in range(3):  # kept at the second, answered from the cache at the third
+                    assert (await ask(port, cookie))[0] == 202
+                assert len(svc_of(st).decisions or ()) == 1
+                async with client.get(st.sidecars[1] + "/oauth2/sign_out", allow_redirects=False) as resp:
+                    assert resp.status == 302
+                signed_out = time.monotonic()
+                statuses: list[tuple[float, int]] = []
+                while time.monotonic() - signed_out < 1.6:
+                    statuses.append((time.monotonic() - signed_out, (await ask(port, cookie))[0]))
+                    await asyncio.sleep(0.02)
+    finally:
+        for store in stores:
+            await store.close()
+    last_202 = max((t for t, status in statuses if status == 202), default=0.0)
+    assert last_202 < 1.0, statuses  # within the period
+    assert statuses[-1][1] == 401 and all(status == 401 for t, status in statuses if t > last_202)
+
+
+async def test_a_refresh_replaces_the_cached_answer_never_an_expired_token() -> None:
+    """Tokens live 2 s, refreshed at expiry (skew 0), session cache 1 s, asked every 10 ms: no 202 may carry
+    a token after the moment the sidecar itself takes it as expired (a cached answer living to the end of
+    its period would, by up to a second)."""
+    async with stack(
+        MemoryStore(),
+        provider_kw={"access_token_ttl": 2},
+        refresh_skew="0s",
+        session_cache_ttl="1s",
+        reverse_proxy="true",
+        **TOKENS,
+    ) as st:
+        cookie = await _signed_in(st)
+        sessions = svc_of(st).sessions
+        seen: list[tuple[float, str]] = []
+        expiry: dict[str, float] = {}  # each token as the sidecar's session holds it: until when it is good
+        async with lean(st) as port:
+            stop = time.time() + 4.5
+            while time.time() < stop:
+                sent = time.time()
+                got = await ask(port, cookie)
+                assert got[0] == 202
+                seen.append((sent, header(got, "X-Auth-Request-Access-Token") or ""))
+                for session, _ in sessions._cache.values():
+                    expiry[session.tokens.access_token] = session.tokens.access_expires_at or 0.0
+                await asyncio.sleep(0.01)
+    tokens = list(dict.fromkeys(token for _, token in seen))
+    assert len(tokens) >= 2, "no refresh happened"
+    assert [(sent, token[-8:]) for sent, token in seen if sent >= expiry[token]] == []
+    assert [tokens.index(token) for _, token in seen] == sorted(tokens.index(token) for _, token in seen)
+
+
+async def test_no_202_once_the_step_up_age_is_crossed_even_inside_the_cache_period() -> None:
+    """``?max_age=2`` (auth-url) and ``--fresh-auth-route 2s=^/admin/`` (X-Original-URI from a trusted front):
+    stale from floor(auth_time) + 3 on. Asked every 20 ms with a 1 s session cache, an entry made just
+    before the crossing would otherwise answer 202 for up to a second after it."""
+    async with stack(
+        MemoryStore(), session_cache_ttl="1s", reverse_proxy="true", fresh_auth_route="2s=^/admin/", **TOKENS
+    ) as st:
+        cookie = await _signed_in(st)
+        kinds: dict[str, tuple[str, dict[str, str]]] = {
+            "query": ("?max_age=2", {}),
+            "route": ("", {"X-Original-URI": "/admin/users"}),
+            "plain": ("", {"X-Original-URI": "/home"}),
+        }
+        seen: dict[str, list[tuple[float, int, str | None]]] = {kind: [] for kind in kinds}
+        async with lean(st) as port:
+            stop = time.time() + 4.2
+            while time.time() < stop:
+                for kind, (query, extra) in kinds.items():
+                    sent = time.time()
+                    got = await ask(port, cookie, query, extra)
+                    seen[kind].append((sent, got[0], header(got, "X-Auth-Request-Auth-Time")))
+                await asyncio.sleep(0.02)
+    auth_time = next(int(at) for _, status, at in seen["plain"] if at)
+    crossing = auth_time + 3
+    assert all(status == 202 for _, status, _ in seen["plain"])
+    for kind in ("query", "route"):
+        assert all(sent < crossing for sent, status, _ in seen[kind] if status == 202), kind
+        assert any(status == 401 for _, status, _ in seen[kind]), kind
+        assert all(status == 401 for sent, status, _ in seen[kind] if sent >= crossing + 0.1), kind
+
+
+async def test_location_rules_and_peer_trust_are_part_of_the_key(st: Stack) -> None:
+    cookie = await _signed_in(st)
+    async with lean(st) as port:
+        for _ in range(2):  # the second round is answered from the cache where it may be
+            assert (await ask(port, cookie))[0] == 202
+            assert (await ask(port, cookie, "?allowed_groups=admins"))[0] == 202
+            assert (await ask(port, cookie, "?allowed_groups=nope-group"))[0] == 403
+            assert (await ask(port, cookie, "?allowed_emails=bob@example.com"))[0] == 403
+            assert (await ask(port, cookie, "?unknown_rule=1"))[0] == 403
+            trusted = await ask(port, cookie)
+            untrusted = await ask(port, cookie, source="127.0.0.2")
+            assert trusted[0] == untrusted[0] == 202
+            assert header(trusted, "X-Auth-Request-Access-Token") and header(trusted, "Authorization")
+            assert (
+                header(untrusted, "X-Auth-Request-Access-Token") is None and header(untrusted, "Authorization") is None
+            )
+            assert header(untrusted, "X-Auth-Request-Email") == "alice@example.com"
+        # untrusted first this time, on a fresh key: the trusted answer still carries the tokens
+        untrusted = await ask(port, cookie, "?allowed_groups=admins", source="127.0.0.2")
+        trusted = await ask(port, cookie, "?allowed_groups=admins")
+        assert header(untrusted, "Authorization") is None and header(trusted, "Authorization")
+
+
+async def test_the_table_stays_within_its_entry_and_byte_bounds(st: Stack) -> None:
+    svc = svc_of(st)
+    assert svc.decisions is not None
+    cookies = [await _signed_in(st) for _ in range(3)]
+    for max_entries, max_bytes in ((20, 10**9), (10**6, 40_000)):
+        svc.decisions = cache = DecisionCache(svc.sessions, svc.config, max_entries=max_entries, max_bytes=max_bytes)
+        sizes = []
+        async with lean(st) as port:
+            for i in range(120):
+                for _ in range(2):  # a key is kept the second time it is seen
+                    got = await ask(port, cookies[i % 3], extra={"X-Original-URI": f"/page/{i}"})
+                    assert got[0] == 202
+                sizes.append((len(cache), cache.bytes))
+        assert max(n for n, _ in sizes) <= max_entries and max(b for _, b in sizes) <= max_bytes
+        assert len(cache) > 5  # it did keep answers
+    assert cache.bytes == sum(entry.size for entry in cache._entries.values())
+    svc.sessions.on_change.remove(cache.drop_session)
+
+
+async def test_access_line_and_counts_per_request_on_hits(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    from sidecar import logs
+
+    caplog.set_level(logging.INFO, logger="sidecar.access")
+    async with stack(MemoryStore(), request_logging="true", **TOKENS) as st:
+        cookie = await _signed_in(st)
+        async with lean(st) as port:
+            logs.flush()
+            capsys.readouterr()
+            before = lookups()
+            for i in range(7):  # two misses (the key kept at the second), then hits
+                got = await ask(port, cookie, extra={"X-Request-Id": f"hit-{i}"})
+                assert got[0] == 202 and header(got, "X-Request-Id") == f"hit-{i}"
+            generated = await ask(port_of(st.base), cookie)
+            after = lookups()
+            logs.flush()
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if '"sidecar.access"' in line]
+    assert after["hit"] - before["hit"] >= 6  # five on the lean listener, one on the main one
+    assert [line["request_id"] for line in lines[:7]] == [f"hit-{i}" for i in range(7)]
+    assert all(line["user"] == "alice@example.com" and line["status"] == 202 for line in lines)
+    assert lines[-1]["request_id"] == header(generated, "X-Request-Id") and len(lines) == 8
+    assert cookie not in json.dumps(lines)
+
+
+class Recording:
+    """Request headers that note every name the decision asks for (any other access fails the test)."""
+
+    def __init__(self, items: list[tuple[str, str]]) -> None:
+        self._proxy = CIMultiDictProxy(CIMultiDict(items))
+        self.read: set[str] = set()
+
+    def get(self, name: str, default: Any = None) -> Any:
+        self.read.add(name.lower())
+        return self._proxy.get(name, default)
+
+    def getall(self, name: str, default: Any = None) -> Any:
+        self.read.add(name.lower())
+        return self._proxy.getall(name, default)
+
+    def getone(self, name: str, default: Any = None) -> Any:
+        self.read.add(name.lower())
+        return self._proxy.getone(name, default)
+
+    def __getitem__(self, name: str) -> str:
+        self.read.add(name.lower())
+        return self._proxy[name]
+
+    def __contains__(self, name: object) -> bool:
+        self.read.add(str(name).lower())
+        return name in self._proxy
+
+
+FRONT_HEADERS = [
+    ("Host", "app.example"),
+    ("X-Original-URI", "/admin/x?y=1"),
+    ("X-Original-URL", "http://app.example/admin/x"),
+    ("X-Original-Method", "POST"),
+    ("X-Forwarded-Uri", "/admin/x?y=1"),
+    ("X-Forwarded-Method", "POST"),
+    ("X-Forwarded-Host", "app.example"),
+    ("X-Forwarded-Proto", "https"),
+    ("X-Forwarded-For", "203.0.113.9"),
+    ("X-Real-IP", "203.0.113.9"),
+    ("Accept", "text/html"),
+    ("User-Agent", "Mozilla/5.0"),
+    ("Sec-Fetch-Site", "same-origin"),
+    ("Origin", "http://app.example"),
+    ("Referer", "http://app.example/"),
+    ("X-Auth-Request-Redirect", "/x"),
+    ("X-Request-Id", "abc"),
+]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"reverse_proxy": "true", "fresh_auth_route": "1h=^/admin/", "request_logging": "true"},
+        {"reverse_proxy": "true", "oauth_server": "true", "oauth_resource": "/admin"},
+        {"reverse_proxy": "true", "skip_jwt_bearer_tokens": "true", "real_client_ip_header": "X-ProxyUser-IP"},
+        {"trusted_proxy": "10.0.0.0/8"},
+    ],
+)
+async def test_the_decision_reads_no_header_outside_its_key(settings: dict[str, str]) -> None:
+    """Every header the running decision asks for is in the cache key (or is Cookie, Authorization, which
+    makes a request uncacheable, or X-Request-Id, echoed per request). A front table that makes the decision
+    read another header fails here, before it can make two requests with one key get different answers."""
+    from sidecar import handlers
+    from sidecar.auth_listener import AuthRequest
+    from sidecar.context import DECISION_KEY
+    from sidecar.decisions import _KEY_NAMES, _KEY_PREFIXES
+    from sidecar.middleware import guarded
+
+    async with stack(MemoryStore(), **{**TOKENS, **settings}) as st:
+        cookie = await _signed_in(st)
+        config = st.configs[0]
+        allowed = {"cookie", "authorization", "x-request-id", config.real_client_ip_header.lower()}
+        decide = guarded(handlers.auth, "/oauth2/auth")
+        for query in ("", "?max_age=3600", "?allowed_groups=admins"):
+            for extra in ([], [("X-ProxyUser-IP", "203.0.113.9")]):
+                headers = Recording([*FRONT_HEADERS, *extra, ("Cookie", f"app=1; _sidecar={cookie}")])
+                request = AuthRequest(st.runners[0].app, "GET", "/oauth2/auth", query[1:], headers, "127.0.0.1", (1, 1))  # type: ignore[arg-type]
+                request[DECISION_KEY] = ()  # the key is the listener's business: here only the decision reads
+                response = await decide(request)  # type: ignore[arg-type]
+                assert response.status == 202, (settings, query)
+                outside = {
+                    name
+                    for name in headers.read
+                    if name not in allowed and name not in _KEY_NAMES and not name.startswith(_KEY_PREFIXES)
+                }
+                assert outside == set(), (settings, query)
+
+
+async def test_the_cache_can_be_turned_off_and_is_off_without_a_session_cache() -> None:
+    """``--auth-decision-cache=false``: no table at all; ``--session-cache-ttl=0``: nothing is ever kept
+    (an answer may not outlive the session cache), and every answer is still right."""
+    for settings in ({"auth_decision_cache": "false"}, {"session_cache_ttl": "0s"}):
+        async with stack(MemoryStore(), **TOKENS, **settings) as st:
+            cookie = await _signed_in(st)
+            cache = svc_of(st).decisions
+            async with lean(st) as port:
+                for _ in range(3):
+                    assert (await ask(port, cookie))[0] == 202
+                    assert (await ask(port_of(st.base), cookie))[0] == 202
+            assert (cache is None) if "auth_decision_cache" in settings else (cache is not None and len(cache) == 0)
+
+
+async def test_a_cached_answer_never_skips_the_host_rule_or_mixes_methods(st: Stack) -> None:
+    """An entry stored from HTTP/1.0 requests without Host is never an HTTP/1.1 request's answer without
+    one (that is a 400), even with a header whose value is "host"; HEAD and GET are kept apart."""
+    from tests.test_auth_listener import exchange
+
+    cookie = await _signed_in(st)
+    cache = svc_of(st).decisions
+    assert cache is not None
+    async with lean(st) as port:
+        old = f"GET /oauth2/auth HTTP/1.0\r\nX-Forwarded-Host: host\r\nCookie: _sidecar={cookie}\r\n\r\n"
+        for _ in range(3):
+            assert (await exchange(port, old.encode()))[0][0] == 202
+        assert len(cache) == 1
+        new = old.replace("HTTP/1.0", "HTTP/1.1")
+        got = await exchange(port, new.encode())
+        assert got[0][0] == 400
+        head = f"HEAD /oauth2/auth HTTP/1.1\r\nHost: a\r\nCookie: _sidecar={cookie}\r\n\r\n"
+        get = head.replace("HEAD", "GET", 1)
+        for _ in range(3):
+            (h,) = await exchange(port, head.encode(), heads=(True,))
+            (g,) = await exchange(port, get.encode())
+            assert h[0] == g[0] == 202
+            assert header(h, "Content-Length") is None and header(g, "Content-Length") == "0"
+        assert len(cache) == 3
+
+
+def _config(**overrides: str) -> Any:
+    from sidecar.config import build_config
+    from tests.stack import sidecar_settings
+
+    return build_config(sidecar_settings("http://127.0.0.1:1", 4180, "", **overrides))
+
+
+BASE_HEADERS = [("Host", "app.example"), ("Cookie", "a=1; _sidecar=v.s.t"), ("X-Original-URI", "/x")]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("Host", "h"), ("Cookie", "_sidecar=v"), ("cookie", "_sidecar=v")],  # two Cookie headers, any case
+        [("COOKIE", "_sidecar=v"), ("Cookie", "b=2")],
+        [("Cookie", "_sidecar=v"), ("authorization", "")],  # Authorization in any case, even empty
+        [("Cookie", "_sidecar=v"), ("AUTHORIZATION", "Bearer x")],
+        [("Cookie", "_sidecar=v; _sidecar=w")],  # the session cookie twice
+        [("Cookie", "app=_sidecar=x; _sidecar=v")],  # its name inside another cookie's value: not worth the doubt
+        [("Cookie", "x_sidecar=v; _sidecar=w")],  # a look-alike next to it
+        [("Cookie", "_SIDECAR=v")],  # another case is another cookie
+        [("Cookie", "")],
+        [("Host", "h")],
+    ],
+)
+def test_requests_that_are_never_cached(headers: list[tuple[str, str]]) -> None:
+    assert request_key("GET", headers, "", True, _config()) is None
+
+
+def test_the_key_changes_with_every_input_the_decision_may_read_and_nothing_else() -> None:
+    config = _config(real_client_ip_header="X-ProxyUser-IP")
+    base = request_key("GET", BASE_HEADERS, "", True, config)
+    assert base is not None
+    same = [
+        [*BASE_HEADERS, ("User-Agent", "x"), ("Accept", "text/html"), ("X-Request-Id", "1"), ("Referer", "/")],
+        [(name.upper(), value) for name, value in BASE_HEADERS],  # header names are case-insensitive
+    ]
+    for headers in same:
+        assert request_key("GET", headers, "", True, config) == base, headers
+    changed: list[tuple[str, list[tuple[str, str]], str, bool]] = [
+        ("GET", [*BASE_HEADERS[:1], ("Cookie", "a=2; _sidecar=v.s.t"), *BASE_HEADERS[2:]], "", True),  # app cookie
+        ("GET", [*BASE_HEADERS[:2], ("X-Original-URI", "/y")], "", True),
+        ("GET", [*BASE_HEADERS, ("X-Original-Method", "POST")], "", True),
+        ("GET", [*BASE_HEADERS, ("X-Original-URL", "http://other/x")], "", True),
+        ("GET", [*BASE_HEADERS, ("X-Forwarded-Uri", "/admin")], "", True),
+        ("GET", [*BASE_HEADERS, ("X-Forwarded-Method", "DELETE")], "", True),
+        ("GET", [*BASE_HEADERS, ("X-Forwarded-Proto", "https")], "", True),
+        ("GET", [*BASE_HEADERS, ("X-Forwarded-For", "203.0.113.1")], "", True),
+        ("GET", [*BASE_HEADERS, ("X-Forwarded-Prefix", "/p")], "", True),
+        ("GET", [*BASE_HEADERS, ("X-Real-IP", "203.0.113.1")], "", True),
+        ("GET", [*BASE_HEADERS, ("Forwarded", "for=203.0.113.1")], "", True),
+        ("GET", [*BASE_HEADERS, ("X-ProxyUser-IP", "203.0.113.1")], "", True),  # --real-client-ip-header
+        ("GET", [("Host", "other"), *BASE_HEADERS[1:]], "", True),
+        ("GET", BASE_HEADERS, "max_age=1", True),
+        ("GET", BASE_HEADERS, "allowed_groups=admins", True),
+        ("GET", BASE_HEADERS, "", False),  # untrusted peer
+        ("HEAD", BASE_HEADERS, "", True),
+        ("POST", BASE_HEADERS, "", True),
+    ]
+    keys = [request_key(method, headers, query, trusted, config) for method, headers, query, trusted in changed]
+    assert None not in keys and base not in keys
+    assert len(set(keys)) == len(keys)  # and no two of them collide either
