@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
+from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar import metrics
@@ -358,11 +359,30 @@ class Recording:
         self.read.add(str(name).lower())
         return name in self._proxy
 
+    # Whole-table passes: refuse_undecodable looks at every value only to find a non-ASCII one (then reads
+    # by name, recorded above); refuse_aliases looks at every name only to refuse odd spellings (which the key
+    # never caches); read_auth keeps the names of the original-request family, so those are what it reads.
+    def values(self) -> Any:
+        return self._proxy.values()
+
+    def __iter__(self) -> Any:
+        return iter(self._proxy)
+
+    def keys(self) -> Any:
+        return self._proxy.keys()
+
+    def items(self) -> Any:
+        from sidecar.fronts import FAMILY
+
+        family = {name.lower() for name in FAMILY}
+        self.read.update(name.lower() for name in self._proxy if name.lower() in family)
+        return self._proxy.items()
+
 
 FRONT_HEADERS = [
     ("Host", "app.example"),
     ("X-Original-URI", "/admin/x?y=1"),
-    ("X-Original-URL", "http://app.example/admin/x"),
+    ("X-Original-URL", "https://app.example/admin/x?y=1"),
     ("X-Original-Method", "POST"),
     ("X-Forwarded-Uri", "/admin/x?y=1"),
     ("X-Forwarded-Method", "POST"),
@@ -387,6 +407,16 @@ FRONT_HEADERS = [
         {"reverse_proxy": "true", "oauth_server": "true", "oauth_resource": "/admin"},
         {"reverse_proxy": "true", "skip_jwt_bearer_tokens": "true", "real_client_ip_header": "X-ProxyUser-IP"},
         {"trusted_proxy": "10.0.0.0/8"},
+        *(
+            {
+                "reverse_proxy": "true",
+                "front": front,
+                "fresh_auth_route": "1h=^/admin/",
+                "oauth_server": "true",
+                "oauth_resource": "/mcp",
+            }
+            for front in ("nginx", "ingress-nginx", "traefik", "caddy")  # envoy: never cached, see below
+        ),
     ],
 )
 async def test_the_decision_reads_no_header_outside_its_key(settings: dict[str, str]) -> None:
@@ -417,6 +447,25 @@ async def test_the_decision_reads_no_header_outside_its_key(settings: dict[str, 
                     if name not in allowed and name not in _KEY_NAMES and not name.startswith(_KEY_PREFIXES)
                 }
                 assert outside == set(), (settings, query)
+
+
+async def test_envoy_checks_by_path_are_never_cached() -> None:
+    """``--front envoy`` asks at /oauth2/auth/<original path>: the path is an input the key does not hold, so
+    such a check is never kept nor answered from the table (a 202 for /public never answers /admin)."""
+    from sidecar.decisions import decision_key
+
+    settings = {"reverse_proxy": "true", "front": "envoy", "fresh_auth_route": "1h=^/admin/"}
+    async with stack(MemoryStore(), **{**TOKENS, **settings}) as st:
+        cookie = await _signed_in(st)
+        cache = svc_of(st).decisions
+        assert cache is not None
+        async with aiohttp.ClientSession() as http:
+            for _ in range(3):
+                async with http.get(f"{st.base}/oauth2/auth/public/x", headers={"Cookie": f"_sidecar={cookie}"}) as r:
+                    assert r.status == 202
+        assert len(cache) == 0
+        request = make_mocked_request("GET", "/oauth2/auth/admin/x", headers={"Cookie": f"_sidecar={cookie}"})
+        assert decision_key(request, svc_of(st)) == ((), None)
 
 
 async def test_the_cache_can_be_turned_off_and_is_off_without_a_session_cache() -> None:
@@ -521,3 +570,31 @@ def test_the_key_changes_with_every_input_the_decision_may_read_and_nothing_else
     keys = [request_key(method, headers, query, trusted, config) for method, headers, query, trusted in changed]
     assert None not in keys and base not in keys
     assert len(set(keys)) == len(keys)  # and no two of them collide either
+
+
+@pytest.mark.parametrize(
+    "name", ["X_Forwarded_Uri", "X.Auth.Request.User", "X~Forwarded~Email", "x_original_url", "X-Forwarded_Host"]
+)
+def test_another_spelling_of_a_read_header_makes_the_request_uncacheable(name: str) -> None:
+    """The full decision refuses such names (400, fronts.refuse_aliases); the table must never answer first."""
+    from types import SimpleNamespace
+
+    from sidecar.decisions import request_key
+
+    config = SimpleNamespace(real_client_ip_header="X-Real-IP", cookie_name="_sidecar")
+    plain = [("Cookie", "_sidecar=v"), ("X-Forwarded-Uri", "/x")]
+    assert request_key("GET", plain, "", True, config) is not None  # type: ignore[arg-type]
+    assert request_key("GET", [*plain, (name, "/admin")], "", True, config) is None  # type: ignore[arg-type]
+
+
+def test_every_header_a_front_table_reads_is_in_the_key() -> None:
+    from types import SimpleNamespace
+
+    from sidecar.decisions import request_key
+    from sidecar.fronts import FAMILY
+
+    config = SimpleNamespace(real_client_ip_header="X-Real-IP", cookie_name="_sidecar")
+    base = request_key("GET", [("Cookie", "_sidecar=v")], "", True, config)  # type: ignore[arg-type]
+    for name in FAMILY:
+        with_it = request_key("GET", [("Cookie", "_sidecar=v"), (name, "v")], "", True, config)  # type: ignore[arg-type]
+        assert with_it is not None and with_it != base, name

@@ -194,6 +194,7 @@ def render_ingress_nginx(
     extra: dict[str, dict[str, str | None]] | None = None,
     sidecar_paths: tuple[str, ...] = (),
     tls: Path | None = None,
+    auth: str | None = None,
 ) -> str:
     """One server for the shipped Ingresses' host: the app Ingress (``demo-app``) at ``/``, the sidecar's
     Exact paths (``sidecar-oauth2``, plus ``sidecar_paths``), and per ``extra`` path another copy of the app
@@ -203,12 +204,13 @@ def render_ingress_nginx(
     app_ingress = ingresses["demo-app"]
     host = app_ingress["spec"]["rules"][0]["host"]
     annotations = app_ingress["metadata"]["annotations"]
-    locations = _auth_location("demo-app", annotations, sidecar)
+    auth = auth or sidecar  # the auth-url's port: the sidecar's --auth-address listener, as shipped
+    locations = _auth_location("demo-app", annotations, auth)
     locations += _protected_location("/", "demo-app", annotations, app)
     for index, (path, changes) in enumerate((extra or {}).items()):
         name = f"extra{index}"
         changed = {k: v for k, v in {**annotations, **changes}.items() if v is not None}
-        locations += _auth_location(name, changed, sidecar)
+        locations += _auth_location(name, changed, auth)
         locations += _protected_location(path, name, changed, app)
     exact = [item["path"] for rule in ingresses["sidecar-oauth2"]["spec"]["rules"] for item in rule["http"]["paths"]]
     assert all(

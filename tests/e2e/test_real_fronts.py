@@ -55,7 +55,7 @@ HTML = {"Accept": "text/html,application/xhtml+xml"}
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 FRONT_NAMES = ("nginx", "ingress-nginx", "traefik", "caddy")
 WITH_APP_RULE = ("ingress-nginx", "traefik", "caddy")  # the shipped nginx config has no per-application rule
-AUTH_URL = "http://sidecar.sidecar-demo.svc.cluster.local:4180/oauth2/auth"
+AUTH_URL = "http://sidecar.sidecar-demo.svc.cluster.local:4181/oauth2/auth"
 # The Ingresses deploy/kubernetes/README.md describes next to the shipped one: a per-application rule,
 # and the resource's Ingress (no auth-signin: an API client must see the 401; Authorization from the
 # sidecar's answer only) with the OAuth endpoints routed to the sidecar as Exact paths.
@@ -122,8 +122,10 @@ def self_signed(directory: Path, ip: str) -> ssl.SSLContext:
     return context
 
 
-def sidecar_flags(port: int, issuer: str, front: str, secure: bool) -> list[str]:
+def sidecar_flags(port: int, issuer: str, front: str, secure: bool, auth_port: int | None = None) -> list[str]:
+    lean = [f"--auth-address=127.0.0.1:{auth_port}"] if auth_port else []  # where the shipped nginx configs ask
     return [
+        *lean,
         f"--http-address=127.0.0.1:{port}",
         f"--oidc-issuer-url={issuer}",
         "--client-id=sidecar-dev",
@@ -147,9 +149,9 @@ def sidecar_flags(port: int, issuer: str, front: str, secure: bool) -> list[str]
 @pytest.fixture(scope="module")
 def fronts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Front]]:
     logs = tmp_path_factory.mktemp("real-fronts")
-    ports = free_ports(10)
+    ports = free_ports(12)
     provider_port, app_port, s_ingress, s_traefik, s_caddy, traefik_port, caddy_port, probe = ports[:8]
-    s_nginx, nginx_port = ports[8:]
+    s_nginx, nginx_port, a_ingress, a_nginx = ports[8:]
     issuer, app = f"http://127.0.0.1:{provider_port}", f"127.0.0.1:{app_port}"
     # ingress-nginx listens on 443 of a loopback address of its own: auth-signin's https://$host/ has no port.
     ingress_ip = f"127.{random.randint(20, 250)}.{random.randint(1, 250)}.{random.randint(2, 250)}"
@@ -166,13 +168,13 @@ def fronts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Front
         provider = launch("provider", "sidecar.dev.provider", f"--port={provider_port}", "--auto-login=alice")
         launch("demo-app", "sidecar.dev.demo_app", f"--port={app_port}")
         provider.wait_http(issuer + "/.well-known/openid-configuration")  # the sidecars discover it at start
-        for name, port, front, secure in (
-            ("sidecar-ingress", s_ingress, "ingress-nginx", True),
-            ("sidecar-traefik", s_traefik, "traefik", False),
-            ("sidecar-caddy", s_caddy, "caddy", False),
-            ("sidecar-nginx", s_nginx, "nginx", False),
+        for name, port, front, secure, auth_port in (
+            ("sidecar-ingress", s_ingress, "ingress-nginx", True, a_ingress),
+            ("sidecar-traefik", s_traefik, "traefik", False, None),
+            ("sidecar-caddy", s_caddy, "caddy", False, None),
+            ("sidecar-nginx", s_nginx, "nginx", False, a_nginx),
         ):
-            launch(name, "sidecar", *sidecar_flags(port, issuer, front, secure))
+            launch(name, "sidecar", *sidecar_flags(port, issuer, front, secure, auth_port))
         for proc, url in zip(
             procs,
             [issuer + "/.well-known/openid-configuration", f"http://{app}/", *[
@@ -188,11 +190,12 @@ def fronts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Front
             extra=INGRESS_EXTRA,
             sidecar_paths=OAUTH_PATHS,
             tls=tls_dir,
+            auth=f"127.0.0.1:{a_ingress}",
         )
         procs.append(start_ingress_nginx(conf, probe, logs))
         procs.append(start_traefik(traefik_port, f"127.0.0.1:{s_traefik}", app, logs))
         procs.append(start_caddy(caddy_port, f"127.0.0.1:{s_caddy}", app, logs))
-        nginx_conf = render_nginx_conf(nginx_port, f"127.0.0.1:{s_nginx}", app)
+        nginx_conf = render_nginx_conf(nginx_port, f"127.0.0.1:{s_nginx}", app, auth=f"127.0.0.1:{a_nginx}")
         procs.append(start_nginx(nginx_conf, nginx_port, log_dir=logs / "nginx-shipped"))
         yield {
             "ingress-nginx": Front(
