@@ -23,7 +23,7 @@ from .ratelimit import RateLimiter
 from .refresh import Refresher
 from .sessions import Sessions
 
-if TYPE_CHECKING:  # decisions imports this module
+if TYPE_CHECKING:  # only for the annotation: decisions.py is the table, it imports nothing of the web layer
     from .decisions import DecisionCache
 
 

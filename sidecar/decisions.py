@@ -32,15 +32,12 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from aiohttp import web
 from multidict import CIMultiDict
 
 from . import metrics
 from .config import Config
-from .context import BY_SIDECAR_TOKEN, DECISION_KEY, Services, forwarded_client_ip, trusted_peer
 from .cookies import SessionRef
 from .fronts import FAMILY
-from .guard import BEARER_REF, read_cookie
 from .models import Session
 from .sessions import Sessions
 
@@ -228,47 +225,6 @@ class DecisionCache:
         """A session ended or was rewritten (sign-out, refresh, expiry) in this process: its answers go now."""
         for key in list(self._keys_of.get(store_key, ())):
             self._drop(key)
-
-
-def decision_key(request: web.Request, svc: Services) -> tuple[Key, Decision | None]:
-    """This request's key (``()``: not cacheable) and the cached answer for it, if any. The lean listener
-    looked the key up already and left it on the request (``DECISION_KEY``): no second lookup then."""
-    known = request.get(DECISION_KEY)
-    if known is not None:
-        return known, None
-    if svc.decisions is None or request.path != svc.config.proxy_prefix + "/auth":
-        return (), None  # envoy's /oauth2/auth/<original path>: the path is an input the key does not hold
-    trusted = trusted_peer(request.remote, svc.config)
-    key = request_key(request.method, request.headers.items(), request.rel_url.raw_query_string, trusted, svc.config)
-    if key is None:
-        return (), None
-    return key, svc.decisions.get(key)
-
-
-def remember(
-    request: web.Request,
-    svc: Services,
-    key: Key,
-    ref: SessionRef,
-    session: Session,
-    max_age: int | None,
-    headers: CIMultiDict[str],
-) -> None:
-    """Keep this 202 (``headers``: what the answer was made from, never changed afterwards) for the next
-    requests with the same key, when the session cookie made it."""
-    if svc.decisions is None or ref is BEARER_REF or request.get(BY_SIDECAR_TOKEN) or not svc.decisions.admit(key):
-        return
-    config = svc.config
-    cookie = read_cookie(request, config.cookie_name)
-    svc.decisions.put(
-        key,
-        headers,
-        ref,
-        session,
-        max_age=max_age,
-        cookie_until=svc.codec.session_valid_until(cookie) if cookie else None,
-        forwarded_ip=forwarded_client_ip(request, config) if key[2] == "t" else None,  # a trusted peer
-    )
 
 
 STATUS_202 = {(1, 1): b"HTTP/1.1 202 Accepted\r\n", (1, 0): b"HTTP/1.0 202 Accepted\r\n"}

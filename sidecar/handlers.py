@@ -15,9 +15,26 @@ from multidict import CIMultiDict
 
 from . import csrf, devices, kit, logs, metrics, pages
 from .config import Config
-from .context import AUTHED, Services, original_of, services, view_of
-from .cookies import CLOCK_LEEWAY, MAX_COOKIE_CHARS, SignInAttempt, state_cookie_suffix, without_sidecar_cookies
-from .decisions import decision_key, remember
+from .context import (
+    AUTHED,
+    BY_SIDECAR_TOKEN,
+    DECISION_KEY,
+    Services,
+    forwarded_client_ip,
+    original_of,
+    services,
+    trusted_peer,
+    view_of,
+)
+from .cookies import (
+    CLOCK_LEEWAY,
+    MAX_COOKIE_CHARS,
+    SessionRef,
+    SignInAttempt,
+    state_cookie_suffix,
+    without_sidecar_cookies,
+)
+from .decisions import Decision, Key, request_key
 from .errors import (
     BadRequest,
     InvalidCookie,
@@ -29,6 +46,7 @@ from .errors import (
 )
 from .fronts import FRONTS, Original, refuse_aliases
 from .guard import (
+    BEARER_REF,
     TOKEN_HEADERS,
     absolute,
     authenticate,
@@ -36,6 +54,7 @@ from .guard import (
     callback_url,
     clear_cookie,
     clear_session_cookie,
+    read_cookie,
     set_cookie,
     tokens_allowed,
 )
@@ -497,6 +516,47 @@ async def auth(request: web.Request, svc: Services) -> web.Response:
     if key:
         remember(request, svc, key, ref, session, max_age, headers)
     return web.Response(status=202, headers=headers)
+
+
+def decision_key(request: web.Request, svc: Services) -> tuple[Key, Decision | None]:
+    """This request's key (``()``: not cacheable) and the cached answer for it, if any. The lean listener
+    looked the key up already and left it on the request (``DECISION_KEY``): no second lookup then."""
+    known = request.get(DECISION_KEY)
+    if known is not None:
+        return known, None
+    if svc.decisions is None or request.path != svc.config.proxy_prefix + "/auth":
+        return (), None  # envoy's /oauth2/auth/<original path>: the path is an input the key does not hold
+    trusted = trusted_peer(request.remote, svc.config)
+    key = request_key(request.method, request.headers.items(), request.rel_url.raw_query_string, trusted, svc.config)
+    if key is None:
+        return (), None
+    return key, svc.decisions.get(key)
+
+
+def remember(
+    request: web.Request,
+    svc: Services,
+    key: Key,
+    ref: SessionRef,
+    session: Session,
+    max_age: int | None,
+    headers: CIMultiDict[str],
+) -> None:
+    """Keep this 202 (``headers``: what the answer was made from, never changed afterwards) for the next
+    requests with the same key, when the session cookie made it."""
+    if svc.decisions is None or ref is BEARER_REF or request.get(BY_SIDECAR_TOKEN) or not svc.decisions.admit(key):
+        return
+    config = svc.config
+    cookie = read_cookie(request, config.cookie_name)
+    svc.decisions.put(
+        key,
+        headers,
+        ref,
+        session,
+        max_age=max_age,
+        cookie_until=svc.codec.session_valid_until(cookie) if cookie else None,
+        forwarded_ip=forwarded_client_ip(request, config) if key[2] == "t" else None,  # a trusted peer
+    )
 
 
 def _accepted(request: web.Request, session: Session, config: Config) -> CIMultiDict[str]:

@@ -452,7 +452,7 @@ async def test_the_decision_reads_no_header_outside_its_key(settings: dict[str, 
 async def test_envoy_checks_by_path_are_never_cached() -> None:
     """``--front envoy`` asks at /oauth2/auth/<original path>: the path is an input the key does not hold, so
     such a check is never kept nor answered from the table (a 202 for /public never answers /admin)."""
-    from sidecar.decisions import decision_key
+    from sidecar.handlers import decision_key
 
     settings = {"reverse_proxy": "true", "front": "envoy", "fresh_auth_route": "1h=^/admin/"}
     async with stack(MemoryStore(), **{**TOKENS, **settings}) as st:
