@@ -28,8 +28,7 @@ from .config import Config
 from .context import Services
 from .cookies import SessionRef
 from .devices import CARD, open_card
-from .errors import InvalidCookie, SessionGone
-from .guard import clear_session_cookie, read_cookie
+from .guard import browser_session, clear_session_cookie, read_cookie
 from .handlers import _same_origin, everywhere_field
 from .middleware import guarded
 from .models import Session
@@ -55,18 +54,6 @@ def _csrf_ok(config: Config, sid: str, presented: str) -> bool:
     return bool(presented) and any(
         hmac.compare_digest(_csrf(config, sid, s).encode(), presented.encode()) for s in config.cookie_secrets
     )
-
-
-async def _signed_in(request: web.Request, svc: Services) -> tuple[SessionRef, Session] | None:
-    """This browser's own session (the cookie; never a bearer token)."""
-    cookie = read_cookie(request, svc.config.cookie_name)
-    if not cookie:
-        return None
-    try:
-        ref = svc.codec.load_session(cookie, time.time())
-        return ref, await svc.sessions.load(ref)
-    except (InvalidCookie, SessionGone):
-        return None
 
 
 @dataclass(frozen=True)
@@ -136,7 +123,7 @@ def _table(rows: list[Row], action: str, csrf: str) -> str:
 
 async def account(request: web.Request, svc: Services) -> web.Response:
     """The list: browser sessions first (this one on top), then applications, most recently active first."""
-    authed = await _signed_in(request, svc)
+    authed = await browser_session(request, svc)
     if authed is None:
         return _sign_in_first(request, svc)
     ref, session = authed
@@ -161,7 +148,7 @@ async def account(request: web.Request, svc: Services) -> web.Response:
 
 async def revoke(request: web.Request, svc: Services) -> web.Response:
     """End one row of the list: another browser session, this one (then signed out), or an application."""
-    authed = await _signed_in(request, svc)
+    authed = await browser_session(request, svc)
     if authed is None:
         return _refused(svc, 401, "Not signed in", "Your session ended; sign in again.")
     if not _same_origin(request):
@@ -244,4 +231,3 @@ def add_routes(app: web.Application, config: Config) -> None:
     app.router.add_get(prefix + "/account", guarded(account, "/oauth2/account"))
     app.router.add_post(prefix + "/account/revoke", guarded(revoke, "/oauth2/account/revoke"))
     app.router.add_get(prefix + "/signed_out", guarded(signed_out, "/oauth2/signed_out"))
-

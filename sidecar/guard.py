@@ -195,3 +195,16 @@ def tokens_allowed(request: web.Request, config: Config) -> bool:
     headers cannot decide this: nginx copies the browser's headers (``Sec-Fetch-*`` too) into
     its subrequest."""
     return not config.upstreams and trusted_peer(request.remote, config)
+
+
+async def browser_session(request: web.Request, svc: Services) -> tuple[SessionRef, Session] | None:
+    """The browser's own session (the cookie, as ``authenticate`` reads it); None when not signed in. A bearer
+    token never counts here: the account, consent, device and grants pages act for a person in a browser."""
+    cookie = read_cookie(request, svc.config.cookie_name)
+    if not cookie:
+        return None
+    try:
+        ref = svc.codec.load_session(cookie, time.time())
+        return ref, await svc.sessions.load(ref)
+    except (InvalidCookie, SessionGone):
+        return None

@@ -38,8 +38,7 @@ from .. import handlers, logs
 from ..config import Config
 from ..context import Services, view_of
 from ..cookies import SessionRef, SignInAttempt
-from ..errors import InvalidCookie, SessionGone
-from ..guard import read_cookie
+from ..guard import browser_session
 from ..models import Identity, Session, TokenSet
 from ..policy import why_denied
 from ..ratelimit import retry_after
@@ -97,19 +96,6 @@ async def read_post(request: web.Request) -> MultiDictProxy[Any] | None:
     try:
         return await request.post()
     except (ValueError, LookupError):
-        return None
-
-
-async def browser_session(request: web.Request, svc: Services) -> tuple[SessionRef, Session] | None:
-    """The browser's own session (the cookie, as ``guard.authenticate`` reads it); None when not signed in.
-    A sidecar-issued bearer token never counts here: consent is given by a person in a browser."""
-    cookie = read_cookie(request, svc.config.cookie_name)
-    if not cookie:
-        return None
-    try:
-        ref = svc.codec.load_session(cookie, time.time())
-        return ref, await svc.sessions.load(ref)
-    except (InvalidCookie, SessionGone):
         return None
 
 

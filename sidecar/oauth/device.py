@@ -22,6 +22,7 @@ from aiohttp import web
 
 from .. import logs
 from ..context import Services, view_of
+from ..guard import browser_session
 from ..policy import why_denied
 from ..ratelimit import RateLimiter, client_key, retry_after
 from . import pages
@@ -29,7 +30,6 @@ from . import tokens as tk
 from .authorize import (
     SCOPES,
     Pending,
-    browser_session,
     consent_page,
     csrf_ok,
     csrf_token,

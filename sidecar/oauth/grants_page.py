@@ -18,9 +18,10 @@ from aiohttp import web
 
 from .. import logs
 from ..context import ConnectedApp, Services
+from ..guard import browser_session
 from ..policy import why_denied
 from . import pages
-from .authorize import browser_session, csrf_ok, csrf_token, read_post, same_origin, sign_in_first
+from .authorize import csrf_ok, csrf_token, read_post, same_origin, sign_in_first
 from .service import OAUTH
 
 _BOUND = "grants"
