@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench soak system-deps node-deps browser-deps client-deps clean
+.PHONY: run test lint bench bench-deps soak system-deps node-deps browser-deps client-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -93,7 +93,17 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check sidecar tests
 	$(VENV)/bin/mypy -p sidecar
 
-bench: $(STAMP) system-deps
+# The C peer of case 3 (Apache + mod_auth_openidc): installed when missing and root; else the rows say how.
+bench-deps:
+	@if [ ! -x /usr/sbin/apache2 ] || [ ! -e /usr/lib/apache2/modules/mod_auth_openidc.so ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing: apache2 libapache2-mod-auth-openidc (benchmark peer)"; \
+	    apt-get install -y -q apache2 libapache2-mod-auth-openidc >/dev/null 2>&1 || \
+	      echo "could not install apache2 libapache2-mod-auth-openidc: the Apache rows will say so"; \
+	  fi; \
+	fi
+
+bench: $(STAMP) system-deps bench-deps
 	$(PY) -m tests.bench
 
 # RSS over 30 minutes of mixed traffic (2 replicas, 20 users, 5 s tokens, ~137 req/s, Redis restarted every
