@@ -598,3 +598,59 @@ def test_every_header_a_front_table_reads_is_in_the_key() -> None:
     for name in FAMILY:
         with_it = request_key("GET", [("Cookie", "_sidecar=v"), (name, "v")], "", True, config)  # type: ignore[arg-type]
         assert with_it is not None and with_it != base, name
+
+
+def _hostile_keys(cookie: str, i: int) -> list[tuple[str, list[tuple[str, str]], str, str | None]]:
+    """Request keys (method, headers, query) and the answer's Cookie header an attacker with a session can
+    make a worker keep, each costing far more memory than its length in characters: many tiny headers (a
+    string object each), astral characters (4 bytes each in memory, in the key and in the answer's Cookie),
+    undecodable bytes (surrogateescape: 2 bytes each), a long query of them."""
+    astral = "\U0001f600" * 1500
+    return [
+        ("GET", [("Cookie", f"_sidecar={cookie}"), *((f"X-Forwarded-A{j}", str(i)) for j in range(90))], "", None),
+        ("GET", [("Cookie", f"a={astral}{i}; _sidecar={cookie}")], "", f"a={astral}{i}"),
+        ("GET", [("Cookie", f"_sidecar={cookie}"), ("X-Forwarded-Junk", "\udcff" * 3000 + str(i))], "", None),
+        ("GET", [("Cookie", f"_sidecar={cookie}")], "q=" + "\udcfe" * 3000 + str(i), None),
+    ]
+
+
+async def test_the_byte_bound_holds_in_real_memory_under_hostile_keys(st: Stack) -> None:
+    """``max_bytes`` bounds what the table really holds (tracemalloc), not the characters it holds: a family
+    of hostile keys fills a 2 MB table and the process's memory grows by about that much, not several times it."""
+    import gc
+    import tracemalloc
+
+    from sidecar.handlers import _prebuilt
+
+    cookie = await _signed_in(st)
+    svc = svc_of(st)
+    ref = svc.codec.load_session(cookie, time.time())
+    session = await svc.sessions.load(ref)
+    plain = _prebuilt(session, svc.config, True)
+    max_bytes = 2_000_000
+    for family in range(4):
+        gc.collect()
+        tracemalloc.start()
+        try:
+            cache = DecisionCache(svc.sessions, svc.config, max_entries=10**6, max_bytes=max_bytes)
+            before = tracemalloc.get_traced_memory()[0]
+            for i in range(3000):
+                if i % 100 == 0:
+                    svc.sessions._remember(ref.store_key, session)  # the same object, cached anew: entries stay live
+                method, headers, query, app_cookie = _hostile_keys(cookie, i)[family]
+                key = request_key(method, headers, query, True, svc.config)
+                assert key is not None
+                answer = CIMultiDict({**plain, "Cookie": app_cookie}) if app_cookie else plain
+                cache.put(key, answer, ref, session, max_age=None, cookie_until=None, forwarded_ip=None)
+                if i % 50 == 0:
+                    next(iter(cache._entries.values())).header_block()  # the lean listener's block, at a hit
+            for entry in cache._entries.values():
+                entry.header_block()
+            del key, answer, headers, query
+            gc.collect()
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert cache.bytes <= max_bytes and len(cache) > 5, family
+        assert held <= 1.25 * max_bytes, (family, held, len(cache))
+        svc.sessions.on_change.remove(cache.drop_session)
