@@ -654,3 +654,31 @@ async def test_the_byte_bound_holds_in_real_memory_under_hostile_keys(st: Stack)
         assert cache.bytes <= max_bytes and len(cache) > 5, family
         assert held <= 1.25 * max_bytes, (family, held, len(cache))
         svc.sessions.on_change.remove(cache.drop_session)
+
+
+async def _raw_status(port: int, target: str, cookie: str) -> int:
+    """The status of ``GET target`` sent as written (no client normalises the percent-encoding)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: app.example\r\nCookie: _sidecar={cookie}\r\n\r\n".encode())
+        return int((await asyncio.wait_for(reader.readline(), 5)).split(b" ")[1])
+    finally:
+        writer.close()
+
+
+async def test_an_encoded_spelling_of_the_auth_path_never_takes_the_plain_paths_answer() -> None:
+    """aiohttp decodes ``/oauth2/%61uth`` to ``/oauth2/auth``, but envoy's decision reads the raw path's tail
+    (the original request): the key must hold the raw path, or the plain path's cached 202 answers a request
+    the decision refuses. Every spelling gets the answer it gets with nothing cached."""
+    settings = {"reverse_proxy": "true", "front": "envoy", "fresh_auth_route": "1h=^/admin/"}
+    spellings = ["/oauth2/%61uth", "/oauth2%2Fauth", "/%6Fauth2/auth", "/oauth2/aut%68", "/oauth2/%61%75%74%68"]
+    async with stack(MemoryStore(), **{**TOKENS, **settings}) as st:
+        cookie = await _signed_in(st)
+        main = port_of(st.base)
+        cold = {target: await _raw_status(main, target, cookie) for target in spellings}
+        for _ in range(3):
+            assert await _raw_status(main, "/oauth2/auth", cookie) == 202
+        cache = svc_of(st).decisions
+        assert cache is not None and len(cache) == 1
+        warm = {target: await _raw_status(main, target, cookie) for target in spellings}
+        assert warm == cold and 202 not in cold.values(), (cold, warm)
