@@ -682,3 +682,41 @@ async def test_an_encoded_spelling_of_the_auth_path_never_takes_the_plain_paths_
         assert cache is not None and len(cache) == 1
         warm = {target: await _raw_status(main, target, cookie) for target in spellings}
         assert warm == cold and 202 not in cold.values(), (cold, warm)
+
+
+async def test_a_session_ended_here_during_its_cache_refill_stays_ended(redis_url: str) -> None:
+    """A refill's store read that went out before a sign-out (here, everywhere, or from the account page)
+    returns after it: the session it read may answer that one request, but it is not cached again, so no
+    later request in this process (session cache or decision cache, either listener) gets a 202 for it."""
+    from sidecar.errors import SessionGone
+
+    store = RedisStore(aioredis.from_url(redis_url))
+    try:
+        async with stack(store, session_cache_ttl="100ms", **TOKENS) as st:
+            svc = svc_of(st)
+            sessions = svc.sessions
+            async with lean(st) as port:
+                for how in ("end", "everywhere", "account"):
+                    for yields in range(1, 7):
+                        cookie = await _signed_in(st)
+                        ref = svc.codec.load_session(cookie, time.time())
+                        session = await sessions.load(ref)
+                        sub = session.identity.sub
+                        await asyncio.sleep(0.15)  # the cached copy is past the period: the next load refills
+                        refill = asyncio.ensure_future(sessions.load(ref))
+                        for _ in range(yields):
+                            await asyncio.sleep(0)  # the refill's GET on its way
+                        if how == "end":
+                            await sessions.end(ref, session, reason="sign_out")
+                        elif how == "everywhere":
+                            await sessions.end_all_for_user(sub)
+                        else:
+                            await sessions.end_users_session(sub, ref.store_key)
+                        await asyncio.gather(refill, return_exceptions=True)
+                        with pytest.raises(SessionGone):
+                            await sessions.load(ref)
+                        for _ in range(3):
+                            assert (await ask(port, cookie))[0] == 401, (how, yields)
+                            assert (await ask(port_of(st.base), cookie))[0] == 401, (how, yields)
+    finally:
+        await store.close()
