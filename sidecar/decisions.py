@@ -95,8 +95,11 @@ def request_key(
             return None
         elif lower.startswith(_KEY_PREFIXES) or lower in _KEY_NAMES or lower == client_ip_header:
             picked += (lower, value)
-        elif not lower.replace("-", "").isalnum():
-            return None  # X_Forwarded_Uri, X.Auth.Request.User...: the full decision refuses such spellings
+        elif not (lower.isascii() and lower.replace("-", "").isalnum()):
+            # X_Forwarded_Uri, X.Auth.Request.User, or with a superscript one for a dash
+            # (str.isalnum takes U+00B9, U+00AA, U+017F):
+            # the full decision refuses such spellings (fronts.refuse_aliases reads only A-Z, a-z, 0-9 and "-")
+            return None
     if cookie is None or cookie.count(config.cookie_name + "=") != 1:
         return None  # no session cookie, or it twice (or a look-alike name: not worth the doubt)
     return (cookie, raw_query, "t" if trusted else "u", method, *picked)

@@ -573,7 +573,20 @@ def test_the_key_changes_with_every_input_the_decision_may_read_and_nothing_else
 
 
 @pytest.mark.parametrize(
-    "name", ["X_Forwarded_Uri", "X.Auth.Request.User", "X~Forwarded~Email", "x_original_url", "X-Forwarded_Host"]
+    "name",
+    [
+        "X_Forwarded_Uri",
+        "X.Auth.Request.User",
+        "X~Forwarded~Email",
+        "x_original_url",
+        "X-Forwarded_Host",
+        # letters and digits to str.isalnum, a separator to refuse_aliases (should a parser ever pass them)
+        "X-Forwarded\u00b9Host",
+        "X\u00b2Forwarded\u00b2Uri",
+        "X\u00aaOriginal\u00aaURL",
+        "X-Auth-Request-\u017fer",
+        "X\u0660Auth\u0660Request\u0660Email",
+    ],
 )
 def test_another_spelling_of_a_read_header_makes_the_request_uncacheable(name: str) -> None:
     """The full decision refuses such names (400, fronts.refuse_aliases); the table must never answer first."""
