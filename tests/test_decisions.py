@@ -733,3 +733,49 @@ async def test_a_session_ended_here_during_its_cache_refill_stays_ended(redis_ur
                             assert (await ask(port_of(st.base), cookie))[0] == 401, (how, yields)
     finally:
         await store.close()
+
+
+async def test_pipelined_hits_and_misses_are_answered_in_order_each_with_its_own_answer(st: Stack) -> None:
+    """One write holding hits (two users' cached 202s), misses (no cookie, a bad cookie, Authorization, an
+    untried URI, HEAD) and a refusal last: every answer comes in request order (the echoed X-Request-Id), each
+    the one its own request gets alone, never a neighbour's user, token headers or status."""
+    from tests.test_auth_listener import exchange
+
+    cookies = [await _signed_in(st), await _signed_in(st)]
+    users = {}
+    async with lean(st) as port:
+        for n, cookie in enumerate(cookies):
+            for _ in range(3):  # kept at the second sight: hits from here on
+                got = await ask(port, cookie, extra={"X-Original-URI": "/warm"})
+            users[n] = header(got, "Authorization")
+        assert users[0] != users[1] and all(users.values())
+
+        def req(i: int, cookie: str | None, extra: str = "", method: str = "GET", uri: str = "/warm") -> str:
+            head = f"{method} /oauth2/auth HTTP/1.1\r\nHost: app.example\r\nX-Request-Id: r{i}\r\n"
+            head += f"X-Original-URI: {uri}\r\n"
+            return head + (f"Cookie: _sidecar={cookie}\r\n" if cookie else "") + extra + "\r\n"
+
+        plan: list[tuple[str | None, str, str, str, int, int | None]] = [
+            (cookies[0], "", "GET", "/warm", 202, 0),
+            (None, "", "GET", "/warm", 401, None),
+            (cookies[1], "", "GET", "/warm", 202, 1),
+            ("v1.forged.sig", "", "GET", "/warm", 401, None),
+            (cookies[0], "", "GET", "/new-1", 202, 0),  # a miss between hits
+            (cookies[1], "Authorization: Basic eA==\r\n", "GET", "/warm", 202, 1),  # never cached: decided afresh
+            (cookies[0], "", "HEAD", "/warm", 202, 0),
+            (cookies[1], "", "GET", "/warm", 202, 1),
+            (cookies[0], "", "GET", "/warm", 202, 0),
+        ]
+        for rotation in range(3):  # the same family, starting at another place in the pipeline
+            order = plan[rotation:] + plan[:rotation]
+            data = "".join(req(i, c, x, m, u) for i, (c, x, m, u, _, _) in enumerate(order))
+            data += "GET /oauth2/auth HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello"  # refused, after the rest
+            heads = tuple(m == "HEAD" for _, _, m, _, _, _ in order) + (False,)
+            before = lookups()
+            answers = await exchange(port, data.encode(), count=len(order) + 1, heads=heads)
+            assert lookups()["hit"] - before["hit"] >= 4, rotation  # the cached ones did come from the table
+            assert len(answers) == len(order) + 1, rotation
+            for i, ((_, _, _, _, status, user), got) in enumerate(zip(order, answers, strict=False)):
+                assert (got[0], header(got, "X-Request-Id")) == (status, f"r{i}"), (rotation, i, got)
+                assert header(got, "Authorization") == (users[user] if user is not None else None), (rotation, i)
+            assert answers[-1][0] == 400
