@@ -27,6 +27,7 @@ stream of one-off keys (a new URI per request) then costs a hash, not an entry, 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -43,7 +44,8 @@ from .sessions import Sessions
 
 MAX_ENTRIES = 10_000
 MAX_BYTES = 16 * 1024 * 1024
-_ENTRY_OVERHEAD = 400  # the entry object, its tuple key and the dict slot, roughly
+_ENTRY_OVERHEAD = 400  # the entry object, its table and index slots, roughly
+_ITEM_OVERHEAD = 40  # a multidict item beside its strings (its entry, the name's hash)
 _KEY_PREFIXES = ("x-forwarded-", "x-original-")
 # Every header some front's table reads about the original request (fronts.FAMILY: method overrides,
 # X-Host, X-Rewrite-URL, X-Envoy-Original-Path, Front-End-Https...) is part of the key, whichever front is
@@ -93,11 +95,26 @@ def request_key(
             return None
         elif lower.startswith(_KEY_PREFIXES) or lower in _KEY_NAMES or lower == client_ip_header:
             picked += (lower, value)
-        elif not lower.replace("-", "").isalnum():
-            return None  # X_Forwarded_Uri, X.Auth.Request.User...: the full decision refuses such spellings
+        elif not (lower.isascii() and lower.replace("-", "").isalnum()):
+            # X_Forwarded_Uri, X.Auth.Request.User, or with a superscript one for a dash
+            # (str.isalnum takes U+00B9, U+00AA, U+017F):
+            # the full decision refuses such spellings (fronts.refuse_aliases reads only A-Z, a-z, 0-9 and "-")
+            return None
     if cookie is None or cookie.count(config.cookie_name + "=") != 1:
         return None  # no session cookie, or it twice (or a look-alike name: not worth the doubt)
     return (cookie, raw_query, "t" if trusted else "u", method, *picked)
+
+
+def entry_size(key: Key, headers: CIMultiDict[str]) -> int:
+    """What an entry really holds, in bytes: every string as an object (a header name of 15 characters is
+    some 60 bytes; an astral character 4, an undecodable byte 2), the key's tuple, the multidict's items and
+    the lean listener's block (UTF-8). Counting characters let hostile keys (many tiny headers, astral
+    characters) hold several times ``max_bytes``."""
+    size = _ENTRY_OVERHEAD + sys.getsizeof(key) + sum(map(sys.getsizeof, key))
+    for name, value in headers.items():
+        text = len(name) + len(value) if value.isascii() else len(name) + len(value.encode("utf-8", "surrogateescape"))
+        size += _ITEM_OVERHEAD + 2 * sys.getsizeof(name) + sys.getsizeof(value) + text + 4
+    return size
 
 
 class DecisionCache:
@@ -164,9 +181,7 @@ class DecisionCache:
         if until <= now:
             return
         deadline = min(cached_until, mono + (until - now))
-        # the header text twice (the multidict, the lean listener's block) and the key's strings
-        size = _ENTRY_OVERHEAD + 2 * sum(len(name) + len(value) + 4 for name, value in headers.items())
-        size += sum(map(len, key))
+        size = entry_size(key, headers)
         if size > self.max_bytes // 4:
             return  # one answer may not crowd out the rest
         self._drop(key)

@@ -524,8 +524,10 @@ def decision_key(request: web.Request, svc: Services) -> tuple[Key, Decision | N
     known = request.get(DECISION_KEY)
     if known is not None:
         return known, None
-    if svc.decisions is None or request.path != svc.config.proxy_prefix + "/auth":
-        return (), None  # envoy's /oauth2/auth/<original path>: the path is an input the key does not hold
+    # The raw path, not aiohttp's decoded one: envoy's decision reads the raw tail, so /oauth2/%61uth (decoded to
+    # /oauth2/auth) is another request; and envoy's /oauth2/auth/<original path>: an input the key does not hold
+    if svc.decisions is None or request.raw_path.partition("?")[0] != svc.config.proxy_prefix + "/auth":
+        return (), None
     trusted = trusted_peer(request.remote, svc.config)
     key = request_key(request.method, request.headers.items(), request.rel_url.raw_query_string, trusted, svc.config)
     if key is None:

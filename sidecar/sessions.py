@@ -70,6 +70,9 @@ class Sessions:
         self._clock = clock
         self._cache: dict[str, tuple[Session, float]] = {}
         self._refills: dict[str, asyncio.Task[Session]] = {}  # store key -> the one read in flight
+        # Store keys that ended or were rewritten here while their refill was in flight: what that refill read
+        # may be older than the change (a sign-out's DEL after its GET), so it answers its waiters, uncached.
+        self._overtaken: set[str] = set()
         self._cache_ttl = float(config.session_cache_ttl)
         # Told the store key of a session that ended or was rewritten in this process (the decision cache
         # drops its answers for it at once, instead of when it next finds them stale).
@@ -130,6 +133,7 @@ class Sessions:
         finally:
             if self._refills.get(ref.store_key) is asyncio.current_task():
                 del self._refills[ref.store_key]
+                self._overtaken.discard(ref.store_key)
 
     async def load_fresh(self, ref: SessionRef) -> Session:
         """Bypass the cache: the refresh logic must see what is stored right now."""
@@ -156,7 +160,8 @@ class Sessions:
         if now - session.last_active >= _TOUCH_EVERY:
             await self.store.touch(ref.store_key, now)
             session = replace(session, last_active=now)
-        self._remember(ref.store_key, session)
+        if ref.store_key not in self._overtaken:
+            self._remember(ref.store_key, session)
         return session
 
     def is_cached(self, key: str, session: Session) -> bool:
@@ -173,6 +178,8 @@ class Sessions:
         return hit[1] + self._cache_ttl
 
     def _changed(self, key: str) -> None:
+        if key in self._refills:
+            self._overtaken.add(key)
         for tell in self.on_change:
             tell(key)
 
@@ -212,6 +219,7 @@ class Sessions:
     async def end_users_session(self, sub: str, key: str, reason: str = "ended_from_account_page") -> None:
         """End one session of the user's index by its store key (the account page holds no cookie for it)."""
         self._cache.pop(key, None)
+        self._changed(key)
         await self.store.delete(key, user_key(sub))
         metrics.SESSIONS_DELETED.labels(reason=reason).inc()
 

@@ -573,7 +573,20 @@ def test_the_key_changes_with_every_input_the_decision_may_read_and_nothing_else
 
 
 @pytest.mark.parametrize(
-    "name", ["X_Forwarded_Uri", "X.Auth.Request.User", "X~Forwarded~Email", "x_original_url", "X-Forwarded_Host"]
+    "name",
+    [
+        "X_Forwarded_Uri",
+        "X.Auth.Request.User",
+        "X~Forwarded~Email",
+        "x_original_url",
+        "X-Forwarded_Host",
+        # letters and digits to str.isalnum, a separator to refuse_aliases (should a parser ever pass them)
+        "X-Forwarded\u00b9Host",
+        "X\u00b2Forwarded\u00b2Uri",
+        "X\u00aaOriginal\u00aaURL",
+        "X-Auth-Request-\u017fer",
+        "X\u0660Auth\u0660Request\u0660Email",
+    ],
 )
 def test_another_spelling_of_a_read_header_makes_the_request_uncacheable(name: str) -> None:
     """The full decision refuses such names (400, fronts.refuse_aliases); the table must never answer first."""
@@ -598,3 +611,171 @@ def test_every_header_a_front_table_reads_is_in_the_key() -> None:
     for name in FAMILY:
         with_it = request_key("GET", [("Cookie", "_sidecar=v"), (name, "v")], "", True, config)  # type: ignore[arg-type]
         assert with_it is not None and with_it != base, name
+
+
+def _hostile_keys(cookie: str, i: int) -> list[tuple[str, list[tuple[str, str]], str, str | None]]:
+    """Request keys (method, headers, query) and the answer's Cookie header an attacker with a session can
+    make a worker keep, each costing far more memory than its length in characters: many tiny headers (a
+    string object each), astral characters (4 bytes each in memory, in the key and in the answer's Cookie),
+    undecodable bytes (surrogateescape: 2 bytes each), a long query of them."""
+    astral = "\U0001f600" * 1500
+    return [
+        ("GET", [("Cookie", f"_sidecar={cookie}"), *((f"X-Forwarded-A{j}", str(i)) for j in range(90))], "", None),
+        ("GET", [("Cookie", f"a={astral}{i}; _sidecar={cookie}")], "", f"a={astral}{i}"),
+        ("GET", [("Cookie", f"_sidecar={cookie}"), ("X-Forwarded-Junk", "\udcff" * 3000 + str(i))], "", None),
+        ("GET", [("Cookie", f"_sidecar={cookie}")], "q=" + "\udcfe" * 3000 + str(i), None),
+    ]
+
+
+async def test_the_byte_bound_holds_in_real_memory_under_hostile_keys(st: Stack) -> None:
+    """``max_bytes`` bounds what the table really holds (tracemalloc), not the characters it holds: a family
+    of hostile keys fills a 2 MB table and the process's memory grows by about that much, not several times it."""
+    import gc
+    import tracemalloc
+
+    from sidecar.handlers import _prebuilt
+
+    cookie = await _signed_in(st)
+    svc = svc_of(st)
+    ref = svc.codec.load_session(cookie, time.time())
+    session = await svc.sessions.load(ref)
+    plain = _prebuilt(session, svc.config, True)
+    max_bytes = 2_000_000
+    for family in range(4):
+        gc.collect()
+        tracemalloc.start()
+        try:
+            cache = DecisionCache(svc.sessions, svc.config, max_entries=10**6, max_bytes=max_bytes)
+            before = tracemalloc.get_traced_memory()[0]
+            for i in range(3000):
+                if i % 100 == 0:
+                    svc.sessions._remember(ref.store_key, session)  # the same object, cached anew: entries stay live
+                method, headers, query, app_cookie = _hostile_keys(cookie, i)[family]
+                key = request_key(method, headers, query, True, svc.config)
+                assert key is not None
+                answer = CIMultiDict({**plain, "Cookie": app_cookie}) if app_cookie else plain
+                cache.put(key, answer, ref, session, max_age=None, cookie_until=None, forwarded_ip=None)
+                if i % 50 == 0:
+                    next(iter(cache._entries.values())).header_block()  # the lean listener's block, at a hit
+            for entry in cache._entries.values():
+                entry.header_block()
+            del key, answer, headers, query
+            gc.collect()
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert cache.bytes <= max_bytes and len(cache) > 5, family
+        assert held <= 1.25 * max_bytes, (family, held, len(cache))
+        svc.sessions.on_change.remove(cache.drop_session)
+
+
+async def _raw_status(port: int, target: str, cookie: str) -> int:
+    """The status of ``GET target`` sent as written (no client normalises the percent-encoding)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: app.example\r\nCookie: _sidecar={cookie}\r\n\r\n".encode())
+        return int((await asyncio.wait_for(reader.readline(), 5)).split(b" ")[1])
+    finally:
+        writer.close()
+
+
+async def test_an_encoded_spelling_of_the_auth_path_never_takes_the_plain_paths_answer() -> None:
+    """aiohttp decodes ``/oauth2/%61uth`` to ``/oauth2/auth``, but envoy's decision reads the raw path's tail
+    (the original request): the key must hold the raw path, or the plain path's cached 202 answers a request
+    the decision refuses. Every spelling gets the answer it gets with nothing cached."""
+    settings = {"reverse_proxy": "true", "front": "envoy", "fresh_auth_route": "1h=^/admin/"}
+    spellings = ["/oauth2/%61uth", "/oauth2%2Fauth", "/%6Fauth2/auth", "/oauth2/aut%68", "/oauth2/%61%75%74%68"]
+    async with stack(MemoryStore(), **{**TOKENS, **settings}) as st:
+        cookie = await _signed_in(st)
+        main = port_of(st.base)
+        cold = {target: await _raw_status(main, target, cookie) for target in spellings}
+        for _ in range(3):
+            assert await _raw_status(main, "/oauth2/auth", cookie) == 202
+        cache = svc_of(st).decisions
+        assert cache is not None and len(cache) == 1
+        warm = {target: await _raw_status(main, target, cookie) for target in spellings}
+        assert warm == cold and 202 not in cold.values(), (cold, warm)
+
+
+async def test_a_session_ended_here_during_its_cache_refill_stays_ended(redis_url: str) -> None:
+    """A refill's store read that went out before a sign-out (here, everywhere, or from the account page)
+    returns after it: the session it read may answer that one request, but it is not cached again, so no
+    later request in this process (session cache or decision cache, either listener) gets a 202 for it."""
+    from sidecar.errors import SessionGone
+
+    store = RedisStore(aioredis.from_url(redis_url))
+    try:
+        async with stack(store, session_cache_ttl="100ms", **TOKENS) as st:
+            svc = svc_of(st)
+            sessions = svc.sessions
+            async with lean(st) as port:
+                for how in ("end", "everywhere", "account"):
+                    for yields in range(1, 7):
+                        cookie = await _signed_in(st)
+                        ref = svc.codec.load_session(cookie, time.time())
+                        session = await sessions.load(ref)
+                        sub = session.identity.sub
+                        await asyncio.sleep(0.15)  # the cached copy is past the period: the next load refills
+                        refill = asyncio.ensure_future(sessions.load(ref))
+                        for _ in range(yields):
+                            await asyncio.sleep(0)  # the refill's GET on its way
+                        if how == "end":
+                            await sessions.end(ref, session, reason="sign_out")
+                        elif how == "everywhere":
+                            await sessions.end_all_for_user(sub)
+                        else:
+                            await sessions.end_users_session(sub, ref.store_key)
+                        await asyncio.gather(refill, return_exceptions=True)
+                        with pytest.raises(SessionGone):
+                            await sessions.load(ref)
+                        for _ in range(3):
+                            assert (await ask(port, cookie))[0] == 401, (how, yields)
+                            assert (await ask(port_of(st.base), cookie))[0] == 401, (how, yields)
+    finally:
+        await store.close()
+
+
+async def test_pipelined_hits_and_misses_are_answered_in_order_each_with_its_own_answer(st: Stack) -> None:
+    """One write holding hits (two users' cached 202s), misses (no cookie, a bad cookie, Authorization, an
+    untried URI, HEAD) and a refusal last: every answer comes in request order (the echoed X-Request-Id), each
+    the one its own request gets alone, never a neighbour's user, token headers or status."""
+    from tests.test_auth_listener import exchange
+
+    cookies = [await _signed_in(st), await _signed_in(st)]
+    users = {}
+    async with lean(st) as port:
+        for n, cookie in enumerate(cookies):
+            for _ in range(3):  # kept at the second sight: hits from here on
+                got = await ask(port, cookie, extra={"X-Original-URI": "/warm"})
+            users[n] = header(got, "Authorization")
+        assert users[0] != users[1] and all(users.values())
+
+        def req(i: int, cookie: str | None, extra: str = "", method: str = "GET", uri: str = "/warm") -> str:
+            head = f"{method} /oauth2/auth HTTP/1.1\r\nHost: app.example\r\nX-Request-Id: r{i}\r\n"
+            head += f"X-Original-URI: {uri}\r\n"
+            return head + (f"Cookie: _sidecar={cookie}\r\n" if cookie else "") + extra + "\r\n"
+
+        plan: list[tuple[str | None, str, str, str, int, int | None]] = [
+            (cookies[0], "", "GET", "/warm", 202, 0),
+            (None, "", "GET", "/warm", 401, None),
+            (cookies[1], "", "GET", "/warm", 202, 1),
+            ("v1.forged.sig", "", "GET", "/warm", 401, None),
+            (cookies[0], "", "GET", "/new-1", 202, 0),  # a miss between hits
+            (cookies[1], "Authorization: Basic eA==\r\n", "GET", "/warm", 202, 1),  # never cached: decided afresh
+            (cookies[0], "", "HEAD", "/warm", 202, 0),
+            (cookies[1], "", "GET", "/warm", 202, 1),
+            (cookies[0], "", "GET", "/warm", 202, 0),
+        ]
+        for rotation in range(3):  # the same family, starting at another place in the pipeline
+            order = plan[rotation:] + plan[:rotation]
+            data = "".join(req(i, c, x, m, u) for i, (c, x, m, u, _, _) in enumerate(order))
+            data += "GET /oauth2/auth HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello"  # refused, after the rest
+            heads = tuple(m == "HEAD" for _, _, m, _, _, _ in order) + (False,)
+            before = lookups()
+            answers = await exchange(port, data.encode(), count=len(order) + 1, heads=heads)
+            assert lookups()["hit"] - before["hit"] >= 4, rotation  # the cached ones did come from the table
+            assert len(answers) == len(order) + 1, rotation
+            for i, ((_, _, _, _, status, user), got) in enumerate(zip(order, answers, strict=False)):
+                assert (got[0], header(got, "X-Request-Id")) == (status, f"r{i}"), (rotation, i, got)
+                assert header(got, "Authorization") == (users[user] if user is not None else None), (rotation, i)
+            assert answers[-1][0] == 400
