@@ -43,7 +43,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.auth import OAuthClientMetadata
 from pydantic import AnyUrl
 
-from tests.e2e.chromium import approve_device, one_page
+from tests.e2e.chromium import approve_device, one_page, watch
 from tests.e2e.front_procs import render_ingress_nginx, start_caddy, start_ingress_nginx, start_traefik
 from tests.e2e.procs import Proc, child_env, free_ports, python_module, render_nginx_conf, start_nginx
 from tests.e2e.test_mcp_sdk import MemoryStorage, ScriptedUser
@@ -224,13 +224,15 @@ async def get(front: Front, path: str, **kw: Any) -> tuple[int, dict[str, str], 
 
 
 async def sign_in(front: Front) -> None:
-    """A browser asks for a page through the front and follows every redirect: sign-in, provider, back."""
-    async with client(front, jar=True) as browser:
-        async with browser.get(front.base + "/_demo/echo", headers=HTML) as resp:
-            assert resp.status == 200, (front.name, resp.history)
-            assert str(resp.url) == front.base + "/_demo/echo"
-            assert urlsplit(resp.history[0].headers["Location"]).path == "/oauth2/start", resp.history
-        front.session = next(c.value for c in browser.cookie_jar if c.key == "_sidecar")
+    """A person in Chromium asks for a page through the front and is sent to sign in (the provider signs
+    alice in), then lands back on the page; the session cookie is read from the browser's own jar."""
+    async with one_page(ignore_https_errors=True) as page:
+        starts = watch(page, front.base + "/oauth2/start")
+        await page.goto(front.base + "/_demo/echo", wait_until="load")
+        assert page.url == front.base + "/_demo/echo", (front.name, page.url)
+        assert starts, (front.name, "the browser was never sent to /oauth2/start")
+        cookies = await page.context.cookies(front.base)
+        front.session = next(c["value"] for c in cookies if c["name"] == "_sidecar")
 
 
 async def device_token(front: Front) -> str:
