@@ -15,11 +15,12 @@ import http.client
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import NoReturn
 from urllib.parse import urlsplit
@@ -265,3 +266,34 @@ def start_nginx(
             proc.fail(f"did not listen on 127.0.0.1:{listen_port} within {timeout:.0f}s")
         time.sleep(0.05)
     return proc
+
+
+MCP_SERVER = ROOT / "tests" / "e2e" / "mcp" / "server.py"
+
+
+@contextlib.contextmanager
+def mcp_server_process() -> Iterator[str]:
+    """The MCP server (the Python SDK's ``MCPServer``) in its own process: the upstream behind ``/mcp``. It
+    accepts the Host the sidecar forwards. Yields its base URL; stopped on exit."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(MCP_SERVER), "--port", str(port), "--allowed-host", "127.0.0.1:*"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError("MCP server exited:\n" + (proc.stdout.read().decode() if proc.stdout else ""))
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("MCP server did not start within 20 s") from None
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -20,10 +20,6 @@ import asyncio
 import base64
 import json
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -42,6 +38,7 @@ from pydantic import AnyUrl
 
 from sidecar.store import RedisStore
 from tests.e2e import chromium as person
+from tests.e2e.procs import mcp_server_process
 from tests.stack import free_port, stack
 
 MCP_DIR = Path(__file__).parent / "mcp"
@@ -54,28 +51,9 @@ pytestmark = pytest.mark.timeout(150)
 
 @pytest.fixture(scope="module")
 def mcp_server() -> Iterator[str]:
-    """The MCP server (upstream) in its own process; it accepts the Host the sidecar forwards."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, str(MCP_DIR / "server.py"), "--port", str(port), "--allowed-host", "127.0.0.1:*"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 20
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError("MCP server exited:\n" + (proc.stdout.read().decode() if proc.stdout else ""))
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError("MCP server did not start within 20 s") from None
-            time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}/"
-    proc.terminate()
-    proc.wait(timeout=10)
+    """The MCP server (upstream) in its own process."""
+    with mcp_server_process() as url:
+        yield url
 
 
 @pytest.fixture

@@ -28,12 +28,9 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import stat
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -45,11 +42,11 @@ from playwright.async_api import Browser
 
 from sidecar.store import RedisStore
 from tests.e2e import chromium as person
+from tests.e2e.procs import mcp_server_process
 from tests.stack import Stack, free_port, stack
 
 HERE = Path(__file__).parent
 CLIENTS = HERE / "clients"
-MCP_SERVER = HERE / "mcp" / "server.py"
 ACCESS_TTL = 10  # seconds: --oauth-access-token-ttl (its minimum), so that a test outlives a token
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(120)]
 
@@ -57,38 +54,11 @@ pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(120
 # --- the real parts, once for the module --------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def mcp_server() -> Iterator[str]:
-    """The MCP server (Python SDK's ``MCPServer``) in its own process, the upstream behind ``/mcp``."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, str(MCP_SERVER), "--port", str(port), "--allowed-host", "127.0.0.1:*"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError("MCP server exited:\n" + (proc.stdout.read().decode() if proc.stdout else ""))
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("MCP server did not start within 20 s") from None
-                time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def sidecar(redis_server: str) -> AsyncIterator[Stack]:
     """The dev provider, the sidecar (Redis store) and the MCP server. The MCP server stops first: the SSE
-    streams the clients opened through the sidecar then end at once (a stream whose client went away is only
-    noticed by the proxy at the upstream's next write, up to 15 s for this server's pings)."""
+    streams the clients opened through the sidecar then end at once, with no wait for the proxy's
+    client-gone watcher."""
     store = RedisStore(aioredis.from_url(redis_server))
     settings = {
         "oauth_server": "true",
@@ -98,7 +68,7 @@ async def sidecar(redis_server: str) -> AsyncIterator[Stack]:
     }
     try:
         with contextlib.ExitStack() as upstream:
-            url = upstream.enter_context(mcp_server())
+            url = upstream.enter_context(mcp_server_process())
             async with stack(store, upstream=url, **settings) as st:
                 yield st
                 upstream.close()
