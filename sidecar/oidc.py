@@ -17,7 +17,9 @@ provider's JWKS. Every network or protocol failure leaves here as one of the
 Anyone can make us validate a token (``/oauth2/backchannel_logout`` is public), so
 the provider is protected from us: discovery and JWKS fetches are single-flight
 (every concurrent caller shares one request), a failed fetch is not repeated for
-``FAILURE_BACKOFF`` seconds, and an unknown ``kid`` refetches the JWKS at most once
+``FIRST_FAILURE_BACKOFF`` seconds, doubling with each failure in a row up to ``FAILURE_BACKOFF``
+(a provider that starts a moment after us, as in one pod or compose file, is used within a
+second), and an unknown ``kid`` refetches the JWKS at most once
 per ``JWKS_MIN_REFETCH`` seconds, counted from the start of the last attempt. A
 token whose key we cannot look up right now is "provider unavailable", never
 "invalid": only a key set fetched for this very token and still lacking its
@@ -65,7 +67,8 @@ BACKCHANNEL_EVENT = "http://schemas.openid.net/event/backchannel-logout"
 _ALLOWED_ALGS = {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 _LEEWAY = 60.0
 JWKS_MIN_REFETCH = 10.0  # an unknown kid refetches the JWKS at most this often (from the start of the last try)
-FAILURE_BACKOFF = 5.0  # a failed discovery or JWKS fetch is not tried again for this long
+FIRST_FAILURE_BACKOFF = 1.0  # a failed discovery or JWKS fetch is not tried again for this long,
+FAILURE_BACKOFF = 5.0  # doubling with each failure in a row up to this
 LOGOUT_TOKEN_MAX_AGE = 300.0  # a logout token issued longer ago (plus the leeway) is refused
 MAX_LIFETIME = 365 * 86400.0  # a token lifetime the provider states is capped to this
 # What a revocation did (``OidcClient.revoke``), as the sign-out and grant-end log lines say it.
@@ -120,13 +123,14 @@ class Metadata:
 
 class _Flight(Generic[T]):
     """One fetch at a time: callers arriving while it runs share its result, and a failure is
-    answered again without asking the provider for ``backoff`` seconds. Without this, a hanging
-    provider makes the k-th queued caller wait k timeouts, and a burst of callers a burst of fetches."""
+    answered again without asking the provider for a while (``first`` seconds, doubling with each
+    failure in a row up to ``most``). Without this, a hanging provider makes the k-th queued caller
+    wait k timeouts, and a burst of callers a burst of fetches."""
 
-    def __init__(self, backoff: float) -> None:
-        self.backoff = backoff
+    def __init__(self, first: float, most: float) -> None:
+        self.first, self.most = first, most
         self.started_at: float | None = None  # monotonic start of the last attempt
-        self.failed = False  # the last finished attempt failed
+        self.failures = 0  # finished attempts that failed in a row
         self._task: asyncio.Future[T] | None = None
         self._failure: tuple[ProviderError, float] | None = None
 
@@ -151,12 +155,22 @@ class _Flight(Generic[T]):
         try:
             result = await fetch()
         except ProviderError as exc:
-            self.failed, self._failure = True, (exc, time.monotonic() + self.backoff)
+            self.failures += 1
+            self._failure = (exc, time.monotonic() + self.backoff())
             raise
         finally:
             self._task = None
-        self.failed, self._failure = False, None
+        self.failures, self._failure = 0, None
         return result
+
+    @property
+    def failed(self) -> bool:
+        """The last finished attempt failed."""
+        return self.failures > 0
+
+    def backoff(self) -> float:
+        """How long the latest failure is answered again without a fetch."""
+        return min(self.most, self.first * 2 ** max(self.failures - 1, 0))
 
 
 def _again(exc: ProviderError) -> ProviderError:
@@ -311,8 +325,8 @@ class OidcClient:
         self._http = http
         self._metadata: Metadata | None = None
         self._keys: dict[str, Any] = {}
-        self._discovery: _Flight[Metadata] = _Flight(FAILURE_BACKOFF)
-        self._jwks: _Flight[dict[str, Any]] = _Flight(FAILURE_BACKOFF)
+        self._discovery: _Flight[Metadata] = _Flight(FIRST_FAILURE_BACKOFF, FAILURE_BACKOFF)
+        self._jwks: _Flight[dict[str, Any]] = _Flight(FIRST_FAILURE_BACKOFF, FAILURE_BACKOFF)
         self.jwks_min_refetch = JWKS_MIN_REFETCH
         self._timeout = aiohttp.ClientTimeout(total=config.provider_timeout)
         self.audiences = {config.client_id, *config.oidc_extra_audience}
@@ -505,10 +519,10 @@ class OidcClient:
 
     def _may_fetch_jwks(self) -> bool:
         """A JWKS fetch is running (join it), or the last one started long enough ago: a failure
-        ``FAILURE_BACKOFF`` ago, a success ``jwks_min_refetch`` ago."""
+        ``_Flight.backoff()`` ago, a success ``jwks_min_refetch`` ago."""
         if self._jwks.running:
             return True
-        gap = FAILURE_BACKOFF if self._jwks.failed else self.jwks_min_refetch
+        gap = self._jwks.backoff() if self._jwks.failed else self.jwks_min_refetch
         return self._jwks.seconds_since_start() >= gap
 
     async def _signing_key(self, kid: str | None) -> Any:

@@ -16,7 +16,13 @@ import pytest
 import redis.asyncio as aioredis
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from sidecar.oidc import BACKCHANNEL_EVENT, MAX_LIFETIME, logout_token_replay_ttl
+from sidecar.oidc import (
+    BACKCHANNEL_EVENT,
+    FAILURE_BACKOFF,
+    FIRST_FAILURE_BACKOFF,
+    MAX_LIFETIME,
+    logout_token_replay_ttl,
+)
 from sidecar.refresh import REFUSAL_BACKOFF
 from sidecar.store import RedisStore
 from tests.stack import Stack, app_token, browser, session_cookie, sign_in, stack
@@ -79,13 +85,38 @@ async def test_a_failing_jwks_endpoint_is_not_fetched_on_every_request() -> None
     async with stack() as st, aiohttp.ClientSession() as idp:
         for n, kind in enumerate(("500", "invalid_json")):
             if n:
-                await asyncio.sleep(5.1)  # the failure is remembered briefly, then asked again
+                await asyncio.sleep(FIRST_FAILURE_BACKOFF + 0.1)  # the failure is remembered briefly, then asked again
             st.provider.break_endpoint("jwks", kind)
             st.provider.reset_counters()
-            for i in range(20):
+            started = time.monotonic()
+            for i in range(10):
                 assert await _post_logout(idp, st.base, _unknown_kid_token(st, f"k{i}")) == 503
                 assert await _post_logout(idp, st.base, _logout_token(st)) == 503  # even our own kid: no key set
+            # the first failure is remembered FIRST_FAILURE_BACKOFF seconds, the second in a row twice that
+            assert time.monotonic() - started < FIRST_FAILURE_BACKOFF * (n + 1), "too slow to prove the bound"
             assert st.provider.stats()["jwks_calls"] == 1
+
+
+async def test_a_provider_that_comes_up_after_the_sidecar_is_used_within_seconds() -> None:
+    """As in one pod or compose file: discovery fails at first, and the failure is not remembered long."""
+    async with stack() as st, aiohttp.ClientSession() as idp:
+        st.provider.break_endpoint("discovery", "500")
+        st.provider.reset_counters()
+        for calls in (1, 2):
+            for _ in range(5):  # the failure is remembered: one fetch for all of these
+                assert await _post_logout(idp, st.base, _logout_token(st)) == 503
+            assert st.provider.stats()["discovery_calls"] == calls
+            if calls == 2:  # two in a row: remembered twice as long
+                await asyncio.sleep(FIRST_FAILURE_BACKOFF + 0.1)
+                assert await _post_logout(idp, st.base, _logout_token(st)) == 503
+                assert st.provider.stats()["discovery_calls"] == 2
+            await asyncio.sleep(FIRST_FAILURE_BACKOFF + 0.1)
+        st.provider.clear_faults()
+        started = time.monotonic()
+        while await _post_logout(idp, st.base, _logout_token(st)) == 503:
+            assert time.monotonic() - started < FAILURE_BACKOFF + 1, "the provider came back but was not asked again"
+            await asyncio.sleep(0.1)
+        assert st.provider.stats()["discovery_calls"] == 3
 
 
 # ------------------------------------------------------------------------------- hanging discovery

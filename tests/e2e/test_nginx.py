@@ -128,7 +128,7 @@ def run_site(redis_server: str, tmp_path_factory: pytest.TempPathFactory, *extra
         return procs[-1]
 
     try:
-        # The three Python processes start side by side; the sidecar discovers the provider lazily.
+        # The three Python processes start side by side; the sidecar is ready once it has discovered the provider.
         provider = launch(
             "provider",
             "sidecar.dev.provider",
@@ -140,7 +140,7 @@ def run_site(redis_server: str, tmp_path_factory: pytest.TempPathFactory, *extra
         sidecar = launch("sidecar", "sidecar", *sidecar_flags)
         provider.wait_http(issuer + "/.well-known/openid-configuration")
         app.wait_http(f"http://127.0.0.1:{app_port}/_demo/echo")
-        sidecar.wait_http(f"http://127.0.0.1:{sidecar_port}/ping")
+        sidecar.wait_http(f"http://127.0.0.1:{sidecar_port}/ready")  # Redis and the provider's discovery
         sidecar.wait_http(f"http://127.0.0.1:{auth_port}/oauth2/auth", expect=401)
         conf = render_nginx_conf(
             nginx_port, f"127.0.0.1:{sidecar_port}", f"127.0.0.1:{app_port}", auth=f"127.0.0.1:{auth_port}"
