@@ -170,7 +170,7 @@ class _Flight(Generic[T]):
 
     def backoff(self) -> float:
         """How long the latest failure is answered again without a fetch."""
-        return min(self.most, self.first * 2 ** max(self.failures - 1, 0))
+        return min(self.most, self.first * 2.0 ** max(self.failures - 1, 0))
 
 
 def _again(exc: ProviderError) -> ProviderError:
