@@ -1,4 +1,4 @@
-"""The grant store (sidecar/oauth/store.py): memory, real redis-server, and a real Redis Cluster."""
+"""The grant store (sidecar/oauth/store_*.py): memory, real redis-server, and a real Redis Cluster."""
 
 from __future__ import annotations
 
