@@ -240,12 +240,20 @@ class Config:
         high=86400,
     )  # fmt: skip
     oauth_unused_clients_max: int = option(
-        1000, "registered clients waiting for their first grant, across all replicas; more are refused (429)", low=1,
-        high=1_000_000,
+        1000, "registered clients waiting for their first grant, across all replicas; when full, a new one forgets "
+        "the oldest of the network holding the most (README, Anonymous load)", low=1, high=1_000_000,
+    )  # fmt: skip
+    oauth_unused_clients_per_network: int = option(
+        20, "registered clients waiting for their first grant from one network (an IPv4 /24, an IPv6 /48); a new "
+        "one from a network holding this many forgets that network's oldest", low=1, high=1_000_000,
     )  # fmt: skip
     oauth_token_rate_limit: int = option(
-        60, "token, device and revocation requests per client IP per minute, burst twice that; 0 = no limit",
-        high=1_000_000,
+        60, "token requests (/oauth2/token: codes, refreshes, device polls) per client IP per minute, burst twice "
+        "that; 0 = no limit", high=1_000_000,
+    )  # fmt: skip
+    oauth_revocation_rate_limit: int = option(
+        60, "revocation requests (/oauth2/revoke) per client IP per minute, burst twice that; 0 = no limit. A budget "
+        "of its own: revoking many tokens never holds up a refresh from the same address", high=1_000_000,
     )  # fmt: skip
     oauth_device_code_ttl: Seconds = option(600.0, "how long a device code waits for the user (10m)", low=60, high=3600)
     oauth_device_poll_interval: Seconds = option(
@@ -327,6 +335,10 @@ def build_config(raw: Mapping[str, Any]) -> Config:
         except OSError as exc:
             problems.append(f"--client-secret-file: cannot read it ({exc.strerror})")
     check_fields(values, problems)
+    if "oauth_unused_clients_per_network" in raw and (
+        values["oauth_unused_clients_per_network"] > values["oauth_unused_clients_max"]
+    ):  # left at its default it simply never binds below a smaller pool
+        problems.append("--oauth-unused-clients-per-network: must not exceed --oauth-unused-clients-max")
     derived: dict[str, Any] = {
         "upstreams": collect(problems, parse_upstream, values["upstream"]),
         "skip_routes": collect(problems, skip_route, values["skip_auth_route"]),

@@ -43,9 +43,13 @@ PENDING_GRACE = 600.0  # an unredeemed grant's key outlives its deadline by this
 class GrantStore(Protocol):
     # --- clients (RFC 7591) -------------------------------------------------------------------------
     async def put_client(self, client: Client, ttl: float) -> None: ...
-    async def put_new_client(self, client: Client, ttl: float, max_new: int) -> bool:
-        """Keep an anonymous registration for ``ttl`` (short) as *unused*; False (nothing stored) when
-        ``max_new`` unused clients are alive already, counted across every replica."""
+    async def put_new_client(
+        self, client: Client, network: str, ttl: float, max_new: int, per_network: int
+    ) -> str | None:
+        """Keep an anonymous registration for ``ttl`` (short) as *unused*, counted against ``network``; always
+        kept. To stay within ``per_network`` unused clients per network and ``max_new`` in all (counted across
+        every replica), it first forgets one unused client (``unused_pool.victim_network`` says whose: the
+        oldest of that network) and returns its id; None when there was room."""
         ...
 
     async def promote_client(self, client_id: str, ttl: float) -> None:

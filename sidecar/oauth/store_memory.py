@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 from .model import AuthorizationCode, Client, DeviceAuthorization, Grant
 from .store_contract import DEVICE_GRACE, PENDING_GRACE, SLOW_DOWN_STEP, USED_CHARS, USED_KEPT
+from .unused_pool import victim_network
 
 
 class MemoryGrantStore:
@@ -55,21 +57,28 @@ class MemoryGrantStore:
     async def put_client(self, client: Client, ttl: float) -> None:
         self._set("cl:" + client.client_id, client, ttl)
 
-    async def put_new_client(self, client: Client, ttl: float, max_new: int) -> bool:
+    async def put_new_client(
+        self, client: Client, network: str, ttl: float, max_new: int, per_network: int
+    ) -> str | None:
         now = self._clock()
-        new: dict[str, float] = self._get("cn") or {}
-        for client_id in [c for c, until in new.items() if until <= now]:
-            del new[client_id]
-        if len(new) >= max_new:
-            return False
-        new[client.client_id] = now + ttl
-        self._set("cn", new, ttl)
+        pool: dict[str, tuple[float, str]] = self._get("cn") or {}  # unused client id -> (expiry, network)
+        for client_id in [c for c, (until, _) in pool.items() if until <= now]:
+            del pool[client_id]
+        counts = Counter(net for _, net in pool.values())
+        victim_net = victim_network(counts, network, len(pool), max_new, per_network)
+        victim = None
+        if victim_net is not None:
+            victim = min((c for c, (_, net) in pool.items() if net == victim_net), key=lambda c: pool[c][0])
+            del pool[victim]
+            self._kv.pop("cl:" + victim, None)  # in the pool, so still unused
+        pool[client.client_id] = (now + ttl, network)
+        self._set("cn", pool, ttl)
         self._set("cl:" + client.client_id, client, ttl)
-        return True
+        return victim
 
     async def promote_client(self, client_id: str, ttl: float) -> None:
-        new = self._get("cn") or {}
-        if new.pop(client_id, None) is not None:
+        pool = self._get("cn") or {}
+        if pool.pop(client_id, None) is not None:
             self._expire("cl:" + client_id, ttl)
 
     async def get_client(self, client_id: str) -> Client | None:

@@ -11,8 +11,8 @@ Redis layout (``<prefix>oa:``; ``G`` = ``{grant_id}``):
     d:<hash>     string device authorization JSON   du:<user code> string the device code hash
     dc:<client>@<address>  zset   a client's live device authorizations from one address (bounded count)
     p:<key>      string short-lived state of the browser-facing endpoints
-    cn           zset   unused client ids by expiry (their count is bounded across replicas); an unused
-                        client's cl:<id> is "u:" + JSON until a user grants it access (``promote_client``)
+    {cn}...      the pool of unused clients, per network (``store_scripts.py``; ``unused_pool.py``); an
+                 unused client's cl:<id> is "u:" + JSON until a user grants it access (``promote_client``)
     rl:<bucket>:<client>  hash  rate-limit token bucket of an unauthenticated endpoint (``limits.py``)
 """
 
@@ -52,6 +52,11 @@ class RedisGrantStore:
         self._device_poll = client.register_script(lua.DEVICE_POLL)
         self._take = client.register_script(lua.TAKE)
         self._count_new = client.register_script(lua.COUNT_NEW)
+        self._pool_admit = client.register_script(lua.POOL_ADMIT)
+        self._pool_leave = client.register_script(lua.POOL_LEAVE)
+        self._drop_unused = client.register_script(lua.DROP_UNUSED)
+        self._pool = [self._p + "{cn}", self._p + "{cn}:w", self._p + "{cn}:h"]  # one slot: the {cn} tag
+        self._pool_net = self._p + "{cn}:n:"
         self._promote = client.register_script(lua.PROMOTE)
         self._touch_client = client.register_script(lua.TOUCH_CLIENT)
 
@@ -74,18 +79,31 @@ class RedisGrantStore:
     async def put_client(self, client: Client, ttl: float) -> None:
         await self._call(self._r.set(self._p + "cl:" + client.client_id, dump(client), px=millis(ttl)))
 
-    async def put_new_client(self, client: Client, ttl: float, max_new: int) -> bool:
+    async def put_new_client(
+        self, client: Client, network: str, ttl: float, max_new: int, per_network: int
+    ) -> str | None:
         now = time.time()
-        args = [repr(now), max_new, client.client_id, repr(now + ttl), millis(ttl)]
-        if not await self._call(self._count_new(keys=[self._p + "cn"], args=args)):
-            return False
+        args = [
+            repr(now),
+            max_new,
+            per_network,
+            client.client_id,
+            repr(now + ttl),
+            millis(ttl),
+            network,
+            self._pool_net,
+        ]
+        evicted = await self._call(self._pool_admit(keys=self._pool, args=args))
+        if evicted:
+            evicted = evicted.decode() if isinstance(evicted, bytes) else str(evicted)
+            await self._call(self._drop_unused(keys=[self._p + "cl:" + evicted]))
         value = lua.UNUSED + dump(client)
         await self._call(self._r.set(self._p + "cl:" + client.client_id, value, px=millis(ttl)))
-        return True
+        return evicted or None
 
     async def promote_client(self, client_id: str, ttl: float) -> None:
         if await self._call(self._promote(keys=[self._p + "cl:" + client_id], args=[millis(ttl)])):
-            await self._call(self._r.zrem(self._p + "cn", client_id))
+            await self._call(self._pool_leave(keys=self._pool, args=[client_id, self._pool_net]))
 
     async def get_client(self, client_id: str) -> Client | None:
         raw = await self._call(self._r.get(self._p + "cl:" + client_id))

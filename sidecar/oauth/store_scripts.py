@@ -143,10 +143,63 @@ return v
 """
 
 
-# Unused clients (anonymous registrations no user has granted yet): their record starts with _UNUSED and
-# lives the short TTL; ``cn`` counts them (zset: client id by expiry) across replicas.
+# Unused clients (anonymous registrations no user has granted yet): their record starts with UNUSED and
+# lives the short TTL. Their pool is counted across replicas in keys sharing the {cn} hash tag (one slot):
+#   {cn}    zset  client id by expiry        {cn}:w  hash  client id -> network
+#   {cn}:h  zset  network by unused count    {cn}:n:<network>  zset  that network's client ids by expiry
 UNUSED = b"u:"
-# A bounded set of live members (unused clients; a client's device authorizations). KEYS the zset (member by
+# Forget one client of the pool. KEYS {cn}, {cn}:w, {cn}:h; ``per`` the "{cn}:n:" key prefix.
+POOL_BODY = """
+local function forget(id, per)
+  local net = redis.call('HGET', KEYS[2], id)
+  redis.call('ZREM', KEYS[1], id)
+  redis.call('HDEL', KEYS[2], id)
+  if net then
+    redis.call('ZREM', per .. net, id)
+    if tonumber(redis.call('ZINCRBY', KEYS[3], -1, net)) <= 0 then redis.call('ZREM', KEYS[3], net) end
+  end
+end
+"""
+# Admit a new unused client (unused_pool.py has the rule). KEYS {cn}, {cn}:w, {cn}:h; ARGV now, max, share,
+# client id, expiry, ttl ms, network, "{cn}:n:" key prefix. Returns the id of the client forgotten, or "".
+POOL_ADMIT = (
+    POOL_BODY
+    + """
+local per, net = ARGV[8], ARGV[7]
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 1000)) do forget(id, per) end
+local own = redis.call('ZCARD', per .. net)
+local from = nil
+if own >= tonumber(ARGV[3]) then
+  from = net
+elseif redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
+  local top = redis.call('ZREVRANGE', KEYS[3], 0, 0, 'WITHSCORES')
+  if top[1] and tonumber(top[2]) > own then from = top[1] else from = net end
+end
+local evicted = ''
+if from then
+  local oldest = redis.call('ZRANGE', per .. from, 0, 0)[1]
+  if oldest then
+    forget(oldest, per)
+    evicted = oldest
+  end
+end
+redis.call('ZADD', KEYS[1], ARGV[5], ARGV[4])
+redis.call('HSET', KEYS[2], ARGV[4], net)
+redis.call('ZADD', per .. net, ARGV[5], ARGV[4])
+redis.call('ZINCRBY', KEYS[3], 1, net)
+for _, k in ipairs({KEYS[1], KEYS[2], KEYS[3], per .. net}) do redis.call('PEXPIRE', k, ARGV[6]) end
+return evicted
+"""
+)
+# A client left the pool (a user granted it access). KEYS as POOL_ADMIT; ARGV client id, "{cn}:n:" prefix.
+POOL_LEAVE = POOL_BODY + "forget(ARGV[1], ARGV[2])\nreturn 1"
+# KEYS client. Delete a client forgotten by the pool, unless a user granted it access meanwhile.
+DROP_UNUSED = """
+local v = redis.call('GET', KEYS[1])
+if v and string.sub(v, 1, 2) == 'u:' then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+# A bounded set of live members (a client's device authorizations). KEYS the zset (member by
 # expiry); ARGV now, max, member, expiry, ttl ms. 1 when the member was added, 0 when the set is full.
 COUNT_NEW = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
