@@ -18,14 +18,14 @@ Seconds = float
 Names = tuple[str, ...]
 Patterns = tuple[str, ...]
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h|d)")
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ns|us|µs|ms|s|m|h|d)")
 _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def parse_duration(text: str) -> float:
     """Seconds from ``"90"``, ``"30m"``, ``"168h"`` or ``"1h30m"`` (Go style, as oauth2-proxy)."""
     text = text.strip()
-    if re.fullmatch(r"\d+(\.\d+)?", text):
+    if re.fullmatch(r"[0-9]+(\.[0-9]+)?", text):  # ASCII digits only: Python's \d and float() take any script
         return float(text)
     pos, total = 0, 0.0
     for match in _DURATION_PART.finditer(text):
@@ -36,6 +36,13 @@ def parse_duration(text: str) -> float:
     if pos != len(text) or not text:
         raise ValueError(f"not a duration: {text!r} (use seconds or units like 30m, 168h)")
     return total
+
+
+def parse_int(text: str) -> int:
+    """A whole number in ASCII digits: Python's ``int`` also takes ``1_000`` and digits of any script."""
+    if not re.fullmatch(r"-?[0-9]+", text.strip()):
+        raise ValueError(f"not a whole number: {text!r}")
+    return int(text.strip())
 
 
 def parse_bool(text: str) -> bool:
@@ -109,7 +116,7 @@ class Option:
         if self.kind == "bool":
             return raw if isinstance(raw, bool) else parse_bool(str(raw))
         if self.kind == "int":
-            value = raw if isinstance(raw, int) and not isinstance(raw, bool) else int(str(raw).strip())
+            value = raw if isinstance(raw, int) and not isinstance(raw, bool) else parse_int(str(raw))
             return self._bounded(value)
         if self.kind == "duration":
             if isinstance(raw, bool):
