@@ -335,9 +335,11 @@ def build_config(raw: Mapping[str, Any]) -> Config:
         except OSError as exc:
             problems.append(f"--client-secret-file: cannot read it ({exc.strerror})")
     check_fields(values, problems)
-    if "oauth_unused_clients_per_network" in raw and (
-        values["oauth_unused_clients_per_network"] > values["oauth_unused_clients_max"]
-    ):  # left at its default it simply never binds below a smaller pool
+    share, share_default = (
+        values["oauth_unused_clients_per_network"],
+        BY_ATTR["oauth_unused_clients_per_network"].default,
+    )
+    if share != share_default and share > values["oauth_unused_clients_max"]:  # the default never binds a small pool
         problems.append("--oauth-unused-clients-per-network: must not exceed --oauth-unused-clients-max")
     derived: dict[str, Any] = {
         "upstreams": collect(problems, parse_upstream, values["upstream"]),

@@ -47,6 +47,9 @@ def test_budget_defaults_and_the_share_is_checked_against_the_pool() -> None:
         load_config([*BASE, "--oauth-unused-clients-max", "5", "--oauth-unused-clients-per-network", "6"], {})
     small = load_config([*BASE, "--oauth-unused-clients-max", "5"], {})  # the default share never binds there
     assert small.oauth_unused_clients_per_network == 20
+    assert small.replace(oauth_unused_clients_max="4").oauth_unused_clients_max == 4  # nor when changed later
+    with pytest.raises(ConfigError, match="--oauth-unused-clients-per-network: must not exceed"):
+        small.replace(oauth_unused_clients_per_network="6")
     env = {"SIDECAR_OAUTH_REVOCATION_RATE_LIMIT": "0"}  # 0 turns the limit off, as for the other budgets
     assert load_config(BASE, env).oauth_revocation_rate_limit == 0
 
