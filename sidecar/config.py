@@ -335,11 +335,8 @@ def build_config(raw: Mapping[str, Any]) -> Config:
         except OSError as exc:
             problems.append(f"--client-secret-file: cannot read it ({exc.strerror})")
     check_fields(values, problems)
-    share, share_default = (
-        values["oauth_unused_clients_per_network"],
-        BY_ATTR["oauth_unused_clients_per_network"].default,
-    )
-    if share != share_default and share > values["oauth_unused_clients_max"]:  # the default never binds a small pool
+    share = values["oauth_unused_clients_per_network"]  # left at its default, it never binds a smaller pool
+    if share != BY_ATTR["oauth_unused_clients_per_network"].default and share > values["oauth_unused_clients_max"]:
         problems.append("--oauth-unused-clients-per-network: must not exceed --oauth-unused-clients-max")
     derived: dict[str, Any] = {
         "upstreams": collect(problems, parse_upstream, values["upstream"]),
