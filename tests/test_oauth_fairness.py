@@ -7,6 +7,7 @@ counting is the sidecar's own reading of the peer address; nothing is set by han
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import aiohttp
@@ -130,11 +131,26 @@ async def test_revoking_many_tokens_never_holds_up_a_refresh_from_the_same_addre
             await store.close()
 
 
-async def _register_from(address: str, base: str) -> str:
+async def _register_from(address: str, base: str, headers: dict[str, str] | None = None) -> str:
     body = {"redirect_uris": ["http://127.0.0.1:8123/cb"], "token_endpoint_auth_method": "none"}
-    async with _client(address) as http, http.post(base + "/oauth2/register", json=body) as resp:
+    async with _client(address) as http, http.post(base + "/oauth2/register", json=body, headers=headers) as resp:
         assert resp.status == 201, (address, resp.status, await resp.text())  # never refused for everyone
         return str((await resp.json())["client_id"])
+
+
+async def _consistent(raw: aioredis.Redis, size: int) -> None:
+    """The pool's four views agree: ids by expiry, id -> network, count per network, each network's ids; and
+    every id in it has its "u:" (unused) record."""
+    ids = {m.decode() for m in await raw.zrange("sc:oa:{cn}", 0, -1)}
+    where = {k.decode(): v.decode() for k, v in (await raw.hgetall("sc:oa:{cn}:w")).items()}
+    held = {k.decode(): int(v) for k, v in await raw.zrange("sc:oa:{cn}:h", 0, -1, withscores=True)}
+    assert len(ids) == size and set(where) == ids and sum(held.values()) == size, (ids, where, held)
+    for net, count in held.items():
+        assert {m.decode() for m in await raw.zrange("sc:oa:{cn}:n:" + net, 0, -1)} == {
+            i for i, n in where.items() if n == net
+        } and count == sum(1 for n in where.values() if n == net)
+    for client_id in ids:
+        assert (await raw.get("sc:oa:cl:" + client_id) or b"").startswith(b"u:"), client_id
 
 
 async def test_a_full_pool_still_lets_a_newcomer_register_and_keeps_its_client(redis_url: str) -> None:
@@ -162,15 +178,45 @@ async def test_a_full_pool_still_lets_a_newcomer_register_and_keeps_its_client(r
             assert len([k async for k in raw.scan_iter(match="sc:oa:cl:*")]) == 8
             await sign_in(alice, st.base)
             newcomer = (await register(st.base))["client_id"]  # from 127.0.0.1: a network holding nothing
-            for net in (1, 2, 3, 4):  # the flood goes on from every network, through both replicas
-                for i in range(10):
-                    await _register_from(f"127.1.{net}.{i + 1}", bases[i % 2])
+            flood = [  # the flood goes on from every network at once, racing through both replicas
+                _register_from(f"127.1.{net}.{i + 1}", bases[(net + i) % 2]) for net in (1, 2, 3, 4) for i in range(10)
+            ]
+            await asyncio.gather(*flood)
             assert await raw.exists("sc:oa:cl:" + newcomer) == 1
+            await _consistent(raw, 8)
             query, verifier = await code_flow(st.base, newcomer, alice)  # and it works: consent, code, tokens
             status, tokens = await redeem(other, newcomer, query["code"][0], verifier)
             assert status == 200 and tokens["refresh_token"], tokens
             assert "127.0.0.0/24" not in await counts()  # granted: no longer in the unused pool
+            await _consistent(raw, 7)
     finally:
         for store in stores:
             await store.close()
+        await raw.aclose()
+
+
+async def test_forged_forwarding_headers_do_not_spread_one_address_over_many_networks(redis_url: str) -> None:
+    """Without --reverse-proxy the peer address is the one counted: a client naming other addresses in
+    X-Forwarded-For or X-Real-IP still holds only its own network's share."""
+    raw = aioredis.from_url(redis_url)
+    store = RedisStore(aioredis.from_url(redis_url))
+    pool = {"oauth_unused_clients_max": "50", "oauth_unused_clients_per_network": "3"}
+    try:
+        async with oauth_stack(store, oauth_registration_rate_limit="1000", **pool) as st:
+
+            def forged(i: int) -> dict[str, str]:
+                return [
+                    {"X-Forwarded-For": f"203.0.{i}.1"},
+                    {"X-Real-IP": f"198.51.{i}.7"},
+                    {"X-Forwarded-For": f"2001:db8:{i}::1, 203.0.113.{i}"},
+                    {"Forwarded": f"for=192.0.{i}.2"},
+                    {"X-Forwarded-For": "127.0.0.1", "X-Real-IP": "127.0.0.1"},
+                ][i % 5]
+
+            for i in range(20):
+                await _register_from("127.1.9.1", st.base, forged(i))
+            held = {k.decode(): int(v) for k, v in await raw.zrange("sc:oa:{cn}:h", 0, -1, withscores=True)}
+            assert held == {"127.1.9.0/24": 3}, held
+    finally:
+        await store.close()
         await raw.aclose()
