@@ -8,6 +8,7 @@ counting is the sidecar's own reading of the peer address; nothing is set by han
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -36,6 +37,21 @@ def test_bad_budget_values_are_refused_with_one_line_naming_the_option(flag: str
         load_config([*BASE, flag, value], {})
     lines = str(err.value).splitlines()
     assert len(lines) == 1 and lines[0].startswith(flag + ":"), lines
+
+
+@pytest.mark.parametrize("value", ['"6 0"', "[60]", "-3", "6e1", "true", '"sixty"', "{a = 1}"])
+def test_bad_budget_values_in_the_environment_or_toml_are_refused_too(value: str, tmp_path: Path) -> None:
+    toml = tmp_path / "sidecar.toml"
+    toml.write_text(f"oauth-revocation-rate-limit = {value}\n")
+    for args, env in (
+        (["--config", str(toml)], {}),
+        ([], {"SIDECAR_OAUTH_UNUSED_CLIENTS_PER_NETWORK": value}),
+        ([], {"OAUTH2_PROXY_OAUTH_REVOCATION_RATE_LIMIT": value}),
+    ):
+        with pytest.raises(ConfigError) as err:
+            load_config([*BASE, *args], env)
+        lines = str(err.value).splitlines()
+        assert len(lines) == 1 and ("revocation-rate-limit" in lines[0] or "per-network" in lines[0]), lines
 
 
 def test_budget_defaults_and_the_share_is_checked_against_the_pool() -> None:
