@@ -154,7 +154,7 @@ async def test_ending_a_session_from_the_account_page_revokes_its_refresh_token_
 
     import redis.asyncio as aioredis
 
-    from sidecar.oidc import NOT_REVOKED_NO_ENDPOINT, REVOKED
+    from sidecar.oidc import NOT_REVOKED_FAILED, NOT_REVOKED_NO_ENDPOINT, REVOKED
     from sidecar.store import RedisStore
     from tests.provider_quirks import QUIRKS
 
@@ -189,6 +189,19 @@ async def test_ending_a_session_from_the_account_page_revokes_its_refresh_token_
                     assert st.provider.stats()["revoke_calls"] == calls + (1 if revokes else 0), name
                     assert outcomes() == [REVOKED if revokes else NOT_REVOKED_NO_ENDPOINT], (name, caplog.text)
             st.provider.config(revocation_endpoint=True)
+            for kind in ("500", "slow"):  # a failing or hanging revocation endpoint: the session still ends
+                st.provider.break_endpoint("revoke", kind, delay=30.0 if kind == "slow" else 0.0)
+                async with browser() as other:
+                    await sign_in(other, st.base)
+                    live = st.provider.live_refresh_tokens()["alice"]
+                    caplog.clear()
+                    mine = await rows(keeper, st.base)
+                    assert await _end_row(keeper, st.base, mine[1]) == "/oauth2/account", kind
+                    async with other.get(st.base + "/oauth2/userinfo") as resp:
+                        assert resp.status == 401, kind
+                    assert st.provider.live_refresh_tokens()["alice"] == live, kind  # not revoked, and said so
+                    assert outcomes() == [NOT_REVOKED_FAILED], (kind, caplog.text)
+                st.provider.clear_faults()
             live = st.provider.live_refresh_tokens()["alice"]
             this = await rows(keeper, st.base)  # this browser ends itself from its own page: signed out, revoked
             assert len(this) == 1
