@@ -23,11 +23,12 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from . import kit, logs
+from . import crypto, kit, logs
 from .config import Config
 from .context import Services
 from .cookies import SessionRef
 from .devices import CARD, open_card
+from .errors import InvalidCookie
 from .guard import browser_session, clear_session_cookie, read_cookie
 from .handlers import _same_origin, everywhere_field
 from .middleware import guarded
@@ -162,14 +163,17 @@ async def revoke(request: web.Request, svc: Services) -> web.Response:
         return _refused(svc, 403, "Refused", "This form is not from your session (CSRF check failed).")
     kind, row_id = str(form.get("kind", "")), str(form.get("id", ""))[:100]
     sub = session.identity.sub
+    fields = {**logs.who(session.identity), "kind": kind}
     ended = False
     if kind == "session":
-        ended = await _end_session(svc, sub, row_id)
+        revoked = await _end_session(svc, sub, row_id)
+        ended = revoked is not None
+        fields["refresh_token"] = revoked or "none"
     elif kind == "app" and svc.connected_apps is not None and row_id:
         ended = await svc.connected_apps.revoke(sub, row_id)
     if not ended:
         return _refused(svc, 404, "Not found", "There is no such session or application in your list.")
-    logs.event("account_revoked", {**logs.who(session.identity), "kind": kind})
+    logs.event("account_revoked", fields)
     if kind == "session" and row_id == _handle(svc.config, ref.store_key):
         response = _see_other(svc.config.proxy_prefix + "/signed_out")
         clear_session_cookie(response, svc.config)
@@ -177,15 +181,35 @@ async def revoke(request: web.Request, svc: Services) -> web.Response:
     return _see_other(svc.config.proxy_prefix + "/account")
 
 
-async def _end_session(svc: Services, sub: str, row_id: str) -> bool:
-    """Only a key from this user's own index, named by its handle, can be ended."""
+async def _end_session(svc: Services, sub: str, row_id: str) -> str | None:
+    """Only a key from this user's own index, named by its handle, can be ended. As sign-out does, the
+    session's upstream refresh token is revoked (``OidcClient.revoke``: only at the endpoint discovery named);
+    what happened to it is returned for the log line, None when there was no such session."""
     index = user_key(sub)
     for key in await svc.sessions.store.user_sessions(index):
-        if hmac.compare_digest(_handle(svc.config, key), row_id) and await svc.sessions.store.get_outcome(CARD + key):
-            await svc.sessions.end_users_session(sub, key)
-            await svc.sessions.store.put_outcome(CARD + key, b"", 1.0)
-            return True
-    return False
+        if not hmac.compare_digest(_handle(svc.config, key), row_id):
+            continue
+        blob = await svc.sessions.store.get_outcome(CARD + key)
+        if not blob:
+            return None
+        card = open_card(svc.config, sub, key, blob)
+        refresh_token = await _refresh_token(svc, key, card.session_key if card else None)
+        await svc.sessions.end_users_session(sub, key)
+        await svc.sessions.store.put_outcome(CARD + key, b"", 1.0)
+        return await svc.oidc.revoke(refresh_token, "refresh_token") if refresh_token else "none"
+    return None
+
+
+async def _refresh_token(svc: Services, key: str, session_key: bytes | None) -> str | None:
+    """The refresh token in another browser's session record, opened with the key its device card keeps."""
+    record = await svc.sessions.store.load(key) if session_key else None
+    if record is None or session_key is None:
+        return None
+    try:
+        plain = crypto.decrypt(session_key, record.blob, key.encode())
+        return Session.from_bytes(plain, record.version, record.last_active).tokens.refresh_token
+    except (InvalidCookie, ValueError):
+        return None  # a card from another record, or a record format from another version: nothing to revoke
 
 
 async def signed_out(request: web.Request, svc: Services) -> web.Response:

@@ -5,10 +5,18 @@ words from the User-Agent, the address, the time) is kept beside the record, in 
 values under ``acct:<record key>``, for as long as the cookie can live, encrypted with a key derived from
 the cookie secret and the user's ``sub``: readable by that user's account page only, never in clear in the
 store.
+
+The card also holds the session's record key. Ending a session from the account page must revoke its
+upstream refresh token as sign-out does (it may be an ``offline_access`` token that lives for months at the
+provider), and only that key opens the record holding the token. So whoever holds both the cookie secret
+and the store can read a session's tokens, as with a CLI/MCP grant's record (``oauth/ending.py``); the
+session id stays out of the card, so the cookie itself still cannot be rebuilt from it.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import json
@@ -34,6 +42,7 @@ class Card:
     device: str
     address: str
     signed_in_at: float
+    session_key: bytes | None = None  # None on cards written before the key was kept
 
 
 def describe_device(user_agent: str) -> str:
@@ -77,6 +86,7 @@ async def remember_device(request: web.Request, svc: Services, ref: SessionRef, 
         "device": describe_device(request.headers.get("User-Agent", "")[:400]),
         "address": view_of(request).client_ip,
         "at": time.time(),
+        "key": base64.b64encode(ref.key).decode(),
     }
     blob = crypto.encrypt(_card_key(svc.config, sub), json.dumps(card).encode(), ref.store_key.encode())
     await svc.sessions.store.put_outcome(CARD + ref.store_key, blob, float(svc.config.cookie_expire))
@@ -86,9 +96,8 @@ def open_card(config: Config, sub: str, key: str, blob: bytes) -> Card | None:
     for secret in config.cookie_secrets:
         try:
             card = json.loads(crypto.decrypt(_card_key(config, sub, secret), blob, key.encode()))
-            return Card(str(card["device"]), str(card["address"]), float(card["at"]))
-        except (InvalidCookie, ValueError, KeyError, TypeError):
+            session_key = base64.b64decode(card["key"], validate=True) if "key" in card else None
+            return Card(str(card["device"]), str(card["address"]), float(card["at"]), session_key)
+        except (InvalidCookie, ValueError, KeyError, TypeError, binascii.Error):
             continue
     return None
-
-

@@ -135,3 +135,128 @@ async def test_device_cards_are_not_stored_in_clear(redis_url: str) -> None:
             assert 0 < await client.pttl(keys[0]) <= st.configs[0].cookie_expire * 1000
     finally:
         await store.close()
+
+
+async def _end_row(client: aiohttp.ClientSession, base: str, row: tuple[str, str, str]) -> str:
+    form = {"csrf": row[0], "kind": row[1], "id": row[2]}
+    async with client.post(base + "/oauth2/account/revoke", data=form, allow_redirects=False) as resp:
+        assert resp.status == 303, await resp.text()
+        return resp.headers["Location"]
+
+
+@pytest.mark.timeout(120)
+async def test_ending_a_session_from_the_account_page_revokes_its_refresh_token_as_sign_out_does(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The proof is the dev provider's own count of the refresh tokens it would still honour, per provider
+    quirk; without a revocation endpoint in discovery nothing is POSTed anywhere, and the log line says so."""
+    import logging
+
+    import redis.asyncio as aioredis
+
+    from sidecar.oidc import NOT_REVOKED_FAILED, NOT_REVOKED_NO_ENDPOINT, REVOKED
+    from sidecar.store import RedisStore
+    from tests.provider_quirks import QUIRKS
+
+    caplog.set_level(logging.INFO, logger="sidecar.events")
+    stores = [RedisStore(aioredis.from_url(redis_url), prefix="acct-revoke:")]
+
+    def outcomes() -> list[str]:
+        events = [getattr(r, "fields", {}) for r in caplog.records if r.getMessage() == "account_revoked"]
+        return [e.get("refresh_token", "") for e in events]
+
+    try:
+        async with oauth_stack(stores[0]) as st, browser() as keeper:
+            await sign_in(keeper, st.base)
+            for name in ("plain", "rotating", "no-rotation", "no-revocation-endpoint"):
+                quirk = QUIRKS[name]
+                st.provider.config({"revocation_endpoint": True, **quirk})
+                revokes = quirk.get("revocation_endpoint", True)
+                stores.append(RedisStore(aioredis.from_url(redis_url), prefix="acct-revoke:"))
+                base = await st.add_sidecar(stores[-1], oauth_server="true", oauth_resource="/mcp")  # new discovery
+                async with browser() as other:
+                    await sign_in(other, base)
+                    live = st.provider.live_refresh_tokens()["alice"]
+                    calls = st.provider.stats()["revoke_calls"]
+                    caplog.clear()
+                    mine = await rows(keeper, base)  # the cookie jar sends the keeper's cookie to any port
+                    assert len(mine) == 2, (name, mine)
+                    assert await _end_row(keeper, base, mine[1]) == "/oauth2/account"  # the other browser
+                    async with other.get(base + "/oauth2/userinfo") as resp:
+                        assert resp.status == 401, name
+                    after = st.provider.live_refresh_tokens().get("alice", 0)
+                    assert after == (live - 1 if revokes else live), (name, live, after)
+                    assert st.provider.stats()["revoke_calls"] == calls + (1 if revokes else 0), name
+                    assert outcomes() == [REVOKED if revokes else NOT_REVOKED_NO_ENDPOINT], (name, caplog.text)
+            st.provider.config(revocation_endpoint=True)
+            for kind in ("500", "slow"):  # a failing or hanging revocation endpoint: the session still ends
+                st.provider.break_endpoint("revoke", kind, delay=30.0 if kind == "slow" else 0.0)
+                async with browser() as other:
+                    await sign_in(other, st.base)
+                    live = st.provider.live_refresh_tokens()["alice"]
+                    caplog.clear()
+                    mine = await rows(keeper, st.base)
+                    assert await _end_row(keeper, st.base, mine[1]) == "/oauth2/account", kind
+                    async with other.get(st.base + "/oauth2/userinfo") as resp:
+                        assert resp.status == 401, kind
+                    assert st.provider.live_refresh_tokens()["alice"] == live, kind  # not revoked, and said so
+                    assert outcomes() == [NOT_REVOKED_FAILED], (kind, caplog.text)
+                st.provider.clear_faults()
+            live = st.provider.live_refresh_tokens()["alice"]
+            this = await rows(keeper, st.base)  # this browser ends itself from its own page: signed out, revoked
+            assert len(this) == 1
+            assert await _end_row(keeper, st.base, this[0]) == "/oauth2/signed_out"
+            assert st.provider.live_refresh_tokens().get("alice", 0) == live - 1
+    finally:
+        for store in stores:
+            await store.close()
+
+
+async def test_a_device_card_without_a_usable_session_key_still_ends_its_session_and_revokes_nothing(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Cards written before the key was kept, or holding a key that does not open the record, or no key at
+    all: the session still ends as before; nothing is sent to the provider and the log line says "none"."""
+    import base64
+    import json
+    import logging
+
+    import redis.asyncio as aioredis
+
+    from sidecar import crypto, devices
+    from sidecar.sessions import user_key
+    from sidecar.store import RedisStore
+
+    caplog.set_level(logging.INFO, logger="sidecar.events")
+    store = RedisStore(aioredis.from_url(redis_url), prefix="acct-old:")
+    cards = [
+        {"device": "Old card", "address": "192.0.2.1", "at": 1.0},
+        {"device": "Wrong key", "address": "192.0.2.2", "at": 1.0, "key": base64.b64encode(b"k" * 32).decode()},
+        {"device": "Short key", "address": "192.0.2.3", "at": 1.0, "key": base64.b64encode(b"k").decode()},
+    ]
+    try:
+        async with oauth_stack(store) as st, browser() as keeper:
+            await sign_in(keeper, st.base)
+            config, index = st.configs[0], user_key(st.provider.users["alice"].sub)
+            for card in cards:
+                before = set(await store.user_sessions(index))
+                async with browser() as other:
+                    await sign_in(other, st.base)
+                    (key,) = set(await store.user_sessions(index)) - before
+                    sub = st.provider.users["alice"].sub
+                    blob = crypto.encrypt(devices._card_key(config, sub), json.dumps(card).encode(), key.encode())
+                    await store.put_outcome(devices.CARD + key, blob, 60)
+                    live, calls = st.provider.live_refresh_tokens()["alice"], st.provider.stats()["revoke_calls"]
+                    listed = await rows(keeper, st.base)
+                    assert len(listed) == 2  # this browser first, then the other one
+                    row = listed[1]
+                    caplog.clear()
+                    assert await _end_row(keeper, st.base, row) == "/oauth2/account"
+                    async with other.get(st.base + "/oauth2/userinfo") as resp:
+                        assert resp.status == 401, card
+                    assert st.provider.stats()["revoke_calls"] == calls, card
+                    assert st.provider.live_refresh_tokens()["alice"] == live, card  # stays valid upstream
+                    events = [getattr(r, "fields", {}) for r in caplog.records if r.getMessage() == "account_revoked"]
+                    assert [e.get("refresh_token") for e in events] == ["none"], (card, caplog.text)
+    finally:
+        await store.close()

@@ -97,6 +97,8 @@ def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
         (["--workers", "4"], "--workers"),
         (["--skip-auth-route", "(["], "--skip-auth-route"),
         (["--client-secret-file", "/nonexistent/secret"], "--client-secret-file"),
+        (["--oauth-revocation-rate-limit", "-5"], "--oauth-revocation-rate-limit"),
+        (["--oauth-unused-clients-per-network", "lots"], "--oauth-unused-clients-per-network"),
     ],
 )
 def test_a_bad_setting_stops_start_up_with_one_line_and_exit_2(args: list[str], needle: str) -> None:

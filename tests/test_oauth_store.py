@@ -1,4 +1,4 @@
-"""The grant store (sidecar/oauth/store.py): memory, real redis-server, and a real Redis Cluster."""
+"""The grant store (sidecar/oauth/store_*.py): memory, real redis-server, and a real Redis Cluster."""
 
 from __future__ import annotations
 
@@ -229,29 +229,71 @@ async def test_pending_take_is_once(grants: GrantStore) -> None:
     assert await grants.take_pending("k") is None
 
 
-async def test_unused_clients_are_counted_short_lived_and_promoted_by_a_grant(grants: GrantStore) -> None:
-    def client(n: int) -> Client:
-        return Client(f"new-{n}-{time.monotonic_ns()}", "CLI", (), ("refresh_token",), "none", None, time.time(), "ip")
+def _new_client(n: int) -> Client:
+    return Client(f"new-{n}-{time.monotonic_ns()}", "CLI", (), ("refresh_token",), "none", None, time.time(), "ip")
 
-    first, second, third = client(1), client(2), client(3)
-    assert await grants.put_new_client(first, 60, 2) and await grants.put_new_client(second, 60, 2)
-    assert not await grants.put_new_client(third, 60, 2)  # the cap, across every replica sharing the store
-    assert await grants.get_client(third.client_id) is None
-    assert await grants.get_client(first.client_id) == first
+
+async def _kept(grants: GrantStore, clients: list[Client]) -> list[bool]:
+    return [await grants.get_client(c.client_id) == c for c in clients]
+
+
+async def test_unused_clients_are_short_lived_and_promoted_by_a_grant(grants: GrantStore) -> None:
+    first, second, third = _new_client(1), _new_client(2), _new_client(3)
+    assert await grants.put_new_client(first, "A", 60, 2, 2) is None
+    assert await grants.put_new_client(second, "B", 60, 2, 2) is None
     await grants.touch_client(first.client_id, 86400)  # anonymous use does not extend an unused client
     await grants.promote_client(first.client_id, 86400)  # a grant does, and frees its place
-    assert await grants.get_client(first.client_id) == first
-    assert await grants.put_new_client(third, 60, 2)
+    assert await grants.put_new_client(third, "C", 60, 2, 2) is None  # room: nobody forgotten
     await grants.promote_client(first.client_id, 86400)  # twice: nothing more happens
-    assert not await grants.put_new_client(client(4), 60, 2)
+    assert await _kept(grants, [first, second, third]) == [True, True, True]
+    fourth = _new_client(4)
+    # full, and C holds as many as anyone: its own oldest makes room
+    assert await grants.put_new_client(fourth, "C", 60, 2, 2) == third.client_id
+    assert await _kept(grants, [first, second, third, fourth]) == [True, True, False, True]
     if isinstance(grants, RedisGrantStore):
         ttl = {c.client_id: await grants._r.pttl(grants._p + "cl:" + c.client_id) for c in (first, second)}
         assert ttl[first.client_id] > 80_000_000 and 0 < ttl[second.client_id] <= 60_000
-        gone = client(5)  # an expired unused client frees its place without anyone promoting it
-        assert await grants.put_new_client(gone, 60, 10)
-        await grants._r.zadd(grants._p + "cn", {gone.client_id: time.time() - 1})
-        await grants._r.zadd(grants._p + "cn", {second.client_id: time.time() - 1, third.client_id: time.time() - 1})
-        assert await grants.put_new_client(client(6), 60, 1)
+        pool = grants._p + "{cn}"  # an expired unused client frees its place without anyone promoting it
+        await grants._r.zadd(pool, {second.client_id: time.time() - 1, fourth.client_id: time.time() - 1})
+        assert await grants.put_new_client(_new_client(5), "D", 60, 2, 2) is None
+        assert await grants._r.zcard(pool) == 1 and await grants._r.zcard(grants._p + "{cn}:h") == 1
+
+
+async def test_one_network_holds_at_most_its_share_and_forgets_its_own_oldest(grants: GrantStore) -> None:
+    mine = [_new_client(i) for i in range(5)]
+    forgotten = [await grants.put_new_client(c, "10.0.0.0/24", 60, 100, 3) for c in mine]
+    assert forgotten == [None, None, None, mine[0].client_id, mine[1].client_id]
+    assert await _kept(grants, mine) == [False, False, True, True, True]
+    other = _new_client(9)  # another network is not touched by it
+    assert await grants.put_new_client(other, "10.0.1.0/24", 60, 100, 3) is None
+
+
+async def test_a_full_pool_takes_from_the_biggest_holder_until_the_split_is_even(grants: GrantStore) -> None:
+    flood = [_new_client(i) for i in range(4)]
+    for c in flood:
+        assert await grants.put_new_client(c, "flood", 60, 5, 4) is None
+    lone = _new_client(10)
+    assert await grants.put_new_client(lone, "lone", 60, 5, 4) is None  # the pool is full now: 4 + 1
+    newcomer = [_new_client(20 + i) for i in range(3)]
+    forgotten = [await grants.put_new_client(c, "new", 60, 5, 4) for c in newcomer]
+    # flood holds 4 then 3 (more than new's 1 or 2): its oldest go; then new holds as many as anyone: its own
+    assert forgotten == [flood[0].client_id, flood[1].client_id, newcomer[0].client_id], forgotten
+    assert await _kept(grants, [lone, *flood, *newcomer]) == [True, False, False, True, True, False, True, True]
+    again = _new_client(30)  # the flood registers again: it holds 2 like new, so it forgets its own oldest
+    assert await grants.put_new_client(again, "flood", 60, 5, 4) == flood[2].client_id
+    assert await _kept(grants, [lone]) == [True]  # the smallest holder is never the one to give way
+
+
+async def test_a_client_granted_meanwhile_is_not_deleted_by_the_pool(grants: GrantStore) -> None:
+    """The pool forgets a client and a user grants it access at the same moment: the grant wins."""
+    first, second = _new_client(1), _new_client(2)
+    assert await grants.put_new_client(first, "A", 60, 1, 1) is None
+    if isinstance(grants, RedisGrantStore):  # the grant's promotion lands between the pool's two steps
+        await grants._promote(keys=[grants._p + "cl:" + first.client_id], args=[86_400_000])
+    else:
+        await grants.promote_client(first.client_id, 86400)
+    await grants.put_new_client(second, "A", 60, 1, 1)
+    assert await _kept(grants, [first, second]) == [True, True]
 
 
 async def test_a_clients_live_device_authorizations_are_bounded(grants: GrantStore) -> None:

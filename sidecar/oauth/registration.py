@@ -12,8 +12,9 @@ Anyone may register, so what a registration can say is narrow:
   across replicas (``limits.py``; 429).
 - Anyone may register, so a registration is kept only ``--oauth-unused-client-ttl`` (1h) until a user grants
   it access (``store.promote_client``, at the grant), and at most ``--oauth-unused-clients-max`` such unused
-  registrations live at once across replicas (429 beyond). Their short TTL also makes them the first keys
-  Redis's ``volatile-ttl`` eviction drops, before any session. Once granted, a client unused for
+  registrations live at once across replicas, shared fairly between networks (``unused_pool.py``: a new one
+  forgets an old one of the network holding the most, never refused for everyone). Their short TTL also makes
+  them the first keys Redis's ``volatile-ttl`` eviction drops, before any session. Once granted, a client unused for
   ``--oauth-client-idle-timeout`` is forgotten (its record's TTL, renewed on use).
 
 Client ID Metadata Documents (MCP 2025-11-25) are the other way in, when the operator turns them on
@@ -39,6 +40,7 @@ from .limits import too_many
 from .model import GRANT_AUTHORIZATION_CODE, Client
 from .scopes import SCOPES
 from .service import OAUTH
+from .unused_pool import network_of
 
 __all__ = ["Refused", "check_metadata", "client_from_metadata", "redirect_uri_problem", "register"]
 
@@ -120,15 +122,16 @@ async def register(request: web.Request, svc: Services) -> web.Response:
         return refusal(exc.code, exc.description)
     if len(json.dumps(asdict(client), separators=(",", ":")).encode()) > MAX_STORED_BYTES:
         return refusal("invalid_client_metadata", "the client metadata is too large to keep (over 4 KiB)")
-    config = svc.config
-    kept = await request.app[OAUTH].store.put_new_client(
-        client, float(config.oauth_unused_client_ttl), int(config.oauth_unused_clients_max)
+    config, network = svc.config, network_of(client_ip)
+    forgotten = await request.app[OAUTH].store.put_new_client(
+        client,
+        network,
+        float(config.oauth_unused_client_ttl),
+        int(config.oauth_unused_clients_max),
+        int(config.oauth_unused_clients_per_network),
     )
-    if not kept:
-        logs.event("oauth_client_refused", {"reason": "unused_clients_max", "client_ip": client_ip})
-        response = refusal("too_many_requests", "too many registrations wait for their first use; try again later", 429)
-        response.headers["Retry-After"] = "60"
-        return response
+    if forgotten is not None:  # the pool's fair share (unused_pool.py): never a refusal for everyone
+        logs.event("oauth_unused_client_forgotten", {"client_id": forgotten, "for_network": network})
     fields = {"client_id": client.client_id, "method": client.token_endpoint_auth_method, "client_ip": client_ip}
     logs.event("oauth_client_registered", fields)
     return web.json_response(_response(client, secret), status=201, headers=_JSON_HEADERS)

@@ -18,7 +18,7 @@ from .token_endpoint import NO_STORE, OAuthError, authenticate_client, error_res
 
 
 async def handle(request: web.Request, svc: Services) -> web.Response:
-    limited = await too_many(request, "token", float(svc.config.oauth_token_rate_limit), "token requests")
+    limited = await too_many(request, "revoke", float(svc.config.oauth_revocation_rate_limit), "revocation requests")
     if limited is not None:
         return limited
     server = request.app[OAUTH]

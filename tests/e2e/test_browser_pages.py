@@ -127,10 +127,12 @@ async def test_account_page_lists_sessions_and_applications_each_ended_by_a_clic
         assert await page.locator("thead th").count() == 5
         await a11y.inspect(page, "account")
 
+        live = site.provider.live_refresh_tokens()["alice"]  # the provider's own count, as sign-out is checked
         await person.click_and_wait(page, "tr:has-text('Firefox on Windows') button")  # that laptop's session
         assert urlsplit(page.url).path == "/oauth2/account"
         assert await rows.filter(has_text="Firefox on Windows").count() == 0
         assert await userinfo_status(laptop, site.base) == 401
+        assert site.provider.live_refresh_tokens().get("alice", 0) == live - 1  # revoked upstream too
 
         assert await token_status(site.base, token) != 401
         await person.click_and_wait(page, f"tr:has-text('{app_name}') button")  # the application
