@@ -1042,6 +1042,21 @@ async def test_a_step_up_401_carries_its_challenge_once(chromium_browser: Browse
     assert challenges(answer) == [STEP_UP_CHALLENGE]
 
 
+async def test_a_step_up_401_without_a_session_names_a_challenge(chromium_browser: Browser, site: Site) -> None:
+    """KNOWN BUG, fails today (deploy/nginx/step-up.conf): without a session, the /admin/ 401 carries no
+    WWW-Authenticate at all (RFC 9110 15.5.2: a 401 must name one), where every other location answers
+    ``Cookie realm="sidecar"`` (its @sidecar_signin asks the sidecar's main listener). The sidecar's
+    /oauth2/auth 401 without a session has no WWW-Authenticate, and @sidecar_signin_fresh only copies
+    that empty value."""
+    async with new_page(chromium_browser) as page:
+        await page.goto(site.base + "/public/page", wait_until="load")
+        status, answer, _ = await fetch(page, site.base + "/_demo/echo")
+        assert (status, challenges(answer)) == (401, ['Cookie realm="sidecar"'])  # the other locations
+        status, answer, _ = await fetch(page, site.base + "/admin/")
+    assert status == 401
+    assert challenges(answer) != [""], "a 401 without WWW-Authenticate"
+
+
 async def test_step_up_location_without_a_session(chromium_browser: Browser, site: Site) -> None:
     """No session at all: browsers go to sign in (with max_age), the page's API calls and forms get a plain 401."""
     async with new_page(chromium_browser) as page:
