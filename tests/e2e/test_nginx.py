@@ -174,14 +174,14 @@ def run_site(redis_server: str, tmp_path_factory: pytest.TempPathFactory, *extra
 # --------------------------------------------------------------------------
 
 
-async def sign_in(page: Page, site: Site, path: str = "/_demo/echo") -> dict[str, Any]:
+async def sign_in(page: Page, site: Site, path: str = "/_demo/echo", user: str = "alice") -> dict[str, Any]:
     """The person asks nginx for ``path`` in Chromium, is sent through /oauth2/start to the provider, picks
-    alice on its login page (unless the provider remembers them), and lands back on ``path``. Returns what
+    ``user`` on its login page (unless the provider remembers them), and lands back on ``path``. Returns what
     the app answered there (the demo echo's JSON, header names lower-cased; ``{}`` for another page)."""
     target = site.base + path
     hops = watch(page, "")  # every navigation the browser makes, redirects included
     async with page.expect_response(lambda r: r.url == target and r.status == 200) as landing:
-        await walk(page, target, lambda url, _body: url == target)
+        await walk(page, target, lambda url, _body: url == target, user=user)
     assert hops[0] == target and hops[-1] == target, hops
     assert hops[1] == site.base + "/oauth2/start?rd=" + quote(path, safe=""), hops
     assert hops[2].startswith(site.issuer + "/authorize?"), hops
