@@ -444,6 +444,11 @@ async def browser_with_app_cookies(page: Page, site: Site) -> str:
     await sign_in(page, site)
     await page.goto(site.base + "/public/page", wait_until="load")
     await page.evaluate("pairs => { for (const p of pairs) document.cookie = p + '; path=/'; }", list(APP_COOKIES))
+    names = {pair.split("=", 1)[0] for pair in APP_COOKIES}
+    for _ in range(100):  # document.cookie reaches the browser's network cookie store a moment later
+        if names <= {c["name"] for c in await page.context.cookies(site.base)}:
+            break
+        await asyncio.sleep(0.02)
     tab = await page.context.new_page()
     await tab.goto(site.base + "/oauth2/start?rd=%2Felsewhere", wait_until="load")  # left on the login page
     assert tab.url.startswith(site.issuer + "/authorize?"), tab.url

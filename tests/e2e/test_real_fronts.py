@@ -298,11 +298,17 @@ async def person_through(front: Front, browser: Browser) -> None:
         assert page.url == front.base + "/some/page?a=1", (name, hops)
 
         await page.evaluate("document.cookie = 'app=1; path=/'")
+        # document.cookie reaches the browser's network cookie store a moment later: wait until it is in the jar.
+        for _ in range(100):
+            if "app" in {c["name"] for c in await page.context.cookies(front.base)}:
+                break
+            await asyncio.sleep(0.02)
         response = await page.goto(front.base + "/_demo/echo", wait_until="load")
         assert response is not None and response.status == 200 and response.request.redirected_from is None, name
+        sent = (await response.request.all_headers()).get("cookie", "")
         seen = {k.lower(): v for k, v in (await response.json())["headers"].items()}
         assert seen["x-auth-request-user"] == "alice@example.com", (name, seen)
-        assert seen.get("cookie") == "app=1" and "_sidecar" not in str(seen), (name, seen)
+        assert seen.get("cookie") == "app=1" and "_sidecar" not in str(seen), (name, sent, seen)
         assert seen["sec-fetch-mode"] == "navigate", (name, seen)  # Chromium's own request reached the app
 
         for path, expected in (("/finance/report", 403 if name in WITH_APP_RULE else 200), ("/staff/report", 200)):
