@@ -1029,10 +1029,9 @@ def challenges(headers: dict[str, str]) -> list[str]:
 
 
 async def test_a_step_up_401_carries_its_challenge_once(chromium_browser: Browser, site: Site) -> None:
-    """KNOWN BUG, fails today (deploy/nginx/step-up.conf, not the sidecar): nginx's auth_request already
-    passes the sidecar's WWW-Authenticate on with the 401, and @sidecar_signin_fresh adds it a second time
-    (``add_header WWW-Authenticate $auth_www_authenticate always``), so a client reads the same challenge
-    twice. Found by the page's fetch() in Chromium; aiohttp's ``headers[...]`` showed only the first."""
+    """nginx's auth_request already passes the sidecar's WWW-Authenticate on with the 401, so
+    @sidecar_signin_fresh must not add it a second time (it did: found by the page's fetch() in Chromium,
+    where aiohttp's ``headers[...]`` had shown only the first)."""
     await provider_post(site, "config", {"remember_logins": True, "auto_login": "alice"})
     try:
         async with new_page(chromium_browser) as page:
@@ -1048,18 +1047,16 @@ async def test_a_step_up_401_carries_its_challenge_once(chromium_browser: Browse
 
 
 async def test_a_step_up_401_without_a_session_names_a_challenge(chromium_browser: Browser, site: Site) -> None:
-    """KNOWN BUG, fails today (deploy/nginx/step-up.conf): without a session, the /admin/ 401 carries no
-    WWW-Authenticate at all (RFC 9110 15.5.2: a 401 must name one), where every other location answers
-    ``Cookie realm="sidecar"`` (its @sidecar_signin asks the sidecar's main listener). The sidecar's
-    /oauth2/auth 401 without a session has no WWW-Authenticate, and @sidecar_signin_fresh only copies
-    that empty value."""
+    """Without a session the /admin/ 401 names a challenge (RFC 9110 15.5.2), the one every other location
+    answers with: the sidecar's /oauth2/auth 401 without a session has none, so step-up.conf adds
+    ``Cookie realm="sidecar"`` ($sidecar_fresh_challenge) only then (it used to send none)."""
     async with new_page(chromium_browser) as page:
         await page.goto(site.base + "/public/page", wait_until="load")
         status, answer, _ = await fetch(page, site.base + "/_demo/echo")
         assert (status, challenges(answer)) == (401, ['Cookie realm="sidecar"'])  # the other locations
         status, answer, _ = await fetch(page, site.base + "/admin/")
     assert status == 401
-    assert challenges(answer) != [""], "a 401 without WWW-Authenticate"
+    assert challenges(answer) == ['Cookie realm="sidecar"']
 
 
 async def test_step_up_location_without_a_session(chromium_browser: Browser, site: Site) -> None:
