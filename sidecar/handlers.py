@@ -489,7 +489,8 @@ async def auth(request: web.Request, svc: Services) -> web.Response:
         if svc.config.request_logging:
             request[AUTHED] = (hit.ref, hit.session)
         return web.Response(status=202, headers=hit.headers)
-    refuse_aliases(request.headers)  # X.Auth.Request.User... which some fronts pass on to the app
+    if not key:  # a request with a key has only A-Z, a-z, 0-9 and "-" in its names (request_key checked)
+        refuse_aliases(request.headers)  # X.Auth.Request.User... which some fronts pass on to the app
     try:
         ref, session = await authenticate(request, svc)
     except SessionGone:
@@ -546,8 +547,8 @@ def remember(
 ) -> None:
     """Keep this 202 (``headers``: what the answer was made from, never changed afterwards) for the next
     requests with the same key, when the session cookie made it."""
-    if svc.decisions is None or ref is BEARER_REF or request.get(BY_SIDECAR_TOKEN) or not svc.decisions.admit(key):
-        return
+    if svc.decisions is None or ref is BEARER_REF or not svc.decisions.admit(key) or request.get(BY_SIDECAR_TOKEN):
+        return  # (admit first: the request's table raises and catches a KeyError for an absent key)
     config = svc.config
     cookie = read_cookie(request, config.cookie_name)
     svc.decisions.put(

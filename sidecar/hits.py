@@ -82,7 +82,14 @@ class HitFirst:
             waiter = handler._waiter
             # Only while aiohttp waits for the next request: then nothing of this connection is ahead of these.
             if waiter is not None and not waiter.done() and not handler._messages and not handler.writing_paused:
-                messages = self._answer_hits(messages)
+                for index, (message, payload) in enumerate(messages):
+                    answered = self._hit(message, payload)
+                    if answered is None:
+                        return messages[index:] if index else messages, upgraded, tail
+                    handler.transport.write(answered)
+                    self._parser.message_consumed()
+                    self._served()
+                return [], upgraded, tail
         return messages, upgraded, tail
 
     def message_consumed(self) -> None:
@@ -91,18 +98,8 @@ class HitFirst:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._parser, name)
 
-    def _answer_hits(self, messages: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
-        """Answer the hits at the front of ``messages``; the rest (from the first other request on) is aiohttp's."""
-        for index, (message, payload) in enumerate(messages):
-            data = self._hit(message, payload)
-            if data is None:
-                return messages[index:]
-            self._handler.transport.write(data)
-            self._parser.message_consumed()
-            self._served()
-        return []
-
     def _hit(self, message: Any, payload: Any) -> bytes | None:
+        """The answer's bytes if ``message`` is a hit; None for aiohttp (with the key left in ``pending``)."""
         svc = self._svc
         decisions = svc.decisions
         if decisions is None or payload is not EMPTY_PAYLOAD:  # a body, or an _ErrInfo: aiohttp's
@@ -181,9 +178,8 @@ class HitFirstSite(web.SockSite):
             """aiohttp's request, with the key ``HitFirst`` already computed for it (no second lookup)."""
             request = make_request(message, payload, protocol, writer, task)
             parser = protocol._parser
-            pending = getattr(parser, "pending", None)
-            if pending is not None and pending[0] is message:
-                request[DECISION_KEY] = pending[1]
+            if parser.__class__ is HitFirst and parser.pending is not None and parser.pending[0] is message:
+                request[DECISION_KEY] = parser.pending[1]
                 parser.pending = None
             return request
 
