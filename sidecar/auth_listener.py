@@ -6,7 +6,7 @@ the payload writer) costs more than the whole auth decision on a session cache h
 endpoint, which a front calls once per page request, gets its own ``asyncio.Protocol`` on llhttp
 (``httptools``). The decision itself is not copied: each request becomes an ``AuthRequest`` (the
 few attributes of ``web.Request`` the decision reads) and goes through the very same
-``guarded(handlers.auth)`` the main listener routes to, so status, identity headers, challenges,
+``guarded(auth_decision.auth)`` the main listener routes to, so status, identity headers, challenges,
 metrics and the access log line are the same code. Only the HTTP framing is new, and it is kept
 narrow: no request bodies, no upgrades, no chunked input, one path; anything else is refused and
 the connection closed, which is what a front's auth subrequest never needs.
@@ -23,16 +23,14 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from functools import cached_property
-from http.cookies import SimpleCookie
 from typing import Any, cast
 
 import httptools
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy, MultiDictProxy
-from yarl import URL
+from multidict import CIMultiDict, CIMultiDictProxy
 
-from . import handlers
+from .auth_decision import auth
+from .auth_request import AuthRequest
 from .config import Config
 from .context import DECISION_KEY, SERVICES, Services, trusted_peer
 from .decisions import Key, request_key
@@ -71,117 +69,6 @@ SINGLETONS = frozenset(
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class AuthRequest:
-    """The part of ``web.Request`` the auth decision reads, over what llhttp parsed.
-
-    ``handlers.auth``, ``guard.authenticate``, ``context.view_of`` and the ``guarded`` wrapper read
-    headers, the raw query, the peer, the host and per-request keys; this gives them exactly those,
-    without aiohttp's per-request objects. The URL and query are built only when asked for."""
-
-    __slots__ = ("method", "path", "raw_query", "headers", "remote", "app", "version", "_keys", "__dict__")
-
-    secure = False  # this listener speaks plain HTTP, as the main one does
-    body_exists = False
-    can_read_body = False
-    content_length = None
-
-    def __init__(
-        self,
-        app: web.Application,
-        method: str,
-        path: str,
-        raw_query: str,
-        headers: CIMultiDictProxy[str],
-        remote: str | None,
-        version: tuple[int, int],
-    ) -> None:
-        self.app = app
-        self.method = method
-        self.path = path
-        self.raw_query = raw_query
-        self.headers = headers
-        self.remote = remote
-        self.version = version
-        self._keys: dict[Any, Any] = {}
-
-    @cached_property
-    def rel_url(self) -> _RelUrl:
-        return _RelUrl(self.path, self.raw_query)
-
-    @cached_property
-    def query(self) -> MultiDictProxy[str]:
-        query: MultiDictProxy[str] = self.rel_url.query
-        return query
-
-    @property
-    def raw_path(self) -> str:
-        return self.rel_url.raw_path_qs
-
-    @property
-    def path_qs(self) -> str:
-        return str(self.rel_url.path_qs)
-
-    @property
-    def host(self) -> str:
-        return self.headers.get("Host") or ""
-
-    @property
-    def scheme(self) -> str:
-        return "http"
-
-    @cached_property
-    def url(self) -> URL:
-        return URL.build(scheme="http", authority=self.host or "localhost").join(self.rel_url._url_or_build())
-
-    @cached_property
-    def cookies(self) -> dict[str, str]:
-        parsed: SimpleCookie = SimpleCookie()
-        for value in self.headers.getall("Cookie", []):
-            try:
-                parsed.load(value)
-            except Exception:  # a malformed Cookie header is no cookies, as in aiohttp
-                continue
-        return {name: morsel.value for name, morsel in parsed.items()}
-
-    def get(self, key: Any, default: Any = None) -> Any:
-        return self._keys.get(key, default)
-
-    def __getitem__(self, key: Any) -> Any:
-        return self._keys[key]
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        self._keys[key] = value
-
-    def __contains__(self, key: Any) -> bool:
-        return key in self._keys
-
-
-class _RelUrl:
-    """``request.rel_url`` for the raw strings the decision reads on every request (``raw_query_string``);
-    anything else is asked of the full ``yarl.URL``, built on first use."""
-
-    __slots__ = ("raw_path", "raw_query_string", "_url")
-
-    def __init__(self, raw_path: str, raw_query: str) -> None:
-        self.raw_path = raw_path
-        self.raw_query_string = raw_query
-        self._url: URL | None = None
-
-    @property
-    def raw_path_qs(self) -> str:
-        return f"{self.raw_path}?{self.raw_query_string}" if self.raw_query_string else self.raw_path
-
-    def _url_or_build(self) -> URL:
-        if self._url is None:
-            self._url = URL.build(path=self.raw_path, query_string=self.raw_query_string, encoded=True)
-        return self._url
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return getattr(self._url_or_build(), name)
-
-
 class _Refused(Exception):
     """A request this listener will not read further: answered with ``status`` and the connection closed."""
 
@@ -206,7 +93,7 @@ class AuthListener:
         self.app = app
         self.path = config.proxy_prefix + "/auth"
         self.subpaths = config.front == "envoy"  # ext_authz appends the original path to the auth URL's
-        self.decide: Handler = guarded(handlers.auth, "/oauth2/auth")
+        self.decide: Handler = guarded(auth, "/oauth2/auth")
         self.config = config
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
