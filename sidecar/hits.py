@@ -11,10 +11,11 @@ so a miss costs one key and one lookup, as on the lean listener.
 A hit is the same answer either way: the 202's headers, X-Request-Id, Content-Length, Date (what aiohttp
 writes for ``web.Response(status=202, headers=...)`` once ``drop_server_header`` has run), the same counts
 and the same access line (``middleware.finish_cached``). Only plain keep-alive HTTP/1.1 requests without a
-body take this path on the main listener; HTTP/1.0, ``Connection: close``, upgrades and bodies go through
-aiohttp as before. The wrapped parts of aiohttp (``RequestHandler._parser``, ``_waiter``, ``_messages`` and
-its keep-alive clock) are checked when the site starts; on an aiohttp without them the site is a plain
-``SockSite`` and every request takes the ordinary path.
+body or ``Expect`` take this path on the main listener; HTTP/1.0, ``Connection: close``, upgrades, bodies
+and ``Expect: 100-continue`` (aiohttp answers an interim 100 first) go through aiohttp as before. The
+wrapped parts of aiohttp (``RequestHandler._parser``, ``_waiter``, ``_messages`` and its keep-alive clock)
+are checked when the site starts; on an aiohttp without them the site is a plain ``SockSite`` and every
+request takes the ordinary path.
 """
 
 from __future__ import annotations
@@ -116,6 +117,8 @@ class HitFirst:
             self._remote = str(peer[0]) if isinstance(peer, (list, tuple)) else None if peer is None else str(peer)
             trusted = self._trusted = trusted_peer(self._remote, svc.config)
         headers = message.headers
+        if "Expect" in headers:  # aiohttp's router answers "100 Continue" first (web_urldispatcher): its path
+            return None
         key = request_key(message.method, headers.items(), message.url.raw_query_string, trusted, svc.config)
         hit = decisions.get(key) if key is not None else None
         if hit is None:

@@ -152,3 +152,42 @@ async def test_a_connection_answering_only_hits_is_not_closed_as_idle_and_an_idl
         writer.close()
     finally:
         await runner.cleanup()
+
+
+async def test_requests_aiohttp_answers_differently_are_left_to_aiohttp(st: Stack) -> None:
+    """What aiohttp does around the answer (an interim 100 for ``Expect: 100-continue``, closing after an
+    HTTP/1.0 request or ``Connection: close``) stays: such a request never takes the hit-first path, even when its key
+    has an entry. Each is sent alone, three times: the first two make the entry, the third could be a hit."""
+    cookie = await _signed_in(st)
+    main = port_of(st.base)
+    variants = [
+        req(0, cookie, "Expect: 100-continue\r\n"),
+        req(0, cookie).replace("HTTP/1.1", "HTTP/1.0"),
+        req(0, cookie, "Connection: close\r\n"),
+    ]
+    made = counting(st.runners[0].server)
+    for text in variants:
+        raw = []
+        for _ in range(3):
+            reader, writer = await asyncio.open_connection("127.0.0.1", main)
+            writer.write(text.encode())
+            data = await read_until_quiet(reader)
+            writer.close()
+            if text.startswith("GET") and "Expect" in text:
+                assert data.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 202"), data[:80]
+            raw.append(b"\n".join(line for line in data.split(b"\r\n") if not line.startswith(b"Date:")))
+        assert raw[2] == raw[0], text
+    assert len(made) == 3 * len(variants)
+
+
+async def read_until_quiet(reader: asyncio.StreamReader, quiet: float = 0.3) -> bytes:
+    """Everything the server sends until the connection closes or stays quiet for ``quiet`` seconds."""
+    data = b""
+    while True:
+        try:
+            chunk = await asyncio.wait_for(reader.read(65536), quiet)
+        except TimeoutError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
