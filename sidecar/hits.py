@@ -78,19 +78,29 @@ class HitFirst:
 
     def feed_data(self, data: bytes) -> Any:
         messages, upgraded, tail = self._parser.feed_data(data)
-        if messages and not upgraded:
+        while messages and not upgraded:
             handler = self._handler
             waiter = handler._waiter
             # Only while aiohttp waits for the next request: then nothing of this connection is ahead of these.
-            if waiter is not None and not waiter.done() and not handler._messages and not handler.writing_paused:
-                for index, (message, payload) in enumerate(messages):
-                    answered = self._hit(message, payload)
-                    if answered is None:
-                        return messages[index:] if index else messages, upgraded, tail
-                    handler.transport.write(answered)
-                    self._parser.message_consumed()
-                    self._served()
-                return [], upgraded, tail
+            if waiter is None or waiter.done() or handler._messages or handler.writing_paused:
+                break
+            index = 0
+            for message, payload in messages:
+                answered = self._hit(message, payload)
+                if answered is None:
+                    break
+                handler.transport.write(answered)
+                self._parser.message_consumed()
+                self._served()
+                index += 1
+            if not index:
+                break
+            # The parser stops at aiohttp's queue limit (counting the hits) and keeps the rest of a pipelined
+            # batch; aiohttp reads on only when its own queue drains, which hits never fill: read on here.
+            more, upgraded, tail = self._parser.feed_data(b"")
+            if index < len(messages):
+                return [*messages[index:], *more], upgraded, tail
+            messages = more
         return messages, upgraded, tail
 
     def message_consumed(self) -> None:
