@@ -4,15 +4,20 @@ case here once went wrong. Raw sockets, the real app, the dev provider."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 
 import pytest
+from aiohttp import web
 
+from sidecar.app import build_app
+from sidecar.context import SERVICES
+from sidecar.hits import HitFirstSite
 from sidecar.store import MemoryStore
 from tests.stack import Stack, stack
 from tests.test_auth_listener import _read_response, header
 from tests.test_decisions import TOKENS, _signed_in, port_of
-from tests.test_hits import one_by_one, req
+from tests.test_hits import counting, one_by_one, req
 
 
 @pytest.fixture
@@ -40,3 +45,28 @@ async def test_more_pipelined_hits_than_aiohttps_queue_limit_are_all_answered(st
     finally:
         writer.close()
     assert got == [(401 if i in misses else 202, f"r{i}") for i in range(n)]
+
+
+async def test_a_new_connection_that_only_gets_hits_is_still_closed_when_idle(st: Stack) -> None:
+    """aiohttp closes an idle keep-alive connection only once it has answered on it (``_keepalive``, False on a
+    new connection before aiohttp 3.14.5): a connection whose every request was a hit stayed open for ever, so
+    each client could hold a socket. (Fails without the fix on aiohttp 3.14.3/3.14.4; 3.14.5 starts it True.)"""
+    cookie = await _signed_in(st)
+    app = build_app(st.configs[0], store=st.runners[0].app[SERVICES].sessions.store)
+    runner = web.AppRunner(app, access_log=None, keepalive_timeout=0.5)
+    await runner.setup()
+    sock = socket.create_server(("127.0.0.1", 0))
+    port = int(sock.getsockname()[1])
+    await HitFirstSite(runner, sock).start()
+    try:
+        await one_by_one(port, [req(0, cookie)] * 2)  # the entry, made on another connection
+        made = counting(runner.server)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(req(1, cookie).encode())
+        answer = await asyncio.wait_for(_read_response(reader), 3)
+        assert answer is not None and header(answer, "X-Request-Id") == "r1"
+        assert made == []  # a hit: aiohttp made no request, so only the hit path can start the idle clock
+        assert await asyncio.wait_for(reader.read(), 3) == b""  # closed by the server once idle
+        writer.close()
+    finally:
+        await runner.cleanup()
