@@ -109,6 +109,9 @@ def remember(
     requests with the same key, when the session cookie made it."""
     if svc.decisions is None or ref is BEARER_REF or not svc.decisions.admit(key) or request.get(BY_SIDECAR_TOKEN):
         return  # (admit first: the request's table raises and catches a KeyError for an absent key)
+    passed = headers.get("Cookie")  # the app's cookies, passed back to a trusted front (_accepted)
+    if passed is not None and not passed.isascii() and not _encodable(passed):
+        return  # undecodable bytes: aiohttp drops them (its C writer) or fails (its Python one); a hit would send them
     config = svc.config
     cookie = read_cookie(request, config.cookie_name)
     svc.decisions.put(
@@ -120,6 +123,14 @@ def remember(
         cookie_until=svc.codec.session_valid_until(cookie) if cookie else None,
         forwarded_ip=forwarded_client_ip(request, config) if key[2] == "t" else None,  # a trusted peer
     )
+
+
+def _encodable(value: str) -> bool:
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _accepted(request: web.Request, session: Session, config: Config) -> CIMultiDict[str]:
