@@ -27,7 +27,7 @@ async def st() -> AsyncIterator[Stack]:
 
 
 @pytest.mark.parametrize("misses", [(), (5,), (3, 40), (31, 32, 33)])
-async def test_more_pipelined_hits_than_aiohttps_queue_limit_are_all_answered(st: Stack, misses: tuple[int, ...]) -> None:
+async def test_more_pipelined_hits_than_aiohttps_queue_limit_all_answered(st: Stack, misses: tuple[int, ...]) -> None:
     """aiohttp's parser stops after 32 queued requests and keeps the rest until aiohttp's queue drains; hits never
     enter that queue, so the rest waited for the client's next bytes (a client waiting for its 80 answers hung)."""
     cookie = await _signed_in(st)
