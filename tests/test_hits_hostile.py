@@ -4,6 +4,8 @@ case here once went wrong. Raw sockets, the real app, the dev provider."""
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import socket
 from collections.abc import AsyncIterator
 
@@ -163,3 +165,56 @@ def _masked(data: bytes) -> bytes:
             line = b"X-Request-Id: <generated>"
         lines.append(line)
     return b"\n".join(lines)
+
+
+async def test_a_hits_access_line_and_counts_are_the_decisions(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The access line of a hit on the main listener against the line of the same request decided in full: the
+    client address (a trusted front's X-Forwarded-For / X-Real-IP, an untrusted peer's own address whatever it
+    sends), method, path, route, status, user; the request id echoed or generated; the counts per request."""
+    from sidecar import logs, metrics
+
+    caplog.set_level(logging.INFO, logger="sidecar.access")
+    settings = {"reverse_proxy": "true", "trusted_proxy": "127.0.0.1/32", "request_logging": "true"}
+    settings["real_client_ip_header"] = "X-Forwarded-For"
+    async with stack(MemoryStore(), **settings, **TOKENS) as st:
+        cookie = await _signed_in(st)
+        main = port_of(st.base)
+        cases = [
+            ("127.0.0.1", "GET", {"X-Forwarded-For": "198.51.100.1, 203.0.113.7"}),
+            ("127.0.0.1", "HEAD", {"X-Forwarded-For": "203.0.113.8, 127.0.0.1"}),
+            ("127.0.0.1", "GET", {"X-Forwarded-For": "not-an-ip"}),
+            ("127.0.0.2", "GET", {"X-Forwarded-For": "203.0.113.9", "X-Real-IP": "203.0.113.10"}),
+            ("127.0.0.2", "GET", {"X-Request-Id": "bad id"}),
+            ("127.0.0.1", "GET", {"X-Request-Id": "given-1"}),
+        ]
+        logs.flush()
+        capsys.readouterr()
+        metrics.flush()
+        counted = metrics.REQUESTS.labels("/oauth2/auth", "202")._value.get()  # type: ignore[attr-defined]
+        before = lookups()
+        for source, method, extra in cases:
+            text = req(0, cookie, "".join(f"{k}: {v}\r\n" for k, v in extra.items()), method)
+            if "X-Request-Id" in extra:
+                text = text.replace("X-Request-Id: r0\r\n", "")
+            for _ in range(4):
+                reader, writer = await asyncio.open_connection("127.0.0.1", main, local_addr=(source, 0))
+                writer.write(text.encode())
+                assert (await asyncio.wait_for(_read_response(reader, method == "HEAD"), 5) or [0])[0] == 202
+                writer.close()
+        assert lookups()["hit"] - before["hit"] >= 2 * len(cases)
+        metrics.flush()
+        after = metrics.REQUESTS.labels("/oauth2/auth", "202")._value.get()  # type: ignore[attr-defined]
+        assert after - counted == 4 * len(cases)
+        logs.flush()
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if '"sidecar.access"' in line]
+    assert len(lines) == 4 * len(cases)
+    for n, (source, _, extra) in enumerate(cases):
+        four = [{k: v for k, v in line.items() if k not in ("latency_ms", "ts")} for line in lines[4 * n :][:4]]
+        ids = [line.pop("request_id") for line in four]
+        assert all(line == four[0] for line in four), (n, four)
+        given = extra.get("X-Request-Id", "r0")
+        assert ids == [given] * 4 if given != "bad id" else len(set(ids)) == 4 and "bad id" not in ids, ids
+        expected = {0: "203.0.113.7", 1: "203.0.113.8", 2: "127.0.0.1"}.get(n, source)
+        assert four[0]["client_ip"] == expected, (n, four[0])
