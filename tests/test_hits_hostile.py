@@ -218,3 +218,51 @@ async def test_a_hits_access_line_and_counts_are_the_decisions(
         assert ids == [given] * 4 if given != "bad id" else len(set(ids)) == 4 and "bad id" not in ids, ids
         expected = {0: "203.0.113.7", 1: "203.0.113.8", 2: "127.0.0.1"}.get(n, source)
         assert four[0]["client_ip"] == expected, (n, four[0])
+
+
+async def test_requests_split_byte_by_byte_or_behind_a_body_being_read_keep_their_order(st: Stack) -> None:
+    """Hits and misses pipelined one byte per segment; and a hit arriving while aiohttp is still reading the
+    body of the request before it (answered, then lingering): each answer is its own request's, in order."""
+    cookie = await _signed_in(st)
+    main = port_of(st.base)
+    await one_by_one(main, [req(0, cookie)] * 2)
+    plan = [(cookie, "GET", 202), (None, "GET", 401), (cookie, "HEAD", 202), (cookie, "GET", 202), (None, "HEAD", 401)]
+    data = "".join(req(i, c, method=m) for i, (c, m, _) in enumerate(plan)).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", main)
+    writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        for i in range(len(data)):
+            writer.write(data[i : i + 1])
+            await writer.drain()
+            if i % 50 == 0:
+                await asyncio.sleep(0.001)  # let the server read what is there
+        for i, (_, method, status) in enumerate(plan):
+            got = await asyncio.wait_for(_read_response(reader, method == "HEAD"), 5)
+            assert got is not None and (got[0], header(got, "X-Request-Id")) == (status, f"r{i}"), (i, got)
+        post = req(10, cookie, "Content-Length: 10\r\n", "POST").encode()
+        writer.write(post + b"12345")  # aiohttp answers without reading the body, then reads the rest of it
+        got = await asyncio.wait_for(_read_response(reader), 5)
+        assert got is not None and (got[0], header(got, "X-Request-Id")) == (202, "r10")
+        await asyncio.sleep(0.1)
+        writer.write(b"67890" + req(11, cookie).encode() + req(12, cookie).encode())
+        for i in (11, 12):
+            got = await asyncio.wait_for(_read_response(reader), 5)
+            assert got is not None and (got[0], header(got, "X-Request-Id")) == (202, f"r{i}")
+    finally:
+        writer.close()
+
+
+async def test_hits_sent_before_a_half_close_are_all_answered(st: Stack) -> None:
+    cookie = await _signed_in(st)
+    main = port_of(st.base)
+    await one_by_one(main, [req(0, cookie)] * 2)
+    reader, writer = await asyncio.open_connection("127.0.0.1", main)
+    try:
+        writer.write("".join(req(i, cookie) for i in range(40)).encode())
+        writer.write_eof()
+        for i in range(40):
+            got = await asyncio.wait_for(_read_response(reader), 5)
+            assert got is not None and (got[0], header(got, "X-Request-Id")) == (202, f"r{i}")
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+    finally:
+        writer.close()
