@@ -21,9 +21,11 @@ request takes the ordinary path.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from aiohttp.http import HttpVersion11
 from aiohttp.streams import EMPTY_PAYLOAD
@@ -33,6 +35,8 @@ from .context import DECISION_KEY, SERVICES, Services, trusted_peer
 from .decisions import STATUS_202, Decision, Key, request_key
 from .framing import connection, http_date
 from .middleware import finish_cached
+
+log = logging.getLogger("sidecar.hits")
 
 ROUTE = "/oauth2/auth"  # the metrics and log label, as for the decision itself
 
@@ -182,7 +186,14 @@ class HitFirstSite(web.SockSite):
             raise RuntimeError("call runner.setup() before starting a site")
         app = getattr(runner, "app", None)
         svc: Services | None = app.get(SERVICES) if isinstance(app, web.Application) else None
-        if svc is None or svc.decisions is None or not _supported(server()):
+        if svc is None or svc.decisions is None:
+            return await super().start()
+        if not _supported(server()):
+            # Still right, only slower: every hit goes through aiohttp's request, as before this module existed
+            log.warning(
+                "aiohttp lacks the parts hits.py wraps: main-listener cache hits take aiohttp's ordinary path",
+                extra={"fields": {"aiohttp": aiohttp.__version__}},
+            )
             return await super().start()
         await web.BaseSite.start(self)
         make_request = server.request_factory
