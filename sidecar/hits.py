@@ -148,6 +148,7 @@ class HitFirst:
         manager = handler._manager
         if manager is not None:
             manager.requests_count += 1
+        handler._keepalive = True  # as aiohttp after a keep-alive answer (it starts False before 3.14.5)
         timeout = handler._keepalive_timeout
         if timeout:
             loop = handler._loop
@@ -162,6 +163,7 @@ _HANDLER_PARTS = (
     "_messages",
     "_manager",
     "_loop",
+    "_keepalive",
     "_keepalive_timeout",
     "_next_keepalive_close_time",
     "_keepalive_handle",
