@@ -15,18 +15,21 @@ import logging
 import re
 import time
 import unicodedata
+from collections.abc import Iterable
 from urllib.parse import quote, unquote_to_bytes
 
 import aiohttp
 from aiohttp import WSMsgType, web
+from multidict import CIMultiDict, istr
 from yarl import URL
 
 from . import logs, metrics, pages
-from .config import Config
-from .context import BY_SIDECAR_TOKEN, Services, View, view_of
-from .cookies import without_sidecar_cookies
+from .config import Config, Upstream
+from .context import AUTHED, BY_SIDECAR_TOKEN, Services, trusted_peer, view_of
+from .cookies import SessionRef, without_sidecar_cookies
+from .decisions import Decision, Key
 from .errors import BadRequest, SessionGone
-from .guard import authorize, is_api_route, sign_in_redirect, wants_html
+from .guard import BEARER_REF, authorize, is_api_route, read_cookie, sign_in_redirect, wants_html
 from .headers import (
     HOP_BY_HOP,
     PROTECTED_PREFIX,
@@ -34,6 +37,7 @@ from .headers import (
     refused_from_client,
     upstream_identity_headers_for,
 )
+from .models import Session
 from .stepup import is_stale, required_max_age, start_url, unauthorized
 
 _PATH_SAFE = "/:@!$&'()*+,=-._~"  # what stays literal in a forwarded path; everything else is %XX
@@ -113,12 +117,15 @@ _NEVER_FORWARDED = {
 _NOTHING: frozenset[str] = frozenset()
 
 
-def _forward_headers(request: web.Request, config: Config, *, trusted: bool, skipped: bool) -> dict[str, str]:
+def _forward_headers(
+    request: web.Request, config: Config, *, trusted: bool, skipped: bool, app_cookie: str | None = None
+) -> dict[str, str]:
     """The client's headers the app may see: not hop-by-hop, not the sidecar's own, not its cookies.
 
     The names are checked with set lookups (``headers.refused_from_client``), not a function call per header:
     a name is dropped when its lower-case form is hop-by-hop, listed in ``Connection`` or the sidecar's, or
-    when its normalised form (``_`` as ``-``) is the sidecar's."""
+    when its normalised form (``_`` as ``-``) is the sidecar's. ``app_cookie``: the request's one Cookie header
+    as the app sees it, already known (the decision cache keeps it beside the session)."""
     connection = request.headers.get("Connection")
     listed = {h.strip().lower() for h in connection.split(",")} if connection else _NOTHING
     # The client's Authorization is dropped when the sidecar sets its own, and when it held a sidecar-issued
@@ -141,7 +148,7 @@ def _forward_headers(request: web.Request, config: Config, *, trusted: bool, ski
         if low == "authorization" and holds_sidecar_token(value):
             continue  # a sidecar token never reaches the app, on any path (the cookie may have authenticated)
         if low == "cookie" and cookie_name in value:
-            value = without_sidecar_cookies(value, cookie_name)
+            value = without_sidecar_cookies(value, cookie_name) if app_cookie is None else app_cookie
             if not value:
                 continue
         if name in out:
@@ -153,23 +160,24 @@ def _forward_headers(request: web.Request, config: Config, *, trusted: bool, ski
     return out
 
 
-def _forwarded_for(request: web.Request, view: View) -> str:
-    prior = request.headers.get("X-Forwarded-For") if view.trusted else None
-    return f"{prior}, {request.remote}" if prior else str(request.remote)
-
-
 async def handle(request: web.Request, svc: Services) -> web.StreamResponse:
     """Catch-all: authenticate (unless a skip-auth rule matches), then proxy."""
     config = svc.config
     path = normalise_path(request.rel_url.raw_path)
-    upstream = next((u for u in config.upstreams if path.startswith(u.prefix) or path + "/" == u.prefix), None)
+    upstream = _upstream_for(config, path)
     skip = bool(config.skip_routes) and any(rule.matches(request.method, path) for rule in config.skip_routes)
-    headers = {}
+    headers = _NO_HEADERS
+    app_cookie: str | None = None  # the Cookie header the app sees, when the decision cache knows it
     if not skip:
-        try:
-            _, session = await authorize(request, svc)
-        except SessionGone:
-            return sign_in_redirect(request)
+        entry = _cached(request, svc)
+        if entry is None:
+            try:
+                ref, session = await authorize(request, svc)
+            except SessionGone:
+                return sign_in_redirect(request)
+            _remember(request, svc, ref, session)
+        else:
+            session, app_cookie = entry.session, entry.headers.get("Cookie", "")
         max_age = required_max_age(config.fresh_routes, request.method, path) if config.fresh_routes else None
         if max_age is not None and is_stale(session.auth_time, max_age, time.time()):
             return _step_up(request, config, max_age)
@@ -180,12 +188,19 @@ async def handle(request: web.Request, svc: Services) -> web.StreamResponse:
     websocket = _is_websocket(request)
     if websocket:
         _check_handshake(request)  # before any upstream connection is opened
-    view = view_of(request)
-    forward = _forward_headers(request, config, trusted=view.trusted, skipped=skip)
+    remote = request.remote
+    if trusted_peer(remote, config):
+        view = view_of(request)
+        trusted, scheme, host = True, view.scheme, view.host
+        prior = request.headers.get("X-Forwarded-For")
+        forwarded_for = f"{prior}, {remote}" if prior else str(remote)
+    else:  # what view_of concludes for any other peer, without building the view
+        trusted, scheme, host, forwarded_for = False, "https" if request.secure else "http", request.host, str(remote)
+    forward = _forward_headers(request, config, trusted=trusted, skipped=skip, app_cookie=app_cookie)
     forward.update(headers)
-    forward["X-Forwarded-For"] = _forwarded_for(request, view)
-    forward["X-Forwarded-Proto"] = view.scheme
-    forward["X-Forwarded-Host"] = view.host
+    forward["X-Forwarded-For"] = forwarded_for
+    forward["X-Forwarded-Proto"] = scheme
+    forward["X-Forwarded-Host"] = host
     forward["Host"] = request.host  # the client's: apps build links and compare Origin with it
     query = request.rel_url.raw_query_string
     # encoded=True: the upstream receives exactly the path the skip-auth rules saw (yarl would
@@ -194,6 +209,65 @@ async def handle(request: web.Request, svc: Services) -> web.StreamResponse:
     if websocket:
         return await _websocket(request, svc, url, forward)
     return await _stream(request, svc, url, forward)
+
+
+_NO_HEADERS: dict[str, str] = {}
+# The second item of a proxied request's decision-cache key; an /oauth2/auth key has at least four items.
+_PROXY_KEY = "proxy"
+
+
+def _upstream_for(config: Config, path: str) -> Upstream | None:
+    """The first upstream whose prefix the path is under (or is, without its trailing slash)."""
+    for upstream in config.upstreams:
+        if path.startswith(upstream.prefix) or path + "/" == upstream.prefix:
+            return upstream
+    return None
+
+
+def _session_key(request: web.Request, svc: Services) -> Key | None:
+    """The decision-cache key of a proxied request's sign-in check; None when the cookie alone may not decide.
+
+    With no ``Authorization`` header (no bearer token, no token the sidecar issued) ``authorize`` reads nothing
+    but the session cookie, so the key is the one Cookie header, whole. As for ``/oauth2/auth``, nothing is
+    cached for two Cookie headers or for the session cookie's name twice."""
+    headers = request.headers
+    if svc.decisions is None or "Authorization" in headers:
+        return None
+    cookies = headers.getall("Cookie", ())
+    if len(cookies) != 1 or cookies[0].count(svc.config.cookie_name + "=") != 1:
+        return None
+    return (cookies[0], _PROXY_KEY)
+
+
+def _cached(request: web.Request, svc: Services) -> Decision | None:
+    """What a recent request with the same key was allowed with (its session, and the Cookie header its app
+    saw), while the decision cache still vouches for it: the same object in the session cache, before its
+    refresh is due and before any lifetime, idle or cookie limit; a sign-out, refresh or session end in this
+    process drops it at once."""
+    key = _session_key(request, svc)
+    if key is None:
+        return None
+    assert svc.decisions is not None
+    entry = svc.decisions.get(key)
+    if entry is None:
+        return None
+    if svc.config.request_logging:  # only the access log line reads it
+        request[AUTHED] = (entry.ref, entry.session)
+    return entry
+
+
+def _remember(request: web.Request, svc: Services, ref: SessionRef, session: Session) -> None:
+    """Keep a cookie's successful check for the next requests with the same key (from the second time the key
+    is seen), with the Cookie header the app sees (the key's, without the sidecar's cookies). The step-up age
+    is checked per request, so the entry holds none; a token's session is never kept."""
+    key = _session_key(request, svc)
+    if key is None or svc.decisions is None or ref is BEARER_REF or not svc.decisions.admit(key):
+        return
+    config = svc.config
+    cookie = read_cookie(request, config.cookie_name)
+    until = svc.codec.session_valid_until(cookie) if cookie else None
+    app_sees = CIMultiDict({"Cookie": without_sidecar_cookies(key[0], config.cookie_name)})
+    svc.decisions.put(key, app_sees, ref, session, max_age=None, cookie_until=until, forwarded_ip=None)
 
 
 def _step_up(request: web.Request, config: Config, max_age: int) -> web.Response:
@@ -238,6 +312,63 @@ def _log_upstream_error(request: web.Request, error: str, url: URL) -> None:
     """The upstream failed (not the user, not the provider): which one, and how. No path, no query string."""
     fields = {"error": error, "upstream": f"{url.scheme}://{url.host}:{url.port}", "route": request.path[:200]}
     logs.event("upstream_error", {**fields, "client_ip": view_of(request).client_ip}, logging.ERROR)
+
+
+# What aiohttp must never add to a proxied request: the app sees the client's headers, not aiohttp's.
+_SKIP_AUTO = ("User-Agent", "Accept-Encoding", "Content-Type")
+
+
+class _UpstreamRequest(aiohttp.ClientRequest):
+    """aiohttp's request with its automatic headers decided once, not per request.
+
+    With ``skip_auto_headers`` aiohttp sorts the names into a new multidict and copies the request's headers
+    on every request (about 3 % of the proxy's instructions per request); the outcome never varies: only
+    ``Accept: */*`` is added when absent. ``upstream_client`` uses this class only when it gives exactly what
+    the stock class gives on this aiohttp version (``_same_auto_headers``)."""
+
+    def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
+        if "Accept" not in self.headers:
+            self.headers["Accept"] = "*/*"
+        self._skip_auto_headers = _SKIPPED
+
+
+_SKIPPED: CIMultiDict[None] = CIMultiDict((name, None) for name in sorted(_SKIP_AUTO))
+
+
+def _same_auto_headers(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether ``_UpstreamRequest`` adds and skips exactly what the stock request does here (headers and the
+    skip list that aiohttp reads again when it sends a body), over requests with and without each header."""
+    skip = frozenset(istr(name) for name in _SKIP_AUTO)
+    url = URL("http://upstream.invalid/")
+    cases: list[dict[str, str]] = [{}, {"Accept": "a/b"}, {"User-Agent": "u", "Accept-Encoding": "br"}]
+    cases.append({"Content-Type": "t/x", "Accept": "*/*", "Host": "h"})
+    try:
+        for headers in cases:
+            for data in (None, b"x"):
+                made = [
+                    kind("POST", url, headers=CIMultiDict(headers), skip_auto_headers=skip, data=data, loop=loop)
+                    for kind in (aiohttp.ClientRequest, _UpstreamRequest)
+                ]
+                stock, ours = ([*req.headers.items()] for req in made)
+                if stock != ours or [*made[0].skip_auto_headers] != [*made[1].skip_auto_headers]:
+                    return False
+    except Exception:  # noqa: BLE001 - another aiohttp: its own class, however it fails here
+        return False
+    return True
+
+
+def upstream_client() -> aiohttp.ClientSession:
+    """The pooled client for proxied requests (call with the loop running): no connection limit, bodies passed
+    through as sent (no decompression), no cookie jar (the app's cookies are the browser's business), no header
+    the client did not send but ``Accept`` (aiohttp's default, as before)."""
+    loop = asyncio.get_running_loop()
+    return aiohttp.ClientSession(
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+        skip_auto_headers=_SKIP_AUTO,
+        request_class=_UpstreamRequest if _same_auto_headers(loop) else aiohttp.ClientRequest,
+    )
 
 
 WHOLE_BODY = 64 * 1024  # request and response bodies up to this size go in one piece, larger ones are streamed
