@@ -324,7 +324,7 @@ class _UpstreamRequest(aiohttp.ClientRequest):
     With ``skip_auto_headers`` aiohttp sorts the names into a new multidict and copies the request's headers
     on every request (about 3 % of the proxy's instructions per request); the outcome never varies: only
     ``Accept: */*`` is added when absent. ``upstream_client`` uses this class only when it gives exactly what
-    the stock class gives on this aiohttp version (``_same_auto_headers``)."""
+    the stock class gives on this aiohttp version (``same_auto_headers``)."""
 
     def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
         if "Accept" not in self.headers:
@@ -335,8 +335,8 @@ class _UpstreamRequest(aiohttp.ClientRequest):
 _SKIPPED: CIMultiDict[None] = CIMultiDict((name, None) for name in sorted(_SKIP_AUTO))
 
 
-def _same_auto_headers(loop: asyncio.AbstractEventLoop) -> bool:
-    """Whether ``_UpstreamRequest`` adds and skips exactly what the stock request does here (headers and the
+def same_auto_headers(loop: asyncio.AbstractEventLoop, kind: type[aiohttp.ClientRequest] = _UpstreamRequest) -> bool:
+    """Whether ``kind`` adds and skips exactly what the stock request does here (headers and the
     skip list that aiohttp reads again when it sends a body), over requests with and without each header."""
     skip = frozenset(istr(name) for name in _SKIP_AUTO)
     url = URL("http://upstream.invalid/")
@@ -346,8 +346,8 @@ def _same_auto_headers(loop: asyncio.AbstractEventLoop) -> bool:
         for headers in cases:
             for data in (None, b"x"):
                 made = [
-                    kind("POST", url, headers=CIMultiDict(headers), skip_auto_headers=skip, data=data, loop=loop)
-                    for kind in (aiohttp.ClientRequest, _UpstreamRequest)
+                    each("POST", url, headers=CIMultiDict(headers), skip_auto_headers=skip, data=data, loop=loop)
+                    for each in (aiohttp.ClientRequest, kind)
                 ]
                 stock, ours = ([*req.headers.items()] for req in made)
                 if stock != ours or [*made[0].skip_auto_headers] != [*made[1].skip_auto_headers]:
@@ -367,7 +367,7 @@ def upstream_client() -> aiohttp.ClientSession:
         cookie_jar=aiohttp.DummyCookieJar(),
         connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
         skip_auto_headers=_SKIP_AUTO,
-        request_class=_UpstreamRequest if _same_auto_headers(loop) else aiohttp.ClientRequest,
+        request_class=_UpstreamRequest if same_auto_headers(loop) else aiohttp.ClientRequest,
     )
 
 
