@@ -64,7 +64,7 @@ def build_app(config: Config, store: SessionStore | None = None) -> web.Applicat
     async def services_ctx(app: web.Application) -> AsyncIterator[None]:
         chosen = store if store is not None else make_store(config)
         http = provider_http(config)
-        upstream_http = proxy.upstream_client()
+        upstream_http = proxy.upstream_client(config)
         sessions = Sessions(chosen, config)
         oidc = OidcClient(config, http)
         app[SERVICES] = Services(

@@ -10,12 +10,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import functools
 import logging
 import re
 import time
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from urllib.parse import quote, unquote_to_bytes
 
 import aiohttp
@@ -33,6 +32,7 @@ from .guard import BEARER_REF, authorize, is_api_route, read_cookie, sign_in_red
 from .headers import (
     HOP_BY_HOP,
     PROTECTED_PREFIX,
+    UPSTREAM_MEMO,
     holds_sidecar_token,
     refused_from_client,
     upstream_identity_headers_for,
@@ -181,11 +181,12 @@ async def handle(request: web.Request, svc: Services) -> web.StreamResponse:
         max_age = required_max_age(config.fresh_routes, request.method, path) if config.fresh_routes else None
         if max_age is not None and is_stale(session.auth_time, max_age, time.time()):
             return _step_up(request, config, max_age)
-        headers = upstream_identity_headers_for(session, config)
+        headers = session.derived.get(UPSTREAM_MEMO) or upstream_identity_headers_for(session, config)
     if upstream is None:
         text = "404 Not Found: no upstream for this path\n"
         return pages.error(request, 404, "Not found", "Nothing is served at this address.", (pages.HOME,), text=text)
-    websocket = _is_websocket(request)
+    upgrade = request.headers.get("Upgrade")
+    websocket = upgrade is not None and _is_websocket(upgrade)
     if websocket:
         _check_handshake(request)  # before any upstream connection is opened
     remote = request.remote
@@ -280,9 +281,8 @@ def _step_up(request: web.Request, config: Config, max_age: int) -> web.Response
     return unauthorized(max_age)
 
 
-def _is_websocket(request: web.Request) -> bool:
-    upgrade = request.headers.get("Upgrade")
-    return upgrade is not None and "websocket" in {t.strip().lower() for t in upgrade.split(",")}
+def _is_websocket(upgrade: str) -> bool:
+    return "websocket" in {t.strip().lower() for t in upgrade.split(",")}
 
 
 def _check_handshake(request: web.Request) -> None:
@@ -301,11 +301,6 @@ def _check_handshake(request: web.Request) -> None:
         valid = False
     if not valid:
         raise BadRequest("bad Sec-WebSocket-Key")
-
-
-@functools.lru_cache(maxsize=8)
-def _timeout(seconds: float) -> aiohttp.ClientTimeout:
-    return aiohttp.ClientTimeout(sock_connect=seconds, sock_read=seconds)
 
 
 def _log_upstream_error(request: web.Request, error: str, url: URL) -> None:
@@ -357,12 +352,15 @@ def same_auto_headers(loop: asyncio.AbstractEventLoop, kind: type[aiohttp.Client
     return True
 
 
-def upstream_client() -> aiohttp.ClientSession:
+def upstream_client(config: Config) -> aiohttp.ClientSession:
     """The pooled client for proxied requests (call with the loop running): no connection limit, bodies passed
     through as sent (no decompression), no cookie jar (the app's cookies are the browser's business), no header
-    the client did not send but ``Accept`` (aiohttp's default, as before)."""
+    the client did not send but ``Accept`` (aiohttp's default, as before), ``--upstream-timeout`` to connect
+    and between reads."""
     loop = asyncio.get_running_loop()
+    seconds = config.upstream_timeout
     return aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(sock_connect=seconds, sock_read=seconds),
         auto_decompress=False,
         cookie_jar=aiohttp.DummyCookieJar(),
         connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
@@ -396,7 +394,6 @@ async def _stream(request: web.Request, svc: Services, url: URL, headers: dict[s
             headers=headers,
             data=body,
             allow_redirects=False,
-            timeout=_timeout(svc.config.upstream_timeout),
         )
     except TimeoutError:
         _log_upstream_error(request, "timeout", url)
@@ -461,11 +458,15 @@ class _WholeAnswer(web.StreamResponse):
     _send_headers_immediately = False
 
 
-def _answer_headers(upstream: aiohttp.ClientResponse) -> list[tuple[str, str]]:
-    """The upstream's response headers without hop-by-hop ones and those its ``Connection`` lists."""
-    connection = upstream.headers.get("Connection")
+def _answer_headers(upstream: aiohttp.ClientResponse) -> Mapping[str, str] | list[tuple[str, str]]:
+    """The upstream's response headers without hop-by-hop ones and those its ``Connection`` lists (a
+    hop-by-hop name, so the common answer, with none of them, is passed on as it is: one check per name)."""
+    headers = upstream.headers
+    if HOP_BY_HOP.isdisjoint(map(str.lower, headers.keys())):
+        return headers
+    connection = headers.get("Connection")
     dropped = HOP_BY_HOP | {h.strip().lower() for h in connection.split(",")} if connection else HOP_BY_HOP
-    return [(name, value) for name, value in upstream.headers.items() if name.lower() not in dropped]
+    return [(name, value) for name, value in headers.items() if name.lower() not in dropped]
 
 
 async def _websocket(request: web.Request, svc: Services, url: URL, headers: dict[str, str]) -> web.StreamResponse:

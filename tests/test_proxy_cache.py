@@ -14,9 +14,10 @@ import aiohttp
 import pytest
 
 from sidecar import proxy
+from sidecar.config import build_config
 from sidecar.context import SERVICES, Services
 from sidecar.store import MemoryStore
-from tests.stack import Stack, browser, session_cookie, sign_in, sign_out_everywhere, stack
+from tests.stack import Stack, browser, session_cookie, sidecar_settings, sign_in, sign_out_everywhere, stack
 from tests.test_paths import Recorder, recording_upstream
 
 # Identity headers a client forges, in several spellings: never seen by the app, on a miss or on a hit.
@@ -192,8 +193,52 @@ async def test_the_fast_request_class_is_used_only_when_it_matches_aiohttps_own(
     assert proxy.same_auto_headers(loop)
     assert not proxy.same_auto_headers(loop, AddsAnAgent)
     assert not proxy.same_auto_headers(loop, Broken)
-    client = proxy.upstream_client()
+    client = proxy.upstream_client(build_config(sidecar_settings("http://127.0.0.1:1", 1, upstream_timeout="7s")))
     try:
         assert client._request_class is proxy._UpstreamRequest
+        assert client.timeout.sock_read == client.timeout.sock_connect == 7
     finally:
         await client.close()
+
+
+@asynccontextmanager
+async def _raw_upstream(head: bytes, body: bytes) -> AsyncIterator[str]:
+    """An upstream that answers every request with exactly these header lines (no library tidies them)."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while (await reader.readline()) not in (b"\r\n", b""):
+            pass
+        writer.write(b"HTTP/1.1 200 OK\r\n" + head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        server.close()
+
+
+ANSWER_HEADS = {
+    "plain": b"Content-Type: text/plain\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\nX-App: kept\r\n",
+    "connection-listed": b"Connection: X-Secret, keep-alive\r\nX-Secret: gone\r\nSet-Cookie: a=1\r\nX-App: kept\r\n",
+    "keep-alive": b"Keep-Alive: timeout=5\r\nX-App: kept\r\nSet-Cookie: a=1\r\n",
+    "odd case": b"kEEp-aLIVE: timeout=5\r\nPROXY-AUTHENTICATE: Basic\r\nX-App: kept\r\nSet-Cookie: a=1\r\n",
+    "trailer and upgrade": b"Trailer: X-T\r\nUpgrade: h2c\r\nTE: trailers\r\nX-App: kept\r\nSet-Cookie: a=1\r\n",
+}
+
+
+@pytest.mark.parametrize("case", list(ANSWER_HEADS))
+async def test_the_answer_keeps_the_apps_headers_and_never_a_hop_by_hop_one(case: str) -> None:
+    async with _raw_upstream(ANSWER_HEADS[case], b"hello") as up, stack(MemoryStore(), upstream=up) as st:
+        async with browser() as client:
+            await sign_in(client, st.base, rd="/")
+            for _ in range(3):  # full decision, kept, then a hit: the same answer each time
+                async with client.get(f"{st.base}/page") as resp:
+                    assert resp.status == 200 and await resp.read() == b"hello"
+                    names = {name.lower() for name in resp.headers}
+                    assert resp.headers["X-App"] == "kept" and "a=1" in resp.headers.getall("Set-Cookie")
+                    assert not names & {"x-secret", "keep-alive", "proxy-authenticate", "trailer", "upgrade", "te"}
+                    if case == "plain":
+                        assert resp.headers.getall("Set-Cookie") == ["a=1", "b=2"]  # both, in order
