@@ -129,10 +129,12 @@ def _forward_headers(
     connection = request.headers.get("Connection")
     listed = {h.strip().lower() for h in connection.split(",")} if connection else _NOTHING
     # The client's Authorization is dropped when the sidecar sets its own, and when it held a sidecar-issued
-    # token (no token passthrough: MCP authorization, "Token Passthrough").
-    authorization = bool(config.pass_authorization_header) or request.get(BY_SIDECAR_TOKEN, False)
+    # token (no token passthrough: MCP authorization, "Token Passthrough"); only a request with an Authorization
+    # header can have held one, and without one the flag changes nothing (no request-state lookup then).
+    authorization = bool(config.pass_authorization_header) or (
+        "Authorization" in request.headers and request.get(BY_SIDECAR_TOKEN, False)
+    )
     never = _NEVER_FORWARDED[(authorization, trusted, skipped)]
-    refused = refused_from_client(authorization, trusted, skipped)
     cookie_name = config.cookie_name
     out: dict[str, str] = {}
     for name, value in request.headers.items():
@@ -141,7 +143,7 @@ def _forward_headers(
             continue
         if "_" in low:
             low = low.replace("_", "-")  # X_Auth_Request_User reads as X-Auth-Request-User in some servers
-            if low in refused:
+            if low in refused_from_client(authorization, trusted, skipped):
                 continue
         if low.startswith(PROTECTED_PREFIX):
             continue
