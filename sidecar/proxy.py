@@ -157,8 +157,9 @@ def _forward_headers(
             out[name] += ", " + value
         else:
             out[name] = value
-    if request.content_length is not None:
-        out["Content-Length"] = str(request.content_length)
+    length = request.content_length
+    if length is not None:
+        out["Content-Length"] = str(length)
     return out
 
 
@@ -166,7 +167,8 @@ async def handle(request: web.Request, svc: Services) -> web.StreamResponse:
     """Catch-all: authenticate (unless a skip-auth rule matches), then proxy."""
     config = svc.config
     path = normalise_path(request.rel_url.raw_path)
-    upstream = _upstream_for(config, path)
+    ups = config.upstreams  # one upstream at "/" is the common case: no loop, no call
+    upstream = ups[0] if len(ups) == 1 and path.startswith(ups[0].prefix) else _upstream_for(config, path)
     skip = bool(config.skip_routes) and any(rule.matches(request.method, path) for rule in config.skip_routes)
     headers = _NO_HEADERS
     app_cookie: str | None = None  # the Cookie header the app sees, when the decision cache knows it
@@ -387,7 +389,7 @@ async def _request_body(request: web.Request) -> bytes | aiohttp.StreamReader | 
 
 async def _stream(request: web.Request, svc: Services, url: URL, headers: dict[str, str]) -> web.StreamResponse:
     assert svc.upstream_http is not None
-    body = await _request_body(request)
+    body = await _request_body(request) if request.body_exists else None
     started = time.monotonic()
     try:
         upstream = await svc.upstream_http.request(
