@@ -10,6 +10,10 @@ keep-alive GETs of the same page over four connections, one at a time, with the 
 (the syscalls) is not counted: the sidecar makes one send fewer per small answer than the pass-through.
 ``--sidecar-root``: run the sidecar package from that directory instead (``git archive REV sidecar | tar -x``
 there measures an earlier revision against the same pass-through).
+
+``--cpu ROUNDS``: also run both at full speed (no valgrind) under ``wrk -t2 -c50 -d3s``, alternating, and
+count each process's CPU time (user + system, from ``/proc``) per request: the kernel's share included,
+still far less sensitive to other load on the machine than req/s.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import procs
+from . import procs, wrk
 from .cases import Bench, Settings, _same_bytes, _upstream_headers, log
 
 _TOTAL = re.compile(rb"^(?:summary|totals):\s+(\d+)", re.M)
@@ -74,10 +78,31 @@ def _count(name: str, argv: list[str], port: int, cookie: str, requests: int, cw
     return int(found[0].group(1)) // requests  # the first dump: the N requests after the zeroing
 
 
+def _cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
+
+
+def _cpu_per_request(procs_ports: dict[str, tuple[int, int]], cookie: str, rounds: int) -> dict[str, list[float]]:
+    """Microseconds of CPU per request for each (pid, port), over ``rounds`` alternating wrk runs."""
+    tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
+    script = wrk.script([cookie], expect=200)
+    seen: dict[str, list[float]] = {name: [] for name in procs_ports}
+    for _ in range(rounds):
+        for name, (pid, port) in procs_ports.items():
+            before = _cpu_ticks(pid)
+            result = wrk.run(f"http://127.0.0.1:{port}/app/page", 3.0, 2, 50, script=script)
+            if result.failures:
+                raise RuntimeError(f"{name}: {result.failure_text()}")
+            seen[name].append((_cpu_ticks(pid) - before) * tick_us / result.requests)
+    return seen
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.bench.instructions", description=__doc__)
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--sidecar-root", type=Path, default=procs.ROOT)
+    parser.add_argument("--cpu", type=int, default=0, metavar="ROUNDS", help="also CPU time per request, N rounds")
     args = parser.parse_args(argv)
     for name in ("valgrind", "callgrind_control", "redis-server"):
         procs.binary(name)
@@ -110,16 +135,41 @@ def main(argv: list[str] | None = None) -> int:
         pt_port = procs.free_port()
         pt_argv = [procs.PY, "-m", "tests.bench.servers", "passthrough", "--port", str(pt_port)]
         pt_argv += ["--target", f"http://127.0.0.1:{up_port}", *same]
-        log(f"callgrind: {args.requests} requests each, sidecar from {args.sidecar_root}")
-        began = time.monotonic()
-        side_ir = _count("sidecar", side_argv, side_port, cookie, args.requests, args.sidecar_root, env)
-        pt_ir = _count("pass-through", pt_argv, pt_port, cookie, args.requests, procs.ROOT, env)
-        print(
-            f"instructions per request (callgrind, {args.requests} requests after a warm-up): "
-            f"sidecar {side_ir:,}, pass-through {pt_ir:,}; pass-through / sidecar = {pt_ir / side_ir:.3f} "
-            f"({time.monotonic() - began:.0f} s)",
-            flush=True,
-        )
+        if args.requests:  # --requests 0: the CPU rounds only
+            log(f"callgrind: {args.requests} requests each, sidecar from {args.sidecar_root}")
+            began = time.monotonic()
+            side_ir = _count("sidecar", side_argv, side_port, cookie, args.requests, args.sidecar_root, env)
+            pt_ir = _count("pass-through", pt_argv, pt_port, cookie, args.requests, procs.ROOT, env)
+            print(
+                f"instructions per request (callgrind, {args.requests} requests after a warm-up): "
+                f"sidecar {side_ir:,}, pass-through {pt_ir:,}; pass-through / sidecar = {pt_ir / side_ir:.3f} "
+                f"({time.monotonic() - began:.0f} s)",
+                flush=True,
+            )
+        if args.cpu:
+            quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "start_new_session": True}
+            side_proc = subprocess.Popen(side_argv, cwd=args.sidecar_root, env=env, **quiet)  # type: ignore[call-overload]
+            pt_proc = subprocess.Popen(pt_argv, cwd=procs.ROOT, env=env, **quiet)  # type: ignore[call-overload]
+            try:
+                procs.wait_http(side_port, "/ping")
+                procs.wait_http(pt_port, "/app/page")
+                seen = _cpu_per_request(
+                    {"sidecar": (side_proc.pid, side_port), "pass-through": (pt_proc.pid, pt_port)}, cookie, args.cpu
+                )
+            finally:
+                for child in (side_proc, pt_proc):
+                    child.terminate()
+                    child.wait(30)
+            ratios = sorted(p / s for s, p in zip(seen["sidecar"], seen["pass-through"], strict=True))
+            print(
+                "CPU per request (us, user + system, wrk -t2 -c50 -d3s, alternating): sidecar "
+                + ", ".join(f"{v:.0f}" for v in seen["sidecar"])
+                + "; pass-through "
+                + ", ".join(f"{v:.0f}" for v in seen["pass-through"])
+                + f"; pass-through / sidecar per round {ratios[0]:.3f}-{ratios[-1]:.3f}, "
+                f"median {ratios[len(ratios) // 2]:.3f}",
+                flush=True,
+            )
     finally:
         for proc in started:
             proc.stop()
