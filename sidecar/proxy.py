@@ -14,12 +14,12 @@ import logging
 import re
 import time
 import unicodedata
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from urllib.parse import quote, unquote_to_bytes
 
 import aiohttp
 from aiohttp import WSMsgType, web
-from multidict import CIMultiDict, istr
+from multidict import CIMultiDict
 from yarl import URL
 
 from . import logs, metrics, pages
@@ -313,66 +313,6 @@ def _log_upstream_error(request: web.Request, error: str, url: URL) -> None:
     logs.event("upstream_error", {**fields, "client_ip": view_of(request).client_ip}, logging.ERROR)
 
 
-# What aiohttp must never add to a proxied request: the app sees the client's headers, not aiohttp's.
-_SKIP_AUTO = ("User-Agent", "Accept-Encoding", "Content-Type")
-
-
-class _UpstreamRequest(aiohttp.ClientRequest):
-    """aiohttp's request with its automatic headers decided once, not per request.
-
-    With ``skip_auto_headers`` aiohttp sorts the names into a new multidict and copies the request's headers
-    on every request (about 3 % of the proxy's instructions per request); the outcome never varies: only
-    ``Accept: */*`` is added when absent. ``upstream_client`` uses this class only when it gives exactly what
-    the stock class gives on this aiohttp version (``same_auto_headers``)."""
-
-    def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
-        if "Accept" not in self.headers:
-            self.headers["Accept"] = "*/*"
-        self._skip_auto_headers = _SKIPPED
-
-
-_SKIPPED: CIMultiDict[None] = CIMultiDict((name, None) for name in sorted(_SKIP_AUTO))
-
-
-def same_auto_headers(loop: asyncio.AbstractEventLoop, kind: type[aiohttp.ClientRequest] = _UpstreamRequest) -> bool:
-    """Whether ``kind`` adds and skips exactly what the stock request does here (headers and the
-    skip list that aiohttp reads again when it sends a body), over requests with and without each header."""
-    skip = frozenset(istr(name) for name in _SKIP_AUTO)
-    url = URL("http://upstream.invalid/")
-    cases: list[dict[str, str]] = [{}, {"Accept": "a/b"}, {"User-Agent": "u", "Accept-Encoding": "br"}]
-    cases.append({"Content-Type": "t/x", "Accept": "*/*", "Host": "h"})
-    try:
-        for headers in cases:
-            for data in (None, b"x"):
-                made = [
-                    each("POST", url, headers=CIMultiDict(headers), skip_auto_headers=skip, data=data, loop=loop)
-                    for each in (aiohttp.ClientRequest, kind)
-                ]
-                stock, ours = ([*req.headers.items()] for req in made)
-                if stock != ours or [*made[0].skip_auto_headers] != [*made[1].skip_auto_headers]:
-                    return False
-    except Exception:  # noqa: BLE001 - another aiohttp: its own class, however it fails here
-        return False
-    return True
-
-
-def upstream_client(config: Config) -> aiohttp.ClientSession:
-    """The pooled client for proxied requests (call with the loop running): no connection limit, bodies passed
-    through as sent (no decompression), no cookie jar (the app's cookies are the browser's business), no header
-    the client did not send but ``Accept`` (aiohttp's default, as before), ``--upstream-timeout`` to connect
-    and between reads."""
-    loop = asyncio.get_running_loop()
-    seconds = config.upstream_timeout
-    return aiohttp.ClientSession(
-        timeout=aiohttp.ClientTimeout(sock_connect=seconds, sock_read=seconds),
-        auto_decompress=False,
-        cookie_jar=aiohttp.DummyCookieJar(),
-        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
-        skip_auto_headers=_SKIP_AUTO,
-        request_class=_UpstreamRequest if same_auto_headers(loop) else aiohttp.ClientRequest,
-    )
-
-
 WHOLE_BODY = 64 * 1024  # request and response bodies up to this size go in one piece, larger ones are streamed
 CLIENT_GONE_POLL = 1.0  # seconds between looks at a streaming client's connection
 
@@ -418,7 +358,7 @@ async def _stream(request: web.Request, svc: Services, url: URL, headers: dict[s
             if whole:
                 await response.write_eof(await upstream.read())  # status line, headers and body in one send
             else:
-                watcher = asyncio.ensure_future(_close_when_client_leaves(request, upstream))
+                watcher = _ClientWatch(request, upstream)
                 try:
                     async for chunk in upstream.content.iter_any():
                         await response.write(chunk)
@@ -438,19 +378,30 @@ async def _stream(request: web.Request, svc: Services, url: URL, headers: dict[s
             upstream.close()  # half-read: this connection cannot be reused
 
 
-async def _close_when_client_leaves(request: web.Request, upstream: aiohttp.ClientResponse) -> None:
+class _ClientWatch:
     """Close the upstream response once the client has gone.
 
     aiohttp does not cancel a handler when its client disconnects, and a stream (server-sent events, a
     long poll) only notices at its next write, which a quiet upstream may not make for minutes: the
-    upstream connection and its server-side stream would be held for nothing. Polling the transport is
-    one timer per open stream; small answers read whole never start one."""
-    while True:
-        await asyncio.sleep(CLIENT_GONE_POLL)
-        transport = request.transport
+    upstream connection and its server-side stream would be held for nothing. The transport is looked at
+    every ``CLIENT_GONE_POLL`` seconds by a loop timer (no task, no coroutine per stream); small answers
+    read whole never start one."""
+
+    __slots__ = ("_request", "_upstream", "_timer")
+
+    def __init__(self, request: web.Request, upstream: aiohttp.ClientResponse) -> None:
+        self._request, self._upstream = request, upstream
+        self._timer = asyncio.get_running_loop().call_later(CLIENT_GONE_POLL, self._look)
+
+    def _look(self) -> None:
+        transport = self._request.transport
         if transport is None or transport.is_closing():
-            upstream.close()
+            self._upstream.close()  # the stream's read fails at once: the handler ends
             return
+        self._timer = asyncio.get_running_loop().call_later(CLIENT_GONE_POLL, self._look)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
 
 
 class _WholeAnswer(web.StreamResponse):

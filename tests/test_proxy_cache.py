@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import pytest
 
-from sidecar import proxy
+from sidecar import proxy, upstream_client
 from sidecar.config import build_config
 from sidecar.context import SERVICES, Services
 from sidecar.store import MemoryStore
@@ -190,12 +190,14 @@ async def test_the_fast_request_class_is_used_only_when_it_matches_aiohttps_own(
             raise AttributeError("an aiohttp this class was not written for")
 
     loop = asyncio.get_running_loop()
-    assert proxy.same_auto_headers(loop)
-    assert not proxy.same_auto_headers(loop, AddsAnAgent)
-    assert not proxy.same_auto_headers(loop, Broken)
-    client = proxy.upstream_client(build_config(sidecar_settings("http://127.0.0.1:1", 1, upstream_timeout="7s")))
+    assert upstream_client.same_auto_headers(loop)
+    assert not upstream_client.same_auto_headers(loop, AddsAnAgent)
+    assert not upstream_client.same_auto_headers(loop, Broken)
+    client = upstream_client.upstream_client(
+        build_config(sidecar_settings("http://127.0.0.1:1", 1, upstream_timeout="7s"))
+    )
     try:
-        assert client._request_class is proxy._UpstreamRequest
+        assert client._request_class is upstream_client._UpstreamRequest
         assert client.timeout.sock_read == client.timeout.sock_connect == 7
     finally:
         await client.close()
