@@ -244,3 +244,11 @@ async def test_the_answer_keeps_the_apps_headers_and_never_a_hop_by_hop_one(case
                     assert not names & {"x-secret", "keep-alive", "proxy-authenticate", "trailer", "upgrade", "te"}
                     if case == "plain":
                         assert resp.headers.getall("Set-Cookie") == ["a=1", "b=2"]  # both, in order
+
+
+async def test_a_slow_stream_to_a_client_still_there_is_not_cut_by_the_watcher() -> None:
+    async with stack(MemoryStore()) as st, browser() as client:
+        await sign_in(client, st.base)
+        async with client.get(f"{st.base}/_demo/stream?n=4&delay=0.6") as resp:  # about 2 s: two looks
+            lines = [line async for line in resp.content]
+        assert lines == [f"chunk {i}\n".encode() for i in range(4)]
