@@ -72,7 +72,9 @@ async def test_issuer_ignores_forwarded_headers_from_untrusted_peers() -> None:
         assert prm["authorization_servers"] == [st.base]
 
 
-async def test_cors_preflight_for_metadata_but_no_cors_on_registration() -> None:
+async def test_cors_preflight_for_metadata_and_registration_but_not_for_the_device_endpoint() -> None:
+    """Registration is fetch()ed by browser-based clients and reads no cookie (tests/test_oauth_cors.py); the
+    device authorization endpoint is for devices without a browser and stays closed."""
     async with oauth_stack() as st:
         async with aiohttp.ClientSession() as http:
             for path in ("/.well-known/oauth-authorization-server", "/.well-known/oauth-protected-resource/mcp"):
@@ -90,6 +92,14 @@ async def test_cors_preflight_for_metadata_but_no_cors_on_registration() -> None
                 headers={"Origin": "https://inspector.example"},
             ) as resp:
                 assert resp.status == 201
+                assert resp.headers["Access-Control-Allow-Origin"] == "*"
+                assert "Access-Control-Allow-Credentials" not in resp.headers
+            async with http.post(
+                f"{st.base}/oauth2/device_authorization",
+                data={"client_id": "nobody"},
+                headers={"Origin": "https://inspector.example"},
+            ) as resp:
+                assert resp.status in (400, 401)
                 assert "Access-Control-Allow-Origin" not in resp.headers
         reg = await register(st.base, token_endpoint_auth_method="client_secret_post")
         assert reg["client_secret"]
