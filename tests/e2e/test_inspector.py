@@ -1,0 +1,184 @@
+"""The MCP Inspector's web UI in real Chromium, connecting to an MCP server behind the sidecar's OAuth server.
+
+The Inspector (npm ``@modelcontextprotocol/inspector``, pinned in tests/e2e/inspector/package-lock.json) is
+started as its docs say (``mcp-inspector``: the UI on one port, its proxy on another) and driven by the person
+in Chromium: Streamable HTTP, the server URL, connection type **Direct**, Connect. In that mode the OAuth flow
+runs in the page: the 401's ``resource_metadata``, both metadata documents, dynamic registration and the token
+request are ``fetch()`` calls from the Inspector's origin (``http://localhost:PORT``) to the sidecar's
+(``http://127.0.0.1:PORT``), so each needs the sidecar's CORS answers (``sidecar/oauth/cors.py``); then the
+consent page (Allow, in the sidecar's own origin), back to the Inspector's callback, connected, tools listed,
+one called. (In its default "Via Proxy" mode v1 sends those calls through its own Node proxy's ``/fetch``, as
+Inspector v2 always does through ``/api/fetch``: no CORS is involved there.)
+
+The MCP server is the app: it lets the Inspector's origin call it (its own CORS and DNS-rebinding settings,
+``--cors-origin``); the sidecar answers the preflights and the 401 on ``/mcp`` itself. Nothing here sets
+``Origin`` or any CORS header by hand: Chromium does (the hostile variants are in tests/test_oauth_cors.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from playwright.async_api import Browser, Page, Request, Response
+
+from tests.e2e import a11y
+from tests.e2e import chromium as person
+from tests.e2e.procs import Proc, child_env, mcp_server_process
+from tests.stack import Stack, free_port, stack
+
+INSPECTOR = Path(__file__).parent / "inspector"
+pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(90)]
+
+
+def inspector_bin() -> str:
+    path = INSPECTOR / "node_modules" / ".bin" / "mcp-inspector"
+    if not path.exists():
+        pytest.fail("the MCP Inspector is not installed: run `make inspector-deps` (npm ci in tests/e2e/inspector)")
+    return str(path)
+
+
+@contextlib.contextmanager
+def inspector_process(logs: Path) -> Iterator[str]:
+    """``mcp-inspector`` on free ports, no browser opened by itself; yields the URL it prints (with its proxy's
+    session token), which the person opens."""
+    ui_port, proxy_port = free_port(), free_port()
+    env = child_env(
+        CLIENT_PORT=str(ui_port),
+        SERVER_PORT=str(proxy_port),
+        MCP_AUTO_OPEN_ENABLED="false",
+        HOME=str(logs),  # a fresh user: no saved Inspector settings
+    )
+    for name in ("BROWSER", "DISPLAY", "WAYLAND_DISPLAY"):
+        env.pop(name, None)
+    proc = Proc("mcp-inspector", [inspector_bin()], log_dir=logs, env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            found = re.search(r"(http://localhost:\d+/\?\S*MCP_PROXY_AUTH_TOKEN=\w+)", proc.output(20_000))
+            if found:
+                yield found.group(1)
+                return
+            if not proc.alive() or time.monotonic() > deadline:
+                proc.fail("did not print the URL of its UI")
+            time.sleep(0.1)
+    finally:
+        proc.stop()
+
+
+class Setup:
+    def __init__(self, st: Stack, inspector_url: str) -> None:
+        self.st = st
+        self.url = inspector_url
+        self.origin = re.sub(r"^(http://localhost:\d+).*$", r"\1", inspector_url)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def setup(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Setup]:
+    """The dev provider, the sidecar (--oauth-server, memory store), the MCP server letting the Inspector's
+    origin call it, and the Inspector."""
+    logs = tmp_path_factory.mktemp("inspector")
+    with inspector_process(logs) as url:
+        origin = re.sub(r"^(http://localhost:\d+).*$", r"\1", url)
+        with mcp_server_process(cors_origin=origin) as upstream:
+            async with stack(upstream=upstream, oauth_server="true", oauth_resource="/mcp") as st:
+                yield Setup(st, url)
+
+
+class Traffic:
+    """What the page fetched from the sidecar, as Chromium sent it and as it answered."""
+
+    def __init__(self, page: Page, base: str) -> None:
+        self.sent: list[tuple[str, str, dict[str, str]]] = []
+        self.answered: list[tuple[str, str, int]] = []
+
+        async def on_request(request: Request) -> None:
+            if request.url.startswith(base) and request.resource_type == "fetch":
+                self.sent.append((request.method, request.url, await request.all_headers()))
+
+        def on_response(response: Response) -> None:
+            request = response.request
+            if request.url.startswith(base) and request.resource_type == "fetch":
+                self.answered.append((request.method, request.url.removeprefix(base), response.status))
+
+        page.on("request", on_request)
+        page.on("response", on_response)
+
+    def paths(self) -> list[str]:
+        return [f"{method} {path.split('?')[0]} {status}" for method, path, status in self.answered]
+
+
+async def choose(page: Page, label: str, option: str) -> None:
+    await page.get_by_role("combobox", name=label).click()
+    await page.get_by_role("option", name=option).click()
+
+
+async def test_inspector_direct_connection_oauth_in_the_browser_then_tools_list_and_call(
+    chromium_browser: Browser, setup: Setup
+) -> None:
+    st = setup.st
+    async with person.new_page(chromium_browser) as page:
+        traffic = Traffic(page, st.base)
+        await page.goto(setup.url, wait_until="load")
+        await choose(page, "Transport Type", "Streamable HTTP")
+        await page.get_by_label("URL").fill(st.base + "/mcp")
+        await choose(page, "Connection Type", "Direct")
+        await page.get_by_role("button", name="Connect").click()
+
+        # the Inspector's page found the server, registered and sent the browser to authorize
+        await page.wait_for_url(st.base + "/oauth2/authorize?*")
+        assert "MCP Inspector" in await person.text(page)  # its registered client_name, on the consent page
+        await person.walk(page, page.url, lambda at, _body: at.startswith(setup.origin + "/"))
+        await page.wait_for_url(setup.origin + "/", wait_until="load")  # the callback redeemed the code
+        await connected(page)
+
+        await page.get_by_role("tab", name="Tools").click()
+        await page.get_by_role("button", name="List Tools").click()
+        await page.get_by_text("whoami", exact=True).first.click()
+        await page.get_by_role("button", name="Run Tool").click()
+        await page.get_by_text("Tool Result: Success").wait_for()
+        result = await person.text(page)
+        a11y.SHOTS.mkdir(parents=True, exist_ok=True)
+        await page.screenshot(path=str(a11y.SHOTS / "inspector-connected.png"))
+
+    # the tool's structured result as the Inspector shows it (a tree: "name:" and the value on the next line)
+    assert re.search(r"x-forwarded-email:\s*\"alice@example.com\"", result), result  # alice, as her token says
+    assert re.search(r"sidecar_token_seen:\s*false", result), result  # the app never sees the sidecar's token
+    assert re.search(r"authorization_present:\s*false", result), result
+    seen = traffic.paths()
+    for step in (
+        "POST /mcp 401",  # the challenge, read by the page: WWW-Authenticate exposed
+        "GET /.well-known/oauth-protected-resource/mcp 200",
+        "GET /.well-known/oauth-authorization-server 200",
+        "POST /oauth2/register 201",
+        "POST /oauth2/token 200",
+        "POST /mcp 200",
+    ):
+        assert step in seen, (step, seen)
+    # every one a cross-origin fetch by Chromium from the Inspector's page (a metadata document answered from the
+    # browser's cache shows Playwright no network headers, hence None)
+    origins = {headers.get("origin") for _, _, headers in traffic.sent}
+    assert origins - {None} == {setup.origin}, origins
+    assert all(h.get("origin") == setup.origin for m, _, h in traffic.sent if m == "POST"), traffic.sent
+    tokens = [h for m, u, h in traffic.sent if m == "POST" and u.endswith("/oauth2/token")]
+    assert all("cookie" not in h for h in tokens)  # the wildcard never lets a cookie along
+
+
+async def connected(page: Page) -> None:
+    """Wait until the sidebar says Connected. Inspector v1 reconnects by itself after the callback only when
+    its proxy listens on the default port (its callback URL drops ``MCP_PROXY_PORT``, so it finds the settings
+    "changed" and asks to "Connect again from the sidebar"): the person then clicks Connect once more, with
+    the tokens the callback stored."""
+    status = page.get_by_text("Connected", exact=True)
+    with contextlib.suppress(Exception):
+        await status.wait_for(timeout=3000)
+        return
+    body = await person.text(page)
+    assert "Connect again from the sidebar" in body, body
+    await page.get_by_role("button", name="Connect").click()
+    await status.wait_for()
