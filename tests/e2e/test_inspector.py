@@ -83,11 +83,15 @@ async def setup(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Setup
     """The dev provider, the sidecar (--oauth-server, memory store), the MCP server letting the Inspector's
     origin call it, and the Inspector."""
     logs = tmp_path_factory.mktemp("inspector")
-    with inspector_process(logs) as url:
+    with contextlib.ExitStack() as procs:
+        url = procs.enter_context(inspector_process(logs))
         origin = re.sub(r"^(http://localhost:\d+).*$", r"\1", url)
-        with mcp_server_process(cors_origin=origin) as upstream:
-            async with stack(upstream=upstream, oauth_server="true", oauth_resource="/mcp") as st:
-                yield Setup(st, url)
+        upstream = procs.enter_context(mcp_server_process(cors_origin=origin))
+        async with stack(upstream=upstream, oauth_server="true", oauth_resource="/mcp") as st:
+            yield Setup(st, url)
+            # the Inspector's proxy and the MCP server first: the streams opened through the sidecar then end
+            # at once, with no wait for the proxy's client-gone watcher
+            procs.close()
 
 
 class Traffic:
@@ -181,4 +185,97 @@ async def connected(page: Page) -> None:
     body = await person.text(page)
     assert "Connect again from the sidebar" in body, body
     await page.get_by_role("button", name="Connect").click()
-    await status.wait_for()
+    try:
+        await status.wait_for()
+    except Exception as exc:
+        raise AssertionError(f"not connected: {await person.text(page)}") from exc
+
+
+async def test_inspector_via_its_proxy_redeems_the_code_from_the_page(chromium_browser: Browser, setup: Setup) -> None:
+    """The Inspector's default connection type: its Node proxy fetches discovery and registration for the page
+    (``/fetch``) and carries the MCP session; the code is redeemed by the page itself."""
+    st = setup.st
+    async with person.new_page(chromium_browser) as page:
+        traffic = Traffic(page, st.base)
+        await page.goto(setup.url, wait_until="load")
+        await choose(page, "Transport Type", "Streamable HTTP")
+        await page.get_by_label("URL").fill(st.base + "/mcp")
+        assert await page.get_by_role("combobox", name="Connection Type").inner_text() == "Via Proxy"
+        await page.get_by_role("button", name="Connect").click()
+        await page.wait_for_url(st.base + "/oauth2/authorize?*")
+        await person.walk(page, page.url, lambda at, _body: at.startswith(setup.origin + "/"))
+        await page.wait_for_url(setup.origin + "/", wait_until="load")
+        # v1's callback URL drops MCP_PROXY_PORT, so the page looks for its proxy on 6277 ("Error Connecting to
+        # MCP Inspector Proxy"): the person opens the URL the Inspector printed again; the tokens stayed in the
+        # tab's storage and the sidebar kept its settings
+        await page.goto(setup.url, wait_until="load")
+        await page.get_by_role("button", name="Connect").click()
+        await page.get_by_text("Connected", exact=True).wait_for()
+        await page.get_by_role("tab", name="Tools").click()
+        await page.get_by_role("button", name="List Tools").click()
+        await page.get_by_text("whoami", exact=True).first.click()
+        await page.get_by_role("button", name="Run Tool").click()
+        await page.get_by_text("Tool Result: Success").wait_for()
+        assert re.search(r"x-forwarded-email:\s*\"alice@example.com\"", await person.text(page))
+    # discovery and registration went through the proxy; the callback page (OAuthCallback) redeems the code
+    # itself, from the page: v1's default mode needs the CORS answers of metadata and token endpoint too
+    seen = traffic.paths()
+    assert seen == [
+        "GET /.well-known/oauth-protected-resource/mcp 200",
+        "GET /.well-known/oauth-authorization-server 200",
+        "POST /oauth2/token 200",
+    ], seen
+    assert {headers.get("origin") for _, _, headers in traffic.sent} - {None} == {setup.origin}
+
+
+SCRIPT = """async ([url, init]) => {
+    try {
+        const response = await fetch(url, {...init, signal: AbortSignal.timeout(5000)});
+        return `${response.status} ${(await response.text()).slice(0, 40)}`;
+    } catch (error) {
+        return `refused: ${error.name}`;
+    }
+}"""
+
+
+async def test_a_page_of_another_origin_reads_the_open_endpoints_but_never_with_the_session_cookie(
+    chromium_browser: Browser, setup: Setup
+) -> None:
+    """Alice is signed in at the sidecar; a page on another port of the same host (same site: her SameSite=Lax
+    cookie goes along when a script asks for credentials) fetches from the sidecar. Chromium decides from our
+    answers what the page may read."""
+    base = setup.st.base
+    async with person.other_site() as site, person.new_page(chromium_browser) as page:
+        grants = base + "/oauth2/grants"
+        await person.walk(page, grants, lambda at, body: at == grants and "Connected applications" in body)
+        site.pages["hostile"] = "<!doctype html><html lang='en'><title>another page</title><main>hi</main></html>"
+        await page.goto(site.origin + "/hostile", wait_until="load")
+        metadata = base + "/.well-known/oauth-authorization-server"
+        token = {
+            "method": "POST",
+            "body": "grant_type=refresh_token&refresh_token=x&client_id=y",
+            "headers": {"Content-Type": "application/x-www-form-urlencoded"},
+        }
+        results = {
+            "metadata": await page.evaluate(SCRIPT, [metadata, {}]),
+            "metadata with cookies": await page.evaluate(SCRIPT, [metadata, {"credentials": "include"}]),
+            "token": await page.evaluate(SCRIPT, [base + "/oauth2/token", token]),
+            "token with cookies": await page.evaluate(
+                SCRIPT, [base + "/oauth2/token", {**token, "credentials": "include"}]
+            ),
+            "grants": await page.evaluate(SCRIPT, [grants, {"headers": {"Accept": "application/json"}}]),
+            "grants with cookies": await page.evaluate(SCRIPT, [grants, {"credentials": "include"}]),
+            "account with cookies": await page.evaluate(SCRIPT, [base + "/oauth2/account", {"credentials": "include"}]),
+            "userinfo with cookies": await page.evaluate(
+                SCRIPT, [base + "/oauth2/userinfo", {"credentials": "include"}]
+            ),
+            "consent post": await page.evaluate(
+                SCRIPT,
+                [base + "/oauth2/consent", {"method": "POST", "credentials": "include", "body": "decision=approve"}],
+            ),
+        }
+    assert results["metadata"].startswith('200 {"issuer"'), results
+    assert results["token"].startswith("40"), results  # an OAuth error the page can read
+    for name, outcome in results.items():
+        if name not in ("metadata", "token"):
+            assert outcome == "refused: TypeError", (name, results)
