@@ -82,8 +82,8 @@ $(CLIENTS_JS_STAMP): $(CLIENTS_JS)/package.json $(CLIENTS_JS)/package-lock.json 
 	cd $(CLIENTS_JS) && npm ci --no-audit --no-fund --loglevel=error
 	touch $(CLIENTS_JS_STAMP)
 
-# The MCP Inspector (v1 line: its web UI can connect "Direct", running the OAuth flow in the page) for
-# tests/e2e/test_inspector.py, from the committed tests/e2e/inspector/package-lock.json (npm ci; node checked by node-deps).
+# The MCP Inspector's web UI, v1 (its "Direct" connection runs the OAuth flow in the page) and v2 (`inspector-v2`,
+# the current line, OAuth through its Node process) for tests/e2e/test_inspector.py, from the committed tests/e2e/inspector/package-lock.json (npm ci; node checked by node-deps).
 INSPECTOR_JS := tests/e2e/inspector
 INSPECTOR_JS_STAMP := $(INSPECTOR_JS)/node_modules/.package-lock.json
 inspector-deps: $(INSPECTOR_JS_STAMP)

@@ -1,14 +1,16 @@
 """The MCP Inspector's web UI in real Chromium, connecting to an MCP server behind the sidecar's OAuth server.
 
-The Inspector (npm ``@modelcontextprotocol/inspector``, pinned in tests/e2e/inspector/package-lock.json) is
-started as its docs say (``mcp-inspector``: the UI on one port, its proxy on another) and driven by the person
-in Chromium: Streamable HTTP, the server URL, connection type **Direct**, Connect. In that mode the OAuth flow
+The Inspector (npm ``@modelcontextprotocol/inspector``, v1.0.3 and v2.12.0 as ``inspector-v2``, pinned in
+tests/e2e/inspector/package-lock.json) is started as its docs say (``mcp-inspector``: v1's UI on one port, its
+proxy on another; v2's web UI and its Node backend) and driven by the person in Chromium. v1: Streamable HTTP,
+the server URL, connection type **Direct**, Connect. In that mode the OAuth flow
 runs in the page: the 401's ``resource_metadata``, both metadata documents, dynamic registration and the token
 request are ``fetch()`` calls from the Inspector's origin (``http://localhost:PORT``) to the sidecar's
 (``http://127.0.0.1:PORT``), so each needs the sidecar's CORS answers (``sidecar/oauth/cors.py``); then the
 consent page (Allow, in the sidecar's own origin), back to the Inspector's callback, connected, tools listed,
-one called. (In its default "Via Proxy" mode v1 sends those calls through its own Node proxy's ``/fetch``, as
-Inspector v2 always does through ``/api/fetch``: no CORS is involved there.)
+one called. In its default "Via Proxy" mode v1 sends discovery and registration through its own Node proxy's
+``/fetch`` but its callback page redeems the code from the page (CORS again); v2 sends every one of them
+through its backend (``/api/fetch``): its page only navigates to the consent page and back.
 
 The MCP server is the app: it lets the Inspector's origin call it (its own CORS and DNS-rebinding settings,
 ``--cors-origin``); the sidecar answers the preflights and the 401 on ``/mcp`` itself. Nothing here sets
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import shutil
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -36,31 +39,49 @@ INSPECTOR = Path(__file__).parent / "inspector"
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(90)]
 
 
-def inspector_bin() -> str:
-    path = INSPECTOR / "node_modules" / ".bin" / "mcp-inspector"
-    if not path.exists():
-        pytest.fail("the MCP Inspector is not installed: run `make inspector-deps` (npm ci in tests/e2e/inspector)")
-    return str(path)
+V1 = INSPECTOR / "node_modules" / "@modelcontextprotocol" / "inspector" / "cli" / "build" / "cli.js"
+V2 = INSPECTOR / "node_modules" / "inspector-v2" / "clients" / "launcher" / "build" / "index.js"
+
+
+def node() -> str:
+    found = shutil.which("node")
+    if found is None:
+        pytest.fail("node is not installed: install Node.js 20+ (Debian: apt-get install nodejs npm), then `make test`")
+    return found
 
 
 @contextlib.contextmanager
-def inspector_process(logs: Path) -> Iterator[str]:
-    """``mcp-inspector`` on free ports, no browser opened by itself; yields the URL it prints (with its proxy's
-    session token), which the person opens."""
-    ui_port, proxy_port = free_port(), free_port()
+def inspector_process(logs: Path, v2: bool = False) -> Iterator[str]:
+    """``mcp-inspector`` (v1, or v2's web UI) on free ports, no browser opened by itself, a fresh user's home and
+    storage; yields the URL it prints (with its API token), which the person opens."""
+    entry = V2 if v2 else V1
+    if not entry.exists():
+        pytest.fail("the MCP Inspector is not installed: run `make inspector-deps` (npm ci in tests/e2e/inspector)")
+    home = logs / ("home-v2" if v2 else "home-v1")
+    home.mkdir()
     env = child_env(
-        CLIENT_PORT=str(ui_port),
-        SERVER_PORT=str(proxy_port),
+        CLIENT_PORT=str(free_port()),
+        SERVER_PORT=str(free_port()),  # v1's proxy
+        MCP_SANDBOX_PORT=str(free_port()),  # v2's MCP Apps sandbox and app origin
+        MCP_APP_ORIGIN_PORT=str(free_port()),
         MCP_AUTO_OPEN_ENABLED="false",
-        HOME=str(logs),  # a fresh user: no saved Inspector settings
+        MCP_INSPECTOR_SECRET_STORE="memory",  # no keychain here; tokens stay in the process
+        MCP_STORAGE_DIR=str(home / "storage"),
+        HOME=str(home),
     )
-    for name in ("BROWSER", "DISPLAY", "WAYLAND_DISPLAY"):
+    for name in ("BROWSER", "DISPLAY", "WAYLAND_DISPLAY", "DBUS_SESSION_BUS_ADDRESS"):
         env.pop(name, None)
-    proc = Proc("mcp-inspector", [inspector_bin()], log_dir=logs, env=env)
+    argv = [node(), str(entry), *(["--web"] if v2 else [])]
+    printed = (
+        r"(http://127\.0\.0\.1:\d+/?\?MCP_INSPECTOR_API_TOKEN=\w+)"
+        if v2
+        else r"(http://localhost:\d+/\?\S*MCP_PROXY_AUTH_TOKEN=\w+)"
+    )
+    proc = Proc("mcp-inspector-v2" if v2 else "mcp-inspector", argv, log_dir=logs, env=env)
     try:
         deadline = time.monotonic() + 30
         while True:
-            found = re.search(r"(http://localhost:\d+/\?\S*MCP_PROXY_AUTH_TOKEN=\w+)", proc.output(20_000))
+            found = re.search(printed, proc.output(20_000))
             if found:
                 yield found.group(1)
                 return
@@ -71,11 +92,17 @@ def inspector_process(logs: Path) -> Iterator[str]:
         proc.stop()
 
 
+def origin_of(url: str) -> str:
+    return re.sub(r"^(http://[^/?]+).*$", r"\1", url)
+
+
 class Setup:
-    def __init__(self, st: Stack, inspector_url: str) -> None:
+    def __init__(self, st: Stack, inspector_url: str, v2_url: str) -> None:
         self.st = st
         self.url = inspector_url
-        self.origin = re.sub(r"^(http://localhost:\d+).*$", r"\1", inspector_url)
+        self.origin = origin_of(inspector_url)
+        self.v2_url = v2_url
+        self.v2_origin = origin_of(v2_url)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -85,10 +112,10 @@ async def setup(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Setup
     logs = tmp_path_factory.mktemp("inspector")
     with contextlib.ExitStack() as procs:
         url = procs.enter_context(inspector_process(logs))
-        origin = re.sub(r"^(http://localhost:\d+).*$", r"\1", url)
-        upstream = procs.enter_context(mcp_server_process(cors_origin=origin))
+        v2_url = procs.enter_context(inspector_process(logs, v2=True))
+        upstream = procs.enter_context(mcp_server_process(cors_origin=origin_of(url)))
         async with stack(upstream=upstream, oauth_server="true", oauth_resource="/mcp") as st:
-            yield Setup(st, url)
+            yield Setup(st, url, v2_url)
             # the Inspector's proxy and the MCP server first: the streams opened through the sidecar then end
             # at once, with no wait for the proxy's client-gone watcher
             procs.close()
@@ -179,13 +206,12 @@ async def connected(page: Page) -> None:
     "changed" and asks to "Connect again from the sidebar"): the person then clicks Connect once more, with
     the tokens the callback stored."""
     status = page.get_by_text("Connected", exact=True)
-    with contextlib.suppress(Exception):
-        await status.wait_for(timeout=3000)
-        return
-    body = await person.text(page)
-    assert "Connect again from the sidebar" in body, body
-    await page.get_by_role("button", name="Connect").click()
+    again = page.get_by_text("Connect again from the sidebar")
     try:
+        await status.or_(again).first.wait_for()
+        if await status.count():
+            return
+        await page.get_by_role("button", name="Connect").click()
         await status.wait_for()
     except Exception as exc:
         raise AssertionError(f"not connected: {await person.text(page)}") from exc
@@ -279,3 +305,39 @@ async def test_a_page_of_another_origin_reads_the_open_endpoints_but_never_with_
     for name, outcome in results.items():
         if name not in ("metadata", "token"):
             assert outcome == "refused: TypeError", (name, results)
+
+
+async def test_inspector_v2_web_ui_runs_the_flow_through_its_own_process(
+    chromium_browser: Browser, setup: Setup
+) -> None:
+    """Inspector v2 (what ``npx @modelcontextprotocol/inspector`` runs today): the person adds the server by
+    hand and switches it on; its Node process discovers, registers and redeems (``/api/fetch``), the page
+    only navigates to the consent page and back."""
+    st = setup.st
+    async with person.new_page(chromium_browser) as page:
+        traffic = Traffic(page, st.base)
+        await page.goto(setup.v2_url, wait_until="load")
+        await page.get_by_role("button", name="Add Servers").click()
+        await page.get_by_role("menuitem", name="Add manually").click()
+        dialog = page.get_by_role("dialog")
+        await dialog.get_by_label("Server ID").fill("sidecar-mcp")
+        await dialog.get_by_label("Transport").click()
+        await page.get_by_role("option", name=re.compile("streamable", re.I)).first.click()
+        await dialog.get_by_label("URL").fill(st.base + "/mcp")
+        await dialog.get_by_role("button", name="Add").click()
+        switch = page.get_by_role("switch", name='Connect or disconnect "sidecar-mcp"')
+        await switch.focus()  # the switch's track covers its input: the person uses the keyboard
+        await page.keyboard.press("Space")
+        await page.wait_for_url(st.base + "/oauth2/authorize?*")
+        assert "MCP Inspector" in await person.text(page)
+        await person.walk(page, page.url, lambda at, _body: at.startswith(setup.v2_origin + "/"))
+        await page.get_by_text("sidecar-e2e").first.wait_for()  # the server's name: connected
+        await page.get_by_text("Tools", exact=True).first.click()
+        await page.get_by_text("whoami", exact=True).first.click()
+        await page.get_by_role("button", name=re.compile(r"^(run|call|execute)", re.I)).first.click()
+        await page.get_by_text("alice@example.com").first.wait_for()  # the tool's answer: alice, as her token says
+        result = await person.text(page)
+        a11y.SHOTS.mkdir(parents=True, exist_ok=True)
+        await page.screenshot(path=str(a11y.SHOTS / "inspector-v2-connected.png"))
+    assert re.search(r"sidecar_token_seen\W+false", result), result
+    assert traffic.sent == [], traffic.paths()
