@@ -222,7 +222,7 @@ async def test_resource_preflight_is_answered_and_its_401_exposes_the_challenge_
     status, headers, _ = await send("OPTIONS", url, headers=preflight_of("http://localhost:6274", "POST"))
     assert status == 204 and headers["access-control-allow-origin"] == "*", headers
     assert headers["access-control-allow-headers"] == SDK_HEADERS and "access-control-allow-credentials" not in headers
-    assert "Mcp-Session-Id" in headers["access-control-expose-headers"]
+    assert "access-control-expose-headers" not in headers  # meaningless on a preflight: the app's answer exposes
     status, headers, _ = await send("POST", url, headers={"Origin": "http://localhost:6274"}, json={})
     assert status == 401 and "resource_metadata=" in headers["www-authenticate"]
     assert (
@@ -282,3 +282,18 @@ async def test_token_and_revocation_challenge_with_basic_only_a_client_that_sent
                 headers={"Authorization": authorization},
             )
             assert status == 401 and headers["www-authenticate"] == 'Basic realm="sidecar"', (path, authorization)
+
+
+async def test_head_of_the_documents_and_rate_limited_answers_carry_the_wildcard_too() -> None:
+    async with oauth_stack(oauth_registration_rate_limit="1") as st:
+        for path in ("/.well-known/oauth-authorization-server", "/oauth2/jwks"):
+            status, headers, _ = await send("HEAD", st.base + path, headers={"Origin": "null"})
+            assert status == 200 and headers["access-control-allow-origin"] == "*", (path, status)
+        body = {"redirect_uris": ["http://127.0.0.1:1/cb"], "token_endpoint_auth_method": "none"}
+        statuses = []
+        for _ in range(4):
+            status, headers, _ = await send("POST", st.base + "/oauth2/register", json=body, headers={"Origin": "null"})
+            statuses.append(status)
+            assert headers["access-control-allow-origin"] == "*" and "access-control-allow-credentials" not in headers
+        assert statuses[0] == 201 and statuses[-1] == 429, statuses
+        assert "Retry-After" in headers["access-control-expose-headers"] and "retry-after" in headers

@@ -11,6 +11,10 @@ cannot lend a visitor's session to another site.
 The pages a person uses (authorize, consent, device, grants, account) and every endpoint that reads the
 session cookie are never opened: they are reached by navigation and form posts, not by ``fetch()``.
 
+On a ``--oauth-resource`` path (``resource.py`` asks): the preflight, which never carries a token, is answered
+here, and the sidecar's own 401 is made readable to a page (``WWW-Authenticate`` carries
+``resource_metadata``); the app's answers keep the app's own CORS headers.
+
 A preflight is answered only for a method the endpoint serves and for request headers that are plain
 header names (``Authorization`` must be named, the ``*`` wildcard does not cover it); otherwise it gets no
 CORS header at all and the browser refuses the call.
@@ -114,7 +118,10 @@ def add_routes(router: web.UrlDispatcher, path: str, handlers: dict[str, WebHand
     """Register ``handlers`` (method -> guarded handler) at ``path``, each open to any origin, and the
     ``OPTIONS`` preflight for exactly those methods."""
     for method, handler in handlers.items():
-        router.add_route(method, path, open_to_any_origin(handler))
+        if method == "GET":
+            router.add_get(path, open_to_any_origin(handler))  # and HEAD, as before
+        else:
+            router.add_route(method, path, open_to_any_origin(handler))
     router.add_route("OPTIONS", path, preflight(tuple(handlers)))
 
 
@@ -132,13 +139,7 @@ def resource_preflight(request: web.Request) -> web.Response | None:
     if request.method != "OPTIONS" or "Access-Control-Request-Method" not in request.headers:
         return None
     headers = preflight_headers(request, RESOURCE_METHODS) or {}
-    if headers:
-        headers["Access-Control-Expose-Headers"] = EXPOSED_BY_RESOURCE
     return web.Response(status=204, headers={"Cache-Control": "no-store", "Vary": "Origin", **headers})
-
-
-# what an MCP client must read: the challenge, the Streamable HTTP session and the protocol version
-EXPOSED_BY_RESOURCE = "WWW-Authenticate, Mcp-Session-Id, Mcp-Protocol-Version"
 
 
 def challenge_headers(request: web.Request) -> dict[str, str]:
