@@ -56,6 +56,7 @@ async def serve(
 
     from .app import build_app, build_metrics_app
     from .auth_listener import AuthListener
+    from .hits import HitFirstSite
 
     listeners = [sock]
     runners = [
@@ -68,7 +69,7 @@ async def serve(
         listeners.append(metrics_sock)
     for runner, listener in zip(runners, listeners, strict=True):
         await runner.setup()
-        await web.SockSite(runner, listener).start()
+        await HitFirstSite(runner, listener).start()  # a SockSite; on the main app, hits first
     auth = None
     if auth_sock is not None:  # --auth-address: the same app's services and decision, on a lean listener
         auth = AuthListener(runners[0].app, config)

@@ -6,7 +6,7 @@ the payload writer) costs more than the whole auth decision on a session cache h
 endpoint, which a front calls once per page request, gets its own ``asyncio.Protocol`` on llhttp
 (``httptools``). The decision itself is not copied: each request becomes an ``AuthRequest`` (the
 few attributes of ``web.Request`` the decision reads) and goes through the very same
-``guarded(handlers.auth)`` the main listener routes to, so status, identity headers, challenges,
+``guarded(auth_decision.auth)`` the main listener routes to, so status, identity headers, challenges,
 metrics and the access log line are the same code. Only the HTTP framing is new, and it is kept
 narrow: no request bodies, no upgrades, no chunked input, one path; anything else is refused and
 the connection closed, which is what a front's auth subrequest never needs.
@@ -19,26 +19,24 @@ access line and counts, with no request object, task or response object (``AuthP
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from functools import cached_property
-from http import HTTPStatus
-from http.cookies import SimpleCookie
 from typing import Any, cast
 
 import httptools
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy, MultiDictProxy
-from yarl import URL
+from multidict import CIMultiDict, CIMultiDictProxy
 
-from . import handlers, metrics
+from .auth_decision import auth
+from .auth_request import AuthRequest
 from .config import Config
 from .context import DECISION_KEY, SERVICES, Services, trusted_peer
-from .decisions import STATUS_202, Decision, Key, request_key
-from .middleware import finish_cached, guarded
+from .decisions import Key, request_key
+from .framing import plain, serialize
+from .hits import answer
+from .middleware import guarded
 
 log = logging.getLogger("sidecar.auth_listener")
 
@@ -71,117 +69,6 @@ SINGLETONS = frozenset(
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class AuthRequest:
-    """The part of ``web.Request`` the auth decision reads, over what llhttp parsed.
-
-    ``handlers.auth``, ``guard.authenticate``, ``context.view_of`` and the ``guarded`` wrapper read
-    headers, the raw query, the peer, the host and per-request keys; this gives them exactly those,
-    without aiohttp's per-request objects. The URL and query are built only when asked for."""
-
-    __slots__ = ("method", "path", "raw_query", "headers", "remote", "app", "version", "_keys", "__dict__")
-
-    secure = False  # this listener speaks plain HTTP, as the main one does
-    body_exists = False
-    can_read_body = False
-    content_length = None
-
-    def __init__(
-        self,
-        app: web.Application,
-        method: str,
-        path: str,
-        raw_query: str,
-        headers: CIMultiDictProxy[str],
-        remote: str | None,
-        version: tuple[int, int],
-    ) -> None:
-        self.app = app
-        self.method = method
-        self.path = path
-        self.raw_query = raw_query
-        self.headers = headers
-        self.remote = remote
-        self.version = version
-        self._keys: dict[Any, Any] = {}
-
-    @cached_property
-    def rel_url(self) -> _RelUrl:
-        return _RelUrl(self.path, self.raw_query)
-
-    @cached_property
-    def query(self) -> MultiDictProxy[str]:
-        query: MultiDictProxy[str] = self.rel_url.query
-        return query
-
-    @property
-    def raw_path(self) -> str:
-        return self.rel_url.raw_path_qs
-
-    @property
-    def path_qs(self) -> str:
-        return str(self.rel_url.path_qs)
-
-    @property
-    def host(self) -> str:
-        return self.headers.get("Host") or ""
-
-    @property
-    def scheme(self) -> str:
-        return "http"
-
-    @cached_property
-    def url(self) -> URL:
-        return URL.build(scheme="http", authority=self.host or "localhost").join(self.rel_url._url_or_build())
-
-    @cached_property
-    def cookies(self) -> dict[str, str]:
-        parsed: SimpleCookie = SimpleCookie()
-        for value in self.headers.getall("Cookie", []):
-            try:
-                parsed.load(value)
-            except Exception:  # a malformed Cookie header is no cookies, as in aiohttp
-                continue
-        return {name: morsel.value for name, morsel in parsed.items()}
-
-    def get(self, key: Any, default: Any = None) -> Any:
-        return self._keys.get(key, default)
-
-    def __getitem__(self, key: Any) -> Any:
-        return self._keys[key]
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        self._keys[key] = value
-
-    def __contains__(self, key: Any) -> bool:
-        return key in self._keys
-
-
-class _RelUrl:
-    """``request.rel_url`` for the raw strings the decision reads on every request (``raw_query_string``);
-    anything else is asked of the full ``yarl.URL``, built on first use."""
-
-    __slots__ = ("raw_path", "raw_query_string", "_url")
-
-    def __init__(self, raw_path: str, raw_query: str) -> None:
-        self.raw_path = raw_path
-        self.raw_query_string = raw_query
-        self._url: URL | None = None
-
-    @property
-    def raw_path_qs(self) -> str:
-        return f"{self.raw_path}?{self.raw_query_string}" if self.raw_query_string else self.raw_path
-
-    def _url_or_build(self) -> URL:
-        if self._url is None:
-            self._url = URL.build(path=self.raw_path, query_string=self.raw_query_string, encoded=True)
-        return self._url
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return getattr(self._url_or_build(), name)
-
-
 class _Refused(Exception):
     """A request this listener will not read further: answered with ``status`` and the connection closed."""
 
@@ -189,69 +76,6 @@ class _Refused(Exception):
         super().__init__(text)
         self.status = status
         self.text = text
-
-
-_date_cache: list[Any] = [0, ""]
-
-
-def _date() -> str:
-    """The Date header, formatted once a second."""
-    now = int(time.time())
-    if _date_cache[0] != now:
-        _date_cache[0], _date_cache[1] = now, email.utils.formatdate(now, usegmt=True)
-    return str(_date_cache[1])
-
-
-def _plain(status: int, text: str, version: tuple[int, int], keep_alive: bool) -> bytes:
-    """A short text answer (refusals, 404, 405), framed as aiohttp frames its own."""
-    body = text.encode()
-    head = _status_line(status, version) + "Content-Type: text/plain; charset=utf-8\r\n"
-    head += f"Content-Length: {len(body)}\r\nDate: {_date()}\r\n" + _connection(version, keep_alive) + "\r\n"
-    return head.encode() + body
-
-
-def _status_line(status: int, version: tuple[int, int]) -> str:
-    line = _STATUS_LINES.get((status, version))
-    if line is None:
-        try:
-            reason = HTTPStatus(status).phrase
-        except ValueError:
-            reason = ""
-        line = _STATUS_LINES[(status, version)] = f"HTTP/{version[0]}.{version[1]} {status} {reason}\r\n"
-    return line
-
-
-_STATUS_LINES: dict[tuple[int, tuple[int, int]], str] = {}
-
-
-def _connection(version: tuple[int, int], keep_alive: bool) -> str:
-    """aiohttp's rule: HTTP/1.0 kept alive says so, HTTP/1.1 closing says so, otherwise nothing."""
-    if keep_alive:
-        return "Connection: keep-alive\r\n" if version == (1, 0) else ""
-    return "Connection: close\r\n" if version == (1, 1) else ""
-
-
-def serialize(response: web.StreamResponse, version: tuple[int, int], keep_alive: bool, head: bool) -> bytes:
-    """The bytes aiohttp would send for this response: its headers in order, Content-Length, Date,
-    Connection; the body unless HEAD. No Server header (the main listener drops it too)."""
-    body = (response.body if isinstance(response, web.Response) else None) or b""
-    if not isinstance(body, bytes):
-        raise TypeError("the auth answer must be a plain body")
-    text = _status_line(response.status, version) + "".join(
-        [f"{name}: {value}\r\n" for name, value in response.headers.items() if name.lower() not in _FRAMING]
-    )
-    if response.cookies:
-        text += "".join(f"Set-Cookie: {morsel.OutputString()}\r\n" for morsel in response.cookies.values())
-    if "\n" in text.replace("\r\n", ""):  # a header value may never split the head
-        raise ValueError("newline in a response header")
-    if body or not head:  # aiohttp sends no length for an empty answer to HEAD
-        text += f"Content-Length: {len(body)}\r\n"
-    text += f"Date: {_date()}\r\n{_connection(version, keep_alive)}\r\n"
-    data = text.encode("utf-8", "surrogateescape")
-    return data if head else data + body
-
-
-_FRAMING = frozenset({"content-length", "date", "connection", "server", "transfer-encoding"})
 
 
 class AuthListener:
@@ -269,7 +93,7 @@ class AuthListener:
         self.app = app
         self.path = config.proxy_prefix + "/auth"
         self.subpaths = config.front == "envoy"  # ext_authz appends the original path to the auth URL's
-        self.decide: Handler = guarded(handlers.auth, "/oauth2/auth")
+        self.decide: Handler = guarded(auth, "/oauth2/auth")
         self.config = config
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
@@ -506,7 +330,7 @@ class AuthProtocol(asyncio.Protocol):
             while self.queue and not self.closed:
                 item = self.queue.popleft()
                 if item[0] == "refuse":
-                    self._write(_plain(item[1], item[2], (1, 1), False))
+                    self._write(plain(item[1], item[2], (1, 1), False))
                     self.close()
                     return
                 data, keep = await self._answer(*item[1:])
@@ -560,11 +384,11 @@ class AuthProtocol(asyncio.Protocol):
         svc: Services = self.listener.app[SERVICES]
         headers = CIMultiDictProxy(CIMultiDict(raw_headers))
         if version == (1, 1) and "Host" not in headers:
-            return _plain(400, "400 Bad Request: missing Host header\n", version, False), False
+            return plain(400, "400 Bad Request: missing Host header\n", version, False), False
         if path != self.listener.path and not (self.listener.subpaths and path.startswith(self.listener.path + "/")):
-            return _plain(404, "404 Not Found\n", version, keep), keep
+            return plain(404, "404 Not Found\n", version, keep), keep
         if method not in METHODS:
-            return _plain(405, "405 Method Not Allowed\n", version, keep), keep
+            return plain(405, "405 Method Not Allowed\n", version, keep), keep
         request = AuthRequest(self.listener.app, method, path, query, headers, self.remote, version)
         if svc.decisions is not None:
             request[DECISION_KEY] = key or ()  # looked up above: the decision does not look again
@@ -576,7 +400,7 @@ class AuthProtocol(asyncio.Protocol):
             return serialize(response, version, keep, method == "HEAD"), keep
         except (TypeError, ValueError):
             log.exception("auth listener: answer could not be framed")
-            return _plain(500, "500 Internal Server Error\n", version, False), False
+            return plain(500, "500 Internal Server Error\n", version, False), False
 
     def _from_cache(
         self, method: str, url: bytes, raw_headers: list[tuple[str, str]], version: tuple[int, int], keep: bool
@@ -595,31 +419,5 @@ class AuthProtocol(asyncio.Protocol):
         hit = svc.decisions.get(key)
         if hit is None or (version == (1, 1) and "host" not in key[4::2]):  # no Host: the decision's 400
             return None, key
-        return self._cached(svc, hit, method, path, raw_headers, version, keep, started), key
-
-    def _cached(
-        self,
-        svc: Services,
-        hit: Decision,
-        method: str,
-        path: str,
-        raw_headers: list[tuple[str, str]],
-        version: tuple[int, int],
-        keep: bool,
-        started: float,
-    ) -> bytes:
-        """A cached 202 as the decision would have framed it: its headers, then X-Request-Id, length, Date,
-        Connection; counted and logged as any other answer."""
-        metrics.DECISIONS.add("202")
         incoming = next((value for name, value in raw_headers if name.lower() == "x-request-id"), None)
-        client_ip = (hit.forwarded_ip or str(self.remote)) if self.trusted else str(self.remote)
-        seconds = time.monotonic() - started
-        request_id = finish_cached(svc, ROUTE, method, path, seconds, incoming, hit.session, client_ip)
-        tail = f"X-Request-Id: {request_id}\r\n" if request_id else ""
-        if method != "HEAD":
-            tail += "Content-Length: 0\r\n"
-        tail += f"Date: {_date()}\r\n{_connection(version, keep)}\r\n"
-        return STATUS_202[version] + hit.header_block() + tail.encode()
-
-
-ROUTE = "/oauth2/auth"  # the metrics and log label, as on the main listener
+        return answer(svc, hit, method, path, incoming, self.remote, self.trusted, version, keep, started), key

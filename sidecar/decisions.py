@@ -27,11 +27,13 @@ stream of one-off keys (a new URI per request) then costs a hash, not an entry, 
 from __future__ import annotations
 
 import math
+import re
 import sys
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from multidict import CIMultiDict
 
@@ -81,28 +83,66 @@ def request_key(
     """The cache key of an auth request: its method (a front may ask with the original one), its headers
     (name, value pairs as sent), the raw query; None when it may not be cached. ``trusted``: the socket
     peer is a trusted front (it decides whether tokens are answered). Laid out as (cookie, query, trust,
-    method, name, value, name, value...): ``key[4::2]`` are the header names."""
+    method, name, value, name, value...): ``key[4::2]`` are the header names.
+
+    A miss pays this on every request, so each header costs one lookup of its name as sent in a table of
+    what that name is (``_name_kind``) rather than a lower-casing and several tests."""
+    if _current[0] is not config:
+        _current[:] = _settings(config)
+    _, table, client_ip_header, cookie_prefix = _current
     cookie: str | None = None
     picked: list[str] = []
-    client_ip_header = config.real_client_ip_header.lower()
     for name, value in items:
-        lower = name.lower()
-        if lower == "cookie":
+        kind = table.get(name)
+        if kind is None:
+            kind = _name_kind(name, client_ip_header)
+            if len(table) < _MAX_NAMES:
+                table[name] = kind
+        if not kind:
+            continue  # a header the decision never reads (User-Agent, Accept...)
+        if kind is _COOKIE:
             if cookie is not None:
                 return None  # two Cookie headers: which one a reader believes is not ours to guess
             cookie = value
-        elif lower == "authorization":
-            return None
-        elif lower.startswith(_KEY_PREFIXES) or lower in _KEY_NAMES or lower == client_ip_header:
-            picked += (lower, value)
-        elif not (lower.isascii() and lower.replace("-", "").isalnum()):
-            # X_Forwarded_Uri, X.Auth.Request.User, or with a superscript one for a dash
-            # (str.isalnum takes U+00B9, U+00AA, U+017F):
-            # the full decision refuses such spellings (fronts.refuse_aliases reads only A-Z, a-z, 0-9 and "-")
-            return None
-    if cookie is None or cookie.count(config.cookie_name + "=") != 1:
+        elif kind is _REFUSED:
+            return None  # Authorization (a bearer token decides), or another spelling of a name
+        else:
+            picked += (kind, value)
+    if cookie is None or cookie.count(cookie_prefix) != 1:
         return None  # no session cookie, or it twice (or a look-alike name: not worth the doubt)
     return (cookie, raw_query, "t" if trusted else "u", method, *picked)
+
+
+def _settings(config: Config) -> list[Any]:
+    """What ``request_key`` reads from ``config``, worked out once per config object: the config itself, the
+    name table for its --real-client-ip-header, that header lower-case, and "<cookie name>=" to count."""
+    client_ip_header = config.real_client_ip_header.lower()
+    return [config, _tables.setdefault(client_ip_header, {}), client_ip_header, config.cookie_name + "="]
+
+
+_COOKIE = "\0cookie"
+_REFUSED = "\0refused"
+_MAX_NAMES = 2048  # names remembered per table; past that (a client inventing names) each is worked out anew
+_tables: dict[str, dict[str, str]] = {}  # --real-client-ip-header -> header name as sent -> its kind
+_current: list[Any] = [None]  # _settings() of the config last used
+_NAME_CHARS = re.compile(r"[A-Za-z0-9-]+")
+
+
+def _name_kind(name: str, client_ip_header: str) -> str:
+    """What a header name is to the key: its lower-case form (a name the decision may read), "" (one it never
+    reads), ``_COOKIE``, or ``_REFUSED`` (Authorization, or a name with anything but A-Z, a-z, 0-9 and "-":
+    X_Forwarded_Uri, X.Auth.Request.User, a Kelvin sign for a K; the full decision refuses those spellings,
+    ``fronts.refuse_aliases``, so a request carrying one is never answered from the table)."""
+    if not _NAME_CHARS.fullmatch(name):
+        return _REFUSED
+    lower = name.lower()
+    if lower == "cookie":
+        return _COOKIE
+    if lower == "authorization":
+        return _REFUSED
+    if lower.startswith(_KEY_PREFIXES) or lower in _KEY_NAMES or lower == client_ip_header:
+        return sys.intern(lower)
+    return ""
 
 
 def entry_size(key: Key, headers: CIMultiDict[str]) -> int:

@@ -17,6 +17,7 @@ from sidecar.app import build_app
 from sidecar.config import Config, build_config
 from sidecar.dev.demo_app import demo_app
 from sidecar.dev.provider import DevProvider, run_provider
+from sidecar.hits import HitFirstSite
 from sidecar.store import SessionStore
 
 COOKIE_SECRET = "test-cookie-secret-0123456789abcdef"
@@ -69,7 +70,8 @@ class Stack:
         config = build_config(sidecar_settings(self.issuer, port, upstream, **overrides))
         runner = web.AppRunner(build_app(config, store=store), access_log=None)
         await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
+        # the sidecar's own site (sidecar/__main__.py): decision-cache hits answered before aiohttp's machinery
+        await HitFirstSite(runner, socket.create_server(("127.0.0.1", port))).start()
         self.runners.append(runner)
         self.configs.append(config)
         base = f"http://127.0.0.1:{port}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import aiohttp
 
 from sidecar.store import MemoryStore
+from tests.e2e.chromium import fetch, one_page
 from tests.stack import app_token, browser, sign_in, stack
 
 TOKENS = {"pass_access_token": "true", "pass_authorization_header": "true"}
@@ -52,3 +53,19 @@ async def test_without_reverse_proxy_no_peer_is_a_trusted_front() -> None:
         headers = await _auth_headers(client, st.base, {"Cookie": "app=1"})
         assert "X-Auth-Request-Access-Token" not in headers and "Authorization" not in headers
         assert "Cookie" not in headers  # the app's HttpOnly cookies are not echoed either
+
+
+async def test_a_pages_own_script_in_chromium_never_reads_tokens_from_the_auth_endpoint() -> None:
+    """The real counterpart of BROWSER_LIKE (embedded, with upstreams): Chromium signs in, then a script of the
+    app's page calls fetch('/oauth2/auth') with the browser's cookies; Chromium sets Origin, Sec-Fetch-* and
+    Cookie itself. (Behind a front, the front never routes /oauth2/auth: tests/e2e/test_nginx.py.)"""
+    async with stack(MemoryStore(), **TOKENS) as st, one_page() as page:
+        response = await page.goto(st.base + "/_demo/echo", wait_until="load")  # signed in on the way (auto-login)
+        assert response is not None and response.status == 200 and page.url == st.base + "/_demo/echo"
+        token = (await response.json())["headers"]["X-Auth-Request-Access-Token"]
+        assert token.startswith("ey")  # the app itself does get it, on a proxied request
+        for headers in ({}, {"X-Requested-With": "XMLHttpRequest"}, {"Accept": "application/json"}):
+            status, answer, body = await fetch(page, st.base + "/oauth2/auth", headers=headers)
+            assert status == 202 and answer["x-auth-request-user"] == "alice@example.com", headers
+            assert "x-auth-request-access-token" not in answer and "authorization" not in answer, headers
+            assert token not in repr(answer) and token not in body, headers

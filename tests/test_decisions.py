@@ -423,8 +423,8 @@ async def test_the_decision_reads_no_header_outside_its_key(settings: dict[str, 
     """Every header the running decision asks for is in the cache key (or is Cookie, Authorization, which
     makes a request uncacheable, or X-Request-Id, echoed per request). A front table that makes the decision
     read another header fails here, before it can make two requests with one key get different answers."""
-    from sidecar import handlers
-    from sidecar.auth_listener import AuthRequest
+    from sidecar import auth_decision
+    from sidecar.auth_request import AuthRequest
     from sidecar.context import DECISION_KEY
     from sidecar.decisions import _KEY_NAMES, _KEY_PREFIXES
     from sidecar.middleware import guarded
@@ -433,7 +433,7 @@ async def test_the_decision_reads_no_header_outside_its_key(settings: dict[str, 
         cookie = await _signed_in(st)
         config = st.configs[0]
         allowed = {"cookie", "authorization", "x-request-id", config.real_client_ip_header.lower()}
-        decide = guarded(handlers.auth, "/oauth2/auth")
+        decide = guarded(auth_decision.auth, "/oauth2/auth")
         for query in ("", "?max_age=3600", "?allowed_groups=admins"):
             for extra in ([], [("X-ProxyUser-IP", "203.0.113.9")]):
                 headers = Recording([*FRONT_HEADERS, *extra, ("Cookie", f"app=1; _sidecar={cookie}")])
@@ -452,7 +452,7 @@ async def test_the_decision_reads_no_header_outside_its_key(settings: dict[str, 
 async def test_envoy_checks_by_path_are_never_cached() -> None:
     """``--front envoy`` asks at /oauth2/auth/<original path>: the path is an input the key does not hold, so
     such a check is never kept nor answered from the table (a 202 for /public never answers /admin)."""
-    from sidecar.handlers import decision_key
+    from sidecar.auth_decision import decision_key
 
     settings = {"reverse_proxy": "true", "front": "envoy", "fresh_auth_route": "1h=^/admin/"}
     async with stack(MemoryStore(), **{**TOKENS, **settings}) as st:
@@ -633,7 +633,7 @@ async def test_the_byte_bound_holds_in_real_memory_under_hostile_keys(st: Stack)
     import gc
     import tracemalloc
 
-    from sidecar.handlers import _prebuilt
+    from sidecar.auth_decision import _prebuilt
 
     cookie = await _signed_in(st)
     svc = svc_of(st)

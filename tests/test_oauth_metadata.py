@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import aiohttp
 
+from tests.e2e.chromium import one_page, other_site
 from tests.test_oauth_authorize import oauth_stack, register
 
 
@@ -72,9 +74,44 @@ async def test_issuer_ignores_forwarded_headers_from_untrusted_peers() -> None:
         assert prm["authorization_servers"] == [st.base]
 
 
+_CROSS_ORIGIN_FETCH = """async ([url, init]) => {
+    try {
+        const r = await fetch(url, init);
+        return {status: r.status, body: await r.text()};
+    } catch (e) {
+        return {error: String(e)};
+    }
+}"""
+
+
+async def test_a_browser_app_on_another_origin_reads_the_metadata_and_registers_but_not_the_device_endpoint() -> None:
+    """The real counterpart of the hand-made preflight below: a page of another origin (a browser MCP client
+    such as the Inspector) in Chromium, which sends Origin and the CORS preflight itself."""
+    async with oauth_stack() as st, one_page() as page, other_site() as inspector:
+        inspector.pages["app"] = "<!doctype html><html lang='en'><title>a browser MCP client</title></html>"
+        await page.goto(inspector.origin + "/app", wait_until="load")
+        asks = {"headers": {"mcp-protocol-version": "2025-06-18"}}  # not CORS-safelisted: a preflight first
+        for path in ("/.well-known/oauth-authorization-server", "/.well-known/oauth-protected-resource/mcp"):
+            answer = await page.evaluate(_CROSS_ORIGIN_FETCH, [st.base + path, asks])
+            assert answer.get("status") == 200, (path, answer)
+            meta = json.loads(answer["body"])
+            assert st.base in (meta.get("issuer"), *meta.get("authorization_servers", [])), meta
+        registration = {
+            "method": "POST",
+            "headers": {"Content-Type": "application/json"},
+            "body": json.dumps({"redirect_uris": ["http://127.0.0.1:1/cb"], "token_endpoint_auth_method": "none"}),
+        }
+        answer = await page.evaluate(_CROSS_ORIGIN_FETCH, [st.base + "/oauth2/register", registration])
+        assert answer.get("status") == 201 and json.loads(answer["body"])["client_id"], answer  # cors.py
+        device = {"method": "POST", "body": "client_id=nobody", "headers": {"Content-Type": "text/plain"}}
+        answer = await page.evaluate(_CROSS_ORIGIN_FETCH, [st.base + "/oauth2/device_authorization", device])
+        assert "Failed to fetch" in answer.get("error", ""), answer  # the browser refuses: no CORS there
+
+
 async def test_cors_preflight_for_metadata_and_registration_but_not_for_the_device_endpoint() -> None:
     """Registration is fetch()ed by browser-based clients and reads no cookie (tests/test_oauth_cors.py); the
-    device authorization endpoint is for devices without a browser and stays closed."""
+    device authorization endpoint is for devices without a browser and stays closed. Hand-made: the exact CORS
+    headers of each answer (the browser's own view is the test above)."""
     async with oauth_stack() as st:
         async with aiohttp.ClientSession() as http:
             for path in ("/.well-known/oauth-authorization-server", "/.well-known/oauth-protected-resource/mcp"):

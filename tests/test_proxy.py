@@ -12,6 +12,7 @@ from yarl import URL
 from sidecar.errors import BadRequest
 from sidecar.proxy import normalise_path
 from sidecar.store import MemoryStore
+from tests.e2e.chromium import one_page
 from tests.stack import browser, free_port, sign_in, stack
 from tests.test_paths import raw_request, recording_upstream
 
@@ -287,12 +288,21 @@ async def test_websocket_handshake_is_checked_before_the_upstream_is_contacted()
             status = await raw_request(st.base, "/ws", method=method, headers=headers)
             assert status == 400, (method, headers)
             assert up.seen == [], (method, headers)  # no upstream connection was opened
-        async with (
-            aiohttp.ClientSession() as client,
-            client.ws_connect(f"{st.base}/ws", headers={"Origin": st.base}) as ws,
-        ):
-            await ws.send_str("hi")
-            assert (await ws.receive()).data == "hi"
+        # A good handshake is a real browser's: a page of the site opens a WebSocket in Chromium, which sets
+        # Origin, Sec-WebSocket-Key/-Version and Upgrade itself.
+        async with one_page() as page:
+            await page.goto(st.base + "/ws-page", wait_until="load")  # a page of the site (skip-auth: ^/ws)
+            up.seen.clear()
+            echoed = await page.evaluate(
+                """url => new Promise((resolve, reject) => {
+                    const ws = new WebSocket(url);
+                    ws.onopen = () => ws.send('hi');
+                    ws.onmessage = event => { resolve(event.data); ws.close(); };
+                    ws.onerror = () => reject(new Error('websocket error'));
+                })""",
+                st.base.replace("http://", "ws://") + "/ws",
+            )
+        assert echoed == "hi"
         (seen,) = up.seen
         assert seen["headers"]["Host"] == st.base.removeprefix("http://")  # the client's Host, not the upstream's
-        assert seen["headers"]["Origin"] == st.base
+        assert seen["headers"]["Origin"] == st.base  # as Chromium sent it

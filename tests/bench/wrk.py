@@ -104,8 +104,9 @@ def script(
 ) -> Path:
     """A Lua script: rotate among session cookies (requests formatted once, up front) and count
     answers whose status is not exactly ``expect`` (wrk alone would accept any 2xx or 3xx).
-    ``unique``: a header sent with a new value on every request (``/page/<thread>-<n>``), so no two
-    requests share a decision cache key: every one is a miss (each request is formatted then).
+    ``unique``: a header sent with a new value on every request (``/page/<run>-<thread>-<n>``, ``<run>`` random
+    per wrk run), so no two requests of any run share a decision cache key: every one is a miss (each request
+    is formatted then).
 
     Each wrk thread starts at a different offset so threads do not walk the list in lockstep."""
     path = workdir() / f"wrk-{next(_scripts)}.lua"
@@ -130,14 +131,24 @@ def script(
         "end",
     ]
     if cookies and unique:
+        # The run's own random prefix: each wrk run (warm-up, every round) counts from 1 again, and without it
+        # the second round repeated the first round's values, so its requests were second sightings (kept in
+        # the table, pushing others out) rather than the misses the row is about.
         lines += [
             "local count = 0",
+            "local run = ''",
+            "local first_init = init",
+            "function init(args)",
+            "  first_init(args)",
+            "  math.randomseed(os.time() * 7919 + (thread_id or 0))",
+            "  run = string.format('%d%09d', os.time(), math.random(0, 999999999))",
+            "end",
             "function request()",
             "  i = i + 1",
             "  if i > n then i = 1 end",
             "  count = count + 1",
             f"  return wrk.format(nil, nil, {{['Cookie'] = '{name}=' .. cookies[i],"
-            f" ['{unique}'] = '/page/' .. (thread_id or 0) .. '-' .. count}})",
+            f" ['{unique}'] = '/page/' .. run .. '-' .. (thread_id or 0) .. '-' .. count}})",
             "end",
         ]
     elif cookies:

@@ -16,7 +16,9 @@ Use:
 Then the person's steps: ``walk(page, url, done=...)`` signs in at the dev provider when asked, confirms the
 device code, answers the consent page, until ``done`` holds; ``approve_authorization`` and ``approve_device``
 are the two common walks. ``watch(page, prefix)`` records the browser's navigations to a client's redirect
-URI (a real client's loopback listener, or nobody: the request is what counts).
+URI (a real client's loopback listener, or nobody: the request is what counts). ``fetch(page, url, ...)`` is
+the page's own script calling ``fetch()`` (an API call of a signed-in page), ``submit_form(page, action, ...)``
+a form the page posts: Chromium still sets every header a browser sets.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from contextlib import asynccontextmanager
 from urllib.parse import parse_qsl, urlsplit
 
 from aiohttp import web
-from playwright.async_api import Browser, BrowserContext, Page, Request, async_playwright
+from playwright.async_api import Browser, BrowserContext, Page, Request, Response, async_playwright
 from playwright.async_api import Error as PlaywrightError
 
 from tests.stack import free_port
@@ -269,3 +271,47 @@ async def hidden_fields(page: Page, form_selector: str = "form") -> dict[str, st
         "f => Object.fromEntries([...f.querySelectorAll('input[type=hidden]')].map(i => [i.name, i.value]))",
     )
     return fields
+
+
+_FETCH = """async ([url, method, headers, body]) => {
+    const r = await fetch(url, {method, headers, body, redirect: 'manual', credentials: 'same-origin'});
+    return r.type === 'opaqueredirect' ? '' : await r.text();
+}"""
+
+
+async def fetch(
+    page: Page, url: str, method: str = "GET", headers: dict[str, str] | None = None, body: str | None = None
+) -> tuple[int, dict[str, str], str]:
+    """What the page's own script gets from ``fetch(url)`` (its cookies, redirects not followed): the status and
+    every response header as Chromium received them (``set-cookie`` too), and the body. Chromium sets Accept
+    (``*/*`` unless the script says), Origin, Referer, Sec-Fetch-* and Cookie itself. ``url`` is absolute."""
+    async with page.expect_response(lambda r: r.url == url and r.request.method == method) as answer:
+        body_text: str = await page.evaluate(_FETCH, [url, method, headers or {}, body])
+    response = await answer.value
+    return response.status, await response.all_headers(), body_text
+
+
+async def submit_form(page: Page, action: str, fields: dict[str, str], method: str = "post") -> Response:
+    """The page posts a form (built in its DOM, as a page's own form) to ``action`` and Chromium navigates;
+    returns the response to that navigation (after any redirect Chromium followed)."""
+    async with page.expect_navigation(wait_until="load") as navigation:
+        await page.evaluate(
+            """([action, method, fields]) => {
+                const form = document.createElement('form');
+                form.method = method;
+                form.action = action;
+                for (const [name, value] of Object.entries(fields)) {
+                    const input = document.createElement('input');
+                    input.type = 'hidden';
+                    input.name = name;
+                    input.value = value;
+                    form.appendChild(input);
+                }
+                document.body.appendChild(form);
+                form.submit();
+            }""",
+            [action, method, fields],
+        )
+    response = await navigation.value
+    assert response is not None, f"no response for the form posted to {action}"
+    return response

@@ -6,6 +6,10 @@ cache status (HIT, MISS, BYPASS, EXPIRED) and the sidecar's own status, so each 
 whether the sidecar was asked. What an operator relies on: a cached answer still carries the
 identity, a missing, forged or odd cookie always reaches the sidecar and is never stored, two
 users never share an entry, and a signed-out cookie stops working within the validity.
+
+People sign in, browse and sign out in real Chromium (their pages' own fetch() calls make the cached
+requests, with the browser's cookies); Cookie headers written by hand are only the hostile variants
+(missing, forged, odd spellings) and the replay of a signed-out cookie.
 """
 
 from __future__ import annotations
@@ -16,17 +20,21 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
+from playwright.async_api import Browser, Page
 
+from tests.e2e.chromium import new_page
 from tests.e2e.procs import ROOT, SHIPPED_NGINX_CONF, Proc, child_env, free_ports, python_module, render_nginx_conf
 from tests.e2e.procs import start_nginx as start_nginx_proc
-from tests.e2e.test_nginx import COOKIE, HTML, IDENTITY, Site, cookie, sign_in
+from tests.e2e.test_nginx import COOKIE, IDENTITY, Site, session_cookie, sign_in
 
-pytestmark = pytest.mark.timeout(90)
+# The session event loop: the run's one Chromium (the chromium_browser fixture) lives there.
+pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(90)]
 
 CACHE_CONF = ROOT / "deploy" / "nginx" / "auth-cache.conf"
 ZONE_LINE = re.compile(r"^# (proxy_cache_path \S+ (.*))$", re.M)
@@ -66,7 +74,7 @@ def site(redis_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         return procs[-1]
 
     try:
-        provider = launch("provider", "sidecar.dev.provider", f"--port={provider_port}", "--auto-login=alice")
+        provider = launch("provider", "sidecar.dev.provider", f"--port={provider_port}")  # a login page: who signs in
         app = launch("demo-app", "sidecar.dev.demo_app", f"--port={app_port}")
         sidecar = launch(
             "sidecar",
@@ -106,18 +114,16 @@ def site(redis_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         procs.append(start_nginx_proc(conf, nginx_port, log_dir=logs))
         AUTH_LOGS[base] = logs / "auth.log"
         yield Site(
-            base=base, issuer=issuer, sidecar=f"http://127.0.0.1:{sidecar_port}", app=f"http://127.0.0.1:{app_port}"
+            base=base,
+            issuer=issuer,
+            sidecar=f"http://127.0.0.1:{sidecar_port}",
+            app=f"http://127.0.0.1:{app_port}",
+            redis=redis_url,
         )
     finally:
         for proc in reversed(procs):
             proc.stop()
         shutil.rmtree(cache_parent, ignore_errors=True)
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as client:
-        yield client
 
 
 def auth_log(site: Site) -> dict[str, tuple[str, str]]:
@@ -130,7 +136,7 @@ def auth_log(site: Site) -> dict[str, tuple[str, str]]:
 
 
 async def fetch(site: Site, headers: dict[str, str]) -> tuple[str, int, dict[str, str]]:
-    """GET /_demo/echo with exactly these headers (plus a test id); (id, status, headers the app saw)."""
+    """Hand-made: GET /_demo/echo with exactly these headers (plus a test id); (id, status, headers the app saw)."""
     test_id = f"t{next(_ids)}"
     async with aiohttp.ClientSession() as client:  # no cookie jar: only the headers given
         async with client.get(
@@ -144,6 +150,20 @@ async def fetch(site: Site, headers: dict[str, str]) -> tuple[str, int, dict[str
             return test_id, resp.status, seen
 
 
+_PAGE_FETCHES = """async ([url, ids]) => Promise.all(ids.map(async id => {
+    const r = await fetch(url, {headers: {'X-Test-Id': id}, redirect: 'manual'});
+    return [id, r.status, r.status === 200 ? (await r.json()).headers : {}];
+}))"""
+
+
+async def page_fetches(page: Page, site: Site, count: int) -> list[tuple[str, int, dict[str, str]]]:
+    """``count`` GET /_demo/echo made at once by the signed-in page's own script (Chromium's cookies and
+    headers; the script adds only the test id): (id, status, headers the app saw) each."""
+    ids = [f"t{next(_ids)}" for _ in range(count)]
+    answers: list[list[Any]] = await page.evaluate(_PAGE_FETCHES, [site.base + "/_demo/echo", ids])
+    return [(test_id, status, {k.lower(): v for k, v in seen.items()}) for test_id, status, seen in answers]
+
+
 async def asked(site: Site, test_id: str) -> tuple[str, str]:
     """The auth subrequest's log line for this request (nginx writes it at the end of the request)."""
     for _ in range(50):
@@ -154,12 +174,10 @@ async def asked(site: Site, test_id: str) -> tuple[str, str]:
     raise AssertionError(f"no auth subrequest logged for {test_id}")
 
 
-async def test_a_cache_hit_still_hands_the_identity_and_token_to_the_app(
-    site: Site, browser: aiohttp.ClientSession
-) -> None:
-    await sign_in(browser, site)
-    headers = {"Cookie": f"{COOKIE}={cookie(browser)}"}
-    results = [await fetch(site, headers) for _ in range(20)]
+async def test_a_cache_hit_still_hands_the_identity_and_token_to_the_app(chromium_browser: Browser, site: Site) -> None:
+    async with new_page(chromium_browser) as page:
+        await sign_in(page, site)
+        results = [*await page_fetches(page, site, 1), *await page_fetches(page, site, 19)]
     statuses = [await asked(site, test_id) for test_id, _, _ in results]
     hits = [r for r, (cache, _) in zip(results, statuses, strict=True) if cache == "HIT"]
     assert len(hits) >= 10, statuses  # 20 requests in well under a second: most are answered by the cache
@@ -168,6 +186,7 @@ async def test_a_cache_hit_still_hands_the_identity_and_token_to_the_app(
         for name, value in IDENTITY.items():
             assert seen.get(name) == value, name
         assert seen["authorization"] == "Bearer " + seen["x-auth-request-access-token"]
+        assert seen["sec-fetch-site"] == "same-origin"  # the page's own requests, as Chromium sent them
     for _, (cache, upstream) in zip(hits, [s for s in statuses if s[0] == "HIT"], strict=True):
         assert cache == "HIT" and upstream == "-"  # the sidecar was not asked, and the app still got all of it
 
@@ -195,14 +214,23 @@ def forged_headers(valid: str) -> list[dict[str, str]]:
     ]
 
 
-async def test_missing_and_forged_cookies_reach_the_sidecar_and_are_never_cached(
-    site: Site, browser: aiohttp.ClientSession
-) -> None:
-    await sign_in(browser, site)
-    valid = cookie(browser)
+async def signed_in_cookie(chromium_browser: Browser, site: Site) -> str:
+    """A session cookie from a sign-in in Chromium whose page then made two requests (so a fresh cache entry
+    for it is there), for the hand-made hostile variants that follow."""
+    async with new_page(chromium_browser) as page:
+        await sign_in(page, site)
+        for _ in range(2):
+            assert [status for _, status, _ in await page_fetches(page, site, 1)] == [200]
+        valid = await session_cookie(page, site)
     assert valid
-    for _ in range(2):  # a fresh entry for the valid cookie is in the cache meanwhile
-        assert (await fetch(site, {"Cookie": f"{COOKIE}={valid}"}))[1] == 200
+    return valid
+
+
+async def test_missing_and_forged_cookies_reach_the_sidecar_and_are_never_cached(
+    chromium_browser: Browser, site: Site
+) -> None:
+    """Hostile, by hand: Cookie headers the sidecar refuses, next to a valid cookie whose answer is cached."""
+    valid = await signed_in_cookie(chromium_browser, site)
     for headers in forged_headers(valid):
         for attempt in range(2):  # the second try would be a HIT had the first been stored
             test_id, status, seen = await fetch(site, headers)
@@ -212,12 +240,11 @@ async def test_missing_and_forged_cookies_reach_the_sidecar_and_are_never_cached
 
 
 async def test_odd_spellings_of_a_valid_cookie_are_answered_by_the_sidecar_every_time(
-    site: Site, browser: aiohttp.ClientSession
+    chromium_browser: Browser, site: Site
 ) -> None:
-    """Where nginx and the sidecar could read different cookies, or a bearer token decides: never cached."""
-    await sign_in(browser, site)
-    valid = cookie(browser)
-    assert (await fetch(site, {"Cookie": f"{COOKIE}={valid}"}))[1] == 200  # cached meanwhile
+    """Hostile, by hand: where nginx and the sidecar could read different cookies, or a bearer token decides:
+    never cached (the valid cookie's own answer is cached meanwhile)."""
+    valid = await signed_in_cookie(chromium_browser, site)
     for headers in (
         {"Cookie": f"{COOKIE}=forged; {COOKIE}={valid}"},
         {"Cookie": f"{COOKIE}={valid}; {COOKIE}=forged"},
@@ -230,23 +257,15 @@ async def test_odd_spellings_of_a_valid_cookie_are_answered_by_the_sidecar_every
             assert cache == "BYPASS" and upstream != "-", headers
 
 
-async def test_two_users_never_see_each_others_identity(site: Site) -> None:
-    async with (
-        aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as alice,
-        aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as bob,
-    ):
-        await sign_in(alice, site)
-        await provider_config(site, auto_login="bob")
-        try:
-            await sign_in(bob, site)
-        finally:
-            await provider_config(site, auto_login="alice")
-        jars = {"alice@example.com": cookie(alice), "bob@example.org": cookie(bob)}
-        rounds = await asyncio.gather(
-            *(fetch(site, {"Cookie": f"{COOKIE}={value}"}) for _ in range(15) for value in jars.values())
-        )
-        who = list(jars) * 15
-        tokens: dict[str, set[str]] = {user: set() for user in jars}
+async def test_two_users_never_see_each_others_identity(chromium_browser: Browser, site: Site) -> None:
+    """Alice and Bob sign in in two browsers; their pages then make 15 requests each, all at once."""
+    async with new_page(chromium_browser) as alice, new_page(chromium_browser) as bob:
+        await sign_in(alice, site, user="alice")
+        await sign_in(bob, site, user="bob")
+        answers = await asyncio.gather(page_fetches(alice, site, 15), page_fetches(bob, site, 15))
+        rounds = [*answers[0], *answers[1]]
+        who = ["alice@example.com"] * 15 + ["bob@example.org"] * 15
+        tokens: dict[str, set[str]] = {user: set() for user in who}
         for user, (_, status, seen) in zip(who, rounds, strict=True):
             assert status == 200
             assert seen["x-auth-request-email"] == user and seen["x-forwarded-email"] == user
@@ -256,23 +275,25 @@ async def test_two_users_never_see_each_others_identity(site: Site) -> None:
         assert hits.count("HIT") >= 10  # the cache was in play, not bypassed
 
 
-async def provider_config(site: Site, **values: str) -> None:
-    async with aiohttp.ClientSession() as client:
-        async with client.post(f"{site.issuer}/_control/config", json=values) as resp:
-            assert resp.status == 200, await resp.text()
-
-
 async def test_after_sign_out_the_cached_entry_lives_at_most_the_validity(
-    site: Site, browser: aiohttp.ClientSession
+    chromium_browser: Browser, site: Site
 ) -> None:
-    await sign_in(browser, site)
-    old = cookie(browser)
+    """The person signs out in Chromium; a copy of the old cookie, replayed by hand (hostile), stops working
+    within the cache validity."""
+    async with new_page(chromium_browser) as page:
+        await sign_in(page, site)
+        old = await session_cookie(page, site)
+        for _ in range(2):
+            assert [status for _, status, _ in await page_fetches(page, site, 1)] == [200]
+        answered: list[float] = []  # when the sidecar's answer to /oauth2/sign_out (the session gone) arrived
+        page.on("response", lambda r: answered.append(time.monotonic()) if "/oauth2/sign_out" in r.url else None)
+        await page.goto(site.base + "/oauth2/sign_out", wait_until="load")
+        signed_out = answered[0]
+        assert page.url.startswith(site.base + "/oauth2/signed_out"), page.url
+        assert await session_cookie(page, site) is None
+        await page.goto(site.base + "/_demo/echo", wait_until="load")  # and the browser is sent to sign in again
+        assert page.url.startswith(site.issuer + "/authorize?"), page.url
     headers = {"Cookie": f"{COOKIE}={old}"}
-    assert (await fetch(site, headers))[1] == 200
-    assert (await fetch(site, headers))[1] == 200
-    async with browser.get(site.base + "/oauth2/sign_out", allow_redirects=False) as resp:
-        assert resp.status == 302
-    signed_out = time.monotonic()
     refused_at = None
     while time.monotonic() - signed_out < VALIDITY + 2.0:
         _, status, seen = await fetch(site, headers)
@@ -287,6 +308,3 @@ async def test_after_sign_out_the_cached_entry_lives_at_most_the_validity(
     assert refused_at is not None
     # nginx counts cache validity in whole seconds of its clock: "1s" lasts between 1 and 2 s.
     assert refused_at - signed_out <= 2 * VALIDITY + 0.3, refused_at - signed_out
-    async with aiohttp.ClientSession() as client:  # and a browser is sent to sign in again
-        async with client.get(site.base + "/_demo/echo", headers={**headers, **HTML}, allow_redirects=False) as resp:
-            assert resp.status == 302

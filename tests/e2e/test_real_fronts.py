@@ -13,7 +13,10 @@ identity and never the session cookie (nor identity headers a client made up); a
 page asks for a recent sign-in; a per-application rule (auth-url ``?allowed_groups=finance``) refuses;
 an OAuth token works on its resource. Then a hostile client adds every forwarded/original header
 variant (families, several spellings) on the step-up, per-app-rule and OAuth-resource paths: never let
-through. The forwarded headers of the honest requests are only ever set by the real front.
+through. The forwarded headers of the honest requests are only ever set by the real front, and every browser step
+(sent to sign in, the app's own cookie, the per-application rule, the step-up page) runs in Chromium, which
+sets Accept, Cookie and Sec-Fetch-* itself; a Cookie header written by hand only carries hostile variants or
+a program's request.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import ipaddress
 import json
 import random
 import ssl
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,9 +45,10 @@ from mcp import Client
 from mcp.client.auth import OAuthClientProvider
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.auth import OAuthClientMetadata
+from playwright.async_api import Browser
 from pydantic import AnyUrl
 
-from tests.e2e.chromium import approve_device, one_page, watch
+from tests.e2e.chromium import approve_device, new_page, one_page, watch
 from tests.e2e.front_procs import render_ingress_nginx, start_caddy, start_ingress_nginx, start_traefik
 from tests.e2e.procs import Proc, child_env, free_ports, python_module, render_nginx_conf, start_nginx
 from tests.e2e.test_mcp_sdk import MemoryStorage, ScriptedUser
@@ -51,7 +56,7 @@ from tests.e2e.test_mcp_sdk import MemoryStorage, ScriptedUser
 pytestmark = pytest.mark.timeout(120)
 
 FRESH_AGE = 2  # seconds: --fresh-auth-route=2s=^/admin/
-HTML = {"Accept": "text/html,application/xhtml+xml"}
+HTML = {"Accept": "text/html,application/xhtml+xml"}  # only in hand-made (hostile) requests
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 FRONT_NAMES = ("nginx", "ingress-nginx", "traefik", "caddy")
 WITH_APP_RULE = ("ingress-nginx", "traefik", "caddy")  # the shipped nginx config has no per-application rule
@@ -275,23 +280,69 @@ def cookie(front: Front, extra: str = "") -> dict[str, str]:
 # --- what each front must do ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", FRONT_NAMES)
-async def test_without_a_session_browsers_go_to_sign_in_and_api_clients_get_401(
-    fronts: dict[str, Front], name: str
+async def person_through(front: Front, browser: Browser) -> None:
+    """A person in Chromium through ``front``: asks for a page without a session, is sent to /oauth2/start on
+    the front's own origin (the provider signs alice in), lands back on the page; the app's page script sets
+    a cookie of its own; the app sees the identity and that cookie only; the per-application rule refuses
+    /finance/ and lets /staff/ through; once the sign-in is older than the --fresh-auth-route age, an
+    /admin/ page sends the browser to the provider with max_age, and back on the page."""
+    name = front.name
+    async with new_page(browser, ignore_https_errors=True) as page:
+        hops = watch(page, "")
+        await page.goto(front.base + "/some/page?a=1", wait_until="load")
+        signed_in_at = time.monotonic()
+        start = urlsplit(hops[1])
+        assert f"{start.scheme}://{start.netloc}{start.path}" == front.base + "/oauth2/start", (name, hops)
+        assert parse_qs(start.query) == {"rd": ["/some/page?a=1"]}, (name, hops)
+        assert any(urlsplit(h).path == "/authorize" for h in hops), (name, hops)  # at the provider
+        assert page.url == front.base + "/some/page?a=1", (name, hops)
+
+        await page.evaluate("document.cookie = 'app=1; path=/'")
+        # document.cookie reaches the browser's network cookie store a moment later: wait until it is in the jar.
+        for _ in range(100):
+            if "app" in {c["name"] for c in await page.context.cookies(front.base)}:
+                break
+            await asyncio.sleep(0.02)
+        response = await page.goto(front.base + "/_demo/echo", wait_until="load")
+        assert response is not None and response.status == 200 and response.request.redirected_from is None, name
+        sent = (await response.request.all_headers()).get("cookie", "")
+        seen = {k.lower(): v for k, v in (await response.json())["headers"].items()}
+        assert seen["x-auth-request-user"] == "alice@example.com", (name, seen)
+        assert seen.get("cookie") == "app=1" and "_sidecar" not in str(seen), (name, sent, seen)
+        assert seen["sec-fetch-mode"] == "navigate", (name, seen)  # Chromium's own request reached the app
+
+        for path, expected in (("/finance/report", 403 if name in WITH_APP_RULE else 200), ("/staff/report", 200)):
+            response = await page.goto(front.base + path, wait_until="load")
+            assert response is not None and (response.status, page.url) == (expected, front.base + path), name
+
+        await asyncio.sleep(max(0.0, signed_in_at + FRESH_AGE + 1.1 - time.monotonic()))  # the sign-in is stale now
+        hops = watch(page, "")
+        response = await page.goto(front.base + "/admin/x", wait_until="load")
+        authorize = [urlsplit(h) for h in hops if urlsplit(h).path == "/authorize"]
+        assert authorize and parse_qs(authorize[0].query)["max_age"] == [str(FRESH_AGE)], (name, hops)
+        if name in ("traefik", "caddy"):
+            assert hops[1] == f"{front.base}/oauth2/start?max_age={FRESH_AGE}&rd=%2Fadmin%2Fx", (name, hops)
+        assert response is not None and response.status == 200 and page.url == front.base + "/admin/x", (name, hops)
+
+
+@pytest.mark.asyncio(loop_scope="session")  # the run's one Chromium lives on the session loop
+async def test_a_person_in_chromium_signs_in_and_meets_the_rules_through_each_front(
+    chromium_browser: Browser, fronts: dict[str, Front]
 ) -> None:
+    """The four fronts side by side, one browser context each (cookies belong to a host, not a port)."""
+    await asyncio.gather(*(person_through(front, chromium_browser) for front in fronts.values()))
+
+
+@pytest.mark.parametrize("name", FRONT_NAMES)
+async def test_without_a_session_api_clients_get_401(fronts: dict[str, Front], name: str) -> None:
+    """Programs (aiohttp's own headers): a browser's way to sign in is in the Chromium test above."""
     front = fronts[name]
-    status, headers, _ = await get(front, "/some/page", headers=HTML)
-    assert status == 302, (name, status)
-    location = urlsplit(headers["Location"])
-    assert location.path == "/oauth2/start" and unquote(location.query) == "rd=/some/page", headers["Location"]
-    if name == "ingress-nginx":  # auth-signin: https://$host/oauth2/start?rd=$escaped_request_uri
-        assert f"{location.scheme}://{location.netloc}" == front.base
     # ingress-nginx sends every 401 to auth-signin (browser or not); the resource's Ingress has none.
     expected = 302 if name == "ingress-nginx" else 401
     for extra in ({}, {"Accept": "application/json"}):
         status, _, _ = await get(front, "/some/page", method="POST", headers=extra)
         assert status == expected, (name, extra)
-    status, _, _ = await get(front, "/oauth2/auth", headers=HTML)  # never routed to the sidecar
+    status, _, _ = await get(front, "/oauth2/auth", headers=HTML)  # hostile: never routed to the sidecar
     assert status != 202
 
 
@@ -380,14 +431,9 @@ async def test_other_spellings_of_identity_headers_never_reach_the_app(signed_in
 
 
 @pytest.mark.parametrize("name", FRONT_NAMES)
-async def test_a_per_application_rule_refuses_and_the_token_works_on_its_resource(
-    signed_in: dict[str, Front], name: str
-) -> None:
+async def test_the_token_works_on_its_resource_only(signed_in: dict[str, Front], name: str) -> None:
+    """A program with an OAuth token (the per-application rule for a browser is in the Chromium test)."""
     front = signed_in[name]
-    status, _, _ = await get(front, "/finance/report", headers=cookie(front))
-    assert status == (403 if name in WITH_APP_RULE else 200), name  # alice is not in "finance"
-    status, _, _ = await get(front, "/staff/report", headers=cookie(front))
-    assert status == 200, name
     rpc = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
     bearer = {"Authorization": "Bearer " + front.token}
     status, _, body = await get(front, "/mcp", method="POST", json=rpc, headers=bearer)
@@ -456,14 +502,8 @@ async def test_hostile_forwarded_headers_never_pass_a_step_up_page(signed_in: di
     status, headers, _ = await get(front, "/admin/x", method="POST", headers=cookie(front))
     if name == "ingress-nginx":  # the 401 goes to auth-signin, whose /oauth2/start adds the rule's max_age
         assert status == 302 and unquote(headers["Location"]).endswith("/oauth2/start?rd=/admin/x"), (name, headers)
-    elif name == "nginx":  # step-up.conf: 401 with the sidecar's challenge; browsers to the provider, max_age
+    else:  # a program's POST: 401 with the sidecar's challenge (a browser's way is in the Chromium test)
         assert status == 401 and f"max_age={FRESH_AGE}" in headers["WWW-Authenticate"], (name, status, headers)
-        status, headers, _ = await get(front, "/admin/x", headers={**cookie(front), **HTML})
-        assert status == 302 and "max_age=" in headers["Location"], headers
-    else:
-        assert status == 401 and f"max_age={FRESH_AGE}" in headers["WWW-Authenticate"], (name, status, headers)
-        status, headers, _ = await get(front, "/admin/x", headers={**cookie(front), **HTML})
-        assert status == 302 and headers["Location"] == f"{front.base}/oauth2/start?max_age={FRESH_AGE}&rd=%2Fadmin%2Fx"
     status, _, _ = await get(front, "/public/x", headers=cookie(front))
     assert status == 200, name  # the session itself is fine elsewhere
     for variant in hostile(front, "/public/x"):

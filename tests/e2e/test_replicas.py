@@ -6,17 +6,19 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
+from playwright.async_api import Error as PlaywrightError
 
+from tests.e2e.chromium import fetch, one_page, watch
 from tests.stack import (
     SidecarProcess,
     Stack,
     app_token,
     browser,
     free_port,
-    session_cookie,
     sidecar_settings,
     sign_in,
     stack,
@@ -105,13 +107,25 @@ async def test_a_process_killed_holding_the_lock_blocks_only_until_the_lock_expi
 
 
 async def test_signed_in_on_one_process_works_on_the_other(replicas: tuple[Stack, list[SidecarProcess]]) -> None:
-    st, procs = replicas
-    async with browser() as client:
-        await _sign_in_at(client, procs[0], st)
-        cookie = session_cookie(client)
-        assert cookie
-        async with aiohttp.ClientSession(cookies={"_sidecar": cookie}) as other:
-            assert (await _auth(other, procs[1].base))[0] == 202
+    """In Chromium: the sign-in starts on one replica, and its callback (the shared public port, where nobody
+    listens here) is finished on that replica, as a load balancer would route it; the browser then sends its
+    cookie to the other replica (same host) on its own, and is signed in there."""
+    _, procs = replicas
+    async with one_page() as page:
+        hops = watch(page, "")
+        try:
+            await page.goto(procs[0].base + "/oauth2/start?rd=%2F_demo%2Fecho", wait_until="load")
+        except PlaywrightError as exc:
+            assert "net::ERR_CONNECTION_REFUSED" in str(exc)  # the shared callback port
+        await page.wait_for_url(lambda url: url.startswith("chrome-error:"))  # Chromium's error page, then on
+        callback = next(u for u in hops if urlsplit(u).path == "/oauth2/callback")
+        await page.goto(procs[0].base + "/oauth2/callback?" + urlsplit(callback).query, wait_until="load")
+        assert page.url == procs[0].base + "/_demo/echo", page.url
+        response = await page.goto(procs[1].base + "/_demo/echo", wait_until="load")
+        assert response is not None and response.status == 200 and response.request.redirected_from is None
+        assert (await response.json())["headers"]["X-Auth-Request-Email"] == "alice@example.com"
+        status, _, _ = await fetch(page, procs[1].base + "/oauth2/auth")
+        assert status == 202
 
 
 async def _auth_answer(client: aiohttp.ClientSession, base: str) -> tuple[int, Any]:
