@@ -251,6 +251,7 @@ async def test_resource_preflight_refuses_odd_methods_and_headers_and_never_reac
         "OPTIONS", st.base + "/mcp/x", headers=preflight_of("https://a.example", method, requested)
     )
     assert status == 204 and no_cors(headers), (asked, headers)
+    assert headers["vary"] == "Origin" and headers["cache-control"] == "no-store"  # the sidecar's, not the app's
 
 
 async def test_resource_options_that_is_not_a_preflight_still_needs_a_token(st: Stack) -> None:
