@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -294,6 +295,19 @@ async def test_a_client_granted_meanwhile_is_not_deleted_by_the_pool(grants: Gra
         await grants.promote_client(first.client_id, 86400)
     await grants.put_new_client(second, "A", 60, 1, 1)
     assert await _kept(grants, [first, second]) == [True, True]
+
+
+async def test_concurrent_registrations_never_leave_a_client_outside_the_pool(grants: GrantStore) -> None:
+    """Registrations landing at once (many workers or replicas): every client record alive is one the pool
+    counts, so the bound holds. Fails when the record is written after the pool admits it: a registration
+    forgotten by a concurrent one before its record existed kept a record nobody counts."""
+    flood = [_new_client(i) for i in range(30)]
+    await asyncio.gather(*(grants.put_new_client(c, "10.9.9.0/24", 60, 100, 2) for c in flood))
+    alive = [c for c, kept in zip(flood, await _kept(grants, flood), strict=True) if kept]
+    assert len(alive) == 2, f"{len(alive)} unused clients alive from a network whose share is 2"
+    again = [_new_client(100 + i) for i in range(30)]  # a full pool, many networks at once
+    await asyncio.gather(*(grants.put_new_client(c, f"10.8.{i}.0/24", 60, 5, 2) for i, c in enumerate(again)))
+    assert sum(await _kept(grants, [*flood, *again])) <= 5
 
 
 async def test_a_clients_live_device_authorizations_are_bounded(grants: GrantStore) -> None:
