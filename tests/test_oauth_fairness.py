@@ -90,6 +90,15 @@ def test_durations_and_numbers_take_ascii_digits_only() -> None:
         ("2001:db8:2::1", "2001:db8:2::/48"),
         ("::ffff:203.0.113.9", "203.0.113.0/24"),  # IPv4-mapped: counted as the IPv4 address
         ("::1", "::/48"),
+        # IPv6 forms carrying an IPv4 client count as its /24: else 6to4 gives one /48 per IPv4 address, Teredo
+        # one per server address (the sender picks it), and a translator's prefix lumps all of IPv4 together
+        ("2002:cb00:7107::1", "203.0.113.0/24"),  # 6to4 of 203.0.113.7
+        ("2002:cb00:7108:5::1", "203.0.113.0/24"),  # another address of that /24: the same network
+        ("2001:0:4136:e378:8000:63bf:34ff:8ef8", "203.0.113.0/24"),  # Teredo: client 203.0.113.7 (obfuscated)
+        ("2001:0:ffff:1:8000:63bf:34ff:8ef8", "203.0.113.0/24"),  # the same client through another server
+        ("64:ff9b::203.0.113.9", "203.0.113.0/24"),  # NAT64 well-known prefix (RFC 6052)
+        ("64:ff9b::198.51.100.9", "198.51.100.0/24"),  # another IPv4 client behind it: another network
+        ("::ffff:0:203.0.113.9", "203.0.113.0/24"),  # SIIT IPv4-translated (RFC 2765)
         ("fe80::1%eth0", "fe80::/48"),
         ("/run/sidecar.sock", "/run/sidecar.sock"),  # not an IP address: its own network
         ("", ""),
