@@ -54,6 +54,35 @@ def test_bad_budget_values_in_the_environment_or_toml_are_refused_too(value: str
         assert len(lines) == 1 and ("revocation-rate-limit" in lines[0] or "per-network" in lines[0]), lines
 
 
+@pytest.mark.parametrize(
+    "line",
+    [
+        "oauth-revocation-rate-limit = 99999999999999999999999999999999999999999999999999" + "9" * 300,
+        "oauth-unused-clients-per-network = -99999999999999999999999999999999999999999999999" + "9" * 300,
+        "oauth-unused-client-ttl = 99999999999999999999999999999999999999999999999999" + "9" * 300,
+    ],
+)
+def test_a_number_too_big_for_a_float_in_toml_is_one_line_not_a_traceback(line: str, tmp_path: Path) -> None:
+    """TOML integers have no size limit in Python's reader; the bound check turned them into a float and an
+    OverflowError escaped build_config (a traceback at start-up, not one line naming the option)."""
+    toml = tmp_path / "sidecar.toml"
+    toml.write_text(line + "\n")
+    with pytest.raises(ConfigError) as err:
+        load_config([*BASE, "--config", str(toml)], {})
+    lines = str(err.value).splitlines()
+    assert len(lines) == 1 and lines[0].startswith("--" + line.split(" ")[0] + ":"), lines
+
+
+@pytest.mark.parametrize("port", ["٨٠٨٠", "８０８０", "²", "8_080", " 8080", "+8080"])
+def test_an_address_port_takes_ascii_digits_only(port: str) -> None:
+    """``str.isdigit`` let other scripts' digits through (``٨٠٨٠`` listened on 8080, ``²`` was a traceback)."""
+    for flag in ("--http-address", "--metrics-address"):
+        with pytest.raises(ConfigError) as err:
+            load_config([*BASE, flag, "127.0.0.1:" + port], {})
+        lines = str(err.value).splitlines()
+        assert len(lines) == 1 and lines[0].startswith(flag + ":"), lines
+
+
 def test_budget_defaults_and_the_share_is_checked_against_the_pool() -> None:
     config = load_config(BASE, {})
     assert (config.oauth_token_rate_limit, config.oauth_revocation_rate_limit) == (60, 60)
