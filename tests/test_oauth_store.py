@@ -310,6 +310,19 @@ async def test_concurrent_registrations_never_leave_a_client_outside_the_pool(gr
     assert sum(await _kept(grants, [*flood, *again])) <= 5
 
 
+async def test_promoting_a_client_the_pool_forgot_says_so(grants: GrantStore) -> None:
+    """The sign-in finisher read the client, then a registration elsewhere forgot it: the promotion must say
+    the client is gone, so no grant (holding the user's upstream tokens) is made for a client nobody can use.
+    Failed before: the promotion answered nothing either way."""
+    first, second = _new_client(1), _new_client(2)
+    assert await grants.put_new_client(first, "A", 60, 1, 1) is None
+    assert await grants.put_new_client(second, "A", 60, 1, 1) == first.client_id
+    assert await grants.promote_client(first.client_id, 86400) is False
+    assert await grants.promote_client(second.client_id, 86400) is True
+    assert await grants.promote_client(second.client_id, 86400) is True  # already used: still there
+    assert await _kept(grants, [first, second]) == [False, True]
+
+
 async def test_a_clients_live_device_authorizations_are_bounded(grants: GrantStore) -> None:
     now = time.time()
     client_id = f"dev-{time.monotonic_ns()}"

@@ -425,7 +425,9 @@ async def finish_grant(
     if pending.kind == "device" and not await _device_waiting(oauth, pending):
         return pages.message(config, "Code expired", "The device code expired or was used; start again.", 400)
     if not client.metadata_document:  # a user granted it access: no longer an unused registration
-        await oauth.store.promote_client(client.client_id, float(config.oauth_client_idle_timeout))
+        if not await oauth.store.promote_client(client.client_id, float(config.oauth_client_idle_timeout)):
+            # the unused pool forgot it since it was read (a registration on another replica): no grant for it
+            return pages.message(config, "Request expired", "The application's registration expired.", 400)
     grant, key = await oauth.start_grant(
         identity,
         tokens,

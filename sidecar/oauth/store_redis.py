@@ -103,9 +103,11 @@ class RedisGrantStore:
             await self._call(self._drop_unused(keys=[self._p + "cl:" + evicted]))
         return evicted or None
 
-    async def promote_client(self, client_id: str, ttl: float) -> None:
-        if await self._call(self._promote(keys=[self._p + "cl:" + client_id], args=[millis(ttl)])):
+    async def promote_client(self, client_id: str, ttl: float) -> bool:
+        promoted = await self._call(self._promote(keys=[self._p + "cl:" + client_id], args=[millis(ttl)]))
+        if promoted == 1:
             await self._call(self._pool_leave(keys=self._pool, args=[client_id, self._pool_net]))
+        return bool(promoted)
 
     async def get_client(self, client_id: str) -> Client | None:
         raw = await self._call(self._r.get(self._p + "cl:" + client_id))
