@@ -216,7 +216,8 @@ async def test_a_device_card_without_a_usable_session_key_still_ends_its_session
     redis_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Cards written before the key was kept, or holding a key that does not open the record, or no key at
-    all: the session still ends as before; nothing is sent to the provider and the log line says "none"."""
+    all: the session still ends as before; nothing is sent to the provider and the log line says the token was
+    not revoked because the record could not be opened (it said "none" before, as if there were no token)."""
     import base64
     import json
     import logging
@@ -224,6 +225,7 @@ async def test_a_device_card_without_a_usable_session_key_still_ends_its_session
     import redis.asyncio as aioredis
 
     from sidecar import crypto, devices
+    from sidecar.account import NOT_OPENED
     from sidecar.sessions import user_key
     from sidecar.store import RedisStore
 
@@ -257,6 +259,6 @@ async def test_a_device_card_without_a_usable_session_key_still_ends_its_session
                     assert st.provider.stats()["revoke_calls"] == calls, card
                     assert st.provider.live_refresh_tokens()["alice"] == live, card  # stays valid upstream
                     events = [getattr(r, "fields", {}) for r in caplog.records if r.getMessage() == "account_revoked"]
-                    assert [e.get("refresh_token") for e in events] == ["none"], (card, caplog.text)
+                    assert [e.get("refresh_token") for e in events] == [NOT_OPENED], (card, caplog.text)
     finally:
         await store.close()
