@@ -424,10 +424,11 @@ async def finish_grant(
         return pages.message(config, "Request expired", "The application's registration expired.", 400)
     if pending.kind == "device" and not await _device_waiting(oauth, pending):
         return pages.message(config, "Code expired", "The device code expired or was used; start again.", 400)
-    if not client.metadata_document:  # a user granted it access: no longer an unused registration
-        if not await oauth.store.promote_client(client.client_id, float(config.oauth_client_idle_timeout)):
-            # the unused pool forgot it since it was read (a registration on another replica): no grant for it
-            return pages.message(config, "Request expired", "The application's registration expired.", 400)
+    # A user granted it access: no longer an unused registration. Unless the unused pool forgot it since it was
+    # read (a registration on another replica): then no grant for it.
+    idle = float(config.oauth_client_idle_timeout)
+    if not client.metadata_document and not await oauth.store.promote_client(client.client_id, idle):
+        return pages.message(config, "Request expired", "The application's registration expired.", 400)
     grant, key = await oauth.start_grant(
         identity,
         tokens,

@@ -5,9 +5,10 @@ Registered clients no user has granted access to yet ("unused") are bounded in n
 a few dozen addresses fill it and turn every later registration away, so the pool is shared fairly:
 
 - A registration counts against its **network**: an IPv4 address's /24, an IPv6 address's /48 (an IPv6
-  address carrying an IPv4 client, IPv4-mapped, 6to4, Teredo, NAT64/SIIT, as that IPv4 address). These are the smallest prefixes routed on the Internet:
-  an attacker holding one address usually holds its neighbours (a VM's /64 is 2^64 addresses; a site's /48
-  is 65,536 /64s), so counting per address, or per /64, would let one network take the pool.
+  address carrying an IPv4 client, IPv4-mapped, 6to4, Teredo, NAT64/SIIT, as that IPv4 address). These are
+  the smallest prefixes routed on the Internet: an attacker holding one address usually holds its neighbours
+  (a VM's /64 is 2^64 addresses; a site's /48 is 65,536 /64s), so counting per address, or per /64, would
+  let one network take the pool.
 - A network holds at most ``--oauth-unused-clients-per-network`` unused clients; its next registration
   forgets its own oldest one (that network is turned away by nobody, and takes nothing from others).
 - When the pool is full, a registration forgets the oldest unused client of the network holding the most
