@@ -323,6 +323,39 @@ async def test_promoting_a_client_the_pool_forgot_says_so(grants: GrantStore) ->
     assert await _kept(grants, [first, second]) == [False, True]
 
 
+async def test_memory_and_redis_pools_forget_the_same_clients(redis_server: str) -> None:
+    """One random sequence of registrations (a flood network, a few others, newcomers) and grants, played on
+    the memory store and on a real redis-server: the same client is forgotten at every step."""
+    import random
+
+    rng = random.Random(7)
+    client = aioredis.from_url(redis_server)
+    stores: list[GrantStore] = [MemoryGrantStore(), RedisGrantStore(client, f"parity{time.monotonic_ns()}:")]
+    ids: list[str] = []
+    nets: dict[str, str] = {}
+    reasons: set[str] = set()  # which rule forgot someone: a network at its share, or the biggest holder
+    try:
+        for step in range(400):
+            if ids and rng.random() < 0.1:
+                promoted = rng.choice(ids)
+                answers = [await s.promote_client(promoted, 3600) for s in stores]
+                assert answers[0] == answers[1], (step, promoted, answers)
+                continue
+            net = rng.choice(["flood"] * 6 + ["a", "b", "c", f"new{step % 40}"])
+            c = _new_client(step)
+            ids.append(c.client_id)
+            nets[c.client_id] = net
+            forgotten = [await s.put_new_client(c, net, 600, 12, 5) for s in stores]
+            assert forgotten[0] == forgotten[1], (step, net, forgotten)
+            if forgotten[0] is not None:
+                reasons.add("own" if nets[forgotten[0]] == net else "biggest")
+        assert reasons == {"own", "biggest"}
+        kept = [await s.get_client(i) is not None for s in stores for i in ids]
+        assert kept[: len(ids)] == kept[len(ids) :]
+    finally:
+        await client.aclose()
+
+
 async def test_a_clients_live_device_authorizations_are_bounded(grants: GrantStore) -> None:
     now = time.time()
     client_id = f"dev-{time.monotonic_ns()}"
