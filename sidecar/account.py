@@ -15,6 +15,7 @@ upstream tokens) are not browser sessions and are not listed as such.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import time
@@ -28,7 +29,7 @@ from .config import Config
 from .context import Services
 from .cookies import SessionRef
 from .devices import CARD, open_card
-from .errors import InvalidCookie
+from .errors import InvalidCookie, StoreUnavailable
 from .guard import browser_session, clear_session_cookie, read_cookie
 from .handlers import _same_origin, everywhere_field
 from .middleware import guarded
@@ -195,8 +196,12 @@ async def _end_session(svc: Services, sub: str, row_id: str) -> str | None:
         card = open_card(svc.config, sub, key, blob)
         refresh_token, why = await _refresh_token(svc, key, card.session_key if card else None)
         await svc.sessions.end_users_session(sub, key)
-        await svc.sessions.store.put_outcome(CARD + key, b"", 1.0)
-        return await svc.oidc.revoke(refresh_token, "refresh_token") if refresh_token else why
+        # The session is gone: its token is revoked before anything else can fail. The card left behind is
+        # harmless (a card without its record is not listed) and lives no longer than the cookie could.
+        outcome = await svc.oidc.revoke(refresh_token, "refresh_token") if refresh_token else why
+        with contextlib.suppress(StoreUnavailable):
+            await svc.sessions.store.put_outcome(CARD + key, b"", 1.0)
+        return outcome
     return None
 
 
