@@ -132,14 +132,14 @@ class Option:
         return raw.strip().lower() if self.choices else raw
 
     def _bounded(self, value: float) -> Any:
-        if isinstance(value, int) and abs(value) > 2**53:  # a TOML integer has no size limit: keep it from float()
-            raise ValueError(f"a number of {value.bit_length()} bits is out of range")
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"must be a finite number, got {value!r}")
         low = 0.0 if self.low is None else self.low
-        if value < low or (self.high is not None and value > self.high):
+        huge = isinstance(value, int) and abs(value) > 2**53  # a TOML integer has no size limit: never float() it
+        if huge or value < low or (self.high is not None and value > self.high):
             high = "" if self.high is None else f" and at most {self.high:g}"
-            raise ValueError(f"must be at least {low:g}{high}, got {value:g}")
+            got = f"a {int(value).bit_length()}-bit number" if huge else f"{value:g}"
+            raise ValueError(f"must be at least {low:g}{high}, got {got}")
         return value
 
 
