@@ -274,3 +274,27 @@ async def test_forged_forwarding_headers_do_not_spread_one_address_over_many_net
     finally:
         await store.close()
         await raw.aclose()
+
+
+async def test_a_client_forgotten_during_its_users_sign_in_leaves_no_live_upstream_token() -> None:
+    """The user allowed access, went to the provider, and meanwhile the pool forgot the client (here: its
+    network registered again with a share of 1). The grant is refused ("registration expired"), and the
+    refresh token the provider just issued for that grant is revoked: before, it was dropped and stayed
+    valid at the provider (an offline_access token, for months)."""
+    from urllib.parse import urljoin
+
+    from tests.test_oauth_authorize import authorize_params, consent_page, form_fields, pkce
+
+    async with oauth_stack(None, oauth_unused_clients_per_network="1") as st, browser() as alice:
+        await sign_in(alice, st.base)
+        reg = await register(st.base)
+        page = await consent_page(alice, st.base, authorize_params(reg["client_id"], pkce()[1]))
+        live = st.provider.live_refresh_tokens().get("alice", 0)
+        fields = {**form_fields(page), "decision": "approve"}
+        async with alice.post(st.base + "/oauth2/consent", data=fields, allow_redirects=False) as resp:
+            assert resp.status in (302, 303), await resp.text()
+            location = urljoin(str(resp.url), resp.headers["Location"])
+        await register(st.base)  # the same network again: the first client is forgotten
+        async with alice.get(location) as resp:  # the provider signs alice in and sends her back
+            assert resp.status == 400 and "registration expired" in await resp.text(), resp.status
+        assert st.provider.live_refresh_tokens().get("alice", 0) == live
