@@ -4,10 +4,11 @@ Registered clients no user has granted access to yet ("unused") are bounded in n
 (``--oauth-unused-clients-max``), so that anonymous registrations cannot fill the store. A bound alone lets
 a few dozen addresses fill it and turn every later registration away, so the pool is shared fairly:
 
-- A registration counts against its **network**: an IPv4 address's /24, an IPv6 address's /48 (an
-  IPv4-mapped IPv6 address as its IPv4 address). These are the smallest prefixes routed on the Internet:
-  an attacker holding one address usually holds its neighbours (a VM's /64 is 2^64 addresses; a site's /48
-  is 65,536 /64s), so counting per address, or per /64, would let one network take the pool.
+- A registration counts against its **network**: an IPv4 address's /24, an IPv6 address's /48 (an IPv6
+  address carrying an IPv4 client, IPv4-mapped, 6to4, Teredo, NAT64/SIIT, as that IPv4 address). These are
+  the smallest prefixes routed on the Internet: an attacker holding one address usually holds its neighbours
+  (a VM's /64 is 2^64 addresses; a site's /48 is 65,536 /64s), so counting per address, or per /64, would
+  let one network take the pool.
 - A network holds at most ``--oauth-unused-clients-per-network`` unused clients; its next registration
   forgets its own oldest one (that network is turned away by nobody, and takes nothing from others).
 - When the pool is full, a registration forgets the oldest unused client of the network holding the most
@@ -27,6 +28,9 @@ import ipaddress
 
 IPV4_NETWORK = 24
 IPV6_NETWORK = 48
+# Translation prefixes (RFC 6052 NAT64 well-known, RFC 2765 SIIT IPv4-translated): the last 32 bits are the
+# IPv4 client. Their /48 would be one network for every IPv4 client behind the translator.
+_IPV4_IN_LOW_BITS = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("::ffff:0:0:0/96"))
 
 
 def network_of(address: str) -> str:
@@ -36,8 +40,8 @@ def network_of(address: str) -> str:
         ip = ipaddress.ip_address(address)
     except ValueError:
         return address
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        ip = _embedded_ipv4(ip) or ip
     prefix = IPV4_NETWORK if ip.version == 4 else IPV6_NETWORK
     return str(ipaddress.ip_network((ip, prefix), strict=False))
 
@@ -52,3 +56,19 @@ def victim_network(counts: dict[str, int], network: str, pool_size: int, max_poo
         return None
     top_count, top = max((count, name) for name, count in counts.items())  # ties: the greatest name, as Redis
     return network if own >= top_count else top
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 client an IPv6 address stands for. Counted as that address's /24, otherwise 6to4 (2002:V4::/48,
+    one /48 per IPv4 address) and Teredo (the /48 holds the server's address, which the sender picks) would
+    give a holder of one /24 hundreds or thousands of networks, and translation prefixes lump all of IPv4
+    together."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip.teredo is not None:
+        return ip.teredo[1]
+    if any(ip in net for net in _IPV4_IN_LOW_BITS):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
