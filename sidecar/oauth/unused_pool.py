@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import ipaddress
 
+from ..ratelimit import embedded_ipv4
+
 IPV4_NETWORK = 24
 IPV6_NETWORK = 48
-# Translation prefixes (RFC 6052 NAT64 well-known, RFC 2765 SIIT IPv4-translated): the last 32 bits are the
-# IPv4 client. Their /48 would be one network for every IPv4 client behind the translator.
-_IPV4_IN_LOW_BITS = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("::ffff:0:0:0/96"))
 
 
 def network_of(address: str) -> str:
@@ -41,7 +40,7 @@ def network_of(address: str) -> str:
     except ValueError:
         return address
     if isinstance(ip, ipaddress.IPv6Address):
-        ip = _embedded_ipv4(ip) or ip
+        ip = embedded_ipv4(ip) or ip
     prefix = IPV4_NETWORK if ip.version == 4 else IPV6_NETWORK
     return str(ipaddress.ip_network((ip, prefix), strict=False))
 
@@ -56,19 +55,3 @@ def victim_network(counts: dict[str, int], network: str, pool_size: int, max_poo
         return None
     top_count, top = max((count, name) for name, count in counts.items())  # ties: the greatest name, as Redis
     return network if own >= top_count else top
-
-
-def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
-    """The IPv4 client an IPv6 address stands for. Counted as that address's /24, otherwise 6to4 (2002:V4::/48,
-    one /48 per IPv4 address) and Teredo (the /48 holds the server's address, which the sender picks) would
-    give a holder of one /24 hundreds or thousands of networks, and translation prefixes lump all of IPv4
-    together."""
-    if ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    if ip.sixtofour is not None:
-        return ip.sixtofour
-    if ip.teredo is not None:
-        return ip.teredo[1]
-    if any(ip in net for net in _IPV4_IN_LOW_BITS):
-        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-    return None
