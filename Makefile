@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench bench-deps soak system-deps node-deps browser-deps client-deps clean
+.PHONY: run test lint bench bench-deps soak system-deps node-deps browser-deps client-deps inspector-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -82,11 +82,21 @@ $(CLIENTS_JS_STAMP): $(CLIENTS_JS)/package.json $(CLIENTS_JS)/package-lock.json 
 	cd $(CLIENTS_JS) && npm ci --no-audit --no-fund --loglevel=error
 	touch $(CLIENTS_JS_STAMP)
 
+# The MCP Inspector's web UI, v1 (its "Direct" connection runs the OAuth flow in the page) and v2 (`inspector-v2`,
+# the current line, OAuth through its Node process) for tests/e2e/test_inspector.py, from the committed tests/e2e/inspector/package-lock.json (npm ci; node checked by node-deps).
+INSPECTOR_JS := tests/e2e/inspector
+INSPECTOR_JS_STAMP := $(INSPECTOR_JS)/node_modules/.package-lock.json
+inspector-deps: $(INSPECTOR_JS_STAMP)
+
+$(INSPECTOR_JS_STAMP): $(INSPECTOR_JS)/package.json $(INSPECTOR_JS)/package-lock.json | $(MCP_JS_STAMP)
+	cd $(INSPECTOR_JS) && npm ci --no-audit --no-fund --loglevel=error
+	touch $(INSPECTOR_JS_STAMP)
+
 # make run PORT=0 (free ports, printed) ARGS="--oauth-access-token-ttl 20s" (any sidecar flag over the demo's)
 run: $(STAMP)
 	$(PY) -m sidecar.dev $(if $(PORT),--port $(PORT)) $(ARGS)
 
-test: $(STAMP) system-deps node-deps browser-deps client-deps
+test: $(STAMP) system-deps node-deps browser-deps client-deps inspector-deps
 	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 lint: $(STAMP)
@@ -113,4 +123,4 @@ soak: $(STAMP) system-deps
 	$(PY) -m tests.bench.soak --minutes $(SOAK_MINUTES)
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache $(MCP_JS)/node_modules $(BROWSER_JS)/node_modules $(CLIENTS_JS)/node_modules build/screenshots
+	rm -rf $(VENV) *.egg-info .pytest_cache $(MCP_JS)/node_modules $(BROWSER_JS)/node_modules $(CLIENTS_JS)/node_modules $(INSPECTOR_JS)/node_modules build/screenshots

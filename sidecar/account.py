@@ -15,6 +15,7 @@ upstream tokens) are not browser sessions and are not listed as such.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import time
@@ -28,7 +29,7 @@ from .config import Config
 from .context import Services
 from .cookies import SessionRef
 from .devices import CARD, open_card
-from .errors import InvalidCookie
+from .errors import InvalidCookie, StoreUnavailable
 from .guard import browser_session, clear_session_cookie, read_cookie
 from .handlers import _same_origin, everywhere_field
 from .middleware import guarded
@@ -193,23 +194,35 @@ async def _end_session(svc: Services, sub: str, row_id: str) -> str | None:
         if not blob:
             return None
         card = open_card(svc.config, sub, key, blob)
-        refresh_token = await _refresh_token(svc, key, card.session_key if card else None)
+        refresh_token, why = await _refresh_token(svc, key, card.session_key if card else None)
         await svc.sessions.end_users_session(sub, key)
-        await svc.sessions.store.put_outcome(CARD + key, b"", 1.0)
-        return await svc.oidc.revoke(refresh_token, "refresh_token") if refresh_token else "none"
+        # The session is gone: its token is revoked before anything else can fail. The card left behind is
+        # harmless (a card without its record is not listed) and lives no longer than the cookie could.
+        outcome = await svc.oidc.revoke(refresh_token, "refresh_token") if refresh_token else why
+        with contextlib.suppress(StoreUnavailable):
+            await svc.sessions.store.put_outcome(CARD + key, b"", 1.0)
+        return outcome
     return None
 
 
-async def _refresh_token(svc: Services, key: str, session_key: bytes | None) -> str | None:
-    """The refresh token in another browser's session record, opened with the key its device card keeps."""
-    record = await svc.sessions.store.load(key) if session_key else None
-    if record is None or session_key is None:
-        return None
+NOT_OPENED = "not revoked: the session record could not be opened"
+
+
+async def _refresh_token(svc: Services, key: str, session_key: bytes | None) -> tuple[str | None, str]:
+    """The refresh token in another browser's session record, opened with the key its device card keeps; else
+    None and what the log line says: "none" when the record holds none, ``NOT_OPENED`` when a record is there
+    but the card cannot open it (a card from before the key was kept, or one that does not fit the record),
+    so that a token left valid at the provider is never logged as if there were none."""
+    record = await svc.sessions.store.load(key)
+    if record is None:
+        return None, "none"
+    if session_key is None:
+        return None, NOT_OPENED
     try:
         plain = crypto.decrypt(session_key, record.blob, key.encode())
-        return Session.from_bytes(plain, record.version, record.last_active).tokens.refresh_token
+        return Session.from_bytes(plain, record.version, record.last_active).tokens.refresh_token, "none"
     except (InvalidCookie, ValueError):
-        return None  # a card from another record, or a record format from another version: nothing to revoke
+        return None, NOT_OPENED
 
 
 async def signed_out(request: web.Request, svc: Services) -> web.Response:

@@ -23,6 +23,7 @@ from .oidc import OidcClient
 from .refresh import Refresher
 from .sessions import Sessions
 from .store import SessionStore, make_store
+from .upstream_client import upstream_client
 
 log = logging.getLogger("sidecar")
 
@@ -64,12 +65,7 @@ def build_app(config: Config, store: SessionStore | None = None) -> web.Applicat
     async def services_ctx(app: web.Application) -> AsyncIterator[None]:
         chosen = store if store is not None else make_store(config)
         http = provider_http(config)
-        upstream_http = aiohttp.ClientSession(
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
-            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
-        )
+        upstream_http = upstream_client(config)
         sessions = Sessions(chosen, config)
         oidc = OidcClient(config, http)
         app[SERVICES] = Services(

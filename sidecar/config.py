@@ -131,7 +131,7 @@ class Config:
     redis_timeout: Seconds = option(2.0, "timeout of one Redis command", low=0.01, high=60)
     session_cache_ttl: Seconds = option(1.0, "how long a replica trusts its cached copy of a session (0 to 1s)", high=1)
     auth_decision_cache: bool = option(
-        True, "keep each /oauth2/auth 202 per cookie and request for at most --session-cache-ttl (see decisions.py)"
+        True, "keep each /oauth2/auth 202 (and proxy sign-in check) per cookie for at most --session-cache-ttl"
     )
     email_domain: Names = option(
         (),

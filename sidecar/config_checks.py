@@ -35,7 +35,7 @@ class Upstream:
 
 def split_hostport(text: str, option: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not re.fullmatch(r"[0-9]{1,5}", port) or not 0 < int(port) < 65536:  # isdigit takes any script
         raise ConfigError(f"--{option}: expected host:port, got {text!r}")
     return host.strip("[]") or "0.0.0.0", int(port)
 

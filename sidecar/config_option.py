@@ -121,7 +121,9 @@ class Option:
         if self.kind == "duration":
             if isinstance(raw, bool):
                 raise ValueError(f"not a duration: {raw!r}")
-            return self._bounded(float(raw) if isinstance(raw, (int, float)) else parse_duration(str(raw)))
+            if isinstance(raw, (int, float)):
+                return float(self._bounded(raw))
+            return self._bounded(parse_duration(str(raw)))
         if not isinstance(raw, str):
             raise ValueError(f"expected text, got {type(raw).__name__}")
         if self.choices and raw.strip().lower() not in self.choices:
@@ -130,12 +132,14 @@ class Option:
         return raw.strip().lower() if self.choices else raw
 
     def _bounded(self, value: float) -> Any:
-        if not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"must be a finite number, got {value!r}")
         low = 0.0 if self.low is None else self.low
-        if value < low or (self.high is not None and value > self.high):
+        huge = isinstance(value, int) and abs(value) > 2**53  # a TOML integer has no size limit: never float() it
+        if huge or value < low or (self.high is not None and value > self.high):
             high = "" if self.high is None else f" and at most {self.high:g}"
-            raise ValueError(f"must be at least {low:g}{high}, got {value:g}")
+            got = f"a {int(value).bit_length()}-bit number" if huge else f"{value:g}"
+            raise ValueError(f"must be at least {low:g}{high}, got {got}")
         return value
 
 

@@ -191,8 +191,11 @@ def auth_response_headers_for(session: Session, config: Config) -> dict[str, str
     return _memoised("auth_headers", auth_response_headers, session, config)
 
 
+UPSTREAM_MEMO = "upstream_headers"  # the key of the proxy's identity headers in ``Session.derived``
+
+
 def upstream_identity_headers_for(session: Session, config: Config) -> dict[str, str]:
-    return _memoised("upstream_headers", upstream_identity_headers, session, config)
+    return _memoised(UPSTREAM_MEMO, upstream_identity_headers, session, config)
 
 
 def upstream_identity_headers(session: Session, config: Config) -> dict[str, str]:

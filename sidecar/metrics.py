@@ -20,7 +20,7 @@ AUTH_DECISIONS = Counter("sidecar_auth_decisions_total", "Auth decisions (202/40
 SESSIONS_CREATED = Counter("sidecar_sessions_created_total", "Sessions created at sign-in")
 SESSIONS_DELETED = Counter("sidecar_sessions_deleted_total", "Sessions deleted", ["reason"])
 DECISION_CACHE_LOOKUPS = Counter(
-    "sidecar_auth_decision_cache_total", "/oauth2/auth decision cache lookups (hit, miss)", ["result"]
+    "sidecar_auth_decision_cache_total", "decision cache lookups (hit, miss), /oauth2/auth and proxy", ["result"]
 )
 REFRESHES = Counter("sidecar_refreshes_total", "Token refreshes by outcome", ["outcome"])
 REFRESH_JOINED = Counter("sidecar_refresh_joined_total", "Requests that joined an in-flight refresh")

@@ -10,30 +10,34 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import functools
 import logging
 import re
 import time
 import unicodedata
+from collections.abc import Mapping
 from urllib.parse import quote, unquote_to_bytes
 
 import aiohttp
 from aiohttp import WSMsgType, web
+from multidict import CIMultiDict
 from yarl import URL
 
 from . import logs, metrics, pages
-from .config import Config
-from .context import BY_SIDECAR_TOKEN, Services, View, view_of
-from .cookies import without_sidecar_cookies
+from .config import Config, Upstream
+from .context import AUTHED, BY_SIDECAR_TOKEN, Services, trusted_peer, view_of
+from .cookies import SessionRef, without_sidecar_cookies
+from .decisions import Decision, Key
 from .errors import BadRequest, SessionGone
-from .guard import authorize, is_api_route, sign_in_redirect, wants_html
+from .guard import BEARER_REF, authorize, is_api_route, read_cookie, sign_in_redirect, wants_html
 from .headers import (
     HOP_BY_HOP,
     PROTECTED_PREFIX,
+    UPSTREAM_MEMO,
     holds_sidecar_token,
     refused_from_client,
     upstream_identity_headers_for,
 )
+from .models import Session
 from .stepup import is_stale, required_max_age, start_url, unauthorized
 
 _PATH_SAFE = "/:@!$&'()*+,=-._~"  # what stays literal in a forwarded path; everything else is %XX
@@ -113,19 +117,24 @@ _NEVER_FORWARDED = {
 _NOTHING: frozenset[str] = frozenset()
 
 
-def _forward_headers(request: web.Request, config: Config, *, trusted: bool, skipped: bool) -> dict[str, str]:
+def _forward_headers(
+    request: web.Request, config: Config, *, trusted: bool, skipped: bool, app_cookie: str | None = None
+) -> dict[str, str]:
     """The client's headers the app may see: not hop-by-hop, not the sidecar's own, not its cookies.
 
     The names are checked with set lookups (``headers.refused_from_client``), not a function call per header:
     a name is dropped when its lower-case form is hop-by-hop, listed in ``Connection`` or the sidecar's, or
-    when its normalised form (``_`` as ``-``) is the sidecar's."""
+    when its normalised form (``_`` as ``-``) is the sidecar's. ``app_cookie``: the request's one Cookie header
+    as the app sees it, already known (the decision cache keeps it beside the session)."""
     connection = request.headers.get("Connection")
     listed = {h.strip().lower() for h in connection.split(",")} if connection else _NOTHING
     # The client's Authorization is dropped when the sidecar sets its own, and when it held a sidecar-issued
-    # token (no token passthrough: MCP authorization, "Token Passthrough").
-    authorization = bool(config.pass_authorization_header) or request.get(BY_SIDECAR_TOKEN, False)
+    # token (no token passthrough: MCP authorization, "Token Passthrough"); only a request with an Authorization
+    # header can have held one, and without one the flag changes nothing (no request-state lookup then).
+    authorization = bool(config.pass_authorization_header) or (
+        "Authorization" in request.headers and request.get(BY_SIDECAR_TOKEN, False)
+    )
     never = _NEVER_FORWARDED[(authorization, trusted, skipped)]
-    refused = refused_from_client(authorization, trusted, skipped)
     cookie_name = config.cookie_name
     out: dict[str, str] = {}
     for name, value in request.headers.items():
@@ -134,58 +143,69 @@ def _forward_headers(request: web.Request, config: Config, *, trusted: bool, ski
             continue
         if "_" in low:
             low = low.replace("_", "-")  # X_Auth_Request_User reads as X-Auth-Request-User in some servers
-            if low in refused:
+            if low in refused_from_client(authorization, trusted, skipped):
                 continue
         if low.startswith(PROTECTED_PREFIX):
             continue
         if low == "authorization" and holds_sidecar_token(value):
             continue  # a sidecar token never reaches the app, on any path (the cookie may have authenticated)
         if low == "cookie" and cookie_name in value:
-            value = without_sidecar_cookies(value, cookie_name)
+            value = without_sidecar_cookies(value, cookie_name) if app_cookie is None else app_cookie
             if not value:
                 continue
         if name in out:
             out[name] += ", " + value
         else:
             out[name] = value
-    if request.content_length is not None:
-        out["Content-Length"] = str(request.content_length)
+    length = request.content_length
+    if length is not None:
+        out["Content-Length"] = str(length)
     return out
-
-
-def _forwarded_for(request: web.Request, view: View) -> str:
-    prior = request.headers.get("X-Forwarded-For") if view.trusted else None
-    return f"{prior}, {request.remote}" if prior else str(request.remote)
 
 
 async def handle(request: web.Request, svc: Services) -> web.StreamResponse:
     """Catch-all: authenticate (unless a skip-auth rule matches), then proxy."""
     config = svc.config
     path = normalise_path(request.rel_url.raw_path)
-    upstream = next((u for u in config.upstreams if path.startswith(u.prefix) or path + "/" == u.prefix), None)
+    ups = config.upstreams  # one upstream at "/" is the common case: no loop, no call
+    upstream = ups[0] if len(ups) == 1 and path.startswith(ups[0].prefix) else _upstream_for(config, path)
     skip = bool(config.skip_routes) and any(rule.matches(request.method, path) for rule in config.skip_routes)
-    headers = {}
+    headers = _NO_HEADERS
+    app_cookie: str | None = None  # the Cookie header the app sees, when the decision cache knows it
     if not skip:
-        try:
-            _, session = await authorize(request, svc)
-        except SessionGone:
-            return sign_in_redirect(request)
+        entry = _cached(request, svc)
+        if entry is None:
+            try:
+                ref, session = await authorize(request, svc)
+            except SessionGone:
+                return sign_in_redirect(request)
+            _remember(request, svc, ref, session)
+        else:
+            session, app_cookie = entry.session, entry.headers.get("Cookie", "")
         max_age = required_max_age(config.fresh_routes, request.method, path) if config.fresh_routes else None
         if max_age is not None and is_stale(session.auth_time, max_age, time.time()):
             return _step_up(request, config, max_age)
-        headers = upstream_identity_headers_for(session, config)
+        headers = session.derived.get(UPSTREAM_MEMO) or upstream_identity_headers_for(session, config)
     if upstream is None:
         text = "404 Not Found: no upstream for this path\n"
         return pages.error(request, 404, "Not found", "Nothing is served at this address.", (pages.HOME,), text=text)
-    websocket = _is_websocket(request)
+    upgrade = request.headers.get("Upgrade")
+    websocket = upgrade is not None and _is_websocket(upgrade)
     if websocket:
         _check_handshake(request)  # before any upstream connection is opened
-    view = view_of(request)
-    forward = _forward_headers(request, config, trusted=view.trusted, skipped=skip)
+    remote = request.remote
+    if trusted_peer(remote, config):
+        view = view_of(request)
+        trusted, scheme, host = True, view.scheme, view.host
+        prior = request.headers.get("X-Forwarded-For")
+        forwarded_for = f"{prior}, {remote}" if prior else str(remote)
+    else:  # what view_of concludes for any other peer, without building the view
+        trusted, scheme, host, forwarded_for = False, "https" if request.secure else "http", request.host, str(remote)
+    forward = _forward_headers(request, config, trusted=trusted, skipped=skip, app_cookie=app_cookie)
     forward.update(headers)
-    forward["X-Forwarded-For"] = _forwarded_for(request, view)
-    forward["X-Forwarded-Proto"] = view.scheme
-    forward["X-Forwarded-Host"] = view.host
+    forward["X-Forwarded-For"] = forwarded_for
+    forward["X-Forwarded-Proto"] = scheme
+    forward["X-Forwarded-Host"] = host
     forward["Host"] = request.host  # the client's: apps build links and compare Origin with it
     query = request.rel_url.raw_query_string
     # encoded=True: the upstream receives exactly the path the skip-auth rules saw (yarl would
@@ -194,6 +214,65 @@ async def handle(request: web.Request, svc: Services) -> web.StreamResponse:
     if websocket:
         return await _websocket(request, svc, url, forward)
     return await _stream(request, svc, url, forward)
+
+
+_NO_HEADERS: dict[str, str] = {}
+# The second item of a proxied request's decision-cache key; an /oauth2/auth key has at least four items.
+_PROXY_KEY = "proxy"
+
+
+def _upstream_for(config: Config, path: str) -> Upstream | None:
+    """The first upstream whose prefix the path is under (or is, without its trailing slash)."""
+    for upstream in config.upstreams:
+        if path.startswith(upstream.prefix) or path + "/" == upstream.prefix:
+            return upstream
+    return None
+
+
+def _session_key(request: web.Request, svc: Services) -> Key | None:
+    """The decision-cache key of a proxied request's sign-in check; None when the cookie alone may not decide.
+
+    With no ``Authorization`` header (no bearer token, no token the sidecar issued) ``authorize`` reads nothing
+    but the session cookie, so the key is the one Cookie header, whole. As for ``/oauth2/auth``, nothing is
+    cached for two Cookie headers or for the session cookie's name twice."""
+    headers = request.headers
+    if svc.decisions is None or "Authorization" in headers:
+        return None
+    cookies = headers.getall("Cookie", ())
+    if len(cookies) != 1 or cookies[0].count(svc.config.cookie_name + "=") != 1:
+        return None
+    return (cookies[0], _PROXY_KEY)
+
+
+def _cached(request: web.Request, svc: Services) -> Decision | None:
+    """What a recent request with the same key was allowed with (its session, and the Cookie header its app
+    saw), while the decision cache still vouches for it: the same object in the session cache, before its
+    refresh is due and before any lifetime, idle or cookie limit; a sign-out, refresh or session end in this
+    process drops it at once."""
+    key = _session_key(request, svc)
+    if key is None:
+        return None
+    assert svc.decisions is not None
+    entry = svc.decisions.get(key)
+    if entry is None:
+        return None
+    if svc.config.request_logging:  # only the access log line reads it
+        request[AUTHED] = (entry.ref, entry.session)
+    return entry
+
+
+def _remember(request: web.Request, svc: Services, ref: SessionRef, session: Session) -> None:
+    """Keep a cookie's successful check for the next requests with the same key (from the second time the key
+    is seen), with the Cookie header the app sees (the key's, without the sidecar's cookies). The step-up age
+    is checked per request, so the entry holds none; a token's session is never kept."""
+    key = _session_key(request, svc)
+    if key is None or svc.decisions is None or ref is BEARER_REF or not svc.decisions.admit(key):
+        return
+    config = svc.config
+    cookie = read_cookie(request, config.cookie_name)
+    until = svc.codec.session_valid_until(cookie) if cookie else None
+    app_sees = CIMultiDict({"Cookie": without_sidecar_cookies(key[0], config.cookie_name)})
+    svc.decisions.put(key, app_sees, ref, session, max_age=None, cookie_until=until, forwarded_ip=None)
 
 
 def _step_up(request: web.Request, config: Config, max_age: int) -> web.Response:
@@ -206,9 +285,8 @@ def _step_up(request: web.Request, config: Config, max_age: int) -> web.Response
     return unauthorized(max_age)
 
 
-def _is_websocket(request: web.Request) -> bool:
-    upgrade = request.headers.get("Upgrade")
-    return upgrade is not None and "websocket" in {t.strip().lower() for t in upgrade.split(",")}
+def _is_websocket(upgrade: str) -> bool:
+    return "websocket" in {t.strip().lower() for t in upgrade.split(",")}
 
 
 def _check_handshake(request: web.Request) -> None:
@@ -227,11 +305,6 @@ def _check_handshake(request: web.Request) -> None:
         valid = False
     if not valid:
         raise BadRequest("bad Sec-WebSocket-Key")
-
-
-@functools.lru_cache(maxsize=8)
-def _timeout(seconds: float) -> aiohttp.ClientTimeout:
-    return aiohttp.ClientTimeout(sock_connect=seconds, sock_read=seconds)
 
 
 def _log_upstream_error(request: web.Request, error: str, url: URL) -> None:
@@ -256,7 +329,7 @@ async def _request_body(request: web.Request) -> bytes | aiohttp.StreamReader | 
 
 async def _stream(request: web.Request, svc: Services, url: URL, headers: dict[str, str]) -> web.StreamResponse:
     assert svc.upstream_http is not None
-    body = await _request_body(request)
+    body = await _request_body(request) if request.body_exists else None
     started = time.monotonic()
     try:
         upstream = await svc.upstream_http.request(
@@ -265,7 +338,6 @@ async def _stream(request: web.Request, svc: Services, url: URL, headers: dict[s
             headers=headers,
             data=body,
             allow_redirects=False,
-            timeout=_timeout(svc.config.upstream_timeout),
         )
     except TimeoutError:
         _log_upstream_error(request, "timeout", url)
@@ -286,7 +358,7 @@ async def _stream(request: web.Request, svc: Services, url: URL, headers: dict[s
             if whole:
                 await response.write_eof(await upstream.read())  # status line, headers and body in one send
             else:
-                watcher = asyncio.ensure_future(_close_when_client_leaves(request, upstream))
+                watcher = _ClientWatch(request, upstream)
                 try:
                     async for chunk in upstream.content.iter_any():
                         await response.write(chunk)
@@ -306,19 +378,30 @@ async def _stream(request: web.Request, svc: Services, url: URL, headers: dict[s
             upstream.close()  # half-read: this connection cannot be reused
 
 
-async def _close_when_client_leaves(request: web.Request, upstream: aiohttp.ClientResponse) -> None:
+class _ClientWatch:
     """Close the upstream response once the client has gone.
 
     aiohttp does not cancel a handler when its client disconnects, and a stream (server-sent events, a
     long poll) only notices at its next write, which a quiet upstream may not make for minutes: the
-    upstream connection and its server-side stream would be held for nothing. Polling the transport is
-    one timer per open stream; small answers read whole never start one."""
-    while True:
-        await asyncio.sleep(CLIENT_GONE_POLL)
-        transport = request.transport
+    upstream connection and its server-side stream would be held for nothing. The transport is looked at
+    every ``CLIENT_GONE_POLL`` seconds by a loop timer (no task, no coroutine per stream); small answers
+    read whole never start one."""
+
+    __slots__ = ("_request", "_upstream", "_timer")
+
+    def __init__(self, request: web.Request, upstream: aiohttp.ClientResponse) -> None:
+        self._request, self._upstream = request, upstream
+        self._timer = asyncio.get_running_loop().call_later(CLIENT_GONE_POLL, self._look)
+
+    def _look(self) -> None:
+        transport = self._request.transport
         if transport is None or transport.is_closing():
-            upstream.close()
+            self._upstream.close()  # the stream's read fails at once: the handler ends
             return
+        self._timer = asyncio.get_running_loop().call_later(CLIENT_GONE_POLL, self._look)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
 
 
 class _WholeAnswer(web.StreamResponse):
@@ -330,11 +413,15 @@ class _WholeAnswer(web.StreamResponse):
     _send_headers_immediately = False
 
 
-def _answer_headers(upstream: aiohttp.ClientResponse) -> list[tuple[str, str]]:
-    """The upstream's response headers without hop-by-hop ones and those its ``Connection`` lists."""
-    connection = upstream.headers.get("Connection")
+def _answer_headers(upstream: aiohttp.ClientResponse) -> Mapping[str, str] | list[tuple[str, str]]:
+    """The upstream's response headers without hop-by-hop ones and those its ``Connection`` lists (a
+    hop-by-hop name, so the common answer, with none of them, is passed on as it is: one check per name)."""
+    headers = upstream.headers
+    if HOP_BY_HOP.isdisjoint(map(str.lower, headers.keys())):
+        return headers
+    connection = headers.get("Connection")
     dropped = HOP_BY_HOP | {h.strip().lower() for h in connection.split(",")} if connection else HOP_BY_HOP
-    return [(name, value) for name, value in upstream.headers.items() if name.lower() not in dropped]
+    return [(name, value) for name, value in headers.items() if name.lower() not in dropped]
 
 
 async def _websocket(request: web.Request, svc: Services, url: URL, headers: dict[str, str]) -> web.StreamResponse:

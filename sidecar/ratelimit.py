@@ -46,16 +46,37 @@ class RateLimiter:
 @lru_cache(maxsize=4096)
 def client_key(client: str) -> str:
     """The bucket of a client address: an IPv6 address counts as its /64 (a host may pick any address in
-    it, one per request); an IPv4-mapped one as its IPv4 address; anything else (a session id) as is."""
+    it, one per request); one that stands for an IPv4 client (mapped, 6to4, Teredo, NAT64) as that IPv4
+    address; anything else (a session id) as is."""
     try:
         address = ipaddress.ip_address(client)
     except ValueError:
         return client
     if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
+        v4 = embedded_ipv4(address)
+        if v4 is not None:
+            return str(v4)
         return str(ipaddress.IPv6Network((address, IPV6_PREFIX), strict=False))
     return client
+
+
+_IPV4_IN_LOW_BITS = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("::ffff:0:0:0/96"))
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 client an IPv6 address stands for. Counted as that IPv4 address (or its network), otherwise
+    6to4 (2002:V4::/48, one /48 per IPv4 address) and Teredo (the high bits hold the server's address,
+    which the sender picks) would give the holder of one IPv4 address thousands of buckets, and the
+    translation prefixes (NAT64, SIIT) would lump every IPv4 client into one."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip.teredo is not None:
+        return ip.teredo[1]
+    if any(ip in net for net in _IPV4_IN_LOW_BITS):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
 
 
 def retry_after(seconds: float) -> str:

@@ -216,7 +216,8 @@ async def test_a_device_card_without_a_usable_session_key_still_ends_its_session
     redis_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Cards written before the key was kept, or holding a key that does not open the record, or no key at
-    all: the session still ends as before; nothing is sent to the provider and the log line says "none"."""
+    all: the session still ends as before; nothing is sent to the provider and the log line says the token was
+    not revoked because the record could not be opened (it said "none" before, as if there were no token)."""
     import base64
     import json
     import logging
@@ -224,6 +225,7 @@ async def test_a_device_card_without_a_usable_session_key_still_ends_its_session
     import redis.asyncio as aioredis
 
     from sidecar import crypto, devices
+    from sidecar.account import NOT_OPENED
     from sidecar.sessions import user_key
     from sidecar.store import RedisStore
 
@@ -257,6 +259,41 @@ async def test_a_device_card_without_a_usable_session_key_still_ends_its_session
                     assert st.provider.stats()["revoke_calls"] == calls, card
                     assert st.provider.live_refresh_tokens()["alice"] == live, card  # stays valid upstream
                     events = [getattr(r, "fields", {}) for r in caplog.records if r.getMessage() == "account_revoked"]
-                    assert [e.get("refresh_token") for e in events] == ["none"], (card, caplog.text)
+                    assert [e.get("refresh_token") for e in events] == [NOT_OPENED], (card, caplog.text)
     finally:
+        await store.close()
+
+
+async def test_a_store_failing_after_the_session_ended_still_revokes_its_refresh_token(redis_url: str) -> None:
+    """Redis takes the session's deletion, then refuses the write that clears its device card (a real
+    redis-server whose ACL stops allowing writes to card keys at that point). The session is gone, so its
+    refresh token must be revoked at the provider all the same, and the page answers as for an ended row:
+    before, the card write came first and its failure (a 503) left the token valid upstream."""
+    import redis.asyncio as aioredis
+
+    from sidecar.store import RedisStore
+
+    admin = aioredis.from_url(redis_url)
+    user, prefix = f"acctfail{abs(hash(redis_url)) % 1000}", "acct-fail:"
+    await admin.execute_command("ACL", "SETUSER", user, "reset", "on", ">pw", "~*", "&*", "+@all")
+    store = RedisStore(aioredis.from_url(redis_url.replace("redis://", f"redis://{user}:pw@")), prefix=prefix)
+    try:
+        async with oauth_stack(store) as st, browser() as keeper, browser() as other:
+            await sign_in(keeper, st.base)
+            await sign_in(other, st.base)
+            mine = await rows(keeper, st.base)
+            assert len(mine) == 2
+            live = st.provider.live_refresh_tokens()["alice"]
+            # every write still allowed but to the store's short-lived values that are device cards (o:acct:*)
+            writable = [f"%W~{prefix}[^o]*", f"%W~{prefix}o[^:]*", f"%W~{prefix}o:[^a]*", "%W~[^a]*"]
+            await admin.execute_command("ACL", "SETUSER", user, "resetkeys", "%R~*", *writable)
+            form = {"csrf": mine[1][0], "kind": mine[1][1], "id": mine[1][2]}
+            async with keeper.post(st.base + "/oauth2/account/revoke", data=form, allow_redirects=False) as resp:
+                assert resp.status == 303, (resp.status, await resp.text())
+            async with other.get(st.base + "/oauth2/userinfo") as resp:
+                assert resp.status == 401
+            assert st.provider.live_refresh_tokens().get("alice", 0) == live - 1
+    finally:
+        await admin.execute_command("ACL", "DELUSER", user)
+        await admin.aclose()
         await store.close()

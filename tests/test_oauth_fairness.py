@@ -54,6 +54,35 @@ def test_bad_budget_values_in_the_environment_or_toml_are_refused_too(value: str
         assert len(lines) == 1 and ("revocation-rate-limit" in lines[0] or "per-network" in lines[0]), lines
 
 
+@pytest.mark.parametrize(
+    "line",
+    [
+        "oauth-revocation-rate-limit = 99999999999999999999999999999999999999999999999999" + "9" * 300,
+        "oauth-unused-clients-per-network = -99999999999999999999999999999999999999999999999" + "9" * 300,
+        "oauth-unused-client-ttl = 99999999999999999999999999999999999999999999999999" + "9" * 300,
+    ],
+)
+def test_a_number_too_big_for_a_float_in_toml_is_one_line_not_a_traceback(line: str, tmp_path: Path) -> None:
+    """TOML integers have no size limit in Python's reader; the bound check turned them into a float and an
+    OverflowError escaped build_config (a traceback at start-up, not one line naming the option)."""
+    toml = tmp_path / "sidecar.toml"
+    toml.write_text(line + "\n")
+    with pytest.raises(ConfigError) as err:
+        load_config([*BASE, "--config", str(toml)], {})
+    lines = str(err.value).splitlines()
+    assert len(lines) == 1 and lines[0].startswith("--" + line.split(" ")[0] + ":"), lines
+
+
+@pytest.mark.parametrize("port", ["٨٠٨٠", "８０８０", "²", "8_080", " 8080", "+8080"])
+def test_an_address_port_takes_ascii_digits_only(port: str) -> None:
+    """``str.isdigit`` let other scripts' digits through (``٨٠٨٠`` listened on 8080, ``²`` was a traceback)."""
+    for flag in ("--http-address", "--metrics-address"):
+        with pytest.raises(ConfigError) as err:
+            load_config([*BASE, flag, "127.0.0.1:" + port], {})
+        lines = str(err.value).splitlines()
+        assert len(lines) == 1 and lines[0].startswith(flag + ":"), lines
+
+
 def test_budget_defaults_and_the_share_is_checked_against_the_pool() -> None:
     config = load_config(BASE, {})
     assert (config.oauth_token_rate_limit, config.oauth_revocation_rate_limit) == (60, 60)
@@ -90,6 +119,15 @@ def test_durations_and_numbers_take_ascii_digits_only() -> None:
         ("2001:db8:2::1", "2001:db8:2::/48"),
         ("::ffff:203.0.113.9", "203.0.113.0/24"),  # IPv4-mapped: counted as the IPv4 address
         ("::1", "::/48"),
+        # IPv6 forms carrying an IPv4 client count as its /24: else 6to4 gives one /48 per IPv4 address, Teredo
+        # one per server address (the sender picks it), and a translator's prefix lumps all of IPv4 together
+        ("2002:cb00:7107::1", "203.0.113.0/24"),  # 6to4 of 203.0.113.7
+        ("2002:cb00:7108:5::1", "203.0.113.0/24"),  # another address of that /24: the same network
+        ("2001:0:4136:e378:8000:63bf:34ff:8ef8", "203.0.113.0/24"),  # Teredo: client 203.0.113.7 (obfuscated)
+        ("2001:0:ffff:1:8000:63bf:34ff:8ef8", "203.0.113.0/24"),  # the same client through another server
+        ("64:ff9b::203.0.113.9", "203.0.113.0/24"),  # NAT64 well-known prefix (RFC 6052)
+        ("64:ff9b::198.51.100.9", "198.51.100.0/24"),  # another IPv4 client behind it: another network
+        ("::ffff:0:203.0.113.9", "203.0.113.0/24"),  # SIIT IPv4-translated (RFC 2765)
         ("fe80::1%eth0", "fe80::/48"),
         ("/run/sidecar.sock", "/run/sidecar.sock"),  # not an IP address: its own network
         ("", ""),
@@ -236,3 +274,27 @@ async def test_forged_forwarding_headers_do_not_spread_one_address_over_many_net
     finally:
         await store.close()
         await raw.aclose()
+
+
+async def test_a_client_forgotten_during_its_users_sign_in_leaves_no_live_upstream_token() -> None:
+    """The user allowed access, went to the provider, and meanwhile the pool forgot the client (here: its
+    network registered again with a share of 1). The grant is refused ("registration expired"), and the
+    refresh token the provider just issued for that grant is revoked: before, it was dropped and stayed
+    valid at the provider (an offline_access token, for months)."""
+    from urllib.parse import urljoin
+
+    from tests.test_oauth_authorize import authorize_params, consent_page, form_fields, pkce
+
+    async with oauth_stack(None, oauth_unused_clients_per_network="1") as st, browser() as alice:
+        await sign_in(alice, st.base)
+        reg = await register(st.base)
+        page = await consent_page(alice, st.base, authorize_params(reg["client_id"], pkce()[1]))
+        live = st.provider.live_refresh_tokens().get("alice", 0)
+        fields = {**form_fields(page), "decision": "approve"}
+        async with alice.post(st.base + "/oauth2/consent", data=fields, allow_redirects=False) as resp:
+            assert resp.status in (302, 303), await resp.text()
+            location = urljoin(str(resp.url), resp.headers["Location"])
+        await register(st.base)  # the same network again: the first client is forgotten
+        async with alice.get(location) as resp:  # the provider signs alice in and sends her back
+            assert resp.status == 400 and "registration expired" in await resp.text(), resp.status
+        assert st.provider.live_refresh_tokens().get("alice", 0) == live

@@ -84,7 +84,7 @@ _CROSS_ORIGIN_FETCH = """async ([url, init]) => {
 }"""
 
 
-async def test_a_browser_app_on_another_origin_reads_the_metadata_but_cannot_register() -> None:
+async def test_a_browser_app_on_another_origin_reads_the_metadata_and_registers_but_not_the_device_endpoint() -> None:
     """The real counterpart of the hand-made preflight below: a page of another origin (a browser MCP client
     such as the Inspector) in Chromium, which sends Origin and the CORS preflight itself."""
     async with oauth_stack() as st, one_page() as page, other_site() as inspector:
@@ -102,11 +102,16 @@ async def test_a_browser_app_on_another_origin_reads_the_metadata_but_cannot_reg
             "body": json.dumps({"redirect_uris": ["http://127.0.0.1:1/cb"], "token_endpoint_auth_method": "none"}),
         }
         answer = await page.evaluate(_CROSS_ORIGIN_FETCH, [st.base + "/oauth2/register", registration])
+        assert answer.get("status") == 201 and json.loads(answer["body"])["client_id"], answer  # cors.py
+        device = {"method": "POST", "body": "client_id=nobody", "headers": {"Content-Type": "text/plain"}}
+        answer = await page.evaluate(_CROSS_ORIGIN_FETCH, [st.base + "/oauth2/device_authorization", device])
         assert "Failed to fetch" in answer.get("error", ""), answer  # the browser refuses: no CORS there
 
 
-async def test_cors_preflight_for_metadata_but_no_cors_on_registration() -> None:
-    """Hand-made: the exact CORS headers of each answer (the browser's own view is the test above)."""
+async def test_cors_preflight_for_metadata_and_registration_but_not_for_the_device_endpoint() -> None:
+    """Registration is fetch()ed by browser-based clients and reads no cookie (tests/test_oauth_cors.py); the
+    device authorization endpoint is for devices without a browser and stays closed. Hand-made: the exact CORS
+    headers of each answer (the browser's own view is the test above)."""
     async with oauth_stack() as st:
         async with aiohttp.ClientSession() as http:
             for path in ("/.well-known/oauth-authorization-server", "/.well-known/oauth-protected-resource/mcp"):
@@ -124,6 +129,14 @@ async def test_cors_preflight_for_metadata_but_no_cors_on_registration() -> None
                 headers={"Origin": "https://inspector.example"},
             ) as resp:
                 assert resp.status == 201
+                assert resp.headers["Access-Control-Allow-Origin"] == "*"
+                assert "Access-Control-Allow-Credentials" not in resp.headers
+            async with http.post(
+                f"{st.base}/oauth2/device_authorization",
+                data={"client_id": "nobody"},
+                headers={"Origin": "https://inspector.example"},
+            ) as resp:
+                assert resp.status in (400, 401)
                 assert "Access-Control-Allow-Origin" not in resp.headers
         reg = await register(st.base, token_endpoint_auth_method="client_secret_post")
         assert reg["client_secret"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -294,6 +295,65 @@ async def test_a_client_granted_meanwhile_is_not_deleted_by_the_pool(grants: Gra
         await grants.promote_client(first.client_id, 86400)
     await grants.put_new_client(second, "A", 60, 1, 1)
     assert await _kept(grants, [first, second]) == [True, True]
+
+
+async def test_concurrent_registrations_never_leave_a_client_outside_the_pool(grants: GrantStore) -> None:
+    """Registrations landing at once (many workers or replicas): every client record alive is one the pool
+    counts, so the bound holds. Fails when the record is written after the pool admits it: a registration
+    forgotten by a concurrent one before its record existed kept a record nobody counts."""
+    flood = [_new_client(i) for i in range(30)]
+    await asyncio.gather(*(grants.put_new_client(c, "10.9.9.0/24", 60, 100, 2) for c in flood))
+    alive = [c for c, kept in zip(flood, await _kept(grants, flood), strict=True) if kept]
+    assert len(alive) == 2, f"{len(alive)} unused clients alive from a network whose share is 2"
+    again = [_new_client(100 + i) for i in range(30)]  # a full pool, many networks at once
+    await asyncio.gather(*(grants.put_new_client(c, f"10.8.{i}.0/24", 60, 5, 2) for i, c in enumerate(again)))
+    assert sum(await _kept(grants, [*flood, *again])) <= 5
+
+
+async def test_promoting_a_client_the_pool_forgot_says_so(grants: GrantStore) -> None:
+    """The sign-in finisher read the client, then a registration elsewhere forgot it: the promotion must say
+    the client is gone, so no grant (holding the user's upstream tokens) is made for a client nobody can use.
+    Failed before: the promotion answered nothing either way."""
+    first, second = _new_client(1), _new_client(2)
+    assert await grants.put_new_client(first, "A", 60, 1, 1) is None
+    assert await grants.put_new_client(second, "A", 60, 1, 1) == first.client_id
+    assert await grants.promote_client(first.client_id, 86400) is False
+    assert await grants.promote_client(second.client_id, 86400) is True
+    assert await grants.promote_client(second.client_id, 86400) is True  # already used: still there
+    assert await _kept(grants, [first, second]) == [False, True]
+
+
+async def test_memory_and_redis_pools_forget_the_same_clients(redis_server: str) -> None:
+    """One random sequence of registrations (a flood network, a few others, newcomers) and grants, played on
+    the memory store and on a real redis-server: the same client is forgotten at every step."""
+    import random
+
+    rng = random.Random(7)
+    client = aioredis.from_url(redis_server)
+    stores: list[GrantStore] = [MemoryGrantStore(), RedisGrantStore(client, f"parity{time.monotonic_ns()}:")]
+    ids: list[str] = []
+    nets: dict[str, str] = {}
+    reasons: set[str] = set()  # which rule forgot someone: a network at its share, or the biggest holder
+    try:
+        for step in range(400):
+            if ids and rng.random() < 0.1:
+                promoted = rng.choice(ids)
+                answers = [await s.promote_client(promoted, 3600) for s in stores]
+                assert answers[0] == answers[1], (step, promoted, answers)
+                continue
+            net = rng.choice(["flood"] * 6 + ["a", "b", "c", f"new{step % 40}"])
+            c = _new_client(step)
+            ids.append(c.client_id)
+            nets[c.client_id] = net
+            forgotten = [await s.put_new_client(c, net, 600, 12, 5) for s in stores]
+            assert forgotten[0] == forgotten[1], (step, net, forgotten)
+            if forgotten[0] is not None:
+                reasons.add("own" if nets[forgotten[0]] == net else "biggest")
+        assert reasons == {"own", "biggest"}
+        kept = [await s.get_client(i) is not None for s in stores for i in ids]
+        assert kept[: len(ids)] == kept[len(ids) :]
+    finally:
+        await client.aclose()
 
 
 async def test_a_clients_live_device_authorizations_are_bounded(grants: GrantStore) -> None:

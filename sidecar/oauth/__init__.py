@@ -21,7 +21,7 @@ from ..ratelimit import RateLimiter
 
 def install(app: web.Application, config: Config) -> None:
     """Add the authorization server's routes and hooks to ``app`` (called before the proxy catch-all)."""
-    from . import authorize, cimd, device, grants_page, metadata, registration, revocation, token_endpoint
+    from . import authorize, cimd, cors, device, grants_page, metadata, registration, revocation, token_endpoint
     from .service import oauth_ctx
 
     async def hooks_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -46,15 +46,16 @@ def install(app: web.Application, config: Config) -> None:
     app[device.ENTRY_LIMITER] = RateLimiter()
     app[cimd.DOCUMENTS] = cimd.MetadataDocuments(config)
     router, prefix = app.router, config.proxy_prefix
-    router.add_get(metadata.AS_PATH, guarded(metadata.authorization_server, "oauth_metadata"))
-    router.add_route("OPTIONS", metadata.AS_PATH, guarded(metadata.preflight, "oauth_metadata"))
-    router.add_get(metadata.OIDC_PATH, guarded(metadata.openid_configuration, "oauth_metadata"))
-    router.add_route("OPTIONS", metadata.OIDC_PATH, guarded(metadata.preflight, "oauth_metadata"))
-    router.add_get(prefix + "/jwks", guarded(metadata.jwks, "oauth_metadata"))
+    # what a browser-based client fetch()es from its own origin: open to any origin, never with credentials
+    # (cors.py); the pages and the cookie-reading endpoints below get no CORS header
+    cors.add_routes(router, metadata.AS_PATH, {"GET": guarded(metadata.authorization_server, "oauth_metadata")})
+    cors.add_routes(router, metadata.OIDC_PATH, {"GET": guarded(metadata.openid_configuration, "oauth_metadata")})
+    cors.add_routes(router, prefix + "/jwks", {"GET": guarded(metadata.jwks, "oauth_metadata")})
     resource_metadata = metadata.PRM_PATH + "{path:(/.*)?}"
-    router.add_get(resource_metadata, guarded(metadata.protected_resource, "oauth_resource_metadata"))
-    router.add_route("OPTIONS", resource_metadata, guarded(metadata.preflight, "oauth_resource_metadata"))
-    router.add_post(prefix + "/register", guarded(registration.register, "/oauth2/register"))
+    cors.add_routes(router, resource_metadata, {"GET": guarded(metadata.protected_resource, "oauth_resource_metadata")})
+    cors.add_routes(router, prefix + "/register", {"POST": guarded(registration.register, "/oauth2/register")})
+    cors.add_routes(router, prefix + "/token", {"POST": guarded(token_endpoint.handle, "/oauth2/token")})
+    cors.add_routes(router, prefix + "/revoke", {"POST": guarded(revocation.handle, "/oauth2/revoke")})
     router.add_get(prefix + "/authorize", guarded(authorize.authorize, "/oauth2/authorize"))
     router.add_post(prefix + "/consent", guarded(authorize.consent, "/oauth2/consent"))
     router.add_post(
@@ -64,8 +65,6 @@ def install(app: web.Application, config: Config) -> None:
     router.add_post(prefix + "/device", guarded(device.device_page, "/oauth2/device"))
     router.add_get(prefix + "/grants", guarded(grants_page.grants, "/oauth2/grants"))
     router.add_post(prefix + "/grants/revoke", guarded(grants_page.revoke, "/oauth2/grants/revoke"))
-    router.add_post(prefix + "/token", guarded(token_endpoint.handle, "/oauth2/token"))
-    router.add_post(prefix + "/revoke", guarded(revocation.handle, "/oauth2/revoke"))
 
 
 async def _guard_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -397,6 +397,14 @@ async def _deny(request: web.Request, oauth: OAuthServer, pending_id: str, pendi
     return to_client(pending.redirect_uri, params)
 
 
+async def _drop_upstream(oauth: OAuthServer, tokens: TokenSet) -> None:
+    """No grant is made after the grant's own upstream sign-in: its refresh token (often ``offline_access``,
+    valid for months) belongs to nobody, so it is revoked as a grant's end would (best effort, never raises)."""
+    if tokens.refresh_token:
+        outcome = await oauth.svc.oidc.revoke(tokens.refresh_token, "refresh_token")
+        logs.event("oauth_grant_refused_upstream", {"refresh_token": outcome})
+
+
 def _with_status(device: DeviceAuthorization, status: str) -> DeviceAuthorization:
     return DeviceAuthorization(**{**asdict(device), "status": status})
 
@@ -413,19 +421,27 @@ async def finish_grant(
     pending_id = attempt.purpose.partition(":")[2]
     pending = Pending.from_bytes(await oauth.store.take_pending(_pending_key(pending_id)))
     if pending is None or not pending.approved:
+        await _drop_upstream(oauth, tokens)
         return pages.message(config, "Request expired", "This request expired; start again from the application.", 400)
     if identity.sub != pending.sub:
         logs.event("oauth_grant_refused", {"client_id": pending.client_id, "reason": "other_user"})
+        await _drop_upstream(oauth, tokens)
         return pages.message(
             config, "Refused", "You signed in as a different user than the one who allowed access.", status=403
         )
     client = await find_client(request.app, pending.client_id)
     if client is None:
+        await _drop_upstream(oauth, tokens)
         return pages.message(config, "Request expired", "The application's registration expired.", 400)
     if pending.kind == "device" and not await _device_waiting(oauth, pending):
+        await _drop_upstream(oauth, tokens)
         return pages.message(config, "Code expired", "The device code expired or was used; start again.", 400)
-    if not client.metadata_document:  # a user granted it access: no longer an unused registration
-        await oauth.store.promote_client(client.client_id, float(config.oauth_client_idle_timeout))
+    # A user granted it access: no longer an unused registration. Unless the unused pool forgot it since it was
+    # read (a registration on another replica): then no grant for it.
+    idle = float(config.oauth_client_idle_timeout)
+    if not client.metadata_document and not await oauth.store.promote_client(client.client_id, idle):
+        await _drop_upstream(oauth, tokens)
+        return pages.message(config, "Request expired", "The application's registration expired.", 400)
     grant, key = await oauth.start_grant(
         identity,
         tokens,

@@ -3,9 +3,8 @@
 A client that gets a 401 on ``/mcp`` follows its ``resource_metadata`` to
 ``/.well-known/oauth-protected-resource/mcp``, learns the authorization server (the sidecar's external
 origin) and reads ``/.well-known/oauth-authorization-server`` for the endpoints. Both are public and
-carry no secret, so they are answered to any origin (``Access-Control-Allow-Origin: *``: browser-based MCP
-clients read them from another origin; the TypeScript SDK's ``MCP-Protocol-Version`` header makes the
-browser ask first, hence ``OPTIONS``). Token-bearing endpoints never get that header.
+carry no secret, so ``install`` opens them to any origin (``cors.py``: browser-based MCP clients read them
+from another origin; the TypeScript SDK's ``MCP-Protocol-Version`` header makes the browser ask first).
 """
 
 from __future__ import annotations
@@ -24,16 +23,10 @@ AS_PATH = "/.well-known/oauth-authorization-server"
 OIDC_PATH = "/.well-known/openid-configuration"
 CLAIMS = ("iss", "sub", "aud", "exp", "iat", "auth_time", "nonce", "at_hash", "preferred_username", "email")
 PRM_PATH = "/.well-known/oauth-protected-resource"
-CORS = {
-    "Access-Control-Allow-Origin": "*",
-    "Access-Control-Allow-Methods": "GET, OPTIONS",
-    "Access-Control-Allow-Headers": "*",
-    "Access-Control-Max-Age": "600",
-}
 
 
 def _json(body: dict[str, Any]) -> web.Response:
-    return web.json_response(body, headers={**CORS, "Cache-Control": "private, max-age=300"})
+    return web.json_response(body, headers={"Cache-Control": "private, max-age=300"})
 
 
 async def authorization_server(request: web.Request, svc: Services) -> web.Response:
@@ -94,7 +87,7 @@ async def protected_resource(request: web.Request, svc: Services) -> web.Respons
     if path in ("", "/"):
         path = sorted(paths)[0]
     elif path not in paths:
-        return web.json_response({"error": "not_found"}, status=404, headers=CORS)
+        return web.json_response({"error": "not_found"}, status=404)
     return _json(
         {
             "resource": oauth.resource_for(request, path),
@@ -104,7 +97,3 @@ async def protected_resource(request: web.Request, svc: Services) -> web.Respons
             "resource_name": f"{path} on {oauth.issuer(request)}",
         }
     )
-
-
-async def preflight(request: web.Request, svc: Services) -> web.Response:
-    return web.Response(status=204, headers=CORS)

@@ -22,6 +22,7 @@ from ..cookies import SessionRef
 from ..errors import BadRequest, InvalidCookie, ProviderUnavailable, SessionGone
 from ..models import Session
 from ..proxy import normalise_path
+from . import cors
 from . import tokens as tk
 from .scopes import SCOPES as VOCABULARY
 
@@ -68,6 +69,7 @@ class ResourceGuardImpl:
             headers={
                 "WWW-Authenticate": f'Bearer resource_metadata="{metadata}", error="invalid_token"',
                 "Cache-Control": "no-store",
+                **cors.challenge_headers(request),
             },
             text="401 Unauthorized: invalid or expired access token\n",
         )
@@ -134,6 +136,10 @@ class ResourceGuardImpl:
         resource = self._resource_path(request)
         if resource is None:
             return None
+        # a preflight the sidecar proxies itself; a front's decision request (/oauth2/auth) is never one
+        preflight = None if request.path.startswith(self._auth_path) else cors.resource_preflight(request)
+        if preflight is not None:
+            return preflight
         metadata = f"{self._server.issuer(request)}/.well-known/oauth-protected-resource{resource}"
         return web.Response(
             status=401,
@@ -141,5 +147,6 @@ class ResourceGuardImpl:
             headers={
                 "WWW-Authenticate": f'Bearer resource_metadata="{metadata}", scope="{SCOPES}"',
                 "Cache-Control": "no-store",
+                **cors.challenge_headers(request),
             },
         )

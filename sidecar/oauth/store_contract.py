@@ -52,8 +52,9 @@ class GrantStore(Protocol):
         oldest of that network) and returns its id; None when there was room."""
         ...
 
-    async def promote_client(self, client_id: str, ttl: float) -> None:
-        """A user granted the client access: from now on it lives ``ttl`` since its last use."""
+    async def promote_client(self, client_id: str, ttl: float) -> bool:
+        """A user granted the client access: from now on it lives ``ttl`` since its last use. False when the
+        client is gone (the unused pool forgot it since it was read): no grant may be made for it then."""
         ...
 
     async def get_client(self, client_id: str) -> Client | None: ...

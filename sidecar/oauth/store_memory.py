@@ -76,10 +76,11 @@ class MemoryGrantStore:
         self._set("cl:" + client.client_id, client, ttl)
         return victim
 
-    async def promote_client(self, client_id: str, ttl: float) -> None:
+    async def promote_client(self, client_id: str, ttl: float) -> bool:
         pool = self._get("cn") or {}
         if pool.pop(client_id, None) is not None:
             self._expire("cl:" + client_id, ttl)
+        return self._get("cl:" + client_id) is not None
 
     async def get_client(self, client_id: str) -> Client | None:
         found: Client | None = self._get("cl:" + client_id)

@@ -93,17 +93,21 @@ class RedisGrantStore:
             network,
             self._pool_net,
         ]
+        # The record first: once the pool counts a client, a concurrent registration (another worker or
+        # replica) may forget it at once, and its record must exist then to be deleted with it.
+        value = lua.UNUSED + dump(client)
+        await self._call(self._r.set(self._p + "cl:" + client.client_id, value, px=millis(ttl)))
         evicted = await self._call(self._pool_admit(keys=self._pool, args=args))
         if evicted:
             evicted = evicted.decode() if isinstance(evicted, bytes) else str(evicted)
             await self._call(self._drop_unused(keys=[self._p + "cl:" + evicted]))
-        value = lua.UNUSED + dump(client)
-        await self._call(self._r.set(self._p + "cl:" + client.client_id, value, px=millis(ttl)))
         return evicted or None
 
-    async def promote_client(self, client_id: str, ttl: float) -> None:
-        if await self._call(self._promote(keys=[self._p + "cl:" + client_id], args=[millis(ttl)])):
+    async def promote_client(self, client_id: str, ttl: float) -> bool:
+        promoted = await self._call(self._promote(keys=[self._p + "cl:" + client_id], args=[millis(ttl)]))
+        if promoted == 1:
             await self._call(self._pool_leave(keys=self._pool, args=[client_id, self._pool_net]))
+        return bool(promoted)
 
     async def get_client(self, client_id: str) -> Client | None:
         raw = await self._call(self._r.get(self._p + "cl:" + client_id))

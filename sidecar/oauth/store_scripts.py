@@ -208,10 +208,11 @@ redis.call('ZADD', KEYS[1], ARGV[4], ARGV[3])
 if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[5]) then redis.call('PEXPIRE', KEYS[1], ARGV[5]) end
 return 1
 """
-# KEYS client; ARGV ttl ms. An unused client becomes used (1), or nothing (0).
+# KEYS client; ARGV ttl ms. An unused client becomes used (1); a used one stays (2); none: 0.
 PROMOTE = """
 local v = redis.call('GET', KEYS[1])
-if not v or string.sub(v, 1, 2) ~= 'u:' then return 0 end
+if not v then return 0 end
+if string.sub(v, 1, 2) ~= 'u:' then return 2 end
 redis.call('SET', KEYS[1], string.sub(v, 3), 'PX', ARGV[1])
 return 1
 """

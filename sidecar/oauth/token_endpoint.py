@@ -54,7 +54,10 @@ class OAuthError(Exception):
 
 def error_response(exc: OAuthError) -> web.Response:
     headers = dict(NO_STORE)
-    if exc.status == 401:
+    if exc.status == 401 and exc.basic:
+        # only to a client that sent HTTP Basic (RFC 6749 5.2 MUST): to a request without it (a public client,
+        # client_secret_post, another site's page posting with the visitor's cookies) the challenge would
+        # make a browser prompt the person for a password in the sidecar's name
         headers["WWW-Authenticate"] = 'Basic realm="sidecar"'
     body = {"error": exc.error, "error_description": exc.description}
     return web.json_response(body, status=exc.status, headers=headers)
@@ -87,14 +90,14 @@ def _basic_credentials(request: web.Request) -> tuple[str, str] | None:
     if not values:
         return None
     if len(values) != 1 or values[0][:6].lower() != "basic ":
-        raise OAuthError("invalid_client", "unsupported client authentication", 401)
+        raise OAuthError("invalid_client", "unsupported client authentication", 401, basic=True)
     try:
         decoded = base64.b64decode(values[0][6:].strip(), validate=True).decode("utf-8")
     except (binascii.Error, UnicodeDecodeError):
-        raise OAuthError("invalid_client", "malformed client credentials", 401) from None
+        raise OAuthError("invalid_client", "malformed client credentials", 401, basic=True) from None
     client_id, sep, secret = decoded.partition(":")
     if not sep:
-        raise OAuthError("invalid_client", "malformed client credentials", 401)
+        raise OAuthError("invalid_client", "malformed client credentials", 401, basic=True)
     return unquote_plus(client_id), unquote_plus(secret)  # RFC 6749 2.3.1: form-encoded first
 
 
@@ -109,13 +112,14 @@ async def authenticate_client(server: OAuthServer, request: web.Request, form: d
         client_id, secret, method = form.get("client_id", ""), form["client_secret"], "client_secret_post"
     else:
         client_id, secret, method = form.get("client_id", ""), "", "none"
+    used_basic = basic is not None
     if not client_id or len(client_id) > 2048:
-        raise OAuthError("invalid_client", "client authentication failed", 401)
+        raise OAuthError("invalid_client", "client authentication failed", 401, basic=used_basic)
     client = await find_client(request.app, client_id)  # a metadata document's client is public: method none
     if client is None or client.token_endpoint_auth_method != method:
-        raise OAuthError("invalid_client", "client authentication failed", 401)
+        raise OAuthError("invalid_client", "client authentication failed", 401, basic=used_basic)
     if method != "none" and (client.secret_hash is None or not tk.same_secret(secret, client.secret_hash)):
-        raise OAuthError("invalid_client", "client authentication failed", 401)
+        raise OAuthError("invalid_client", "client authentication failed", 401, basic=used_basic)
     if not client.metadata_document:
         await server.store.touch_client(client.client_id, float(server.config.oauth_client_idle_timeout))
     return client

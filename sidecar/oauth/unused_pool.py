@@ -4,10 +4,11 @@ Registered clients no user has granted access to yet ("unused") are bounded in n
 (``--oauth-unused-clients-max``), so that anonymous registrations cannot fill the store. A bound alone lets
 a few dozen addresses fill it and turn every later registration away, so the pool is shared fairly:
 
-- A registration counts against its **network**: an IPv4 address's /24, an IPv6 address's /48 (an
-  IPv4-mapped IPv6 address as its IPv4 address). These are the smallest prefixes routed on the Internet:
-  an attacker holding one address usually holds its neighbours (a VM's /64 is 2^64 addresses; a site's /48
-  is 65,536 /64s), so counting per address, or per /64, would let one network take the pool.
+- A registration counts against its **network**: an IPv4 address's /24, an IPv6 address's /48 (an IPv6
+  address carrying an IPv4 client, IPv4-mapped, 6to4, Teredo, NAT64/SIIT, as that IPv4 address). These are
+  the smallest prefixes routed on the Internet: an attacker holding one address usually holds its neighbours
+  (a VM's /64 is 2^64 addresses; a site's /48 is 65,536 /64s), so counting per address, or per /64, would
+  let one network take the pool.
 - A network holds at most ``--oauth-unused-clients-per-network`` unused clients; its next registration
   forgets its own oldest one (that network is turned away by nobody, and takes nothing from others).
 - When the pool is full, a registration forgets the oldest unused client of the network holding the most
@@ -25,6 +26,8 @@ from __future__ import annotations
 
 import ipaddress
 
+from ..ratelimit import embedded_ipv4
+
 IPV4_NETWORK = 24
 IPV6_NETWORK = 48
 
@@ -36,8 +39,8 @@ def network_of(address: str) -> str:
         ip = ipaddress.ip_address(address)
     except ValueError:
         return address
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        ip = embedded_ipv4(ip) or ip
     prefix = IPV4_NETWORK if ip.version == 4 else IPV6_NETWORK
     return str(ipaddress.ip_network((ip, prefix), strict=False))
 

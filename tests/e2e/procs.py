@@ -272,12 +272,14 @@ MCP_SERVER = ROOT / "tests" / "e2e" / "mcp" / "server.py"
 
 
 @contextlib.contextmanager
-def mcp_server_process() -> Iterator[str]:
+def mcp_server_process(cors_origin: str = "") -> Iterator[str]:
     """The MCP server (the Python SDK's ``MCPServer``) in its own process: the upstream behind ``/mcp``. It
-    accepts the Host the sidecar forwards. Yields its base URL; stopped on exit."""
+    accepts the Host the sidecar forwards, and with ``cors_origin`` calls from that web page's scripts.
+    Yields its base URL; stopped on exit."""
     port = free_port()
+    cors = ["--cors-origin", cors_origin] if cors_origin else []
     proc = subprocess.Popen(
-        [sys.executable, str(MCP_SERVER), "--port", str(port), "--allowed-host", "127.0.0.1:*"],
+        [sys.executable, str(MCP_SERVER), "--port", str(port), "--allowed-host", "127.0.0.1:*", *cors],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )

@@ -17,6 +17,7 @@ from typing import Any
 import uvicorn
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
+from starlette.middleware.cors import CORSMiddleware
 
 IDENTITY = (
     "x-forwarded-user",
@@ -50,13 +51,24 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--allowed-host", action="append", default=[])
+    # a web page allowed to call it from the browser (the MCP Inspector's direct connection): its Origin passes
+    # the DNS-rebinding check and its answers carry that page's CORS headers
+    parser.add_argument("--cors-origin", action="append", default=[])
     args = parser.parse_args()
     security = TransportSecuritySettings(
         enable_dns_rebinding_protection=True,
         allowed_hosts=[f"{args.host}:{args.port}", *args.allowed_host],
-        allowed_origins=[],
+        allowed_origins=list(args.cors_origin),
     )
     app = server.streamable_http_app(streamable_http_path="/mcp", transport_security=security, host=args.host)
+    if args.cors_origin:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(args.cors_origin),
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["authorization", "content-type", "mcp-protocol-version", "mcp-session-id", "last-event-id"],
+            expose_headers=["Mcp-Session-Id", "Mcp-Protocol-Version"],
+        )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
