@@ -266,3 +266,22 @@ async def test_hits_sent_before_a_half_close_are_all_answered(st: Stack) -> None
         assert await asyncio.wait_for(reader.read(), 5) == b""
     finally:
         writer.close()
+
+
+async def test_a_flood_of_pipelined_requests_from_a_client_that_does_not_read_is_answered_in_order(st: Stack) -> None:
+    """2,000 pipelined requests (a miss every 97th), the client reading nothing for a second: the server's writes
+    pause, the rest goes through aiohttp's queue (which pauses reading), and every answer comes, in order."""
+    cookie = await _signed_in(st)
+    main = port_of(st.base)
+    await one_by_one(main, [req(0, cookie)] * 2)
+    n = 2000
+    reader, writer = await asyncio.open_connection("127.0.0.1", main)
+    try:
+        writer.write("".join(req(i, None if i % 97 == 0 else cookie) for i in range(n)).encode())
+        await asyncio.sleep(1.0)
+        for i in range(n):
+            got = await asyncio.wait_for(_read_response(reader), 10)
+            assert got is not None, i
+            assert (got[0], header(got, "X-Request-Id")) == (401 if i % 97 == 0 else 202, f"r{i}"), i
+    finally:
+        writer.close()
