@@ -108,7 +108,11 @@ def _segment(raw: str) -> str:
     return text
 
 
-_NOT_FORWARDED = HOP_BY_HOP | {"content-length", "host"}
+# Expect: the client's expectation is answered here (aiohttp sends its 100 Continue before the handler runs, and
+# the body is read from the client anyway); forwarded, it made the upstream client wait for the upstream's own
+# 100, so an upstream that reads the body without sending one (as RFC 9110 10.1.1 allows) never got it and the
+# request hung until the upstream timeout. nginx drops it too (its proxy_set_header defaults: Expect "").
+_NOT_FORWARDED = HOP_BY_HOP | {"content-length", "host", "expect"}
 # By the flags of refused_from_client: what is never forwarded, hop-by-hop and sidecar-owned names together.
 _NEVER_FORWARDED = {
     flags: _NOT_FORWARDED | refused_from_client(*flags)

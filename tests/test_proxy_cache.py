@@ -252,3 +252,69 @@ async def test_a_slow_stream_to_a_client_still_there_is_not_cut_by_the_watcher()
         async with client.get(f"{st.base}/_demo/stream?n=4&delay=0.6") as resp:  # about 2 s: two looks
             lines = [line async for line in resp.content]
         assert lines == [f"chunk {i}\n".encode() for i in range(4)]
+
+
+@asynccontextmanager
+async def _upstream_without_100(saw: list[bytes]) -> AsyncIterator[str]:
+    """An upstream that reads the body without ever sending ``100 Continue`` (RFC 9110 10.1.1 lets a server do
+    that) and echoes it: a proxy that forwards ``Expect`` and waits for the upstream's 100 would hang."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        saw.append(head)
+        fields = dict(line.split(b":", 1) for line in head.split(b"\r\n")[1:] if b":" in line)
+        lengths = [v for k, v in fields.items() if k.strip().lower() == b"content-length"]
+        chunked = any(k.strip().lower() == b"transfer-encoding" for k in fields)
+        if lengths:
+            body = await reader.readexactly(int(lengths[0]))
+        elif chunked:
+            body = b""
+            while size := int((await reader.readline()).strip(), 16):
+                body += await reader.readexactly(size)
+                await reader.readline()
+            await reader.readline()
+        else:
+            body = b""
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: a/b\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
+    finally:
+        server.close()
+
+
+async def _expecting(base: str, cookie: str, body: bytes, *, chunked: bool = False) -> tuple[int, bytes]:
+    """A client that sends ``Expect: 100-continue`` and its body once it gets the interim 100 (as curl does)."""
+    parts = urlsplit(base)
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {len(body)}"
+    head = f"PUT /up HTTP/1.1\r\nHost: {parts.netloc}\r\nCookie: _sidecar={cookie}\r\n{framing}\r\n"
+    writer.write((head + "Expect: 100-continue\r\nConnection: close\r\n\r\n").encode())
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 100 ")  # the sidecar's own interim answer
+    writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if chunked else body)
+    answer = await reader.read()
+    writer.close()
+    status_head, _, got = answer.partition(b"\r\n\r\n")
+    return int(status_head.split(b" ", 2)[1]), got
+
+
+async def test_expect_100_continue_is_answered_by_the_sidecar_and_never_forwarded_upstream() -> None:
+    """Fails without the fix: the sidecar forwarded ``Expect`` and aiohttp's client waited for the upstream's 100
+    before sending the body, so an upstream that never sends one got nothing until ``--upstream-timeout`` (504)."""
+    saw: list[bytes] = []
+    async with _upstream_without_100(saw) as up, stack(MemoryStore(), upstream=up, upstream_timeout="3s") as st:
+        async with browser() as client:
+            await sign_in(client, st.base, rd="/")
+            cookie = session_cookie(client)
+            assert cookie
+        small, large = b"small body", bytes(range(256)) * 400  # read whole / streamed (over proxy.WHOLE_BODY)
+        assert len(large) > proxy.WHOLE_BODY
+        saw.clear()
+        for body, chunked in ((small, False), (small, False), (small, False), (large, False), (small, True)):
+            status, got = await asyncio.wait_for(_expecting(st.base, cookie, body, chunked=chunked), 10)
+            assert (status, got) == (200, body), (status, got[:100], chunked)  # misses, then hits: the same
+        assert _proxy_entries(st)  # the hits were hits
+        assert len(saw) == 5 and not any(b"expect" in head.lower() for head in saw), saw
