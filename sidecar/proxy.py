@@ -153,10 +153,18 @@ def _forward_headers(
             continue
         if low == "authorization" and holds_sidecar_token(value):
             continue  # a sidecar token never reaches the app, on any path (the cookie may have authenticated)
-        if low == "cookie" and cookie_name in value:
-            value = without_sidecar_cookies(value, cookie_name) if app_cookie is None else app_cookie
-            if not value:
-                continue
+        if low == "cookie":
+            if cookie_name in value:
+                value = without_sidecar_cookies(value, cookie_name) if app_cookie is None else app_cookie
+                if not value:
+                    continue
+            # Several Cookie headers (any spelling) reach the app as one, joined by "; " (RFC 6265 5.4, RFC 9113
+            # 8.2.3): joined by ", " the app read "a=1, b=2" as one cookie a with the value "1, b=2".
+            if "Cookie" in out:
+                out["Cookie"] += "; " + value
+            else:
+                out["Cookie"] = value
+            continue
         if name in out:
             out[name] += ", " + value
         else:

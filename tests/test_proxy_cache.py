@@ -318,3 +318,22 @@ async def test_expect_100_continue_is_answered_by_the_sidecar_and_never_forwarde
             assert (status, got) == (200, body), (status, got[:100], chunked)  # misses, then hits: the same
         assert _proxy_entries(st)  # the hits were hits
         assert len(saw) == 5 and not any(b"expect" in head.lower() for head in saw), saw
+
+
+async def test_several_cookie_headers_reach_the_app_as_one_without_the_sidecars_cookies() -> None:
+    """Fails without the fix: the headers were joined by ", " (the app read ``a=1, b=2`` as one cookie ``a``), and
+    two spellings of the name (``Cookie``, ``cookie``) reached the app as two Cookie headers. Never cached."""
+    async with _signed_in() as (st, up, _, cookie):
+        variants = [
+            [("Cookie", f"a=1; _sidecar={cookie}"), ("Cookie", "b=2")],
+            [("Cookie", f"_sidecar={cookie}; a=1"), ("cookie", "b=2")],  # the session is read from the first one
+            [("COOKIE", f"a=1; _sidecar={cookie}"), ("Cookie", "_sidecar=x"), ("cookie", "_sidecar_0123456789abcdef=s; b=2")],
+        ]
+        for headers in variants:
+            up.seen.clear()
+            for _ in range(3):
+                assert await _send(st.base, "/app", headers) == 200
+            for seen in up.seen:
+                cookies = [value for name, value in seen["header_list"] if name.lower() == "cookie"]
+                assert cookies == ["a=1; b=2"], (headers, seen["header_list"])
+        assert _proxy_entries(st) == []
