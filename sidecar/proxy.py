@@ -108,10 +108,8 @@ def _segment(raw: str) -> str:
     return text
 
 
-# Expect: the client's expectation is answered here (aiohttp sends its 100 Continue before the handler runs, and
-# the body is read from the client anyway); forwarded, it made the upstream client wait for the upstream's own
-# 100, so an upstream that reads the body without sending one (as RFC 9110 10.1.1 allows) never got it and the
-# request hung until the upstream timeout. nginx drops it too (its proxy_set_header defaults: Expect "").
+# Expect is answered here (aiohttp's 100 Continue); forwarded, the upstream client waited for the upstream's own 100,
+# and one that reads the body without sending it (RFC 9110 10.1.1) hung the request. nginx drops it too.
 _NOT_FORWARDED = HOP_BY_HOP | {"content-length", "host", "expect"}
 # By the flags of refused_from_client: what is never forwarded, hop-by-hop and sidecar-owned names together.
 _NEVER_FORWARDED = {
@@ -158,8 +156,7 @@ def _forward_headers(
                 value = without_sidecar_cookies(value, cookie_name) if app_cookie is None else app_cookie
                 if not value:
                     continue
-            # Several Cookie headers (any spelling) reach the app as one, joined by "; " (RFC 6265 5.4, RFC 9113
-            # 8.2.3): joined by ", " the app read "a=1, b=2" as one cookie a with the value "1, b=2".
+            # several Cookie headers (any spelling) go as one joined by "; " (RFC 9113 8.2.3), never ", "
             if "Cookie" in out:
                 out["Cookie"] += "; " + value
             else:

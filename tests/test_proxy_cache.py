@@ -327,7 +327,11 @@ async def test_several_cookie_headers_reach_the_app_as_one_without_the_sidecars_
         variants = [
             [("Cookie", f"a=1; _sidecar={cookie}"), ("Cookie", "b=2")],
             [("Cookie", f"_sidecar={cookie}; a=1"), ("cookie", "b=2")],  # the session is read from the first one
-            [("COOKIE", f"a=1; _sidecar={cookie}"), ("Cookie", "_sidecar=x"), ("cookie", "_sidecar_0123456789abcdef=s; b=2")],
+            [
+                ("COOKIE", f"a=1; _sidecar={cookie}"),
+                ("Cookie", "_sidecar=x"),
+                ("cookie", "_sidecar_0123456789abcdef=s; b=2"),
+            ],
         ]
         for headers in variants:
             up.seen.clear()
