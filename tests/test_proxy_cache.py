@@ -341,3 +341,57 @@ async def test_several_cookie_headers_reach_the_app_as_one_without_the_sidecars_
                 cookies = [value for name, value in seen["header_list"] if name.lower() == "cookie"]
                 assert cookies == ["a=1; b=2"], (headers, seen["header_list"])
         assert _proxy_entries(st) == []
+
+
+async def test_pipelined_head_304_and_get_answers_keep_their_framing_on_misses_and_hits() -> None:
+    """The upstream's answer headers passed on as they are: a HEAD's Content-Length (small and over
+    ``WHOLE_BODY``) and a 304's are kept or dropped without a body byte, so the next answer on the keep-alive
+    connection starts where it should. Checked at once; held before (a regression guard for the pass-through)."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while not reader.at_eof():
+            try:
+                first = (await reader.readuntil(b"\r\n\r\n")).split(b"\r\n", 1)[0]
+            except asyncio.IncompleteReadError:
+                break
+            method, path = first.split(b" ")[:2]
+            n = int(path.rsplit(b"/", 1)[1])
+            status = b"304 Not Modified" if path.startswith(b"/304") else b"200 OK"
+            body = b"" if method == b"HEAD" or status != b"200 OK" else b"x" * n
+            writer.write(b"HTTP/1.1 %s\r\nContent-Length: %d\r\nX-App: %s\r\n\r\n%s" % (status, n, path, body))
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    upstream = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
+    try:
+        async with stack(MemoryStore(), upstream=upstream) as st, browser() as client:
+            await sign_in(client, st.base, rd="/a/0")
+            cookie = session_cookie(client)
+            asked = [("HEAD", "/a/5"), ("HEAD", f"/a/{proxy.WHOLE_BODY + 1}"), ("GET", "/304/7"), ("GET", "/a/3")]
+            asked += [("HEAD", "/a/0"), ("GET", f"/a/{proxy.WHOLE_BODY + 2}"), ("GET", "/a/2")] * 2
+            parts = urlsplit(st.base)
+            reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+            head = f"HTTP/1.1\r\nHost: {parts.netloc}\r\nCookie: _sidecar={cookie}\r\n"
+            writer.write("".join(f"{m} {p} {head}\r\n" for m, p in asked).encode())
+            writer.write(f"GET /a/1 {head}Connection: close\r\n\r\n".encode())
+            await writer.drain()
+            stream = await asyncio.wait_for(reader.read(), 20)
+            writer.close()
+        for method, path in [*asked, ("GET", "/a/1")]:
+            status_line, _, stream = stream.partition(b"\r\n")
+            fields, _, stream = stream.partition(b"\r\n\r\n")
+            headers = dict(line.lower().split(b": ", 1) for line in fields.split(b"\r\n"))
+            assert headers[b"x-app"] == path.encode(), (method, path, status_line)
+            n = int(path.rsplit("/", 1)[1])
+            if path.startswith("/304"):
+                assert status_line.endswith(b"304 Not Modified") and b"content-length" not in headers
+                continue
+            assert headers[b"content-length"] == str(n).encode() and b"transfer-encoding" not in headers
+            if method == "GET":
+                body, stream = stream[:n], stream[n:]
+                assert body == b"x" * n
+        assert stream == b""
+        assert _proxy_entries(st)  # most of them were hits
+    finally:
+        server.close()
