@@ -306,7 +306,8 @@ async def _expecting(base: str, cookie: str, body: bytes, *, chunked: bool = Fal
 
 async def test_expect_100_continue_is_answered_by_the_sidecar_and_never_forwarded_upstream(tmp_path: Path) -> None:
     """Fails without the fix: the sidecar forwarded ``Expect`` and aiohttp's client waited for the upstream's 100
-    before sending the body, so an upstream that never sends one got nothing until ``--upstream-timeout`` (504)."""
+    before sending the body, so an upstream that never sends one got no body and the request hung, past
+    ``--upstream-timeout`` (the stack's cleanup then waits for it: without the fix this ends at pytest-timeout)."""
     saw: list[bytes] = []
     async with _upstream_without_100(saw) as up, stack(MemoryStore(), upstream=up, upstream_timeout="3s") as st:
         async with browser() as client:
