@@ -108,7 +108,9 @@ def _segment(raw: str) -> str:
     return text
 
 
-_NOT_FORWARDED = HOP_BY_HOP | {"content-length", "host"}
+# Expect is answered here (aiohttp's 100 Continue); forwarded, the upstream client waited for the upstream's own 100,
+# and one that reads the body without sending it (RFC 9110 10.1.1) hung the request. nginx drops it too.
+_NOT_FORWARDED = HOP_BY_HOP | {"content-length", "host", "expect"}
 # By the flags of refused_from_client: what is never forwarded, hop-by-hop and sidecar-owned names together.
 _NEVER_FORWARDED = {
     flags: _NOT_FORWARDED | refused_from_client(*flags)
@@ -149,10 +151,17 @@ def _forward_headers(
             continue
         if low == "authorization" and holds_sidecar_token(value):
             continue  # a sidecar token never reaches the app, on any path (the cookie may have authenticated)
-        if low == "cookie" and cookie_name in value:
-            value = without_sidecar_cookies(value, cookie_name) if app_cookie is None else app_cookie
-            if not value:
-                continue
+        if low == "cookie":
+            if cookie_name in value:
+                value = without_sidecar_cookies(value, cookie_name) if app_cookie is None else app_cookie
+                if not value:
+                    continue
+            # several Cookie headers (any spelling) go as one joined by "; " (RFC 9113 8.2.3), never ", "
+            if "Cookie" in out:
+                out["Cookie"] += "; " + value
+            else:
+                out["Cookie"] = value
+            continue
         if name in out:
             out[name] += ", " + value
         else:

@@ -320,7 +320,7 @@ async def test_code_flow_with_a_metadata_document_client(store: SessionStore, tm
         form = {"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"], "client_id": client_id}
         async with aiohttp.ClientSession() as http:
             async with http.post(f"{st.base}/oauth2/token", data={**form, "client_secret": "x"}) as resp:
-                assert resp.status == 401 and (await resp.json())["error"] == "invalid_client"
+                assert resp.status == 400 and (await resp.json())["error"] == "invalid_client"
             async with http.post(f"{st.base}/oauth2/token", data=form) as resp:
                 assert resp.status == 200, await resp.text()
         async with client.get(f"{st.base}/oauth2/grants", headers={"Accept": "application/json"}) as resp:
@@ -349,7 +349,7 @@ async def test_switched_off_an_https_client_id_is_unknown_and_never_fetched(tmp_
         assert status == 400 and "not registered" in text
         form = {"grant_type": "refresh_token", "refresh_token": "x", "client_id": docs.url("/client.json")}
         async with aiohttp.ClientSession() as http, http.post(f"{st.base}/oauth2/token", data=form) as resp:
-            assert resp.status == 401
+            assert resp.status == 400
         assert docs.hits["/client.json"] == 0
 
 
@@ -537,7 +537,7 @@ async def test_hostile_documents_from_a_listed_host_are_refused(tmp_path: Path) 
         # a refused document is no client at the token endpoint either
         form = {"grant_type": "refresh_token", "refresh_token": "scr.x.y", "client_id": docs.url("/pkjwt.json")}
         async with aiohttp.ClientSession() as http, http.post(f"{st.base}/oauth2/token", data=form) as resp:
-            assert resp.status == 401 and (await resp.json())["error"] == "invalid_client"
+            assert resp.status == 400 and (await resp.json())["error"] == "invalid_client"
 
 
 async def test_tls_is_verified_against_the_url_host(tmp_path: Path) -> None:

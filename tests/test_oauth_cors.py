@@ -269,12 +269,13 @@ async def test_resource_options_that_is_not_a_preflight_still_needs_a_token(st: 
 async def test_token_and_revocation_challenge_with_basic_only_a_client_that_sent_basic(st: Stack) -> None:
     """RFC 6749 5.2: the ``WWW-Authenticate: Basic`` answer is owed to a client that authenticated with it. Sent
     to anyone else, a browser would ask the person for a password in the sidecar's name (another site's page
-    posting with ``credentials: "include"`` hung Chromium on that prompt)."""
+    posting with ``credentials: "include"`` hung Chromium on that prompt). Without the challenge the answer is
+    400, RFC 6749 5.2's default: a 401 must carry one (RFC 9110 15.5.2), and one without failed before the fix."""
     form = {"grant_type": "refresh_token", "refresh_token": "scr.x.y", "client_id": "nobody"}
     for path in ("/oauth2/token", "/oauth2/revoke"):
         for extra in ({}, {"client_secret": "wrong"}, {"client_id": ""}):
             status, headers, _ = await send("POST", st.base + path, data={**form, "token": "t", **extra})
-            assert status == 401 and "www-authenticate" not in headers, (path, extra, headers)
+            assert status == 400 and "www-authenticate" not in headers, (path, extra, headers)
         for authorization in ("Basic bm9ib2R5Ondyb25n", "Basic !!!", "Basic bm9jb2xvbg==", "Bearer x"):
             status, headers, _ = await send(
                 "POST",

@@ -180,11 +180,11 @@ async def test_device_authorization_refuses_bad_clients_and_parameters() -> None
         code_only = await register(st.base)
         secret_client = await device_client(st.base, token_endpoint_auth_method="client_secret_basic")
         cases: list[tuple[dict[str, str], dict[str, str], int, str]] = [
-            ({}, {}, 401, "invalid_client"),
-            ({"client_id": "nope"}, {}, 401, "invalid_client"),
+            ({}, {}, 400, "invalid_client"),  # no Basic sent: no challenge, so no 401 (RFC 9110 15.5.2)
+            ({"client_id": "nope"}, {}, 400, "invalid_client"),
             ({"client_id": code_only["client_id"]}, {}, 400, "unauthorized_client"),
-            ({"client_id": secret_client["client_id"]}, {}, 401, "invalid_client"),
-            ({"client_id": secret_client["client_id"], "client_secret": secret_client["client_secret"]}, {}, 401,
+            ({"client_id": secret_client["client_id"]}, {}, 400, "invalid_client"),
+            ({"client_id": secret_client["client_id"], "client_secret": secret_client["client_secret"]}, {}, 400,
              "invalid_client"),  # basic registered: the secret in the form is not its method
             ({"client_id": public["client_id"], "scope": "admin"}, {}, 400, "invalid_scope"),
             ({"client_id": public["client_id"], "resource": "https://evil.example/mcp"}, {}, 400, "invalid_target"),

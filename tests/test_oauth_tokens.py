@@ -193,9 +193,9 @@ async def test_client_authentication_and_body_rules() -> None:
         status, body, _ = await post(
             st.base, "/oauth2/token", {**form, "client_id": confidential.client_id, "client_secret": secret}
         )
-        assert status == 401 and body["error"] == "invalid_client"
+        assert status == 400 and body["error"] == "invalid_client"  # no Basic sent: no challenge, so no 401
         status, body, _ = await post(st.base, "/oauth2/token", {**form, "client_id": confidential.client_id})
-        assert status == 401 and body["error"] == "invalid_client"
+        assert status == 400 and body["error"] == "invalid_client"
         # JSON body, repeated parameter, oversize body
         status, body, _ = await post(st.base, "/oauth2/token", None, json=form)
         assert status == 400 and body["error"] == "invalid_request"

@@ -54,13 +54,16 @@ class OAuthError(Exception):
 
 def error_response(exc: OAuthError) -> web.Response:
     headers = dict(NO_STORE)
-    if exc.status == 401 and exc.basic:
+    status = exc.status
+    if status == 401 and exc.basic:
         # only to a client that sent HTTP Basic (RFC 6749 5.2 MUST): to a request without it (a public client,
         # client_secret_post, another site's page posting with the visitor's cookies) the challenge would
         # make a browser prompt the person for a password in the sidecar's name
         headers["WWW-Authenticate"] = 'Basic realm="sidecar"'
+    elif status == 401:
+        status = 400  # a 401 must carry a challenge (RFC 9110 15.5.2); without one, RFC 6749 5.2's default: 400
     body = {"error": exc.error, "error_description": exc.description}
-    return web.json_response(body, status=exc.status, headers=headers)
+    return web.json_response(body, status=status, headers=headers)
 
 
 async def read_form(request: web.Request) -> dict[str, str]:
