@@ -12,8 +12,9 @@ import itertools
 import logging
 import re
 import secrets
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from time import monotonic
+from typing import Any
 
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
@@ -87,11 +88,13 @@ def guarded(handler: Handler, route: str) -> Callable[[web.Request], Awaitable[w
 
     async def wrapped(request: web.Request) -> web.StreamResponse:
         svc = request.app[SERVICES]
-        started = time.monotonic()
+        started = monotonic()
         request_id = _request_id(request, svc)
         token = kit.REQUEST_ID.set(request_id)  # for the error pages the handler may build
         try:
-            refuse_undecodable(request.headers)  # bytes are judged here, once, for both listeners
+            headers = request.headers
+            if not "".join(headers.values()).isascii():  # one pass in C; the common case ends here
+                refuse_undecodable(headers)  # bytes are judged here, once, for both listeners
             response = await handler(request, svc)
         except web.HTTPForbidden:
             response = pages.forbidden(request)
@@ -128,21 +131,23 @@ def _finish(
     request: web.Request, svc: Services, route: str, status: int, started: float, request_id: str | None
 ) -> None:
     """Count the request and write its log line."""
-    seconds = time.monotonic() - started
+    seconds = monotonic() - started
     metrics.REQUEST_COUNTS.add((route, status))
     metrics.request_seconds(route, seconds)
-    if not svc.config.request_logging or request_id is None:
+    if request_id is None or not svc.config.request_logging:
         return
-    authed = request.get(AUTHED)
+    state = _state_of(request)
+    authed = state.get(AUTHED)
+    view: View | None = state.get(VIEW)
     logs.access_request(
         request_id,
         request.method,
         route,
         request.path,
         status,
-        round(seconds * 1000, 2),
+        seconds,
         authed[1] if authed else None,
-        _client_ip(request, svc),
+        view.client_ip if view is not None else _client_ip(request, svc),
     )
 
 
@@ -164,16 +169,22 @@ def finish_cached(
     if not svc.config.request_logging:
         return request_id
     request_id = request_id or _next_request_id()
-    logs.access_request(request_id, method, route, path, 202, round(seconds * 1000, 2), authed, client_ip)
+    logs.access_request(request_id, method, route, path, 202, seconds, authed, client_ip)
     return request_id
 
 
+def _state_of(request: web.Request) -> Mapping[Any, Any]:
+    """The request's own key dict: ``web.Request.get`` is ``Mapping.get``, which for a key that is not there
+    (the view, for most requests) raises and catches a ``KeyError`` in Python. The lean listener's request
+    adapter has no such dict and a cheap ``get`` of its own."""
+    state: Mapping[Any, Any] | None = getattr(request, "_state", None)
+    return request if state is None else state
+
+
 def _client_ip(request: web.Request, svc: Services) -> str:
-    """``view_of(request).client_ip`` without building the view only for the log line: from a peer that is
-    not a trusted proxy the client is the peer itself, which is all ``view_of`` would conclude too."""
-    view: View | None = request.get(VIEW)
-    if view is not None:
-        return view.client_ip
+    """``view_of(request).client_ip`` for a request whose view was not built, without building it only for the
+    log line: from a peer that is not a trusted proxy the client is the peer itself, which is all ``view_of``
+    would conclude too."""
     remote = request.remote
     if not trusted_peer(remote, svc.config):
         return str(remote)
