@@ -186,7 +186,7 @@ def _client_ip(request: web.Request, svc: Services) -> str:
     log line: from a peer that is not a trusted proxy the client is the peer itself, which is all ``view_of``
     would conclude too."""
     remote = request.remote
-    if not trusted_peer(remote, svc.config):
+    if not svc.config.reverse_proxy or not trusted_peer(remote, svc.config):
         return str(remote)
     return view_of(request).client_ip
 
