@@ -18,7 +18,7 @@ from aiohttp import web
 from sidecar import logs, middleware
 from sidecar.context import AUTHED
 from sidecar.store import MemoryStore
-from tests.stack import browser, session_cookie, sign_in, stack
+from tests.stack import browser, free_port, session_cookie, sign_in, stack
 
 GENERATED = re.compile(r"[0-9a-f]{8}-[0-9a-f]+")
 IP = "203.0.113.9"
@@ -165,3 +165,60 @@ async def test_request_ids_and_log_lines_on_the_proxy_and_the_sidecars_own_route
         elif headers:
             assert echoed == entry["request_id"]  # the sidecar's answers carry the id the line has
         assert "Server" not in headers
+
+
+async def test_no_server_header_on_any_kind_of_answer_and_other_prepare_receivers_still_run() -> None:
+    """Without the signal, through the request class: whole and streamed proxied answers, a WebSocket's 101,
+    HEAD, the sidecar's own pages, refusals and redirects; a receiver someone else adds still runs."""
+
+    seen: list[str] = []
+
+    async def mark(request: web.Request, response: web.StreamResponse) -> None:
+        seen.append(request.path)
+        response.headers["X-Marked"] = "1"
+
+    async with stack(MemoryStore()) as st, browser() as client:
+        await sign_in(client, st.base)
+        for method, path in (
+            ("GET", "/_demo/echo"),
+            ("HEAD", "/_demo/echo"),
+            ("GET", "/_demo/stream"),
+            ("GET", "/ping"),
+            ("HEAD", "/ping"),
+            ("GET", "/oauth2/auth"),
+            ("GET", "/oauth2/sign_in"),
+            ("GET", "/_demo/%2e%2e/x"),
+        ):
+            async with client.request(method, st.base + path, allow_redirects=False) as resp:
+                await resp.read()
+                assert "Server" not in resp.headers, (method, path, resp.status)
+        async with client.ws_connect(st.base.replace("http", "ws") + "/_demo/ws") as ws:
+            await ws.send_str("hi")
+            assert (await ws.receive()).data == "hi"
+        async with browser() as anon, anon.get(st.base + "/_demo/echo", allow_redirects=False) as resp:
+            assert resp.status == 401 and "Server" not in resp.headers  # not a browser: no redirect
+    app = web.Application()
+    middleware.drop_server_headers(app)
+    assert list(app.on_response_prepare) == []  # the request class does it
+    app.on_response_prepare.append(mark)
+
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(text="x")
+
+    app.router.add_get("/x", page)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async with browser() as anon, anon.get(f"http://127.0.0.1:{port}/x") as resp:
+            assert resp.headers.get("X-Marked") == "1" and "Server" not in resp.headers and seen == ["/x"]
+    finally:
+        await runner.cleanup()
+
+
+def test_without_aiohttps_request_class_hook_the_signal_drops_the_header() -> None:
+    app = web.Application()
+    object.__setattr__(app, "_make_request", lambda *args: None)  # an aiohttp that chooses no request class
+    middleware.drop_server_headers(app)
+    assert list(app.on_response_prepare) == [middleware.drop_server_header]
