@@ -18,7 +18,7 @@ from .context import SERVICES, Services
 from .cookies import CookieCodec
 from .decisions import DecisionCache
 from .guard import cookie_domain_middleware
-from .middleware import drop_server_header, guarded
+from .middleware import drop_server_header, drop_server_headers, guarded
 from .oidc import OidcClient
 from .refresh import Refresher
 from .sessions import Sessions
@@ -90,7 +90,7 @@ def build_app(config: Config, store: SessionStore | None = None) -> web.Applicat
             await chosen.close()
 
     app.cleanup_ctx.append(services_ctx)
-    app.on_response_prepare.append(drop_server_header)
+    drop_server_headers(app)  # on every answer, the proxy's too
     handlers.add_routes(app, config, with_metrics=not config.metrics_address)
     account.add_routes(app, config)
     if config.oauth_server:

@@ -120,18 +120,49 @@ def _user_part(session: Session | None) -> str:
     return part
 
 
-_ts_cache: list[Any] = [-1, ""]  # [whole milliseconds, their rendering]
+_ts_ms = -1  # the whole milliseconds _ts_text renders
+_ts_text = ""
 
 
 def _timestamp() -> str:
     """``repr(round(time.time(), 3))`` without ``round`` and ``repr`` on a float (both go through the slow
     correctly rounded decimal conversion): whole milliseconds as digits, rendered once per millisecond. The
     same text: the shortest decimal of a 13-digit number is its digits without trailing zeros."""
+    global _ts_ms, _ts_text
     ms = int(time.time() * 1000.0 + 0.5)
-    if ms != _ts_cache[0]:
+    if ms != _ts_ms:
         seconds, frac = divmod(ms, 1000)
-        _ts_cache[0], _ts_cache[1] = ms, f"{seconds}.{frac:03d}".rstrip("0") if frac else f"{seconds}.0"
-    return str(_ts_cache[1])
+        _ts_ms, _ts_text = ms, f"{seconds}.{frac:03d}".rstrip("0") if frac else f"{seconds}.0"
+    return _ts_text
+
+
+def latency_ms(seconds: float) -> str:
+    """``repr(round(seconds * 1000, 2))`` with one float conversion instead of three. ``round(x, 2)`` and
+    ``f"{x:.2f}"`` take the same two decimals of x (both correctly rounded, ties by the exact binary value);
+    ``repr`` of the rounded float is those digits without trailing zeros but one (``12.5``, ``12.0``), since
+    two different decimals of at most 15 significant digits are never the same float. True for any latency
+    below 10**13 ms; beyond 10**16 ``repr`` would switch to an exponent."""
+    text = f"{seconds * 1000.0:.2f}"
+    return text[:-1] if text[-1] == "0" else text
+
+
+def _line(
+    request_id: str,
+    method: str,
+    route: str,
+    path: str,
+    status: int,
+    latency: str,
+    session: Session | None,
+    client_ip: str,
+) -> str:
+    route_part = _route_parts.get(route) or _route_part(route)
+    user_part = _NO_USER if session is None else (session.derived.get("log_user") or _user_part(session))
+    return (
+        f'{_ACCESS_START}{_timestamp()}{_ACCESS_FIXED}{json_string(request_id)},"method":{json_string(method)}'
+        f'{route_part}{json_string(path[:200])},"status":{status:d},"latency_ms":{latency}{user_part}'
+        f"{json_string(client_ip)}}}"
+    )
 
 
 def access_line(
@@ -144,12 +175,8 @@ def access_line(
     session: Session | None,
     client_ip: str,
 ) -> str:
-    """One access log line (no newline); see ``access_request``."""
-    return (
-        f"{_ACCESS_START}{_timestamp()}{_ACCESS_FIXED}{json_string(request_id)}"
-        f',"method":{json_string(method)}{_route_part(route)}{json_string(path[:200])}'
-        f',"status":{status:d},"latency_ms":{latency_ms!r}{_user_part(session)}{json_string(client_ip)}}}'
-    )
+    """One access log line (no newline) with the latency already in milliseconds; see ``access_request``."""
+    return _line(request_id, method, route, path, status, repr(latency_ms), session, client_ip)
 
 
 def access_request(
@@ -158,12 +185,13 @@ def access_request(
     route: str,
     path: str,
     status: int,
-    latency_ms: float,
+    seconds: float,
     session: Session | None,
     client_ip: str,
 ) -> None:
-    """The request's access line: route and path (never the query), status, latency, user and client address."""
-    _access_log.add(access_line(request_id, method, route, path, status, latency_ms, session, client_ip))
+    """The request's access line: route and path (never the query), status, latency in milliseconds to two
+    decimals, user and client address."""
+    _access_log.add(_line(request_id, method, route, path, status, latency_ms(seconds), session, client_ip))
 
 
 def flush() -> None:
