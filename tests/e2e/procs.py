@@ -165,15 +165,19 @@ class Proc:
         self._on_stop.append(callback)
 
     def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM (graceful for the sidecar and nginx), then SIGKILL to its own process group."""
+        """SIGTERM (graceful for the sidecar and nginx), then SIGKILL to its own process group, which also
+        ends what it started and left behind (the MCP Inspector's launcher exits on SIGTERM, its UI and
+        proxy processes do not)."""
         if self.alive():
             self.popen.send_signal(signal.SIGTERM)
             try:
                 self.popen.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.popen.pid, signal.SIGKILL)  # our child leads this group
-                self.popen.wait(timeout=timeout)
+                pass
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, signal.SIGKILL)  # our child led this group (start_new_session)
+        if self.popen.returncode is None:
+            self.popen.wait(timeout=timeout)
         callbacks, self._on_stop = self._on_stop, []
         for callback in callbacks:
             callback()
