@@ -170,10 +170,8 @@ class Proc:
         proxy processes do not)."""
         if self.alive():
             self.popen.send_signal(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.popen.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                pass
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.popen.pid, signal.SIGKILL)  # our child led this group (start_new_session)
         if self.popen.returncode is None:

@@ -818,11 +818,14 @@ def outage(site: Site, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Out
             nginx_port, f"127.0.0.1:{sidecar_port}", urlsplit(site.app).netloc, auth=f"127.0.0.1:{auth_port}"
         )
         procs.append(start_nginx(conf, nginx_port, log_dir=logs))
-        yield Outage(base, holder[0], redis_dir, f"http://127.0.0.1:{sidecar_port}")
+        made = Outage(base, holder[0], redis_dir, f"http://127.0.0.1:{sidecar_port}")
+        yield made
+        holder.append(made.redis)  # the test may have started a new one in its place
     finally:
         for proc in reversed(procs):
             proc.stop()
-        holder[0].stop()
+        for redis in holder:
+            redis.stop()
 
 
 # The requests of a person during an outage, all made by Chromium from a page of the site: two page
