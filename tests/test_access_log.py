@@ -222,3 +222,50 @@ def test_without_aiohttps_request_class_hook_the_signal_drops_the_header() -> No
     object.__setattr__(app, "_make_request", lambda *args: None)  # an aiohttp that chooses no request class
     middleware.drop_server_headers(app)
     assert list(app.on_response_prepare) == [middleware.drop_server_header]
+
+
+# Requests aiohttp's own parser refuses before any route is looked up: its 400 goes through the request's
+# prepare step but not the on_response_prepare signal (no match info), so only the request class drops Server.
+PARSER_REFUSALS = [
+    b"GARBAGE\r\n\r\n",
+    b"GET /x HTTP/1.1\r\nHost: a\r\nNo colon here\r\n\r\n",
+    b"GET /x HTTP/1.1\r\nHost: a\r\nX-Long: " + b"v" * 9000 + b"\r\n\r\n",
+    b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"GET /x HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+    b"GET /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+    b"GET /x HTTP/9.9\r\nHost: a\r\n\r\n",
+    b"G\x00T /x HTTP/1.1\r\nHost: a\r\n\r\n",
+]
+
+
+async def _head_of(port: int, data: bytes) -> str:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    return answer.partition(b"\r\n\r\n")[0].decode("latin-1")
+
+
+async def test_no_server_header_on_aiohttps_own_parser_refusals_on_the_main_and_the_metrics_listener() -> None:
+    """The metrics app used the signal alone and said ``Server: Python/3.x aiohttp/3.y`` on these (fails without
+    build_metrics_app's drop_server_headers); the main app holds it through its request class."""
+    from sidecar.app import build_metrics_app
+
+    runner = web.AppRunner(build_metrics_app(), access_log=None)
+    await runner.setup()
+    metrics_port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", metrics_port).start()
+    try:
+        async with stack(MemoryStore()) as st:
+            main_port = urlsplit(st.base).port
+            assert main_port is not None
+            for port in (main_port, metrics_port):
+                for data in PARSER_REFUSALS:
+                    head = await _head_of(port, data)
+                    assert head.split(" ", 2)[1] == "400", (port, data[:40], head)
+                    assert "\r\nserver:" not in head.lower(), (port, data[:40], head)
+                head = await _head_of(port, b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+                assert head.split(" ", 2)[1] in ("200", "302", "401") and "\r\nserver:" not in head.lower(), head
+    finally:
+        await runner.cleanup()
