@@ -269,3 +269,57 @@ async def test_no_server_header_on_aiohttps_own_parser_refusals_on_the_main_and_
                 assert head.split(" ", 2)[1] in ("200", "302", "401") and "\r\nserver:" not in head.lower(), head
     finally:
         await runner.cleanup()
+
+
+# (extra header lines, whether the one-pass gate must send the request on to refuse_undecodable's 400)
+HOSTILE_BYTES: list[tuple[list[tuple[bytes, bytes]], bool]] = [
+    ([(b"X-Forwarded-Host", b"ok.example"), (b"X-Forwarded-Host", b"h\xff")], True),  # only the second is bad
+    ([(b"x-forwarded-host", b"ok"), (b"X-FORWARDED-HOST", b"\xe9")], True),  # a latin-1 byte, other spellings
+    ([(b"X-Forwarded-Uri", "/caf\u00e9".encode())], True),  # well-formed UTF-8 is still not ASCII
+    ([(b"X-Forwarded-Uri", b"/\xed\xa0\x80")], True),  # an encoded surrogate
+    ([(b"X-Forwarded-Method", b"G\xc0\xafT")], True),  # an overlong encoding
+    ([(b"Authorization", b"Bearer \xff\xfe")], True),
+    ([(b"X-App", b"\xff"), (b"X-Forwarded-Proto", "\u2028".encode())], True),
+    ([(b"X-App", b"\xff\xfe \xed\xa0\x80")], False),  # a header the sidecar never reads: passed on
+    ([(b"X-Request-Id", b"id-\xff"), (b"X-App", b"\x80")], False),  # an undecodable id: replaced, not refused
+]
+
+
+async def test_hostile_header_bytes_and_ids_on_both_auth_listeners_give_one_valid_line_each(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The one-pass gate in front of ``refuse_undecodable`` on the main /oauth2/auth, the lean --auth-address
+    listener's decision and its decision-cache hits: every family refused or passed as the full check would,
+    and each answer one access line that is a JSON object on its own, with an id of the strict pattern."""
+    from tests.test_auth_listener import auth_listener
+
+    caplog.set_level(logging.INFO, "sidecar.access")
+    async with stack(MemoryStore(), request_logging="true") as st, browser() as client:
+        await sign_in(client, st.base)
+        cookie = (b"Cookie", ("_sidecar=" + (session_cookie(client) or "")).encode())
+        async with auth_listener(st) as lean:
+            logs.flush()
+            capsys.readouterr()
+            answers: list[tuple[int, dict[str, str]]] = []
+            for base in (st.base, f"http://127.0.0.1:{lean}", f"http://127.0.0.1:{lean}"):  # lean twice: hits
+                for extra, refused in HOSTILE_BYTES:
+                    status, headers, _ = await _raw(base, "/oauth2/auth", [cookie, *extra])
+                    assert status == (400 if refused else 202), (base, extra, status)
+                    answers.append((status, headers))
+                for rid in (b'a"}\n{"x":1', b"a\r\nb", b'a\r\n{"x":1}', b"\\u0022", b'"', b"ok.id-1"):
+                    status, headers, _ = await _raw(base, "/oauth2/auth", [cookie, (b"X-Request-Id", rid)])
+                    if b"\n" in rid:  # the parser's own 400 (a broken head): no route ran, so no line
+                        assert status == 400 and "X-Request-Id" not in headers, (base, rid, status, headers)
+                    else:
+                        assert status == 202, (base, rid, status)
+                        answers.append((status, headers))
+            logs.flush()
+    text = capsys.readouterr().err
+    lines = [line for line in text.splitlines() if '"sidecar.access"' in line]
+    assert len(lines) == len(answers), (len(lines), len(answers))
+    assert cookie[1].decode().split("=", 1)[1] not in text and '{"x":1' not in text
+    for line, (status, headers) in zip(lines, answers, strict=True):
+        entry = json.loads(line)
+        assert line == json.dumps(entry, separators=(",", ":")) and entry["status"] == status
+        assert re.fullmatch(r"[A-Za-z0-9._-]{1,64}", entry["request_id"]), entry["request_id"]
+        assert headers.get("X-Request-Id") in (None, entry["request_id"]) and "Server" not in headers
