@@ -41,6 +41,16 @@ def test_the_latency_text_is_what_round_then_repr_made() -> None:
     assert wrong == []
 
 
+def test_the_latency_text_is_the_old_one_for_negative_non_finite_and_huge_values_too() -> None:
+    """Not reachable from a monotonic clock, held all the same: up to 10**13 ms (317 years), as documented."""
+    rng = random.Random(21)
+    values = [-0.0, -1e-12, -5e-6, -0.000125, -1.0, float("nan"), float("inf"), float("-inf"), 9999999999.999]
+    values += [rng.random() * 10 ** rng.randint(7, 9) for _ in range(20000)]
+    values += [-rng.random() * 10 ** rng.randint(-9, 9) for _ in range(20000)]
+    wrong = [s for s in values if logs.latency_ms(s) != repr(round(s * 1000, 2))]
+    assert wrong == []
+
+
 @pytest.mark.parametrize("request_id", ["abc-1", "a" * 64, "0123abcd-1f", "A.b_C-9"])
 def test_a_line_from_seconds_is_the_line_from_rounded_milliseconds(
     request_id: str, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
