@@ -41,6 +41,16 @@ def test_the_latency_text_is_what_round_then_repr_made() -> None:
     assert wrong == []
 
 
+def test_the_latency_text_is_the_old_one_for_negative_non_finite_and_huge_values_too() -> None:
+    """Not reachable from a monotonic clock, held all the same: up to 10**13 ms (317 years), as documented."""
+    rng = random.Random(21)
+    values = [-0.0, -1e-12, -5e-6, -0.000125, -1.0, float("nan"), float("inf"), float("-inf"), 9999999999.999]
+    values += [rng.random() * 10 ** rng.randint(7, 9) for _ in range(20000)]
+    values += [-rng.random() * 10 ** rng.randint(-9, 9) for _ in range(20000)]
+    wrong = [s for s in values if logs.latency_ms(s) != repr(round(s * 1000, 2))]
+    assert wrong == []
+
+
 @pytest.mark.parametrize("request_id", ["abc-1", "a" * 64, "0123abcd-1f", "A.b_C-9"])
 def test_a_line_from_seconds_is_the_line_from_rounded_milliseconds(
     request_id: str, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
@@ -222,3 +232,104 @@ def test_without_aiohttps_request_class_hook_the_signal_drops_the_header() -> No
     object.__setattr__(app, "_make_request", lambda *args: None)  # an aiohttp that chooses no request class
     middleware.drop_server_headers(app)
     assert list(app.on_response_prepare) == [middleware.drop_server_header]
+
+
+# Requests aiohttp's own parser refuses before any route is looked up: its 400 goes through the request's
+# prepare step but not the on_response_prepare signal (no match info), so only the request class drops Server.
+PARSER_REFUSALS = [
+    b"GARBAGE\r\n\r\n",
+    b"GET /x HTTP/1.1\r\nHost: a\r\nNo colon here\r\n\r\n",
+    b"GET /x HTTP/1.1\r\nHost: a\r\nX-Long: " + b"v" * 9000 + b"\r\n\r\n",
+    b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"GET /x HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+    b"GET /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+    b"GET /x HTTP/9.9\r\nHost: a\r\n\r\n",
+    b"G\x00T /x HTTP/1.1\r\nHost: a\r\n\r\n",
+]
+
+
+async def _head_of(port: int, data: bytes) -> str:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    return answer.partition(b"\r\n\r\n")[0].decode("latin-1")
+
+
+async def test_no_server_header_on_aiohttps_own_parser_refusals_on_the_main_and_the_metrics_listener() -> None:
+    """The metrics app used the signal alone and said ``Server: Python/3.x aiohttp/3.y`` on these (fails without
+    build_metrics_app's drop_server_headers); the main app holds it through its request class."""
+    from sidecar.app import build_metrics_app
+
+    runner = web.AppRunner(build_metrics_app(), access_log=None)
+    await runner.setup()
+    metrics_port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", metrics_port).start()
+    try:
+        async with stack(MemoryStore()) as st:
+            main_port = urlsplit(st.base).port
+            assert main_port is not None
+            for port in (main_port, metrics_port):
+                for data in PARSER_REFUSALS:
+                    head = await _head_of(port, data)
+                    assert head.split(" ", 2)[1] == "400", (port, data[:40], head)
+                    assert "\r\nserver:" not in head.lower(), (port, data[:40], head)
+                head = await _head_of(port, b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+                assert head.split(" ", 2)[1] in ("200", "302", "401") and "\r\nserver:" not in head.lower(), head
+    finally:
+        await runner.cleanup()
+
+
+# (extra header lines, whether the one-pass gate must send the request on to refuse_undecodable's 400)
+HOSTILE_BYTES: list[tuple[list[tuple[bytes, bytes]], bool]] = [
+    ([(b"X-Forwarded-Host", b"ok.example"), (b"X-Forwarded-Host", b"h\xff")], True),  # only the second is bad
+    ([(b"x-forwarded-host", b"ok"), (b"X-FORWARDED-HOST", b"\xe9")], True),  # a latin-1 byte, other spellings
+    ([(b"X-Forwarded-Uri", "/caf\u00e9".encode())], True),  # well-formed UTF-8 is still not ASCII
+    ([(b"X-Forwarded-Uri", b"/\xed\xa0\x80")], True),  # an encoded surrogate
+    ([(b"X-Forwarded-Method", b"G\xc0\xafT")], True),  # an overlong encoding
+    ([(b"Authorization", b"Bearer \xff\xfe")], True),
+    ([(b"X-App", b"\xff"), (b"X-Forwarded-Proto", "\u2028".encode())], True),
+    ([(b"X-App", b"\xff\xfe \xed\xa0\x80")], False),  # a header the sidecar never reads: passed on
+    ([(b"X-Request-Id", b"id-\xff"), (b"X-App", b"\x80")], False),  # an undecodable id: replaced, not refused
+]
+
+
+async def test_hostile_header_bytes_and_ids_on_both_auth_listeners_give_one_valid_line_each(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The one-pass gate in front of ``refuse_undecodable`` on the main /oauth2/auth, the lean --auth-address
+    listener's decision and its decision-cache hits: every family refused or passed as the full check would,
+    and each answer one access line that is a JSON object on its own, with an id of the strict pattern."""
+    from tests.test_auth_listener import auth_listener
+
+    caplog.set_level(logging.INFO, "sidecar.access")
+    async with stack(MemoryStore(), request_logging="true") as st, browser() as client:
+        await sign_in(client, st.base)
+        cookie = (b"Cookie", ("_sidecar=" + (session_cookie(client) or "")).encode())
+        async with auth_listener(st) as lean:
+            logs.flush()
+            capsys.readouterr()
+            answers: list[tuple[int, dict[str, str]]] = []
+            for base in (st.base, f"http://127.0.0.1:{lean}", f"http://127.0.0.1:{lean}"):  # lean twice: hits
+                for extra, refused in HOSTILE_BYTES:
+                    status, headers, _ = await _raw(base, "/oauth2/auth", [cookie, *extra])
+                    assert status == (400 if refused else 202), (base, extra, status)
+                    answers.append((status, headers))
+                for rid in (b'a"}\n{"x":1', b"a\r\nb", b'a\r\n{"x":1}', b"\\u0022", b'"', b"ok.id-1"):
+                    status, headers, _ = await _raw(base, "/oauth2/auth", [cookie, (b"X-Request-Id", rid)])
+                    if b"\n" in rid:  # the parser's own 400 (a broken head): no route ran, so no line
+                        assert status == 400 and "X-Request-Id" not in headers, (base, rid, status, headers)
+                    else:
+                        assert status == 202, (base, rid, status)
+                        answers.append((status, headers))
+            logs.flush()
+    text = capsys.readouterr().err
+    lines = [line for line in text.splitlines() if '"sidecar.access"' in line]
+    assert len(lines) == len(answers), (len(lines), len(answers))
+    assert cookie[1].decode().split("=", 1)[1] not in text and '{"x":1' not in text
+    for line, (status, headers) in zip(lines, answers, strict=True):
+        entry = json.loads(line)
+        assert line == json.dumps(entry, separators=(",", ":")) and entry["status"] == status
+        assert re.fullmatch(r"[A-Za-z0-9._-]{1,64}", entry["request_id"]), entry["request_id"]
+        assert headers.get("X-Request-Id") in (None, entry["request_id"]) and "Server" not in headers
