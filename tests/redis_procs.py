@@ -10,6 +10,8 @@ A missing binary fails the run with the package to install; nothing skips.
 from __future__ import annotations
 
 import functools
+import os
+import random
 import shutil
 import socket
 import subprocess
@@ -41,14 +43,45 @@ def require(binary: str, package: str) -> str:
     return path
 
 
+# Ports for the servers a test starts come from below Linux's ephemeral range (32768-60999 by default),
+# which the kernel hands to outgoing connections: a port found free with bind(0) and released could be
+# taken as the local end of one of the suite's own client connections before nginx or a server binds it
+# (seen: nginx "Address already in use" in a full run). Each pytest-xdist worker walks its own slice.
+_PORT_LOW, _PORT_HIGH = 20000, 32000
+
+
+def _port_slice() -> range:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or "1")
+    index = int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else 0
+    width = (_PORT_HIGH - _PORT_LOW) // max(count, 1)
+    start = _PORT_LOW + (index % max(count, 1)) * width
+    return range(start, start + width)
+
+
+_ports = _port_slice()
+_next_port = [random.randrange(len(_ports))]
+
+
 def free_ports(count: int) -> list[int]:
-    """``count`` distinct free loopback ports (all bound at once, so no duplicates)."""
-    socks = []
+    """``count`` distinct free loopback ports, each handed out once per cycle through this worker's slice and
+    checked by binding it (all held until every one is found)."""
+    socks: list[socket.socket] = []
     try:
-        for _ in range(count):
+        for _ in range(len(_ports)):
+            if len(socks) == count:
+                break
+            port = _ports[_next_port[0] % len(_ports)]
+            _next_port[0] += 1
             sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                sock.close()
+                continue
             socks.append(sock)
+        if len(socks) < count:
+            raise RuntimeError(f"no {count} free loopback ports in {_ports.start}-{_ports.stop - 1}")
         return [int(s.getsockname()[1]) for s in socks]
     finally:
         for sock in socks:

@@ -19,14 +19,14 @@ from sidecar.dev.demo_app import demo_app
 from sidecar.dev.provider import DevProvider, run_provider
 from sidecar.hits import HitFirstSite
 from sidecar.store import SessionStore
+from tests.redis_procs import free_ports
 
 COOKIE_SECRET = "test-cookie-secret-0123456789abcdef"
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A free loopback port below the ephemeral range (see ``tests.redis_procs.free_ports``)."""
+    return free_ports(1)[0]
 
 
 def sidecar_settings(issuer: str, port: int, upstream: str | None = None, **overrides: Any) -> dict[str, Any]:

@@ -7,7 +7,6 @@ import base64
 import hashlib
 import os
 import secrets
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -22,6 +21,7 @@ from aiohttp import web
 
 from sidecar.dev.demo_app import demo_app
 from sidecar.dev.provider import ClientReg, DevProvider, run_provider
+from tests.redis_procs import free_ports
 
 CLIENT = ("sidecar-dev", "sidecar-dev-secret")
 REDIRECT = "http://127.0.0.1:4180/oauth2/callback"
@@ -29,9 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free loopback port below the ephemeral range (see ``tests.redis_procs.free_ports``)."""
+    return free_ports(1)[0]
 
 
 def basic_auth(client_id: str, secret: str) -> dict[str, str]:
