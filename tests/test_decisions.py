@@ -13,10 +13,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
@@ -26,25 +24,14 @@ from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar import metrics
-from sidecar.auth_listener import AuthListener
 from sidecar.context import SERVICES, Services
 from sidecar.decisions import DecisionCache, request_key
 from sidecar.store import MemoryStore, RedisStore
 from tests.stack import Stack, browser, session_cookie, sign_in, stack
 from tests.test_auth_listener import Response, comparable, header
+from tests.test_auth_listener import auth_listener as lean  # the lean listener on the stack's first app
 
 TOKENS = {"pass_access_token": "true", "pass_authorization_header": "true", "upstream": ""}
-
-
-@asynccontextmanager
-async def lean(st: Stack, index: int = 0) -> AsyncIterator[int]:
-    listener = AuthListener(st.runners[index].app, st.configs[index])
-    sock = socket.create_server(("127.0.0.1", 0))
-    await listener.start(sock)
-    try:
-        yield int(sock.getsockname()[1])
-    finally:
-        await asyncio.wait_for(listener.drain(), 5)
 
 
 def svc_of(st: Stack, index: int = 0) -> Services:
