@@ -66,6 +66,7 @@ T = TypeVar("T")
 BACKCHANNEL_EVENT = "http://schemas.openid.net/event/backchannel-logout"
 _ALLOWED_ALGS = {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 _LEEWAY = 60.0
+_LOGOUT_TYPES = ("logout+jwt", "jwt")  # accepted ``typ`` headers of a logout token (any case, optional application/)
 JWKS_MIN_REFETCH = 10.0  # an unknown kid refetches the JWKS at most this often (from the start of the last try)
 FIRST_FAILURE_BACKOFF = 1.0  # a failed discovery or JWKS fetch is not tried again for this long,
 FAILURE_BACKOFF = 5.0  # doubling with each failure in a row up to this
@@ -615,8 +616,16 @@ class OidcClient:
         it became required only in the 2023 errata, and providers still send the earlier format."""
         claims = await self._verify(token, "logout token", ["iss", "aud", "iat", "jti", "events"])
         events = claims.get("events")
-        if not isinstance(events, dict) or BACKCHANNEL_EVENT not in events:
+        # 2.4: the event's member value MUST be a JSON object (usually {}).
+        if not isinstance(events, dict) or not isinstance(events.get(BACKCHANNEL_EVENT), dict):
             raise TokenValidationError("logout token lacks the back-channel logout event")
+        typ = jwt.get_unverified_header(token).get("typ")  # the signature was checked by _verify
+        if typ is not None and (
+            not isinstance(typ, str) or typ.lower().removeprefix("application/") not in _LOGOUT_TYPES
+        ):
+            # 2.4 (explicit typing): a token typed as another kind (an access token, a SET) is never a logout token;
+            # no typ, or plain JWT, is the format of providers from before the 2023 errata.
+            raise TokenValidationError("logout token typ names another kind of token")
         if "nonce" in claims:
             raise TokenValidationError("logout token must not carry a nonce")
         if not isinstance(claims.get("sub"), str) and not isinstance(claims.get("sid"), str):
