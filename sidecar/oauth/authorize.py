@@ -43,6 +43,7 @@ from ..models import Identity, Session, TokenSet
 from ..policy import why_denied
 from ..ratelimit import retry_after
 from . import cimd, pages
+from .client_metadata import redirect_registered
 from .limits import new_document_wait
 from .model import GRANT_AUTHORIZATION_CODE, Client, DeviceAuthorization
 from .scopes import SCOPES, parse_scope
@@ -271,7 +272,7 @@ async def authorize(request: web.Request, svc: Services) -> web.Response:
     if client is None:
         return _error_page(svc, "This application is not registered (or its registration expired).")
     redirect_uri = redirect_uris[0]
-    if redirect_uri not in client.redirect_uris:
+    if not redirect_registered(client.redirect_uris, redirect_uri):
         logs.event("oauth_authorize_refused", {"client_id": client.client_id, "reason": "redirect_uri"})
         return _error_page(svc, "The redirect URI is not one this application registered.")
     states = query.getall("state", [])
