@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import email.utils
 import hashlib
 import json
 import logging
@@ -72,6 +73,7 @@ FIRST_FAILURE_BACKOFF = 1.0  # a failed discovery or JWKS fetch is not tried aga
 FAILURE_BACKOFF = 5.0  # doubling with each failure in a row up to this
 LOGOUT_TOKEN_MAX_AGE = 300.0  # a logout token issued longer ago (plus the leeway) is refused
 MAX_LIFETIME = 365 * 86400.0  # a token lifetime the provider states is capped to this
+RETRY_AFTER_MAX = 60  # a token endpoint's Retry-After is honoured up to this many seconds
 # What a revocation did (``OidcClient.revoke``), as the sign-out and grant-end log lines say it.
 REVOKED = "revoked"
 NOT_REVOKED_NO_ENDPOINT = (
@@ -310,6 +312,22 @@ def _refusal(status: int, body: dict[str, Any] | None) -> ProviderError:
     )
 
 
+def retry_after_seconds(value: str | None, now: float) -> float | None:
+    """A ``Retry-After`` header (RFC 9110 10.2.3: delta-seconds or an HTTP-date) as seconds from ``now``, at most
+    ``RETRY_AFTER_MAX``; None when absent, unreadable or already past (then nothing is waited for)."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        seconds = float(value) if len(value) <= 10 else math.inf
+    else:
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - now
+        except (TypeError, ValueError, OverflowError):
+            return None
+    return min(seconds, float(RETRY_AFTER_MAX)) if seconds > 0 else None
+
+
 def _json_object(text: str) -> dict[str, Any] | None:
     try:
         body = json.loads(text)
@@ -330,6 +348,7 @@ class OidcClient:
         self._jwks: _Flight[dict[str, Any]] = _Flight(FIRST_FAILURE_BACKOFF, FAILURE_BACKOFF)
         self.jwks_min_refetch = JWKS_MIN_REFETCH
         self._timeout = aiohttp.ClientTimeout(total=config.provider_timeout)
+        self._token_closed_until = 0.0  # monotonic; the token endpoint asked (Retry-After) not to be called before
         self.audiences = {config.client_id, *config.oidc_extra_audience}
 
     async def metadata(self) -> Metadata:
@@ -441,14 +460,24 @@ class OidcClient:
     async def _token_request(self, form: dict[str, str], *, retry: bool) -> dict[str, Any]:
         """POST to the token endpoint. Retries only failures where the provider did not process the
         grant (connection refused, 5xx, 429), never a read timeout: with rotating refresh tokens a
-        second presentation after an unseen success would look like token theft."""
+        second presentation after an unseen success would look like token theft. A 429 or 5xx with
+        ``Retry-After`` is not retried, and no token request of this process goes out before that time (capped
+        at ``RETRY_AFTER_MAX``): a rate-limited provider is not hammered by every user whose token expires."""
         meta = await self.metadata()
         auth, extra = self._client_auth()
         attempts = 1 + (self._config.provider_retries if retry else 0)
         for attempt in range(attempts):
+            closed = self._token_closed_until - time.monotonic()
+            if closed > 0:
+                raise ProviderUnavailable(
+                    "token endpoint asked for a pause (Retry-After); not asked yet", retry_after=closed
+                )
             try:
                 return await self._post_token(meta.token_endpoint, {**form, **extra}, auth)
             except _Retryable as exc:
+                if exc.retry_after is not None:
+                    self._token_closed_until = time.monotonic() + exc.retry_after
+                    raise ProviderUnavailable(str(exc), retry_after=exc.retry_after) from exc
                 if attempt + 1 >= attempts:
                     raise ProviderUnavailable(str(exc)) from exc
                 await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
@@ -462,6 +491,7 @@ class OidcClient:
             ) as resp:
                 status = resp.status
                 text = await resp.text(errors="replace")
+                wait = retry_after_seconds(resp.headers.get("Retry-After"), time.time())
         except aiohttp.ClientConnectorError as exc:
             raise _Retryable(f"token endpoint unreachable: {type(exc).__name__}") from exc
         except TimeoutError as exc:
@@ -471,7 +501,7 @@ class OidcClient:
         finally:
             metrics.PROVIDER_SECONDS.labels(call="token").observe(time.monotonic() - started)
         if status >= 500 or status == 429:
-            raise _Retryable(f"token endpoint answered {status}")
+            raise _Retryable(f"token endpoint answered {status}", wait)
         body = _json_object(text)
         if status >= 400 or (body is not None and "error" in body):
             raise _refusal(status, body)
@@ -649,4 +679,8 @@ def _url(value: Any) -> str:
 
 
 class _Retryable(Exception):
-    """Internal: a token-endpoint failure that is safe to retry."""
+    """Internal: a token-endpoint failure that is safe to retry (after ``retry_after`` seconds, when it said)."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -5,14 +5,18 @@ Real HTTP against the dev provider and a started sidecar; one stack shared by th
 
 from __future__ import annotations
 
+import asyncio
+import email.utils
 import time
 import uuid
 from typing import Any
 
 import aiohttp
 import jwt
+import redis.asyncio as aioredis
 
-from sidecar.oidc import BACKCHANNEL_EVENT
+from sidecar.oidc import BACKCHANNEL_EVENT, RETRY_AFTER_MAX
+from sidecar.store import RedisStore
 from tests.stack import Stack, browser, sign_in, stack
 
 
@@ -88,3 +92,84 @@ async def test_logout_tokens_shaped_like_other_tokens_are_refused_and_every_real
             assert await _post_logout(st.base, _signed(st, _logout_claims(st, sub=None, sid=sid))) == 200
             assert await _auth(client, st.base) == 401
             assert await _auth(other, st.base) == 202
+
+
+# ------------------------------------------------------------------ a rate-limited token endpoint
+
+
+def _http_date(seconds_ahead: float) -> str:
+    return email.utils.formatdate(time.time() + seconds_ahead, usegmt=True)
+
+
+async def _answer(client: aiohttp.ClientSession, base: str, path: str = "/oauth2/auth") -> tuple[int, str | None]:
+    async with client.get(base + path, allow_redirects=False) as resp:
+        await resp.read()
+        return resp.status, resp.headers.get("Retry-After")
+
+
+async def _told_to_wait(status: int, retry_after: str, wait: float, redis_url: str, index: int) -> None:
+    """The provider answers ``status`` with ``Retry-After: retry_after`` (``wait`` seconds): the sidecar neither
+    retries at once nor asks again before then; its answer says when to come back; the session is kept."""
+    store = RedisStore(aioredis.from_url(redis_url), prefix=f"wait{index}:")
+    settings = {"pass_access_token": "true", "refresh_skew": "0s", "provider_retries": "2"}
+    try:
+        async with stack(store, provider_kw={"access_token_ttl": 1}, **settings) as st, browser() as client:
+            await sign_in(client, st.base)
+            await asyncio.sleep(1.2)  # the access token (1 s) has expired: every request needs a refresh
+            st.provider.reset_counters()
+            st.provider.inject_fault("raw", count=1, status=status, body="", headers={"Retry-After": retry_after})
+            for path in ("/oauth2/auth", "/oauth2/auth", "/_demo/echo"):
+                answer, told = await _answer(client, st.base, path)
+                assert answer == 503 and told is not None, (status, retry_after, path, answer)
+                assert wait - 2 <= int(told) <= wait + 1, (retry_after, told)
+            assert st.provider.stats()["token_calls"]["refresh_token"] == 1, retry_after  # asked once, not retried
+            async with browser() as newcomer:  # a sign-in meanwhile: the code is not spent on a closed endpoint
+                assert (await sign_in(newcomer, st.base)).status == 503, (status, retry_after)
+            assert st.provider.stats()["token_calls"]["authorization_code"] == 0
+            await asyncio.sleep(wait + 0.2)
+            assert (await _answer(client, st.base))[0] == 202, retry_after  # the same session, refreshed
+            assert st.provider.stats()["token_calls"]["refresh_token"] == 2
+    finally:
+        await store.close()
+
+
+async def test_a_provider_that_says_retry_after_is_left_alone_until_then_and_no_session_ends(redis_url: str) -> None:
+    cases = [
+        (429, "2", 2.0),
+        (503, "2", 2.0),
+        (429, _http_date(4), 4.0),  # whole seconds: between 3 and 4 s from now
+        (503, _http_date(4), 4.0),
+    ]
+    await asyncio.gather(*(_told_to_wait(*case, redis_url, i) for i, case in enumerate(cases)))
+
+
+RETRY_AFTER_CASES = [  # (the provider's Retry-After, ours, the token calls it cost)
+    ("soon", "2", 2),  # not a Retry-After value: the usual one retry, the usual answer
+    ("-5", "2", 2),
+    ("1e3", "2", 2),
+    ("3 ", "3", 1),
+    ("Sun, 06 Nov 1994 08:49:37 GMT", "2", 2),  # a date in the past: nothing to wait for
+    ("0", "2", 2),
+    ("86400", str(RETRY_AFTER_MAX), 1),  # a day: asked again within the cap, never a day of 503s
+    ("9" * 40, str(RETRY_AFTER_MAX), 1),
+]
+
+
+async def test_retry_after_is_capped_and_nonsense_is_ignored() -> None:
+    async with stack(provider_kw={"access_token_ttl": 1}, sidecar=False) as st:
+        users = []
+        for _ in RETRY_AFTER_CASES:  # a sidecar per case: a pause is per process
+            base = await st.add_sidecar(refresh_skew="0s", provider_retries="1")
+            users.append((base, browser()))
+            await sign_in(users[-1][1], base)
+        await asyncio.sleep(1.1)  # every access token has expired
+        try:
+            for (retry_after, told, calls), (base, client) in zip(RETRY_AFTER_CASES, users, strict=True):
+                st.provider.reset_counters()
+                st.provider.inject_fault("raw", count=-1, status=429, body="", headers={"Retry-After": retry_after})
+                assert await _answer(client, base) == (503, told), retry_after
+                assert st.provider.stats()["token_calls"]["refresh_token"] == calls, retry_after
+                st.provider.clear_faults()
+        finally:
+            for _, client in users:
+                await client.close()

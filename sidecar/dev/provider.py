@@ -269,10 +269,12 @@ class DevProvider(TokenGrants):
         status: int = 400,
         body: str = "",
         content_type: str = "application/json",
+        headers: Mapping[str, str] | None = None,
     ) -> Fault:
         """Make the next ``count`` token calls for ``grant`` misbehave (``count=-1``: forever).
-        ``raw`` answers ``status`` with ``body`` as it is: any refusal or malformed answer a provider
-        might send (an empty 400, ``invalid_client``, an HTML 401, a 200 that is not JSON ...)."""
+        ``raw`` answers ``status`` with ``body`` (and ``headers``) as it is: any refusal or malformed answer a
+        provider might send (an empty 400, ``invalid_client``, an HTML 401, a 200 that is not JSON, a 429
+        with ``Retry-After`` ...)."""
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault kind {kind!r}; expected one of {FAULT_KINDS}")
         if count == 0 or count < -1:
@@ -281,7 +283,7 @@ class DevProvider(TokenGrants):
             raise ValueError("delay must not be negative")
         if not 200 <= status <= 599:
             raise ValueError("status must be an HTTP status")
-        fault = Fault(kind, count, grant, float(delay), status, body, content_type)
+        fault = Fault(kind, count, grant, float(delay), status, body, content_type, dict(headers or {}))
         self._faults.append(fault)
         return fault
 

@@ -142,6 +142,7 @@ class Fault:
     status: int = 400  # raw only
     body: str = ""  # raw only
     content_type: str = "application/json"  # raw only
+    headers: dict[str, str] = field(default_factory=dict)  # raw only: e.g. Retry-After on a 429 or 503
 
     def matches(self, grant_type: str) -> bool:
         """``grant`` of ``"*"``/``"any"`` hits every grant type."""

@@ -291,7 +291,10 @@ class ProviderRoutes:
             return _oauth_error(OAuthError("invalid_grant", "injected fault"))
         if fault.kind == "raw":
             return web.Response(
-                status=fault.status, text=fault.body, content_type=fault.content_type, headers=_NO_STORE
+                status=fault.status,
+                text=fault.body,
+                content_type=fault.content_type,
+                headers={**_NO_STORE, **fault.headers},
             )
         return web.Response(  # invalid_json
             text='{"access_token": "trunc', content_type="application/json", headers=_NO_STORE
@@ -394,6 +397,7 @@ class ProviderRoutes:
                 status=int(data.get("status", 400)),
                 body=str(data.get("body", "")),
                 content_type=str(data.get("content_type", "application/json")),
+                headers={str(k): str(v) for k, v in dict(data.get("headers") or {}).items()},
             )
             return {"ok": True, "fault": fault.to_dict()}
         if action == "endpoint_fault":
