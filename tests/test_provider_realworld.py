@@ -173,3 +173,30 @@ async def test_retry_after_is_capped_and_nonsense_is_ignored() -> None:
         finally:
             for _, client in users:
                 await client.close()
+
+
+# ------------------------------------------------------------------ signing algorithms and key sets
+
+
+async def _signs_in_refreshes_and_logs_out(settings: dict[str, Any]) -> None:
+    """With the provider set to ``settings`` before the sidecar first reads its discovery document: sign-in,
+    a refresh whose new ID token is checked, and a back-channel logout all work."""
+    async with stack(provider_kw={"access_token_ttl": 1}, refresh_skew="0s") as st, browser() as client:
+        st.provider.config(settings)
+        assert (await sign_in(client, st.base)).status == 200, settings
+        await asyncio.sleep(1.1)
+        assert await _auth(client, st.base) == 202, settings
+        assert st.provider.stats()["token_calls"]["refresh_token"] == 1, settings
+        assert await _post_logout(st.base, st.provider.logout_token("alice")) == 200, settings
+        assert await _auth(client, st.base) == 401, settings
+
+
+async def test_id_tokens_signed_with_each_algorithm_real_providers_use_and_keys_without_kid() -> None:
+    cases: list[dict[str, Any]] = [
+        {"signing_alg": "PS256"},
+        {"signing_alg": "ES256"},
+        {"signing_alg": "EdDSA"},
+        {"send_kid": False},  # one key; neither it nor the tokens name a kid
+        {"signing_alg": "ES256", "send_kid": False, "send_id_token_on_refresh": False},
+    ]
+    await asyncio.gather(*(_signs_in_refreshes_and_logs_out(case) for case in cases))

@@ -29,6 +29,7 @@ from .provider_model import (
     DEFAULT_USERS,
     ENDPOINT_FAULT_KINDS,
     FAULT_KINDS,
+    SIGNING_ALGS,
     AuthCode,
     ClientReg,
     DevUser,
@@ -65,6 +66,7 @@ BOOL_SETTINGS = (
     "send_auth_time",
     "logout_token_exp",
     "revocation_endpoint",
+    "send_kid",
 )
 # What the token endpoint answers for a refresh token it does not know (or has forgotten): most providers
 # say invalid_grant, some (older enterprise SSOs) invalid_request.
@@ -163,7 +165,7 @@ class DevProvider(TokenGrants):
             "response_modes_supported": ["query"],
             "grant_types_supported": ["authorization_code", "refresh_token"],
             "code_challenge_methods_supported": ["S256"],
-            "id_token_signing_alg_values_supported": ["RS256"],
+            "id_token_signing_alg_values_supported": self.keys.algs(),
             "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
             "subject_types_supported": ["public"],
             "scopes_supported": list(SCOPES),
@@ -202,6 +204,9 @@ class DevProvider(TokenGrants):
             elif key == "at_hash":
                 if value not in AT_HASH_MODES:
                     raise ValueError(f"at_hash must be one of {AT_HASH_MODES}")
+            elif key == "signing_alg":
+                if value not in SIGNING_ALGS:
+                    raise ValueError(f"signing_alg must be one of {SIGNING_ALGS}")
             elif key == "unknown_refresh_error":
                 if value not in UNKNOWN_REFRESH_ERRORS:
                     raise ValueError(f"unknown_refresh_error must be one of {UNKNOWN_REFRESH_ERRORS}")
@@ -221,7 +226,7 @@ class DevProvider(TokenGrants):
 
     def settings(self) -> dict[str, Any]:
         """Current toggles."""
-        names = (*BOOL_SETTINGS, *INT_SETTINGS, "auto_login", "at_hash", "unknown_refresh_error")
+        names = (*BOOL_SETTINGS, *INT_SETTINGS, "auto_login", "at_hash", "unknown_refresh_error", "signing_alg")
         return {name: getattr(self, name) for name in names}
 
     def stats(self) -> dict[str, Any]:
@@ -244,6 +249,25 @@ class DevProvider(TokenGrants):
             "kids": [k.kid for k in self.keys.keys],
             **self.settings(),
         }
+
+    @property
+    def send_kid(self) -> bool:
+        """Tokens and the JWKS name each key's ``kid`` (off: as some providers with one key do)."""
+        return self.keys.send_kid
+
+    @send_kid.setter
+    def send_kid(self, value: bool) -> None:
+        self.keys.send_kid = value
+
+    @property
+    def signing_alg(self) -> str:
+        """The algorithm of the key that signs; setting another adds a key of that kind (the old stays published)."""
+        return self.keys.current.alg
+
+    @signing_alg.setter
+    def signing_alg(self, alg: str) -> None:
+        if alg != self.keys.current.alg:
+            self.keys.rotate(keep_old=True, alg=alg)
 
     def reset_counters(self) -> None:
         """Zero every counter (state such as tokens and toggles is kept)."""

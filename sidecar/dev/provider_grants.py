@@ -257,7 +257,7 @@ class TokenGrants:
             if self.send_sid:
                 claims["sid"] = fam.family_id
             if self.at_hash != "none":
-                claims["at_hash"] = at_hash(access if self.at_hash == "good" else access + "x")
+                claims["at_hash"] = at_hash(access if self.at_hash == "good" else access + "x", self.keys.current.alg)
             body["id_token"] = self.keys.sign(claims)
         body["scope"] = scope
         for name, value in self.token_overrides.items():  # misbehaviour on request: odd or missing fields
