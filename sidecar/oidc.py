@@ -122,6 +122,8 @@ class Metadata:
     end_session_endpoint: str | None
     id_token_algs: frozenset[str]
     scopes_supported: frozenset[str] = frozenset()  # discovery's list ("offline_access" for CLI/MCP grants)
+    secret_in_form: bool = False  # the token endpoint takes client_secret_post, not client_secret_basic
+    revocation_secret_in_form: bool = False  # the same for the revocation endpoint
 
 
 class _Flight(Generic[T]):
@@ -378,6 +380,12 @@ class OidcClient:
                 scopes_supported=frozenset(s for s in scopes if isinstance(s, str))
                 if isinstance(scopes := doc.get("scopes_supported"), list)
                 else frozenset(),
+                secret_in_form=_secret_in_form(doc.get("token_endpoint_auth_methods_supported")),
+                revocation_secret_in_form=_secret_in_form(
+                    doc.get(
+                        "revocation_endpoint_auth_methods_supported", doc.get("token_endpoint_auth_methods_supported")
+                    )
+                ),
             )
         except KeyError as exc:
             raise ProviderProtocolError(f"discovery document lacks {exc.args[0]}") from None
@@ -449,8 +457,11 @@ class OidcClient:
         body = await self._token_request({"grant_type": "refresh_token", "refresh_token": refresh_token}, retry=True)
         return token_set_from_response(body, time.time())
 
-    def _client_auth(self) -> tuple[dict[str, str], dict[str, str]]:
-        """(headers, form fields) authenticating this client: client_secret_basic, or a public client."""
+    def _client_auth(self, in_form: bool = False) -> tuple[dict[str, str], dict[str, str]]:
+        """(headers, form fields) authenticating this client: client_secret_basic, client_secret_post where the
+        endpoint takes only that (``in_form``), or a public client."""
+        if self._config.client_secret and in_form:
+            return {}, {"client_id": self._config.client_id, "client_secret": self._config.client_secret}
         if self._config.client_secret:
             # RFC 6749 2.3.1: form-urlencode id and secret before Basic encoding.
             pair = f"{quote(self._config.client_id, safe='')}:{quote(self._config.client_secret, safe='')}"
@@ -464,7 +475,7 @@ class OidcClient:
         ``Retry-After`` is not retried, and no token request of this process goes out before that time (capped
         at ``RETRY_AFTER_MAX``): a rate-limited provider is not hammered by every user whose token expires."""
         meta = await self.metadata()
-        auth, extra = self._client_auth()
+        auth, extra = self._client_auth(meta.secret_in_form)
         attempts = 1 + (self._config.provider_retries if retry else 0)
         for attempt in range(attempts):
             closed = self._token_closed_until - time.monotonic()
@@ -520,7 +531,7 @@ class OidcClient:
             return NOT_REVOKED_FAILED
         if not meta.revocation_endpoint:
             return NOT_REVOKED_NO_ENDPOINT
-        auth, extra = self._client_auth()
+        auth, extra = self._client_auth(meta.revocation_secret_in_form)
         try:
             async with self._http.post(
                 meta.revocation_endpoint,
@@ -669,6 +680,12 @@ class OidcClient:
         if time.time() - iat > LOGOUT_TOKEN_MAX_AGE + _LEEWAY:
             raise TokenValidationError("logout token issued too long ago")
         return claims
+
+
+def _secret_in_form(methods: Any) -> bool:
+    """Send the client secret in the form (client_secret_post): only when discovery lists the endpoint's methods,
+    without client_secret_basic (the default, RFC 6749 2.3.1 and OIDC Discovery) and with client_secret_post."""
+    return isinstance(methods, list) and "client_secret_basic" not in methods and "client_secret_post" in methods
 
 
 def _url(value: Any) -> str:

@@ -200,3 +200,25 @@ async def test_id_tokens_signed_with_each_algorithm_real_providers_use_and_keys_
         {"signing_alg": "ES256", "send_kid": False, "send_id_token_on_refresh": False},
     ]
     await asyncio.gather(*(_signs_in_refreshes_and_logs_out(case) for case in cases))
+
+
+# ------------------------------------------------------------------ client authentication the provider allows
+
+
+async def _authenticates_as_allowed(choice: str) -> None:
+    async with stack(provider_kw={"access_token_ttl": 1}, refresh_skew="0s") as st, browser() as client:
+        st.provider.config(client_auth=choice)
+        assert (await sign_in(client, st.base)).status == 200, choice
+        await asyncio.sleep(1.1)
+        assert await _auth(client, st.base) == 202, choice
+        async with client.get(f"{st.base}/oauth2/sign_out", allow_redirects=False) as resp:
+            assert resp.status in (302, 303), choice
+        stats = st.provider.stats()
+        assert stats["token_calls"] == {"authorization_code": 1, "refresh_token": 1}, choice
+        assert stats["revocations"] == 1, choice
+
+
+async def test_a_provider_that_allows_only_one_client_authentication_method_gets_that_one() -> None:
+    """Discovery's ``token_endpoint_auth_methods_supported`` (and the revocation endpoint's) decide how the client
+    secret is sent: Basic when allowed (RFC 6749 2.3.1), else in the form; sign-in, refresh and revocation work."""
+    await asyncio.gather(*(_authenticates_as_allowed(choice) for choice in ("post", "basic", "both")))

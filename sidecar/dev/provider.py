@@ -71,6 +71,13 @@ BOOL_SETTINGS = (
 # What the token endpoint answers for a refresh token it does not know (or has forgotten): most providers
 # say invalid_grant, some (older enterprise SSOs) invalid_request.
 UNKNOWN_REFRESH_ERRORS = ("invalid_grant", "invalid_request", "unauthorized_client")
+# How confidential clients may authenticate at the token and revocation endpoints (``client_auth``): both ways, or
+# only one, as a provider configured per client does (Zitadel's "POST" apps, Authelia, some Keycloak set-ups).
+CLIENT_AUTH_CHOICES = {
+    "both": ("client_secret_basic", "client_secret_post"),
+    "basic": ("client_secret_basic",),
+    "post": ("client_secret_post",),
+}
 INT_SETTINGS = ("access_token_ttl", "refresh_token_ttl", "id_token_ttl", "code_ttl")
 SCOPES = ["openid", "email", "profile", "groups", "offline_access"]
 
@@ -118,6 +125,7 @@ class DevProvider(TokenGrants):
         self.logout_token_exp = True
         self.unknown_refresh_error = "invalid_grant"
         self.revocation_endpoint = True
+        self.client_auth = "both"  # see CLIENT_AUTH_CHOICES
         self.token_overrides: dict[str, Any] = {}  # merged into every token response; None removes a field
         self.endpoint_faults: dict[str, tuple[str, float]] = {}  # "discovery"/"jwks"/"revoke" -> (kind, delay)
         # Single sign-on, off unless asked: a browser that logged in is remembered (a cookie scoped to
@@ -166,7 +174,7 @@ class DevProvider(TokenGrants):
             "grant_types_supported": ["authorization_code", "refresh_token"],
             "code_challenge_methods_supported": ["S256"],
             "id_token_signing_alg_values_supported": self.keys.algs(),
-            "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+            "token_endpoint_auth_methods_supported": list(self.client_auth_methods),
             "subject_types_supported": ["public"],
             "scopes_supported": list(SCOPES),
             "claims_supported": [
@@ -189,7 +197,7 @@ class DevProvider(TokenGrants):
         }
 
     def _revocation_metadata(self) -> dict[str, Any]:
-        auth_methods = ["client_secret_basic", "client_secret_post"]
+        auth_methods = list(self.client_auth_methods)
         return {"revocation_endpoint": self.url("/revoke"), "revocation_endpoint_auth_methods_supported": auth_methods}
 
     # ------------------------------------------------------ control surface
@@ -207,6 +215,9 @@ class DevProvider(TokenGrants):
             elif key == "signing_alg":
                 if value not in SIGNING_ALGS:
                     raise ValueError(f"signing_alg must be one of {SIGNING_ALGS}")
+            elif key == "client_auth":
+                if value not in CLIENT_AUTH_CHOICES:
+                    raise ValueError(f"client_auth must be one of {tuple(CLIENT_AUTH_CHOICES)}")
             elif key == "unknown_refresh_error":
                 if value not in UNKNOWN_REFRESH_ERRORS:
                     raise ValueError(f"unknown_refresh_error must be one of {UNKNOWN_REFRESH_ERRORS}")
@@ -226,7 +237,15 @@ class DevProvider(TokenGrants):
 
     def settings(self) -> dict[str, Any]:
         """Current toggles."""
-        names = (*BOOL_SETTINGS, *INT_SETTINGS, "auto_login", "at_hash", "unknown_refresh_error", "signing_alg")
+        names = (
+            *BOOL_SETTINGS,
+            *INT_SETTINGS,
+            "auto_login",
+            "at_hash",
+            "unknown_refresh_error",
+            "signing_alg",
+            "client_auth",
+        )
         return {name: getattr(self, name) for name in names}
 
     def stats(self) -> dict[str, Any]:
@@ -249,6 +268,11 @@ class DevProvider(TokenGrants):
             "kids": [k.kid for k in self.keys.keys],
             **self.settings(),
         }
+
+    @property
+    def client_auth_methods(self) -> tuple[str, ...]:
+        """The client authentication methods the token and revocation endpoints accept."""
+        return CLIENT_AUTH_CHOICES[self.client_auth]
 
     @property
     def send_kid(self) -> bool:

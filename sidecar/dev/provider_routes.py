@@ -80,11 +80,17 @@ def _oauth_error(exc: OAuthError) -> web.Response:
     return web.json_response(body, status=exc.status, headers=headers)
 
 
-def _client_credentials(request: web.Request, form: Mapping[str, str]) -> tuple[str | None, str | None]:
-    """client_secret_basic (url-decoded per RFC 6749 2.3.1) or client_secret_post."""
+def _client_credentials(
+    request: web.Request, form: Mapping[str, str], allowed: tuple[str, ...]
+) -> tuple[str | None, str | None]:
+    """client_secret_basic (url-decoded per RFC 6749 2.3.1) or client_secret_post, among the ``allowed`` methods."""
     auth = request.headers.get("Authorization")
     if not auth:
+        if "client_secret" in form and "client_secret_post" not in allowed:
+            raise OAuthError("invalid_client", "client_secret_post is not allowed for this client")
         return form.get("client_id"), form.get("client_secret")
+    if "client_secret_basic" not in allowed:
+        raise OAuthError("invalid_client", "client_secret_basic is not allowed for this client")
     scheme, _, value = auth.partition(" ")
     if scheme.lower() != "basic":
         raise OAuthError("invalid_client", "unsupported client authentication scheme")
@@ -267,7 +273,7 @@ class ProviderRoutes:
                 return await self._fault_response(fault)
             await asyncio.sleep(fault.effective_delay)  # then answer normally
         try:
-            client = self.p.authenticate_client(*_client_credentials(request, form))
+            client = self.p.authenticate_client(*_client_credentials(request, form, self.p.client_auth_methods))
             if grant_type == "authorization_code":
                 body = self.p.exchange_code(client, form)
             elif grant_type == "refresh_token":
@@ -328,7 +334,7 @@ class ProviderRoutes:
             return broken
         try:
             form = await _read_form(request)
-            client = self.p.authenticate_client(*_client_credentials(request, form))
+            client = self.p.authenticate_client(*_client_credentials(request, form, self.p.client_auth_methods))
             token = form.get("token")
             if not token:
                 raise OAuthError("invalid_request", "missing token")
