@@ -124,6 +124,7 @@ class Metadata:
     scopes_supported: frozenset[str] = frozenset()  # discovery's list ("offline_access" for CLI/MCP grants)
     secret_in_form: bool = False  # the token endpoint takes client_secret_post, not client_secret_basic
     revocation_secret_in_form: bool = False  # the same for the revocation endpoint
+    iss_in_responses: bool = False  # RFC 9207: the provider says every authorization response names it
 
 
 class _Flight(Generic[T]):
@@ -380,6 +381,7 @@ class OidcClient:
                 scopes_supported=frozenset(s for s in scopes if isinstance(s, str))
                 if isinstance(scopes := doc.get("scopes_supported"), list)
                 else frozenset(),
+                iss_in_responses=doc.get("authorization_response_iss_parameter_supported") is True,
                 secret_in_form=_secret_in_form(doc.get("token_endpoint_auth_methods_supported")),
                 revocation_secret_in_form=_secret_in_form(
                     doc.get(

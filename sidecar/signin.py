@@ -178,6 +178,9 @@ async def callback(request: web.Request, svc: Services) -> web.Response:
         raise InvalidState("callback iss does not name our provider (RFC 9207)")
     cookie_name = _state_cookie_name(config, state)
     attempt = svc.codec.load_attempt(request.cookies.get(cookie_name), state, time.time(), STATE_TTL)
+    if issuer is None and (await svc.oidc.metadata()).iss_in_responses:
+        # RFC 9207 2.4: a provider that says it names itself in every answer did not send this one (mix-up)
+        raise InvalidState("callback lacks the iss its provider always sends (RFC 9207)")
     await _claim(svc, state, STATE_TTL + CLOCK_LEEWAY)
     tokens = await svc.oidc.exchange_code(code, attempt.verifier, attempt.redirect_uri)
     if not tokens.id_token:

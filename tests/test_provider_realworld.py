@@ -10,6 +10,7 @@ import email.utils
 import time
 import uuid
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import aiohttp
 import jwt
@@ -222,3 +223,46 @@ async def test_a_provider_that_allows_only_one_client_authentication_method_gets
     """Discovery's ``token_endpoint_auth_methods_supported`` (and the revocation endpoint's) decide how the client
     secret is sent: Basic when allowed (RFC 6749 2.3.1), else in the form; sign-in, refresh and revocation work."""
     await asyncio.gather(*(_authenticates_as_allowed(choice) for choice in ("post", "basic", "both")))
+
+
+# ------------------------------------------------------------------ RFC 9207: the provider names itself
+
+
+async def _provider_answer(client: aiohttp.ClientSession, base: str) -> str:
+    """Start a sign-in and let the provider answer; the callback URL it sends the browser to."""
+    async with client.get(f"{base}/oauth2/start", params={"rd": "/x"}, allow_redirects=False) as resp:
+        authorize = resp.headers["Location"]
+    async with client.get(authorize, allow_redirects=False) as resp:
+        return resp.headers["Location"]
+
+
+def _without_iss(callback: str, iss: str | None = None) -> str:
+    parts = urlsplit(callback)
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "iss"] + ([("iss", iss)] if iss is not None else [])
+    return parts._replace(query=urlencode(query)).geturl()
+
+
+async def _callback_status(client: aiohttp.ClientSession, url: str) -> int:
+    async with client.get(url, allow_redirects=False) as resp:
+        return resp.status
+
+
+async def test_a_callback_without_the_iss_its_provider_promises_is_refused_before_the_code_is_used() -> None:
+    async with stack() as st, browser() as client:
+        for hostile in (
+            _without_iss,
+            lambda url: _without_iss(url, st.issuer + "/"),
+            lambda url: _without_iss(url, ""),
+        ):
+            callback = await _provider_answer(client, st.base)
+            assert await _callback_status(client, hostile(callback)) == 400
+        assert st.provider.stats()["token_calls"]["authorization_code"] == 0  # no code was spent
+        assert await _callback_status(client, await _provider_answer(client, st.base)) == 302  # as sent: accepted
+        # A provider that does not say it sends iss (Google, Entra ID): no iss is fine, a wrong one is not.
+        st.provider.config(send_iss=False)
+        second = await st.add_sidecar()  # reads discovery afresh
+        async with browser() as other:
+            callback = await _provider_answer(other, second)
+            assert "iss=" not in callback
+            assert await _callback_status(other, _without_iss(callback, "https://other.example")) == 400
+            assert await _callback_status(other, await _provider_answer(other, second)) == 302

@@ -67,6 +67,7 @@ BOOL_SETTINGS = (
     "logout_token_exp",
     "revocation_endpoint",
     "send_kid",
+    "send_iss",
 )
 # What the token endpoint answers for a refresh token it does not know (or has forgotten): most providers
 # say invalid_grant, some (older enterprise SSOs) invalid_request.
@@ -126,6 +127,7 @@ class DevProvider(TokenGrants):
         self.unknown_refresh_error = "invalid_grant"
         self.revocation_endpoint = True
         self.client_auth = "both"  # see CLIENT_AUTH_CHOICES
+        self.send_iss = True  # RFC 9207 iss in authorization responses, said in discovery (off: Google, Entra ID)
         self.token_overrides: dict[str, Any] = {}  # merged into every token response; None removes a field
         self.endpoint_faults: dict[str, tuple[str, float]] = {}  # "discovery"/"jwks"/"revoke" -> (kind, delay)
         # Single sign-on, off unless asked: a browser that logged in is remembered (a cookie scoped to
@@ -192,7 +194,7 @@ class DevProvider(TokenGrants):
                 "preferred_username",
                 "groups",
             ],
-            "authorization_response_iss_parameter_supported": True,
+            **({"authorization_response_iss_parameter_supported": True} if self.send_iss else {}),
             **(self._revocation_metadata() if self.revocation_endpoint else {}),
         }
 

@@ -158,7 +158,9 @@ class ProviderRoutes:
         return client
 
     def _error_redirect(self, params: Mapping[str, str], error: str, desc: str) -> web.Response:
-        query = {"error": error, "error_description": desc, "iss": self.p.issuer}
+        query = {"error": error, "error_description": desc}
+        if self.p.send_iss:
+            query["iss"] = self.p.issuer
         if "state" in params:
             query["state"] = params["state"]
         return _redirect(str(URL(params["redirect_uri"]).update_query(query)))
@@ -186,7 +188,9 @@ class ProviderRoutes:
             params.get("scope", "openid"),
             auth_time,
         )
-        query = {"code": code, "iss": self.p.issuer}
+        query = {"code": code}
+        if self.p.send_iss:
+            query["iss"] = self.p.issuer
         if "state" in params:
             query["state"] = params["state"]
         return _redirect(str(URL(params["redirect_uri"]).update_query(query)))
