@@ -649,7 +649,13 @@ class OidcClient:
         """A JWT an API client presents (``--skip-jwt-bearer-tokens``): this issuer's keys and allowed
         algorithms, ``iss``, an accepted ``aud``, ``exp``/``nbf``/``iat``. No ``azp`` check: a CLI's token
         is often issued to another client of the same provider, with our client id as audience."""
-        return await self._verify(token, "bearer token", ["iss", "sub", "aud", "exp", "iat"])
+        claims = await self._verify(token, "bearer token", ["iss", "sub", "aud", "exp", "iat"])
+        # RFC 8725 3.11: a logout token is signed by the same keys for the same audience; what only it carries
+        # (the events claim, its typ) keeps it from ever being taken for an access token.
+        typ = jwt.get_unverified_header(token).get("typ")
+        if "events" in claims or (isinstance(typ, str) and "logout+jwt" in typ.lower()):
+            raise TokenValidationError("bearer token is a logout token")
+        return claims
 
     async def validate_logout_token(self, token: str) -> dict[str, Any]:
         """OIDC Back-Channel Logout 1.0, section 2.6: a signed event naming a sub and/or a sid. ``iat`` must be

@@ -266,3 +266,25 @@ async def test_a_callback_without_the_iss_its_provider_promises_is_refused_befor
             assert "iss=" not in callback
             assert await _callback_status(other, _without_iss(callback, "https://other.example")) == 400
             assert await _callback_status(other, await _provider_answer(other, second)) == 302
+
+
+# ------------------------------------------------------------------ JWT confusion (RFC 8725 3.11)
+
+
+async def _bearer_status(base: str, token: str) -> int:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{base}/oauth2/auth", headers={"Authorization": f"Bearer {token}"}) as resp:
+            return resp.status
+
+
+async def test_a_logout_token_is_never_accepted_as_a_bearer_token() -> None:
+    """With ``--skip-jwt-bearer-tokens`` a signed JWT naming this client is an identity; a logout token is one
+    too (iss, sub, aud, iat, exp), so it is told apart by what only a logout token carries."""
+    async with stack(upstream="", skip_jwt_bearer_tokens="true") as st:
+        now = int(time.time())
+        access = {"iss": st.issuer, "sub": "alice-sub-1", "aud": "sidecar-dev", "iat": now, "exp": now + 60}
+        assert await _bearer_status(st.base, _signed(st, access)) == 202  # the control: a plain JWT is accepted
+        assert await _bearer_status(st.base, _signed(st, _logout_claims(st))) == 401
+        assert await _bearer_status(st.base, _signed(st, _logout_claims(st), typ="logout+jwt")) == 401
+        assert await _bearer_status(st.base, _signed(st, access, typ="logout+jwt")) == 401
+        assert await _bearer_status(st.base, _signed(st, {**access, "events": {}})) == 401
