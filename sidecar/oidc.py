@@ -417,10 +417,12 @@ class OidcClient:
         redirect_uri: str | None = None,
         max_age: int | None = None,
         scope: str | None = None,
+        offline: bool = False,
     ) -> str:
         """``redirect_uri``: the callback built for this request (a relative ``--redirect-url``). ``max_age``
         (OIDC Core 3.1.2.1) makes the provider re-authenticate a user whose last sign-in there is older;
-        the callback then checks the ID token's ``auth_time``."""
+        the callback then checks the ID token's ``auth_time``. ``offline``: a refresh token is needed (a CLI/MCP
+        grant); from a provider that lists no ``offline_access`` scope it is asked for Google's way."""
         meta = await self.metadata()
         params = {
             "response_type": "code",
@@ -434,6 +436,10 @@ class OidcClient:
         }
         if max_age is not None:
             params["max_age"] = str(max_age)
+        if offline and "offline_access" not in meta.scopes_supported:
+            # Google: a refresh token only for access_type=offline, and on a repeated consent only with
+            # prompt=consent. A provider that does not know them ignores them (RFC 6749 3.1).
+            params["access_type"], params["prompt"] = "offline", "consent"
         query = urlencode(params)
         sep = "&" if "?" in meta.authorization_endpoint else "?"
         return f"{meta.authorization_endpoint}{sep}{query}"

@@ -81,6 +81,10 @@ CLIENT_AUTH_CHOICES = {
 }
 INT_SETTINGS = ("access_token_ttl", "refresh_token_ttl", "id_token_ttl", "code_ttl")
 SCOPES = ["openid", "email", "profile", "groups", "offline_access"]
+# When the code exchange issues a refresh token (``refresh_tokens``): always, or Google's way: discovery lists no
+# offline_access, and a refresh token comes only for ``access_type=offline``, on a user's first consent to the
+# client or with ``prompt=consent``.
+REFRESH_TOKEN_POLICIES = ("always", "google")
 
 
 class DevProvider(TokenGrants):
@@ -127,6 +131,8 @@ class DevProvider(TokenGrants):
         self.unknown_refresh_error = "invalid_grant"
         self.revocation_endpoint = True
         self.client_auth = "both"  # see CLIENT_AUTH_CHOICES
+        self.refresh_tokens = "always"  # see REFRESH_TOKEN_POLICIES
+        self._consented: set[tuple[str, str]] = set()  # (user, client) pairs that consented once (google)
         self.send_iss = True  # RFC 9207 iss in authorization responses, said in discovery (off: Google, Entra ID)
         self.token_overrides: dict[str, Any] = {}  # merged into every token response; None removes a field
         self.endpoint_faults: dict[str, tuple[str, float]] = {}  # "discovery"/"jwks"/"revoke" -> (kind, delay)
@@ -178,7 +184,7 @@ class DevProvider(TokenGrants):
             "id_token_signing_alg_values_supported": self.keys.algs(),
             "token_endpoint_auth_methods_supported": list(self.client_auth_methods),
             "subject_types_supported": ["public"],
-            "scopes_supported": list(SCOPES),
+            "scopes_supported": [s for s in SCOPES if s != "offline_access" or self.refresh_tokens != "google"],
             "claims_supported": [
                 "iss",
                 "sub",
@@ -217,6 +223,9 @@ class DevProvider(TokenGrants):
             elif key == "signing_alg":
                 if value not in SIGNING_ALGS:
                     raise ValueError(f"signing_alg must be one of {SIGNING_ALGS}")
+            elif key == "refresh_tokens":
+                if value not in REFRESH_TOKEN_POLICIES:
+                    raise ValueError(f"refresh_tokens must be one of {REFRESH_TOKEN_POLICIES}")
             elif key == "client_auth":
                 if value not in CLIENT_AUTH_CHOICES:
                     raise ValueError(f"client_auth must be one of {tuple(CLIENT_AUTH_CHOICES)}")
@@ -247,6 +256,7 @@ class DevProvider(TokenGrants):
             "unknown_refresh_error",
             "signing_alg",
             "client_auth",
+            "refresh_tokens",
         )
         return {name: getattr(self, name) for name in names}
 
@@ -270,6 +280,16 @@ class DevProvider(TokenGrants):
             "kids": [k.kid for k in self.keys.keys],
             **self.settings(),
         }
+
+    def offline_allowed(self, username: str, params: Mapping[str, str]) -> bool:
+        """Whether this authorization's code exchange issues a refresh token (see REFRESH_TOKEN_POLICIES)."""
+        if self.refresh_tokens == "always":
+            return True
+        pair = (username, params.get("client_id", ""))
+        first = pair not in self._consented
+        self._consented.add(pair)
+        prompt = params.get("prompt", "").split()
+        return params.get("access_type") == "offline" and (first or "consent" in prompt)
 
     @property
     def client_auth_methods(self) -> tuple[str, ...]:

@@ -54,6 +54,7 @@ class TokenGrants:
     unknown_refresh_error: str
     reuse_detection: bool
     return_same_refresh_token: bool
+    refresh_tokens: str  # "always" or "google" (provider.REFRESH_TOKEN_POLICIES)
     reuse_detected: int
     revocations: int
     codes_issued: int
@@ -85,9 +86,10 @@ class TokenGrants:
         username: str,
         scope: str,
         auth_time: int | None = None,
+        offline: bool = True,
     ) -> str:
         """A single-use code bound to everything the token request must match. ``auth_time``: when the user
-        logged in (a remembered login's time), else now."""
+        logged in (a remembered login's time), else now. ``offline``: its exchange issues a refresh token."""
         now = time.time()
         self._codes = {c: a for c, a in self._codes.items() if a.expires_at + 600 > now}
         code = random_token()
@@ -100,6 +102,7 @@ class TokenGrants:
             scope,
             now + self.code_ttl,
             int(now) if auth_time is None else auth_time,
+            offline=offline,
         )
         self.codes_issued += 1
         return code
@@ -130,7 +133,7 @@ class TokenGrants:
         fam = RefreshFamily(random_token(12), grant.username, client.client_id, grant.scope, grant.auth_time)
         self._families[fam.family_id] = fam
         grant.family_id = fam.family_id
-        token, expires_at = self._new_refresh_token(fam)
+        token, expires_at = self._new_refresh_token(fam) if grant.offline else (None, time.time())
         return self._token_response(
             fam,
             user,
@@ -239,7 +242,7 @@ class TokenGrants:
             body["expires_in"] = self.access_token_ttl
         if refresh_token is not None:
             body["refresh_token"] = refresh_token
-        if self.send_refresh_expires_in:
+        if self.send_refresh_expires_in and self.refresh_tokens != "google":
             body["refresh_expires_in"] = max(0, int(refresh_expires_at - time.time()))
         if with_id_token:
             claims: dict[str, Any] = {

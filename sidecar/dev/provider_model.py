@@ -110,6 +110,7 @@ class AuthCode:
     auth_time: int
     used: bool = False
     family_id: str | None = None
+    offline: bool = True  # the code exchange issues a refresh token
 
 
 @dataclass

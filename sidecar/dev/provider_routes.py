@@ -187,6 +187,7 @@ class ProviderRoutes:
             username,
             params.get("scope", "openid"),
             auth_time,
+            offline=self.p.offline_allowed(username, params),
         )
         query = {"code": code}
         if self.p.send_iss:

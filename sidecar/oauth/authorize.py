@@ -391,7 +391,13 @@ async def consent(request: web.Request, svc: Services) -> web.Response:
     # With max_age, the provider is asked for a sign-in at most that old and the callback checks auth_time
     # (stepup.callback_problem), as for a browser step-up: an RFC 9470 client asking again gets a fresh one.
     return await handlers.begin_sign_in(
-        request, svc, "/", purpose=f"grant:{pending_id}", scope=await grant_scope(svc), max_age=pending.max_age
+        request,
+        svc,
+        "/",
+        purpose=f"grant:{pending_id}",
+        scope=await grant_scope(svc),
+        max_age=pending.max_age,
+        offline=True,
     )
 
 
