@@ -683,7 +683,7 @@ class OidcClient:
             raise TokenValidationError("logout token typ names another kind of token")
         if "nonce" in claims:
             raise TokenValidationError("logout token must not carry a nonce")
-        if not isinstance(claims.get("sub"), str) and not isinstance(claims.get("sid"), str):
+        if not _named(claims.get("sub")) and not _named(claims.get("sid")):
             raise TokenValidationError("logout token names neither sub nor sid")
         jti = claims.get("jti")
         if not isinstance(jti, str) or not 0 < len(jti) <= 256:
@@ -694,6 +694,11 @@ class OidcClient:
         if time.time() - iat > LOGOUT_TOKEN_MAX_AGE + _LEEWAY:
             raise TokenValidationError("logout token issued too long ago")
         return claims
+
+
+def _named(value: Any) -> bool:
+    """A logout token's ``sub`` or ``sid`` names something: a non-empty string."""
+    return isinstance(value, str) and value != ""
 
 
 def _secret_in_form(methods: Any) -> bool:

@@ -69,6 +69,8 @@ REFUSED_LOGOUT_TOKENS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     ("typ not a string", {}, {"typ": 1}),
     ("nonce present", {"nonce": "n-1"}, {}),
     ("neither sub nor sid", {"sub": None}, {}),
+    ("an empty sub and no sid", {"sub": ""}, {}),
+    ("an empty sub and an empty sid", {"sub": "", "sid": ""}, {}),
 ]
 # Accepted: explicit typing in its spellings, no typ (tokens from before the 2023 errata), sub only, sid only.
 ACCEPTED_TYPS: list[str | None] = ["logout+jwt", "application/logout+jwt", "Logout+JWT", "JWT", None]
@@ -86,6 +88,10 @@ async def test_logout_tokens_shaped_like_other_tokens_are_refused_and_every_real
             assert await _post_logout(st.base, _signed(st, _logout_claims(st), **header)) == 200, typ
             assert await _auth(client, st.base) == 401, typ
             await sign_in(client, st.base)
+        # an empty sid names no provider session: the sub decides
+        assert await _post_logout(st.base, _signed(st, _logout_claims(st, sid=""))) == 200
+        assert await _auth(client, st.base) == 401
+        await sign_in(client, st.base)
         # sid only (no sub): ends the provider session it names, and no other
         async with browser() as other:
             await sign_in(other, st.base)
