@@ -363,9 +363,12 @@ class OidcClient:
     async def _discover(self) -> Metadata:
         url = self._config.oidc_issuer_url.rstrip("/") + "/.well-known/openid-configuration"
         doc = await self._get_json(url)
-        issuer = doc.get("issuer")
-        if issuer != self._config.oidc_issuer_url and issuer != self._config.oidc_issuer_url.rstrip("/"):
-            raise ProviderError(f"discovery issuer {issuer!r} does not match --oidc-issuer-url")
+        issuer, configured = doc.get("issuer"), self._config.oidc_issuer_url
+        # OIDC Discovery 4.3 wants them identical; one trailing "/" apart they name the same discovery document (its
+        # URL drops it), so a "/" left out or added (Auth0's issuer ends in one) is no other provider. Every token's
+        # iss is then compared exactly with the document's issuer.
+        if not isinstance(issuer, str) or configured not in (issuer, issuer + "/", issuer.removesuffix("/")):
+            raise ProviderError(f"discovery issuer {str(issuer)[:200]!r} does not match --oidc-issuer-url")
         try:
             algs = doc.get("id_token_signing_alg_values_supported", ["RS256"])
             return Metadata(

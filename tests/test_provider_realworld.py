@@ -294,3 +294,29 @@ async def test_a_logout_token_is_never_accepted_as_a_bearer_token() -> None:
         assert await _bearer_status(st.base, _signed(st, _logout_claims(st), typ="logout+jwt")) == 401
         assert await _bearer_status(st.base, _signed(st, access, typ="logout+jwt")) == 401
         assert await _bearer_status(st.base, _signed(st, {**access, "events": {}})) == 401
+
+
+# ------------------------------------------------------------------ an issuer identifier ending in "/"
+
+
+async def test_an_issuer_with_a_trailing_slash_works_whichever_way_it_is_configured() -> None:
+    """Auth0's issuer is ``https://TENANT.auth0.com/``; a new user often leaves the "/" out. Both spellings fetch
+    the same discovery document, so both work, and every token's ``iss`` is then checked exactly against the
+    document's issuer. An issuer that differs in anything more is still refused."""
+    async with stack(provider_kw={"access_token_ttl": 1}, sidecar=False) as st:
+        st.provider.config(issuer_trailing_slash=True)
+        for configured in (st.issuer, st.issuer + "/"):
+            base = await st.add_sidecar(oidc_issuer_url=configured, refresh_skew="0s")
+            async with browser() as client:
+                assert (await sign_in(client, base)).status == 200, configured
+                await asyncio.sleep(1.1)
+                assert await _auth(client, base) == 202, configured  # refreshed, the new ID token checked
+                slash = _logout_claims(st, iss=st.issuer + "/")
+                assert await _post_logout(base, _signed(st, _logout_claims(st))) == 400, configured  # iss without "/"
+                assert await _post_logout(base, _signed(st, slash)) == 200, configured
+                assert await _auth(client, base) == 401
+        # no discovery document there (503); a document naming another issuer: the mix-up is refused (502)
+        for other, status in ((st.issuer + "/x", 503), (st.issuer.replace("127.0.0.1", "localhost"), 502)):
+            base = await st.add_sidecar(oidc_issuer_url=other)
+            async with browser() as client:
+                assert (await sign_in(client, base)).status == status, other

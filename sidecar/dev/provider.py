@@ -68,6 +68,7 @@ BOOL_SETTINGS = (
     "revocation_endpoint",
     "send_kid",
     "send_iss",
+    "issuer_trailing_slash",
 )
 # What the token endpoint answers for a refresh token it does not know (or has forgotten): most providers
 # say invalid_grant, some (older enterprise SSOs) invalid_request.
@@ -132,6 +133,7 @@ class DevProvider(TokenGrants):
         self.revocation_endpoint = True
         self.client_auth = "both"  # see CLIENT_AUTH_CHOICES
         self.refresh_tokens = "always"  # see REFRESH_TOKEN_POLICIES
+        self.issuer_trailing_slash = False  # the issuer identifier ends in "/" (Auth0); endpoints do not
         self._consented: set[tuple[str, str]] = set()  # (user, client) pairs that consented once (google)
         self.send_iss = True  # RFC 9207 iss in authorization responses, said in discovery (off: Google, Entra ID)
         self.token_overrides: dict[str, Any] = {}  # merged into every token response; None removes a field
@@ -171,7 +173,7 @@ class DevProvider(TokenGrants):
     def discovery(self) -> dict[str, Any]:
         """The ``/.well-known/openid-configuration`` document."""
         return {
-            "issuer": self.issuer,
+            "issuer": self.issuer_id,
             "authorization_endpoint": self.url("/authorize"),
             "token_endpoint": self.url("/token"),
             "userinfo_endpoint": self.url("/userinfo"),

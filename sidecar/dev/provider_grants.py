@@ -55,6 +55,7 @@ class TokenGrants:
     reuse_detection: bool
     return_same_refresh_token: bool
     refresh_tokens: str  # "always" or "google" (provider.REFRESH_TOKEN_POLICIES)
+    issuer_trailing_slash: bool
     reuse_detected: int
     revocations: int
     codes_issued: int
@@ -63,6 +64,11 @@ class TokenGrants:
     _refresh: dict[str, RefreshRecord]  # sha256(token) -> record
     _access: dict[str, tuple[str | None, float]]  # jti -> (family id, exp)
     _revoked_jtis: set[str]
+
+    @property
+    def issuer_id(self) -> str:
+        """The issuer identifier in discovery, tokens and ``iss`` parameters (``issuer_trailing_slash``: with a "/")."""
+        return self.issuer + "/" if self.issuer_trailing_slash else self.issuer
 
     def authenticate_client(self, client_id: str | None, secret: str | None) -> ClientReg:
         """RFC 6749 section 2.3 client authentication."""
@@ -226,7 +232,7 @@ class TokenGrants:
         exp = now + self.access_token_ttl
         access = self.keys.sign(
             {
-                "iss": self.issuer,
+                "iss": self.issuer_id,
                 "sub": user.sub,
                 "aud": fam.client_id,
                 "exp": exp,
@@ -246,7 +252,7 @@ class TokenGrants:
             body["refresh_expires_in"] = max(0, int(refresh_expires_at - time.time()))
         if with_id_token:
             claims: dict[str, Any] = {
-                "iss": self.issuer,
+                "iss": self.issuer_id,
                 "aud": fam.client_id,
                 "azp": fam.client_id,
                 "exp": now + self.id_token_ttl,
@@ -294,7 +300,7 @@ class TokenGrants:
         ``exp`` when ``logout_token_exp`` is off, as providers wrote them before the 2023 errata."""
         now = int(time.time())
         claims: dict[str, Any] = {
-            "iss": self.issuer,
+            "iss": self.issuer_id,
             "aud": audience,
             "iat": now,
             "jti": uuid.uuid4().hex,
@@ -326,7 +332,7 @@ class TokenGrants:
             fam.revoked = True
         else:
             try:
-                claims = self.keys.verify(token, self.issuer, verify_exp=False)
+                claims = self.keys.verify(token, self.issuer_id, verify_exp=False)
             except jwt.InvalidTokenError:
                 claims = {}
             if claims.get("jti") in self._access:
@@ -338,7 +344,7 @@ class TokenGrants:
     def check_access_token(self, token: str) -> DevUser:
         """The user behind one of our live access tokens, else ``invalid_token``."""
         try:
-            claims = self.keys.verify(token, self.issuer)
+            claims = self.keys.verify(token, self.issuer_id)
         except jwt.InvalidTokenError as exc:
             raise OAuthError("invalid_token", f"token rejected: {exc}") from exc
         jti = claims.get("jti")

@@ -160,7 +160,7 @@ class ProviderRoutes:
     def _error_redirect(self, params: Mapping[str, str], error: str, desc: str) -> web.Response:
         query = {"error": error, "error_description": desc}
         if self.p.send_iss:
-            query["iss"] = self.p.issuer
+            query["iss"] = self.p.issuer_id
         if "state" in params:
             query["state"] = params["state"]
         return _redirect(str(URL(params["redirect_uri"]).update_query(query)))
@@ -191,7 +191,7 @@ class ProviderRoutes:
         )
         query = {"code": code}
         if self.p.send_iss:
-            query["iss"] = self.p.issuer
+            query["iss"] = self.p.issuer_id
         if "state" in params:
             query["state"] = params["state"]
         return _redirect(str(URL(params["redirect_uri"]).update_query(query)))
