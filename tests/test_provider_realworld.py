@@ -320,3 +320,26 @@ async def test_an_issuer_with_a_trailing_slash_works_whichever_way_it_is_configu
             base = await st.add_sidecar(oidc_issuer_url=other)
             async with browser() as client:
                 assert (await sign_in(client, base)).status == status, other
+
+
+# ------------------------------------------------------------------ HTTP 200 carrying an error
+
+
+async def _ok_with_error(body: str, first: int, after: int) -> None:
+    async with stack(provider_kw={"access_token_ttl": 1}, refresh_skew="0s") as st, browser() as client:
+        await sign_in(client, st.base)
+        await asyncio.sleep(1.1)
+        st.provider.inject_fault("raw", count=1, status=200, body=body)
+        assert await _auth(client, st.base) == first, body
+        await asyncio.sleep(0.1)
+        assert await _auth(client, st.base) == after, body  # the provider answers normally again
+
+
+async def test_a_200_answer_carrying_an_error_is_that_error_never_tokens() -> None:
+    """Some token endpoints answer an error with HTTP 200; the ``error`` member decides, as for a 400."""
+    cases = [
+        ('{"error": "invalid_grant"}', 401, 401),  # the provider's verdict: the session ends
+        ('{"error": "temporarily_unavailable", "access_token": "x"}', 503, 202),  # passing trouble: kept
+        ('{"error": "server_error"}', 503, 202),
+    ]
+    await asyncio.gather(*(_ok_with_error(*case) for case in cases))
