@@ -16,31 +16,28 @@ provider's JWKS. Every network or protocol failure leaves here as one of the
 
 Anyone can make us validate a token (``/oauth2/backchannel_logout`` is public), so
 the provider is protected from us: discovery and JWKS fetches are single-flight
-(every concurrent caller shares one request), a failed fetch is not repeated for
+(``flight.Flight``: every concurrent caller shares one request), a failed fetch is not repeated for
 ``FIRST_FAILURE_BACKOFF`` seconds, doubling with each failure in a row up to ``FAILURE_BACKOFF``
 (a provider that starts a moment after us, as in one pod or compose file, is used within a
 second), and an unknown ``kid`` refetches the JWKS at most once
 per ``JWKS_MIN_REFETCH`` seconds, counted from the start of the last attempt. A
 token whose key we cannot look up right now is "provider unavailable", never
 "invalid": only a key set fetched for this very token and still lacking its
-``kid`` makes it invalid.
+``kid`` makes it invalid. Token responses are read by ``token_response``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import email.utils
 import hashlib
-import json
 import logging
 import math
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any
 from urllib.parse import quote, urlencode
 
 import aiohttp
@@ -58,11 +55,12 @@ from .errors import (
     ProviderUnavailable,
     TokenValidationError,
 )
+from .flight import Flight
 from .models import TokenSet
+from .token_response import json_object, number, retry_after_seconds, token_set_from_response
 
 log = logging.getLogger("sidecar.oidc")
 
-T = TypeVar("T")
 
 BACKCHANNEL_EVENT = "http://schemas.openid.net/event/backchannel-logout"
 _ALLOWED_ALGS = {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
@@ -72,8 +70,6 @@ JWKS_MIN_REFETCH = 10.0  # an unknown kid refetches the JWKS at most this often 
 FIRST_FAILURE_BACKOFF = 1.0  # a failed discovery or JWKS fetch is not tried again for this long,
 FAILURE_BACKOFF = 5.0  # doubling with each failure in a row up to this
 LOGOUT_TOKEN_MAX_AGE = 300.0  # a logout token issued longer ago (plus the leeway) is refused
-MAX_LIFETIME = 365 * 86400.0  # a token lifetime the provider states is capped to this
-RETRY_AFTER_MAX = 60  # a token endpoint's Retry-After is honoured up to this many seconds
 # What a revocation did (``OidcClient.revoke``), as the sign-out and grant-end log lines say it.
 REVOKED = "revoked"
 NOT_REVOKED_NO_ENDPOINT = (
@@ -125,134 +121,6 @@ class Metadata:
     secret_in_form: bool = False  # the token endpoint takes client_secret_post, not client_secret_basic
     revocation_secret_in_form: bool = False  # the same for the revocation endpoint
     iss_in_responses: bool = False  # RFC 9207: the provider says every authorization response names it
-
-
-class _Flight(Generic[T]):
-    """One fetch at a time: callers arriving while it runs share its result, and a failure is
-    answered again without asking the provider for a while (``first`` seconds, doubling with each
-    failure in a row up to ``most``). Without this, a hanging provider makes the k-th queued caller
-    wait k timeouts, and a burst of callers a burst of fetches."""
-
-    def __init__(self, first: float, most: float) -> None:
-        self.first, self.most = first, most
-        self.started_at: float | None = None  # monotonic start of the last attempt
-        self.failures = 0  # finished attempts that failed in a row
-        self._task: asyncio.Future[T] | None = None
-        self._failure: tuple[ProviderError, float] | None = None
-
-    @property
-    def running(self) -> bool:
-        return self._task is not None
-
-    def seconds_since_start(self) -> float:
-        return math.inf if self.started_at is None else time.monotonic() - self.started_at
-
-    async def run(self, fetch: Callable[[], Awaitable[T]]) -> T:
-        if self._task is None:
-            if self._failure is not None and self._failure[1] > time.monotonic():
-                raise _again(self._failure[0])
-            self.started_at = time.monotonic()
-            self._task = asyncio.ensure_future(self._attempt(fetch))
-            self._task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: no warning
-        # shield: a caller that goes away must not cancel the fetch the others share
-        return await asyncio.shield(self._task)
-
-    async def _attempt(self, fetch: Callable[[], Awaitable[T]]) -> T:
-        try:
-            result = await fetch()
-        except ProviderError as exc:
-            self.failures += 1
-            self._failure = (exc, time.monotonic() + self.backoff())
-            raise
-        finally:
-            self._task = None
-        self.failures, self._failure = 0, None
-        return result
-
-    @property
-    def failed(self) -> bool:
-        """The last finished attempt failed."""
-        return self.failures > 0
-
-    def backoff(self) -> float:
-        """How long the latest failure is answered again without a fetch."""
-        return min(self.most, self.first * 2.0 ** max(self.failures - 1, 0))
-
-
-def _again(exc: ProviderError) -> ProviderError:
-    """A fresh copy of a remembered failure (one exception object must not collect every caller's traceback)."""
-    again = type(exc)(f"{exc} (failed moments ago; not asked again yet)", error_code=exc.error_code)
-    return again
-
-
-def _jwt_exp(token: str) -> float | None:
-    """The ``exp`` of an access token that happens to be a JWT (read, not trusted, for timing only)."""
-    if token.count(".") != 2:
-        return None
-    try:
-        exp = jwt.decode(token, options={"verify_signature": False}).get("exp")
-    except jwt.PyJWTError:
-        return None
-    return _number(exp)
-
-
-def _number(value: Any) -> float | None:
-    """A finite number from a JSON value (numbers, or digits in a string), else None. Booleans are not numbers."""
-    if isinstance(value, str):
-        # Some providers send digits as a string; anything longer than 15 digits is not a lifetime.
-        value = int(value) if value.isascii() and value.isdigit() and len(value) <= 15 else None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:  # an integer too large for a float
-        return math.inf
-    return number if not math.isnan(number) else None
-
-
-def _lifetime(value: Any) -> float | None:
-    """A stated lifetime in seconds: positive, finite after capping to ``MAX_LIFETIME``; None when absent,
-    zero ("not told", Keycloak's offline tokens), negative or not a number."""
-    seconds = _number(value)
-    if seconds is None or seconds <= 0:
-        return None
-    return min(seconds, MAX_LIFETIME)
-
-
-def _optional_token(body: dict[str, Any], name: str) -> str | None:
-    value = body.get(name)
-    if value is None or value == "":
-        return None
-    if not isinstance(value, str):
-        raise ProviderProtocolError(f"token response {name} is not a string")
-    return value
-
-
-def token_set_from_response(body: dict[str, Any], now: float) -> TokenSet:
-    """Read a token response (RFC 6749 5.1). Anything that breaks the protocol is ProviderProtocolError
-    (502); odd lifetimes are read as unknown, huge ones capped. A missing ``expires_in`` stays unknown
-    unless the access token is a JWT with an ``exp``."""
-    access = body.get("access_token")
-    if not isinstance(access, str) or not access:
-        raise ProviderProtocolError("token response without access_token")
-    token_type = body.get("token_type")
-    if token_type is not None and (not isinstance(token_type, str) or token_type.lower() != "bearer"):
-        raise ProviderProtocolError("token response token_type is not Bearer")
-    access_in = _lifetime(body.get("expires_in"))
-    if access_in is None:
-        exp = _jwt_exp(access)
-        access_expires = None if exp is None else min(exp, now + MAX_LIFETIME)
-    else:
-        access_expires = now + access_in
-    refresh_in = _lifetime(body.get("refresh_expires_in"))
-    return TokenSet(
-        access_token=access,
-        refresh_token=_optional_token(body, "refresh_token"),
-        id_token=_optional_token(body, "id_token"),
-        access_expires_at=access_expires,
-        refresh_expires_at=None if refresh_in is None else now + refresh_in,
-        issued_at=now,
-    )
 
 
 def token_hash(token: str, alg: str) -> str | None:
@@ -315,30 +183,6 @@ def _refusal(status: int, body: dict[str, Any] | None) -> ProviderError:
     )
 
 
-def retry_after_seconds(value: str | None, now: float) -> float | None:
-    """A ``Retry-After`` header (RFC 9110 10.2.3: delta-seconds or an HTTP-date) as seconds from ``now``, at most
-    ``RETRY_AFTER_MAX``; None when absent, unreadable or already past (then nothing is waited for)."""
-    if value is None:
-        return None
-    value = value.strip()
-    if value.isascii() and value.isdigit():
-        seconds = float(value) if len(value) <= 10 else math.inf
-    else:
-        try:
-            seconds = email.utils.parsedate_to_datetime(value).timestamp() - now
-        except (TypeError, ValueError, OverflowError):
-            return None
-    return min(seconds, float(RETRY_AFTER_MAX)) if seconds > 0 else None
-
-
-def _json_object(text: str) -> dict[str, Any] | None:
-    try:
-        body = json.loads(text)
-    except (ValueError, RecursionError):  # ValueError: also integers too long to convert
-        return None
-    return body if isinstance(body, dict) else None
-
-
 class OidcClient:
     """Talks to one provider; one instance per application, sharing one HTTP session."""
 
@@ -347,8 +191,8 @@ class OidcClient:
         self._http = http
         self._metadata: Metadata | None = None
         self._keys: dict[str, Any] = {}
-        self._discovery: _Flight[Metadata] = _Flight(FIRST_FAILURE_BACKOFF, FAILURE_BACKOFF)
-        self._jwks: _Flight[dict[str, Any]] = _Flight(FIRST_FAILURE_BACKOFF, FAILURE_BACKOFF)
+        self._discovery: Flight[Metadata] = Flight(FIRST_FAILURE_BACKOFF, FAILURE_BACKOFF)
+        self._jwks: Flight[dict[str, Any]] = Flight(FIRST_FAILURE_BACKOFF, FAILURE_BACKOFF)
         self.jwks_min_refetch = JWKS_MIN_REFETCH
         self._timeout = aiohttp.ClientTimeout(total=config.provider_timeout)
         self._token_closed_until = 0.0  # monotonic; the token endpoint asked (Retry-After) not to be called before
@@ -524,7 +368,7 @@ class OidcClient:
             metrics.PROVIDER_SECONDS.labels(call="token").observe(time.monotonic() - started)
         if status >= 500 or status == 429:
             raise _Retryable(f"token endpoint answered {status}", wait)
-        body = _json_object(text)
+        body = json_object(text)
         if status >= 400 or (body is not None and "error" in body):
             raise _refusal(status, body)
         if body is None:
@@ -638,7 +482,7 @@ class OidcClient:
             )
         except jwt.PyJWTError as exc:
             raise TokenValidationError(f"{what} rejected: {type(exc).__name__}") from exc
-        iat = _number(claims.get("iat"))
+        iat = number(claims.get("iat"))
         if iat is None or iat > time.time() + _LEEWAY:
             raise TokenValidationError(f"{what} issued in the future or without a usable iat")
         return claims
@@ -691,7 +535,7 @@ class OidcClient:
         jti = claims.get("jti")
         if not isinstance(jti, str) or not 0 < len(jti) <= 256:
             raise TokenValidationError("logout token jti is not a usable string")
-        exp, iat = _number(claims.get("exp")), _number(claims.get("iat"))
+        exp, iat = number(claims.get("exp")), number(claims.get("iat"))
         if iat is None or ("exp" in claims and (exp is None or not math.isfinite(exp))):
             raise TokenValidationError("logout token exp or iat is not a number")
         if time.time() - iat > LOGOUT_TOKEN_MAX_AGE + _LEEWAY:

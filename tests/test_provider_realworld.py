@@ -16,8 +16,9 @@ import aiohttp
 import jwt
 import redis.asyncio as aioredis
 
-from sidecar.oidc import BACKCHANNEL_EVENT, RETRY_AFTER_MAX
+from sidecar.oidc import BACKCHANNEL_EVENT
 from sidecar.store import RedisStore
+from sidecar.token_response import RETRY_AFTER_MAX
 from tests.stack import Stack, browser, sign_in, stack
 
 
