@@ -344,3 +344,33 @@ async def test_a_200_answer_carrying_an_error_is_that_error_never_tokens() -> No
         ('{"error": "server_error"}', 503, 202),
     ]
     await asyncio.gather(*(_ok_with_error(*case) for case in cases))
+
+
+# ------------------------------------------------------------------ token responses as real providers write them
+
+PROVIDER_RESPONSES: dict[str, dict[str, Any]] = {
+    # Entra ID v1: every number a string, extra lifetimes and the resource
+    "entra-v1": {"expires_in": "2", "ext_expires_in": "2", "expires_on": "1700000000", "not_before": "1699990000",
+                 "resource": "00000003-0000-0000-c000-000000000000", "token_type": "Bearer"},
+    # Keycloak: a refresh lifetime, 0 for an offline token, and its own extras
+    "keycloak-offline": {"expires_in": 2, "refresh_expires_in": 0, "not-before-policy": 0, "session_state": "s-1"},
+    # a lower-case token type, or none at all (GitHub-style answers, older providers)
+    "lower-case-bearer": {"expires_in": 2, "token_type": "bearer"},
+    "no-token-type": {"expires_in": 2, "token_type": None},
+}  # fmt: skip
+
+
+async def _signs_in_and_refreshes_with(fields: dict[str, Any]) -> None:
+    async with stack(refresh_skew="0s") as st, browser() as client:
+        st.provider.override_token_fields(fields)
+        assert (await sign_in(client, st.base)).status == 200, fields
+        async with client.get(f"{st.base}/oauth2/userinfo") as resp:
+            expires = (await resp.json())["access_token_expires_at"]
+        assert expires is not None and 0 < expires - time.time() <= 2, fields  # "2" read as two seconds
+        await asyncio.sleep(2.1)
+        assert await _auth(client, st.base) == 202, fields
+        assert st.provider.stats()["token_calls"]["refresh_token"] == 1, fields
+
+
+async def test_token_responses_written_the_way_real_providers_write_them_sign_in_and_refresh() -> None:
+    await asyncio.gather(*(_signs_in_and_refreshes_with(fields) for fields in PROVIDER_RESPONSES.values()))
