@@ -22,6 +22,7 @@ from .context import (
     trusted_peer,
     view_of,
 )
+from .bearer import MalformedAuthorization
 from .cookies import SessionRef, without_sidecar_cookies
 from .decisions import Decision, Key, request_key
 from .errors import BadRequest, SessionGone
@@ -53,6 +54,9 @@ async def auth(request: web.Request, svc: Services) -> web.Response:
         refuse_aliases(request.headers)  # X.Auth.Request.User... which some fronts pass on to the app
     try:
         ref, session = await authenticate(request, svc)
+    except MalformedAuthorization as exc:  # 400 is no answer to a front (bearer.MalformedAuthorization): 401
+        metrics.DECISIONS.add("401")
+        raise exc.unauthorized from None
     except SessionGone:
         metrics.DECISIONS.add("401")
         challenge = svc.resource_guard.challenge(request) if svc.resource_guard is not None else None
