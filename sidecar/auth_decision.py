@@ -11,6 +11,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from . import logs, metrics
+from .bearer import MalformedAuthorization
 from .config import Config
 from .context import (
     AUTHED,
@@ -22,7 +23,6 @@ from .context import (
     trusted_peer,
     view_of,
 )
-from .bearer import MalformedAuthorization
 from .cookies import SessionRef, without_sidecar_cookies
 from .decisions import Decision, Key, request_key
 from .errors import BadRequest, SessionGone

@@ -265,6 +265,7 @@ class OidcClient:
         max_age: int | None = None,
         scope: str | None = None,
         offline: bool = False,
+        acr_values: str | None = None,
     ) -> str:
         """``redirect_uri``: the callback built for this request (a relative ``--redirect-url``). ``max_age``
         (OIDC Core 3.1.2.1) makes the provider re-authenticate a user whose last sign-in there is older;
@@ -283,6 +284,8 @@ class OidcClient:
         }
         if max_age is not None:
             params["max_age"] = str(max_age)
+        if acr_values:
+            params["acr_values"] = acr_values
         if offline and "offline_access" not in meta.scopes_supported:
             # Google: a refresh token only for access_type=offline, and on a repeated consent only with
             # prompt=consent. A provider that does not know them ignores them (RFC 6749 3.1).

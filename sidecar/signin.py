@@ -110,16 +110,25 @@ async def begin_sign_in(
     purpose: str = "",
     scope: str | None = None,
     offline: bool = False,
+    acr_values: str | None = None,
 ) -> web.Response:
     """The redirect to the provider, with this attempt sealed in its own cookie. ``purpose`` ("kind:id")
     hands the callback's tokens to ``svc.sign_in_finishers[kind]`` instead of making a browser session;
     ``scope`` replaces ``--scope`` for this sign-in (``sidecar.oauth`` adds ``offline_access``); ``offline``: it
-    needs a refresh token (``OidcClient.authorize_url``)."""
+    needs a refresh token (``OidcClient.authorize_url``); ``acr_values`` is asked of the provider as it is (the
+    finisher checks the ``acr`` it gets, ``sidecar.oauth.acr``)."""
     state, nonce, pkce = secrets.token_urlsafe(32), secrets.token_urlsafe(32), Pkce.new()
     redirect_uri = callback_url(request, svc.config)  # sealed in the attempt: the code exchange sends the same
     attempt = SignInAttempt(state, pkce.verifier, nonce, rd, redirect_uri, max_age=max_age, purpose=purpose)
     url = await svc.oidc.authorize_url(
-        state, nonce, pkce, redirect_uri=redirect_uri, max_age=max_age, scope=scope, offline=offline
+        state,
+        nonce,
+        pkce,
+        redirect_uri=redirect_uri,
+        max_age=max_age,
+        scope=scope,
+        offline=offline,
+        acr_values=acr_values,
     )
     response = web.Response(status=302, headers={"Location": url, "Cache-Control": "no-store"})
     _clear_old_attempts(request, response, svc, keep=MAX_ATTEMPT_COOKIES - 1)

@@ -25,7 +25,7 @@ MALFORMED: list[tuple[list[str], str]] = [
     (["Bearer x, Bearer y"], "two credentials merged into one header by a proxy"),
     (["Bearer ab=c"], "padding inside"),
     (["Bearer a;b"], "a semicolon"),
-    (["Bearer a\"b"], "a quote"),
+    (['Bearer a"b'], "a quote"),
     (["Bearer {GOOD}", "Basic dXNlcjpwYXNz"], "two headers, the other Basic"),
     (["Basic dXNlcjpwYXNz", "Bearer {GOOD}"], "two headers, Bearer second"),
     (["Bearer {GOOD}", "Bearer {GOOD}"], "the same Bearer header twice"),
