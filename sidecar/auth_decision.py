@@ -54,7 +54,7 @@ async def auth(request: web.Request, svc: Services) -> web.Response:
         refuse_aliases(request.headers)  # X.Auth.Request.User... which some fronts pass on to the app
     try:
         ref, session = await authenticate(request, svc)
-    except MalformedAuthorization as exc:  # 400 is no answer to a front (bearer.MalformedAuthorization): 401
+    except MalformedAuthorization as exc:  # 400 is no answer to an auth subrequest (bearer.MalformedAuthorization)
         metrics.DECISIONS.add("401")
         raise exc.unauthorized from None
     except SessionGone:

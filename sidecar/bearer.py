@@ -38,17 +38,16 @@ _TOKEN68 = re.compile(r"[A-Za-z0-9._~+/-]+=*")
 class MalformedAuthorization(web.HTTPBadRequest):
     """RFC 6750 3.1 ``invalid_request``: two ``Authorization`` headers, or a Bearer one whose credentials are not
     one b64token. A 400, except where one cannot be given: an auth subrequest (``/oauth2/auth``, the auth
-    listener) answers ``unauthorized`` instead, since nginx's ``auth_request`` turns any status but 2xx, 401 and
-    403 into a 500 for the client, and Traefik's and Envoy's would pass a 400 on as the app's answer."""
+    listener) raises ``unauthorized`` instead (401, the same challenge), since nginx's ``auth_request`` turns any
+    status but 2xx, 401 and 403 into a 500 for the client. Its challenge still says invalid_request, not
+    invalid_token: a client told its token is bad would refresh it and send the same malformed request again.
+    ``params``: challenge parameters before the error (``resource_metadata``); ``headers``: added to both."""
 
-    def __init__(self, reason: str, params: str = "", unauthorized: web.HTTPUnauthorized | None = None) -> None:
+    def __init__(self, reason: str, params: str = "", headers: dict[str, str] | None = None) -> None:
         challenge = f'Bearer {params}{", " if params else ""}error="invalid_request", error_description="{reason}"'
-        super().__init__(
-            headers={"WWW-Authenticate": challenge, "Cache-Control": "no-store"},
-            text=f"400 Bad Request: {reason}\n",
-        )
-        self.reason_text = reason
-        self.unauthorized = unauthorized or invalid_token()
+        fields = {"WWW-Authenticate": challenge, "Cache-Control": "no-store", **(headers or {})}
+        super().__init__(headers=fields, text=f"400 Bad Request: {reason}\n")
+        self.unauthorized = web.HTTPUnauthorized(headers=fields, text=f"401 Unauthorized: {reason}\n")
 
 
 def bearer_credentials(request: web.Request) -> str | None:

@@ -86,7 +86,7 @@ class ResourceGuardImpl:
             token = bearer_credentials(request)
         except ValueError as exc:  # RFC 6750 3.1: a malformed request is 400 invalid_request (401 to a front)
             metadata = f'resource_metadata="{self._metadata(request, resource)}"'
-            raise MalformedAuthorization(str(exc), metadata, self._invalid(request, resource)) from None
+            raise MalformedAuthorization(str(exc), metadata, cors.challenge_headers(request)) from None
         if token is None:
             return None  # no token: the cookie decides, then challenge() answers the 401
         if not tk.looks_like_ours(token):
