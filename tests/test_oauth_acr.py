@@ -55,6 +55,8 @@ async def test_acr_values_reach_the_provider_and_an_unmet_class_gives_no_grant()
         await sign_in(client, st.base)
         reg = await register(st.base)
         cid = reg["client_id"]
+        async with client.get(f"{st.base}/.well-known/openid-configuration") as resp:
+            assert "acr" in (await resp.json())["claims_supported"]
         # no acr_values: nothing asked, nothing checked, no acr claim (the provider sends none unasked)
         location, verifier, _ = await _grant(client, st.base, cid)
         assert "acr" not in await _id_token(st.base, cid, location, verifier)
