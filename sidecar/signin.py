@@ -17,7 +17,7 @@ from .config import Config
 from .context import Services, services, view_of
 from .cookies import CLOCK_LEEWAY, MAX_COOKIE_CHARS, SignInAttempt, state_cookie_suffix
 from .errors import BadRequest, InvalidCookie, InvalidState, StoreUnavailable, TokenValidationError
-from .guard import callback_url, clear_cookie, set_cookie
+from .guard import callback_url, clear_cookie, read_cookie, request_cookies, set_cookie
 from .oidc import Pkce
 from .policy import identity_from_claims, why_denied
 from .proxy import normalise_path
@@ -77,7 +77,7 @@ def _clear_old_attempts(
     config = svc.config
     now, prefix = time.time(), _attempt_prefix(config)
     live: list[tuple[float, str]] = []
-    for name, value in request.cookies.items():
+    for name, value in request_cookies(request).items():
         if not name.startswith(prefix):
             continue
         signed_at = svc.codec.attempt_signed_at(value)
@@ -177,7 +177,7 @@ async def callback(request: web.Request, svc: Services) -> web.Response:
     if issuer is not None and issuer != (await svc.oidc.metadata()).issuer:
         raise InvalidState("callback iss does not name our provider (RFC 9207)")
     cookie_name = _state_cookie_name(config, state)
-    attempt = svc.codec.load_attempt(request.cookies.get(cookie_name), state, time.time(), STATE_TTL)
+    attempt = svc.codec.load_attempt(read_cookie(request, cookie_name), state, time.time(), STATE_TTL)
     await _claim(svc, state, STATE_TTL + CLOCK_LEEWAY)
     tokens = await svc.oidc.exchange_code(code, attempt.verifier, attempt.redirect_uri)
     if not tokens.id_token:
@@ -235,7 +235,7 @@ def _step_up_refused(request: web.Request, config: Config, cookie_name: str, pro
 async def _end_previous_session(request: web.Request) -> None:
     """A sign-in replaces whatever session the browser had; its old record goes."""
     svc = services(request)
-    old = request.cookies.get(svc.config.cookie_name)
+    old = read_cookie(request, svc.config.cookie_name)
     if not old:
         return
     try:
