@@ -102,6 +102,7 @@ class ResourceGuardImpl:
             or record.resource_path != resource
             or record.resource != server.resource_for(request, resource)
             or server.foreign_origin(request)
+            or server.unrouted(request)
         ):
             raise self._invalid(request, resource)
         key = tk.unwrap_key(record.wrapped_key, token)

@@ -626,6 +626,93 @@ async def test_an_absolute_uri_naming_another_host_moves_no_token(signed_in: dic
     assert status == 200, status
 
 
+def ingress_host_variants(ours: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(request target, Host header) pairs for ingress-nginx: those naming another host than the one whose
+    server block nginx used (absolute-form lines, ports, IPv6 literals, final dots, case, user info,
+    percent-encoding, backslashes), and those naming ours both ways (the token works)."""
+    hostile = [
+        (f"https://{host}/mcp", ours)
+        for host in (
+            "other.example",
+            "other.example:443",
+            "OTHER.example",
+            "other.example.",
+            "127.0.0.2",
+            "[::1]",
+            "[::ffff:7f00:1]",
+            "localhost",
+            f"{ours}.other.example",
+            f"{ours}%2Eother.example",
+            f"user@{ours}",  # nginx takes the request line's host from after the "@"... or refuses it
+            f"other.example\\@{ours}",
+        )
+    ]
+    hostile += [
+        ("/mcp", host)
+        for host in (f"{ours}.", f"{ours}:443", f"{ours}:8443", f"user@{ours}", f"{ours}%2E", f"{ours}\\", "[::1]")
+    ]
+    hostile += [(f"https://{ours}/mcp", host) for host in ("other.example", f"{ours}.", "[::1]", f"{ours}:443")]
+    same = [
+        ("/mcp", ours),
+        (f"https://{ours}/mcp", ours),
+        (f"http://{ours}/mcp", ours),
+    ]
+    return hostile, same
+
+
+async def test_through_ingress_nginx_a_token_is_taken_only_for_the_host_nginx_routed_by(
+    signed_in: dict[str, Front],
+) -> None:
+    """Review 3: ingress-nginx builds X-Original-URL from the client's Host header ($http_host), while an
+    absolute-form request line makes nginx use the server block of the line's host ($host): a token for the
+    Host header's host was taken for a request another host's server block served. The shipped Ingress adds
+    X-Routed-Host: $host (auth-proxy-set-headers); the sidecar refuses a disagreement (400: nginx's 500)."""
+    front = signed_in["ingress-nginx"]
+    ours = urlsplit(front.base).netloc
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "ping"}).encode()
+    auth = f"Authorization: Bearer {front.token}\r\nContent-Type: application/json\r\n"
+    hostile, same = ingress_host_variants(ours)
+    for target, host in hostile:
+        status = await _raw_status(front, f"POST {target} HTTP/1.1\r\nHost: {host}\r\n{auth}", body)
+        assert status in (0, 400, 401, 404, 500), (target, host, status)  # never the application's answer
+    for target, host in same:
+        status = await _raw_status(front, f"POST {target} HTTP/1.1\r\nHost: {host}\r\n{auth}", body)
+        assert status == 200, (target, host, status)
+
+
+async def test_the_sidecar_takes_no_token_from_ingress_nginx_without_the_routed_host(
+    signed_in: dict[str, Front],
+) -> None:
+    """Hostile, by hand, at the sidecar as the trusted ingress would ask it: without X-Routed-Host (an Ingress
+    without the shipped auth-proxy-set-headers) the URL's host is unproven and the token refused; with one
+    that disagrees, 400; with ours (any port or final dot on the URL's host), the token's audience decides."""
+    front = signed_in["ingress-nginx"]
+    ours = urlsplit(front.base).netloc
+    base = {"Authorization": "Bearer " + front.token, "X-Original-Method": "POST"}
+
+    async def asks(url: str, routed: str | None) -> int:
+        headers = {**base, "X-Original-URL": url, **({"X-Routed-Host": routed} if routed is not None else {})}
+        async with aiohttp.ClientSession() as http, http.get(front.sidecar + "/oauth2/auth", headers=headers) as r:
+            return r.status
+
+    assert await asks(f"https://{ours}/mcp", ours) == 202
+    assert await asks(f"https://{ours}/mcp", None) == 401  # the token is refused, the cookie path unaffected
+    wrong = ("other.example", "OTHER.example", f"{ours}:443", f"{ours}.", "", " ", f"{ours}, x.example", f"{ours}/")
+    for routed in (*wrong, "[::1]", f"{ours}%2E", f"user@{ours}", f"{ours}\\"):
+        assert await asks(f"https://{ours}/mcp", routed) == 400, routed
+    for url in (f"https://{ours}:443/mcp", f"https://{ours}./mcp"):
+        assert await asks(url, ours) == 401, url  # routed by our host, but the audience names another origin
+    for url in ("https://other.example/mcp", f"https://{ours}.other.example/mcp", "https://[::1]/mcp"):
+        assert await asks(url, ours) == 400, url
+    # A cookie session is not host-bound: without the header it still passes, with a disagreeing one not.
+    jar = {"Cookie": f"_sidecar={front.session}", "X-Original-URL": f"https://{ours}/x", "X-Original-Method": "GET"}
+    async with aiohttp.ClientSession() as http:
+        async with http.get(front.sidecar + "/oauth2/auth", headers=jar) as resp:
+            assert resp.status == 202
+        async with http.get(front.sidecar + "/oauth2/auth", headers={**jar, "X-Routed-Host": "other.example"}) as r:
+            assert r.status == 400
+
+
 @pytest.mark.parametrize("name", FRONT_NAMES)
 async def test_hostile_forwarded_headers_never_change_the_issuer_or_the_challenge(
     signed_in: dict[str, Front], name: str
