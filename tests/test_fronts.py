@@ -266,9 +266,10 @@ async def test_both_listeners_refuse_the_ingress_nginx_bypass_and_bad_bytes_alik
         _, tokens, _ = await redeem(st.base, issued)
         await asyncio.sleep(2.1)  # the sign-in is now older than the rule's 1 s
         origin = st.base
-        front = lambda path, method="GET": {  # noqa: E731 - what ingress-nginx writes
+        front = lambda path, method="GET": {  # noqa: E731 - what ingress-nginx writes (with the shipped ConfigMap)
             "X-Original-URL": origin + path,
             "X-Original-Method": method,
+            "X-Routed-Host": "127.0.0.1",
         }
         jar = {"Cookie": f"_sidecar={cookie}"}
         bearer = {"Authorization": "Bearer " + tokens["access_token"]}
@@ -281,6 +282,8 @@ async def test_both_listeners_refuse_the_ingress_nginx_bypass_and_bad_bytes_alik
             ({**jar, **front("/admin/x", "POST"), "X-Forwarded-Host": "evil.example"}, 400),
             ({**jar, "X-Forwarded-Uri": "/x", "X-Forwarded-Method": "GET"}, 400),  # no X-Original-URL at all
             ({**bearer, **front("/mcp/a")}, 202),
+            ({**bearer, "X-Original-URL": origin + "/mcp/a", "X-Original-Method": "GET"}, 401),  # no X-Routed-Host
+            ({**bearer, **front("/mcp/a"), "X-Routed-Host": "other.example"}, 400),  # not the host routed by
             ({**bearer, **front("/mcp/a"), "X-Forwarded-Uri": "/other"}, 400),
             ({**bearer, "X-Original-URL": "http://evil.example/mcp/a"}, 401),  # a token for another origin
             ({**bearer, **front("/other"), "X-Forwarded-Uri": "/mcp/a"}, 400),
