@@ -391,6 +391,66 @@ async def test_the_app_gets_the_identity_and_never_the_session_cookie(signed_in:
         assert json.loads(body)["result"]["structuredContent"]["authorization_forwarded"] is False, (name, body)
 
 
+@pytest.mark.parametrize("name", FRONT_NAMES)
+async def test_cookies_split_over_several_cookie_headers_pass_through_each_front(
+    signed_in: dict[str, Front], name: str
+) -> None:
+    """RFC 9113 8.2.3: a client may send its cookies as several Cookie header lines. Every front here passes
+    the lines on to the auth request as they came (nginx's auth_request, Traefik's forwardAuth and Caddy's
+    forward_auth copy them; seen with the sidecar reading only the first line: 401 for a valid session).
+    The sidecar reads them joined; the first session cookie decides; the app never gets the session."""
+    front = signed_in[name]
+    where = urlsplit(front.base)
+    forged = front.session[:-2] + ("AA" if not front.session.endswith("AA") else "BB")
+    for lines, ok in (
+        ([("Cookie", "app=1"), ("Cookie", f"_sidecar={front.session}")], True),
+        ([("Cookie", "app=1; _sidecar_csrf_x=1"), ("Cookie", f"_sidecar={front.session}; theme=dark")], True),
+        ([("Cookie", ""), ("Cookie", f" _sidecar={front.session} "), ("Cookie", "app=1")], True),
+        ([("Cookie", f"_sidecar={forged}"), ("Cookie", f"_sidecar={front.session}")], False),
+        ([("Cookie", "app=1"), ("Cookie2", f"_sidecar={front.session}")], False),
+    ):
+        head = f"GET /_demo/echo HTTP/1.1\r\nHost: {where.netloc}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in lines)
+        status, body = await _raw_answer(front, head)
+        if not ok:
+            assert status in (302, 401), (name, lines, status)
+            continue
+        assert status == 200, (name, lines, status, body[:300])
+        seen = {k.lower(): v for k, v in json.loads(body)["headers"].items()}
+        assert seen["x-auth-request-email"] == "alice@example.com", (name, seen)
+        assert front.session not in str(seen) and "_sidecar" not in seen.get("cookie", ""), (name, seen)
+        assert "app=1" in seen.get("cookie", ""), (name, lines, seen)
+
+
+async def _raw_answer(front: Front, head: str) -> tuple[int, str]:
+    """Status and body of one hand-written request (header lines exactly as given; a client library joins
+    repeated Cookie headers itself)."""
+    where = urlsplit(front.base)
+    tls = front.ssl if where.scheme == "https" else None
+    reader, writer = await asyncio.open_connection(
+        where.hostname, where.port or (443 if tls else 80), ssl=tls, server_hostname=where.hostname if tls else None
+    )
+    try:
+        writer.write((head + "Connection: close\r\n\r\n").encode())
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    top, _, body = answer.partition(b"\r\n\r\n")
+    if b"transfer-encoding: chunked" in top.lower():
+        body = _unchunk(body)
+    return int(top.split(b" ", 2)[1]), body.decode("utf-8", "replace")
+
+
+def _unchunk(data: bytes) -> bytes:
+    out = b""
+    while data:
+        size_line, _, data = data.partition(b"\r\n")
+        size = int(size_line.split(b";")[0] or b"0", 16)
+        if size == 0:
+            break
+        out, data = out + data[:size], data[size + 2 :]
+    return out
+
+
 @pytest.mark.parametrize("name", ["nginx", "traefik", "caddy"])
 async def test_headers_that_name_another_path_never_reach_the_app(signed_in: dict[str, Front], name: str) -> None:
     """Review 2: IIS URL Rewrite and older Symfony/Zend applications route by X-Original-URL/X-Rewrite-URL. Copies
