@@ -21,8 +21,9 @@ from aiohttp import web
 from .config import Config
 from .errors import TokenValidationError
 from .models import Session, TokenSet
-from .oidc import OidcClient, _number
+from .oidc import OidcClient
 from .policy import identity_from_claims
+from .token_response import number
 
 log = logging.getLogger("sidecar.bearer")
 
@@ -76,8 +77,8 @@ class BearerVerifier:
         now = time.time()
         tokens = TokenSet(
             access_token=token,
-            access_expires_at=_number(claims.get("exp")),
-            issued_at=_number(claims.get("iat")) or now,
+            access_expires_at=number(claims.get("exp")),
+            issued_at=number(claims.get("iat")) or now,
         )
         return Session(identity=identity, tokens=tokens, created_at=now, signed_in_at=now, last_active=now)
 

@@ -68,7 +68,12 @@ class ProviderError(SidecarError):
 
 
 class ProviderUnavailable(ProviderError):
-    """Network error, 5xx or timeout: transient, retry later, keep the session."""
+    """Network error, 5xx or timeout: transient, retry later, keep the session. ``retry_after``: seconds the
+    provider asked us to wait (its ``Retry-After``), said again to our own client; None when it named none."""
+
+    def __init__(self, message: str, *, error_code: str | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message, error_code=error_code)
+        self.retry_after = retry_after
 
 
 class ProviderTimeout(ProviderUnavailable):

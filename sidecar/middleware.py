@@ -12,6 +12,7 @@ import functools
 import inspect
 import itertools
 import logging
+import math
 import re
 import secrets
 from collections.abc import Awaitable, Callable, Mapping
@@ -67,7 +68,9 @@ def _error_response(request: web.Request, exc: SidecarError) -> web.StreamRespon
         return pages.unavailable(request, 504, text, _RETRY_AFTER)
     if isinstance(exc, (StoreUnavailable, ProviderUnavailable, RefreshBusy)):
         log.warning("temporarily unavailable", extra={"fields": {"error": type(exc).__name__, "detail": str(exc)}})
-        return pages.unavailable(request, 503, "503 Service Unavailable: try again shortly\n", _RETRY_AFTER)
+        wait = exc.retry_after if isinstance(exc, ProviderUnavailable) else None  # the provider's own Retry-After
+        told = _RETRY_AFTER if wait is None else str(max(1, math.ceil(wait)))
+        return pages.unavailable(request, 503, "503 Service Unavailable: try again shortly\n", told)
     if isinstance(exc, (TokenValidationError, InvalidGrant)):
         log.warning("sign-in refused", extra={"fields": {"error": type(exc).__name__, "detail": str(exc)}})
         return pages.refused_sign_in(request)

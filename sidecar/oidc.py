@@ -16,14 +16,14 @@ provider's JWKS. Every network or protocol failure leaves here as one of the
 
 Anyone can make us validate a token (``/oauth2/backchannel_logout`` is public), so
 the provider is protected from us: discovery and JWKS fetches are single-flight
-(every concurrent caller shares one request), a failed fetch is not repeated for
+(``flight.Flight``: every concurrent caller shares one request), a failed fetch is not repeated for
 ``FIRST_FAILURE_BACKOFF`` seconds, doubling with each failure in a row up to ``FAILURE_BACKOFF``
 (a provider that starts a moment after us, as in one pod or compose file, is used within a
 second), and an unknown ``kid`` refetches the JWKS at most once
 per ``JWKS_MIN_REFETCH`` seconds, counted from the start of the last attempt. A
 token whose key we cannot look up right now is "provider unavailable", never
 "invalid": only a key set fetched for this very token and still lacking its
-``kid`` makes it invalid.
+``kid`` makes it invalid. Token responses are read by ``token_response``.
 """
 
 from __future__ import annotations
@@ -31,15 +31,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import json
 import logging
 import math
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any
 from urllib.parse import quote, urlencode
 
 import aiohttp
@@ -57,20 +55,21 @@ from .errors import (
     ProviderUnavailable,
     TokenValidationError,
 )
+from .flight import Flight
 from .models import TokenSet
+from .token_response import json_object, number, retry_after_seconds, token_set_from_response
 
 log = logging.getLogger("sidecar.oidc")
 
-T = TypeVar("T")
 
 BACKCHANNEL_EVENT = "http://schemas.openid.net/event/backchannel-logout"
 _ALLOWED_ALGS = {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 _LEEWAY = 60.0
+_LOGOUT_TYPES = ("logout+jwt", "jwt")  # accepted ``typ`` headers of a logout token (any case, optional application/)
 JWKS_MIN_REFETCH = 10.0  # an unknown kid refetches the JWKS at most this often (from the start of the last try)
 FIRST_FAILURE_BACKOFF = 1.0  # a failed discovery or JWKS fetch is not tried again for this long,
 FAILURE_BACKOFF = 5.0  # doubling with each failure in a row up to this
 LOGOUT_TOKEN_MAX_AGE = 300.0  # a logout token issued longer ago (plus the leeway) is refused
-MAX_LIFETIME = 365 * 86400.0  # a token lifetime the provider states is capped to this
 # What a revocation did (``OidcClient.revoke``), as the sign-out and grant-end log lines say it.
 REVOKED = "revoked"
 NOT_REVOKED_NO_ENDPOINT = (
@@ -119,134 +118,9 @@ class Metadata:
     end_session_endpoint: str | None
     id_token_algs: frozenset[str]
     scopes_supported: frozenset[str] = frozenset()  # discovery's list ("offline_access" for CLI/MCP grants)
-
-
-class _Flight(Generic[T]):
-    """One fetch at a time: callers arriving while it runs share its result, and a failure is
-    answered again without asking the provider for a while (``first`` seconds, doubling with each
-    failure in a row up to ``most``). Without this, a hanging provider makes the k-th queued caller
-    wait k timeouts, and a burst of callers a burst of fetches."""
-
-    def __init__(self, first: float, most: float) -> None:
-        self.first, self.most = first, most
-        self.started_at: float | None = None  # monotonic start of the last attempt
-        self.failures = 0  # finished attempts that failed in a row
-        self._task: asyncio.Future[T] | None = None
-        self._failure: tuple[ProviderError, float] | None = None
-
-    @property
-    def running(self) -> bool:
-        return self._task is not None
-
-    def seconds_since_start(self) -> float:
-        return math.inf if self.started_at is None else time.monotonic() - self.started_at
-
-    async def run(self, fetch: Callable[[], Awaitable[T]]) -> T:
-        if self._task is None:
-            if self._failure is not None and self._failure[1] > time.monotonic():
-                raise _again(self._failure[0])
-            self.started_at = time.monotonic()
-            self._task = asyncio.ensure_future(self._attempt(fetch))
-            self._task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: no warning
-        # shield: a caller that goes away must not cancel the fetch the others share
-        return await asyncio.shield(self._task)
-
-    async def _attempt(self, fetch: Callable[[], Awaitable[T]]) -> T:
-        try:
-            result = await fetch()
-        except ProviderError as exc:
-            self.failures += 1
-            self._failure = (exc, time.monotonic() + self.backoff())
-            raise
-        finally:
-            self._task = None
-        self.failures, self._failure = 0, None
-        return result
-
-    @property
-    def failed(self) -> bool:
-        """The last finished attempt failed."""
-        return self.failures > 0
-
-    def backoff(self) -> float:
-        """How long the latest failure is answered again without a fetch."""
-        return min(self.most, self.first * 2.0 ** max(self.failures - 1, 0))
-
-
-def _again(exc: ProviderError) -> ProviderError:
-    """A fresh copy of a remembered failure (one exception object must not collect every caller's traceback)."""
-    again = type(exc)(f"{exc} (failed moments ago; not asked again yet)", error_code=exc.error_code)
-    return again
-
-
-def _jwt_exp(token: str) -> float | None:
-    """The ``exp`` of an access token that happens to be a JWT (read, not trusted, for timing only)."""
-    if token.count(".") != 2:
-        return None
-    try:
-        exp = jwt.decode(token, options={"verify_signature": False}).get("exp")
-    except jwt.PyJWTError:
-        return None
-    return _number(exp)
-
-
-def _number(value: Any) -> float | None:
-    """A finite number from a JSON value (numbers, or digits in a string), else None. Booleans are not numbers."""
-    if isinstance(value, str):
-        # Some providers send digits as a string; anything longer than 15 digits is not a lifetime.
-        value = int(value) if value.isascii() and value.isdigit() and len(value) <= 15 else None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:  # an integer too large for a float
-        return math.inf
-    return number if not math.isnan(number) else None
-
-
-def _lifetime(value: Any) -> float | None:
-    """A stated lifetime in seconds: positive, finite after capping to ``MAX_LIFETIME``; None when absent,
-    zero ("not told", Keycloak's offline tokens), negative or not a number."""
-    seconds = _number(value)
-    if seconds is None or seconds <= 0:
-        return None
-    return min(seconds, MAX_LIFETIME)
-
-
-def _optional_token(body: dict[str, Any], name: str) -> str | None:
-    value = body.get(name)
-    if value is None or value == "":
-        return None
-    if not isinstance(value, str):
-        raise ProviderProtocolError(f"token response {name} is not a string")
-    return value
-
-
-def token_set_from_response(body: dict[str, Any], now: float) -> TokenSet:
-    """Read a token response (RFC 6749 5.1). Anything that breaks the protocol is ProviderProtocolError
-    (502); odd lifetimes are read as unknown, huge ones capped. A missing ``expires_in`` stays unknown
-    unless the access token is a JWT with an ``exp``."""
-    access = body.get("access_token")
-    if not isinstance(access, str) or not access:
-        raise ProviderProtocolError("token response without access_token")
-    token_type = body.get("token_type")
-    if token_type is not None and (not isinstance(token_type, str) or token_type.lower() != "bearer"):
-        raise ProviderProtocolError("token response token_type is not Bearer")
-    access_in = _lifetime(body.get("expires_in"))
-    if access_in is None:
-        exp = _jwt_exp(access)
-        access_expires = None if exp is None else min(exp, now + MAX_LIFETIME)
-    else:
-        access_expires = now + access_in
-    refresh_in = _lifetime(body.get("refresh_expires_in"))
-    return TokenSet(
-        access_token=access,
-        refresh_token=_optional_token(body, "refresh_token"),
-        id_token=_optional_token(body, "id_token"),
-        access_expires_at=access_expires,
-        refresh_expires_at=None if refresh_in is None else now + refresh_in,
-        issued_at=now,
-    )
+    secret_in_form: bool = False  # the token endpoint takes client_secret_post, not client_secret_basic
+    revocation_secret_in_form: bool = False  # the same for the revocation endpoint
+    iss_in_responses: bool = False  # RFC 9207: the provider says every authorization response names it
 
 
 def token_hash(token: str, alg: str) -> str | None:
@@ -309,14 +183,6 @@ def _refusal(status: int, body: dict[str, Any] | None) -> ProviderError:
     )
 
 
-def _json_object(text: str) -> dict[str, Any] | None:
-    try:
-        body = json.loads(text)
-    except (ValueError, RecursionError):  # ValueError: also integers too long to convert
-        return None
-    return body if isinstance(body, dict) else None
-
-
 class OidcClient:
     """Talks to one provider; one instance per application, sharing one HTTP session."""
 
@@ -325,10 +191,11 @@ class OidcClient:
         self._http = http
         self._metadata: Metadata | None = None
         self._keys: dict[str, Any] = {}
-        self._discovery: _Flight[Metadata] = _Flight(FIRST_FAILURE_BACKOFF, FAILURE_BACKOFF)
-        self._jwks: _Flight[dict[str, Any]] = _Flight(FIRST_FAILURE_BACKOFF, FAILURE_BACKOFF)
+        self._discovery: Flight[Metadata] = Flight(FIRST_FAILURE_BACKOFF, FAILURE_BACKOFF)
+        self._jwks: Flight[dict[str, Any]] = Flight(FIRST_FAILURE_BACKOFF, FAILURE_BACKOFF)
         self.jwks_min_refetch = JWKS_MIN_REFETCH
         self._timeout = aiohttp.ClientTimeout(total=config.provider_timeout)
+        self._token_closed_until = 0.0  # monotonic; the token endpoint asked (Retry-After) not to be called before
         self.audiences = {config.client_id, *config.oidc_extra_audience}
 
     async def metadata(self) -> Metadata:
@@ -340,9 +207,12 @@ class OidcClient:
     async def _discover(self) -> Metadata:
         url = self._config.oidc_issuer_url.rstrip("/") + "/.well-known/openid-configuration"
         doc = await self._get_json(url)
-        issuer = doc.get("issuer")
-        if issuer != self._config.oidc_issuer_url and issuer != self._config.oidc_issuer_url.rstrip("/"):
-            raise ProviderError(f"discovery issuer {issuer!r} does not match --oidc-issuer-url")
+        issuer, configured = doc.get("issuer"), self._config.oidc_issuer_url
+        # OIDC Discovery 4.3 wants them identical; one trailing "/" apart they name the same discovery document (its
+        # URL drops it), so a "/" left out or added (Auth0's issuer ends in one) is no other provider. Every token's
+        # iss is then compared exactly with the document's issuer.
+        if not isinstance(issuer, str) or configured not in (issuer, issuer + "/", issuer.removesuffix("/")):
+            raise ProviderError(f"discovery issuer {str(issuer)[:200]!r} does not match --oidc-issuer-url")
         try:
             algs = doc.get("id_token_signing_alg_values_supported", ["RS256"])
             return Metadata(
@@ -358,6 +228,13 @@ class OidcClient:
                 scopes_supported=frozenset(s for s in scopes if isinstance(s, str))
                 if isinstance(scopes := doc.get("scopes_supported"), list)
                 else frozenset(),
+                iss_in_responses=doc.get("authorization_response_iss_parameter_supported") is True,
+                secret_in_form=_secret_in_form(doc.get("token_endpoint_auth_methods_supported")),
+                revocation_secret_in_form=_secret_in_form(
+                    doc.get(
+                        "revocation_endpoint_auth_methods_supported", doc.get("token_endpoint_auth_methods_supported")
+                    )
+                ),
             )
         except KeyError as exc:
             raise ProviderProtocolError(f"discovery document lacks {exc.args[0]}") from None
@@ -387,10 +264,12 @@ class OidcClient:
         redirect_uri: str | None = None,
         max_age: int | None = None,
         scope: str | None = None,
+        offline: bool = False,
     ) -> str:
         """``redirect_uri``: the callback built for this request (a relative ``--redirect-url``). ``max_age``
         (OIDC Core 3.1.2.1) makes the provider re-authenticate a user whose last sign-in there is older;
-        the callback then checks the ID token's ``auth_time``."""
+        the callback then checks the ID token's ``auth_time``. ``offline``: a refresh token is needed (a CLI/MCP
+        grant); from a provider that lists no ``offline_access`` scope it is asked for Google's way."""
         meta = await self.metadata()
         params = {
             "response_type": "code",
@@ -404,6 +283,10 @@ class OidcClient:
         }
         if max_age is not None:
             params["max_age"] = str(max_age)
+        if offline and "offline_access" not in meta.scopes_supported:
+            # Google: a refresh token only for access_type=offline, and on a repeated consent only with
+            # prompt=consent. A provider that does not know them ignores them (RFC 6749 3.1).
+            params["access_type"], params["prompt"] = "offline", "consent"
         query = urlencode(params)
         sep = "&" if "?" in meta.authorization_endpoint else "?"
         return f"{meta.authorization_endpoint}{sep}{query}"
@@ -429,8 +312,11 @@ class OidcClient:
         body = await self._token_request({"grant_type": "refresh_token", "refresh_token": refresh_token}, retry=True)
         return token_set_from_response(body, time.time())
 
-    def _client_auth(self) -> tuple[dict[str, str], dict[str, str]]:
-        """(headers, form fields) authenticating this client: client_secret_basic, or a public client."""
+    def _client_auth(self, in_form: bool = False) -> tuple[dict[str, str], dict[str, str]]:
+        """(headers, form fields) authenticating this client: client_secret_basic, client_secret_post where the
+        endpoint takes only that (``in_form``), or a public client."""
+        if self._config.client_secret and in_form:
+            return {}, {"client_id": self._config.client_id, "client_secret": self._config.client_secret}
         if self._config.client_secret:
             # RFC 6749 2.3.1: form-urlencode id and secret before Basic encoding.
             pair = f"{quote(self._config.client_id, safe='')}:{quote(self._config.client_secret, safe='')}"
@@ -440,14 +326,24 @@ class OidcClient:
     async def _token_request(self, form: dict[str, str], *, retry: bool) -> dict[str, Any]:
         """POST to the token endpoint. Retries only failures where the provider did not process the
         grant (connection refused, 5xx, 429), never a read timeout: with rotating refresh tokens a
-        second presentation after an unseen success would look like token theft."""
+        second presentation after an unseen success would look like token theft. A 429 or 5xx with
+        ``Retry-After`` is not retried, and no token request of this process goes out before that time (capped
+        at ``RETRY_AFTER_MAX``): a rate-limited provider is not hammered by every user whose token expires."""
         meta = await self.metadata()
-        auth, extra = self._client_auth()
+        auth, extra = self._client_auth(meta.secret_in_form)
         attempts = 1 + (self._config.provider_retries if retry else 0)
         for attempt in range(attempts):
+            closed = self._token_closed_until - time.monotonic()
+            if closed > 0:
+                raise ProviderUnavailable(
+                    "token endpoint asked for a pause (Retry-After); not asked yet", retry_after=closed
+                )
             try:
                 return await self._post_token(meta.token_endpoint, {**form, **extra}, auth)
             except _Retryable as exc:
+                if exc.retry_after is not None:
+                    self._token_closed_until = time.monotonic() + exc.retry_after
+                    raise ProviderUnavailable(str(exc), retry_after=exc.retry_after) from exc
                 if attempt + 1 >= attempts:
                     raise ProviderUnavailable(str(exc)) from exc
                 await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
@@ -461,6 +357,7 @@ class OidcClient:
             ) as resp:
                 status = resp.status
                 text = await resp.text(errors="replace")
+                wait = retry_after_seconds(resp.headers.get("Retry-After"), time.time())
         except aiohttp.ClientConnectorError as exc:
             raise _Retryable(f"token endpoint unreachable: {type(exc).__name__}") from exc
         except TimeoutError as exc:
@@ -470,8 +367,8 @@ class OidcClient:
         finally:
             metrics.PROVIDER_SECONDS.labels(call="token").observe(time.monotonic() - started)
         if status >= 500 or status == 429:
-            raise _Retryable(f"token endpoint answered {status}")
-        body = _json_object(text)
+            raise _Retryable(f"token endpoint answered {status}", wait)
+        body = json_object(text)
         if status >= 400 or (body is not None and "error" in body):
             raise _refusal(status, body)
         if body is None:
@@ -489,7 +386,7 @@ class OidcClient:
             return NOT_REVOKED_FAILED
         if not meta.revocation_endpoint:
             return NOT_REVOKED_NO_ENDPOINT
-        auth, extra = self._client_auth()
+        auth, extra = self._client_auth(meta.revocation_secret_in_form)
         try:
             async with self._http.post(
                 meta.revocation_endpoint,
@@ -585,7 +482,7 @@ class OidcClient:
             )
         except jwt.PyJWTError as exc:
             raise TokenValidationError(f"{what} rejected: {type(exc).__name__}") from exc
-        iat = _number(claims.get("iat"))
+        iat = number(claims.get("iat"))
         if iat is None or iat > time.time() + _LEEWAY:
             raise TokenValidationError(f"{what} issued in the future or without a usable iat")
         return claims
@@ -605,7 +502,13 @@ class OidcClient:
         """A JWT an API client presents (``--skip-jwt-bearer-tokens``): this issuer's keys and allowed
         algorithms, ``iss``, an accepted ``aud``, ``exp``/``nbf``/``iat``. No ``azp`` check: a CLI's token
         is often issued to another client of the same provider, with our client id as audience."""
-        return await self._verify(token, "bearer token", ["iss", "sub", "aud", "exp", "iat"])
+        claims = await self._verify(token, "bearer token", ["iss", "sub", "aud", "exp", "iat"])
+        # RFC 8725 3.11: a logout token is signed by the same keys for the same audience; what only it carries
+        # (the events claim, its typ) keeps it from ever being taken for an access token.
+        typ = jwt.get_unverified_header(token).get("typ")
+        if "events" in claims or (isinstance(typ, str) and "logout+jwt" in typ.lower()):
+            raise TokenValidationError("bearer token is a logout token")
+        return claims
 
     async def validate_logout_token(self, token: str) -> dict[str, Any]:
         """OIDC Back-Channel Logout 1.0, section 2.6: a signed event naming a sub and/or a sid. ``iat`` must be
@@ -615,21 +518,40 @@ class OidcClient:
         it became required only in the 2023 errata, and providers still send the earlier format."""
         claims = await self._verify(token, "logout token", ["iss", "aud", "iat", "jti", "events"])
         events = claims.get("events")
-        if not isinstance(events, dict) or BACKCHANNEL_EVENT not in events:
+        # 2.4: the event's member value MUST be a JSON object (usually {}).
+        if not isinstance(events, dict) or not isinstance(events.get(BACKCHANNEL_EVENT), dict):
             raise TokenValidationError("logout token lacks the back-channel logout event")
+        typ = jwt.get_unverified_header(token).get("typ")  # the signature was checked by _verify
+        if typ is not None and (
+            not isinstance(typ, str) or typ.lower().removeprefix("application/") not in _LOGOUT_TYPES
+        ):
+            # 2.4 (explicit typing): a token typed as another kind (an access token, a SET) is never a logout token;
+            # no typ, or plain JWT, is the format of providers from before the 2023 errata.
+            raise TokenValidationError("logout token typ names another kind of token")
         if "nonce" in claims:
             raise TokenValidationError("logout token must not carry a nonce")
-        if not isinstance(claims.get("sub"), str) and not isinstance(claims.get("sid"), str):
+        if not _named(claims.get("sub")) and not _named(claims.get("sid")):
             raise TokenValidationError("logout token names neither sub nor sid")
         jti = claims.get("jti")
         if not isinstance(jti, str) or not 0 < len(jti) <= 256:
             raise TokenValidationError("logout token jti is not a usable string")
-        exp, iat = _number(claims.get("exp")), _number(claims.get("iat"))
+        exp, iat = number(claims.get("exp")), number(claims.get("iat"))
         if iat is None or ("exp" in claims and (exp is None or not math.isfinite(exp))):
             raise TokenValidationError("logout token exp or iat is not a number")
         if time.time() - iat > LOGOUT_TOKEN_MAX_AGE + _LEEWAY:
             raise TokenValidationError("logout token issued too long ago")
         return claims
+
+
+def _named(value: Any) -> bool:
+    """A logout token's ``sub`` or ``sid`` names something: a non-empty string."""
+    return isinstance(value, str) and value != ""
+
+
+def _secret_in_form(methods: Any) -> bool:
+    """Send the client secret in the form (client_secret_post): only when discovery lists the endpoint's methods,
+    without client_secret_basic (the default, RFC 6749 2.3.1 and OIDC Discovery) and with client_secret_post."""
+    return isinstance(methods, list) and "client_secret_basic" not in methods and "client_secret_post" in methods
 
 
 def _url(value: Any) -> str:
@@ -640,4 +562,8 @@ def _url(value: Any) -> str:
 
 
 class _Retryable(Exception):
-    """Internal: a token-endpoint failure that is safe to retry."""
+    """Internal: a token-endpoint failure that is safe to retry (after ``retry_after`` seconds, when it said)."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

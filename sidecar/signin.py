@@ -109,14 +109,18 @@ async def begin_sign_in(
     max_age: int | None = None,
     purpose: str = "",
     scope: str | None = None,
+    offline: bool = False,
 ) -> web.Response:
     """The redirect to the provider, with this attempt sealed in its own cookie. ``purpose`` ("kind:id")
     hands the callback's tokens to ``svc.sign_in_finishers[kind]`` instead of making a browser session;
-    ``scope`` replaces ``--scope`` for this sign-in (``sidecar.oauth`` adds ``offline_access``)."""
+    ``scope`` replaces ``--scope`` for this sign-in (``sidecar.oauth`` adds ``offline_access``); ``offline``: it
+    needs a refresh token (``OidcClient.authorize_url``)."""
     state, nonce, pkce = secrets.token_urlsafe(32), secrets.token_urlsafe(32), Pkce.new()
     redirect_uri = callback_url(request, svc.config)  # sealed in the attempt: the code exchange sends the same
     attempt = SignInAttempt(state, pkce.verifier, nonce, rd, redirect_uri, max_age=max_age, purpose=purpose)
-    url = await svc.oidc.authorize_url(state, nonce, pkce, redirect_uri=redirect_uri, max_age=max_age, scope=scope)
+    url = await svc.oidc.authorize_url(
+        state, nonce, pkce, redirect_uri=redirect_uri, max_age=max_age, scope=scope, offline=offline
+    )
     response = web.Response(status=302, headers={"Location": url, "Cache-Control": "no-store"})
     _clear_old_attempts(request, response, svc, keep=MAX_ATTEMPT_COOKIES - 1)
     name = _state_cookie_name(svc.config, state)
@@ -178,6 +182,9 @@ async def callback(request: web.Request, svc: Services) -> web.Response:
         raise InvalidState("callback iss does not name our provider (RFC 9207)")
     cookie_name = _state_cookie_name(config, state)
     attempt = svc.codec.load_attempt(read_cookie(request, cookie_name), state, time.time(), STATE_TTL)
+    if issuer is None and (await svc.oidc.metadata()).iss_in_responses:
+        # RFC 9207 2.4: a provider that says it names itself in every answer did not send this one (mix-up)
+        raise InvalidState("callback lacks the iss its provider always sends (RFC 9207)")
     await _claim(svc, state, STATE_TTL + CLOCK_LEEWAY)
     tokens = await svc.oidc.exchange_code(code, attempt.verifier, attempt.redirect_uri)
     if not tokens.id_token:

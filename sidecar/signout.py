@@ -187,9 +187,10 @@ async def backchannel_logout(request: web.Request, svc: Services) -> web.Respons
         log.warning("logout token rejected", extra={"fields": {"detail": "replayed jti"}})
         return web.json_response({"error": "invalid_request"}, status=400, headers=headers)
     ended = 0
-    if isinstance(claims.get("sid"), str):
-        ended += await svc.sessions.end_provider_session(claims["sid"])
-    if isinstance(claims.get("sub"), str) and not isinstance(claims.get("sid"), str):
+    sid = claims.get("sid") if isinstance(claims.get("sid"), str) and claims["sid"] else None  # "" names none
+    if sid is not None:
+        ended += await svc.sessions.end_provider_session(sid)
+    if isinstance(claims.get("sub"), str) and claims["sub"] and sid is None:
         ended += await svc.sessions.end_all_for_user(claims["sub"], reason="backchannel_logout")
     log.info("back-channel logout", extra={"fields": {"sessions_ended": ended}})
     return web.Response(status=200, headers=headers)

@@ -15,6 +15,8 @@ QUIRKS: dict[str, dict[str, Any]] = {
     "no-revocation-endpoint": {"revocation_endpoint": False},
     "logout-token-without-exp": {"logout_token_exp": False},
     "no-expires-in-no-id-token-on-refresh": {"send_expires_in": False, "send_id_token_on_refresh": False},
+    # ES256 keys, the client secret taken only in the form, no RFC 9207 iss (each common among real providers)
+    "es256-secret-in-form-no-iss": {"signing_alg": "ES256", "client_auth": "post", "send_iss": False},
 }
 
 

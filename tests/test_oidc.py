@@ -14,7 +14,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from sidecar.config import build_config
 from sidecar.errors import InvalidGrant, ProviderProtocolError, ProviderUnavailable, TokenValidationError
-from sidecar.oidc import MAX_LIFETIME, OidcClient, check_at_hash, token_hash, token_set_from_response
+from sidecar.oidc import OidcClient, check_at_hash, token_hash
+from sidecar.token_response import MAX_LIFETIME, token_set_from_response
 from tests.stack import free_port, sidecar_settings, stack
 
 

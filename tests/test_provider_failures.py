@@ -20,11 +20,11 @@ from sidecar.oidc import (
     BACKCHANNEL_EVENT,
     FAILURE_BACKOFF,
     FIRST_FAILURE_BACKOFF,
-    MAX_LIFETIME,
     logout_token_replay_ttl,
 )
 from sidecar.refresh import REFUSAL_BACKOFF
 from sidecar.store import RedisStore
+from sidecar.token_response import MAX_LIFETIME
 from tests.stack import Stack, app_token, browser, session_cookie, sign_in, stack
 
 

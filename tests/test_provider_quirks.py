@@ -139,16 +139,17 @@ async def test_a_failing_provider_never_ends_a_session(redis_url: str) -> None:
             # did not process the grant: a rotating provider would otherwise rightly see its token reused).
             for kind, status, delay, expected in (
                 ("500", 400, 0.0, 503),
-                ("503", 400, 0.0, 503),
                 ("raw", 429, 0.0, 503),
                 ("raw", 502, 0.0, 503),
                 ("500", 400, 3.0, 504),
+                ("503", 400, 0.0, 503),  # last: it says Retry-After: 1, and the sidecar then waits that long
             ):
                 st.provider.inject_fault(kind, count=-1, delay=delay, status=status, body="")
                 for base in (st.base, second):
                     assert (await _auth(http, base, cookie))[0] == expected, (kind, status)
                 st.provider.clear_faults()
             assert await _records(raw, prefix) == 1
+            await asyncio.sleep(1.1)  # the 503's Retry-After: no token request before then
             status, token = await _auth(http, second, cookie)
             assert status == 202 and token
 

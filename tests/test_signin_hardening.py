@@ -10,7 +10,7 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 import aiohttp
 import redis.asyncio as aioredis
@@ -135,11 +135,13 @@ async def test_anonymous_floods_store_nothing_and_every_session_survives_a_small
             assert await raw.dbsize() == keys_before  # not one key for anonymous traffic
 
             async def markers(ip: str) -> None:  # genuine attempt cookies, made-up codes: one small marker each
+                iss = quote(st.issuer, safe="")  # the provider names itself (RFC 9207): as it would
                 async with _client(ip) as attacker:
                     for _ in range(8):
                         _, authorize = await _start(attacker, st.base)
                         state = dict(parse_qsl(urlsplit(authorize).query))["state"]
-                        assert await _status(attacker, f"{st.base}/oauth2/callback?state={state}&code=made-up") == 403
+                        made_up = f"{st.base}/oauth2/callback?state={state}&code=made-up&iss={iss}"
+                        assert await _status(attacker, made_up) == 403
 
             for batch in range(0, 50, 10):
                 await asyncio.gather(*(markers(f"127.0.3.{i}") for i in range(batch + 1, batch + 11)))

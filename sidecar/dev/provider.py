@@ -29,6 +29,7 @@ from .provider_model import (
     DEFAULT_USERS,
     ENDPOINT_FAULT_KINDS,
     FAULT_KINDS,
+    SIGNING_ALGS,
     AuthCode,
     ClientReg,
     DevUser,
@@ -65,12 +66,26 @@ BOOL_SETTINGS = (
     "send_auth_time",
     "logout_token_exp",
     "revocation_endpoint",
+    "send_kid",
+    "send_iss",
+    "issuer_trailing_slash",
 )
 # What the token endpoint answers for a refresh token it does not know (or has forgotten): most providers
 # say invalid_grant, some (older enterprise SSOs) invalid_request.
 UNKNOWN_REFRESH_ERRORS = ("invalid_grant", "invalid_request", "unauthorized_client")
+# How confidential clients may authenticate at the token and revocation endpoints (``client_auth``): both ways, or
+# only one, as a provider configured per client does (Zitadel's "POST" apps, Authelia, some Keycloak set-ups).
+CLIENT_AUTH_CHOICES = {
+    "both": ("client_secret_basic", "client_secret_post"),
+    "basic": ("client_secret_basic",),
+    "post": ("client_secret_post",),
+}
 INT_SETTINGS = ("access_token_ttl", "refresh_token_ttl", "id_token_ttl", "code_ttl")
 SCOPES = ["openid", "email", "profile", "groups", "offline_access"]
+# When the code exchange issues a refresh token (``refresh_tokens``): always, or Google's way: discovery lists no
+# offline_access, and a refresh token comes only for ``access_type=offline``, on a user's first consent to the
+# client or with ``prompt=consent``.
+REFRESH_TOKEN_POLICIES = ("always", "google")
 
 
 class DevProvider(TokenGrants):
@@ -116,6 +131,11 @@ class DevProvider(TokenGrants):
         self.logout_token_exp = True
         self.unknown_refresh_error = "invalid_grant"
         self.revocation_endpoint = True
+        self.client_auth = "both"  # see CLIENT_AUTH_CHOICES
+        self.refresh_tokens = "always"  # see REFRESH_TOKEN_POLICIES
+        self.issuer_trailing_slash = False  # the issuer identifier ends in "/" (Auth0); endpoints do not
+        self._consented: set[tuple[str, str]] = set()  # (user, client) pairs that consented once (google)
+        self.send_iss = True  # RFC 9207 iss in authorization responses, said in discovery (off: Google, Entra ID)
         self.token_overrides: dict[str, Any] = {}  # merged into every token response; None removes a field
         self.endpoint_faults: dict[str, tuple[str, float]] = {}  # "discovery"/"jwks"/"revoke" -> (kind, delay)
         # Single sign-on, off unless asked: a browser that logged in is remembered (a cookie scoped to
@@ -153,7 +173,7 @@ class DevProvider(TokenGrants):
     def discovery(self) -> dict[str, Any]:
         """The ``/.well-known/openid-configuration`` document."""
         return {
-            "issuer": self.issuer,
+            "issuer": self.issuer_id,
             "authorization_endpoint": self.url("/authorize"),
             "token_endpoint": self.url("/token"),
             "userinfo_endpoint": self.url("/userinfo"),
@@ -163,10 +183,10 @@ class DevProvider(TokenGrants):
             "response_modes_supported": ["query"],
             "grant_types_supported": ["authorization_code", "refresh_token"],
             "code_challenge_methods_supported": ["S256"],
-            "id_token_signing_alg_values_supported": ["RS256"],
-            "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+            "id_token_signing_alg_values_supported": self.keys.algs(),
+            "token_endpoint_auth_methods_supported": list(self.client_auth_methods),
             "subject_types_supported": ["public"],
-            "scopes_supported": list(SCOPES),
+            "scopes_supported": [s for s in SCOPES if s != "offline_access" or self.refresh_tokens != "google"],
             "claims_supported": [
                 "iss",
                 "sub",
@@ -182,12 +202,12 @@ class DevProvider(TokenGrants):
                 "preferred_username",
                 "groups",
             ],
-            "authorization_response_iss_parameter_supported": True,
+            **({"authorization_response_iss_parameter_supported": True} if self.send_iss else {}),
             **(self._revocation_metadata() if self.revocation_endpoint else {}),
         }
 
     def _revocation_metadata(self) -> dict[str, Any]:
-        auth_methods = ["client_secret_basic", "client_secret_post"]
+        auth_methods = list(self.client_auth_methods)
         return {"revocation_endpoint": self.url("/revoke"), "revocation_endpoint_auth_methods_supported": auth_methods}
 
     # ------------------------------------------------------ control surface
@@ -202,6 +222,15 @@ class DevProvider(TokenGrants):
             elif key == "at_hash":
                 if value not in AT_HASH_MODES:
                     raise ValueError(f"at_hash must be one of {AT_HASH_MODES}")
+            elif key == "signing_alg":
+                if value not in SIGNING_ALGS:
+                    raise ValueError(f"signing_alg must be one of {SIGNING_ALGS}")
+            elif key == "refresh_tokens":
+                if value not in REFRESH_TOKEN_POLICIES:
+                    raise ValueError(f"refresh_tokens must be one of {REFRESH_TOKEN_POLICIES}")
+            elif key == "client_auth":
+                if value not in CLIENT_AUTH_CHOICES:
+                    raise ValueError(f"client_auth must be one of {tuple(CLIENT_AUTH_CHOICES)}")
             elif key == "unknown_refresh_error":
                 if value not in UNKNOWN_REFRESH_ERRORS:
                     raise ValueError(f"unknown_refresh_error must be one of {UNKNOWN_REFRESH_ERRORS}")
@@ -221,7 +250,16 @@ class DevProvider(TokenGrants):
 
     def settings(self) -> dict[str, Any]:
         """Current toggles."""
-        names = (*BOOL_SETTINGS, *INT_SETTINGS, "auto_login", "at_hash", "unknown_refresh_error")
+        names = (
+            *BOOL_SETTINGS,
+            *INT_SETTINGS,
+            "auto_login",
+            "at_hash",
+            "unknown_refresh_error",
+            "signing_alg",
+            "client_auth",
+            "refresh_tokens",
+        )
         return {name: getattr(self, name) for name in names}
 
     def stats(self) -> dict[str, Any]:
@@ -244,6 +282,40 @@ class DevProvider(TokenGrants):
             "kids": [k.kid for k in self.keys.keys],
             **self.settings(),
         }
+
+    def offline_allowed(self, username: str, params: Mapping[str, str]) -> bool:
+        """Whether this authorization's code exchange issues a refresh token (see REFRESH_TOKEN_POLICIES)."""
+        if self.refresh_tokens == "always":
+            return True
+        pair = (username, params.get("client_id", ""))
+        first = pair not in self._consented
+        self._consented.add(pair)
+        prompt = params.get("prompt", "").split()
+        return params.get("access_type") == "offline" and (first or "consent" in prompt)
+
+    @property
+    def client_auth_methods(self) -> tuple[str, ...]:
+        """The client authentication methods the token and revocation endpoints accept."""
+        return CLIENT_AUTH_CHOICES[self.client_auth]
+
+    @property
+    def send_kid(self) -> bool:
+        """Tokens and the JWKS name each key's ``kid`` (off: as some providers with one key do)."""
+        return self.keys.send_kid
+
+    @send_kid.setter
+    def send_kid(self, value: bool) -> None:
+        self.keys.send_kid = value
+
+    @property
+    def signing_alg(self) -> str:
+        """The algorithm of the key that signs; setting another adds a key of that kind (the old stays published)."""
+        return self.keys.current.alg
+
+    @signing_alg.setter
+    def signing_alg(self, alg: str) -> None:
+        if alg != self.keys.current.alg:
+            self.keys.rotate(keep_old=True, alg=alg)
 
     def reset_counters(self) -> None:
         """Zero every counter (state such as tokens and toggles is kept)."""
@@ -269,10 +341,12 @@ class DevProvider(TokenGrants):
         status: int = 400,
         body: str = "",
         content_type: str = "application/json",
+        headers: Mapping[str, str] | None = None,
     ) -> Fault:
         """Make the next ``count`` token calls for ``grant`` misbehave (``count=-1``: forever).
-        ``raw`` answers ``status`` with ``body`` as it is: any refusal or malformed answer a provider
-        might send (an empty 400, ``invalid_client``, an HTML 401, a 200 that is not JSON ...)."""
+        ``raw`` answers ``status`` with ``body`` (and ``headers``) as it is: any refusal or malformed answer a
+        provider might send (an empty 400, ``invalid_client``, an HTML 401, a 200 that is not JSON, a 429
+        with ``Retry-After`` ...)."""
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault kind {kind!r}; expected one of {FAULT_KINDS}")
         if count == 0 or count < -1:
@@ -281,7 +355,7 @@ class DevProvider(TokenGrants):
             raise ValueError("delay must not be negative")
         if not 200 <= status <= 599:
             raise ValueError("status must be an HTTP status")
-        fault = Fault(kind, count, grant, float(delay), status, body, content_type)
+        fault = Fault(kind, count, grant, float(delay), status, body, content_type, dict(headers or {}))
         self._faults.append(fault)
         return fault
 

@@ -54,6 +54,8 @@ class TokenGrants:
     unknown_refresh_error: str
     reuse_detection: bool
     return_same_refresh_token: bool
+    refresh_tokens: str  # "always" or "google" (provider.REFRESH_TOKEN_POLICIES)
+    issuer_trailing_slash: bool
     reuse_detected: int
     revocations: int
     codes_issued: int
@@ -62,6 +64,11 @@ class TokenGrants:
     _refresh: dict[str, RefreshRecord]  # sha256(token) -> record
     _access: dict[str, tuple[str | None, float]]  # jti -> (family id, exp)
     _revoked_jtis: set[str]
+
+    @property
+    def issuer_id(self) -> str:
+        """The issuer identifier in discovery, tokens and ``iss`` parameters (``issuer_trailing_slash``: with a "/")."""
+        return self.issuer + "/" if self.issuer_trailing_slash else self.issuer
 
     def authenticate_client(self, client_id: str | None, secret: str | None) -> ClientReg:
         """RFC 6749 section 2.3 client authentication."""
@@ -85,9 +92,10 @@ class TokenGrants:
         username: str,
         scope: str,
         auth_time: int | None = None,
+        offline: bool = True,
     ) -> str:
         """A single-use code bound to everything the token request must match. ``auth_time``: when the user
-        logged in (a remembered login's time), else now."""
+        logged in (a remembered login's time), else now. ``offline``: its exchange issues a refresh token."""
         now = time.time()
         self._codes = {c: a for c, a in self._codes.items() if a.expires_at + 600 > now}
         code = random_token()
@@ -100,6 +108,7 @@ class TokenGrants:
             scope,
             now + self.code_ttl,
             int(now) if auth_time is None else auth_time,
+            offline=offline,
         )
         self.codes_issued += 1
         return code
@@ -130,7 +139,7 @@ class TokenGrants:
         fam = RefreshFamily(random_token(12), grant.username, client.client_id, grant.scope, grant.auth_time)
         self._families[fam.family_id] = fam
         grant.family_id = fam.family_id
-        token, expires_at = self._new_refresh_token(fam)
+        token, expires_at = self._new_refresh_token(fam) if grant.offline else (None, time.time())
         return self._token_response(
             fam,
             user,
@@ -223,7 +232,7 @@ class TokenGrants:
         exp = now + self.access_token_ttl
         access = self.keys.sign(
             {
-                "iss": self.issuer,
+                "iss": self.issuer_id,
                 "sub": user.sub,
                 "aud": fam.client_id,
                 "exp": exp,
@@ -239,11 +248,11 @@ class TokenGrants:
             body["expires_in"] = self.access_token_ttl
         if refresh_token is not None:
             body["refresh_token"] = refresh_token
-        if self.send_refresh_expires_in:
+        if self.send_refresh_expires_in and self.refresh_tokens != "google":
             body["refresh_expires_in"] = max(0, int(refresh_expires_at - time.time()))
         if with_id_token:
             claims: dict[str, Any] = {
-                "iss": self.issuer,
+                "iss": self.issuer_id,
                 "aud": fam.client_id,
                 "azp": fam.client_id,
                 "exp": now + self.id_token_ttl,
@@ -257,7 +266,7 @@ class TokenGrants:
             if self.send_sid:
                 claims["sid"] = fam.family_id
             if self.at_hash != "none":
-                claims["at_hash"] = at_hash(access if self.at_hash == "good" else access + "x")
+                claims["at_hash"] = at_hash(access if self.at_hash == "good" else access + "x", self.keys.current.alg)
             body["id_token"] = self.keys.sign(claims)
         body["scope"] = scope
         for name, value in self.token_overrides.items():  # misbehaviour on request: odd or missing fields
@@ -291,7 +300,7 @@ class TokenGrants:
         ``exp`` when ``logout_token_exp`` is off, as providers wrote them before the 2023 errata."""
         now = int(time.time())
         claims: dict[str, Any] = {
-            "iss": self.issuer,
+            "iss": self.issuer_id,
             "aud": audience,
             "iat": now,
             "jti": uuid.uuid4().hex,
@@ -323,7 +332,7 @@ class TokenGrants:
             fam.revoked = True
         else:
             try:
-                claims = self.keys.verify(token, self.issuer, verify_exp=False)
+                claims = self.keys.verify(token, self.issuer_id, verify_exp=False)
             except jwt.InvalidTokenError:
                 claims = {}
             if claims.get("jti") in self._access:
@@ -335,7 +344,7 @@ class TokenGrants:
     def check_access_token(self, token: str) -> DevUser:
         """The user behind one of our live access tokens, else ``invalid_token``."""
         try:
-            claims = self.keys.verify(token, self.issuer)
+            claims = self.keys.verify(token, self.issuer_id)
         except jwt.InvalidTokenError as exc:
             raise OAuthError("invalid_token", f"token rejected: {exc}") from exc
         jti = claims.get("jti")

@@ -17,14 +17,17 @@ from functools import lru_cache
 from typing import Any
 
 import jwt
-from cryptography.hazmat.primitives.asymmetric import rsa
-from jwt.algorithms import RSAAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 FAULT_KINDS = ("500", "503", "timeout", "slow", "invalid_grant", "invalid_json", "raw")
 """What ``inject_fault`` can make the token endpoint do (``raw``: answer ``status`` with ``body`` verbatim)."""
 
 ENDPOINT_FAULT_KINDS = ("500", "slow", "invalid_json")
 """What ``break_endpoint`` can make discovery or the JWKS do (``slow``: wait ``delay``, then answer)."""
+
+SIGNING_ALGS = ("RS256", "PS256", "ES256", "EdDSA")
+"""What the provider can sign with (``signing_alg``): the algorithms real providers use for ID tokens."""
 
 AT_HASH_MODES = ("good", "bad", "none")
 """ID tokens from the token endpoint carry a correct ``at_hash``, a wrong one, or none."""
@@ -107,6 +110,7 @@ class AuthCode:
     auth_time: int
     used: bool = False
     family_id: str | None = None
+    offline: bool = True  # the code exchange issues a refresh token
 
 
 @dataclass
@@ -142,6 +146,7 @@ class Fault:
     status: int = 400  # raw only
     body: str = ""  # raw only
     content_type: str = "application/json"  # raw only
+    headers: dict[str, str] = field(default_factory=dict)  # raw only: e.g. Retry-After on a 429 or 503
 
     def matches(self, grant_type: str) -> bool:
         """``grant`` of ``"*"``/``"any"`` hits every grant type."""
@@ -170,10 +175,11 @@ def random_token(nbytes: int = 32) -> str:
     return secrets.token_urlsafe(nbytes)
 
 
-def at_hash(access_token: str) -> str:
-    """OIDC Core 3.1.3.6 for RS256: left half of SHA-256 of the access token, base64url, unpadded."""
-    digest = hashlib.sha256(access_token.encode("ascii")).digest()
-    return base64.urlsafe_b64encode(digest[:16]).rstrip(b"=").decode("ascii")
+def at_hash(access_token: str, alg: str = "RS256") -> str:
+    """OIDC Core 3.1.3.6: left half of the access token's hash under the ID token's algorithm (SHA-256 for the
+    *256 algorithms, SHA-512 for EdDSA with Ed25519), base64url, unpadded."""
+    digest = (hashlib.sha512 if alg == "EdDSA" else hashlib.sha256)(access_token.encode("ascii")).digest()
+    return base64.urlsafe_b64encode(digest[: len(digest) // 2]).rstrip(b"=").decode("ascii")
 
 
 def sha256_hex(value: str) -> str:
@@ -201,17 +207,33 @@ def _first_private_key() -> rsa.RSAPrivateKey:
     return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
+def _new_private_key(alg: str) -> Any:
+    if alg == "ES256":
+        return ec.generate_private_key(ec.SECP256R1())
+    if alg == "EdDSA":
+        return ed25519.Ed25519PrivateKey.generate()
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
 @dataclass
 class SigningKey:
-    """An RS256 key pair with its ``kid``."""
+    """A key pair with its ``kid`` and the algorithm it signs with (``SIGNING_ALGS``)."""
 
     kid: str
-    private_key: rsa.RSAPrivateKey = field(repr=False)
+    private_key: Any = field(repr=False)
+    alg: str = "RS256"
 
-    def public_jwk(self) -> dict[str, Any]:
-        """The JWK published at ``/jwks``."""
-        jwk: dict[str, Any] = RSAAlgorithm.to_jwk(self.private_key.public_key(), as_dict=True)
-        jwk.update({"kid": self.kid, "use": "sig", "alg": "RS256"})
+    def public_jwk(self, with_kid: bool = True) -> dict[str, Any]:
+        """The JWK published at ``/jwks`` (without ``kid`` as some providers publish a single key)."""
+        public = self.private_key.public_key()
+        jwk: dict[str, Any]
+        if self.alg == "ES256":
+            jwk = ECAlgorithm.to_jwk(public, as_dict=True)
+        elif self.alg == "EdDSA":
+            jwk = OKPAlgorithm.to_jwk(public, as_dict=True)
+        else:
+            jwk = RSAAlgorithm.to_jwk(public, as_dict=True)
+        jwk.update({"use": "sig", "alg": self.alg, **({"kid": self.kid} if with_kid else {})})
         return jwk
 
 
@@ -220,6 +242,7 @@ class KeyRing:
 
     def __init__(self) -> None:
         self.keys: list[SigningKey] = [SigningKey(self._new_kid(), _first_private_key())]
+        self.send_kid = True  # off: neither the JWKS nor the tokens name a kid (older or minimal providers)
 
     @staticmethod
     def _new_kid() -> str:
@@ -230,31 +253,40 @@ class KeyRing:
         """The key that signs new tokens."""
         return self.keys[-1]
 
-    def rotate(self, keep_old: bool = True) -> str:
-        """Add a fresh signing key; drop the others unless ``keep_old``. Returns the new kid."""
-        key = SigningKey(self._new_kid(), rsa.generate_private_key(public_exponent=65537, key_size=2048))
+    def rotate(self, keep_old: bool = True, alg: str | None = None) -> str:
+        """Add a fresh signing key (of ``alg``, else the current one's); drop the others unless ``keep_old``.
+        Returns the new kid."""
+        alg = alg or self.current.alg
+        if alg not in SIGNING_ALGS:
+            raise ValueError(f"signing_alg must be one of {SIGNING_ALGS}")
+        key = SigningKey(self._new_kid(), _new_private_key(alg), alg)
         self.keys = [*self.keys, key] if keep_old else [key]
         return key.kid
 
+    def algs(self) -> list[str]:
+        """The algorithms of the published keys, for discovery's ``id_token_signing_alg_values_supported``."""
+        return list(dict.fromkeys(k.alg for k in self.keys))
+
     def jwks(self) -> dict[str, Any]:
         """The JWK Set document."""
-        return {"keys": [k.public_jwk() for k in self.keys]}
+        return {"keys": [k.public_jwk(self.send_kid) for k in self.keys]}
 
-    def sign(self, claims: dict[str, Any]) -> str:
-        """RS256 JWT with the current ``kid`` in the header."""
+    def sign(self, claims: dict[str, Any], headers: dict[str, Any] | None = None) -> str:
+        """A JWT signed by the current key, naming its ``kid`` unless ``send_kid`` is off; ``headers`` added."""
         key = self.current
-        return jwt.encode(claims, key.private_key, algorithm="RS256", headers={"kid": key.kid})
+        header = {**({"kid": key.kid} if self.send_kid else {}), **(headers or {})}
+        return jwt.encode(claims, key.private_key, algorithm=key.alg, headers=header)
 
     def verify(self, token: str, issuer: str, verify_exp: bool = True) -> dict[str, Any]:
         """Decode one of our own tokens; raises ``jwt.InvalidTokenError`` otherwise."""
         kid = jwt.get_unverified_header(token).get("kid")
-        key = next((k for k in self.keys if k.kid == kid), None)
+        key = next((k for k in self.keys if k.kid == kid), None) if kid is not None else self.current
         if key is None:
             raise jwt.InvalidTokenError("unknown kid")
         claims: dict[str, Any] = jwt.decode(
             token,
             key.private_key.public_key(),
-            algorithms=["RS256"],
+            algorithms=[key.alg],
             issuer=issuer,
             options={"verify_aud": False, "verify_exp": verify_exp, "require": ["iss", "sub"]},
         )

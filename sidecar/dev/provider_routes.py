@@ -80,11 +80,17 @@ def _oauth_error(exc: OAuthError) -> web.Response:
     return web.json_response(body, status=exc.status, headers=headers)
 
 
-def _client_credentials(request: web.Request, form: Mapping[str, str]) -> tuple[str | None, str | None]:
-    """client_secret_basic (url-decoded per RFC 6749 2.3.1) or client_secret_post."""
+def _client_credentials(
+    request: web.Request, form: Mapping[str, str], allowed: tuple[str, ...]
+) -> tuple[str | None, str | None]:
+    """client_secret_basic (url-decoded per RFC 6749 2.3.1) or client_secret_post, among the ``allowed`` methods."""
     auth = request.headers.get("Authorization")
     if not auth:
+        if "client_secret" in form and "client_secret_post" not in allowed:
+            raise OAuthError("invalid_client", "client_secret_post is not allowed for this client")
         return form.get("client_id"), form.get("client_secret")
+    if "client_secret_basic" not in allowed:
+        raise OAuthError("invalid_client", "client_secret_basic is not allowed for this client")
     scheme, _, value = auth.partition(" ")
     if scheme.lower() != "basic":
         raise OAuthError("invalid_client", "unsupported client authentication scheme")
@@ -152,7 +158,9 @@ class ProviderRoutes:
         return client
 
     def _error_redirect(self, params: Mapping[str, str], error: str, desc: str) -> web.Response:
-        query = {"error": error, "error_description": desc, "iss": self.p.issuer}
+        query = {"error": error, "error_description": desc}
+        if self.p.send_iss:
+            query["iss"] = self.p.issuer_id
         if "state" in params:
             query["state"] = params["state"]
         return _redirect(str(URL(params["redirect_uri"]).update_query(query)))
@@ -179,8 +187,11 @@ class ProviderRoutes:
             username,
             params.get("scope", "openid"),
             auth_time,
+            offline=self.p.offline_allowed(username, params),
         )
-        query = {"code": code, "iss": self.p.issuer}
+        query = {"code": code}
+        if self.p.send_iss:
+            query["iss"] = self.p.issuer_id
         if "state" in params:
             query["state"] = params["state"]
         return _redirect(str(URL(params["redirect_uri"]).update_query(query)))
@@ -267,7 +278,7 @@ class ProviderRoutes:
                 return await self._fault_response(fault)
             await asyncio.sleep(fault.effective_delay)  # then answer normally
         try:
-            client = self.p.authenticate_client(*_client_credentials(request, form))
+            client = self.p.authenticate_client(*_client_credentials(request, form, self.p.client_auth_methods))
             if grant_type == "authorization_code":
                 body = self.p.exchange_code(client, form)
             elif grant_type == "refresh_token":
@@ -291,7 +302,10 @@ class ProviderRoutes:
             return _oauth_error(OAuthError("invalid_grant", "injected fault"))
         if fault.kind == "raw":
             return web.Response(
-                status=fault.status, text=fault.body, content_type=fault.content_type, headers=_NO_STORE
+                status=fault.status,
+                text=fault.body,
+                content_type=fault.content_type,
+                headers={**_NO_STORE, **fault.headers},
             )
         return web.Response(  # invalid_json
             text='{"access_token": "trunc', content_type="application/json", headers=_NO_STORE
@@ -325,7 +339,7 @@ class ProviderRoutes:
             return broken
         try:
             form = await _read_form(request)
-            client = self.p.authenticate_client(*_client_credentials(request, form))
+            client = self.p.authenticate_client(*_client_credentials(request, form, self.p.client_auth_methods))
             token = form.get("token")
             if not token:
                 raise OAuthError("invalid_request", "missing token")
@@ -394,6 +408,7 @@ class ProviderRoutes:
                 status=int(data.get("status", 400)),
                 body=str(data.get("body", "")),
                 content_type=str(data.get("content_type", "application/json")),
+                headers={str(k): str(v) for k, v in dict(data.get("headers") or {}).items()},
             )
             return {"ok": True, "fault": fault.to_dict()}
         if action == "endpoint_fault":

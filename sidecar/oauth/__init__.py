@@ -48,8 +48,10 @@ def install(app: web.Application, config: Config) -> None:
     router, prefix = app.router, config.proxy_prefix
     # what a browser-based client fetch()es from its own origin: open to any origin, never with credentials
     # (cors.py); the pages and the cookie-reading endpoints below get no CORS header
-    cors.add_routes(router, metadata.AS_PATH, {"GET": guarded(metadata.authorization_server, "oauth_metadata")})
-    cors.add_routes(router, metadata.OIDC_PATH, {"GET": guarded(metadata.openid_configuration, "oauth_metadata")})
+    suffix = "{path:(/.*)?}"  # a path-suffixed form (RFC 8414 3.1) is answered here: 404, not the app's sign-in
+    as_metadata, oidc_metadata = metadata.AS_PATH + suffix, metadata.OIDC_PATH + suffix
+    cors.add_routes(router, as_metadata, {"GET": guarded(metadata.authorization_server, "oauth_metadata")})
+    cors.add_routes(router, oidc_metadata, {"GET": guarded(metadata.openid_configuration, "oauth_metadata")})
     cors.add_routes(router, prefix + "/jwks", {"GET": guarded(metadata.jwks, "oauth_metadata")})
     resource_metadata = metadata.PRM_PATH + "{path:(/.*)?}"
     cors.add_routes(router, resource_metadata, {"GET": guarded(metadata.protected_resource, "oauth_resource_metadata")})

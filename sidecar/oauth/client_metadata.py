@@ -8,7 +8,10 @@ neither.
   least two dot-separated labels, lower case, a path after ``:/`` and no authority). Schemes without a dot
   (``javascript:``, ``data:``, ``file:``, ``myapp:``) are refused, and so is ``http`` on any other host. All
   written plainly: lower-case scheme and host, no fragment, no user info, no whitespace, control characters
-  or backslashes, ASCII only (an IDN must be given as punycode). ``/authorize`` then matches exactly.
+  or backslashes, ASCII only (an IDN must be given as punycode). ``/authorize`` then matches exactly
+  (``redirect_registered``), except the port of a loopback ``http`` URI: a native app learns its free port
+  only when it starts listening, so any port is allowed at the request (RFC 8252 7.3); host, path and query
+  must still be the registered ones, written the same way.
 - ``redirect_uris`` may be left out or empty (``[]``) only by a client without the authorization-code grant
   (a device-flow tool: nothing is ever redirected to it). Such a client that sends some anyway (oidc-agent
   sends its loopback ports and ``edu.kit.data.oidc-agent:/redirect`` with every registration, confidential
@@ -42,6 +45,11 @@ MAX_URI_CHARS = 2000
 MAX_NAME_CHARS = 200
 LOOPBACK_HOSTS = ("127.0.0.1", "[::1]", "localhost")
 _PORT = re.compile(r"[0-9]{1,5}")
+# A loopback http redirect URI as registration accepts it (no user info, no fragment), port apart: one spelling
+# per port (no leading zero), and nothing after the host but a path and query.
+_LOOPBACK_URI = re.compile(
+    r"http://(?P<host>127\.0\.0\.1|\[::1\]|localhost)(?::(?P<port>[1-9][0-9]{0,4}))?(?P<rest>(?:/[^#]*)?)"
+)
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _PRIVATE_SCHEME = re.compile(rf"[a-z](?:[a-z0-9-]{{0,61}}[a-z0-9])?(?:\.{_LABEL})+")
 _INVISIBLE_CATEGORIES = ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp")
@@ -109,6 +117,23 @@ def redirect_uri_problem(uri: Any, public: bool = False) -> str | None:
     if parts.scheme == "https" and not (host == "[::1]" or valid_hostname(host)):
         return "has an invalid host name (write an international name in punycode)"
     return None
+
+
+def redirect_registered(registered: tuple[str, ...], requested: str) -> bool:
+    """Is ``requested`` one of the ``registered`` redirect URIs: the same string, or a loopback ``http`` URI
+    differing only in its port (RFC 8252 7.3: any port, none included)?"""
+    if requested in registered:
+        return True
+    wanted = _loopback_without_port(requested)
+    return wanted is not None and any(_loopback_without_port(uri) == wanted for uri in registered)
+
+
+def _loopback_without_port(uri: str) -> tuple[str, str] | None:
+    """(host, path and query) of a plainly written loopback ``http`` URI, else None."""
+    found = _LOOPBACK_URI.fullmatch(uri)
+    if found is None or (found["port"] is not None and not 0 < int(found["port"]) < 65536):
+        return None
+    return found["host"], found["rest"]
 
 
 def _private_use_problem(uri: str, public: bool) -> str | None:

@@ -29,14 +29,23 @@ def _json(body: dict[str, Any]) -> web.Response:
     return web.json_response(body, headers={"Cache-Control": "private, max-age=300"})
 
 
+def _not_found() -> web.Response:
+    return web.json_response({"error": "not_found"}, status=404)
+
+
 async def authorization_server(request: web.Request, svc: Services) -> web.Response:
-    """RFC 8414 metadata; the issuer is the external origin this client used."""
+    """RFC 8414 metadata; the issuer is the external origin this client used. A path after the well-known prefix
+    (RFC 8414 3.1) names an issuer with that path, which does not exist here: 404."""
+    if request.match_info.get("path"):
+        return _not_found()
     return _json(_server_metadata(request, svc))
 
 
 async def openid_configuration(request: web.Request, svc: Services) -> web.Response:
     """OpenID Connect Discovery 1.0 section 3: the same server, with what an OpenID client needs on top (no
-    userinfo endpoint: the ID token carries every claim the server knows)."""
+    userinfo endpoint: the ID token carries every claim the server knows). A path suffix: 404, as above."""
+    if request.match_info.get("path"):
+        return _not_found()
     return _json(
         {
             **_server_metadata(request, svc),
@@ -87,7 +96,7 @@ async def protected_resource(request: web.Request, svc: Services) -> web.Respons
     if path in ("", "/"):
         path = sorted(paths)[0]
     elif path not in paths:
-        return web.json_response({"error": "not_found"}, status=404)
+        return _not_found()
     return _json(
         {
             "resource": oauth.resource_for(request, path),
