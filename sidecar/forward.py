@@ -60,8 +60,8 @@ def forward_headers(
     when its normalised form (``_`` as ``-``) is the sidecar's. ``app_cookie``: the request's one Cookie header
     as the app sees it, already known (the decision cache keeps it beside the session)."""
     headers = request.headers
-    connection = headers.get("Connection")
-    listed = {h.strip().lower() for h in connection.split(",")} if connection else _NOTHING
+    connection = headers.getall("Connection", ())  # every Connection line lists names (RFC 9110 7.6.1)
+    listed = {h.strip().lower() for line in connection for h in line.split(",")} if connection else _NOTHING
     # The client's Authorization is dropped when the sidecar sets its own, and when it held a sidecar-issued
     # token (no token passthrough: MCP authorization, "Token Passthrough"); only a request with an Authorization
     # header can have held one, and without one the flag changes nothing (no request-state lookup then).
