@@ -15,6 +15,8 @@ from sidecar import upstream_client
 from sidecar.config import build_config
 from sidecar.forward import Forwarded
 from tests.stack import sidecar_settings
+from tests.test_auth_listener import exchange, header
+from tests.test_hits import req
 from tests.test_proxy_cache import FORGED, _proxy_entries, _send, _signed_in
 
 # Sidecar-owned names in hostile spellings, on top of FORGED: never seen by the app with the client's value.
@@ -154,3 +156,34 @@ async def test_a_websocket_through_the_proxy_still_gets_the_sidecars_headers_onl
         values = dict((name.lower(), value) for name, value in seen)
         assert values["x-forwarded-user"] == "alice@example.com" and "mallory" not in repr(seen)
         assert values["x-custom"] == "a" and values["upgrade"].lower() == "websocket", kind
+
+
+async def test_proxied_requests_and_auth_hits_pipelined_on_one_connection_keep_their_order() -> None:
+    """A batch whose first request is not ``/oauth2/auth`` goes to aiohttp whole (``hits.HitFirst``): every
+    answer in request order, each its own request's, the hits after it included."""
+    async with _signed_in() as (st, up, _, cookie):
+        port = int(st.base.rsplit(":", 1)[1])
+        for i in range(3):  # the auth key is kept from its second sight: hits from here on
+            assert (await exchange(port, req(i, cookie).encode()))[0][0] == 202
+
+        def proxied(i: int) -> str:
+            return f"GET /p{i} HTTP/1.1\r\nHost: app.example\r\nCookie: _sidecar={cookie}\r\n\r\n"
+
+        plan = ["proxy", "auth", "auth", "proxy", "auth", "lookalike", "proxy"]
+        for rotation in range(len(plan)):
+            order = plan[rotation:] + plan[:rotation]
+            texts = {
+                "proxy": proxied,
+                "auth": lambda i: req(i, cookie),
+                "lookalike": lambda i: req(i, cookie).replace("/oauth2/auth ", "/oauth2/authx "),
+            }
+            data = "".join(texts[kind](i) for i, kind in enumerate(order))
+            answers = await exchange(port, data.encode(), count=len(order))
+            assert len(answers) == len(order), rotation
+            for i, (kind, got) in enumerate(zip(order, answers, strict=True)):
+                if kind == "proxy":
+                    assert got[0] == 200 and f'"/p{i}"' in got[2].decode(), (rotation, i, got)
+                elif kind == "auth":
+                    assert (got[0], header(got, "X-Request-Id")) == (202, f"r{i}"), (rotation, i, got)
+                else:  # starts like the auth path, is not it: the proxy's, forwarded as it came
+                    assert got[0] == 200 and b'"/oauth2/authx"' in got[2], (rotation, i, got)
