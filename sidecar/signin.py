@@ -19,8 +19,8 @@ from .cookies import CLOCK_LEEWAY, MAX_COOKIE_CHARS, SignInAttempt, state_cookie
 from .errors import BadRequest, InvalidCookie, InvalidState, StoreUnavailable, TokenValidationError
 from .guard import callback_url, clear_cookie, read_cookie, request_cookies, set_cookie
 from .oidc import Pkce
+from .paths import normalise_path
 from .policy import identity_from_claims, why_denied
-from .proxy import normalise_path
 from .ratelimit import retry_after
 from .stepup import callback_problem, parse_max_age, required_max_age
 from .urls import safe_redirect

@@ -21,7 +21,7 @@ from ..context import original_of, view_of
 from ..cookies import SessionRef
 from ..errors import BadRequest, InvalidCookie, ProviderUnavailable, SessionGone
 from ..models import Session
-from ..proxy import normalise_path
+from ..paths import normalise_path
 from . import cors
 from . import tokens as tk
 from .scopes import SCOPES as VOCABULARY
