@@ -27,7 +27,7 @@ from .cookies import SessionRef, without_sidecar_cookies
 from .decisions import Decision, Key, request_key
 from .errors import BadRequest, SessionGone
 from .fronts import FRONTS, Original, refuse_aliases
-from .guard import BEARER_REF, TOKEN_HEADERS, authenticate, read_cookie, tokens_allowed
+from .guard import BEARER_REF, TOKEN_HEADERS, authenticate, cookie_header, read_cookie, tokens_allowed
 from .headers import auth_response_headers_for
 from .location_rules import location_rules
 from .models import Identity, Session
@@ -141,7 +141,7 @@ def _accepted(request: web.Request, session: Session, config: Config) -> CIMulti
     """The 202's identity headers; the token headers only for a trusted front. aiohttp copies them into the
     response, so the object may be shared (per session) and kept by the decision cache."""
     if tokens_allowed(request, config):
-        cookie = request.headers.get("Cookie")
+        cookie = cookie_header(request.headers)  # several Cookie headers: joined (RFC 9113 8.2.3)
         if cookie is not None:
             # For ingress-nginx's auth-response-headers "Cookie": the app's cookies without ours,
             # so the session cookie never reaches the app, with no snippet annotation.

@@ -9,6 +9,12 @@ from the headers the configured front (``--front``) writes, and every other name
 is present must say the same thing: a disagreement is a client naming another request (400), and a family
 member present without the front's own header means the front is not the one configured (400, logged).
 
+The host in ingress-nginx's ``X-Original-URL`` is the client's ``Host`` header (``$http_host``), which need not
+be the host nginx chose the server block by (``$host``): an absolute-form request line (``GET https://b/ HTTP/1.1``
+with ``Host: a``) is served by b's server and named a. A token's audience is its host, so the shipped Ingress
+also sends ``X-Routed-Host: $host`` (``auth-proxy-set-headers``); the URL's host must be that host (port and
+one trailing dot aside, which nginx drops from ``$host``), and without it no token is taken (``Original.routed``).
+
 ``FRONTS`` is the one description; the README's deployment section says the same per front.
 """
 
@@ -47,6 +53,7 @@ class Front:
     proxied_scheme: str = "X-Forwarded-Proto"
     proxied_host: str = "X-Forwarded-Host"
     passes: str = ""
+    routed: str | None = None  # a header naming the host the front routed by, when ``url``'s host may not be it
 
 
 FRONTS: dict[str, Front] = {
@@ -69,6 +76,7 @@ FRONTS: dict[str, Front] = {
             scheme=None,  # X-Forwarded-Proto is blanked on the auth subrequest; the URL has the scheme
             host=None,  # Host is the auth-url's (in-cluster) host; the URL has the client's
             passes="X-Forwarded-Uri, X-Forwarded-Method, X-Forwarded-Host (and X-Original-URI without auth-method)",
+            routed="X-Routed-Host",  # $host, from the shipped auth-proxy-set-headers ConfigMap
         ),
         Front(
             "traefik",
@@ -119,7 +127,8 @@ METHOD_HEADERS = (
 )
 SCHEME_HEADERS = ("X-Forwarded-Proto", "X-Forwarded-Scheme", "X-Scheme", "X-Forwarded-Ssl", "Front-End-Https")
 HOST_HEADERS = ("X-Forwarded-Host", "X-Original-Host", "X-Host")
-FAMILY = (*URI_HEADERS, *URL_HEADERS, *METHOD_HEADERS, *SCHEME_HEADERS, *HOST_HEADERS, "Forwarded")
+ROUTED_HEADERS = ("X-Routed-Host",)  # part of the decision cache's key through FAMILY (decisions._KEY_NAMES)
+FAMILY = (*URI_HEADERS, *URL_HEADERS, *METHOD_HEADERS, *SCHEME_HEADERS, *HOST_HEADERS, *ROUTED_HEADERS, "Forwarded")
 # Headers the sidecar itself interprets: undecodable bytes there are refused at the edge (400), once.
 READ_HEADERS = ("Host", "Authorization", *FAMILY)
 
@@ -132,6 +141,7 @@ class Original:
     method: str | None
     scheme: str | None
     host: str | None
+    routed: str | None = None  # the host the front routed by, from its ``routed`` header, checked against ``host``
 
     @property
     def path(self) -> str | None:
@@ -214,7 +224,12 @@ def _read(present: list[tuple[str, str]], front: Front, method: str, tail: str, 
     seen: dict[str, list[tuple[str, str]]] = {"uri": [], "method": [], "scheme": [], "host": []}
     if len({name for name, _ in present}) != len(present):
         raise BadRequest("an original-request header was sent more than once")
+    routed: str | None = None
     for name, value in present:
+        if name in ROUTED_HEADERS:
+            if name == front.routed:  # another front's client may send it: not read then
+                routed = _routed(name, value)
+            continue
         _collect(name, value, seen)
     if front.uri == (REQUEST,):
         seen["uri"].append((REQUEST, _target(REQUEST, tail or "/")))
@@ -224,7 +239,28 @@ def _read(present: list[tuple[str, str]], front: Front, method: str, tail: str, 
         seen["host"].append((REQUEST, _host("Host", host)))
     own = _own(front.name)
     found = [_agreed(part, seen[part], own[part], front) for part in _PARTS]
-    return Original(uri=found[0], method=found[1], scheme=found[2], host=found[3])
+    if routed is not None and found[3] is not None and _hostname(found[3]) != routed:
+        raise BadRequest(f"the original request's host is not the one {front.routed} says the front routed by")
+    return Original(uri=found[0], method=found[1], scheme=found[2], host=found[3], routed=routed)
+
+
+def _routed(name: str, value: str) -> str:
+    """nginx's ``$host``: the server name it chose the server block by, lower case, without port or final dot.
+    Anything else (a port, a final dot, upper case, a second value, a character no host has) is not what
+    nginx writes there, and is refused."""
+    value = value.strip()
+    if not _AUTHORITY.fullmatch(value) or _hostname(value) != value:
+        raise BadRequest(f"{name}: not a host as nginx's $host has it")
+    return value
+
+
+def _hostname(authority: str) -> str:
+    """A host[:port]'s host as nginx's ``$host`` has it: lower case, no port, no final dot."""
+    authority = authority.lower()
+    if authority.startswith("["):
+        return authority[: authority.index("]") + 1]
+    name = authority.partition(":")[0]
+    return name[:-1] if name.endswith(".") else name
 
 
 @lru_cache(maxsize=8)

@@ -11,7 +11,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
 
-from aiohttp import web
+from aiohttp import hdrs, web
+from multidict import CIMultiDictProxy
 
 from . import logs
 from .bearer import bearer_token, invalid_token
@@ -23,13 +24,46 @@ from .models import Session
 from .policy import why_denied
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+COOKIE = hdrs.COOKIE  # an istr: looked up without lower-casing the name on each request
 
 
 def read_cookie(request: web.Request, name: str) -> str | None:
-    """One cookie's value. Cheaper than parsing every cookie into Morsels on each request."""
-    header = request.headers.get("Cookie")
-    if not header or name not in header:
-        return None
+    """One cookie's value, the first one of that name in the request's Cookie headers joined as RFC 9113
+    8.2.3 says (``cookie_header``). Cheaper than parsing every cookie into Morsels on each request: when
+    the first header holds the cookie, no later header can come before it, so only that one is read."""
+    header = request.headers.get(COOKIE)
+    if header is None:
+        return None  # no Cookie header at all
+    if name in header:
+        for part in header.split(";"):  # inline, not _crumb: this is every request's case
+            key, sep, value = part.partition("=")
+            if sep and key.strip() == name:
+                return value.strip()
+    joined = cookie_header(request.headers)
+    return None if joined is None or joined is header or name not in joined else _crumb(joined, name)
+
+
+def cookie_header(headers: CIMultiDictProxy[str]) -> str | None:
+    """Every ``Cookie`` header as one, joined by "; " (RFC 9113 8.2.3: an HTTP/2 client may send each cookie
+    as a header of its own, and some fronts pass them on so); None without any. One header comes back as is."""
+    values = headers.getall(COOKIE, ())
+    if len(values) == 1:
+        return values[0]
+    return "; ".join(values) if values else None
+
+
+def request_cookies(request: web.Request) -> dict[str, str]:
+    """Every cookie of the request by name (the first of a name wins, as for ``read_cookie``), across all its
+    Cookie headers. For the few places that look at several of the sidecar's cookies (sign-in attempts)."""
+    found: dict[str, str] = {}
+    for part in (cookie_header(request.headers) or "").split(";"):
+        key, sep, value = part.partition("=")
+        if sep:
+            found.setdefault(key.strip(), value.strip())
+    return found
+
+
+def _crumb(header: str, name: str) -> str | None:
     for part in header.split(";"):
         key, sep, value = part.partition("=")
         if sep and key.strip() == name:
@@ -117,7 +151,7 @@ def sign_in_redirect(request: web.Request) -> web.Response:
         return web.Response(status=302, headers={"Location": location})
     response = web.Response(status=401, text="401 Unauthorized: sign in first\n")
     response.headers["WWW-Authenticate"] = 'Cookie realm="sidecar"'
-    if request.cookies.get(config.cookie_name):
+    if read_cookie(request, config.cookie_name):
         clear_session_cookie(response, config)
     return response
 

@@ -17,11 +17,11 @@ from .config import Config
 from .context import Services, services, view_of
 from .cookies import CLOCK_LEEWAY, MAX_COOKIE_CHARS, SignInAttempt, state_cookie_suffix
 from .errors import BadRequest, InvalidCookie, InvalidState, StoreUnavailable, TokenValidationError
-from .guard import callback_url, clear_cookie, set_cookie
+from .guard import callback_url, clear_cookie, read_cookie, request_cookies, set_cookie
 from .models import TokenSet
 from .oidc import Pkce
+from .paths import normalise_path
 from .policy import identity_from_claims, why_denied
-from .proxy import normalise_path
 from .ratelimit import retry_after
 from .stepup import callback_problem, parse_max_age, required_max_age
 from .urls import safe_redirect
@@ -78,7 +78,7 @@ def _clear_old_attempts(
     config = svc.config
     now, prefix = time.time(), _attempt_prefix(config)
     live: list[tuple[float, str]] = []
-    for name, value in request.cookies.items():
+    for name, value in request_cookies(request).items():
         if not name.startswith(prefix):
             continue
         signed_at = svc.codec.attempt_signed_at(value)
@@ -191,7 +191,7 @@ async def callback(request: web.Request, svc: Services) -> web.Response:
     if issuer is not None and issuer != (await svc.oidc.metadata()).issuer:
         raise InvalidState("callback iss does not name our provider (RFC 9207)")
     cookie_name = _state_cookie_name(config, state)
-    attempt = svc.codec.load_attempt(request.cookies.get(cookie_name), state, time.time(), STATE_TTL)
+    attempt = svc.codec.load_attempt(read_cookie(request, cookie_name), state, time.time(), STATE_TTL)
     if issuer is None and (await svc.oidc.metadata()).iss_in_responses:
         # RFC 9207 2.4: a provider that says it names itself in every answer did not send this one (mix-up)
         raise InvalidState("callback lacks the iss its provider always sends (RFC 9207)")
@@ -267,7 +267,7 @@ def _step_up_refused(request: web.Request, config: Config, cookie_name: str, pro
 async def _end_previous_session(request: web.Request) -> None:
     """A sign-in replaces whatever session the browser had; its old record goes."""
     svc = services(request)
-    old = request.cookies.get(svc.config.cookie_name)
+    old = read_cookie(request, svc.config.cookie_name)
     if not old:
         return
     try:

@@ -14,7 +14,7 @@ from aiohttp import web
 from . import csrf, logs, pages
 from .context import Services, services, view_of
 from .errors import InvalidCookie, SessionGone, TokenValidationError
-from .guard import absolute, clear_session_cookie
+from .guard import absolute, clear_session_cookie, read_cookie
 from .oidc import logout_token_replay_ttl
 from .signin import redirect_target
 
@@ -84,7 +84,7 @@ def _confirm_everywhere_page(request: web.Request) -> web.Response:
         "Sign out everywhere?",
         "<p>This ends your sessions in every browser and every connected application (command-line tools, "
         "MCP clients), not only here.</p>"
-        f"<form method='post' action='{action}'>{everywhere_field(svc, request.cookies.get(svc.config.cookie_name))}"
+        f"<form method='post' action='{action}'>{everywhere_field(svc, read_cookie(request, svc.config.cookie_name))}"
         "<div class='buttons'><button type='submit'>Sign out everywhere</button></div></form>",
     )
 
@@ -127,7 +127,7 @@ async def sign_out(request: web.Request, svc: Services) -> web.Response:
     config = svc.config
     rd = _after_sign_out(request, everywhere)
     id_token, signed_in = None, False
-    cookie = request.cookies.get(config.cookie_name)
+    cookie = read_cookie(request, config.cookie_name)
     if cookie:
         try:
             ref = svc.codec.load_session(cookie, time.time())

@@ -266,9 +266,10 @@ async def test_both_listeners_refuse_the_ingress_nginx_bypass_and_bad_bytes_alik
         _, tokens, _ = await redeem(st.base, issued)
         await asyncio.sleep(2.1)  # the sign-in is now older than the rule's 1 s
         origin = st.base
-        front = lambda path, method="GET": {  # noqa: E731 - what ingress-nginx writes
+        front = lambda path, method="GET": {  # noqa: E731 - what ingress-nginx writes (with the shipped ConfigMap)
             "X-Original-URL": origin + path,
             "X-Original-Method": method,
+            "X-Routed-Host": "127.0.0.1",
         }
         jar = {"Cookie": f"_sidecar={cookie}"}
         bearer = {"Authorization": "Bearer " + tokens["access_token"]}
@@ -281,6 +282,8 @@ async def test_both_listeners_refuse_the_ingress_nginx_bypass_and_bad_bytes_alik
             ({**jar, **front("/admin/x", "POST"), "X-Forwarded-Host": "evil.example"}, 400),
             ({**jar, "X-Forwarded-Uri": "/x", "X-Forwarded-Method": "GET"}, 400),  # no X-Original-URL at all
             ({**bearer, **front("/mcp/a")}, 202),
+            ({**bearer, "X-Original-URL": origin + "/mcp/a", "X-Original-Method": "GET"}, 401),  # no X-Routed-Host
+            ({**bearer, **front("/mcp/a"), "X-Routed-Host": "other.example"}, 400),  # not the host routed by
             ({**bearer, **front("/mcp/a"), "X-Forwarded-Uri": "/other"}, 400),
             ({**bearer, "X-Original-URL": "http://evil.example/mcp/a"}, 401),  # a token for another origin
             ({**bearer, **front("/other"), "X-Forwarded-Uri": "/mcp/a"}, 400),
@@ -509,3 +512,61 @@ async def test_oauth_issuer_is_the_origin_whatever_the_front_says_and_other_host
             spoof = {"X-Forwarded-Host": "evil.example", "X-Forwarded-Proto": "http"}
             async with http.get(st.base + "/.well-known/oauth-authorization-server", headers=spoof) as resp:
                 assert (await resp.json())["issuer"] == issuer
+
+
+# (the Host header ingress-nginx writes into X-Original-URL, nginx's $host it routed by): read when they agree
+ROUTED_AGREE = [
+    ("app.example.com", "app.example.com"),
+    ("APP.Example.com", "app.example.com"),  # nginx lower-cases $host
+    ("app.example.com:443", "app.example.com"),  # and drops the port
+    ("app.example.com:8443", "app.example.com"),
+    ("app.example.com.", "app.example.com"),  # and one final dot
+    ("[::1]:443", "[::1]"),
+    ("[::1]", "[::1]"),
+    ("10.0.0.1:80", "10.0.0.1"),
+]
+# ... and refused (400) when they do not: an absolute-form line (GET https://b/ HTTP/1.1, Host: a) or a
+# $host no nginx writes (port, final dot, upper case, a list, characters no host has)
+ROUTED_DISAGREE = [
+    ("app.example.com", "other.example"),
+    ("other.example", "app.example.com"),
+    ("app.example.com", "app.example.com.other.example"),
+    ("app.example.com.other.example", "app.example.com"),
+    ("app.example.com", "example.com"),
+    ("app.example.com", "[::1]"),
+    ("[::1]", "[::2]"),
+    ("[::ffff:127.0.0.1]", "127.0.0.1"),
+    ("app.example.com", "app.example.com:443"),
+    ("app.example.com", "app.example.com."),
+    ("app.example.com", "APP.example.com"),
+    ("app.example.com", "app.example.com, other.example"),
+    ("app.example.com", "user@app.example.com"),
+    ("app.example.com", "app%2Eexample.com"),
+    ("app.example.com", "app.example.com\\"),
+    ("app.example.com", "app.example.com/"),
+    ("app.example.com", ""),
+    ("app.example.com..", "app.example.com."),
+]
+
+
+@pytest.mark.parametrize(("url_host", "routed"), ROUTED_AGREE)
+def test_ingress_nginx_reads_a_url_whose_host_is_the_one_nginx_routed_by(url_host: str, routed: str) -> None:
+    found = read("ingress-nginx", {"X-Original-URL": f"https://{url_host}/mcp", "X-Routed-Host": routed})
+    assert (found.host, found.routed, found.path) == (url_host.lower(), routed, "/mcp")
+
+
+@pytest.mark.parametrize(("url_host", "routed"), ROUTED_DISAGREE)
+def test_ingress_nginx_refuses_a_url_whose_host_is_not_the_one_nginx_routed_by(url_host: str, routed: str) -> None:
+    with pytest.raises(BadRequest):
+        read("ingress-nginx", {"X-Original-URL": f"https://{url_host}/mcp", "X-Routed-Host": routed})
+
+
+def test_the_routed_host_is_read_only_for_the_front_that_writes_it() -> None:
+    """Without the header ingress-nginx's reading says nothing was routed (no token then: oauth/service.py);
+    twice, refused; any other front ignores a client's copy."""
+    assert read("ingress-nginx", {"X-Original-URL": "https://app.example.com/mcp"}).routed is None
+    with pytest.raises(BadRequest):
+        read("ingress-nginx", [("X-Original-URL", "https://a.example/mcp"), ("X-Routed-Host", "a.example")] * 2)
+    for front in sorted(set(FRONTS) - {"ingress-nginx", "envoy"}):
+        own = {**dict(OWN[front]), "X-Routed-Host": "other.example"}
+        assert read(front, own).routed is None, front

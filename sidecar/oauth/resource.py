@@ -22,7 +22,7 @@ from ..context import original_of, view_of
 from ..cookies import SessionRef
 from ..errors import BadRequest, InvalidCookie, ProviderUnavailable, SessionGone
 from ..models import Session
-from ..proxy import normalise_path
+from ..paths import normalise_path
 from . import cors
 from . import tokens as tk
 from .scopes import SCOPES as VOCABULARY
@@ -108,6 +108,7 @@ class ResourceGuardImpl:
             or record.resource_path != resource
             or record.resource != server.resource_for(request, resource)
             or server.foreign_origin(request)
+            or server.unrouted(request)
         ):
             raise self._invalid(request, resource)
         key = tk.unwrap_key(record.wrapped_key, token)

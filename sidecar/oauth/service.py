@@ -26,7 +26,8 @@ from aiohttp import web
 
 from .. import logs
 from ..config import Config
-from ..context import Services, view_of
+from ..context import Services, is_auth_request, original_of, view_of
+from ..fronts import FRONTS
 from ..models import Identity, TokenSet
 from ..refresh import Refresher
 from ..sessions import Sessions
@@ -40,6 +41,7 @@ PENDING_GRANT_TTL = 900.0  # a grant whose code or device approval was never red
 USER_AGENT_CHARS = 200
 
 log = logging.getLogger("sidecar.oauth")
+_unrouted_warned: list[bool] = []  # logged once per process
 
 
 def grant_config(config: Config) -> Config:
@@ -83,6 +85,22 @@ class OAuthServer:
             return False
         view = view_of(request)
         return view.trusted and view.host.lower() != self.config.oauth_issuer.split("://", 1)[1].rstrip("/").lower()
+
+    def unrouted(self, request: web.Request) -> bool:
+        """An auth request from a front whose URL names the client's Host (ingress-nginx) without the header
+        saying which host it routed by (``fronts.Front.routed``): the audience's host is unproven, no token is
+        taken. With the header, ``fronts`` refused any disagreement already (400)."""
+        front = FRONTS[self.config.front]
+        if front.routed is None or not is_auth_request(request, self.config) or original_of(request).routed:
+            return False
+        if not _unrouted_warned:
+            _unrouted_warned.append(True)
+            log.error(
+                "--front %s: auth requests lack %s, so no OAuth token is taken (see deploy/kubernetes README)",
+                front.name,
+                front.routed,
+            )
+        return True
 
     def resource_for(self, request: web.Request, path: str) -> str:
         """The canonical resource URI of a --oauth-resource path, as this request's client sees it."""

@@ -6,7 +6,8 @@
 - nginx as ingress-nginx renders the shipped Ingresses (deploy/kubernetes/overlays/ingress-nginx):
   ``render_ingress_nginx`` writes the auth location, the sign-in location and the protected location
   as the controller's nginx.tmpl does for the annotations found there (auth-url, auth-signin,
-  auth-response-headers), with the controller's defaults (use-forwarded-headers off). One deviation:
+  auth-response-headers, auth-proxy-set-headers from the overlay's generated ConfigMap), with the
+  controller's defaults (use-forwarded-headers off). One deviation:
   ``set_escape_uri`` (ngx_set_misc, not in Debian's nginx) becomes a plain copy of ``$request_uri``;
   the tests' sign-in paths need no escaping.
 
@@ -16,6 +17,7 @@ port 80 or 4180.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -35,6 +37,7 @@ TRAEFIK_STATIC = ROOT / "deploy" / "traefik" / "traefik.yml"
 TRAEFIK_DYNAMIC = ROOT / "deploy" / "traefik" / "sidecar.yml"
 CADDYFILE = ROOT / "deploy" / "caddy" / "Caddyfile"
 INGRESS = ROOT / "deploy" / "kubernetes" / "overlays" / "ingress-nginx" / "ingress.yaml"
+KUSTOMIZATION = INGRESS.parent / "kustomization.yaml"
 SIDECAR = "127.0.0.1:4180"
 APP = "127.0.0.1:8080"
 
@@ -100,10 +103,27 @@ def shipped_ingresses() -> dict[str, dict[str, Any]]:
     return {doc["metadata"]["name"]: doc for doc in yaml.safe_load_all(INGRESS.read_text()) if doc}
 
 
+def auth_proxy_set_headers(annotations: dict[str, str]) -> dict[str, str]:
+    """The ConfigMap an Ingress's auth-proxy-set-headers names, from the overlay's configMapGenerator."""
+    wanted = annotations.get("nginx.ingress.kubernetes.io/auth-proxy-set-headers")
+    if wanted is None:
+        return {}
+    generated = yaml.safe_load(KUSTOMIZATION.read_text())["configMapGenerator"]
+    found = [g for g in generated if g["name"] == wanted]
+    if len(found) != 1:
+        pytest.fail(f"{KUSTOMIZATION} must generate the ConfigMap {wanted!r} the Ingress names", pytrace=False)
+    return dict(item.split("=", 1) for item in found[0]["literals"])
+
+
 def _auth_location(name: str, annotations: dict[str, str], sidecar: str) -> str:
-    """nginx.tmpl's ``location = <authPath>`` for an auth-url (no auth-method, no cache, no snippets)."""
+    """nginx.tmpl's ``location = <authPath>`` for an auth-url (no auth-method, no cache, no snippets); the
+    auth-proxy-set-headers lines as the controller's buildAuthProxySetHeaders writes them (Go's %q)."""
     url = urlsplit(annotations["nginx.ingress.kubernetes.io/auth-url"])
     target = url._replace(netloc=sidecar).geturl()
+    extra = "".join(
+        f"\n        proxy_set_header {json.dumps(k)} {json.dumps(v)};"
+        for k, v in sorted(auth_proxy_set_headers(annotations).items())
+    )
     return f"""
     location = /_external-auth-{name} {{
         internal;
@@ -126,7 +146,7 @@ def _auth_location(name: str, annotations: dict[str, str], sidecar: str) -> str:
         proxy_buffers               4 {annotations.get("nginx.ingress.kubernetes.io/proxy-buffer-size", "4k")};
         proxy_request_buffering     on;
         proxy_ssl_server_name       on;
-        proxy_pass_request_headers  on;
+        proxy_pass_request_headers  on;{extra}
         proxy_http_version          1.1;
         set $target {target};
         proxy_pass $target;

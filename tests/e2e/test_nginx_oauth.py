@@ -4,6 +4,7 @@ with a sidecar token the app gets the identity and the provider's token, never t
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import Any
 
@@ -85,3 +86,54 @@ async def test_with_a_sidecar_token_the_app_gets_the_identity_and_never_the_toke
         assert seen["x-auth-request-email"] == "alice@example.com"
         assert token not in str(seen)
         assert seen["authorization"].startswith("Bearer ey")  # --pass-authorization-header: the provider's JWT
+
+
+async def test_a_page_on_another_origin_gets_the_preflight_answered_and_reads_the_challenge(oauth_site: Site) -> None:
+    """A browser OAuth client (Chromium, a page on another origin) calls the resource behind nginx's
+    auth_request with a JSON body, so Chromium sends a CORS preflight first. The shipped config needs no
+    OPTIONS rule of its own: /oauth2/auth answers the preflight 401 (it carries no credentials), nginx's
+    error_page hands it to the sidecar, which answers it as the resource's (204, ``*``, no credentials);
+    the app never sees it. The page then reads the 401's WWW-Authenticate; with a token the preflight
+    (Authorization named) passes too and the POST reaches the app (whose answer, without CORS headers of
+    its own, the page may not read: the app's decision)."""
+    site = oauth_site
+    token = await _device_token(site)
+    rpc = '{"jsonrpc": "2.0", "id": 1, "method": "ping"}'
+    url = site.base + "/_demo/echo"
+    read = """async ([url, headers, body]) => {
+        try {
+            const r = await fetch(url, {method: 'POST', headers, body});
+            return [r.status, r.headers.get('www-authenticate') || '', await r.text()];
+        } catch (e) { return [0, String(e), '']; }
+    }"""
+    json_type = {"Content-Type": "application/json"}
+    async with one_page() as page:
+        await page.goto(site.issuer + "/.well-known/openid-configuration")  # another origin: the provider's
+        status, challenge, _ = await page.evaluate(read, [url, json_type, rpc])
+        assert status == 401, (status, challenge)  # 0: the preflight failed and the page saw nothing
+        assert f'resource_metadata="{site.base}/.well-known/oauth-protected-resource/_demo"' in challenge
+        bearer = {**json_type, "Authorization": f"Bearer {token}"}
+        said: list[str] = []
+        page.on("console", lambda m: said.append(m.text))
+        status, error, _ = await page.evaluate(read, [url, bearer, rpc])
+        assert status == 0, (status, error)  # the demo app answers no CORS: the page may not read it ...
+        for _ in range(50):  # (Chromium logs the reason a moment later)
+            if said:
+                break
+            await asyncio.sleep(0.05)
+        # ... but the preflight passed, and the answer the page may not read is the app's: the sidecar's
+        # own 401 would have carried Access-Control-Allow-Origin.
+        assert any("No 'Access-Control-Allow-Origin' header is present on the requested resource" in m for m in said)
+        assert not any("preflight" in m for m in said), said
+        assert status == 0, (status, said)  # the demo app answers no CORS: the page may not read it
+    # Hand-made, hostile: a preflight for a path that is not the resource gets no CORS answer, with or
+    # without a forged cookie; nothing of the sidecar's preflight answer grants credentials.
+    asked = {"Origin": site.issuer, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "x-a"}
+    async with aiohttp.ClientSession() as client:
+        for path, extra in (("/private/x", {}), ("/private/x", {"Cookie": "_sidecar=forged"}), ("/_demo", {})):
+            async with client.options(site.base + path, headers={**asked, **extra}, allow_redirects=False) as resp:
+                assert "Access-Control-Allow-Credentials" not in resp.headers, (path, resp.headers)
+                if path == "/_demo":
+                    assert resp.status == 204 and resp.headers["Access-Control-Allow-Origin"] == "*", resp.headers
+                else:
+                    assert resp.status == 401 and "Access-Control-Allow-Origin" not in resp.headers, resp.headers

@@ -391,6 +391,66 @@ async def test_the_app_gets_the_identity_and_never_the_session_cookie(signed_in:
         assert json.loads(body)["result"]["structuredContent"]["authorization_forwarded"] is False, (name, body)
 
 
+@pytest.mark.parametrize("name", FRONT_NAMES)
+async def test_cookies_split_over_several_cookie_headers_pass_through_each_front(
+    signed_in: dict[str, Front], name: str
+) -> None:
+    """RFC 9113 8.2.3: a client may send its cookies as several Cookie header lines. Every front here passes
+    the lines on to the auth request as they came (nginx's auth_request, Traefik's forwardAuth and Caddy's
+    forward_auth copy them; seen with the sidecar reading only the first line: 401 for a valid session).
+    The sidecar reads them joined; the first session cookie decides; the app never gets the session."""
+    front = signed_in[name]
+    where = urlsplit(front.base)
+    forged = front.session[:-2] + ("AA" if not front.session.endswith("AA") else "BB")
+    for lines, ok in (
+        ([("Cookie", "app=1"), ("Cookie", f"_sidecar={front.session}")], True),
+        ([("Cookie", "app=1; _sidecar_csrf_x=1"), ("Cookie", f"_sidecar={front.session}; theme=dark")], True),
+        ([("Cookie", ""), ("Cookie", f" _sidecar={front.session} "), ("Cookie", "app=1")], True),
+        ([("Cookie", f"_sidecar={forged}"), ("Cookie", f"_sidecar={front.session}")], False),
+        ([("Cookie", "app=1"), ("Cookie2", f"_sidecar={front.session}")], False),
+    ):
+        head = f"GET /_demo/echo HTTP/1.1\r\nHost: {where.netloc}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in lines)
+        status, body = await _raw_answer(front, head)
+        if not ok:
+            assert status in (302, 401), (name, lines, status)
+            continue
+        assert status == 200, (name, lines, status, body[:300])
+        seen = {k.lower(): v for k, v in json.loads(body)["headers"].items()}
+        assert seen["x-auth-request-email"] == "alice@example.com", (name, seen)
+        assert front.session not in str(seen) and "_sidecar" not in seen.get("cookie", ""), (name, seen)
+        assert "app=1" in seen.get("cookie", ""), (name, lines, seen)
+
+
+async def _raw_answer(front: Front, head: str) -> tuple[int, str]:
+    """Status and body of one hand-written request (header lines exactly as given; a client library joins
+    repeated Cookie headers itself)."""
+    where = urlsplit(front.base)
+    tls = front.ssl if where.scheme == "https" else None
+    reader, writer = await asyncio.open_connection(
+        where.hostname, where.port or (443 if tls else 80), ssl=tls, server_hostname=where.hostname if tls else None
+    )
+    try:
+        writer.write((head + "Connection: close\r\n\r\n").encode())
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    top, _, body = answer.partition(b"\r\n\r\n")
+    if b"transfer-encoding: chunked" in top.lower():
+        body = _unchunk(body)
+    return int(top.split(b" ", 2)[1]), body.decode("utf-8", "replace")
+
+
+def _unchunk(data: bytes) -> bytes:
+    out = b""
+    while data:
+        size_line, _, data = data.partition(b"\r\n")
+        size = int(size_line.split(b";")[0] or b"0", 16)
+        if size == 0:
+            break
+        out, data = out + data[:size], data[size + 2 :]
+    return out
+
+
 @pytest.mark.parametrize("name", ["nginx", "traefik", "caddy"])
 async def test_headers_that_name_another_path_never_reach_the_app(signed_in: dict[str, Front], name: str) -> None:
     """Review 2: IIS URL Rewrite and older Symfony/Zend applications route by X-Original-URL/X-Rewrite-URL. Copies
@@ -624,6 +684,95 @@ async def test_an_absolute_uri_naming_another_host_moves_no_token(signed_in: dic
     assert status == 200, status  # the same host on both (any case): the token works
     status = await _raw_status(front, f"POST /mcp HTTP/1.1\r\nHost: {ours}\r\n{auth}", body)
     assert status == 200, status
+
+
+def ingress_host_variants(ours: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(request target, Host header) pairs for ingress-nginx: those naming another host than the one whose
+    server block nginx used (absolute-form lines, ports, IPv6 literals, final dots, case, user info,
+    percent-encoding, backslashes), and those naming ours both ways (the token works)."""
+    hostile = [
+        (f"https://{host}/mcp", ours)
+        for host in (
+            "other.example",
+            "other.example:443",
+            "OTHER.example",
+            "other.example.",
+            "127.0.0.2",
+            "[::1]",
+            "[::ffff:7f00:1]",
+            "localhost",
+            f"{ours}.other.example",
+            f"{ours}%2Eother.example",
+            f"user@{ours}",  # nginx takes the request line's host from after the "@"... or refuses it
+            f"other.example\\@{ours}",
+        )
+    ]
+    hostile += [
+        ("/mcp", host)
+        for host in (f"{ours}.", f"{ours}:443", f"{ours}:8443", f"user@{ours}", f"{ours}%2E", f"{ours}\\", "[::1]")
+    ]
+    hostile += [(f"https://{ours}/mcp", host) for host in ("other.example", f"{ours}.", "[::1]", f"{ours}:443")]
+    same = [
+        ("/mcp", ours),
+        (f"https://{ours}/mcp", ours),
+        (f"http://{ours}/mcp", ours),
+    ]
+    return hostile, same
+
+
+async def test_through_ingress_nginx_a_token_is_taken_only_for_the_host_nginx_routed_by(
+    signed_in: dict[str, Front],
+) -> None:
+    """Review 3: ingress-nginx builds X-Original-URL from the client's Host header ($http_host), while an
+    absolute-form request line makes nginx use the server block of the line's host ($host): a token for the
+    Host header's host was taken for a request another host's server block served. The shipped Ingress adds
+    X-Routed-Host: $host (auth-proxy-set-headers); the sidecar refuses a disagreement (400: nginx's 500)."""
+    front = signed_in["ingress-nginx"]
+    ours = urlsplit(front.base).netloc
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "ping"}).encode()
+    auth = f"Authorization: Bearer {front.token}\r\nContent-Type: application/json\r\n"
+    hostile, same = ingress_host_variants(ours)
+    for target, host in hostile:
+        for own in ("", f"X-Routed-Host: {ours}\r\n", f"X-Routed-Host: {ours}\r\nX-Routed-Host: {ours}\r\n"):
+            # a client's own X-Routed-Host: nginx's proxy_set_header replaces it with $host
+            status = await _raw_status(front, f"POST {target} HTTP/1.1\r\nHost: {host}\r\n{own}{auth}", body)
+            assert status in (0, 400, 401, 404, 500), (target, host, own, status)  # never the application's answer
+    for target, host in same:
+        status = await _raw_status(front, f"POST {target} HTTP/1.1\r\nHost: {host}\r\n{auth}", body)
+        assert status == 200, (target, host, status)
+
+
+async def test_the_sidecar_takes_no_token_from_ingress_nginx_without_the_routed_host(
+    signed_in: dict[str, Front],
+) -> None:
+    """Hostile, by hand, at the sidecar as the trusted ingress would ask it: without X-Routed-Host (an Ingress
+    without the shipped auth-proxy-set-headers) the URL's host is unproven and the token refused; with one
+    that disagrees, 400; with ours (any port or final dot on the URL's host), the token's audience decides."""
+    front = signed_in["ingress-nginx"]
+    ours = urlsplit(front.base).netloc
+    base = {"Authorization": "Bearer " + front.token, "X-Original-Method": "POST"}
+
+    async def asks(url: str, routed: str | None) -> int:
+        headers = {**base, "X-Original-URL": url, **({"X-Routed-Host": routed} if routed is not None else {})}
+        async with aiohttp.ClientSession() as http, http.get(front.sidecar + "/oauth2/auth", headers=headers) as r:
+            return r.status
+
+    assert await asks(f"https://{ours}/mcp", ours) == 202
+    assert await asks(f"https://{ours}/mcp", None) == 401  # the token is refused, the cookie path unaffected
+    wrong = ("other.example", "OTHER.example", f"{ours}:443", f"{ours}.", "", " ", f"{ours}, x.example", f"{ours}/")
+    for routed in (*wrong, "[::1]", f"{ours}%2E", f"user@{ours}", f"{ours}\\"):
+        assert await asks(f"https://{ours}/mcp", routed) == 400, routed
+    for url in (f"https://{ours}:443/mcp", f"https://{ours}./mcp"):
+        assert await asks(url, ours) == 401, url  # routed by our host, but the audience names another origin
+    for url in ("https://other.example/mcp", f"https://{ours}.other.example/mcp", "https://[::1]/mcp"):
+        assert await asks(url, ours) == 400, url
+    # A cookie session is not host-bound: without the header it still passes, with a disagreeing one not.
+    jar = {"Cookie": f"_sidecar={front.session}", "X-Original-URL": f"https://{ours}/x", "X-Original-Method": "GET"}
+    async with aiohttp.ClientSession() as http:
+        async with http.get(front.sidecar + "/oauth2/auth", headers=jar) as resp:
+            assert resp.status == 202
+        async with http.get(front.sidecar + "/oauth2/auth", headers={**jar, "X-Routed-Host": "other.example"}) as r:
+            assert r.status == 400
 
 
 @pytest.mark.parametrize("name", FRONT_NAMES)
