@@ -23,7 +23,7 @@ from .context import (
     view_of,
 )
 from .cookies import SessionRef, without_sidecar_cookies
-from .decisions import Decision, Key, request_key
+from .decisions import Decision, Key, key_trusted, request_key
 from .errors import BadRequest, SessionGone
 from .fronts import FRONTS, Original, refuse_aliases
 from .guard import BEARER_REF, TOKEN_HEADERS, authenticate, read_cookie, tokens_allowed
@@ -90,7 +90,9 @@ def decision_key(request: web.Request, svc: Services) -> tuple[Key, Decision | N
     if svc.decisions is None or request.raw_path.partition("?")[0] != svc.config.proxy_prefix + "/auth":
         return (), None
     trusted = trusted_peer(request.remote, svc.config)
-    key = request_key(request.method, request.headers.items(), request.rel_url.raw_query_string, trusted, svc.config)
+    headers = request.headers
+    query = request.rel_url.raw_query_string
+    key = request_key(request.method, headers.keys(), list(headers.values()), query, trusted, svc.config)
     if key is None:
         return (), None
     return key, svc.decisions.get(key)
@@ -121,7 +123,7 @@ def remember(
         session,
         max_age=max_age,
         cookie_until=svc.codec.session_valid_until(cookie) if cookie else None,
-        forwarded_ip=forwarded_client_ip(request, config) if key[2] == "t" else None,  # a trusted peer
+        forwarded_ip=forwarded_client_ip(request, config) if key_trusted(key) else None,
     )
 
 

@@ -31,8 +31,9 @@ import re
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import compress
 from typing import Any
 
 from multidict import CIMultiDict
@@ -78,52 +79,67 @@ class Decision:
 
 
 def request_key(
-    method: str, items: Iterable[tuple[str, str]], raw_query: str, trusted: bool, config: Config
+    method: str, names: Iterable[str], values: Sequence[str], raw_query: str, trusted: bool, config: Config
 ) -> Key | None:
     """The cache key of an auth request: its method (a front may ask with the original one), its headers
-    (name, value pairs as sent), the raw query; None when it may not be cached. ``trusted``: the socket
-    peer is a trusted front (it decides whether tokens are answered). Laid out as (cookie, query, trust,
-    method, name, value, name, value...): ``key[4::2]`` are the header names.
+    (``names`` and ``values`` as sent, in order), the raw query; None when it may not be cached. ``trusted``:
+    the socket peer is a trusted front (it decides whether tokens are answered). Laid out as (query, trust,
+    method, name, name..., value, value...), the names lower-case (``key_names``), the Cookie header's
+    among them.
 
-    A miss pays this on every request, so each header costs one lookup of its name as sent in a table of
-    what that name is (``_name_kind``) rather than a lower-casing and several tests."""
+    Every miss pays this, so the headers are classified by C loops, not a Python one: each name is looked up
+    as sent in a table of what that name is (``_Kinds``, filled on first sight), the counts are list methods,
+    and the names and values the decision may read are picked with ``compress``."""
     if _current[0] is not config:
         _current[:] = _settings(config)
-    _, table, client_ip_header, cookie_prefix = _current
-    cookie: str | None = None
-    picked: list[str] = []
-    for name, value in items:
-        kind = table.get(name)
-        if kind is None:
-            kind = _name_kind(name, client_ip_header)
-            if len(table) < _MAX_NAMES:
-                table[name] = kind
-        if not kind:
-            continue  # a header the decision never reads (User-Agent, Accept...)
-        if kind is _COOKIE:
-            if cookie is not None:
-                return None  # two Cookie headers: which one a reader believes is not ours to guess
-            cookie = value
-        elif kind is _REFUSED:
-            return None  # Authorization (a bearer token decides), or another spelling of a name
-        else:
-            picked += (kind, value)
-    if cookie is None or cookie.count(cookie_prefix) != 1:
+    _, kind_of, cookie_prefix = _current
+    kinds = list(map(kind_of, names))
+    if kinds.count(_COOKIE) != 1 or _REFUSED in kinds:
+        return None  # no Cookie header, or two (which one a reader believes is not ours to guess); Authorization...
+    if values[kinds.index(_COOKIE)].count(cookie_prefix) != 1:
         return None  # no session cookie, or it twice (or a look-alike name: not worth the doubt)
-    return (cookie, raw_query, "t" if trusted else "u", method, *picked)
+    return (raw_query, "t" if trusted else "u", method, *compress(kinds, kinds), *compress(values, kinds))
+
+
+def key_names(key: Key) -> Key:
+    """The lower-case names of the headers in a ``request_key`` key (the Cookie header's is ``_COOKIE``)."""
+    return key[3 : 3 + (len(key) - 3) // 2]
+
+
+def key_trusted(key: Key) -> bool:
+    """Whether a ``request_key`` key was made for a trusted front's request."""
+    return key[1] == "t"
+
+
+class _Kinds(dict[str, str]):
+    """Header name as sent -> its kind (``_name_kind``), worked out the first time a name is seen. Past
+    ``_MAX_NAMES`` names (a client inventing names) each new one is worked out anew and not kept."""
+
+    def __init__(self, client_ip_header: str) -> None:
+        super().__init__()
+        self.client_ip_header = client_ip_header
+
+    def __missing__(self, name: str) -> str:
+        kind = _name_kind(name, self.client_ip_header)
+        if len(self) < _MAX_NAMES:
+            self[name] = kind
+        return kind
 
 
 def _settings(config: Config) -> list[Any]:
     """What ``request_key`` reads from ``config``, worked out once per config object: the config itself, the
-    name table for its --real-client-ip-header, that header lower-case, and "<cookie name>=" to count."""
+    name table's lookup for its --real-client-ip-header, and "<cookie name>=" to count."""
     client_ip_header = config.real_client_ip_header.lower()
-    return [config, _tables.setdefault(client_ip_header, {}), client_ip_header, config.cookie_name + "="]
+    table = _tables.get(client_ip_header)
+    if table is None:
+        table = _tables[client_ip_header] = _Kinds(client_ip_header)
+    return [config, table.__getitem__, config.cookie_name + "="]
 
 
 _COOKIE = "\0cookie"
 _REFUSED = "\0refused"
-_MAX_NAMES = 2048  # names remembered per table; past that (a client inventing names) each is worked out anew
-_tables: dict[str, dict[str, str]] = {}  # --real-client-ip-header -> header name as sent -> its kind
+_MAX_NAMES = 2048  # names remembered per table
+_tables: dict[str, _Kinds] = {}  # --real-client-ip-header -> its table
 _current: list[Any] = [None]  # _settings() of the config last used
 _NAME_CHARS = re.compile(r"[A-Za-z0-9-]+")
 

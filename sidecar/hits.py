@@ -133,7 +133,9 @@ class HitFirst:
         headers = message.headers
         if "Expect" in headers:  # aiohttp's router answers "100 Continue" first (web_urldispatcher): its path
             return None
-        key = request_key(message.method, headers.items(), message.url.raw_query_string, trusted, svc.config)
+        key = request_key(
+            message.method, headers.keys(), list(headers.values()), message.url.raw_query_string, trusted, svc.config
+        )
         hit = decisions.get(key) if key is not None else None
         if hit is None:
             self.pending = (message, key or ())

@@ -24,14 +24,20 @@ from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar import metrics
+from sidecar.config import Config
 from sidecar.context import SERVICES, Services
-from sidecar.decisions import DecisionCache, request_key
+from sidecar.decisions import DecisionCache, Key, request_key
 from sidecar.store import MemoryStore, RedisStore
 from tests.stack import Stack, browser, session_cookie, sign_in, stack
 from tests.test_auth_listener import Response, comparable, header
 from tests.test_auth_listener import auth_listener as lean  # the lean listener on the stack's first app
 
 TOKENS = {"pass_access_token": "true", "pass_authorization_header": "true", "upstream": ""}
+
+
+def key_of(method: str, headers: list[tuple[str, str]], query: str, trusted: bool, config: Config) -> Key | None:
+    """``request_key`` of (name, value) pairs."""
+    return request_key(method, [name for name, _ in headers], [value for _, value in headers], query, trusted, config)
 
 
 def svc_of(st: Stack, index: int = 0) -> Services:
@@ -144,7 +150,7 @@ async def test_nothing_is_kept_without_one_session_cookie_or_with_authorization(
             assert len(cache) == 0, extra
     for value, extra, _ in uncacheable:
         items = list(extra.items()) + ([("Cookie", f"_sidecar={value}")] if value else [])
-        assert request_key("GET", items, "", True, st.configs[0]) is None, extra
+        assert key_of("GET", items, "", True, st.configs[0]) is None, extra
 
 
 async def test_sign_out_here_ends_cached_answers_at_once(st: Stack) -> None:
@@ -521,19 +527,19 @@ BASE_HEADERS = [("Host", "app.example"), ("Cookie", "a=1; _sidecar=v.s.t"), ("X-
     ],
 )
 def test_requests_that_are_never_cached(headers: list[tuple[str, str]]) -> None:
-    assert request_key("GET", headers, "", True, _config()) is None
+    assert key_of("GET", headers, "", True, _config()) is None
 
 
 def test_the_key_changes_with_every_input_the_decision_may_read_and_nothing_else() -> None:
     config = _config(real_client_ip_header="X-ProxyUser-IP")
-    base = request_key("GET", BASE_HEADERS, "", True, config)
+    base = key_of("GET", BASE_HEADERS, "", True, config)
     assert base is not None
     same = [
         [*BASE_HEADERS, ("User-Agent", "x"), ("Accept", "text/html"), ("X-Request-Id", "1"), ("Referer", "/")],
         [(name.upper(), value) for name, value in BASE_HEADERS],  # header names are case-insensitive
     ]
     for headers in same:
-        assert request_key("GET", headers, "", True, config) == base, headers
+        assert key_of("GET", headers, "", True, config) == base, headers
     changed: list[tuple[str, list[tuple[str, str]], str, bool]] = [
         ("GET", [*BASE_HEADERS[:1], ("Cookie", "a=2; _sidecar=v.s.t"), *BASE_HEADERS[2:]], "", True),  # app cookie
         ("GET", [*BASE_HEADERS[:2], ("X-Original-URI", "/y")], "", True),
@@ -554,7 +560,7 @@ def test_the_key_changes_with_every_input_the_decision_may_read_and_nothing_else
         ("HEAD", BASE_HEADERS, "", True),
         ("POST", BASE_HEADERS, "", True),
     ]
-    keys = [request_key(method, headers, query, trusted, config) for method, headers, query, trusted in changed]
+    keys = [key_of(method, headers, query, trusted, config) for method, headers, query, trusted in changed]
     assert None not in keys and base not in keys
     assert len(set(keys)) == len(keys)  # and no two of them collide either
 
@@ -579,24 +585,21 @@ def test_another_spelling_of_a_read_header_makes_the_request_uncacheable(name: s
     """The full decision refuses such names (400, fronts.refuse_aliases); the table must never answer first."""
     from types import SimpleNamespace
 
-    from sidecar.decisions import request_key
-
     config = SimpleNamespace(real_client_ip_header="X-Real-IP", cookie_name="_sidecar")
     plain = [("Cookie", "_sidecar=v"), ("X-Forwarded-Uri", "/x")]
-    assert request_key("GET", plain, "", True, config) is not None  # type: ignore[arg-type]
-    assert request_key("GET", [*plain, (name, "/admin")], "", True, config) is None  # type: ignore[arg-type]
+    assert key_of("GET", plain, "", True, config) is not None  # type: ignore[arg-type]
+    assert key_of("GET", [*plain, (name, "/admin")], "", True, config) is None  # type: ignore[arg-type]
 
 
 def test_every_header_a_front_table_reads_is_in_the_key() -> None:
     from types import SimpleNamespace
 
-    from sidecar.decisions import request_key
     from sidecar.fronts import FAMILY
 
     config = SimpleNamespace(real_client_ip_header="X-Real-IP", cookie_name="_sidecar")
-    base = request_key("GET", [("Cookie", "_sidecar=v")], "", True, config)  # type: ignore[arg-type]
+    base = key_of("GET", [("Cookie", "_sidecar=v")], "", True, config)  # type: ignore[arg-type]
     for name in FAMILY:
-        with_it = request_key("GET", [("Cookie", "_sidecar=v"), (name, "v")], "", True, config)  # type: ignore[arg-type]
+        with_it = key_of("GET", [("Cookie", "_sidecar=v"), (name, "v")], "", True, config)  # type: ignore[arg-type]
         assert with_it is not None and with_it != base, name
 
 
@@ -622,13 +625,15 @@ async def test_the_byte_bound_holds_in_real_memory_under_hostile_keys(st: Stack)
 
     from sidecar.auth_decision import _prebuilt
 
-    cookie = await _signed_in(st)
     svc = svc_of(st)
-    ref = svc.codec.load_session(cookie, time.time())
-    session = await svc.sessions.load(ref)
-    plain = _prebuilt(session, svc.config, True)
     max_bytes = 2_000_000
     for family in range(4):
+        # A session of its own per family: a 202 is kept only until the access token is due for refresh (30 s
+        # after sign-in here), and under tracemalloc on a loaded machine the families before may take longer.
+        cookie = await _signed_in(st)
+        ref = svc.codec.load_session(cookie, time.time())
+        session = await svc.sessions.load(ref)
+        plain = _prebuilt(session, svc.config, True)
         gc.collect()
         tracemalloc.start()
         try:
@@ -638,7 +643,7 @@ async def test_the_byte_bound_holds_in_real_memory_under_hostile_keys(st: Stack)
                 if i % 100 == 0:
                     svc.sessions._remember(ref.store_key, session)  # the same object, cached anew: entries stay live
                 method, headers, query, app_cookie = _hostile_keys(cookie, i)[family]
-                key = request_key(method, headers, query, True, svc.config)
+                key = key_of(method, headers, query, True, svc.config)
                 assert key is not None
                 answer = CIMultiDict({**plain, "Cookie": app_cookie}) if app_cookie else plain
                 cache.put(key, answer, ref, session, max_age=None, cookie_until=None, forwarded_ip=None)
