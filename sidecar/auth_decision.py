@@ -11,6 +11,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from . import logs, metrics
+from .auth_request import AuthRequest
 from .config import Config
 from .context import (
     AUTHED,
@@ -28,6 +29,7 @@ from .errors import BadRequest, SessionGone
 from .fronts import FRONTS, Original, refuse_aliases
 from .guard import BEARER_REF, TOKEN_HEADERS, authenticate, read_cookie, tokens_allowed
 from .headers import auth_response_headers_for
+from .hits import handed_key
 from .location_rules import location_rules
 from .models import Identity, Session
 from .policy import why_denied
@@ -80,14 +82,18 @@ async def auth(request: web.Request, svc: Services) -> web.Response:
 
 
 def decision_key(request: web.Request, svc: Services) -> tuple[Key, Decision | None]:
-    """This request's key (``()``: not cacheable) and the cached answer for it, if any. The lean listener
-    looked the key up already and left it on the request (``DECISION_KEY``): no second lookup then."""
-    known = request.get(DECISION_KEY)
+    """This request's key (``()``: not cacheable) and the cached answer for it, if any. A listener that looked
+    the key up already hands it over (the lean one on the request, ``DECISION_KEY``; the main one on its
+    parser, ``hits.handed_key``): no second lookup then."""
+    decisions = svc.decisions
+    if decisions is None:
+        return (), None
+    known = request.get(DECISION_KEY) if isinstance(request, AuthRequest) else handed_key(request)
     if known is not None:
         return known, None
     # The raw path, not aiohttp's decoded one: envoy's decision reads the raw tail, so /oauth2/%61uth (decoded to
     # /oauth2/auth) is another request; and envoy's /oauth2/auth/<original path>: an input the key does not hold
-    if svc.decisions is None or request.raw_path.partition("?")[0] != svc.config.proxy_prefix + "/auth":
+    if request.raw_path.partition("?")[0] != svc.config.proxy_prefix + "/auth":
         return (), None
     trusted = trusted_peer(request.remote, svc.config)
     headers = request.headers
@@ -95,7 +101,7 @@ def decision_key(request: web.Request, svc: Services) -> tuple[Key, Decision | N
     key = request_key(request.method, headers.keys(), list(headers.values()), query, trusted, svc.config)
     if key is None:
         return (), None
-    return key, svc.decisions.get(key)
+    return key, decisions.get(key)
 
 
 def remember(

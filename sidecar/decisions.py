@@ -31,9 +31,9 @@ import re
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from itertools import compress
+from operator import itemgetter
 from typing import Any
 
 from multidict import CIMultiDict
@@ -83,63 +83,112 @@ def request_key(
 ) -> Key | None:
     """The cache key of an auth request: its method (a front may ask with the original one), its headers
     (``names`` and ``values`` as sent, in order), the raw query; None when it may not be cached. ``trusted``:
-    the socket peer is a trusted front (it decides whether tokens are answered). Laid out as (query, trust,
-    method, name, name..., value, value...), the names lower-case (``key_names``), the Cookie header's
-    among them.
+    the socket peer is a trusted front (it decides whether tokens are answered). Laid out as (Cookie header,
+    query, trust, method, name, name..., value, value...), the other names the decision may read lower-case
+    (``key_names``).
 
-    Every miss pays this, so the headers are classified by C loops, not a Python one: each name is looked up
-    as sent in a table of what that name is (``_Kinds``, filled on first sight), the counts are list methods,
-    and the names and values the decision may read are picked with ``compress``."""
+    Every miss pays this. A front sends the same header names in the same order on every request, so what
+    the names say (``_Plan``: where the Cookie header is, which headers the decision may read, or that the
+    request is not cacheable) is worked out once per sequence of names and looked up by it after that: a
+    tuple, a hash and a dict probe, then the values picked in C, where a Python loop over the headers cost
+    three times as much."""
     if _current[0] is not config:
         _current[:] = _settings(config)
-    _, kind_of, cookie_prefix = _current
-    kinds = list(map(kind_of, names))
-    if kinds.count(_COOKIE) != 1 or _REFUSED in kinds:
+    _, plans, cookie_prefix = _current
+    seen = tuple(names)
+    plan = plans.get(seen)
+    if plan is None:
+        plan = plans.make(seen)
+    if plan is _NOT_CACHED:
         return None  # no Cookie header, or two (which one a reader believes is not ours to guess); Authorization...
-    if values[kinds.index(_COOKIE)].count(cookie_prefix) != 1:
+    cookie = values[plan.cookie]
+    if cookie.count(cookie_prefix) != 1:
         return None  # no session cookie, or it twice (or a look-alike name: not worth the doubt)
-    return (raw_query, "t" if trusted else "u", method, *compress(kinds, kinds), *compress(values, kinds))
+    return (cookie, raw_query, "t" if trusted else "u", method, *plan.kinds, *plan.pick(values))
 
 
 def key_names(key: Key) -> Key:
-    """The lower-case names of the headers in a ``request_key`` key (the Cookie header's is ``_COOKIE``)."""
-    return key[3 : 3 + (len(key) - 3) // 2]
+    """The lower-case names of the headers in a ``request_key`` key but the Cookie header."""
+    return key[4 : 4 + (len(key) - 4) // 2]
 
 
 def key_trusted(key: Key) -> bool:
     """Whether a ``request_key`` key was made for a trusted front's request."""
-    return key[1] == "t"
+    return key[2] == "t"
 
 
-class _Kinds(dict[str, str]):
-    """Header name as sent -> its kind (``_name_kind``), worked out the first time a name is seen. Past
-    ``_MAX_NAMES`` names (a client inventing names) each new one is worked out anew and not kept."""
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What one sequence of header names means to the key: the Cookie header's index, the lower-case names
+    of the headers the decision may read (in order) and how to pick their values."""
+
+    cookie: int
+    kinds: tuple[str, ...]
+    pick: Callable[[Sequence[str]], tuple[str, ...]]
+
+
+_NOT_CACHED = _Plan(-1, (), lambda values: ())
+
+
+def _picker(indexes: list[int]) -> Callable[[Sequence[str]], tuple[str, ...]]:
+    """The values at ``indexes``, always as a tuple (``itemgetter`` of one index returns the value itself)."""
+    if len(indexes) > 1:
+        return itemgetter(*indexes)
+    if indexes:
+        at = indexes[0]
+        return lambda values: (values[at],)
+    return lambda values: ()
+
+
+class _Plans(dict[tuple[str, ...], _Plan]):
+    """Sequence of header names as sent -> its ``_Plan``, for one --real-client-ip-header. Bounded: at most
+    ``_MAX_PLANS`` sequences, of at most ``_MAX_PLAN_CHARS`` characters of names each; past that (a client
+    inventing names or orders) a plan is worked out per request and not kept, which is only slower."""
 
     def __init__(self, client_ip_header: str) -> None:
         super().__init__()
         self.client_ip_header = client_ip_header
+        self.kinds: dict[str, str] = {}  # header name as sent -> _name_kind(), at most _MAX_NAMES of them
+        self.kind_tuples: dict[tuple[str, ...], tuple[str, ...]] = {}  # one object per kinds tuple
 
-    def __missing__(self, name: str) -> str:
-        kind = _name_kind(name, self.client_ip_header)
-        if len(self) < _MAX_NAMES:
-            self[name] = kind
+    def make(self, names: tuple[str, ...]) -> _Plan:
+        kinds = [self._kind(name) for name in names]
+        if kinds.count(_COOKIE) != 1 or _REFUSED in kinds:
+            plan = _NOT_CACHED
+        else:
+            picked = [i for i, kind in enumerate(kinds) if kind and kind is not _COOKIE]
+            read = tuple(kinds[i] for i in picked)
+            read = self.kind_tuples.setdefault(read, read) if len(self.kind_tuples) < _MAX_PLANS else read
+            plan = _Plan(kinds.index(_COOKIE), read, _picker(picked))
+        if len(self) < _MAX_PLANS and sum(map(len, names)) <= _MAX_PLAN_CHARS:
+            self[names] = plan
+        return plan
+
+    def _kind(self, name: str) -> str:
+        kind = self.kinds.get(name)
+        if kind is None:
+            kind = _name_kind(name, self.client_ip_header)
+            if len(self.kinds) < _MAX_NAMES:
+                self.kinds[name] = kind
         return kind
 
 
 def _settings(config: Config) -> list[Any]:
     """What ``request_key`` reads from ``config``, worked out once per config object: the config itself, the
-    name table's lookup for its --real-client-ip-header, and "<cookie name>=" to count."""
+    plans for its --real-client-ip-header, and "<cookie name>=" to count."""
     client_ip_header = config.real_client_ip_header.lower()
-    table = _tables.get(client_ip_header)
-    if table is None:
-        table = _tables[client_ip_header] = _Kinds(client_ip_header)
-    return [config, table.__getitem__, config.cookie_name + "="]
+    plans = _tables.get(client_ip_header)
+    if plans is None:
+        plans = _tables[client_ip_header] = _Plans(client_ip_header)
+    return [config, plans, config.cookie_name + "="]
 
 
 _COOKIE = "\0cookie"
 _REFUSED = "\0refused"
-_MAX_NAMES = 2048  # names remembered per table
-_tables: dict[str, _Kinds] = {}  # --real-client-ip-header -> its table
+_MAX_NAMES = 2048  # header names whose kind is remembered, per --real-client-ip-header
+_MAX_PLANS = 1024  # sequences of header names remembered, per --real-client-ip-header
+_MAX_PLAN_CHARS = 4096  # a sequence with more characters of names than this is never remembered
+_tables: dict[str, _Plans] = {}  # --real-client-ip-header -> its plans
 _current: list[Any] = [None]  # _settings() of the config last used
 _NAME_CHARS = re.compile(r"[A-Za-z0-9-]+")
 
