@@ -771,3 +771,103 @@ async def test_pipelined_hits_and_misses_are_answered_in_order_each_with_its_own
                 assert (got[0], header(got, "X-Request-Id")) == (status, f"r{i}"), (rotation, i, got)
                 assert header(got, "Authorization") == (users[user] if user is not None else None), (rotation, i)
             assert answers[-1][0] == 400
+
+
+def _fresh_plans(name: str) -> tuple[Any, Any]:
+    """A config whose --real-client-ip-header no other test uses: its own, empty, table of plans."""
+    from types import SimpleNamespace
+
+    from sidecar import decisions
+
+    config = SimpleNamespace(real_client_ip_header=name, cookie_name="_sidecar")
+    assert key_of("GET", [("Cookie", "_sidecar=v")], "", True, config) is not None  # type: ignore[arg-type]
+    return config, decisions._tables[name.lower()]
+
+
+def test_a_remembered_plan_gives_the_key_a_new_one_gives_and_the_plans_stay_bounded() -> None:
+    """The key's plan is worked out once per sequence of header names; the key made from a remembered plan is the
+    one made anew, whatever the Cookie header's place, and a client inventing names or orders (more sequences than
+    the table keeps, or names too long to keep) gets the same keys, only without a kept plan."""
+    from sidecar import decisions
+
+    config, plans = _fresh_plans("X-Plans-Test-IP")
+    requests = [
+        BASE_HEADERS,
+        [*BASE_HEADERS, ("X-Plans-Test-IP", "203.0.113.1"), ("User-Agent", "u")],
+        [("Cookie", "_sidecar=v"), ("x-forwarded-uri", "/a")],
+        [("Cookie", "_sidecar=v"), ("X-Forwarded-Uri", "/a"), ("X-Forwarded-Uri", "/b")],  # a read header twice
+        [("Authorization", "Bearer x"), *BASE_HEADERS],
+        [*BASE_HEADERS, ("cookie", "b=2")],
+    ]
+    first = [key_of("GET", headers, "", True, config) for headers in requests]
+    again = [key_of("GET", headers, "", True, config) for headers in requests]
+    assert first == again and first[-2:] == [None, None] and None not in first[:-2]
+    assert len(set(first[:4])) == 4
+    # the Cookie header first, last or between: one key, as a front may place it anywhere
+    moved = [BASE_HEADERS[1], BASE_HEADERS[0], BASE_HEADERS[2]], [*BASE_HEADERS[:1], *BASE_HEADERS[2:], BASE_HEADERS[1]]
+    assert all(key_of("GET", headers, "", True, config) == first[0] for headers in moved)
+    # more name sequences than are kept: every key still holds its own header, the table stops growing
+    keys = set()
+    for i in range(decisions._MAX_PLANS + 300):
+        headers = [("Cookie", "_sidecar=v"), (f"X-Forwarded-N{i}", "1"), ("X-Original-URI", f"/{i % 3}")]
+        key = key_of("GET", headers, "", True, config)
+        assert key is not None and f"x-forwarded-n{i}" in decisions.key_names(key)
+        keys.add(key)
+    assert len(keys) == decisions._MAX_PLANS + 300 and len(plans) == decisions._MAX_PLANS
+    # and once full, a refused sequence is still refused and a known one still keyed the same
+    assert key_of("GET", requests[-2], "", True, config) is None
+    assert key_of("GET", [*BASE_HEADERS, ("X_Forwarded_Uri", "/admin")], "", True, config) is None
+    assert key_of("GET", BASE_HEADERS, "", True, config) == first[0]
+
+
+def test_names_too_long_to_keep_are_keyed_without_a_plan() -> None:
+    from sidecar import decisions
+
+    config, plans = _fresh_plans("X-Long-Names-IP")
+    long_name = "X-Forwarded-" + "a" * (decisions._MAX_PLAN_CHARS // 2)
+    for value in ("1", "2"):
+        headers = [("Cookie", "_sidecar=v"), (long_name, value), (long_name + "b", value)]
+        key = key_of("GET", headers, "", True, config)
+        assert key is not None and key[-2:] == (value, value)
+    assert len(plans) == 1  # only _fresh_plans' own
+
+
+async def test_a_lean_listener_hit_echoes_the_request_id_the_decision_would(st: Stack) -> None:
+    """The lean listener notes the first X-Request-Id as it parses, for its hits: whatever its case, spacing or
+    repetition, a hit echoes (or replaces) it as the decided answer does, on a new connection each."""
+    cookie = await _signed_in(st)
+    variants = [
+        "X-Request-Id: r1\r\n",
+        "x-request-id: r2\r\n",
+        "X-REQUEST-ID: \t r3 \t\r\n",
+        "X-Request-Id: r4\r\nX-Request-Id: r5\r\n",
+        "X-Request-Id: a b\r\n",  # not a valid id: not echoed
+        "",
+    ]
+    async with lean(st) as port:
+        for n, extra in enumerate(variants):  # a key of its own each (the id is not in the key)
+            head = f"GET /oauth2/auth HTTP/1.1\r\nHost: app.example\r\nX-Original-URI: /id/{n}\r\n{extra}"
+            head += f"Cookie: _sidecar={cookie}\r\n\r\n"
+            before = lookups()
+            answers = []
+            for _ in range(4):  # decided, decided (and kept), then hits
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(head.encode())
+                answers.append(await _read_answer(reader))
+                writer.close()
+            assert lookups()["hit"] - before["hit"] == 2, extra
+            ids = [header(got, "X-Request-Id") for got in answers]
+            assert len(set(ids)) == 1, (extra, ids)  # the hits' the decided answers'
+            if extra and "a b" not in extra:
+                assert ids[0] == extra.split(":")[1].split("\r\n")[0].strip(), (extra, ids)
+            assert len({comparable(got)[0] for got in answers}) == 1
+
+
+async def _read_answer(reader: asyncio.StreamReader) -> Response:
+    status = int((await asyncio.wait_for(reader.readline(), 5)).split(b" ")[1])
+    headers: list[tuple[str, str]] = []
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").rstrip("\r\n").partition(":")
+        headers.append((name, value.strip()))
+    length = int(next((v for k, v in headers if k.lower() == "content-length"), "0"))
+    return status, headers, await reader.readexactly(length)
