@@ -8,15 +8,21 @@ with it off. Each gets, on its main listener and then on its lean listener, the 
 requests, one at a time on one keep-alive connection with the signed-in cookie: misses (a new
 ``X-Original-URI`` every request, never seen before in the process) and hits (one URI, a hot session; with
 the cache off, the same requests). For every kind: N/4 warm-up requests, the counters zeroed, N requests,
-a dump; the figure is instructions per request (user space: the syscalls are the same either way).
+a dump; the figure is instructions per request (user space: the syscalls are the same either way). Under
+callgrind a request takes some 50 times longer, so the once-a-second work (metrics and log flushes, cache
+upkeep) lands on far fewer requests than at full speed and moves with the machine's load: each process's
+idle rate is measured too (counters over 5 s with no request), and the "net" figures take that rate times
+each phase's duration off.
 ``--shape nginx`` (the default) sends what ``deploy/nginx/sidecar.conf`` sends for its auth subrequest
 (Host, X-Real-IP, X-Forwarded-*, X-Original-URI) plus a browser's own headers, from a trusted peer
 (``--reverse-proxy``); ``--shape minimal``: Host, X-Original-URI and Cookie at the defaults (the requests of
-BENCHMARKS.md's perf-auth figures). Repeated runs of one build differ by about 1 %.
+BENCHMARKS.md's perf-auth figures). Repeated runs of one build differ by about 1 % on a miss, more on
+a hit (a shorter request: the once-a-second work weighs more); compare the net figures.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import secrets
@@ -24,12 +30,14 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from . import procs
 from .cases import Bench, Settings, log
 
 _TOTAL = re.compile(rb"^(?:summary|totals):\s+(\d+)", re.M)
+IDLE_SECONDS = 5.0
 KINDS = (("main", "miss"), ("lean", "miss"), ("main", "hit"), ("lean", "hit"))
 _BROWSER = (
     ("User-Agent", "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0 Safari/537.36"),
@@ -96,29 +104,42 @@ def _measure(
     requests: int,
     cwd: Path,
     env: dict[str, str],
-) -> dict[tuple[str, str], int]:
+) -> dict[tuple[str, ...], int]:
     """Instructions per request for each of ``KINDS`` in one sidecar process under callgrind."""
     out = procs.workdir() / f"callgrind-auth-{name}.out"
     proc = procs.Proc(
         f"callgrind-{name}", ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *argv], env, cwd
     )
-    seen: dict[tuple[str, str], int] = {}
+    seen: dict[tuple[str, ...], int] = {}
     try:
         procs.wait_http(ports["main"], "/ping", proc, timeout=300)
         procs.wait_port(ports["lean"], proc, timeout=60)
         done: set[Path] = set()
+
+        def counted(send: Callable[[], None]) -> tuple[int, float]:
+            """Instructions between zeroing and dumping the counters around ``send``, and the seconds taken."""
+            subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
+            began = time.monotonic()
+            send()
+            subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True)
+            took = time.monotonic() - began
+            found = _TOTAL.search(_new_dump(out, done).read_bytes())
+            if found is None:
+                raise RuntimeError(f"{name}: no total in the dump")
+            return int(found.group(1)), took
+
+        idle_rate = 0.0
         for where, kind in KINDS:
             client = _Client(shape, ports[where], cookie)  # a new connection: the lean one closes idle heads
             client.send(max(50, requests // 4), kind == "hit")  # warm-up: caches filled, code paths taken
-            subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
-            client.send(requests, kind == "hit")
-            subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True)
-            dump = _new_dump(out, done)
-            found = _TOTAL.search(dump.read_bytes())
-            if found is None:
-                raise RuntimeError(f"{name}: no total in {dump}")
-            seen[(where, kind)] = int(found.group(1)) // requests
-            log(f"  {name} {where} {kind}: {seen[(where, kind)]:,} instructions per request")
+            if not idle_rate:  # the once-a-second work (metrics, log and cache upkeep) with no request at all
+                total, took = counted(lambda: time.sleep(IDLE_SECONDS))
+                idle_rate = total / took
+                log(f"  {name} idle: {idle_rate:,.0f} instructions per second")
+            total, took = counted(functools.partial(client.send, requests, kind == "hit"))
+            seen[(where, kind)] = total // requests
+            seen[(where, kind, "net")] = int(total - idle_rate * took) // requests
+            log(f"  {name} {where} {kind}: {total // requests:,} instructions per request ({took:.0f} s)")
             client.sock.close()
     finally:
         proc.stop(30)
@@ -148,7 +169,7 @@ def run(requests: int, root: Path, shape: str) -> int:
     cookie = b.redis_cookie(side_port)
     side.stop()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
-    results: dict[str, dict[tuple[str, str], int]] = {}
+    results: dict[str, dict[tuple[str, ...], int]] = {}
     errors: list[BaseException] = []
     threads = []
     log(f"callgrind, /oauth2/auth: {requests} requests per kind, shape {shape}, sidecar from {root}")
@@ -191,8 +212,13 @@ def run(requests: int, root: Path, shape: str) -> int:
         f"shape {shape}, {time.monotonic() - began:.0f} s):",
         flush=True,
     )
-    print(f"{'':12} {'cache on':>10} {'cache off':>10}  on / off", flush=True)
+    print(f"{'':12} {'cache on':>10} {'cache off':>10}  on / off   (net of idle work: on, off, on / off)", flush=True)
     for where, kind in KINDS:
         on, off = results["on"][(where, kind)], results["off"][(where, kind)]
-        print(f"{where + ' ' + kind:12} {on:>10,} {off:>10,}  {100 * (on / off - 1):+.1f} %", flush=True)
+        net_on, net_off = results["on"][(where, kind, "net")], results["off"][(where, kind, "net")]
+        print(
+            f"{where + ' ' + kind:12} {on:>10,} {off:>10,}  {100 * (on / off - 1):+5.1f} %   "
+            f"({net_on:,}, {net_off:,}, {100 * (net_on / net_off - 1):+.1f} %)",
+            flush=True,
+        )
     return 0
