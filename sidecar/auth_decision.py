@@ -24,7 +24,7 @@ from .context import (
     view_of,
 )
 from .cookies import SessionRef, without_sidecar_cookies
-from .decisions import CacheKey, Decision, key_trusted, raw_request_key
+from .decisions import Decision, Key, key_trusted, request_key
 from .errors import BadRequest, SessionGone
 from .fronts import FRONTS, Original, refuse_aliases
 from .guard import BEARER_REF, TOKEN_HEADERS, authenticate, read_cookie, tokens_allowed
@@ -81,7 +81,7 @@ async def auth(request: web.Request, svc: Services) -> web.Response:
     return web.Response(status=202, headers=headers)
 
 
-def decision_key(request: web.Request, svc: Services) -> tuple[CacheKey, Decision | None]:
+def decision_key(request: web.Request, svc: Services) -> tuple[Key, Decision | None]:
     """This request's key (``()``: not cacheable) and the cached answer for it, if any. A listener that looked
     the key up already hands it over (the lean one on the request, ``DECISION_KEY``; the main one on its
     parser, ``hits.handed_key``): no second lookup then."""
@@ -96,8 +96,9 @@ def decision_key(request: web.Request, svc: Services) -> tuple[CacheKey, Decisio
     if request.raw_path.partition("?")[0] != svc.config.proxy_prefix + "/auth":
         return (), None
     trusted = trusted_peer(request.remote, svc.config)
+    headers = request.headers
     query = request.rel_url.raw_query_string
-    key = raw_request_key(request.method, request.raw_headers, query, trusted, svc.config)
+    key = request_key(request.method, headers.keys(), list(headers.values()), query, trusted, svc.config)
     if key is None:
         return (), None
     return key, decisions.get(key)
@@ -106,7 +107,7 @@ def decision_key(request: web.Request, svc: Services) -> tuple[CacheKey, Decisio
 def remember(
     request: web.Request,
     svc: Services,
-    key: CacheKey,
+    key: Key,
     ref: SessionRef,
     session: Session,
     max_age: int | None,

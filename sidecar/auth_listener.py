@@ -23,7 +23,6 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from operator import methodcaller
 from typing import Any, NamedTuple, cast
 
 import httptools
@@ -34,7 +33,7 @@ from .auth_decision import auth
 from .auth_request import AuthRequest
 from .config import Config
 from .context import DECISION_KEY, SERVICES, Services, trusted_peer
-from .decisions import CacheKey, key_names, request_key
+from .decisions import Key, key_names, request_key
 from .framing import plain, serialize
 from .hits import answer
 from .middleware import guarded
@@ -68,15 +67,13 @@ SINGLETONS = frozenset(
 )
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-_text = methodcaller("decode", "utf-8", "surrogateescape")  # a header's bytes as aiohttp decodes them
 
 
 class Head(NamedTuple):
-    """A request's headers as llhttp gave them (bytes, in order; the decision's multidict decodes them only on
-    a miss, ``_text``) and the first X-Request-Id."""
+    """A request's headers as llhttp gave them: names and values in order, and the first X-Request-Id."""
 
-    names: list[bytes]
-    values: list[bytes]
+    names: list[str]
+    values: list[str]
     request_id: str | None
 
 
@@ -185,8 +182,8 @@ class AuthProtocol(asyncio.Protocol):
         self.mark: tuple[int, bool] | None = None  # the state the listener's sweep last saw, and since when
         self.since = 0.0
         self._url = b""
-        self._names: list[bytes] = []  # the request's header names and values as read (values stripped), in order
-        self._values: list[bytes] = []
+        self._names: list[str] = []  # the request's header names and values, as sent, in order
+        self._values: list[str] = []
         self._request_id: str | None = None  # its first X-Request-Id
         self._lengths = 0
         self._te = False
@@ -296,8 +293,8 @@ class AuthProtocol(asyncio.Protocol):
         # A field value has no whitespace at either end (RFC 9110 5.5); llhttp leaves it at the end, aiohttp
         # strips it: "X-Forwarded-Uri: /admin/x " must name /admin/x on both listeners.
         value = value.strip(b" \t")
-        self._names.append(name)
-        self._values.append(value)
+        self._names.append(name.decode("utf-8", "surrogateescape"))
+        self._values.append(value.decode("utf-8", "surrogateescape"))
 
     def on_headers_complete(self) -> None:
         self.in_head = False
@@ -319,7 +316,7 @@ class AuthProtocol(asyncio.Protocol):
         if self.served >= self.listener.max_requests:
             self.stopped_reading = True  # this is the last answer on the connection; the rest is not read
             item = (*item[:4], False)
-        looked_up: tuple[CacheKey | None, ...] = ()
+        looked_up: tuple[Key | None, ...] = ()
         if not self.busy and not self.queue and self.writable.is_set() and not self.parser.should_upgrade():
             # Nothing ahead of it: a cached answer goes out now, with no task, queue or request object.
             keep = item[4] and not self.listener.closing
@@ -386,7 +383,7 @@ class AuthProtocol(asyncio.Protocol):
         head: Head,
         version: tuple[int, int],
         keep: bool,
-        *looked_up: CacheKey | None,
+        *looked_up: Key | None,
     ) -> tuple[bytes, bool]:
         """The bytes for one request and whether the connection stays open after them. ``looked_up``: the
         decision cache key, when the cache was already asked (and had nothing) as the request arrived."""
@@ -400,7 +397,7 @@ class AuthProtocol(asyncio.Protocol):
         target = url.decode("ascii", "surrogateescape")
         path, _, query = target.partition("?")
         svc: Services = self.listener.app[SERVICES]
-        headers = CIMultiDictProxy(CIMultiDict(zip(map(_text, head.names), map(_text, head.values), strict=True)))
+        headers = CIMultiDictProxy(CIMultiDict(zip(head.names, head.values, strict=True)))
         if version == (1, 1) and "Host" not in headers:
             return plain(400, "400 Bad Request: missing Host header\n", version, False), False
         if path != self.listener.path and not (self.listener.subpaths and path.startswith(self.listener.path + "/")):
@@ -422,7 +419,7 @@ class AuthProtocol(asyncio.Protocol):
 
     def _from_cache(
         self, method: str, url: bytes, head: Head, version: tuple[int, int], keep: bool
-    ) -> tuple[bytes | None, CacheKey | None]:
+    ) -> tuple[bytes | None, Key | None]:
         """The cached answer's bytes, or None and the key (None: not cacheable) for the decision to use."""
         svc: Services = self.listener.app[SERVICES]
         if svc.decisions is None or method not in METHODS:

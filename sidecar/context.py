@@ -111,7 +111,7 @@ AUTHED: web.RequestKey[tuple[SessionRef, Session]] = web.RequestKey("authed", tu
 # True when a sidecar-issued bearer token authenticated the request: its Authorization never reaches the app
 BY_SIDECAR_TOKEN: web.RequestKey[bool] = web.RequestKey("by_sidecar_token", bool)
 # The decision cache key the lean listener computed and found no entry for (``()``: not cacheable)
-DECISION_KEY: web.RequestKey[tuple[str | bytes, ...]] = web.RequestKey("decision_key", tuple)
+DECISION_KEY: web.RequestKey[tuple[str, ...]] = web.RequestKey("decision_key", tuple)
 
 
 def trusted_peer(remote: str | None, config: Config) -> bool:

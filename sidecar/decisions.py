@@ -31,7 +31,7 @@ import re
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
@@ -56,7 +56,6 @@ _KEY_PREFIXES = ("x-forwarded-", "x-original-")
 _KEY_NAMES = frozenset({"host", "forwarded", "x-real-ip", *(name.lower() for name in FAMILY)})
 
 Key = tuple[str, ...]
-CacheKey = tuple[str | bytes, ...]  # what the table is keyed by: a Key, or request_key's (with the raw header bytes)
 
 
 @dataclass(slots=True)
@@ -80,19 +79,19 @@ class Decision:
 
 
 def request_key(
-    method: str, names: Sequence[bytes], values: Sequence[bytes], raw_query: str, trusted: bool, config: Config
-) -> CacheKey | None:
+    method: str, names: Iterable[str], values: Sequence[str], raw_query: str, trusted: bool, config: Config
+) -> Key | None:
     """The cache key of an auth request: its method (a front may ask with the original one), its headers
-    (``names`` and ``values`` as the parser read them, bytes, in order), the raw query; None when it may not be
-    cached. ``trusted``: the socket peer is a trusted front (it decides whether tokens are answered). Laid out
-    as (Cookie header, query, trust, method, name, name..., value, value...), the other names the decision may
-    read lower-case (``key_names``).
+    (``names`` and ``values`` as sent, in order), the raw query; None when it may not be cached. ``trusted``:
+    the socket peer is a trusted front (it decides whether tokens are answered). Laid out as (Cookie header,
+    query, trust, method, name, name..., value, value...), the other names the decision may read lower-case
+    (``key_names``).
 
     Every miss pays this. A front sends the same header names in the same order on every request, so what
     the names say (``_Plan``: where the Cookie header is, which headers the decision may read, or that the
     request is not cacheable) is worked out once per sequence of names and looked up by it after that: a
-    tuple, a hash and a dict probe, then the values picked in C. The raw bytes, not aiohttp's header
-    multidict: walking its names cost some 650 instructions a header, more than the rest of the key."""
+    tuple, a hash and a dict probe, then the values picked in C, where a Python loop over the headers cost
+    three times as much."""
     if _current[0] is not config:
         _current[:] = _settings(config)
     _, plans, cookie_prefix = _current
@@ -108,22 +107,12 @@ def request_key(
     return (cookie, raw_query, "t" if trusted else "u", method, *plan.kinds, *plan.pick(values))
 
 
-def raw_request_key(
-    method: str, raw_headers: Sequence[tuple[bytes, bytes]], raw_query: str, trusted: bool, config: Config
-) -> CacheKey | None:
-    """``request_key`` of aiohttp's ``raw_headers`` ((name, value) pairs of bytes, as read)."""
-    if not raw_headers:
-        return None
-    names, values = zip(*raw_headers, strict=True)
-    return request_key(method, names, values, raw_query, trusted, config)
-
-
-def key_names(key: CacheKey) -> CacheKey:
+def key_names(key: Key) -> Key:
     """The lower-case names of the headers in a ``request_key`` key but the Cookie header."""
     return key[4 : 4 + (len(key) - 4) // 2]
 
 
-def key_trusted(key: CacheKey) -> bool:
+def key_trusted(key: Key) -> bool:
     """Whether a ``request_key`` key was made for a trusted front's request."""
     return key[2] == "t"
 
@@ -135,13 +124,13 @@ class _Plan:
 
     cookie: int
     kinds: tuple[str, ...]
-    pick: Callable[[Sequence[bytes]], tuple[bytes, ...]]
+    pick: Callable[[Sequence[str]], tuple[str, ...]]
 
 
 _NOT_CACHED = _Plan(-1, (), lambda values: ())
 
 
-def _picker(indexes: list[int]) -> Callable[[Sequence[bytes]], tuple[bytes, ...]]:
+def _picker(indexes: list[int]) -> Callable[[Sequence[str]], tuple[str, ...]]:
     """The values at ``indexes``, always as a tuple (``itemgetter`` of one index returns the value itself)."""
     if len(indexes) > 1:
         return itemgetter(*indexes)
@@ -151,7 +140,7 @@ def _picker(indexes: list[int]) -> Callable[[Sequence[bytes]], tuple[bytes, ...]
     return lambda values: ()
 
 
-class _Plans(dict[tuple[bytes, ...], _Plan]):
+class _Plans(dict[tuple[str, ...], _Plan]):
     """Sequence of header names as sent -> its ``_Plan``, for one --real-client-ip-header. Bounded: at most
     ``_MAX_PLANS`` sequences, of at most ``_MAX_PLAN_CHARS`` characters of names each; past that (a client
     inventing names or orders) a plan is worked out per request and not kept, which is only slower."""
@@ -159,10 +148,10 @@ class _Plans(dict[tuple[bytes, ...], _Plan]):
     def __init__(self, client_ip_header: str) -> None:
         super().__init__()
         self.client_ip_header = client_ip_header
-        self.kinds: dict[bytes, str] = {}  # header name as sent -> _name_kind(), at most _MAX_NAMES of them
+        self.kinds: dict[str, str] = {}  # header name as sent -> _name_kind(), at most _MAX_NAMES of them
         self.kind_tuples: dict[tuple[str, ...], tuple[str, ...]] = {}  # one object per kinds tuple
 
-    def make(self, names: tuple[bytes, ...]) -> _Plan:
+    def make(self, names: tuple[str, ...]) -> _Plan:
         kinds = [self._kind(name) for name in names]
         if kinds.count(_COOKIE) != 1 or _REFUSED in kinds:
             plan = _NOT_CACHED
@@ -175,10 +164,10 @@ class _Plans(dict[tuple[bytes, ...], _Plan]):
             self[names] = plan
         return plan
 
-    def _kind(self, name: bytes) -> str:
+    def _kind(self, name: str) -> str:
         kind = self.kinds.get(name)
         if kind is None:
-            kind = _name_kind(name.decode("latin-1"), self.client_ip_header)  # any byte past ASCII: refused
+            kind = _name_kind(name, self.client_ip_header)
             if len(self.kinds) < _MAX_NAMES:
                 self.kinds[name] = kind
         return kind
@@ -191,7 +180,7 @@ def _settings(config: Config) -> list[Any]:
     plans = _tables.get(client_ip_header)
     if plans is None:
         plans = _tables[client_ip_header] = _Plans(client_ip_header)
-    return [config, plans, (config.cookie_name + "=").encode("utf-8", "surrogateescape")]
+    return [config, plans, config.cookie_name + "="]
 
 
 _COOKIE = "\0cookie"
@@ -221,7 +210,7 @@ def _name_kind(name: str, client_ip_header: str) -> str:
     return ""
 
 
-def entry_size(key: CacheKey, headers: CIMultiDict[str]) -> int:
+def entry_size(key: Key, headers: CIMultiDict[str]) -> int:
     """What an entry really holds, in bytes: every string as an object (a header name of 15 characters is
     some 60 bytes; an astral character 4, an undecodable byte 2), the key's tuple, the multidict's items and
     the lean listener's block (UTF-8). Counting characters let hostile keys (many tiny headers, astral
@@ -244,8 +233,8 @@ class DecisionCache:
         self._ttl = float(config.session_cache_ttl)
         self.max_entries = max_entries
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[CacheKey, Decision] = OrderedDict()  # oldest first, popped in O(1)
-        self._keys_of: dict[str, dict[CacheKey, None]] = {}  # store key -> its entries' keys (an ordered set)
+        self._entries: OrderedDict[Key, Decision] = OrderedDict()  # oldest first, popped in O(1)
+        self._keys_of: dict[str, dict[Key, None]] = {}  # store key -> its entries' keys (an ordered set)
         self._seen: set[int] = set()  # hashes of keys seen once: the admission check
         self.bytes = 0
         sessions.on_change.append(self.drop_session)
@@ -253,7 +242,7 @@ class DecisionCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: CacheKey) -> Decision | None:
+    def get(self, key: Key) -> Decision | None:
         """The entry for ``key`` if it may still answer; a stale one is dropped."""
         entry = self._entries.get(key)
         if entry is None:
@@ -266,7 +255,7 @@ class DecisionCache:
         metrics.DECISION_CACHE.add("miss")
         return None
 
-    def admit(self, key: CacheKey) -> bool:
+    def admit(self, key: Key) -> bool:
         """Whether an answer for ``key`` should be kept: the second time the key is seen, not the first."""
         seen = hash(key)
         if seen in self._seen:
@@ -278,7 +267,7 @@ class DecisionCache:
 
     def put(
         self,
-        key: CacheKey,
+        key: Key,
         headers: CIMultiDict[str],
         ref: SessionRef,
         session: Session,
@@ -341,7 +330,7 @@ class DecisionCache:
                 return
             self._drop(oldest)
 
-    def _drop(self, key: CacheKey) -> None:
+    def _drop(self, key: Key) -> None:
         entry = self._entries.pop(key, None)
         if entry is None:
             return

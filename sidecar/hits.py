@@ -32,7 +32,7 @@ from aiohttp.streams import EMPTY_PAYLOAD
 
 from . import metrics
 from .context import SERVICES, Services, trusted_peer
-from .decisions import STATUS_202, CacheKey, Decision, raw_request_key
+from .decisions import STATUS_202, Decision, Key, request_key
 from .framing import connection, http_date
 from .middleware import finish_cached
 
@@ -88,7 +88,7 @@ class HitFirst:
         self._query_path = self._path + "?"
         self._remote: str | None = None
         self._trusted: bool | None = None  # the peer's trust, looked at on the first cacheable request
-        self.pending: tuple[Any, CacheKey] | None = None  # a message that missed, and its key, for the decision
+        self.pending: tuple[Any, Key] | None = None  # a message that missed, and its key, for the decision
         self.message_consumed = parser.message_consumed  # aiohttp calls it per request: the parser's own, no frame
 
     def feed_data(self, data: bytes) -> Any:
@@ -141,8 +141,9 @@ class HitFirst:
         headers = message.headers
         if "Expect" in headers:  # aiohttp's router answers "100 Continue" first (web_urldispatcher): its path
             return None
-        query = message.url.raw_query_string
-        key = raw_request_key(message.method, message.raw_headers, query, trusted, svc.config)
+        key = request_key(
+            message.method, headers.keys(), list(headers.values()), message.url.raw_query_string, trusted, svc.config
+        )
         hit = decisions.get(key) if key is not None else None
         if hit is None:
             self.pending = (message, key or ())
@@ -217,7 +218,7 @@ class HitFirstSite(web.SockSite):
         self._server = await loop.create_server(protocol, sock=self._sock, backlog=self._backlog)
 
 
-def handed_key(request: web.Request) -> CacheKey | None:
+def handed_key(request: web.Request) -> Key | None:
     """The key ``HitFirst`` computed for ``request`` when it found no entry (``()``: not cacheable); None when
     it did not look at this request (aiohttp had another in progress, or the site is a plain ``SockSite``)."""
     parser: Any = getattr(request.protocol, "_parser", None)
@@ -225,6 +226,6 @@ def handed_key(request: web.Request) -> CacheKey | None:
         pending = parser.pending
         if pending is not None and pending[0] is getattr(request, "_message", None):
             parser.pending = None
-            key: CacheKey = pending[1]
+            key: Key = pending[1]
             return key
     return None

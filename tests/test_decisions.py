@@ -26,7 +26,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from sidecar import metrics
 from sidecar.config import Config
 from sidecar.context import SERVICES, Services
-from sidecar.decisions import CacheKey, DecisionCache, raw_request_key
+from sidecar.decisions import DecisionCache, Key, request_key
 from sidecar.store import MemoryStore, RedisStore
 from tests.stack import Stack, browser, session_cookie, sign_in, stack
 from tests.test_auth_listener import Response, comparable, header
@@ -35,12 +35,9 @@ from tests.test_auth_listener import auth_listener as lean  # the lean listener 
 TOKENS = {"pass_access_token": "true", "pass_authorization_header": "true", "upstream": ""}
 
 
-def key_of(method: str, headers: list[tuple[str, str]], query: str, trusted: bool, config: Config) -> CacheKey | None:
-    """``request_key`` of (name, value) pairs, as a parser reads them (bytes)."""
-    raw = [
-        (name.encode("utf-8", "surrogateescape"), value.encode("utf-8", "surrogateescape")) for name, value in headers
-    ]
-    return raw_request_key(method, raw, query, trusted, config)
+def key_of(method: str, headers: list[tuple[str, str]], query: str, trusted: bool, config: Config) -> Key | None:
+    """``request_key`` of (name, value) pairs."""
+    return request_key(method, [name for name, _ in headers], [value for _, value in headers], query, trusted, config)
 
 
 def svc_of(st: Stack, index: int = 0) -> Services:
@@ -831,7 +828,7 @@ def test_names_too_long_to_keep_are_keyed_without_a_plan() -> None:
     for value in ("1", "2"):
         headers = [("Cookie", "_sidecar=v"), (long_name, value), (long_name + "b", value)]
         key = key_of("GET", headers, "", True, config)
-        assert key is not None and key[-2:] == (value.encode(), value.encode())
+        assert key is not None and key[-2:] == (value, value)
     assert len(plans) == 1  # only _fresh_plans' own
 
 
