@@ -16,8 +16,8 @@ each phase's duration off.
 ``--shape nginx`` (the default) sends what ``deploy/nginx/sidecar.conf`` sends for its auth subrequest
 (Host, X-Real-IP, X-Forwarded-*, X-Original-URI) plus a browser's own headers, from a trusted peer
 (``--reverse-proxy``); ``--shape minimal``: Host, X-Original-URI and Cookie at the defaults (the requests of
-BENCHMARKS.md's perf-auth figures). Repeated runs of one build differ by about 1 % on a miss, more on
-a hit (a shorter request: the once-a-second work weighs more); compare the net figures.
+BENCHMARKS.md's perf-auth figures). Repeated runs of one build differ by up to 2 % on a miss, more on
+a hit (a shorter request); the on/off gap within one run is steadier than either figure.
 """
 
 from __future__ import annotations
