@@ -11,6 +11,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from . import logs, metrics
+from .auth_request import AuthRequest
 from .bearer import MalformedAuthorization
 from .config import Config
 from .context import (
@@ -24,11 +25,12 @@ from .context import (
     view_of,
 )
 from .cookies import SessionRef, without_sidecar_cookies
-from .decisions import Decision, Key, request_key
+from .decisions import Decision, Key, header_lists, key_trusted, request_key
 from .errors import BadRequest, SessionGone
 from .fronts import FRONTS, Original, refuse_aliases
 from .guard import BEARER_REF, TOKEN_HEADERS, authenticate, cookie_header, read_cookie, tokens_allowed
 from .headers import auth_response_headers_for
+from .hits import handed_key
 from .location_rules import location_rules
 from .models import Identity, Session
 from .policy import why_denied
@@ -84,20 +86,27 @@ async def auth(request: web.Request, svc: Services) -> web.Response:
 
 
 def decision_key(request: web.Request, svc: Services) -> tuple[Key, Decision | None]:
-    """This request's key (``()``: not cacheable) and the cached answer for it, if any. The lean listener
-    looked the key up already and left it on the request (``DECISION_KEY``): no second lookup then."""
-    known = request.get(DECISION_KEY)
+    """This request's key (``()``: not cacheable) and the cached answer for it, if any. A listener that looked
+    the key up already hands it over (the lean one on the request, ``DECISION_KEY``; the main one on its
+    parser, ``hits.handed_key``): no second lookup then."""
+    decisions = svc.decisions
+    if decisions is None:
+        return (), None
+    known = request.get(DECISION_KEY) if isinstance(request, AuthRequest) else handed_key(request)
     if known is not None:
         return known, None
     # The raw path, not aiohttp's decoded one: envoy's decision reads the raw tail, so /oauth2/%61uth (decoded to
     # /oauth2/auth) is another request; and envoy's /oauth2/auth/<original path>: an input the key does not hold
-    if svc.decisions is None or request.raw_path.partition("?")[0] != svc.config.proxy_prefix + "/auth":
+    if request.raw_path.partition("?")[0] != svc.config.proxy_prefix + "/auth":
         return (), None
     trusted = trusted_peer(request.remote, svc.config)
-    key = request_key(request.method, request.headers.items(), request.rel_url.raw_query_string, trusted, svc.config)
+    headers = request.headers
+    query = request.rel_url.raw_query_string
+    names, values = header_lists(headers)
+    key = request_key(request.method, names, values, query, trusted, svc.config)
     if key is None:
         return (), None
-    return key, svc.decisions.get(key)
+    return key, decisions.get(key)
 
 
 def remember(
@@ -125,7 +134,7 @@ def remember(
         session,
         max_age=max_age,
         cookie_until=svc.codec.session_valid_until(cookie) if cookie else None,
-        forwarded_ip=forwarded_client_ip(request, config) if key[2] == "t" else None,  # a trusted peer
+        forwarded_ip=forwarded_client_ip(request, config) if key_trusted(key) else None,
     )
 
 

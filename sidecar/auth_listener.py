@@ -23,7 +23,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import httptools
 from aiohttp import web
@@ -33,7 +33,7 @@ from .auth_decision import auth
 from .auth_request import AuthRequest
 from .config import Config
 from .context import DECISION_KEY, SERVICES, Services, trusted_peer
-from .decisions import Key, request_key
+from .decisions import Key, key_names, request_key
 from .framing import plain, serialize
 from .hits import answer
 from .middleware import guarded
@@ -67,6 +67,14 @@ SINGLETONS = frozenset(
 )
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Head(NamedTuple):
+    """A request's headers as llhttp gave them: names and values in order, and the first X-Request-Id."""
+
+    names: list[str]
+    values: list[str]
+    request_id: str | None
 
 
 class _Refused(Exception):
@@ -174,7 +182,9 @@ class AuthProtocol(asyncio.Protocol):
         self.mark: tuple[int, bool] | None = None  # the state the listener's sweep last saw, and since when
         self.since = 0.0
         self._url = b""
-        self._headers: list[tuple[str, str]] = []
+        self._names: list[str] = []  # the request's header names and values, as sent, in order
+        self._values: list[str] = []
+        self._request_id: str | None = None  # its first X-Request-Id
         self._lengths = 0
         self._te = False
         self._once: set[bytes] = set()
@@ -250,7 +260,9 @@ class AuthProtocol(asyncio.Protocol):
             self.in_head = True
             self.head_bytes = 0
         self._url = b""
-        self._headers = []
+        self._names = []
+        self._values = []
+        self._request_id = None
         self._lengths = 0
         self._te = False
         self._once = set()
@@ -263,7 +275,7 @@ class AuthProtocol(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if len(name) > MAX_LINE_BYTES or len(value) > MAX_LINE_BYTES:
             raise _Refused(400, "400 Bad Request: header field too long\n")
-        if len(self._headers) >= MAX_HEADERS:
+        if len(self._names) >= MAX_HEADERS:
             raise _Refused(431, "431 Request Header Fields Too Large\n")
         lowered = name.lower()
         if lowered == b"content-length":
@@ -276,10 +288,13 @@ class AuthProtocol(asyncio.Protocol):
             if lowered in self._once:
                 raise _Refused(400, f"400 Bad Request: more than one {name.decode('ascii', 'replace')} header\n")
             self._once.add(lowered)
+        elif lowered == b"x-request-id" and self._request_id is None:
+            self._request_id = value.strip(b" \t").decode("utf-8", "surrogateescape")  # what a hit answers with
         # A field value has no whitespace at either end (RFC 9110 5.5); llhttp leaves it at the end, aiohttp
         # strips it: "X-Forwarded-Uri: /admin/x " must name /admin/x on both listeners.
         value = value.strip(b" \t")
-        self._headers.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
+        self._names.append(name.decode("utf-8", "surrogateescape"))
+        self._values.append(value.decode("utf-8", "surrogateescape"))
 
     def on_headers_complete(self) -> None:
         self.in_head = False
@@ -293,7 +308,7 @@ class AuthProtocol(asyncio.Protocol):
         item = (
             self.parser.get_method().decode("ascii", "replace"),
             self._url,
-            self._headers,
+            Head(self._names, self._values, self._request_id),
             (1, 0) if version == "1.0" else (1, 1),
             self.parser.should_keep_alive(),
         )
@@ -365,7 +380,7 @@ class AuthProtocol(asyncio.Protocol):
         self,
         method: str,
         url: bytes,
-        raw_headers: list[tuple[str, str]],
+        head: Head,
         version: tuple[int, int],
         keep: bool,
         *looked_up: Key | None,
@@ -376,13 +391,13 @@ class AuthProtocol(asyncio.Protocol):
         if looked_up:
             key = looked_up[0]
         else:
-            data, key = self._from_cache(method, url, raw_headers, version, keep)
+            data, key = self._from_cache(method, url, head, version, keep)
             if data is not None:
                 return data, keep
         target = url.decode("ascii", "surrogateescape")
         path, _, query = target.partition("?")
         svc: Services = self.listener.app[SERVICES]
-        headers = CIMultiDictProxy(CIMultiDict(raw_headers))
+        headers = CIMultiDictProxy(CIMultiDict(zip(head.names, head.values, strict=True)))
         if version == (1, 1) and "Host" not in headers:
             return plain(400, "400 Bad Request: missing Host header\n", version, False), False
         if path != self.listener.path and not (self.listener.subpaths and path.startswith(self.listener.path + "/")):
@@ -403,7 +418,7 @@ class AuthProtocol(asyncio.Protocol):
             return plain(500, "500 Internal Server Error\n", version, False), False
 
     def _from_cache(
-        self, method: str, url: bytes, raw_headers: list[tuple[str, str]], version: tuple[int, int], keep: bool
+        self, method: str, url: bytes, head: Head, version: tuple[int, int], keep: bool
     ) -> tuple[bytes | None, Key | None]:
         """The cached answer's bytes, or None and the key (None: not cacheable) for the decision to use."""
         svc: Services = self.listener.app[SERVICES]
@@ -413,11 +428,10 @@ class AuthProtocol(asyncio.Protocol):
         path, _, query = url.decode("ascii", "surrogateescape").partition("?")
         if path != self.listener.path:
             return None, None
-        key = request_key(method, raw_headers, query, self.trusted, self.listener.config)
+        key = request_key(method, head.names, head.values, query, self.trusted, self.listener.config)
         if key is None:
             return None, None
         hit = svc.decisions.get(key)
-        if hit is None or (version == (1, 1) and "host" not in key[4::2]):  # no Host: the decision's 400
+        if hit is None or (version == (1, 1) and "host" not in key_names(key)):  # no Host: the decision's 400
             return None, key
-        incoming = next((value for name, value in raw_headers if name.lower() == "x-request-id"), None)
-        return answer(svc, hit, method, path, incoming, self.remote, self.trusted, version, keep, started), key
+        return answer(svc, hit, method, path, head.request_id, self.remote, self.trusted, version, keep, started), key

@@ -31,8 +31,9 @@ import re
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 from multidict import CIMultiDict
@@ -77,53 +78,128 @@ class Decision:
         return self.block
 
 
+def header_lists(headers: Mapping[str, str]) -> tuple[list[str], list[str]]:
+    """A multidict's header names and values as sent, in order, for ``request_key``. multidict 7 lists a repeated
+    name once in ``keys()`` but every value in ``values()``: the names then come from ``items()``, so that two
+    Cookie lines are seen as two (not cached) and every value stays beside its own name."""
+    names = list(headers.keys())
+    values = list(headers.values())
+    if len(names) != len(values):
+        names = [name for name, _ in headers.items()]
+    return names, values
+
+
 def request_key(
-    method: str, items: Iterable[tuple[str, str]], raw_query: str, trusted: bool, config: Config
+    method: str, names: Iterable[str], values: Sequence[str], raw_query: str, trusted: bool, config: Config
 ) -> Key | None:
     """The cache key of an auth request: its method (a front may ask with the original one), its headers
-    (name, value pairs as sent), the raw query; None when it may not be cached. ``trusted``: the socket
-    peer is a trusted front (it decides whether tokens are answered). Laid out as (cookie, query, trust,
-    method, name, value, name, value...): ``key[4::2]`` are the header names.
+    (``names`` and ``values`` as sent, in order), the raw query; None when it may not be cached. ``trusted``:
+    the socket peer is a trusted front (it decides whether tokens are answered). Laid out as (Cookie header,
+    query, trust, method, name, name..., value, value...), the other names the decision may read lower-case
+    (``key_names``).
 
-    A miss pays this on every request, so each header costs one lookup of its name as sent in a table of
-    what that name is (``_name_kind``) rather than a lower-casing and several tests."""
+    Every miss pays this. A front sends the same header names in the same order on every request, so what
+    the names say (``_Plan``: where the Cookie header is, which headers the decision may read, or that the
+    request is not cacheable) is worked out once per sequence of names and looked up by it after that: a
+    tuple, a hash and a dict probe, then the values picked in C, where a Python loop over the headers cost
+    three times as much."""
     if _current[0] is not config:
         _current[:] = _settings(config)
-    _, table, client_ip_header, cookie_prefix = _current
-    cookie: str | None = None
-    picked: list[str] = []
-    for name, value in items:
-        kind = table.get(name)
-        if kind is None:
-            kind = _name_kind(name, client_ip_header)
-            if len(table) < _MAX_NAMES:
-                table[name] = kind
-        if not kind:
-            continue  # a header the decision never reads (User-Agent, Accept...)
-        if kind is _COOKIE:
-            if cookie is not None:
-                return None  # two Cookie headers: which one a reader believes is not ours to guess
-            cookie = value
-        elif kind is _REFUSED:
-            return None  # Authorization (a bearer token decides), or another spelling of a name
-        else:
-            picked += (kind, value)
-    if cookie is None or cookie.count(cookie_prefix) != 1:
+    _, plans, cookie_prefix = _current
+    seen = tuple(names)
+    plan = plans.get(seen)
+    if plan is None:
+        plan = plans.make(seen)
+    if plan is _NOT_CACHED:
+        return None  # no Cookie header, or two (which one a reader believes is not ours to guess); Authorization...
+    cookie = values[plan.cookie]
+    if cookie.count(cookie_prefix) != 1:
         return None  # no session cookie, or it twice (or a look-alike name: not worth the doubt)
-    return (cookie, raw_query, "t" if trusted else "u", method, *picked)
+    return (cookie, raw_query, "t" if trusted else "u", method, *plan.kinds, *plan.pick(values))
+
+
+def key_names(key: Key) -> Key:
+    """The lower-case names of the headers in a ``request_key`` key but the Cookie header."""
+    return key[4 : 4 + (len(key) - 4) // 2]
+
+
+def key_trusted(key: Key) -> bool:
+    """Whether a ``request_key`` key was made for a trusted front's request."""
+    return key[2] == "t"
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What one sequence of header names means to the key: the Cookie header's index, the lower-case names
+    of the headers the decision may read (in order) and how to pick their values."""
+
+    cookie: int
+    kinds: tuple[str, ...]
+    pick: Callable[[Sequence[str]], tuple[str, ...]]
+
+
+_NOT_CACHED = _Plan(-1, (), lambda values: ())
+
+
+def _picker(indexes: list[int]) -> Callable[[Sequence[str]], tuple[str, ...]]:
+    """The values at ``indexes``, always as a tuple (``itemgetter`` of one index returns the value itself)."""
+    if len(indexes) > 1:
+        return itemgetter(*indexes)
+    if indexes:
+        at = indexes[0]
+        return lambda values: (values[at],)
+    return lambda values: ()
+
+
+class _Plans(dict[tuple[str, ...], _Plan]):
+    """Sequence of header names as sent -> its ``_Plan``, for one --real-client-ip-header. Bounded: at most
+    ``_MAX_PLANS`` sequences, of at most ``_MAX_PLAN_CHARS`` characters of names each; past that (a client
+    inventing names or orders) a plan is worked out per request and not kept, which is only slower."""
+
+    def __init__(self, client_ip_header: str) -> None:
+        super().__init__()
+        self.client_ip_header = client_ip_header
+        self.kinds: dict[str, str] = {}  # header name as sent -> _name_kind(), at most _MAX_NAMES of them
+        self.kind_tuples: dict[tuple[str, ...], tuple[str, ...]] = {}  # one object per kinds tuple
+
+    def make(self, names: tuple[str, ...]) -> _Plan:
+        kinds = [self._kind(name) for name in names]
+        if kinds.count(_COOKIE) != 1 or _REFUSED in kinds:
+            plan = _NOT_CACHED
+        else:
+            picked = [i for i, kind in enumerate(kinds) if kind and kind is not _COOKIE]
+            read = tuple(kinds[i] for i in picked)
+            read = self.kind_tuples.setdefault(read, read) if len(self.kind_tuples) < _MAX_PLANS else read
+            plan = _Plan(kinds.index(_COOKIE), read, _picker(picked))
+        if len(self) < _MAX_PLANS and sum(map(len, names)) <= _MAX_PLAN_CHARS:
+            self[names] = plan
+        return plan
+
+    def _kind(self, name: str) -> str:
+        kind = self.kinds.get(name)
+        if kind is None:
+            kind = _name_kind(name, self.client_ip_header)
+            if len(self.kinds) < _MAX_NAMES:
+                self.kinds[name] = kind
+        return kind
 
 
 def _settings(config: Config) -> list[Any]:
     """What ``request_key`` reads from ``config``, worked out once per config object: the config itself, the
-    name table for its --real-client-ip-header, that header lower-case, and "<cookie name>=" to count."""
+    plans for its --real-client-ip-header, and "<cookie name>=" to count."""
     client_ip_header = config.real_client_ip_header.lower()
-    return [config, _tables.setdefault(client_ip_header, {}), client_ip_header, config.cookie_name + "="]
+    plans = _tables.get(client_ip_header)
+    if plans is None:
+        plans = _tables[client_ip_header] = _Plans(client_ip_header)
+    return [config, plans, config.cookie_name + "="]
 
 
 _COOKIE = "\0cookie"
 _REFUSED = "\0refused"
-_MAX_NAMES = 2048  # names remembered per table; past that (a client inventing names) each is worked out anew
-_tables: dict[str, dict[str, str]] = {}  # --real-client-ip-header -> header name as sent -> its kind
+_MAX_NAMES = 2048  # header names whose kind is remembered, per --real-client-ip-header
+_MAX_PLANS = 1024  # sequences of header names remembered, per --real-client-ip-header
+_MAX_PLAN_CHARS = 4096  # a sequence with more characters of names than this is never remembered
+_tables: dict[str, _Plans] = {}  # --real-client-ip-header -> its plans
 _current: list[Any] = [None]  # _settings() of the config last used
 _NAME_CHARS = re.compile(r"[A-Za-z0-9-]+")
 

@@ -5,8 +5,8 @@ the main listener gets ``HitFirstSite``: each connection's aiohttp request parse
 aiohttp has nothing in progress on that connection, a parsed ``<prefix>/auth`` request whose key has a live
 entry is answered there and then, before aiohttp makes a request, a task, a router match, a response object
 and a payload writer for it (on a hit those cost more than the whole answer). Everything else goes on to
-aiohttp untouched, in order, and a key computed here for a miss is handed to the decision (``DECISION_KEY``),
-so a miss costs one key and one lookup, as on the lean listener.
+aiohttp untouched, in order, and a key computed here for a miss is left on the parser for the decision
+(``handed_key``), so a miss costs one key and one lookup, as on the lean listener.
 
 A hit is the same answer either way: the 202's headers, X-Request-Id, Content-Length, Date (what aiohttp
 writes for ``web.Response(status=202, headers=...)`` once ``drop_server_header`` has run), the same counts
@@ -31,8 +31,8 @@ from aiohttp.http import HttpVersion11
 from aiohttp.streams import EMPTY_PAYLOAD
 
 from . import metrics
-from .context import DECISION_KEY, SERVICES, Services, trusted_peer
-from .decisions import STATUS_202, Decision, Key, request_key
+from .context import SERVICES, Services, trusted_peer
+from .decisions import STATUS_202, Decision, Key, header_lists, request_key
 from .framing import connection, http_date
 from .middleware import finish_cached
 
@@ -68,7 +68,17 @@ def answer(
 class HitFirst:
     """One main-listener connection's aiohttp request parser, with cache hits answered as they are parsed."""
 
-    __slots__ = ("_parser", "_handler", "_svc", "_path", "_query_path", "_remote", "_trusted", "pending")
+    __slots__ = (
+        "_parser",
+        "_handler",
+        "_svc",
+        "_path",
+        "_query_path",
+        "_remote",
+        "_trusted",
+        "pending",
+        "message_consumed",
+    )
 
     def __init__(self, parser: Any, handler: Any, svc: Services) -> None:
         self._parser = parser
@@ -79,6 +89,7 @@ class HitFirst:
         self._remote: str | None = None
         self._trusted: bool | None = None  # the peer's trust, looked at on the first cacheable request
         self.pending: tuple[Any, Key] | None = None  # a message that missed, and its key, for the decision
+        self.message_consumed = parser.message_consumed  # aiohttp calls it per request: the parser's own, no frame
 
     def feed_data(self, data: bytes) -> Any:
         messages, upgraded, tail = self._parser.feed_data(data)
@@ -109,9 +120,6 @@ class HitFirst:
             messages = more
         return messages, upgraded, tail
 
-    def message_consumed(self) -> None:
-        self._parser.message_consumed()
-
     def __getattr__(self, name: str) -> Any:
         return getattr(self._parser, name)
 
@@ -135,7 +143,8 @@ class HitFirst:
         headers = message.headers
         if "Expect" in headers:  # aiohttp's router answers "100 Continue" first (web_urldispatcher): its path
             return None
-        key = request_key(message.method, headers.items(), message.url.raw_query_string, trusted, svc.config)
+        names, values = header_lists(headers)
+        key = request_key(message.method, names, values, message.url.raw_query_string, trusted, svc.config)
         hit = decisions.get(key) if key is not None else None
         if hit is None:
             self.pending = (message, key or ())
@@ -200,18 +209,6 @@ class HitFirstSite(web.SockSite):
             )
             return await super().start()
         await web.BaseSite.start(self)
-        make_request = server.request_factory
-
-        def request_factory(message: Any, payload: Any, protocol: Any, writer: Any, task: Any) -> web.BaseRequest:
-            """aiohttp's request, with the key ``HitFirst`` already computed for it (no second lookup)."""
-            request = make_request(message, payload, protocol, writer, task)
-            parser = protocol._parser
-            if parser.__class__ is HitFirst and parser.pending is not None and parser.pending[0] is message:
-                request[DECISION_KEY] = parser.pending[1]
-                parser.pending = None
-            return request
-
-        server.request_factory = request_factory  # read by each connection's handler as it is made
 
         def protocol() -> Any:
             handler: Any = server()
@@ -220,3 +217,16 @@ class HitFirstSite(web.SockSite):
 
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(protocol, sock=self._sock, backlog=self._backlog)
+
+
+def handed_key(request: web.Request) -> Key | None:
+    """The key ``HitFirst`` computed for ``request`` when it found no entry (``()``: not cacheable); None when
+    it did not look at this request (aiohttp had another in progress, or the site is a plain ``SockSite``)."""
+    parser: Any = getattr(request.protocol, "_parser", None)
+    if parser.__class__ is HitFirst:
+        pending = parser.pending
+        if pending is not None and pending[0] is getattr(request, "_message", None):
+            parser.pending = None
+            key: Key = pending[1]
+            return key
+    return None

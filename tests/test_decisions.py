@@ -24,14 +24,20 @@ from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar import metrics
+from sidecar.config import Config
 from sidecar.context import SERVICES, Services
-from sidecar.decisions import DecisionCache, request_key
+from sidecar.decisions import DecisionCache, Key, header_lists, request_key
 from sidecar.store import MemoryStore, RedisStore
 from tests.stack import Stack, browser, session_cookie, sign_in, stack
 from tests.test_auth_listener import Response, comparable, header
 from tests.test_auth_listener import auth_listener as lean  # the lean listener on the stack's first app
 
 TOKENS = {"pass_access_token": "true", "pass_authorization_header": "true", "upstream": ""}
+
+
+def key_of(method: str, headers: list[tuple[str, str]], query: str, trusted: bool, config: Config) -> Key | None:
+    """``request_key`` of (name, value) pairs."""
+    return request_key(method, [name for name, _ in headers], [value for _, value in headers], query, trusted, config)
 
 
 def svc_of(st: Stack, index: int = 0) -> Services:
@@ -144,7 +150,7 @@ async def test_nothing_is_kept_without_one_session_cookie_or_with_authorization(
             assert len(cache) == 0, extra
     for value, extra, _ in uncacheable:
         items = list(extra.items()) + ([("Cookie", f"_sidecar={value}")] if value else [])
-        assert request_key("GET", items, "", True, st.configs[0]) is None, extra
+        assert key_of("GET", items, "", True, st.configs[0]) is None, extra
 
 
 async def test_sign_out_here_ends_cached_answers_at_once(st: Stack) -> None:
@@ -521,19 +527,19 @@ BASE_HEADERS = [("Host", "app.example"), ("Cookie", "a=1; _sidecar=v.s.t"), ("X-
     ],
 )
 def test_requests_that_are_never_cached(headers: list[tuple[str, str]]) -> None:
-    assert request_key("GET", headers, "", True, _config()) is None
+    assert key_of("GET", headers, "", True, _config()) is None
 
 
 def test_the_key_changes_with_every_input_the_decision_may_read_and_nothing_else() -> None:
     config = _config(real_client_ip_header="X-ProxyUser-IP")
-    base = request_key("GET", BASE_HEADERS, "", True, config)
+    base = key_of("GET", BASE_HEADERS, "", True, config)
     assert base is not None
     same = [
         [*BASE_HEADERS, ("User-Agent", "x"), ("Accept", "text/html"), ("X-Request-Id", "1"), ("Referer", "/")],
         [(name.upper(), value) for name, value in BASE_HEADERS],  # header names are case-insensitive
     ]
     for headers in same:
-        assert request_key("GET", headers, "", True, config) == base, headers
+        assert key_of("GET", headers, "", True, config) == base, headers
     changed: list[tuple[str, list[tuple[str, str]], str, bool]] = [
         ("GET", [*BASE_HEADERS[:1], ("Cookie", "a=2; _sidecar=v.s.t"), *BASE_HEADERS[2:]], "", True),  # app cookie
         ("GET", [*BASE_HEADERS[:2], ("X-Original-URI", "/y")], "", True),
@@ -554,7 +560,7 @@ def test_the_key_changes_with_every_input_the_decision_may_read_and_nothing_else
         ("HEAD", BASE_HEADERS, "", True),
         ("POST", BASE_HEADERS, "", True),
     ]
-    keys = [request_key(method, headers, query, trusted, config) for method, headers, query, trusted in changed]
+    keys = [key_of(method, headers, query, trusted, config) for method, headers, query, trusted in changed]
     assert None not in keys and base not in keys
     assert len(set(keys)) == len(keys)  # and no two of them collide either
 
@@ -579,24 +585,21 @@ def test_another_spelling_of_a_read_header_makes_the_request_uncacheable(name: s
     """The full decision refuses such names (400, fronts.refuse_aliases); the table must never answer first."""
     from types import SimpleNamespace
 
-    from sidecar.decisions import request_key
-
     config = SimpleNamespace(real_client_ip_header="X-Real-IP", cookie_name="_sidecar")
     plain = [("Cookie", "_sidecar=v"), ("X-Forwarded-Uri", "/x")]
-    assert request_key("GET", plain, "", True, config) is not None  # type: ignore[arg-type]
-    assert request_key("GET", [*plain, (name, "/admin")], "", True, config) is None  # type: ignore[arg-type]
+    assert key_of("GET", plain, "", True, config) is not None  # type: ignore[arg-type]
+    assert key_of("GET", [*plain, (name, "/admin")], "", True, config) is None  # type: ignore[arg-type]
 
 
 def test_every_header_a_front_table_reads_is_in_the_key() -> None:
     from types import SimpleNamespace
 
-    from sidecar.decisions import request_key
     from sidecar.fronts import FAMILY
 
     config = SimpleNamespace(real_client_ip_header="X-Real-IP", cookie_name="_sidecar")
-    base = request_key("GET", [("Cookie", "_sidecar=v")], "", True, config)  # type: ignore[arg-type]
+    base = key_of("GET", [("Cookie", "_sidecar=v")], "", True, config)  # type: ignore[arg-type]
     for name in FAMILY:
-        with_it = request_key("GET", [("Cookie", "_sidecar=v"), (name, "v")], "", True, config)  # type: ignore[arg-type]
+        with_it = key_of("GET", [("Cookie", "_sidecar=v"), (name, "v")], "", True, config)  # type: ignore[arg-type]
         assert with_it is not None and with_it != base, name
 
 
@@ -622,13 +625,15 @@ async def test_the_byte_bound_holds_in_real_memory_under_hostile_keys(st: Stack)
 
     from sidecar.auth_decision import _prebuilt
 
-    cookie = await _signed_in(st)
     svc = svc_of(st)
-    ref = svc.codec.load_session(cookie, time.time())
-    session = await svc.sessions.load(ref)
-    plain = _prebuilt(session, svc.config, True)
     max_bytes = 2_000_000
     for family in range(4):
+        # A session of its own per family: a 202 is kept only until the access token is due for refresh (30 s
+        # after sign-in here), and under tracemalloc on a loaded machine the families before may take longer.
+        cookie = await _signed_in(st)
+        ref = svc.codec.load_session(cookie, time.time())
+        session = await svc.sessions.load(ref)
+        plain = _prebuilt(session, svc.config, True)
         gc.collect()
         tracemalloc.start()
         try:
@@ -638,7 +643,7 @@ async def test_the_byte_bound_holds_in_real_memory_under_hostile_keys(st: Stack)
                 if i % 100 == 0:
                     svc.sessions._remember(ref.store_key, session)  # the same object, cached anew: entries stay live
                 method, headers, query, app_cookie = _hostile_keys(cookie, i)[family]
-                key = request_key(method, headers, query, True, svc.config)
+                key = key_of(method, headers, query, True, svc.config)
                 assert key is not None
                 answer = CIMultiDict({**plain, "Cookie": app_cookie}) if app_cookie else plain
                 cache.put(key, answer, ref, session, max_age=None, cookie_until=None, forwarded_ip=None)
@@ -766,3 +771,131 @@ async def test_pipelined_hits_and_misses_are_answered_in_order_each_with_its_own
                 assert (got[0], header(got, "X-Request-Id")) == (status, f"r{i}"), (rotation, i, got)
                 assert header(got, "Authorization") == (users[user] if user is not None else None), (rotation, i)
             assert answers[-1][0] == 400
+
+
+def _fresh_plans(name: str) -> tuple[Any, Any]:
+    """A config whose --real-client-ip-header no other test uses: its own, empty, table of plans."""
+    from types import SimpleNamespace
+
+    from sidecar import decisions
+
+    config = SimpleNamespace(real_client_ip_header=name, cookie_name="_sidecar")
+    assert key_of("GET", [("Cookie", "_sidecar=v")], "", True, config) is not None  # type: ignore[arg-type]
+    return config, decisions._tables[name.lower()]
+
+
+def test_a_remembered_plan_gives_the_key_a_new_one_gives_and_the_plans_stay_bounded() -> None:
+    """The key's plan is worked out once per sequence of header names; the key made from a remembered plan is the
+    one made anew, whatever the Cookie header's place, and a client inventing names or orders (more sequences than
+    the table keeps, or names too long to keep) gets the same keys, only without a kept plan."""
+    from sidecar import decisions
+
+    config, plans = _fresh_plans("X-Plans-Test-IP")
+    requests = [
+        BASE_HEADERS,
+        [*BASE_HEADERS, ("X-Plans-Test-IP", "203.0.113.1"), ("User-Agent", "u")],
+        [("Cookie", "_sidecar=v"), ("x-forwarded-uri", "/a")],
+        [("Cookie", "_sidecar=v"), ("X-Forwarded-Uri", "/a"), ("X-Forwarded-Uri", "/b")],  # a read header twice
+        [("Authorization", "Bearer x"), *BASE_HEADERS],
+        [*BASE_HEADERS, ("cookie", "b=2")],
+    ]
+    first = [key_of("GET", headers, "", True, config) for headers in requests]
+    again = [key_of("GET", headers, "", True, config) for headers in requests]
+    assert first == again and first[-2:] == [None, None] and None not in first[:-2]
+    assert len(set(first[:4])) == 4
+    # the Cookie header first, last or between: one key, as a front may place it anywhere
+    moved = [BASE_HEADERS[1], BASE_HEADERS[0], BASE_HEADERS[2]], [*BASE_HEADERS[:1], *BASE_HEADERS[2:], BASE_HEADERS[1]]
+    assert all(key_of("GET", headers, "", True, config) == first[0] for headers in moved)
+    # more name sequences than are kept: every key still holds its own header, the table stops growing
+    keys = set()
+    for i in range(decisions._MAX_PLANS + 300):
+        headers = [("Cookie", "_sidecar=v"), (f"X-Forwarded-N{i}", "1"), ("X-Original-URI", f"/{i % 3}")]
+        key = key_of("GET", headers, "", True, config)
+        assert key is not None and f"x-forwarded-n{i}" in decisions.key_names(key)
+        keys.add(key)
+    assert len(keys) == decisions._MAX_PLANS + 300 and len(plans) == decisions._MAX_PLANS
+    # and once full, a refused sequence is still refused and a known one still keyed the same
+    assert key_of("GET", requests[-2], "", True, config) is None
+    assert key_of("GET", [*BASE_HEADERS, ("X_Forwarded_Uri", "/admin")], "", True, config) is None
+    assert key_of("GET", BASE_HEADERS, "", True, config) == first[0]
+
+
+def test_names_too_long_to_keep_are_keyed_without_a_plan() -> None:
+    from sidecar import decisions
+
+    config, plans = _fresh_plans("X-Long-Names-IP")
+    long_name = "X-Forwarded-" + "a" * (decisions._MAX_PLAN_CHARS // 2)
+    for value in ("1", "2"):
+        headers = [("Cookie", "_sidecar=v"), (long_name, value), (long_name + "b", value)]
+        key = key_of("GET", headers, "", True, config)
+        assert key is not None and key[-2:] == (value, value)
+    assert len(plans) == 1  # only _fresh_plans' own
+
+
+async def test_a_lean_listener_hit_echoes_the_request_id_the_decision_would(st: Stack) -> None:
+    """The lean listener notes the first X-Request-Id as it parses, for its hits: whatever its case, spacing or
+    repetition, a hit echoes (or replaces) it as the decided answer does, on a new connection each."""
+    cookie = await _signed_in(st)
+    variants = [
+        "X-Request-Id: r1\r\n",
+        "x-request-id: r2\r\n",
+        "X-REQUEST-ID: \t r3 \t\r\n",
+        "X-Request-Id: r4\r\nX-Request-Id: r5\r\n",
+        "X-Request-Id: a b\r\n",  # not a valid id: not echoed
+        "",
+    ]
+    async with lean(st) as port:
+        for n, extra in enumerate(variants):  # a key of its own each (the id is not in the key)
+            head = f"GET /oauth2/auth HTTP/1.1\r\nHost: app.example\r\nX-Original-URI: /id/{n}\r\n{extra}"
+            head += f"Cookie: _sidecar={cookie}\r\n\r\n"
+            before = lookups()
+            answers = []
+            for _ in range(4):  # decided, decided (and kept), then hits
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(head.encode())
+                answers.append(await _read_answer(reader))
+                writer.close()
+            assert lookups()["hit"] - before["hit"] == 2, extra
+            ids = [header(got, "X-Request-Id") for got in answers]
+            assert len(set(ids)) == 1, (extra, ids)  # the hits' the decided answers'
+            if extra and "a b" not in extra:
+                assert ids[0] == extra.split(":")[1].split("\r\n")[0].strip(), (extra, ids)
+            assert len({comparable(got)[0] for got in answers}) == 1
+
+
+async def _read_answer(reader: asyncio.StreamReader) -> Response:
+    status = int((await asyncio.wait_for(reader.readline(), 5)).split(b" ")[1])
+    headers: list[tuple[str, str]] = []
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").rstrip("\r\n").partition(":")
+        headers.append((name, value.strip()))
+    length = int(next((v for k, v in headers if k.lower() == "content-length"), "0"))
+    return status, headers, await reader.readexactly(length)
+
+
+REPEATED_HEADERS = [
+    [("Host", "a"), ("Cookie", "_sidecar=s"), ("Cookie", "app=1")],
+    [("Host", "a"), ("Cookie", "app=1"), ("cookie", "_sidecar=s")],
+    # an unread header repeated before ones the decision reads: their values must stay beside their names
+    [("Host", "a"), ("Cookie", "_sidecar=s"), ("X-Pad", "1"), ("X-Pad", "/public"), ("X-Original-URI", "/admin")],
+    [("Host", "a"), ("Cookie", "_sidecar=s"), ("x-pad", "1"), ("X-PAD", "2"), ("X-Original-Method", "DELETE")],
+    [
+        ("Cookie", "_sidecar=s"),
+        ("Accept", "a"),
+        ("Accept", "b"),
+        ("Accept", "c"),
+        ("Host", "a"),
+        ("X-Forwarded-Uri", "/x"),
+    ],
+]
+
+
+@pytest.mark.parametrize("pairs", REPEATED_HEADERS)
+def test_a_parsed_request_with_a_repeated_header_is_keyed_as_its_lines(pairs: list[tuple[str, str]]) -> None:
+    """aiohttp hands the listeners a multidict whose ``keys()`` (multidict 7) lists a repeated name once while
+    ``values()`` has every line: the key must still pair each value with its own name, and see two Cookie lines."""
+    headers = CIMultiDictProxy(CIMultiDict(pairs))
+    names, values = header_lists(headers)
+    assert (names, values) == ([name for name, _ in pairs], [value for _, value in pairs])
+    config = _config()
+    assert request_key("GET", names, values, "", True, config) == key_of("GET", pairs, "", True, config)

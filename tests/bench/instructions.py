@@ -1,6 +1,6 @@
 """Case 3 by instruction counts: user-space instructions per proxied request, sidecar vs the bare pass-through.
 
-``python -m tests.bench.instructions [--requests N] [--sidecar-root DIR]``
+``python -m tests.bench.instructions [--requests N] [--sidecar-root DIR] [--auth [--shape nginx|minimal]]``
 
 A shared 2-core machine makes req/s ratios swing by 0.1 or more between runs; callgrind's instruction count
 (``valgrind --tool=callgrind``, counters zeroed after a warm-up, dumped after N requests) moves by about 1 %.
@@ -14,6 +14,9 @@ there measures an earlier revision against the same pass-through).
 ``--cpu ROUNDS``: also run both at full speed (no valgrind) under ``wrk -t2 -c50 -d3s``, alternating, and
 count each process's CPU time (user + system, from ``/proc``) per request: the kernel's share included,
 still far less sensitive to other load on the machine than req/s.
+
+``--auth``: ``/oauth2/auth`` instead (``auth_counts.py``): misses and hits, decision cache on and off, on the
+main listener and the ``--auth-address`` one.
 """
 
 from __future__ import annotations
@@ -103,7 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--sidecar-root", type=Path, default=procs.ROOT)
     parser.add_argument("--cpu", type=int, default=0, metavar="ROUNDS", help="also CPU time per request, N rounds")
+    parser.add_argument("--auth", action="store_true", help="/oauth2/auth misses and hits, cache on vs off")
+    parser.add_argument("--shape", choices=("nginx", "minimal"), default="nginx", help="--auth: the request headers")
     args = parser.parse_args(argv)
+    if args.auth:
+        from .auth_counts import run
+
+        return run(args.requests, args.sidecar_root, args.shape)
     for name in ("valgrind", "callgrind_control", "redis-server"):
         procs.binary(name)
     procs.install_cleanup()

@@ -56,7 +56,7 @@ def free_port() -> int:
 class Proc:
     """A child process in its own session, with its output in a log file."""
 
-    def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None, cwd: Path = ROOT) -> None:
         self.name = name
         self.log_path = workdir() / f"{next(_names):02d}-{name}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
@@ -66,7 +66,7 @@ class Proc:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=dict(env) if env is not None else None,
-            cwd=ROOT,
+            cwd=cwd,
             start_new_session=True,
         )
         _running.append(self)
