@@ -199,6 +199,9 @@ async def test_inspector_direct_connection_oauth_in_the_browser_then_tools_list_
         "POST /mcp 200",
     ):
         assert step in seen, (step, seen)
+    # the code redeemed once, and never refused (a second redemption would be refused and end the grant)
+    assert [p for p in seen if "/oauth2/token" in p] == ["POST /oauth2/token 200"], seen
+    assert traffic.refusals == [], traffic.refusals
     # every one a cross-origin fetch by Chromium from the Inspector's page (a metadata document answered from the
     # browser's cache shows Playwright no network headers, hence None)
     origins = {headers.get("origin") for _, _, headers in traffic.sent}
@@ -225,7 +228,7 @@ async def consent_as_shown(page: Page, sidecar: str) -> None:
     assert page.url.startswith(sidecar + "/oauth2/authorize?"), page.url
 
 
-async def connected(page: Page, traffic: Traffic | None = None) -> None:
+async def connected(page: Page, traffic: Traffic) -> None:
     """Wait until the sidebar says Connected. Inspector v1 reconnects by itself after the callback only when
     its proxy listens on the default port (its callback URL drops ``MCP_PROXY_PORT``, so it finds the settings
     "changed" and asks to "Connect again from the sidebar"): the person then clicks Connect once more, with
@@ -247,8 +250,8 @@ async def connected(page: Page, traffic: Traffic | None = None) -> None:
     except Exception as exc:
         raise AssertionError(f"not connected: {await person.text(page)}") from exc
     if not await status.count():
-        refused = traffic.refusals if traffic else "not recorded"
-        raise AssertionError(f"Connect asked for consent again: no usable tokens; token endpoint refusals: {refused}")
+        refused = traffic.refusals
+        raise AssertionError(f"Connect asked for consent again: no usable tokens; the token endpoint refused {refused}")
 
 
 async def test_inspector_via_its_proxy_redeems_the_code_from_the_page(chromium_browser: Browser, setup: Setup) -> None:
