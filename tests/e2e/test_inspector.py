@@ -174,7 +174,7 @@ async def test_inspector_direct_connection_oauth_in_the_browser_then_tools_list_
         assert "MCP Inspector" in await person.text(page)  # its registered client_name, on the consent page
         await person.carry_on(page, lambda at, _body: at.startswith(setup.origin + "/"))
         await page.wait_for_url(setup.origin + "/", wait_until="load")  # the callback redeemed the code
-        await connected(page, traffic)
+        await connected(page, traffic, setup)
 
         await page.get_by_role("tab", name="Tools").click()
         await page.get_by_role("button", name="List Tools").click()
@@ -199,9 +199,14 @@ async def test_inspector_direct_connection_oauth_in_the_browser_then_tools_list_
         "POST /mcp 200",
     ):
         assert step in seen, (step, seen)
-    # the code redeemed once, and never refused (a second redemption would be refused and end the grant)
-    assert [p for p in seen if "/oauth2/token" in p] == ["POST /oauth2/token 200"], seen
-    assert traffic.refusals == [], traffic.refusals
+    # the code redeemed once (a second redemption would be refused and end the grant); refused only in the
+    # Inspector's own race (see connected), then redeemed once after the second consent
+    redemptions = [p for p in seen if "/oauth2/token" in p]
+    if traffic.refusals:
+        assert traffic.refusals == INSPECTOR_RACE, traffic.refusals
+        assert redemptions == ["POST /oauth2/token 400", "POST /oauth2/token 400", "POST /oauth2/token 200"], seen
+    else:
+        assert redemptions == ["POST /oauth2/token 200"], seen
     # every one a cross-origin fetch by Chromium from the Inspector's page (a metadata document answered from the
     # browser's cache shows Playwright no network headers, hence None)
     origins = {headers.get("origin") for _, _, headers in traffic.sent}
@@ -215,12 +220,11 @@ async def consent_as_shown(page: Page, sidecar: str) -> None:
     """Wait until the browser has stopped on the sidecar's consent page. One Connect in Inspector v1 starts two
     authorization requests: its transport's ``auth()`` answers the 401 by sending the browser to authorize, then
     its connection hook's error handler runs ``auth()`` again, which saves a new PKCE verifier over the first
-    one and sends the browser once more. The first navigation is aborted (a wait for that navigation fails with
-    ERR_ABORTED), or, when it arrives first, the second one can still start as it is shown and replace it. Only
-    the last request's page goes with the verifier the Inspector's callback will send: the person answers the
-    page once nothing moves any more, and never opens its URL again (``walk(page, page.url)`` did: that could
-    cancel the Inspector's newer navigation still in flight and answer the older request, whose code the
-    callback then redeems with the newer verifier, refused by the sidecar as PKCE demands)."""
+    one and sends the browser once more. The first navigation is then aborted (a wait for that navigation fails
+    with ERR_ABORTED: seen once in 3 runs under load), or it arrives first and the second one may still replace
+    it. The person answers the page once nothing moves any more, as shown, and never opens its URL again (that
+    could cancel the Inspector's newer navigation and answer the older request; ``INSPECTOR_RACE`` is what
+    remains of the race in the Inspector itself)."""
     allow = page.get_by_role("button", name="Allow", exact=True)
     await allow.wait_for()  # a locator's wait outlives an aborted navigation; a navigation's wait does not
     await page.wait_for_load_state("networkidle")  # no navigation of the Inspector's still in flight
@@ -228,12 +232,26 @@ async def consent_as_shown(page: Page, sidecar: str) -> None:
     assert page.url.startswith(sidecar + "/oauth2/authorize?"), page.url
 
 
-async def connected(page: Page, traffic: Traffic) -> None:
+# Inspector v1's own race, about once in 25 runs: one Connect starts two authorization requests (above), each
+# saving its PKCE verifier in the same slot of the page's sessionStorage. Now and then the browser shows the
+# consent page of one request while the verifier of the other is the one stored (the first request's page
+# commits in a new renderer process while the old page's script still runs the second ``auth()``): the callback
+# then redeems the code with the wrong verifier, the sidecar refuses it as PKCE demands, the SDK's ``auth()``
+# retries the same code once (refused as used; nothing had been issued from it) and the Inspector stays without
+# tokens. Nothing the sidecar may do about it: a code is never redeemed without its own verifier.
+INSPECTOR_RACE = [
+    "400 invalid_grant: the code_verifier does not match the code_challenge",
+    "400 invalid_grant: the code was already used",
+]
+
+
+async def connected(page: Page, traffic: Traffic, setup: Setup, again_after_race: bool = False) -> None:
     """Wait until the sidebar says Connected. Inspector v1 reconnects by itself after the callback only when
     its proxy listens on the default port (its callback URL drops ``MCP_PROXY_PORT``, so it finds the settings
     "changed" and asks to "Connect again from the sidebar"): the person then clicks Connect once more, with
     the tokens the callback stored. If those are missing or refused, Connect sends the browser to the consent
-    page again: that fails here, with what the token endpoint answered."""
+    page again: that fails here, with what the token endpoint refused, unless the refusals are exactly those of
+    the Inspector's race (``INSPECTOR_RACE``): then the person allows once more, and that must connect."""
     status = page.get_by_text("Connected", exact=True)
     again = page.get_by_text("Connect again from the sidebar")
     asked = page.get_by_text("Allow access?")
@@ -249,9 +267,15 @@ async def connected(page: Page, traffic: Traffic) -> None:
         await status.or_(asked).first.wait_for()
     except Exception as exc:
         raise AssertionError(f"not connected: {await person.text(page)}") from exc
-    if not await status.count():
+    if await status.count():
+        return
+    if again_after_race or traffic.refusals != INSPECTOR_RACE:
         refused = traffic.refusals
         raise AssertionError(f"Connect asked for consent again: no usable tokens; the token endpoint refused {refused}")
+    await consent_as_shown(page, setup.st.base)
+    await person.carry_on(page, lambda at, _body: at.startswith(setup.origin + "/"))
+    await page.wait_for_url(setup.origin + "/", wait_until="load")
+    await connected(page, traffic, setup, again_after_race=True)
 
 
 async def test_inspector_via_its_proxy_redeems_the_code_from_the_page(chromium_browser: Browser, setup: Setup) -> None:
