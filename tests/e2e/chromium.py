@@ -14,7 +14,8 @@ Use:
   pytest.mark.asyncio(loop_scope="session")`` and builds its stacks in fixtures with the same loop scope.
 
 Then the person's steps: ``walk(page, url, done=...)`` signs in at the dev provider when asked, confirms the
-device code, answers the consent page, until ``done`` holds; ``approve_authorization`` and ``approve_device``
+device code, answers the consent page, until ``done`` holds (``carry_on(page, done)``: the same from the page
+the browser shows, without opening it again); ``approve_authorization`` and ``approve_device``
 are the two common walks. ``watch(page, prefix)`` records the browser's navigations to a client's redirect
 URI (a real client's loopback listener, or nobody: the request is what counts). ``fetch(page, url, ...)`` is
 the page's own script calling ``fetch()`` (an API call of a signed-in page), ``submit_form(page, action, ...)``
@@ -184,6 +185,13 @@ async def walk(
 ) -> str:
     """Open ``url`` and act like a person until ``done(url, body text)``; returns the final body text."""
     await page.goto(url, wait_until="load")
+    return await carry_on(page, done, decision, user)
+
+
+async def carry_on(page: Page, done: Callable[[str, str], bool], decision: str = "approve", user: str = "alice") -> str:
+    """``walk`` from the page as it is, without opening its URL again: a page that a client's script sent the
+    browser to must be answered as shown (opening ``page.url`` again can cancel a newer navigation the script
+    started, and answer an older request than the one the client expects)."""
     for _ in range(MAX_STEPS):
         body = await text(page)
         if done(page.url, body):
