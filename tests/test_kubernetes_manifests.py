@@ -669,7 +669,6 @@ def test_ingress_nginx_overlay() -> None:
     assert env["SIDECAR_TRUSTED_PROXY"] not in ("", "127.0.0.1/32")
 
 
-
 PROXY_SET_HEADERS = "nginx.ingress.kubernetes.io/auth-proxy-set-headers"
 NAMESPACE_LINE = "namespace: sidecar-demo\n"
 
