@@ -129,7 +129,7 @@ async def test_a_page_on_another_origin_gets_the_preflight_answered_and_reads_th
     # nginx's access log says who answered: each preflight 204, the sidecar's (the demo app answers any method
     # 200), and the POST with the token 200 (the app's: the sidecar never answers a POST to the resource 200).
     assert site.logs is not None
-    lines = [line for line in (site.logs / "nginx-access.log").read_text().splitlines() if '/_demo/echo HTTP/' in line]
+    lines = [line for line in (site.logs / "nginx-access.log").read_text().splitlines() if "/_demo/echo HTTP/" in line]
     answered = [(line.split('"')[1].split(" ")[0], line.split('"')[2].split()[0]) for line in lines]
     assert answered.count(("OPTIONS", "204")) == 2 and ("POST", "200") in answered, answered
     assert not [a for a in answered if a[0] == "OPTIONS" and a[1] != "204"], answered
