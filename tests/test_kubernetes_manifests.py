@@ -891,6 +891,28 @@ def readme_yaml_block(containing: str) -> dict[str, Any]:
     return doc
 
 
+def test_every_ingress_asking_the_sidecar_sends_the_routed_host() -> None:
+    """An Ingress with the sidecar's auth-url and no auth-proxy-set-headers passes a client's own X-Routed-Host
+    on to /oauth2/auth (proxy_pass_request_headers; tests/e2e/test_real_fronts.py shows it through nginx), and
+    the sidecar cannot tell it from nginx's: on that Ingress's host a token for another host is taken again.
+    So every Ingress asking the sidecar, shipped or shown in deploy/kubernetes/README.md (cookie-only ones
+    too), carries the annotation naming the ConfigMap, as <namespace>/<name>."""
+    docs = rendered("ingress-nginx")
+    asking = [
+        i
+        for i in find(docs, "Ingress")
+        if "nginx.ingress.kubernetes.io/auth-url" in i["metadata"].get("annotations", {})
+    ]
+    assert asking
+    for ingress in asking:
+        assert auth_proxy_set_headers(docs, ingress) == {"X-Routed-Host": "$host"}
+    blocks = re.findall(r"^( *)```yaml\n(.*?)^\1```", K8S_README.read_text(), flags=re.M | re.S)
+    shown = [body for _, body in blocks if "nginx.ingress.kubernetes.io/auth-url" in body]
+    assert len(shown) >= 3
+    for body in shown:
+        assert PROXY_SET_HEADERS + ': "sidecar-demo/sidecar-auth-headers"' in body, body[:300]
+
+
 def relative_to(tmp_path: Path, target: Path) -> str:
     """``target`` as a path relative to ``tmp_path`` (kustomize refuses absolute resource paths)."""
     rel = Path(*[".."] * len(tmp_path.resolve().parts[1:]))
