@@ -11,6 +11,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from . import logs, metrics
+from .bearer import MalformedAuthorization
 from .config import Config
 from .context import (
     AUTHED,
@@ -53,6 +54,9 @@ async def auth(request: web.Request, svc: Services) -> web.Response:
         refuse_aliases(request.headers)  # X.Auth.Request.User... which some fronts pass on to the app
     try:
         ref, session = await authenticate(request, svc)
+    except MalformedAuthorization as exc:  # 400 is no answer to an auth subrequest (bearer.MalformedAuthorization)
+        metrics.DECISIONS.add("401")
+        raise exc.unauthorized from None
     except SessionGone:
         metrics.DECISIONS.add("401")
         challenge = svc.resource_guard.challenge(request) if svc.resource_guard is not None else None

@@ -12,6 +12,7 @@ cookie or to anonymous, so a client learns its token is bad instead of being sen
 from __future__ import annotations
 
 import logging
+import re
 import time
 
 import aiohttp
@@ -30,17 +31,53 @@ log = logging.getLogger("sidecar.bearer")
 MAX_BEARER_CHARS = 16384
 
 
-def bearer_token(request: web.Request) -> str | None:
-    """The JWT of an ``Authorization: Bearer`` header; "" for a Bearer header that holds no usable
-    token (it is still refused); None when the request carries no bearer at all."""
+# RFC 6750 2.1: the credentials of "Bearer" are one b64token (RFC 7235 token68); anything else is malformed.
+_TOKEN68 = re.compile(r"[A-Za-z0-9._~+/-]+=*")
+
+
+class MalformedAuthorization(web.HTTPBadRequest):
+    """RFC 6750 3.1 ``invalid_request``: two ``Authorization`` headers, or a Bearer one whose credentials are not
+    one b64token. A 400, except where one cannot be given: an auth subrequest (``/oauth2/auth``, the auth
+    listener) raises ``unauthorized`` instead (401, the same challenge), since nginx's ``auth_request`` turns any
+    status but 2xx, 401 and 403 into a 500 for the client. Its challenge still says invalid_request, not
+    invalid_token: a client told its token is bad would refresh it and send the same malformed request again.
+    ``params``: challenge parameters before the error (``resource_metadata``); ``headers``: added to both."""
+
+    def __init__(self, reason: str, params: str = "", headers: dict[str, str] | None = None) -> None:
+        challenge = f'Bearer {params}{", " if params else ""}error="invalid_request", error_description="{reason}"'
+        fields = {"WWW-Authenticate": challenge, "Cache-Control": "no-store", **(headers or {})}
+        super().__init__(headers=fields, text=f"400 Bad Request: {reason}\n")
+        self.unauthorized = web.HTTPUnauthorized(headers=fields, text=f"401 Unauthorized: {reason}\n")
+
+
+def bearer_credentials(request: web.Request) -> str | None:
+    """The token of the request's one ``Authorization: Bearer`` header; None when no header names the Bearer
+    scheme (another scheme, or none: the cookie decides). Raises ``ValueError`` (why, no secret in it) for a
+    malformed one (RFC 6750 3.1 ``invalid_request``): more than one ``Authorization`` header (which would the
+    app believe?), or credentials that are not a single b64token (empty, spaces, commas, non-ASCII)."""
     values = request.headers.getall("Authorization", [])
     bearers = [v for v in values if v[:7].lower() == "bearer " or v.strip().lower() == "bearer"]
     if not bearers:
         return None
     if len(values) != 1:
-        return ""  # two Authorization headers: which one would the app believe?
-    token = bearers[0][7:].strip()
-    if not token or len(token) > MAX_BEARER_CHARS or token.count(".") != 2 or not token.isascii():
+        raise ValueError("more than one Authorization header")
+    token = bearers[0][7:].strip(" \t")
+    if not _TOKEN68.fullmatch(token):
+        raise ValueError("the Bearer credentials are not one token (RFC 6750 2.1)")
+    return token
+
+
+def bearer_token(request: web.Request) -> str | None:
+    """The JWT of an ``Authorization: Bearer`` header; "" for a well-formed Bearer token that cannot be a JWT
+    (it is refused: invalid_token); None when the request carries no bearer at all. Raises
+    ``MalformedAuthorization`` for a malformed header (``bearer_credentials``)."""
+    try:
+        token = bearer_credentials(request)
+    except ValueError as exc:
+        raise MalformedAuthorization(str(exc)) from None
+    if token is None:
+        return None
+    if len(token) > MAX_BEARER_CHARS or token.count(".") != 2:
         return ""
     return token
 

@@ -82,6 +82,8 @@ class HitFirst:
 
     def feed_data(self, data: bytes) -> Any:
         messages, upgraded, tail = self._parser.feed_data(data)
+        if messages and not messages[0][0].path.startswith(self._path):
+            return messages, upgraded, tail  # not <prefix>/auth (a proxied request, a page): aiohttp's, as _hit says
         while messages and not upgraded:
             handler = self._handler
             waiter = handler._waiter

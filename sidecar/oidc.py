@@ -265,6 +265,7 @@ class OidcClient:
         max_age: int | None = None,
         scope: str | None = None,
         offline: bool = False,
+        acr_values: str | None = None,
     ) -> str:
         """``redirect_uri``: the callback built for this request (a relative ``--redirect-url``). ``max_age``
         (OIDC Core 3.1.2.1) makes the provider re-authenticate a user whose last sign-in there is older;
@@ -283,6 +284,8 @@ class OidcClient:
         }
         if max_age is not None:
             params["max_age"] = str(max_age)
+        if acr_values:
+            params["acr_values"] = acr_values
         if offline and "offline_access" not in meta.scopes_supported:
             # Google: a refresh token only for access_type=offline, and on a repeated consent only with
             # prompt=consent. A provider that does not know them ignores them (RFC 6749 3.1).
@@ -323,6 +326,14 @@ class OidcClient:
             return {"Authorization": "Basic " + base64.b64encode(pair.encode()).decode()}, {}
         return {}, {"client_id": self._config.client_id}
 
+    def raise_if_token_paused(self) -> None:
+        """ProviderUnavailable (with the seconds left) while the token endpoint's Retry-After pause lasts."""
+        closed = self._token_closed_until - time.monotonic()
+        if closed > 0:
+            raise ProviderUnavailable(
+                "token endpoint asked for a pause (Retry-After); not asked yet", retry_after=closed
+            )
+
     async def _token_request(self, form: dict[str, str], *, retry: bool) -> dict[str, Any]:
         """POST to the token endpoint. Retries only failures where the provider did not process the
         grant (connection refused, 5xx, 429), never a read timeout: with rotating refresh tokens a
@@ -333,11 +344,7 @@ class OidcClient:
         auth, extra = self._client_auth(meta.secret_in_form)
         attempts = 1 + (self._config.provider_retries if retry else 0)
         for attempt in range(attempts):
-            closed = self._token_closed_until - time.monotonic()
-            if closed > 0:
-                raise ProviderUnavailable(
-                    "token endpoint asked for a pause (Retry-After); not asked yet", retry_after=closed
-                )
+            self.raise_if_token_paused()
             try:
                 return await self._post_token(meta.token_endpoint, {**form, **extra}, auth)
             except _Retryable as exc:

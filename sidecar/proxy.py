@@ -11,11 +11,8 @@ import asyncio
 import base64
 import binascii
 import logging
-import re
 import time
-import unicodedata
-from collections.abc import Mapping
-from urllib.parse import quote, unquote_to_bytes
+from urllib.parse import quote
 
 import aiohttp
 from aiohttp import WSMsgType, web
@@ -24,152 +21,17 @@ from yarl import URL
 
 from . import logs, metrics, pages
 from .config import Config, Upstream
-from .context import AUTHED, BY_SIDECAR_TOKEN, Services, trusted_peer, view_of
+from .context import AUTHED, Services, trusted_peer, view_of
 from .cookies import SessionRef, without_sidecar_cookies
 from .decisions import Decision, Key
 from .errors import BadRequest, SessionGone
+from .forward import Forwarded, answer_headers, forward_headers
 from .guard import BEARER_REF, authorize, is_api_route, read_cookie, sign_in_redirect, wants_html
-from .headers import (
-    HOP_BY_HOP,
-    PROTECTED_PREFIX,
-    UPSTREAM_MEMO,
-    holds_sidecar_token,
-    refused_from_client,
-    upstream_identity_headers_for,
-)
+from .headers import UPSTREAM_MEMO, upstream_identity_headers_for
 from .models import Session
+from .paths import BadPath as BadPath  # re-exported: callers that read paths as the proxy does import them here
+from .paths import normalise_path as normalise_path
 from .stepup import is_stale, required_max_age, start_url, unauthorized
-
-_PATH_SAFE = "/:@!$&'()*+,=-._~"  # what stays literal in a forwarded path; everything else is %XX
-# A path made only of these, with no empty segment and none of only dots: every server reads it the same way.
-_PLAIN = re.compile(r"(?:/(?!\.+(?:/|$))[A-Za-z0-9\-._~!$&'()*+,=:@]+)*/?")
-_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
-
-
-class BadPath(BadRequest):
-    """A path the sidecar will not forward, because upstream servers disagree on what it means."""
-
-
-def normalise_path(raw_path: str) -> str:
-    """The one path that is both matched against skip-auth rules and forwarded upstream.
-
-    The rule: what the skip-auth rules see is byte for byte what the upstream receives, and it is
-    in a form every upstream (Tomcat, Jetty, Spring, nginx, Go, Node, Python) resolves to the same
-    resource. So the raw path is percent-decoded exactly once, segment by segment, as strict UTF-8;
-    empty segments (``//``) are dropped; the result is re-encoded with one canonical escaping
-    (unreserved and sub-delimiter characters literal, everything else ``%XX``). A path is refused
-    with 400 rather than guessed at when, after that one decoding, it has:
-
-    - a control character (NUL, CR, LF, DEL, C1), a backslash, or a slash that was ``%2F`` (also
-      as a fullwidth lookalike that Unicode normalisation turns into one);
-    - a ``;``, raw or ``%3B``: Java servers cut ``;params`` out of each segment, so
-      ``/public/..;/admin`` would be matched as public and served as ``/admin``, and
-      ``/admin;.css`` would match a ``\\.css$`` rule (Spring Security refuses ``;`` too);
-    - a segment ``.`` or ``..`` in any spelling (``%2e``, ``.%2E``), or one that Windows or
-      Unicode normalisation can turn into one: any segment of only dots and spaces (``...``,
-      ``.. ``), fullwidth dots;
-    - a ``%`` that still forms an escape (``%252e``: a second decoding would change it);
-    - a malformed escape (``%zz``), invalid or overlong UTF-8 (``%c0%ae``).
-
-    Browsers resolve dot segments before sending, so only crafted requests are refused.
-    """
-    if _PLAIN.fullmatch(raw_path):
-        return raw_path  # the common case, forwarded exactly as it came
-    if not raw_path.startswith("/"):
-        raise BadPath("malformed path")
-    kept = [_segment(part) for part in raw_path.split("/") if part]
-    path = "/" + "/".join(kept)
-    if kept and raw_path.endswith("/"):
-        path += "/"
-    return quote(path, safe=_PATH_SAFE)
-
-
-def _segment(raw: str) -> str:
-    """One path segment decoded once, or BadPath when servers could read it differently."""
-    if "%" in raw:
-        if raw.count("%") != len(_ESCAPE.findall(raw)):
-            raise BadPath("malformed percent-escape in path")
-        try:
-            text = unquote_to_bytes(raw).decode("utf-8")
-        except UnicodeDecodeError:
-            raise BadPath("path is not valid UTF-8") from None
-        if _ESCAPE.search(text):
-            raise BadPath("double-encoded path")
-    else:
-        text = raw
-    if _CONTROL.search(text):
-        raise BadPath("path has a control character")
-    folded = unicodedata.normalize("NFKC", text)  # what a server that folds Unicode would see
-    if any(ch in folded for ch in "/\\;"):
-        raise BadPath("path has an encoded slash, a backslash or a ';'")
-    if not folded.strip(". "):
-        raise BadPath("path has a segment of only dots or spaces")
-    return text
-
-
-# Expect is answered here (aiohttp's 100 Continue); forwarded, the upstream client waited for the upstream's own 100,
-# and one that reads the body without sending it (RFC 9110 10.1.1) hung the request. nginx drops it too.
-_NOT_FORWARDED = HOP_BY_HOP | {"content-length", "host", "expect"}
-# By the flags of refused_from_client: what is never forwarded, hop-by-hop and sidecar-owned names together.
-_NEVER_FORWARDED = {
-    flags: _NOT_FORWARDED | refused_from_client(*flags)
-    for flags in ((a, t, s) for a in (False, True) for t in (False, True) for s in (False, True))
-}
-_NOTHING: frozenset[str] = frozenset()
-
-
-def _forward_headers(
-    request: web.Request, config: Config, *, trusted: bool, skipped: bool, app_cookie: str | None = None
-) -> dict[str, str]:
-    """The client's headers the app may see: not hop-by-hop, not the sidecar's own, not its cookies.
-
-    The names are checked with set lookups (``headers.refused_from_client``), not a function call per header:
-    a name is dropped when its lower-case form is hop-by-hop, listed in ``Connection`` or the sidecar's, or
-    when its normalised form (``_`` as ``-``) is the sidecar's. ``app_cookie``: the request's one Cookie header
-    as the app sees it, already known (the decision cache keeps it beside the session)."""
-    connection = request.headers.get("Connection")
-    listed = {h.strip().lower() for h in connection.split(",")} if connection else _NOTHING
-    # The client's Authorization is dropped when the sidecar sets its own, and when it held a sidecar-issued
-    # token (no token passthrough: MCP authorization, "Token Passthrough"); only a request with an Authorization
-    # header can have held one, and without one the flag changes nothing (no request-state lookup then).
-    authorization = bool(config.pass_authorization_header) or (
-        "Authorization" in request.headers and request.get(BY_SIDECAR_TOKEN, False)
-    )
-    never = _NEVER_FORWARDED[(authorization, trusted, skipped)]
-    cookie_name = config.cookie_name
-    out: dict[str, str] = {}
-    for name, value in request.headers.items():
-        low = name.lower()
-        if low in never or low in listed:
-            continue
-        if "_" in low:
-            low = low.replace("_", "-")  # X_Auth_Request_User reads as X-Auth-Request-User in some servers
-            if low in refused_from_client(authorization, trusted, skipped):
-                continue
-        if low.startswith(PROTECTED_PREFIX):
-            continue
-        if low == "authorization" and holds_sidecar_token(value):
-            continue  # a sidecar token never reaches the app, on any path (the cookie may have authenticated)
-        if low == "cookie":
-            if cookie_name in value:
-                value = without_sidecar_cookies(value, cookie_name) if app_cookie is None else app_cookie
-                if not value:
-                    continue
-            # several Cookie headers (any spelling) go as one joined by "; " (RFC 9113 8.2.3), never ", "
-            if "Cookie" in out:
-                out["Cookie"] += "; " + value
-            else:
-                out["Cookie"] = value
-            continue
-        if name in out:
-            out[name] += ", " + value
-        else:
-            out[name] = value
-    length = request.content_length
-    if length is not None:
-        out["Content-Length"] = str(length)
-    return out
 
 
 async def handle(request: web.Request, svc: Services) -> web.StreamResponse:
@@ -210,12 +72,17 @@ async def handle(request: web.Request, svc: Services) -> web.StreamResponse:
         forwarded_for = f"{prior}, {remote}" if prior else str(remote)
     else:  # what view_of concludes for any other peer, without building the view
         trusted, scheme, host, forwarded_for = False, "https" if request.secure else "http", request.host, str(remote)
-    forward = _forward_headers(request, config, trusted=trusted, skipped=skip, app_cookie=app_cookie)
-    forward.update(headers)
-    forward["X-Forwarded-For"] = forwarded_for
-    forward["X-Forwarded-Proto"] = scheme
-    forward["X-Forwarded-Host"] = host
-    forward["Host"] = request.host  # the client's: apps build links and compare Origin with it
+    forward = forward_headers(
+        request,
+        config,
+        headers,
+        trusted=trusted,
+        skipped=skip,
+        forwarded_for=forwarded_for,
+        scheme=scheme,
+        host=host,
+        app_cookie=app_cookie,
+    )
     query = request.rel_url.raw_query_string
     # encoded=True: the upstream receives exactly the path the skip-auth rules saw (yarl would
     # otherwise re-quote it, e.g. turn %3B into ';').
@@ -336,7 +203,7 @@ async def _request_body(request: web.Request) -> bytes | aiohttp.StreamReader | 
     return request.content
 
 
-async def _stream(request: web.Request, svc: Services, url: URL, headers: dict[str, str]) -> web.StreamResponse:
+async def _stream(request: web.Request, svc: Services, url: URL, headers: Forwarded) -> web.StreamResponse:
     assert svc.upstream_http is not None
     body = await _request_body(request) if request.body_exists else None
     started = time.monotonic()
@@ -359,7 +226,7 @@ async def _stream(request: web.Request, svc: Services, url: URL, headers: dict[s
         length = upstream.content_length
         whole = length is not None and length <= WHOLE_BODY and request.method != "HEAD"
         kind = _WholeAnswer if whole else web.StreamResponse
-        response = kind(status=upstream.status, reason=upstream.reason, headers=_answer_headers(upstream))
+        response = kind(status=upstream.status, reason=upstream.reason, headers=answer_headers(upstream))
         if length is None and request.method != "HEAD" and upstream.status not in (204, 304):
             response.enable_chunked_encoding()
         try:
@@ -422,18 +289,7 @@ class _WholeAnswer(web.StreamResponse):
     _send_headers_immediately = False
 
 
-def _answer_headers(upstream: aiohttp.ClientResponse) -> Mapping[str, str] | list[tuple[str, str]]:
-    """The upstream's response headers without hop-by-hop ones and those its ``Connection`` lists (a
-    hop-by-hop name, so the common answer, with none of them, is passed on as it is: one check per name)."""
-    headers = upstream.headers
-    if HOP_BY_HOP.isdisjoint(map(str.lower, headers.keys())):
-        return headers
-    connection = headers.get("Connection")
-    dropped = HOP_BY_HOP | {h.strip().lower() for h in connection.split(",")} if connection else HOP_BY_HOP
-    return [(name, value) for name, value in headers.items() if name.lower() not in dropped]
-
-
-async def _websocket(request: web.Request, svc: Services, url: URL, headers: dict[str, str]) -> web.StreamResponse:
+async def _websocket(request: web.Request, svc: Services, url: URL, headers: Forwarded) -> web.StreamResponse:
     """Open the upstream WebSocket (with the client's Host and Origin), then pump messages both ways."""
     assert svc.upstream_http is not None
     for name in [n for n in headers if n.lower().startswith("sec-websocket-")]:

@@ -18,9 +18,10 @@ from .context import Services, services, view_of
 from .cookies import CLOCK_LEEWAY, MAX_COOKIE_CHARS, SignInAttempt, state_cookie_suffix
 from .errors import BadRequest, InvalidCookie, InvalidState, StoreUnavailable, TokenValidationError
 from .guard import callback_url, clear_cookie, read_cookie, request_cookies, set_cookie
+from .models import TokenSet
 from .oidc import Pkce
+from .paths import normalise_path
 from .policy import identity_from_claims, why_denied
-from .proxy import normalise_path
 from .ratelimit import retry_after
 from .stepup import callback_problem, parse_max_age, required_max_age
 from .urls import safe_redirect
@@ -110,16 +111,25 @@ async def begin_sign_in(
     purpose: str = "",
     scope: str | None = None,
     offline: bool = False,
+    acr_values: str | None = None,
 ) -> web.Response:
     """The redirect to the provider, with this attempt sealed in its own cookie. ``purpose`` ("kind:id")
     hands the callback's tokens to ``svc.sign_in_finishers[kind]`` instead of making a browser session;
     ``scope`` replaces ``--scope`` for this sign-in (``sidecar.oauth`` adds ``offline_access``); ``offline``: it
-    needs a refresh token (``OidcClient.authorize_url``)."""
+    needs a refresh token (``OidcClient.authorize_url``); ``acr_values`` is asked of the provider as it is (the
+    finisher checks the ``acr`` it gets, ``sidecar.oauth.acr``)."""
     state, nonce, pkce = secrets.token_urlsafe(32), secrets.token_urlsafe(32), Pkce.new()
     redirect_uri = callback_url(request, svc.config)  # sealed in the attempt: the code exchange sends the same
     attempt = SignInAttempt(state, pkce.verifier, nonce, rd, redirect_uri, max_age=max_age, purpose=purpose)
     url = await svc.oidc.authorize_url(
-        state, nonce, pkce, redirect_uri=redirect_uri, max_age=max_age, scope=scope, offline=offline
+        state,
+        nonce,
+        pkce,
+        redirect_uri=redirect_uri,
+        max_age=max_age,
+        scope=scope,
+        offline=offline,
+        acr_values=acr_values,
     )
     response = web.Response(status=302, headers={"Location": url, "Cache-Control": "no-store"})
     _clear_old_attempts(request, response, svc, keep=MAX_ATTEMPT_COOKIES - 1)
@@ -185,6 +195,9 @@ async def callback(request: web.Request, svc: Services) -> web.Response:
     if issuer is None and (await svc.oidc.metadata()).iss_in_responses:
         # RFC 9207 2.4: a provider that says it names itself in every answer did not send this one (mix-up)
         raise InvalidState("callback lacks the iss its provider always sends (RFC 9207)")
+    # Before the state is used up: the same callback, reloaded once the provider's Retry-After pause is over (our
+    # 503 says when), still signs in; the code was not sent, so it is still good.
+    svc.oidc.raise_if_token_paused()
     await _claim(svc, state, STATE_TTL + CLOCK_LEEWAY)
     tokens = await svc.oidc.exchange_code(code, attempt.verifier, attempt.redirect_uri)
     if not tokens.id_token:
@@ -192,10 +205,12 @@ async def callback(request: web.Request, svc: Services) -> web.Response:
     claims = await svc.oidc.validate_id_token(tokens.id_token, nonce=attempt.nonce)
     stale = None if attempt.max_age is None else callback_problem(claims, attempt.max_age, time.time())
     if stale is not None:
+        await _drop_unused(svc, attempt, tokens)
         return _step_up_refused(request, config, cookie_name, stale)
     identity = identity_from_claims(claims, config)
     denied = why_denied(identity, config)
     if denied is not None:
+        await _drop_unused(svc, attempt, tokens)
         metrics.DECISIONS.add("403")
         log_denial(request, identity, denied, "/oauth2/callback")
         response = pages.forbidden(request, identity.email or identity.user)
@@ -221,6 +236,16 @@ async def callback(request: web.Request, svc: Services) -> web.Response:
     _clear_old_attempts(request, response, svc, keep=MAX_ATTEMPT_COOKIES, max_age=PARALLEL_TABS_WINDOW)
     clear_cookie(response, config, cookie_name)
     return response
+
+
+async def _drop_unused(svc: Services, attempt: SignInAttempt, tokens: TokenSet) -> None:
+    """A grant's sign-in (``purpose``) refused here leaves an upstream refresh token nobody will ever use (asked
+    with offline_access or Google's access_type=offline: valid for months): revoked, as the grant finisher does
+    when it makes no grant (best effort, never raises). A browser sign-in's is left alone: revoking it could end
+    the provider session the browser's current sidecar session still refreshes with."""
+    if attempt.purpose and tokens.refresh_token:
+        outcome = await svc.oidc.revoke(tokens.refresh_token, "refresh_token")
+        logs.event("sign_in_tokens_dropped", {"purpose": attempt.purpose.partition(":")[0], "refresh_token": outcome})
 
 
 def _step_up_refused(request: web.Request, config: Config, cookie_name: str, problem: str) -> web.Response:

@@ -90,8 +90,7 @@ async def test_token_reaches_only_its_resource_and_never_the_upstream() -> None:
         "sca.short",
         "scr.AAAAAAAAAAAAAAAAAAAAAA." + "A" * 43,  # a refresh token is not an access token
         "eyJhbGciOiJSUzI1NiJ9.e30.sig",  # a JWT without --skip-jwt-bearer-tokens
-        "",
-    ],
+    ],  # "Bearer " with no token is malformed: 400 invalid_request (test_bearer_malformed)
 )
 async def test_bad_tokens_get_invalid_token(token: str) -> None:
     async with guarded_stack() as (st, seen):

@@ -65,11 +65,19 @@ async def test_ingress_nginx_original_url_names_the_resource() -> None:
         issued = await new_grant(st, "/mcp")
         _, tokens, _ = await redeem(st.base, issued)
         token = tokens["access_token"]
+        # The shipped Ingress adds X-Routed-Host: $host (auth-proxy-set-headers); without it no token is taken.
+        routed = {"X-Routed-Host": "127.0.0.1"}
         status, _, resp = await get(st.base + "/oauth2/auth", token, **{"X-Original-URL": st.base + "/mcp/tools?x=1"})
+        assert status == 401
+        status, _, resp = await get(
+            st.base + "/oauth2/auth", token, **{"X-Original-URL": st.base + "/mcp/tools?x=1"}, **routed
+        )
         assert status == 202 and resp.headers["X-Auth-Request-Email"] == "alice@example.com"
-        status, _, resp = await get(st.base + "/oauth2/auth", token, **{"X-Original-URL": st.base + "/api/tools"})
+        status, _, resp = await get(
+            st.base + "/oauth2/auth", token, **{"X-Original-URL": st.base + "/api/tools"}, **routed
+        )
         assert status == 401 and 'error="invalid_token"' in resp.headers["WWW-Authenticate"]
-        status, _, resp = await get(st.base + "/oauth2/auth", **{"X-Original-URL": st.base + "/api"})
+        status, _, resp = await get(st.base + "/oauth2/auth", **{"X-Original-URL": st.base + "/api"}, **routed)
         assert status == 401 and "oauth-protected-resource/api" in resp.headers["WWW-Authenticate"]
 
 

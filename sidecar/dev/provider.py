@@ -25,6 +25,8 @@ from aiohttp import web
 
 from .provider_grants import TokenGrants
 from .provider_model import (
+    ACR_LEVELS,
+    ACR_MODES,
     AT_HASH_MODES,
     DEFAULT_USERS,
     ENDPOINT_FAULT_KINDS,
@@ -135,6 +137,7 @@ class DevProvider(TokenGrants):
         self.refresh_tokens = "always"  # see REFRESH_TOKEN_POLICIES
         self.issuer_trailing_slash = False  # the issuer identifier ends in "/" (Auth0); endpoints do not
         self._consented: set[tuple[str, str]] = set()  # (user, client) pairs that consented once (google)
+        self.acr_mode = "honour"  # see ACR_MODES
         self.send_iss = True  # RFC 9207 iss in authorization responses, said in discovery (off: Google, Entra ID)
         self.token_overrides: dict[str, Any] = {}  # merged into every token response; None removes a field
         self.endpoint_faults: dict[str, tuple[str, float]] = {}  # "discovery"/"jwks"/"revoke" -> (kind, delay)
@@ -186,6 +189,7 @@ class DevProvider(TokenGrants):
             "id_token_signing_alg_values_supported": self.keys.algs(),
             "token_endpoint_auth_methods_supported": list(self.client_auth_methods),
             "subject_types_supported": ["public"],
+            "acr_values_supported": list(ACR_LEVELS),
             "scopes_supported": [s for s in SCOPES if s != "offline_access" or self.refresh_tokens != "google"],
             "claims_supported": [
                 "iss",
@@ -225,6 +229,9 @@ class DevProvider(TokenGrants):
             elif key == "signing_alg":
                 if value not in SIGNING_ALGS:
                     raise ValueError(f"signing_alg must be one of {SIGNING_ALGS}")
+            elif key == "acr_mode":
+                if value not in ACR_MODES:
+                    raise ValueError(f"acr_mode must be one of {ACR_MODES}")
             elif key == "refresh_tokens":
                 if value not in REFRESH_TOKEN_POLICIES:
                     raise ValueError(f"refresh_tokens must be one of {REFRESH_TOKEN_POLICIES}")
@@ -259,6 +266,7 @@ class DevProvider(TokenGrants):
             "signing_alg",
             "client_auth",
             "refresh_tokens",
+            "acr_mode",
         )
         return {name: getattr(self, name) for name in names}
 
@@ -292,6 +300,13 @@ class DevProvider(TokenGrants):
         self._consented.add(pair)
         prompt = params.get("prompt", "").split()
         return params.get("access_type") == "offline" and (first or "consent" in prompt)
+
+    def acr_for(self, acr_values: str | None) -> str | None:
+        """The ID token's ``acr`` for an authorization that asked ``acr_values`` (see ACR_MODES); None: no claim."""
+        if acr_values is None or self.acr_mode == "none":
+            return None
+        wanted = [v for v in acr_values.split() if v in ACR_LEVELS] if self.acr_mode == "honour" else []
+        return wanted[0] if wanted else ACR_LEVELS[0]
 
     @property
     def client_auth_methods(self) -> tuple[str, ...]:

@@ -93,6 +93,7 @@ class TokenGrants:
         scope: str,
         auth_time: int | None = None,
         offline: bool = True,
+        acr: str | None = None,
     ) -> str:
         """A single-use code bound to everything the token request must match. ``auth_time``: when the user
         logged in (a remembered login's time), else now. ``offline``: its exchange issues a refresh token."""
@@ -109,6 +110,7 @@ class TokenGrants:
             now + self.code_ttl,
             int(now) if auth_time is None else auth_time,
             offline=offline,
+            acr=acr,
         )
         self.codes_issued += 1
         return code
@@ -136,7 +138,9 @@ class TokenGrants:
         user = self.users.get(grant.username)
         if user is None:
             raise OAuthError("invalid_grant", "user no longer exists")
-        fam = RefreshFamily(random_token(12), grant.username, client.client_id, grant.scope, grant.auth_time)
+        fam = RefreshFamily(
+            random_token(12), grant.username, client.client_id, grant.scope, grant.auth_time, acr=grant.acr
+        )
         self._families[fam.family_id] = fam
         grant.family_id = fam.family_id
         token, expires_at = self._new_refresh_token(fam) if grant.offline else (None, time.time())
@@ -261,6 +265,8 @@ class TokenGrants:
             }
             if self.send_auth_time:
                 claims["auth_time"] = fam.auth_time
+            if fam.acr is not None:
+                claims["acr"] = fam.acr
             if nonce is not None:
                 claims["nonce"] = nonce
             if self.send_sid:

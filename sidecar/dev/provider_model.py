@@ -27,6 +27,11 @@ ENDPOINT_FAULT_KINDS = ("500", "slow", "invalid_json")
 """What ``break_endpoint`` can make discovery or the JWKS do (``slow``: wait ``delay``, then answer)."""
 
 SIGNING_ALGS = ("RS256", "PS256", "ES256", "EdDSA")
+ACR_LEVELS = ("urn:dev:loa:1", "urn:dev:loa:2")
+"""The authentication context classes the provider can do (discovery's ``acr_values_supported``); 1 is a password."""
+ACR_MODES = ("honour", "basic", "none")
+"""``acr_mode``, what the ID token says when ``acr_values`` was asked: the first asked value it can do (else level
+1), level 1 whatever was asked (a provider that ignores acr_values), or no ``acr`` claim at all."""
 """What the provider can sign with (``signing_alg``): the algorithms real providers use for ID tokens."""
 
 AT_HASH_MODES = ("good", "bad", "none")
@@ -111,6 +116,7 @@ class AuthCode:
     used: bool = False
     family_id: str | None = None
     offline: bool = True  # the code exchange issues a refresh token
+    acr: str | None = None  # the ID token's acr claim (only when acr_values was asked)
 
 
 @dataclass
@@ -123,6 +129,7 @@ class RefreshFamily:
     scope: str
     auth_time: int
     revoked: bool = False
+    acr: str | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
 

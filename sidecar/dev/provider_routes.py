@@ -38,6 +38,7 @@ _AUTHORIZE_PARAMS = (
     "prompt",
     "login_hint",
     "max_age",
+    "acr_values",
 )
 SSO_COOKIE = "dev_provider_sso"  # scoped to /authorize: the relying party on the same host never sees it
 
@@ -188,6 +189,7 @@ class ProviderRoutes:
             params.get("scope", "openid"),
             auth_time,
             offline=self.p.offline_allowed(username, params),
+            acr=self.p.acr_for(params.get("acr_values")),
         )
         query = {"code": code}
         if self.p.send_iss:

@@ -44,6 +44,7 @@ from ..policy import why_denied
 from ..ratelimit import retry_after
 from ..stepup import parse_max_age
 from . import cimd, pages
+from .acr import UNMET, parse_acr_values, unmet
 from .client_metadata import redirect_registered
 from .limits import new_document_wait
 from .model import GRANT_AUTHORIZATION_CODE, Client, DeviceAuthorization
@@ -69,6 +70,7 @@ _SINGLE = (
     "scope",
     "resource",
     "max_age",
+    "acr_values",
     "prompt",
     "response_mode",
     "nonce",
@@ -168,6 +170,7 @@ class Pending:
     approved: bool = False
     nonce: str = ""
     max_age: int | None = None  # OIDC Core 3.1.2.1: the grant's upstream sign-in must be at most this old
+    acr_values: str = ""  # OIDC Core 3.1.2.1: classes the grant's upstream sign-in must meet (``acr``)
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
@@ -320,6 +323,7 @@ async def authorize(request: web.Request, svc: Services) -> web.Response:
         code_challenge=query["code_challenge"],
         nonce=query.get("nonce", ""),
         max_age=parse_max_age(query["max_age"]) if "max_age" in query else None,
+        acr_values=parse_acr_values(query["acr_values"]) or "" if "acr_values" in query else "",
     )
     return await consent_page(request, svc, authed, client, pending)
 
@@ -352,6 +356,8 @@ def _request_problem(query: Any, client: Client) -> tuple[str, str] | None:
             return f"{name}_not_supported", f"the {name} parameter is not supported"
     if "max_age" in query and parse_max_age(query["max_age"]) is None:
         return "invalid_request", "max_age must be a whole number of seconds"
+    if "acr_values" in query and parse_acr_values(query["acr_values"]) is None:
+        return "invalid_request", "acr_values must be up to 10 space-separated printable ASCII values"
     nonce = query.get("nonce", "")
     if len(nonce) > MAX_NONCE_CHARS or not nonce.isascii() or not nonce.isprintable():
         return "invalid_request", "nonce must be printable ASCII of at most 512 characters"
@@ -397,6 +403,7 @@ async def consent(request: web.Request, svc: Services) -> web.Response:
         purpose=f"grant:{pending_id}",
         scope=await grant_scope(svc),
         max_age=pending.max_age,
+        acr_values=pending.acr_values or None,
         offline=True,
     )
 
@@ -450,6 +457,12 @@ async def finish_grant(
     if client is None:
         await _drop_upstream(oauth, tokens)
         return pages.message(config, "Request expired", "The application's registration expired.", 400)
+    unmet_why = unmet(claims, pending.acr_values) if pending.acr_values else None
+    if unmet_why is not None:  # fail-closed (acr.py): no grant, and the client is told why
+        logs.event("oauth_grant_refused", {"client_id": pending.client_id, "reason": UNMET})
+        await _drop_upstream(oauth, tokens)
+        params = {"error": UNMET, "error_description": unmet_why, "state": pending.state}
+        return to_client(pending.redirect_uri, {**params, "iss": oauth.issuer(request)})
     if pending.kind == "device" and not await _device_waiting(oauth, pending):
         await _drop_upstream(oauth, tokens)
         return pages.message(config, "Code expired", "The device code expired or was used; start again.", 400)

@@ -93,6 +93,8 @@ def mint(
     }
     if nonce:
         claims["nonce"] = nonce
+    if session.acr:  # how the grant's upstream sign-in authenticated the user (acr_values: sidecar.oauth.acr)
+        claims["acr"] = session.acr
     granted = scope.split(" ")
     if "profile" in granted and (identity.preferred_username or identity.user):
         claims["preferred_username"] = identity.preferred_username or identity.user

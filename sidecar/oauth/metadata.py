@@ -21,7 +21,7 @@ from .service import OAUTH
 
 AS_PATH = "/.well-known/oauth-authorization-server"
 OIDC_PATH = "/.well-known/openid-configuration"
-CLAIMS = ("iss", "sub", "aud", "exp", "iat", "auth_time", "nonce", "at_hash", "preferred_username", "email")
+CLAIMS = ("iss", "sub", "aud", "exp", "iat", "auth_time", "acr", "nonce", "at_hash", "preferred_username", "email")
 PRM_PATH = "/.well-known/oauth-protected-resource"
 
 

@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from ..bearer import MalformedAuthorization, bearer_credentials
 from ..context import original_of, view_of
 from ..cookies import SessionRef
 from ..errors import BadRequest, InvalidCookie, ProviderUnavailable, SessionGone
 from ..models import Session
-from ..proxy import normalise_path
+from ..paths import normalise_path
 from . import cors
 from . import tokens as tk
 from .scopes import SCOPES as VOCABULARY
@@ -63,8 +64,11 @@ class ResourceGuardImpl:
                 return resource
         return None
 
+    def _metadata(self, request: web.Request, resource: str) -> str:
+        return f"{self._server.issuer(request)}/.well-known/oauth-protected-resource{resource}"
+
     def _invalid(self, request: web.Request, resource: str) -> web.HTTPUnauthorized:
-        metadata = f"{self._server.issuer(request)}/.well-known/oauth-protected-resource{resource}"
+        metadata = self._metadata(request, resource)
         return web.HTTPUnauthorized(
             headers={
                 "WWW-Authenticate": f'Bearer resource_metadata="{metadata}", error="invalid_token"',
@@ -78,13 +82,15 @@ class ResourceGuardImpl:
         resource = self._resource_path(request)
         if resource is None:
             return None
-        values = request.headers.getall("Authorization", [])
-        bearers = [v for v in values if v[:7].lower() == "bearer " or v.strip().lower() == "bearer"]
-        if not bearers:
+        try:
+            token = bearer_credentials(request)
+        except ValueError as exc:  # RFC 6750 3.1: a malformed request is 400 invalid_request (401 to a front)
+            metadata = f'resource_metadata="{self._metadata(request, resource)}"'
+            raise MalformedAuthorization(str(exc), metadata, cors.challenge_headers(request)) from None
+        if token is None:
             return None  # no token: the cookie decides, then challenge() answers the 401
-        token = bearers[0][7:].strip()
-        if len(values) != 1 or not tk.looks_like_ours(token):
-            if self._skip_jwt and len(values) == 1 and not tk.looks_like_ours(token):
+        if not tk.looks_like_ours(token):
+            if self._skip_jwt:
                 return None  # --skip-jwt-bearer-tokens: the JWT verifier judges it
             raise self._invalid(request, resource)
         return await self._session_for(request, token, resource)
