@@ -20,7 +20,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from sidecar.auth_request import AuthRequest
 from sidecar.guard import read_cookie, request_cookies
 from sidecar.store import MemoryStore
-from tests.stack import Stack, stack
+from tests.e2e.chromium import one_page
+from tests.stack import Stack, free_port, stack
 from tests.test_auth_listener import auth_listener as lean
 from tests.test_auth_listener import header
 from tests.test_decisions import TOKENS, port_of
@@ -117,3 +118,32 @@ async def test_a_name_with_other_unicode_space_is_not_the_session_cookie_for_any
                 assert crumbs(seen.get("cookie")) == crumbs(passed) and cookie not in str(seen), (lines, seen)
             got = await send(port_of(st.base), "/oauth2/userinfo", lines)
             assert got[0] == (200 if status == 202 else 401), (lines, got[0])
+
+
+async def test_chromium_keeps_a_tossed_look_alike_cookie_apart_and_so_does_the_sidecar(st: Stack) -> None:
+    """The real counterpart of the families above: another server on the same host (cookies ignore ports, RFC
+    6265 8.5: another app there, or a sibling domain with Domain=) sets "\\u00a0_sidecar" holding a valid
+    session; Chromium keeps it a cookie of its own beside none of ours, sends it, and the sidecar must not take
+    it for its session cookie (before: /oauth2/userinfo answered as that session)."""
+    cookie = await signed_in(st)
+
+    async def toss(request: web.Request) -> web.Response:
+        response = web.Response(text="tossed")
+        response.headers.add("Set-Cookie", f"\u00a0_sidecar={cookie}; Path=/")
+        return response
+
+    tosser = web.Application()
+    tosser.router.add_get("/", toss)
+    runner = web.AppRunner(tosser)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async with one_page() as page:
+            await page.goto(f"http://127.0.0.1:{port}/")
+            names = [c["name"] for c in await page.context.cookies(st.base)]
+            assert names == ["\u00a0_sidecar"], names  # stored under its own name, sent to the sidecar's port too
+            answer = await page.goto(st.base + "/oauth2/userinfo")
+            assert answer is not None and answer.status == 401, (answer and answer.status, names)
+    finally:
+        await runner.cleanup()
