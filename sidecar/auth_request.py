@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from functools import cached_property
-from http.cookies import SimpleCookie
 from typing import Any
 
 from aiohttp import web
@@ -73,16 +72,6 @@ class AuthRequest:
     @cached_property
     def url(self) -> URL:
         return URL.build(scheme="http", authority=self.host or "localhost").join(self.rel_url._url_or_build())
-
-    @cached_property
-    def cookies(self) -> dict[str, str]:
-        parsed: SimpleCookie = SimpleCookie()
-        for value in self.headers.getall("Cookie", []):
-            try:
-                parsed.load(value)
-            except Exception:  # a malformed Cookie header is no cookies, as in aiohttp
-                continue
-        return {name: morsel.value for name, morsel in parsed.items()}
 
     def get(self, key: Any, default: Any = None) -> Any:
         return self._keys.get(key, default)

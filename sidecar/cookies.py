@@ -32,6 +32,9 @@ from .errors import InvalidCookie, InvalidState
 
 SID_BYTES = 32  # 256-bit session ids
 MAX_COOKIE_CHARS = 4096
+# What a Cookie header trims around names and values: SP and HTAB (RFC 6265 5.2, as browsers), never str.strip()'s
+# other Unicode spaces: Chromium keeps "\u00a0_sidecar" a cookie of its own, which must not read as "_sidecar".
+WSP = " \t"
 CLOCK_LEEWAY = 60.0  # seconds a cookie may appear signed in the future (another replica's clock)
 _CACHE_LIMIT = 10_000
 
@@ -212,10 +215,10 @@ def without_sidecar_cookies(header: str, cookie_name: str) -> str:
     kept = []
     own = cookie_name + "_"
     for part in header.split(";"):
-        name = part.split("=", 1)[0].strip()
+        name = part.split("=", 1)[0].strip(WSP)
         if name == cookie_name or name.startswith(own):
             continue
-        kept.append(part.strip())
+        kept.append(part.strip(WSP))
     return "; ".join(p for p in kept if p)
 
 

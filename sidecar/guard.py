@@ -18,7 +18,7 @@ from . import logs
 from .bearer import bearer_token, invalid_token
 from .config import Config
 from .context import AUTHED, BY_SIDECAR_TOKEN, SERVICES, Services, services, trusted_peer, view_of
-from .cookies import SessionRef, cookie_domain_for
+from .cookies import WSP, SessionRef, cookie_domain_for
 from .errors import InvalidCookie, SessionGone
 from .models import Session
 from .policy import why_denied
@@ -37,8 +37,8 @@ def read_cookie(request: web.Request, name: str) -> str | None:
     if name in header:
         for part in header.split(";"):  # inline, not _crumb: this is every request's case
             key, sep, value = part.partition("=")
-            if sep and key.strip() == name:
-                return value.strip()
+            if sep and key.strip(WSP) == name:
+                return value.strip(WSP)
     joined = cookie_header(request.headers)
     return None if joined is None or joined is header or name not in joined else _crumb(joined, name)
 
@@ -59,15 +59,15 @@ def request_cookies(request: web.Request) -> dict[str, str]:
     for part in (cookie_header(request.headers) or "").split(";"):
         key, sep, value = part.partition("=")
         if sep:
-            found.setdefault(key.strip(), value.strip())
+            found.setdefault(key.strip(WSP), value.strip(WSP))
     return found
 
 
 def _crumb(header: str, name: str) -> str | None:
     for part in header.split(";"):
         key, sep, value = part.partition("=")
-        if sep and key.strip() == name:
-            return value.strip()
+        if sep and key.strip(WSP) == name:
+            return value.strip(WSP)
     return None
 
 

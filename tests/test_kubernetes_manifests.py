@@ -669,6 +669,52 @@ def test_ingress_nginx_overlay() -> None:
     assert env["SIDECAR_TRUSTED_PROXY"] not in ("", "127.0.0.1/32")
 
 
+PROXY_SET_HEADERS = "nginx.ingress.kubernetes.io/auth-proxy-set-headers"
+NAMESPACE_LINE = "namespace: sidecar-demo\n"
+
+
+def auth_proxy_set_headers(docs: list[dict[str, Any]], ingress: dict[str, Any]) -> dict[str, str]:
+    """The headers ingress-nginx adds to an Ingress's auth sub-request, resolved as the controller resolves
+    auth-proxy-set-headers (internal/ingress/annotations/authreq/main.go): the value is handed as it stands to
+    the ConfigMap lister, whose keys are "<namespace>/<name>", so a bare name finds nothing and the controller
+    denies the Ingress's location (503 for every request); a namespace other than the Ingress's is refused
+    (allow-cross-namespace-resources is off by default); header names must match ^[a-zA-Z0-9_-]+$."""
+    value = ingress["metadata"]["annotations"][PROXY_SET_HEADERS]
+    where = f"Ingress/{ingress['metadata']['name']}: {PROXY_SET_HEADERS} {value!r}"
+    namespace, slash, name = value.partition("/")
+    assert slash and "/" not in name, f"{where}: the controller looks up <namespace>/<name>; a bare name is denied"
+    assert namespace == namespace_of(ingress), f"{where}: another namespace than the Ingress's is refused"
+    (found,) = [d for d in find(docs, "ConfigMap", name) if namespace_of(d) == namespace] or [None]
+    assert found is not None, f"{where}: no ConfigMap {value} in the build"
+    data: dict[str, str] = found.get("data", {})
+    assert all(re.fullmatch(r"[a-zA-Z0-9_-]+", key) for key in data), (where, data)
+    return data
+
+
+def test_ingress_nginx_sends_the_routed_host_to_the_sidecar() -> None:
+    """The shipped Ingress's auth-proxy-set-headers resolves, as the controller looks it up, to the ConfigMap
+    that adds X-Routed-Host: $host (the sidecar takes no OAuth token from ingress-nginx without it)."""
+    docs = rendered("ingress-nginx")
+    app = one(docs, "Ingress", "demo-app")
+    assert auth_proxy_set_headers(docs, app) == {"X-Routed-Host": "$host"}
+
+
+def test_the_routed_host_configmap_follows_the_namespace(tmp_path: Path) -> None:
+    """Changing the overlay's one "namespace:" line moves the ConfigMap, and the annotation naming it follows
+    (the replacements in kustomization.yaml), as the auth-url's Service name does."""
+    copied = tmp_path / "kubernetes"
+    shutil.copytree(K8S, copied)
+    kustomization = copied / "overlays" / "ingress-nginx" / "kustomization.yaml"
+    text = kustomization.read_text()
+    assert text.count(NAMESPACE_LINE) == 1
+    kustomization.write_text(text.replace(NAMESPACE_LINE, "namespace: team-a\n"))
+    docs = kustomize(copied / "overlays" / "ingress-nginx")
+    app = one(docs, "Ingress", "demo-app")
+    assert namespace_of(app) == "team-a"
+    assert app["metadata"]["annotations"][PROXY_SET_HEADERS] == "team-a/sidecar-auth-headers"
+    assert auth_proxy_set_headers(docs, app) == {"X-Routed-Host": "$host"}
+
+
 # What a browser needs of the sidecar; never /oauth2/auth, which answers with the access token.
 BROWSER_ENDPOINTS = {
     "/oauth2/start",
@@ -843,6 +889,28 @@ def readme_yaml_block(containing: str) -> dict[str, Any]:
     doc = yaml.safe_load(text)
     assert isinstance(doc, dict), text
     return doc
+
+
+def test_every_ingress_asking_the_sidecar_sends_the_routed_host() -> None:
+    """An Ingress with the sidecar's auth-url and no auth-proxy-set-headers passes a client's own X-Routed-Host
+    on to /oauth2/auth (proxy_pass_request_headers; tests/e2e/test_real_fronts.py shows it through nginx), and
+    the sidecar cannot tell it from nginx's: on that Ingress's host a token for another host is taken again.
+    So every Ingress asking the sidecar, shipped or shown in deploy/kubernetes/README.md (cookie-only ones
+    too), carries the annotation naming the ConfigMap, as <namespace>/<name>."""
+    docs = rendered("ingress-nginx")
+    asking = [
+        i
+        for i in find(docs, "Ingress")
+        if "nginx.ingress.kubernetes.io/auth-url" in i["metadata"].get("annotations", {})
+    ]
+    assert asking
+    for ingress in asking:
+        assert auth_proxy_set_headers(docs, ingress) == {"X-Routed-Host": "$host"}
+    blocks = re.findall(r"^( *)```yaml\n(.*?)^\1```", K8S_README.read_text(), flags=re.M | re.S)
+    shown = [body for _, body in blocks if "nginx.ingress.kubernetes.io/auth-url" in body]
+    assert len(shown) >= 3
+    for body in shown:
+        assert PROXY_SET_HEADERS + ': "sidecar-demo/sidecar-auth-headers"' in body, body[:300]
 
 
 def relative_to(tmp_path: Path, target: Path) -> str:

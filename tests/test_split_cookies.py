@@ -2,9 +2,11 @@
 header line of its own, and a front may pass them on so): every place the sidecar reads a cookie reads them
 joined by "; ", the first of a name winning, and the decision cache keeps nothing for such a request.
 
-The fronts the repository ships (nginx, Traefik, Caddy: Go's HTTP/2 server) join the crumbs before they
-reach the sidecar, so no real front here produces split headers; these are the hand-made variants. Real
-app, dev provider, raw sockets (a client library would join or reorder the headers)."""
+The fronts the repository ships join an HTTP/2 client's cookie crumbs into one line (nginx's
+ngx_http_v2_construct_cookie_header, Go's HTTP/2 server for Traefik and Caddy), but pass an HTTP/1.1
+client's several Cookie lines on as they came (tests/e2e/test_real_fronts.py sends them through each);
+these are the hand-made hostile variants at the sidecar itself. Real app, dev provider, raw sockets (a
+client library would join or reorder the headers)."""
 
 from __future__ import annotations
 

@@ -103,16 +103,25 @@ def shipped_ingresses() -> dict[str, dict[str, Any]]:
     return {doc["metadata"]["name"]: doc for doc in yaml.safe_load_all(INGRESS.read_text()) if doc}
 
 
-def auth_proxy_set_headers(annotations: dict[str, str]) -> dict[str, str]:
-    """The ConfigMap an Ingress's auth-proxy-set-headers names, from the overlay's configMapGenerator."""
+def auth_proxy_set_headers(annotations: dict[str, str]) -> dict[str, str] | None:
+    """The headers of the ConfigMap an Ingress's auth-proxy-set-headers names, looked up as the controller does
+    (internal/ingress/annotations/authreq/main.go): the annotation's value is the lister's key as it stands,
+    "<namespace>/<name>" (a bare name finds no ConfigMap: the informer's keys all have a namespace), and
+    another namespace than the Ingress's is refused. None when the controller would deny the location (it
+    then answers 503 there). The ConfigMaps are the overlay's configMapGenerator, in its namespace."""
     wanted = annotations.get("nginx.ingress.kubernetes.io/auth-proxy-set-headers")
     if wanted is None:
         return {}
-    generated = yaml.safe_load(KUSTOMIZATION.read_text())["configMapGenerator"]
-    found = [g for g in generated if g["name"] == wanted]
-    if len(found) != 1:
-        pytest.fail(f"{KUSTOMIZATION} must generate the ConfigMap {wanted!r} the Ingress names", pytrace=False)
-    return dict(item.split("=", 1) for item in found[0]["literals"])
+    overlay = yaml.safe_load(KUSTOMIZATION.read_text())
+    namespace = overlay["namespace"]  # the Ingress's and the generated ConfigMaps' namespace
+    parts = wanted.split("/")
+    if len(parts) > 2 or (len(parts) == 2 and parts[0] != namespace):
+        return None  # not a key, or cross-namespace (allow-cross-namespace-resources is off by default)
+    store = {f"{namespace}/{g['name']}": g for g in overlay["configMapGenerator"]}
+    found = store.get(wanted)
+    if found is None:
+        return None  # "unable to find configMap": the location is denied
+    return dict(item.split("=", 1) for item in found["literals"])
 
 
 def _auth_location(name: str, annotations: dict[str, str], sidecar: str) -> str:
@@ -122,7 +131,7 @@ def _auth_location(name: str, annotations: dict[str, str], sidecar: str) -> str:
     target = url._replace(netloc=sidecar).geturl()
     extra = "".join(
         f"\n        proxy_set_header {json.dumps(k)} {json.dumps(v)};"
-        for k, v in sorted(auth_proxy_set_headers(annotations).items())
+        for k, v in sorted((auth_proxy_set_headers(annotations) or {}).items())
     )
     return f"""
     location = /_external-auth-{name} {{
@@ -176,7 +185,15 @@ def _proxy_headers() -> str:
 
 
 def _protected_location(path: str, name: str, annotations: dict[str, str], backend: str) -> str:
-    """``location <path>`` with auth_request, the sign-in redirect and auth-response-headers, as nginx.tmpl."""
+    """``location <path>`` with auth_request, the sign-in redirect and auth-response-headers, as nginx.tmpl;
+    a location the controller denies (an annotation it could not resolve) answers 503, as nginx.tmpl's."""
+    if auth_proxy_set_headers(annotations) is None:
+        return f"""
+    location {path} {{
+        # Location denied. Reason: "unable to find configMap"
+        return 503;
+    }}
+"""
     pairs = "".join(
         f"\n        auth_request_set $authHeader{i} $upstream_http_{h.strip().lower().replace('-', '_')};"
         f"\n        proxy_set_header '{h.strip()}' $authHeader{i};"

@@ -99,6 +99,7 @@ class Site:
     sidecar: str
     app: str  # the demo app, directly
     redis: str  # the sidecar's session database
+    logs: Path | None = None  # nginx's access and error logs, the processes' output
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +164,7 @@ def run_site(redis_server: str, tmp_path_factory: pytest.TempPathFactory, *extra
             sidecar=f"http://127.0.0.1:{sidecar_port}",
             app=f"http://127.0.0.1:{app_port}",
             redis=redis_url,
+            logs=logs,
         )
     finally:
         for proc in reversed(procs):

@@ -126,6 +126,13 @@ async def test_a_page_on_another_origin_gets_the_preflight_answered_and_reads_th
         assert any("No 'Access-Control-Allow-Origin' header is present on the requested resource" in m for m in said)
         assert not any("preflight" in m for m in said), said
         assert status == 0, (status, said)  # the demo app answers no CORS: the page may not read it
+    # nginx's access log says who answered: each preflight 204, the sidecar's (the demo app answers any method
+    # 200), and the POST with the token 200 (the app's: the sidecar never answers a POST to the resource 200).
+    assert site.logs is not None
+    lines = [line for line in (site.logs / "nginx-access.log").read_text().splitlines() if "/_demo/echo HTTP/" in line]
+    answered = [(line.split('"')[1].split(" ")[0], line.split('"')[2].split()[0]) for line in lines]
+    assert answered.count(("OPTIONS", "204")) == 2 and ("POST", "200") in answered, answered
+    assert not [a for a in answered if a[0] == "OPTIONS" and a[1] != "204"], answered
     # Hand-made, hostile: a preflight for a path that is not the resource gets no CORS answer, with or
     # without a forged cookie; nothing of the sidecar's preflight answer grants credentials.
     asked = {"Origin": site.issuer, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "x-a"}

@@ -74,6 +74,11 @@ INGRESS_EXTRA: dict[str, dict[str, str | None]] = {
         "X-User,X-Email,Authorization,Cookie",
     },
 }
+# The resource's Ingress again, without auth-proxy-set-headers: an operator's Ingress that forgot it.
+INGRESS_EXTRA["/mcp/unrouted/"] = {
+    **INGRESS_EXTRA["/mcp"],
+    "nginx.ingress.kubernetes.io/auth-proxy-set-headers": None,
+}
 OAUTH_PATHS = (
     "/.well-known/oauth-authorization-server",
     "/.well-known/oauth-protected-resource/mcp",
@@ -773,6 +778,29 @@ async def test_the_sidecar_takes_no_token_from_ingress_nginx_without_the_routed_
             assert resp.status == 202
         async with http.get(front.sidecar + "/oauth2/auth", headers={**jar, "X-Routed-Host": "other.example"}) as r:
             assert r.status == 400
+
+
+async def test_an_ingress_without_the_routed_host_passes_a_clients_own_on_and_the_sidecar_believes_it(
+    signed_in: dict[str, Front],
+) -> None:
+    """Why EVERY Ingress asking the sidecar must carry auth-proxy-set-headers (test_kubernetes_manifests checks
+    the shipped and documented ones), cookie-only ones too: without it nginx passes the client's own
+    X-Routed-Host on to /oauth2/auth (proxy_pass_request_headers), and the sidecar cannot tell it from nginx's.
+    An honest client is refused there (no header: no token), but one that names the Host header's host in its
+    own X-Routed-Host has its token taken for a request another server block serves (here the catch-all one:
+    $host is other.example), the hole the header closes where the annotation is present."""
+    front = signed_in["ingress-nginx"]
+    ours = urlsplit(front.base).netloc
+    auth = f"Authorization: Bearer {front.token}\r\n"
+    # The honest client, on the Ingress without the annotation: no X-Routed-Host, no token taken.
+    assert await _raw_status(front, f"GET /mcp/unrouted/x HTTP/1.1\r\nHost: {ours}\r\n{auth}", b"", "") == 401
+    forged = f"X-Routed-Host: {ours}\r\n"
+    head = f"GET https://other.example{{}}x HTTP/1.1\r\nHost: {ours}\r\n{forged}{auth}"
+    # With the annotation nginx replaces the client's copy with $host: refused (400 at the sidecar, nginx's 500).
+    assert await _raw_status(front, head.format("/mcp/"), b"", "") == 500
+    # Without it the client's copy reaches the sidecar, which takes the token: the app answers, to alice.
+    status, body = await _raw_answer(front, head.format("/mcp/unrouted/") + "Content-Length: 0\r\n")
+    assert status == 200 and "sidecar demo app" in body and "alice" in body, (status, body[:300])
 
 
 @pytest.mark.parametrize("name", FRONT_NAMES)
