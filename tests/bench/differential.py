@@ -7,7 +7,8 @@ processes with the same settings, Redis and dev provider; each proxies to its ow
 server that keeps the request head byte for byte and answers with hop-by-hop and repeated response headers).
 Every request of the family is sent as raw bytes to both; the lines the upstream received (the session cookie
 replaced by ``<cookie>``) and the answer the client got (without ``Date`` and ``X-Request-Id``) are compared.
-Prints each request with the one side, or both sides where they differ; exit status 1 when any differs.
+Prints each request with the one side, or both sides where they differ; exit status 1 when any differs
+that ``EXPLAINED`` does not explain.
 A review tool: run by hand, not by the suite (the earlier revision is whatever the reviewer extracts).
 """
 
@@ -40,6 +41,16 @@ _ANSWER_HEAD = (
     "X-Multi: 1\r\n"
     "x-multi: 2\r\n"
 )
+
+
+# Differences against 3c5a2da (before perf-proxy3) that are meant, and why; any other one is a finding.
+EXPLAINED = {
+    "repeat case variants": "perf-proxy3: one field line in the order sent (before: aiohttp's merge kept the last)",
+    "two Connection lines": "perf-proxy3: every Connection line lists hop-by-hop names (RFC 9110 7.6.1)",
+    "two Authorization": "review-proxy3: refused with 400 (before: joined into one value no app reads)",
+    "Authorization case variants": "review-proxy3: refused with 400, as the same spelling twice",
+    "underscored framing names": "review-proxy3: Transfer_Encoding, Content_Length... dropped as their - spellings",
+}
 
 
 class Echo:
@@ -92,64 +103,77 @@ async def _trailers(reader: asyncio.StreamReader) -> bytes:
 
 
 def _cases(cookie: str) -> list[tuple[str, bytes]]:
-    """(name, raw request) pairs; ``{C}`` is the signed-in session cookie's header line."""
+    """(name, raw request) pairs, each with the signed-in session cookie."""
     c = f"Cookie: _sidecar={cookie}\r\n"
     h = "Host: app.example\r\n"
 
-    def get(extra: str, path: str = "/app/x", method: str = "GET", body: str = "", version: str = "1.1") -> bytes:
-        return f"{method} {path} HTTP/{version}\r\n{h}{c}{extra}\r\n{body}".encode()
+    def get(*lines: str, method: str = "GET", body: str = "", version: str = "1.1") -> bytes:
+        extra = "".join(line + "\r\n" for line in lines)
+        return f"{method} /app/x HTTP/{version}\r\n{h}{c}{extra}\r\n{body}".encode()
+
+    def post(*lines: str, body: str = "3\r\nabc\r\n0\r\n\r\n") -> bytes:
+        return get(*lines, method="POST", body=body)
+
+    def head(*lines: str) -> bytes:
+        return "".join(lines).encode() + f"{c}\r\n".encode()
 
     big = "x" * 200_000
-    chunked_big = "".join(f"{len(part):x}\r\n{part}\r\n" for part in (big[i : i + 7000] for i in range(0, 200_000, 7000)))
-    cases: list[tuple[str, bytes]] = [
-        ("plain", get("")),
-        ("repeat same spelling", get("X-Custom: a\r\nX-Custom: b\r\n")),
-        ("repeat case variants", get("X-Custom: a\r\nx-custom: b\r\nX-CUSTOM: c\r\n")),
-        ("two Authorization", get("Authorization: Basic YTpi\r\nAuthorization: Basic Yzpk\r\n")),
-        ("Authorization case variants", get("Authorization: Basic YTpi\r\nauthorization: Basic Yzpk\r\n")),
-        ("two Content-Type", get("Content-Type: text/plain\r\ncontent-type: application/json\r\n")),
-        ("two Host", f"GET /app/x HTTP/1.1\r\n{h}Host: evil.example\r\n{c}\r\n".encode()),
-        ("two Host case", f"GET /app/x HTTP/1.1\r\n{h}host: evil.example\r\n{c}\r\n".encode()),
-        ("Host lower only", f"GET /app/x HTTP/1.1\r\nhost: app.example\r\n{c}\r\n".encode()),
-        ("no Host", f"GET /app/x HTTP/1.1\r\n{c}\r\n".encode()),
-        ("absolute-form", f"GET http://evil.example/app/x HTTP/1.1\r\n{h}{c}\r\n".encode()),
-        ("two Content-Length equal", get("Content-Length: 3\r\nContent-Length: 3\r\n", method="POST", body="abc")),
-        ("two Content-Length differ", get("Content-Length: 3\r\nContent-Length: 1\r\n", method="POST", body="abc")),
-        ("Content-Length list", get("Content-Length: 3, 3\r\n", method="POST", body="abc")),
-        ("CL + TE", get("Content-Length: 3\r\nTransfer-Encoding: chunked\r\n", method="POST", body="3\r\nabc\r\n0\r\n\r\n")),
-        ("TE chunked", get("Transfer-Encoding: chunked\r\n", method="POST", body="3\r\nabc\r\n0\r\n\r\n")),
-        (
-            "TE chunked with trailer",
-            get("Transfer-Encoding: chunked\r\nTrailer: X-Forwarded-User\r\n", method="POST", body="3\r\nabc\r\n0\r\nX-Forwarded-User: mallory\r\n\r\n"),
-        ),
-        ("TE twice", get("Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n", method="POST", body="3\r\nabc\r\n0\r\n\r\n")),
-        ("TE chunked, identity", get("Transfer-Encoding: chunked, identity\r\n", method="POST", body="3\r\nabc\r\n0\r\n\r\n")),
-        ("big chunked upload", get("Transfer-Encoding: chunked\r\n", method="POST", body=chunked_big + "0\r\n\r\n")),
-        ("big upload", get(f"Content-Length: {len(big)}\r\n", method="PUT", body=big)),
-        ("Expect 100", get("Expect: 100-continue\r\nContent-Length: 3\r\n", method="POST", body="abc")),
-        ("HEAD", get("", method="HEAD")),
-        ("HTTP/1.0", get("", version="1.0")),
-        ("hop-by-hop family", get("TE: trailers\r\nTrailer: X-A\r\nUpgrade: h2c\r\nProxy-Connection: keep-alive\r\nKeep-Alive: 5\r\nProxy-Authorization: Basic eDp5\r\n")),
-        ("Connection: close, X-Auth-Request-User", get("Connection: close, X-Auth-Request-User\r\n")),
-        ("Connection: X-Forwarded-User", get("Connection: X-Forwarded-User\r\n")),
-        ("Connection: X-Forwarded-For/Proto/Host", get("Connection: X-Forwarded-For, X-Forwarded-Proto, X-Forwarded-Host\r\n")),
-        ("Connection: Authorization", get("Authorization: Basic YTpi\r\nConnection: Authorization\r\n")),
-        ("Connection: Host", get("Connection: Host\r\n")),
-        ("Connection: Cookie", get("Cookie: app=1\r\nConnection: Cookie\r\n")),
-        ("Connection: Content-Length", get("Content-Length: 3\r\nConnection: Content-Length\r\n", method="POST", body="abc")),
-        ("two Connection lines", get("Connection: keep-alive\r\nConnection: X-Drop\r\nX-Drop: 1\r\nX-Keep: 1\r\n")),
-        ("forged identity spellings", get("X-Forwarded-User: m1\r\nX_Forwarded_User: m2\r\nx-forwarded-user: m3\r\nX-Auth-Request-User: m4\r\nX_AUTH_REQUEST_EMAIL: m5\r\nX-Forwarded-Access-Token: m6\r\n")),
-        ("X-Forwarded-User repeated", get("X-Forwarded-User: m1\r\nX-Forwarded-User: m2\r\n")),
-        ("name with trailing space", get("X-Forwarded-User : m1\r\n")),
-        ("obs-fold", get("X-Custom: a\r\n X-Forwarded-User: m1\r\n")),
-        ("unicode look-alike name", get("X-Forwarded-Us\u0435r: m1\r\n")),
-        ("X-Forwarded-User-ish", get("X-Forwarded-User2: m1\r\nX-Forwarded--User: m2\r\nX.Forwarded.User: m3\r\n")),
-        ("Cookie twice", get("Cookie: a=1\r\ncookie: b=2; _sidecar=forged\r\n")),
-        ("X-Forwarded-For from client", get("X-Forwarded-For: 6.6.6.6\r\nForwarded: for=6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\n")),
-        ("method override", get("X-HTTP-Method-Override: DELETE\r\nX-Original-URL: /admin\r\n")),
-        ("websocket handshake", get("Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nX-Forwarded-User: m1\r\n")),
+    parts = (big[i : i + 7000] for i in range(0, 200_000, 7000))
+    chunked_big = "".join(f"{len(part):x}\r\n{part}\r\n" for part in parts) + "0\r\n\r\n"
+    te = "Transfer-Encoding: chunked"
+    ws = ["Connection: Upgrade", "Upgrade: websocket", "Sec-WebSocket-Version: 13"]
+    ws += ["Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "X-Forwarded-User: m1"]
+    forged = ["X-Forwarded-User: m1", "X_Forwarded_User: m2", "x-forwarded-user: m3", "X-Auth-Request-User: m4"]
+    forged += ["X_AUTH_REQUEST_EMAIL: m5", "X-Forwarded-Access-Token: m6"]
+    hops = ["TE: trailers", "Trailer: X-A", "Upgrade: h2c", "Proxy-Connection: keep-alive", "Keep-Alive: 5"]
+    hops.append("Proxy-Authorization: Basic eDp5")
+    underscored = ["Transfer_Encoding: chunked", "Content_Length: 40", "Keep_Alive: 1", "Proxy_Connection: x"]
+    return [
+        ("plain", get()),
+        ("repeat same spelling", get("X-Custom: a", "X-Custom: b")),
+        ("repeat case variants", get("X-Custom: a", "x-custom: b", "X-CUSTOM: c")),
+        ("two Authorization", get("Authorization: Basic YTpi", "Authorization: Basic Yzpk")),
+        ("Authorization case variants", get("Authorization: Basic YTpi", "authorization: Basic Yzpk")),
+        ("two Content-Type", get("Content-Type: text/plain", "content-type: application/json")),
+        ("two Host", head("GET /app/x HTTP/1.1\r\n", h, "Host: evil.example\r\n")),
+        ("two Host case", head("GET /app/x HTTP/1.1\r\n", h, "host: evil.example\r\n")),
+        ("Host lower only", head("GET /app/x HTTP/1.1\r\n", "host: app.example\r\n")),
+        ("no Host", head("GET /app/x HTTP/1.1\r\n")),
+        ("absolute-form", head("GET http://evil.example/app/x HTTP/1.1\r\n", h)),
+        ("two Content-Length equal", post("Content-Length: 3", "Content-Length: 3", body="abc")),
+        ("two Content-Length differ", post("Content-Length: 3", "Content-Length: 1", body="abc")),
+        ("Content-Length list", post("Content-Length: 3, 3", body="abc")),
+        ("CL + TE", post("Content-Length: 3", te)),
+        ("TE chunked", post(te)),
+        ("TE chunked with trailer", post(te, body="3\r\nabc\r\n0\r\nX-Forwarded-User: mallory\r\n\r\n")),
+        ("TE twice", post("Transfer-Encoding: gzip", te)),
+        ("TE chunked, identity", post("Transfer-Encoding: chunked, identity")),
+        ("big chunked upload", post(te, body=chunked_big)),
+        ("big upload", get(f"Content-Length: {len(big)}", method="PUT", body=big)),
+        ("Expect 100", post("Expect: 100-continue", "Content-Length: 3", body="abc")),
+        ("HEAD", get(method="HEAD")),
+        ("HTTP/1.0", get(version="1.0")),
+        ("hop-by-hop family", get(*hops)),
+        ("underscored framing names", get(*underscored)),
+        ("Connection: close, X-Auth-Request-User", get("Connection: close, X-Auth-Request-User")),
+        ("Connection: X-Forwarded-User", get("Connection: X-Forwarded-User")),
+        ("Connection: X-Forwarded-*", get("Connection: X-Forwarded-For, X-Forwarded-Proto, X-Forwarded-Host")),
+        ("Connection: Authorization", get("Authorization: Basic YTpi", "Connection: Authorization")),
+        ("Connection: Host", get("Connection: Host")),
+        ("Connection: Cookie", get("Cookie: app=1", "Connection: Cookie")),
+        ("Connection: Content-Length", post("Content-Length: 3", "Connection: Content-Length", body="abc")),
+        ("two Connection lines", get("Connection: keep-alive", "Connection: X-Drop", "X-Drop: 1", "X-Keep: 1")),
+        ("forged identity spellings", get(*forged)),
+        ("X-Forwarded-User repeated", get("X-Forwarded-User: m1", "X-Forwarded-User: m2")),
+        ("name with trailing space", get("X-Forwarded-User : m1")),
+        ("obs-fold", get("X-Custom: a", " X-Forwarded-User: m1")),
+        ("unicode look-alike name", get("X-Forwarded-Us\u0435r: m1")),
+        ("X-Forwarded-User-ish", get("X-Forwarded-User2: m1", "X-Forwarded--User: m2", "X.Forwarded.User: m3")),
+        ("Cookie twice", get("Cookie: a=1", "cookie: b=2; _sidecar=forged")),
+        ("X-Forwarded-For from client", get("X-Forwarded-For: 6.6.6.6", "Forwarded: for=6", "X-Real-IP: 6.6.6.6")),
+        ("method override", get("X-HTTP-Method-Override: DELETE", "X-Original-URL: /admin")),
+        ("websocket handshake", get(*ws)),
     ]
-    return cases
 
 
 async def _exchange(port: int, raw: bytes) -> bytes:
@@ -182,7 +206,8 @@ async def _exchange(port: int, raw: bytes) -> bytes:
 
 def _clean(text: bytes, cookie: str, port: int) -> list[str]:
     lines = text.decode("latin-1").replace(cookie, "<cookie>").replace(str(port), "<port>").split("\r\n")
-    return [line for line in lines if not re.match(r"(?i)(date|x-request-id):", line)]
+    # Date and X-Request-Id differ by nature, Sec-WebSocket-Key is aiohttp's random nonce
+    return [line for line in lines if not re.match(r"(?i)(date|x-request-id|sec-websocket-key):", line)]
 
 
 async def _run(base_root: Path, root: Path) -> int:
@@ -223,11 +248,14 @@ async def _run(base_root: Path, root: Path) -> int:
             answer = await _exchange(port, raw)
             await asyncio.sleep(0.05)
             upstream = echo.seen[before:]
-            got_up = _clean(upstream[0][0], cookie, echo.port) + [f"<body {len(upstream[0][1])} bytes>"] if upstream else ["<nothing upstream>"]
+            got_up = ["<nothing upstream>"]
+            if upstream:
+                got_up = _clean(upstream[0][0], cookie, echo.port) + [f"<body {len(upstream[0][1])} bytes>"]
             seen.append((got_up, _clean(answer, cookie, port)))
         same = seen[0] == seen[1]
-        differ += not same
-        print(f"=== {title}: {'same' if same else 'DIFFERENT'}")
+        differ += not same and title not in EXPLAINED
+        why = f" (explained: {EXPLAINED[title]})" if title in EXPLAINED else ""
+        print(f"=== {title}: {'same' if same else 'DIFFERENT' + why}")
         for (name, _, _), (up, answer) in zip(sides, seen, strict=True):
             if name == "after" and same:
                 break
@@ -235,7 +263,7 @@ async def _run(base_root: Path, root: Path) -> int:
             print("\n".join("    " + line for line in up if line))
             print(f"  --- {name}: client got")
             print("\n".join("    " + line for line in answer[:40] if line))
-    print(f"{differ} of {len(_cases(cookie))} requests differ")
+    print(f"{differ} of {len(_cases(cookie))} requests differ unexplained")
     return 1 if differ else 0
 
 
