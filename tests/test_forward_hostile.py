@@ -208,3 +208,19 @@ async def test_the_upstream_client_says_when_it_takes_aiohttps_own_header_path(c
     finally:
         await plain.close()
     assert not [r for r in caplog.records if r.name == "sidecar.upstream_client"]
+
+
+async def test_every_x_forwarded_for_line_of_a_trusted_proxy_reaches_the_app_in_order() -> None:
+    """A front that adds its own ``X-Forwarded-For`` line (HAProxy's ``option forwardfor``) after the client's:
+    the sidecar finds the client in the right-most untrusted entry of all lines (``context``); the app must get
+    the same list, not the client's first line alone, where the forged address is the right-most untrusted one.
+    (Hand-made: nginx, Caddy and Traefik join the lines themselves; no HAProxy binary here.)"""
+    async with _signed_in(reverse_proxy="true") as (st, app, cookie):
+        sent = [("X-Forwarded-For", "6.6.6.6"), ("X-Forwarded-For", "10.1.2.3"), ("x-forwarded-for", "10.1.2.4")]
+        answer = await _exchange(st.base, _request(cookie, sent))
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+        assert dict(app.lines())["X-Forwarded-For"] == "6.6.6.6, 10.1.2.3, 10.1.2.4, 127.0.0.1"
+        one = await _exchange(st.base, _request(cookie, [("X-Forwarded-For", "10.9.9.9")]))
+        assert one.startswith(b"HTTP/1.1 200 ") and dict(app.lines())["X-Forwarded-For"] == "10.9.9.9, 127.0.0.1"
+        none = await _exchange(st.base, _request(cookie, []))
+        assert none.startswith(b"HTTP/1.1 200 ") and dict(app.lines())["X-Forwarded-For"] == "127.0.0.1"
