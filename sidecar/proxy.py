@@ -71,7 +71,8 @@ async def handle(request: web.Request, svc: Services) -> web.StreamResponse:
     if trusted_peer(remote, config):
         view = view_of(request)
         trusted, scheme, host = True, view.scheme, view.host
-        prior = request.headers.get("X-Forwarded-For")
+        # every line, as forwarded_client_ip reads them: a front may add its own line after the client's
+        prior = ", ".join(request.headers.getall("X-Forwarded-For", ()))
         forwarded_for = f"{prior}, {remote}" if prior else str(remote)
     else:  # what view_of concludes for any other peer, without building the view
         trusted, scheme, host, forwarded_for = False, "https" if request.secure else "http", request.host, str(remote)
