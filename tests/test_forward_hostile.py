@@ -224,3 +224,19 @@ async def test_every_x_forwarded_for_line_of_a_trusted_proxy_reaches_the_app_in_
         assert one.startswith(b"HTTP/1.1 200 ") and dict(app.lines())["X-Forwarded-For"] == "10.9.9.9, 127.0.0.1"
         none = await _exchange(st.base, _request(cookie, []))
         assert none.startswith(b"HTTP/1.1 200 ") and dict(app.lines())["X-Forwarded-For"] == "127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["X.Forwarded.User", "x.auth.request.user", "X_Forwarded.Email", "X.Forwarded_For", "Transfer.Encoding"],
+)
+async def test_dotted_spellings_of_the_sidecars_names_never_reach_the_app(name: str) -> None:
+    """PHP registers ``HTTP_X.FORWARDED.USER`` (what a FastCGI gateway such as Caddy's ``php_fastcgi`` makes of
+    ``X.Forwarded.User``) as ``$_SERVER['HTTP_X_FORWARDED_USER']``: the same name as the sidecar's own header,
+    and which one wins is the gateway's order. ``/oauth2/auth`` refuses such names (``fronts.refuse_aliases``);
+    the proxy drops them as it drops the ``_`` spellings."""
+    async with _signed_in() as (st, app, cookie):
+        answer = await _exchange(st.base, _request(cookie, [(name, "mallory"), ("X.Kept", "k")]))
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+        assert "mallory" not in app.heads[-1] and ("X.Kept", "k") in app.lines()
+        assert dict(app.lines())["X-Forwarded-User"] == "alice@example.com"
