@@ -57,7 +57,7 @@ def forward_headers(
 
     The names are checked with set lookups (``headers.refused_from_client``), not a function call per header:
     a name is dropped when its lower-case form is hop-by-hop or framing, listed in ``Connection`` or the sidecar's,
-    or when its normalised form (``_`` as ``-``) is (``Transfer_Encoding``, ``X_Forwarded_User``). ``app_cookie``:
+    or when its form with ``_`` and ``.`` as ``-`` is (``Transfer_Encoding``, ``X.Forwarded.User``). ``app_cookie``:
     the request's one Cookie header as the app sees it, already known (the decision cache keeps it beside the
     session)."""
     headers = request.headers
@@ -77,9 +77,11 @@ def forward_headers(
         low = name.lower()
         if low in never or low in listed:
             continue
-        if "_" in low:
-            low = low.replace("_", "-")  # X_Auth_Request_User reads as X-Auth-Request-User in some servers
-            if low in never or low in listed:  # Transfer_Encoding read as framing there: a smuggled request
+        if "_" in low or "." in low:
+            # X_Auth_Request_User reads as X-Auth-Request-User in CGI/WSGI servers, X.Auth.Request.User in PHP
+            # (its $_SERVER names fold "." into "_"); Transfer_Encoding read as framing there: a smuggled request
+            low = low.replace("_", "-").replace(".", "-")
+            if low in never or low in listed:
                 continue
         if low.startswith(PROTECTED_PREFIX):
             continue

@@ -50,6 +50,7 @@ EXPLAINED = {
     "two Authorization": "review-proxy3: refused with 400 (before: joined into one value no app reads)",
     "Authorization case variants": "review-proxy3: refused with 400, as the same spelling twice",
     "underscored framing names": "review-proxy3: Transfer_Encoding, Content_Length... dropped as their - spellings",
+    "X-Forwarded-User-ish": "review-proxy3: X.Forwarded.User dropped (PHP reads it as X_FORWARDED_USER)",
 }
 # Answer lines that differ against 3c5a2da, and why.
 EXPLAINED_ANSWER_LINES = {
