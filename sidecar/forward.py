@@ -56,9 +56,10 @@ def forward_headers(
     the sidecar's: ``identity``, ``X-Forwarded-For``/``-Proto``/``-Host``; ``Host`` is the client's.
 
     The names are checked with set lookups (``headers.refused_from_client``), not a function call per header:
-    a name is dropped when its lower-case form is hop-by-hop, listed in ``Connection`` or the sidecar's, or
-    when its normalised form (``_`` as ``-``) is the sidecar's. ``app_cookie``: the request's one Cookie header
-    as the app sees it, already known (the decision cache keeps it beside the session)."""
+    a name is dropped when its lower-case form is hop-by-hop or framing, listed in ``Connection`` or the sidecar's,
+    or when its form with ``_`` and ``.`` as ``-`` is (``Transfer_Encoding``, ``X.Forwarded.User``). ``app_cookie``:
+    the request's one Cookie header as the app sees it, already known (the decision cache keeps it beside the
+    session)."""
     headers = request.headers
     connection = headers.getall("Connection", ())  # every Connection line lists names (RFC 9110 7.6.1)
     listed = {h.strip().lower() for line in connection for h in line.split(",")} if connection else _NOTHING
@@ -76,9 +77,11 @@ def forward_headers(
         low = name.lower()
         if low in never or low in listed:
             continue
-        if "_" in low:
-            low = low.replace("_", "-")  # X_Auth_Request_User reads as X-Auth-Request-User in some servers
-            if low in refused_from_client(authorization, trusted, skipped):
+        if "_" in low or "." in low:
+            # X_Auth_Request_User reads as X-Auth-Request-User in CGI/WSGI servers, X.Auth.Request.User in PHP
+            # (its $_SERVER names fold "." into "_"); Transfer_Encoding read as framing there: a smuggled request
+            low = low.replace("_", "-").replace(".", "-")
+            if low in never or low in listed:
                 continue
         if low.startswith(PROTECTED_PREFIX):
             continue
@@ -115,6 +118,6 @@ def answer_headers(upstream: aiohttp.ClientResponse) -> Mapping[str, str] | list
     headers = upstream.headers
     if HOP_BY_HOP.isdisjoint(map(str.lower, headers.keys())):
         return headers
-    connection = headers.get("Connection")
-    dropped = HOP_BY_HOP | {h.strip().lower() for h in connection.split(",")} if connection else HOP_BY_HOP
+    listed = {h.strip().lower() for line in headers.getall("Connection", ()) for h in line.split(",")}
+    dropped = HOP_BY_HOP | listed  # every Connection line lists names (RFC 9110 7.6.1), as on the request side
     return [(name, value) for name, value in headers.items() if name.lower() not in dropped]

@@ -38,6 +38,9 @@ async def handle(request: web.Request, svc: Services) -> web.StreamResponse:
     """Catch-all: authenticate (unless a skip-auth rule matches), then proxy."""
     config = svc.config
     path = normalise_path(request.rel_url.raw_path)
+    if "Authorization" in request.headers and len(request.headers.getall("Authorization")) > 1:
+        # Joined as "a, b" no app reads either, and which one the sidecar judged is a guess: nginx refuses it too.
+        raise BadRequest("more than one Authorization header")
     ups = config.upstreams  # one upstream at "/" is the common case: no loop, no call
     upstream = ups[0] if len(ups) == 1 and path.startswith(ups[0].prefix) else _upstream_for(config, path)
     skip = bool(config.skip_routes) and any(rule.matches(request.method, path) for rule in config.skip_routes)
@@ -68,7 +71,8 @@ async def handle(request: web.Request, svc: Services) -> web.StreamResponse:
     if trusted_peer(remote, config):
         view = view_of(request)
         trusted, scheme, host = True, view.scheme, view.host
-        prior = request.headers.get("X-Forwarded-For")
+        # every line, as forwarded_client_ip reads them: a front may add its own line after the client's
+        prior = ", ".join(request.headers.getall("X-Forwarded-For", ()))
         forwarded_for = f"{prior}, {remote}" if prior else str(remote)
     else:  # what view_of concludes for any other peer, without building the view
         trusted, scheme, host, forwarded_for = False, "https" if request.secure else "http", request.host, str(remote)

@@ -8,6 +8,7 @@ builds are handed to aiohttp without its per-header copying loops.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -17,6 +18,8 @@ from yarl import URL
 
 from .config import Config
 from .forward import Forwarded
+
+log = logging.getLogger("sidecar.upstream_client")
 
 # What aiohttp must never add to a proxied request: the app sees the client's headers, not aiohttp's.
 _SKIP_AUTO = ("User-Agent", "Accept-Encoding", "Content-Type")
@@ -119,10 +122,32 @@ def upstream_client(config: Config) -> aiohttp.ClientSession:
         cookie_jar=aiohttp.DummyCookieJar(),
         connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
         skip_auto_headers=_SKIP_AUTO,
-        request_class=_UpstreamRequest if same_auto_headers(loop) else aiohttp.ClientRequest,
+        request_class=_UpstreamRequest if same_auto_headers(loop) else _stock_request(),
     )
-    prepare = _copy_forwarded(session._prepare_headers)
-    if same_merge(session, prepare):
+    hand_over(session)
+    return session
+
+
+def _stock_request() -> type[aiohttp.ClientRequest]:
+    """aiohttp's own request class, said once: still right, only slower (an operator sees why)."""
+    log.warning(
+        "aiohttp's request class adds headers otherwise than upstream_client expects: proxied requests use it as is",
+        extra={"fields": {"aiohttp": aiohttp.__version__}},
+    )
+    return aiohttp.ClientRequest
+
+
+def hand_over(session: aiohttp.ClientSession) -> bool:
+    """Install the one-copy header merge on ``session`` when it gives aiohttp's own result here; otherwise keep
+    aiohttp's merge (still right, only slower) and say so once, as ``hits.py`` does for the parts it wraps."""
+    stock = getattr(session, "_prepare_headers", None)
+    prepare = _copy_forwarded(stock) if stock is not None else None
+    if prepare is not None and same_merge(session, prepare):
         # object.__setattr__: aiohttp's debug mode warns on any attribute set on a session
         object.__setattr__(session, "_prepare_headers", prepare)
-    return session
+        return True
+    log.warning(
+        "aiohttp's header merge differs from the one-copy hand-over: proxied requests take aiohttp's own path",
+        extra={"fields": {"aiohttp": aiohttp.__version__}},
+    )
+    return False
