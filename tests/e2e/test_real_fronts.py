@@ -74,9 +74,10 @@ INGRESS_EXTRA: dict[str, dict[str, str | None]] = {
         "X-User,X-Email,Authorization,Cookie",
     },
 }
-# The resource's Ingress again, without auth-proxy-set-headers: an operator's Ingress that forgot it.
+# The resource's Ingress again, its auth-url without routed_host=$host: an operator's Ingress that forgot it.
 INGRESS_EXTRA["/mcp/unrouted/"] = {
     **INGRESS_EXTRA["/mcp"],
+    "nginx.ingress.kubernetes.io/auth-url": AUTH_URL,
     "nginx.ingress.kubernetes.io/auth-proxy-set-headers": None,
 }
 OAUTH_PATHS = (
@@ -780,27 +781,38 @@ async def test_the_sidecar_takes_no_token_from_ingress_nginx_without_the_routed_
             assert r.status == 400
 
 
-async def test_an_ingress_without_the_routed_host_passes_a_clients_own_on_and_the_sidecar_believes_it(
+async def test_an_ingress_whose_auth_url_lacks_the_routed_host_takes_no_token_whatever_a_client_forges(
     signed_in: dict[str, Front],
 ) -> None:
-    """Why EVERY Ingress asking the sidecar must carry auth-proxy-set-headers (test_kubernetes_manifests checks
-    the shipped and documented ones), cookie-only ones too: without it nginx passes the client's own
-    X-Routed-Host on to /oauth2/auth (proxy_pass_request_headers), and the sidecar cannot tell it from nginx's.
-    An honest client is refused there (no header: no token), but one that names the Host header's host in its
-    own X-Routed-Host has its token taken for a request another server block serves (here the catch-all one:
-    $host is other.example), the hole the header closes where the annotation is present."""
+    """The routed host travels in the auth-url (``?routed_host=$host``), which no client can change: on an
+    Ingress whose auth-url lacks it (an operator's own, written without it) no token is taken, whatever the
+    client adds: its own X-Routed-Host (nginx passes client headers on to the auth request), a
+    ``?routed_host=`` on its own request (that is in X-Original-URL, not the auth request's query), both, or
+    an absolute-form request line naming another host. Before, the host came from a header that only the
+    shipped Ingress's auth-proxy-set-headers overwrote, and a client forging it there had its token taken for
+    a request another server block served (the catch-all one here). Where the auth-url carries it, the host
+    nginx routed by is checked (400 at the sidecar, nginx's 500)."""
     front = signed_in["ingress-nginx"]
     ours = urlsplit(front.base).netloc
     auth = f"Authorization: Bearer {front.token}\r\n"
-    # The honest client, on the Ingress without the annotation: no X-Routed-Host, no token taken.
+    forged_header = f"X-Routed-Host: {ours}\r\n"
+    forged_query = f"?routed_host={ours}"
+    # The honest client on the Ingress without the parameter: no token taken (the cookie path is unaffected).
     assert await _raw_status(front, f"GET /mcp/unrouted/x HTTP/1.1\r\nHost: {ours}\r\n{auth}", b"", "") == 401
-    forged = f"X-Routed-Host: {ours}\r\n"
-    head = f"GET https://other.example{{}}x HTTP/1.1\r\nHost: {ours}\r\n{forged}{auth}"
-    # With the annotation nginx replaces the client's copy with $host: refused (400 at the sidecar, nginx's 500).
-    assert await _raw_status(front, head.format("/mcp/"), b"", "") == 500
-    # Without it the client's copy reaches the sidecar, which takes the token: the app answers, to alice.
-    status, body = await _raw_answer(front, head.format("/mcp/unrouted/") + "Content-Length: 0\r\n")
-    assert status == 200 and "sidecar demo app" in body and "alice" in body, (status, body[:300])
+    for line_host in ("", "https://other.example", f"http://{ours}"):
+        for header in ("", forged_header, forged_header * 2, "X-Routed-Host: other.example\r\n"):
+            for query in ("", forged_query, f"{forged_query}&routed_host={ours}", "?routed_host="):
+                head = f"GET {line_host}/mcp/unrouted/x{query} HTTP/1.1\r\nHost: {ours}\r\n{header}{auth}"
+                status, body = await _raw_answer(front, head + "Content-Length: 0\r\n")
+                assert status == 401 and "alice" not in body, (line_host, header, query, status, body[:300])
+    # Where the auth-url carries it: the request line's host is the one checked; a client's own copies change nothing.
+    for header in ("", forged_header):
+        for query in ("", forged_query):
+            head = f"GET https://other.example/mcp/x{query} HTTP/1.1\r\nHost: {ours}\r\n{header}{auth}"
+            assert await _raw_status(front, head, b"", "") == 500, (header, query)
+            head = f"GET /mcp/x{query} HTTP/1.1\r\nHost: {ours}\r\n{header}{auth}"
+            status, body = await _raw_answer(front, head + "Content-Length: 0\r\n")
+            assert status == 200 and "alice" in body, (header, query, status, body[:300])
 
 
 @pytest.mark.parametrize("name", FRONT_NAMES)
