@@ -203,7 +203,8 @@ def original_of(request: web.Request) -> Original:
                 _untrusted_front(request.remote, config)
         else:
             tail = request.raw_path[len(config.proxy_prefix) + len("/auth") :] if config.front == "envoy" else ""
-            found = read_auth(request.headers, FRONTS[config.front], request.method, tail, request.host)
+            query = request.raw_path.partition("?")[2]  # as sent: a "#" in it stays, and is refused
+            found = read_auth(request.headers, FRONTS[config.front], request.method, tail, request.host, query)
         request[ORIGINAL] = found
     return found
 

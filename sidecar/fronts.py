@@ -11,9 +11,11 @@ member present without the front's own header means the front is not the one con
 
 The host in ingress-nginx's ``X-Original-URL`` is the client's ``Host`` header (``$http_host``), which need not
 be the host nginx chose the server block by (``$host``): an absolute-form request line (``GET https://b/ HTTP/1.1``
-with ``Host: a``) is served by b's server and named a. A token's audience is its host, so the shipped Ingress
-also sends ``X-Routed-Host: $host`` (``auth-proxy-set-headers``); the URL's host must be that host (port and
-one trailing dot aside, which nginx drops from ``$host``), and without it no token is taken (``Original.routed``).
+with ``Host: a``) is served by b's server and named a. A token's audience is its host, so the shipped Ingress's
+auth-url ends in ``?routed_host=$host``, which nginx expands in the auth location's proxy_pass and no client can
+change (a header could be: nginx passes a client's own on wherever an Ingress does not overwrite it). The URL's
+host must be that host (port and one trailing dot aside, which nginx drops from ``$host``), and without the
+parameter no token is taken (``Original.routed``).
 
 ``FRONTS`` is the one description; the README's deployment section says the same per front.
 """
@@ -53,7 +55,7 @@ class Front:
     proxied_scheme: str = "X-Forwarded-Proto"
     proxied_host: str = "X-Forwarded-Host"
     passes: str = ""
-    routed: str | None = None  # a header naming the host the front routed by, when ``url``'s host may not be it
+    routed: bool = False  # the auth-url's routed_host=$host names the host it routed by (``url``'s may not be it)
 
 
 FRONTS: dict[str, Front] = {
@@ -76,7 +78,7 @@ FRONTS: dict[str, Front] = {
             scheme=None,  # X-Forwarded-Proto is blanked on the auth subrequest; the URL has the scheme
             host=None,  # Host is the auth-url's (in-cluster) host; the URL has the client's
             passes="X-Forwarded-Uri, X-Forwarded-Method, X-Forwarded-Host (and X-Original-URI without auth-method)",
-            routed="X-Routed-Host",  # $host, from the shipped auth-proxy-set-headers ConfigMap
+            routed=True,  # ?routed_host=$host, last in the shipped auth-url
         ),
         Front(
             "traefik",
@@ -127,8 +129,9 @@ METHOD_HEADERS = (
 )
 SCHEME_HEADERS = ("X-Forwarded-Proto", "X-Forwarded-Scheme", "X-Scheme", "X-Forwarded-Ssl", "Front-End-Https")
 HOST_HEADERS = ("X-Forwarded-Host", "X-Original-Host", "X-Host")
-ROUTED_HEADERS = ("X-Routed-Host",)  # part of the decision cache's key through FAMILY (decisions._KEY_NAMES)
-FAMILY = (*URI_HEADERS, *URL_HEADERS, *METHOD_HEADERS, *SCHEME_HEADERS, *HOST_HEADERS, *ROUTED_HEADERS, "Forwarded")
+FAMILY = (*URI_HEADERS, *URL_HEADERS, *METHOD_HEADERS, *SCHEME_HEADERS, *HOST_HEADERS, "Forwarded")
+ROUTED_HOST = "routed_host"  # the auth-url's LAST query parameter, routed_host=$host: not a location rule
+_ROUTED_AT = ROUTED_HOST + "="
 # Headers the sidecar itself interprets: undecodable bytes there are refused at the edge (400), once.
 READ_HEADERS = ("Host", "Authorization", *FAMILY)
 
@@ -141,7 +144,7 @@ class Original:
     method: str | None
     scheme: str | None
     host: str | None
-    routed: str | None = None  # the host the front routed by, from its ``routed`` header, checked against ``host``
+    routed: str | None = None  # the host the front routed by, from the auth-url's routed_host, checked against ``host``
 
     @property
     def path(self) -> str | None:
@@ -196,20 +199,37 @@ def names_original(headers: CIMultiDictProxy[str]) -> bool:
     return any(key.lower() in _CANONICAL for key in headers)
 
 
-def read_auth(headers: CIMultiDictProxy[str], front: Front, method: str, tail: str, host: str) -> Original:
+def split_routed(query: str) -> tuple[str, str | None]:
+    """An auth-url's raw query as (the location rules before ``routed_host=``, everything after it or None).
+    nginx writes ``$host`` into the query as it is, and a Host may hold ``&``, ``=``, ``#`` or ``%``: so the
+    parameter is the auth-url's last and its value is the whole rest, never split or decoded (``a&routed_host=b``
+    is then a value no host has, refused, rather than a second parameter one reading or another would pick)."""
+    if query.startswith(_ROUTED_AT):
+        return "", query[len(_ROUTED_AT) :]
+    at = query.find("&" + _ROUTED_AT)
+    if at < 0:
+        return query, None
+    return query[:at], query[at + 1 + len(_ROUTED_AT) :]
+
+
+def read_auth(
+    headers: CIMultiDictProxy[str], front: Front, method: str, tail: str, host: str, query: str = ""
+) -> Original:
     """The original request of an auth subrequest, from ``front``'s own headers (``method``, ``tail`` and
-    ``host``: the subrequest's own, which only envoy's description reads). Raises BadRequest when two
-    present names disagree or when names of a family are present without the front's own."""
+    ``host``: the subrequest's own, which only envoy's description reads) and, for a front that routes by
+    another host than the URL's, the auth request's raw ``query`` (its ``routed_host``). Raises BadRequest
+    when two present names disagree or when names of a family are present without the front's own."""
     present = []
     for key, value in headers.items():  # one pass over the dozen headers a front sends
         name = _CANONICAL.get(key.lower())
         if name is not None:
             present.append((name, value))
-    memo_key = (front.name, *present, method, tail, host) if front.name == "envoy" else (front.name, *present)
+    routed = split_routed(query)[1] if front.routed else None
+    memo_key = (front.name, *present, method, tail, host) if front.name == "envoy" else (front.name, *present, routed)
     found = _memo.get(memo_key)
     if found is None:
         try:
-            found = _read(present, front, method, tail, host)
+            found = _read(present, front, method, tail, host, routed)
         except BadRequest as exc:
             found = str(exc)
         if len(_memo) >= _MEMO_LIMIT:
@@ -220,16 +240,14 @@ def read_auth(headers: CIMultiDictProxy[str], front: Front, method: str, tail: s
     return found
 
 
-def _read(present: list[tuple[str, str]], front: Front, method: str, tail: str, host: str) -> Original:
+def _read(
+    present: list[tuple[str, str]], front: Front, method: str, tail: str, host: str, routed_raw: str | None
+) -> Original:
     seen: dict[str, list[tuple[str, str]]] = {"uri": [], "method": [], "scheme": [], "host": []}
     if len({name for name, _ in present}) != len(present):
         raise BadRequest("an original-request header was sent more than once")
-    routed: str | None = None
+    routed = None if routed_raw is None else _routed(routed_raw)
     for name, value in present:
-        if name in ROUTED_HEADERS:
-            if name == front.routed:  # another front's client may send it: not read then
-                routed = _routed(name, value)
-            continue
         _collect(name, value, seen)
     if front.uri == (REQUEST,):
         seen["uri"].append((REQUEST, _target(REQUEST, tail or "/")))
@@ -240,17 +258,16 @@ def _read(present: list[tuple[str, str]], front: Front, method: str, tail: str, 
     own = _own(front.name)
     found = [_agreed(part, seen[part], own[part], front) for part in _PARTS]
     if routed is not None and found[3] is not None and _hostname(found[3]) != routed:
-        raise BadRequest(f"the original request's host is not the one {front.routed} says the front routed by")
+        raise BadRequest(f"the original request's host is not the one the auth-url's {ROUTED_HOST} says")
     return Original(uri=found[0], method=found[1], scheme=found[2], host=found[3], routed=routed)
 
 
-def _routed(name: str, value: str) -> str:
+def _routed(value: str) -> str:
     """nginx's ``$host``: the server name it chose the server block by, lower case, without port or final dot.
-    Anything else (a port, a final dot, upper case, a second value, a character no host has) is not what
-    nginx writes there, and is refused."""
-    value = value.strip()
+    Anything else (empty, a port, a final dot, upper case, percent-encoding, a second parameter, a fragment, a
+    character no host has) is not what nginx writes there for a request it routed to a named server: refused."""
     if not _AUTHORITY.fullmatch(value) or _hostname(value) != value:
-        raise BadRequest(f"{name}: not a host as nginx's $host has it")
+        raise BadRequest(f"{ROUTED_HOST}: not a host as nginx's $host has it (it must end the auth-url)")
     return value
 
 

@@ -6,6 +6,10 @@ One shared sidecar behind ingress-nginx restricts each app through its ``auth-ur
 every parameter given must pass (any listed value passes it). A parameter the sidecar does not
 know, or one given empty, is a misconfigured ``auth-url``: it is refused (403, logged as an
 error naming it) rather than read as "no restriction".
+
+``routed_host=$host`` (``fronts``) is not a rule: it ends the auth-url, and it and everything after it (nginx's
+``$host``, which may hold ``&``) are left out here. Spelt any other way (percent-encoded, without ``=``) it is
+a misconfigured auth-url like any other.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from functools import lru_cache
 from urllib.parse import parse_qsl
 
 from .errors import ConfigError
+from .fronts import ROUTED_HOST, split_routed
 from .models import Identity
 from .policy import email_domain
 from .rules import DomainRule, parse_domain_rule
@@ -74,11 +79,16 @@ def location_rules(query: str) -> LocationRules:
     """The rules of one ``auth-url`` query string; parsed once per distinct string."""
     if len(query) > MAX_QUERY_CHARS:
         return LocationRules(problem="query string too long")
+    query = split_routed(query)[0]
+    if not query:
+        return LocationRules()
     try:
         pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True, max_num_fields=50)
     except ValueError:
         return LocationRules(problem="query string is malformed")
     for key, _ in pairs:
+        if key == ROUTED_HOST:
+            return LocationRules(problem=f"{ROUTED_HOST} must be the auth-url's last parameter, as {ROUTED_HOST}=$host")
         if key not in PARAMETERS:
             close = difflib.get_close_matches(key, PARAMETERS, n=1, cutoff=0.7)
             hint = f" (did you mean {close[0]}?)" if close else ""

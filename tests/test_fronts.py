@@ -29,6 +29,7 @@ from sidecar.fronts import (
     read_auth,
     refuse_aliases,
     refuse_undecodable,
+    split_routed,
 )
 from sidecar.oauth.service import OAUTH
 from sidecar.store import MemoryStore
@@ -127,7 +128,7 @@ AGREEING: list[tuple[str, str]] = [
 ]
 
 
-def read(front: str, headers: dict[str, str] | list[tuple[str, str]]) -> Original:
+def read(front: str, headers: dict[str, str] | list[tuple[str, str]], query: str = "") -> Original:
     items = list(headers.items()) if isinstance(headers, dict) else headers
     envoy = front == "envoy"
     return read_auth(
@@ -136,6 +137,7 @@ def read(front: str, headers: dict[str, str] | list[tuple[str, str]]) -> Origina
         "POST" if envoy else "GET",
         "/admin/x?a=1" if envoy else "",
         HOST if envoy else "sidecar.sidecar.svc:4180",
+        query,
     )
 
 
@@ -266,52 +268,62 @@ async def test_both_listeners_refuse_the_ingress_nginx_bypass_and_bad_bytes_alik
         _, tokens, _ = await redeem(st.base, issued)
         await asyncio.sleep(2.1)  # the sign-in is now older than the rule's 1 s
         origin = st.base
-        front = lambda path, method="GET": {  # noqa: E731 - what ingress-nginx writes (with the shipped ConfigMap)
+        front = lambda path, method="GET": {  # noqa: E731 - what ingress-nginx writes
             "X-Original-URL": origin + path,
             "X-Original-Method": method,
-            "X-Routed-Host": "127.0.0.1",
         }
+        routed = "?routed_host=127.0.0.1"  # the shipped auth-url's routed_host=$host, as nginx expands it
         jar = {"Cookie": f"_sidecar={cookie}"}
         bearer = {"Authorization": "Bearer " + tokens["access_token"]}
-        cases: list[tuple[dict[str, str], int]] = [
-            ({**jar, **front("/admin/x", "POST")}, 401),  # stale for the POST rule
-            ({**jar, **front("/admin/x", "GET")}, 202),
-            ({**jar, **front("/admin/x", "POST"), "X-Forwarded-Uri": "/x"}, 400),
-            ({**jar, **front("/admin/x", "POST"), "X-Forwarded-Method": "GET"}, 400),
-            ({**jar, **front("/admin/x", "POST"), "X-Original-URI": "/public"}, 400),
-            ({**jar, **front("/admin/x", "POST"), "X-Forwarded-Host": "evil.example"}, 400),
-            ({**jar, "X-Forwarded-Uri": "/x", "X-Forwarded-Method": "GET"}, 400),  # no X-Original-URL at all
-            ({**bearer, **front("/mcp/a")}, 202),
-            ({**bearer, "X-Original-URL": origin + "/mcp/a", "X-Original-Method": "GET"}, 401),  # no X-Routed-Host
-            ({**bearer, **front("/mcp/a"), "X-Routed-Host": "other.example"}, 400),  # not the host routed by
-            ({**bearer, **front("/mcp/a"), "X-Forwarded-Uri": "/other"}, 400),
-            ({**bearer, "X-Original-URL": "http://evil.example/mcp/a"}, 401),  # a token for another origin
-            ({**bearer, **front("/other"), "X-Forwarded-Uri": "/mcp/a"}, 400),
+        cases: list[tuple[str, dict[str, str], int]] = [
+            (routed, {**jar, **front("/admin/x", "POST")}, 401),  # stale for the POST rule
+            (routed, {**jar, **front("/admin/x", "GET")}, 202),
+            ("", {**jar, **front("/admin/x", "GET")}, 202),  # a cookie is not host-bound
+            (routed, {**jar, **front("/admin/x", "POST"), "X-Forwarded-Uri": "/x"}, 400),
+            (routed, {**jar, **front("/admin/x", "POST"), "X-Forwarded-Method": "GET"}, 400),
+            (routed, {**jar, **front("/admin/x", "POST"), "X-Original-URI": "/public"}, 400),
+            (routed, {**jar, **front("/admin/x", "POST"), "X-Forwarded-Host": "evil.example"}, 400),
+            (routed, {**jar, "X-Forwarded-Uri": "/x", "X-Forwarded-Method": "GET"}, 400),  # no X-Original-URL
+            (routed, {**bearer, **front("/mcp/a")}, 202),
+            ("", {**bearer, **front("/mcp/a")}, 401),  # an auth-url without routed_host: no token
+            ("", {**bearer, **front("/mcp/a"), "X-Routed-Host": "127.0.0.1"}, 401),  # a client's header: not read
+            ("", {**bearer, **front("/mcp/a?routed_host=127.0.0.1")}, 401),  # nor its own request's query
+            ("?routed_host=other.example", {**bearer, **front("/mcp/a")}, 400),  # not the host routed by
+            ("?routed_host=other.example", {**jar, **front("/admin/x", "GET")}, 400),
+            ("?routed_host=127.0.0.1&routed_host=127.0.0.1", {**bearer, **front("/mcp/a")}, 400),
+            ("?routed_host=", {**bearer, **front("/mcp/a")}, 400),
+            ("?routed_host=127.0.0.1#x", {**bearer, **front("/mcp/a")}, 400),
+            ("?routed_host=127.0.0.1%2E", {**bearer, **front("/mcp/a")}, 400),
+            (routed, {**bearer, **front("/mcp/a"), "X-Forwarded-Uri": "/other"}, 400),
+            (routed, {**bearer, "X-Original-URL": "http://evil.example/mcp/a"}, 400),  # not the host routed by
+            ("", {**bearer, "X-Original-URL": "http://evil.example/mcp/a"}, 401),  # a token for another origin
+            (routed, {**bearer, **front("/other"), "X-Forwarded-Uri": "/mcp/a"}, 400),
         ]
-        raw_cases: list[tuple[bytes, int]] = [
-            (b"X-Original-URL: " + origin.encode() + b"/mcp\xff\r\n", 400),
-            (b"X-Forwarded-Uri: /mcp\xff\r\n", 400),
-            (b"X-Original-Method: G\xffT\r\n", 400),
-            (b"Authorization: Bearer \xff\r\n", 400),
-            (b"X_Auth_Request_User: mallory\r\n", 400),  # other spellings of identity and original headers
-            (b"X.Forwarded.Email: mallory\r\n", 400),
-            (b"X~Original~URL: https://evil.example/x\r\n", 400),
-            (b"x_forwarded_uri: /x\r\n", 400),
-            (b"X-Forwarded-Email2: harmless\r\n", 401),  # no session: not refused for its name
+        raw_cases: list[tuple[str, bytes, int]] = [
+            (routed, b"X-Original-URL: " + origin.encode() + b"/mcp\xff\r\n", 400),
+            (routed, b"X-Forwarded-Uri: /mcp\xff\r\n", 400),
+            (routed, b"X-Original-Method: G\xffT\r\n", 400),
+            (routed, b"Authorization: Bearer \xff\r\n", 400),
+            (routed, b"X_Auth_Request_User: mallory\r\n", 400),  # other spellings of identity and original headers
+            (routed, b"X.Forwarded.Email: mallory\r\n", 400),
+            (routed, b"X~Original~URL: https://evil.example/x\r\n", 400),
+            (routed, b"x_forwarded_uri: /x\r\n", 400),
+            (routed, b"X-Forwarded-Email2: harmless\r\n", 401),  # no session: not refused for its name
         ]
         host = st.base.split("://", 1)[1]
         async with auth_listener(st) as port:
             main_port = int(st.base.rsplit(":", 1)[1])
             heads = [
-                ("".join(f"{k}: {v}\r\n" for k, v in extra.items()).encode(), status) for extra, status in cases
+                (query, "".join(f"{k}: {v}\r\n" for k, v in extra.items()).encode(), status)
+                for query, extra, status in cases
             ] + raw_cases
-            for extra, status in heads:
-                head = f"GET /oauth2/auth HTTP/1.1\r\nHost: {host}\r\n".encode() + extra + b"\r\n"
+            for query, extra, status in heads:
+                head = f"GET /oauth2/auth{query} HTTP/1.1\r\nHost: {host}\r\n".encode() + extra + b"\r\n"
                 ours = await exchange(port, head)
                 theirs = await exchange(main_port, head)
                 assert ours and theirs, extra
                 assert comparable(ours[0]) == comparable(theirs[0]), extra
-                assert ours[0][0] == status, (extra, ours[0])
+                assert ours[0][0] == status, (query, extra, ours[0])
 
 
 async def test_fragments_method_overrides_and_odd_lists_never_pass_a_step_up_on_either_listener() -> None:
@@ -514,7 +526,8 @@ async def test_oauth_issuer_is_the_origin_whatever_the_front_says_and_other_host
                 assert (await resp.json())["issuer"] == issuer
 
 
-# (the Host header ingress-nginx writes into X-Original-URL, nginx's $host it routed by): read when they agree
+# (the Host header ingress-nginx writes into X-Original-URL, nginx's $host it routed by, in the auth-url's
+# routed_host=$host): read when they agree
 ROUTED_AGREE = [
     ("app.example.com", "app.example.com"),
     ("APP.Example.com", "app.example.com"),  # nginx lower-cases $host
@@ -543,6 +556,17 @@ ROUTED_DISAGREE = [
     ("app.example.com", "user@app.example.com"),
     ("app.example.com", "app%2Eexample.com"),
     ("app.example.com", "app.example.com\\"),
+    ("app.example.com", "app.example.com#x"),  # a Host may hold "#", "&", "%", "=": never split or decoded
+    ("app.example.com", "app.example.com&routed_host=app.example.com"),
+    ("other.example", "other.example&routed_host=app.example.com"),
+    ("app.example.com", "x&routed_host=app.example.com"),
+    ("app.example.com", "app.example.com&"),
+    ("app.example.com", "app.example.com&allowed_groups=a"),
+    ("app.example.com", "app.example.com%26x"),
+    ("app.example.com", "app.example.com+"),
+    ("app.example.com", " app.example.com"),
+    ("app.example.com", "app.example.com="),
+    ("app.example.com", "[app.example.com]"),
     ("app.example.com", "app.example.com/"),
     ("app.example.com", ""),
     ("app.example.com..", "app.example.com."),
@@ -551,22 +575,40 @@ ROUTED_DISAGREE = [
 
 @pytest.mark.parametrize(("url_host", "routed"), ROUTED_AGREE)
 def test_ingress_nginx_reads_a_url_whose_host_is_the_one_nginx_routed_by(url_host: str, routed: str) -> None:
-    found = read("ingress-nginx", {"X-Original-URL": f"https://{url_host}/mcp", "X-Routed-Host": routed})
-    assert (found.host, found.routed, found.path) == (url_host.lower(), routed, "/mcp")
+    for rules in ("", "allowed_groups=a&"):
+        found = read("ingress-nginx", {"X-Original-URL": f"https://{url_host}/mcp"}, f"{rules}routed_host={routed}")
+        assert (found.host, found.routed, found.path) == (url_host.lower(), routed, "/mcp")
 
 
 @pytest.mark.parametrize(("url_host", "routed"), ROUTED_DISAGREE)
 def test_ingress_nginx_refuses_a_url_whose_host_is_not_the_one_nginx_routed_by(url_host: str, routed: str) -> None:
-    with pytest.raises(BadRequest):
-        read("ingress-nginx", {"X-Original-URL": f"https://{url_host}/mcp", "X-Routed-Host": routed})
+    for rules in ("", "allowed_groups=a&"):
+        with pytest.raises(BadRequest):
+            read("ingress-nginx", {"X-Original-URL": f"https://{url_host}/mcp"}, f"{rules}routed_host={routed}")
 
 
-def test_the_routed_host_is_read_only_for_the_front_that_writes_it() -> None:
-    """Without the header ingress-nginx's reading says nothing was routed (no token then: oauth/service.py);
-    twice, refused; any other front ignores a client's copy."""
-    assert read("ingress-nginx", {"X-Original-URL": "https://app.example.com/mcp"}).routed is None
+def test_the_routed_host_is_read_only_from_the_auth_url_and_only_for_ingress_nginx() -> None:
+    """Without routed_host ingress-nginx's reading says nothing was routed (no token then: oauth/service.py),
+    whatever header a client adds (nginx passes it on where nothing overwrites it); spelt another way it is not
+    read (location_rules refuses it); twice, refused; any other front ignores it."""
+    url = {"X-Original-URL": "https://app.example.com/mcp"}
+    assert read("ingress-nginx", url).routed is None
+    assert read("ingress-nginx", {**url, "X-Routed-Host": "app.example.com"}).routed is None
+    for query in ("routed_host", "routed%5Fhost=app.example.com", "xrouted_host=app.example.com", "a=routed_host="):
+        assert read("ingress-nginx", url, query).routed is None, query
     with pytest.raises(BadRequest):
-        read("ingress-nginx", [("X-Original-URL", "https://a.example/mcp"), ("X-Routed-Host", "a.example")] * 2)
+        read("ingress-nginx", url, "routed_host=app.example.com&routed_host=app.example.com")
     for front in sorted(set(FRONTS) - {"ingress-nginx", "envoy"}):
-        own = {**dict(OWN[front]), "X-Routed-Host": "other.example"}
-        assert read(front, own).routed is None, front
+        assert read(front, dict(OWN[front]), "routed_host=other.example").routed is None, front
+
+
+def test_split_routed_keeps_the_rules_before_it_and_the_whole_rest_after() -> None:
+    assert split_routed("") == ("", None)
+    assert split_routed("allowed_groups=a") == ("allowed_groups=a", None)
+    assert split_routed("routed_host=a.example") == ("", "a.example")
+    assert split_routed("allowed_groups=a&max_age=5&routed_host=a.example&x") == (
+        "allowed_groups=a&max_age=5",
+        "a.example&x",
+    )
+    assert split_routed("xrouted_host=a&routed_host=b") == ("xrouted_host=a", "b")
+    assert split_routed("routed_host=a&routed_host=b") == ("", "a&routed_host=b")

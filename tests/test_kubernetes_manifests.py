@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import copy
 import functools
+import json
 import re
 import secrets
 import shutil
@@ -40,6 +41,9 @@ except ImportError as exc:  # pragma: no cover - a loud failure, never a skip
         "(it ships the Kubernetes JSON schemas used offline). Install the test extras: "
         "pip install -e '.[test]'  (or: pip install kubernetes-validate)"
     ) from exc
+
+from sidecar.fronts import split_routed
+from sidecar.location_rules import location_rules
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "kubernetes"
@@ -633,7 +637,7 @@ def test_ingress_nginx_overlay() -> None:
     app = one(docs, "Ingress", "demo-app")
     notes = app["metadata"]["annotations"]
     assert notes["nginx.ingress.kubernetes.io/auth-url"] == (
-        f"http://{svc['metadata']['name']}.{ns}.svc.cluster.local:4181/oauth2/auth"
+        f"http://{svc['metadata']['name']}.{ns}.svc.cluster.local:4181/oauth2/auth?routed_host=$host"
     )
     assert notes["nginx.ingress.kubernetes.io/auth-signin"] == "https://$host/oauth2/start?rd=$escaped_request_uri"
     assert notes["nginx.ingress.kubernetes.io/auth-response-headers"] == AUTH_RESPONSE_HEADERS
@@ -669,39 +673,42 @@ def test_ingress_nginx_overlay() -> None:
     assert env["SIDECAR_TRUSTED_PROXY"] not in ("", "127.0.0.1/32")
 
 
-PROXY_SET_HEADERS = "nginx.ingress.kubernetes.io/auth-proxy-set-headers"
+AUTH_URL = "nginx.ingress.kubernetes.io/auth-url"
 NAMESPACE_LINE = "namespace: sidecar-demo\n"
+# ingress-nginx's parser.URLWithNginxVariableRegex, which validates auth-url (internal/ingress/annotations/
+# parser/validators.go): extendedAlphaNumeric, urlEnabledChars and "$"
+CONTROLLER_AUTH_URL = re.compile(r"^[\-._~a-zA-Z0-9/:, ,:?&=$]*$")
 
 
-def auth_proxy_set_headers(docs: list[dict[str, Any]], ingress: dict[str, Any]) -> dict[str, str]:
-    """The headers ingress-nginx adds to an Ingress's auth sub-request, resolved as the controller resolves
-    auth-proxy-set-headers (internal/ingress/annotations/authreq/main.go): the value is handed as it stands to
-    the ConfigMap lister, whose keys are "<namespace>/<name>", so a bare name finds nothing and the controller
-    denies the Ingress's location (503 for every request); a namespace other than the Ingress's is refused
-    (allow-cross-namespace-resources is off by default); header names must match ^[a-zA-Z0-9_-]+$."""
-    value = ingress["metadata"]["annotations"][PROXY_SET_HEADERS]
-    where = f"Ingress/{ingress['metadata']['name']}: {PROXY_SET_HEADERS} {value!r}"
-    namespace, slash, name = value.partition("/")
-    assert slash and "/" not in name, f"{where}: the controller looks up <namespace>/<name>; a bare name is denied"
-    assert namespace == namespace_of(ingress), f"{where}: another namespace than the Ingress's is refused"
-    (found,) = [d for d in find(docs, "ConfigMap", name) if namespace_of(d) == namespace] or [None]
-    assert found is not None, f"{where}: no ConfigMap {value} in the build"
-    data: dict[str, str] = found.get("data", {})
-    assert all(re.fullmatch(r"[a-zA-Z0-9_-]+", key) for key in data), (where, data)
-    return data
+def routed_auth_url(url: str, where: str) -> str:
+    """Check an auth-url asking the sidecar as the controller and the sidecar read it, and return its rules:
+    the controller accepts it (its annotation regex; a scheme and a host), and it ends in routed_host=$host,
+    which nginx expands in the auth location's ``set $target "<auth-url>"`` to the host whose server block it
+    chose. Without it the sidecar takes no OAuth token from that Ingress; anywhere but last, the rest would be
+    read as part of the host (refused); the rules before it must be ones the sidecar knows."""
+    assert CONTROLLER_AUTH_URL.fullmatch(url), f"{where}: {url!r} fails the controller's auth-url validation"
+    parts = urlsplit(url)
+    assert parts.scheme and parts.hostname and ".." not in parts.netloc, (where, url)
+    rules, routed = split_routed(parts.query)
+    assert routed == "$host", f"{where}: {url!r} must end in routed_host=$host (no token without it)"
+    assert location_rules(rules).problem is None, (where, url, location_rules(rules).problem)
+    return rules
 
 
 def test_ingress_nginx_sends_the_routed_host_to_the_sidecar() -> None:
-    """The shipped Ingress's auth-proxy-set-headers resolves, as the controller looks it up, to the ConfigMap
-    that adds X-Routed-Host: $host (the sidecar takes no OAuth token from ingress-nginx without it)."""
+    """The shipped Ingress's auth-url ends in routed_host=$host; nothing is left of the header mechanism it
+    replaced (a header could be forged on any Ingress that forgot to overwrite it)."""
     docs = rendered("ingress-nginx")
     app = one(docs, "Ingress", "demo-app")
-    assert auth_proxy_set_headers(docs, app) == {"X-Routed-Host": "$host"}
+    annotations = app["metadata"]["annotations"]
+    assert routed_auth_url(annotations[AUTH_URL], "Ingress/demo-app") == ""
+    assert not [key for key in annotations if key.endswith("auth-proxy-set-headers")]
+    assert "X-Routed-Host" not in json.dumps(docs)
 
 
-def test_the_routed_host_configmap_follows_the_namespace(tmp_path: Path) -> None:
-    """Changing the overlay's one "namespace:" line moves the ConfigMap, and the annotation naming it follows
-    (the replacements in kustomization.yaml), as the auth-url's Service name does."""
+def test_the_auth_url_follows_the_namespace(tmp_path: Path) -> None:
+    """Changing the overlay's one "namespace:" line moves the auth-url's Service host with it (the replacements
+    in kustomization.yaml), and routed_host=$host stays at its end."""
     copied = tmp_path / "kubernetes"
     shutil.copytree(K8S, copied)
     kustomization = copied / "overlays" / "ingress-nginx" / "kustomization.yaml"
@@ -711,8 +718,9 @@ def test_the_routed_host_configmap_follows_the_namespace(tmp_path: Path) -> None
     docs = kustomize(copied / "overlays" / "ingress-nginx")
     app = one(docs, "Ingress", "demo-app")
     assert namespace_of(app) == "team-a"
-    assert app["metadata"]["annotations"][PROXY_SET_HEADERS] == "team-a/sidecar-auth-headers"
-    assert auth_proxy_set_headers(docs, app) == {"X-Routed-Host": "$host"}
+    url = app["metadata"]["annotations"][AUTH_URL]
+    assert url == "http://sidecar.team-a.svc.cluster.local:4181/oauth2/auth?routed_host=$host"
+    routed_auth_url(url, "Ingress/demo-app in team-a")
 
 
 # What a browser needs of the sidecar; never /oauth2/auth, which answers with the access token.
@@ -892,25 +900,26 @@ def readme_yaml_block(containing: str) -> dict[str, Any]:
 
 
 def test_every_ingress_asking_the_sidecar_sends_the_routed_host() -> None:
-    """An Ingress with the sidecar's auth-url and no auth-proxy-set-headers passes a client's own X-Routed-Host
-    on to /oauth2/auth (proxy_pass_request_headers; tests/e2e/test_real_fronts.py shows it through nginx), and
-    the sidecar cannot tell it from nginx's: on that Ingress's host a token for another host is taken again.
-    So every Ingress asking the sidecar, shipped or shown in deploy/kubernetes/README.md (cookie-only ones
-    too), carries the annotation naming the ConfigMap, as <namespace>/<name>."""
+    """Every Ingress asking the sidecar, shipped or shown in deploy/kubernetes/README.md (cookie-only ones too),
+    ends its auth-url in routed_host=$host: tests/e2e/test_real_fronts.py shows through nginx that an Ingress
+    without it takes no token whatever a client forges, and one with it refuses another server block's host."""
     docs = rendered("ingress-nginx")
-    asking = [
-        i
-        for i in find(docs, "Ingress")
-        if "nginx.ingress.kubernetes.io/auth-url" in i["metadata"].get("annotations", {})
-    ]
+    asking = [i for i in find(docs, "Ingress") if AUTH_URL in i["metadata"].get("annotations", {})]
     assert asking
     for ingress in asking:
-        assert auth_proxy_set_headers(docs, ingress) == {"X-Routed-Host": "$host"}
-    blocks = re.findall(r"^( *)```yaml\n(.*?)^\1```", K8S_README.read_text(), flags=re.M | re.S)
-    shown = [body for _, body in blocks if "nginx.ingress.kubernetes.io/auth-url" in body]
-    assert len(shown) >= 3
-    for body in shown:
-        assert PROXY_SET_HEADERS + ': "sidecar-demo/sidecar-auth-headers"' in body, body[:300]
+        routed_auth_url(ingress["metadata"]["annotations"][AUTH_URL], f"Ingress/{ingress['metadata']['name']}")
+    readmes = {K8S_README: K8S_README.read_text(), ROOT / "README.md": (ROOT / "README.md").read_text()}
+    shown = [
+        (path, url)
+        for path, text in readmes.items()
+        for url in re.findall(re.escape(AUTH_URL) + r':\s*"?([^"\s]+)"?', text)
+        if "/oauth2/auth" in url
+    ]
+    assert len([p for p, _ in shown if p == K8S_README]) >= 3, shown
+    for path, url in shown:
+        routed_auth_url(url, path.name)
+    assert "X-Routed-Host" not in "".join(readmes.values())  # the forgeable header is gone
+    assert "auth-proxy-set-headers" not in readmes[K8S_README]
 
 
 def relative_to(tmp_path: Path, target: Path) -> str:

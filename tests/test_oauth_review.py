@@ -65,20 +65,22 @@ async def test_ingress_nginx_original_url_names_the_resource() -> None:
         issued = await new_grant(st, "/mcp")
         _, tokens, _ = await redeem(st.base, issued)
         token = tokens["access_token"]
-        # The shipped Ingress adds X-Routed-Host: $host (auth-proxy-set-headers); without it no token is taken.
-        routed = {"X-Routed-Host": "127.0.0.1"}
-        status, _, resp = await get(st.base + "/oauth2/auth", token, **{"X-Original-URL": st.base + "/mcp/tools?x=1"})
+        # The shipped auth-url ends in ?routed_host=$host, which nginx expands; without it no token is taken,
+        # whatever header a client adds (a forged X-Routed-Host is not read).
+        auth, routed = st.base + "/oauth2/auth", st.base + "/oauth2/auth?routed_host=127.0.0.1"
+        tools = {"X-Original-URL": st.base + "/mcp/tools?x=1"}
+        status, _, resp = await get(auth, token, **tools)
         assert status == 401
-        status, _, resp = await get(
-            st.base + "/oauth2/auth", token, **{"X-Original-URL": st.base + "/mcp/tools?x=1"}, **routed
-        )
+        status, _, resp = await get(auth, token, **tools, **{"X-Routed-Host": "127.0.0.1"})
+        assert status == 401
+        status, _, resp = await get(routed, token, **tools)
         assert status == 202 and resp.headers["X-Auth-Request-Email"] == "alice@example.com"
-        status, _, resp = await get(
-            st.base + "/oauth2/auth", token, **{"X-Original-URL": st.base + "/api/tools"}, **routed
-        )
+        status, _, resp = await get(routed, token, **{"X-Original-URL": st.base + "/api/tools"})
         assert status == 401 and 'error="invalid_token"' in resp.headers["WWW-Authenticate"]
-        status, _, resp = await get(st.base + "/oauth2/auth", **{"X-Original-URL": st.base + "/api"}, **routed)
+        status, _, resp = await get(routed, **{"X-Original-URL": st.base + "/api"})
         assert status == 401 and "oauth-protected-resource/api" in resp.headers["WWW-Authenticate"]
+        status, _, _ = await get(auth + "?routed_host=other.example", token, **tools)
+        assert status == 400
 
 
 # --- malformed bodies ------------------------------------------------------------------------------------------

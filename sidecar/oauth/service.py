@@ -87,18 +87,18 @@ class OAuthServer:
         return view.trusted and view.host.lower() != self.config.oauth_issuer.split("://", 1)[1].rstrip("/").lower()
 
     def unrouted(self, request: web.Request) -> bool:
-        """An auth request from a front whose URL names the client's Host (ingress-nginx) without the header
-        saying which host it routed by (``fronts.Front.routed``): the audience's host is unproven, no token is
-        taken. With the header, ``fronts`` refused any disagreement already (400)."""
+        """An auth request from a front whose URL names the client's Host (ingress-nginx) without the auth-url
+        saying which host it routed by (``?routed_host=$host``, ``fronts``): the audience's host is unproven, no
+        token is taken. With it, ``fronts`` refused any disagreement already (400)."""
         front = FRONTS[self.config.front]
-        if front.routed is None or not is_auth_request(request, self.config) or original_of(request).routed:
+        if not front.routed or not is_auth_request(request, self.config) or original_of(request).routed:
             return False
         if not _unrouted_warned:
             _unrouted_warned.append(True)
             log.error(
-                "--front %s: auth requests lack %s, so no OAuth token is taken (see deploy/kubernetes README)",
+                "--front %s: the auth-url lacks ?routed_host=$host (its last parameter), so no OAuth token is "
+                "taken (see deploy/kubernetes README)",
                 front.name,
-                front.routed,
             )
         return True
 

@@ -6,8 +6,9 @@
 - nginx as ingress-nginx renders the shipped Ingresses (deploy/kubernetes/overlays/ingress-nginx):
   ``render_ingress_nginx`` writes the auth location, the sign-in location and the protected location
   as the controller's nginx.tmpl does for the annotations found there (auth-url, auth-signin,
-  auth-response-headers, auth-proxy-set-headers from the overlay's generated ConfigMap), with the
-  controller's defaults (use-forwarded-headers off). One deviation:
+  auth-response-headers), with the controller's defaults (use-forwarded-headers off). The auth-url goes
+  into ``set $target "<auth-url>"`` as the template writes it (Go's %q), so nginx expands its variables
+  (``?routed_host=$host``) in the auth location, and then ``proxy_pass $target``. One deviation:
   ``set_escape_uri`` (ngx_set_misc, not in Debian's nginx) becomes a plain copy of ``$request_uri``;
   the tests' sign-in paths need no escaping.
 
@@ -37,7 +38,6 @@ TRAEFIK_STATIC = ROOT / "deploy" / "traefik" / "traefik.yml"
 TRAEFIK_DYNAMIC = ROOT / "deploy" / "traefik" / "sidecar.yml"
 CADDYFILE = ROOT / "deploy" / "caddy" / "Caddyfile"
 INGRESS = ROOT / "deploy" / "kubernetes" / "overlays" / "ingress-nginx" / "ingress.yaml"
-KUSTOMIZATION = INGRESS.parent / "kustomization.yaml"
 SIDECAR = "127.0.0.1:4180"
 APP = "127.0.0.1:8080"
 
@@ -103,36 +103,13 @@ def shipped_ingresses() -> dict[str, dict[str, Any]]:
     return {doc["metadata"]["name"]: doc for doc in yaml.safe_load_all(INGRESS.read_text()) if doc}
 
 
-def auth_proxy_set_headers(annotations: dict[str, str]) -> dict[str, str] | None:
-    """The headers of the ConfigMap an Ingress's auth-proxy-set-headers names, looked up as the controller does
-    (internal/ingress/annotations/authreq/main.go): the annotation's value is the lister's key as it stands,
-    "<namespace>/<name>" (a bare name finds no ConfigMap: the informer's keys all have a namespace), and
-    another namespace than the Ingress's is refused. None when the controller would deny the location (it
-    then answers 503 there). The ConfigMaps are the overlay's configMapGenerator, in its namespace."""
-    wanted = annotations.get("nginx.ingress.kubernetes.io/auth-proxy-set-headers")
-    if wanted is None:
-        return {}
-    overlay = yaml.safe_load(KUSTOMIZATION.read_text())
-    namespace = overlay["namespace"]  # the Ingress's and the generated ConfigMaps' namespace
-    parts = wanted.split("/")
-    if len(parts) > 2 or (len(parts) == 2 and parts[0] != namespace):
-        return None  # not a key, or cross-namespace (allow-cross-namespace-resources is off by default)
-    store = {f"{namespace}/{g['name']}": g for g in overlay["configMapGenerator"]}
-    found = store.get(wanted)
-    if found is None:
-        return None  # "unable to find configMap": the location is denied
-    return dict(item.split("=", 1) for item in found["literals"])
-
-
 def _auth_location(name: str, annotations: dict[str, str], sidecar: str) -> str:
-    """nginx.tmpl's ``location = <authPath>`` for an auth-url (no auth-method, no cache, no snippets); the
-    auth-proxy-set-headers lines as the controller's buildAuthProxySetHeaders writes them (Go's %q)."""
+    """nginx.tmpl's ``location = <authPath>`` for an auth-url (no auth-method, no cache, no snippets, no
+    auth-keepalive): ``set $target {{ $externalAuth.URL | quote }}``, the template's quote being Go's %q (for
+    these ASCII URLs what json.dumps writes), so nginx expands the URL's variables in the subrequest."""
+    assert "auth-proxy-set-headers" not in " ".join(annotations), "not emulated"
     url = urlsplit(annotations["nginx.ingress.kubernetes.io/auth-url"])
-    target = url._replace(netloc=sidecar).geturl()
-    extra = "".join(
-        f"\n        proxy_set_header {json.dumps(k)} {json.dumps(v)};"
-        for k, v in sorted((auth_proxy_set_headers(annotations) or {}).items())
-    )
+    target = json.dumps(url._replace(netloc=sidecar).geturl())
     return f"""
     location = /_external-auth-{name} {{
         internal;
@@ -155,7 +132,7 @@ def _auth_location(name: str, annotations: dict[str, str], sidecar: str) -> str:
         proxy_buffers               4 {annotations.get("nginx.ingress.kubernetes.io/proxy-buffer-size", "4k")};
         proxy_request_buffering     on;
         proxy_ssl_server_name       on;
-        proxy_pass_request_headers  on;{extra}
+        proxy_pass_request_headers  on;
         proxy_http_version          1.1;
         set $target {target};
         proxy_pass $target;
@@ -185,15 +162,7 @@ def _proxy_headers() -> str:
 
 
 def _protected_location(path: str, name: str, annotations: dict[str, str], backend: str) -> str:
-    """``location <path>`` with auth_request, the sign-in redirect and auth-response-headers, as nginx.tmpl;
-    a location the controller denies (an annotation it could not resolve) answers 503, as nginx.tmpl's."""
-    if auth_proxy_set_headers(annotations) is None:
-        return f"""
-    location {path} {{
-        # Location denied. Reason: "unable to find configMap"
-        return 503;
-    }}
-"""
+    """``location <path>`` with auth_request, the sign-in redirect and auth-response-headers, as nginx.tmpl."""
     pairs = "".join(
         f"\n        auth_request_set $authHeader{i} $upstream_http_{h.strip().lower().replace('-', '_')};"
         f"\n        proxy_set_header '{h.strip()}' $authHeader{i};"

@@ -65,7 +65,7 @@ AUTH_URL = "http://sidecar.sidecar-demo.svc.cluster.local:4181/oauth2/auth"
 # and the resource's Ingress (no auth-signin: an API client must see the 401; Authorization from the
 # sidecar's answer only) with the OAuth endpoints routed to the sidecar as Exact paths.
 INGRESS_EXTRA: dict[str, dict[str, str | None]] = {
-    "/finance/": {"nginx.ingress.kubernetes.io/auth-url": AUTH_URL + "?allowed_groups=finance"},
+    "/finance/": {"nginx.ingress.kubernetes.io/auth-url": AUTH_URL + "?allowed_groups=finance&routed_host=$host"},
     "/mcp": {
         "nginx.ingress.kubernetes.io/auth-signin": None,
         "nginx.ingress.kubernetes.io/auth-response-headers": "X-Auth-Request-User,X-Auth-Request-Email,"
@@ -74,10 +74,10 @@ INGRESS_EXTRA: dict[str, dict[str, str | None]] = {
         "X-User,X-Email,Authorization,Cookie",
     },
 }
-# The resource's Ingress again, without auth-proxy-set-headers: an operator's Ingress that forgot it.
+# The resource's Ingress again, its auth-url without routed_host=$host: an operator's Ingress that forgot it.
 INGRESS_EXTRA["/mcp/unrouted/"] = {
     **INGRESS_EXTRA["/mcp"],
-    "nginx.ingress.kubernetes.io/auth-proxy-set-headers": None,
+    "nginx.ingress.kubernetes.io/auth-url": AUTH_URL,
 }
 OAUTH_PATHS = (
     "/.well-known/oauth-authorization-server",
@@ -102,6 +102,7 @@ class Front:
     ssl: ssl.SSLContext | bool  # what a client needs for ``base``
     session: str = ""  # the signed-in browser's session cookie, once signed in
     token: str = ""  # an OAuth access token for <base>/mcp
+    auth: str = ""  # the sidecar's --auth-address listener, where the front has one
 
 
 def self_signed(directory: Path, ip: str) -> ssl.SSLContext:
@@ -209,7 +210,11 @@ def fronts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Front
         procs.append(start_nginx(nginx_conf, nginx_port, log_dir=logs / "nginx-shipped"))
         yield {
             "ingress-nginx": Front(
-                "ingress-nginx", f"https://{ingress_ip}", f"http://127.0.0.1:{s_ingress}", client_tls
+                "ingress-nginx",
+                f"https://{ingress_ip}",
+                f"http://127.0.0.1:{s_ingress}",
+                client_tls,
+                auth=f"http://127.0.0.1:{a_ingress}",
             ),
             "traefik": Front("traefik", f"http://127.0.0.1:{traefik_port}", f"http://127.0.0.1:{s_traefik}", True),
             "caddy": Front("caddy", f"http://127.0.0.1:{caddy_port}", f"http://127.0.0.1:{s_caddy}", True),
@@ -730,8 +735,8 @@ async def test_through_ingress_nginx_a_token_is_taken_only_for_the_host_nginx_ro
 ) -> None:
     """Review 3: ingress-nginx builds X-Original-URL from the client's Host header ($http_host), while an
     absolute-form request line makes nginx use the server block of the line's host ($host): a token for the
-    Host header's host was taken for a request another host's server block served. The shipped Ingress adds
-    X-Routed-Host: $host (auth-proxy-set-headers); the sidecar refuses a disagreement (400: nginx's 500)."""
+    Host header's host was taken for a request another host's server block served. The shipped Ingress's
+    auth-url ends in ?routed_host=$host; the sidecar refuses a disagreement (400: nginx's 500)."""
     front = signed_in["ingress-nginx"]
     ours = urlsplit(front.base).netloc
     body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "ping"}).encode()
@@ -739,68 +744,122 @@ async def test_through_ingress_nginx_a_token_is_taken_only_for_the_host_nginx_ro
     hostile, same = ingress_host_variants(ours)
     for target, host in hostile:
         for own in ("", f"X-Routed-Host: {ours}\r\n", f"X-Routed-Host: {ours}\r\nX-Routed-Host: {ours}\r\n"):
-            # a client's own X-Routed-Host: nginx's proxy_set_header replaces it with $host
-            status = await _raw_status(front, f"POST {target} HTTP/1.1\r\nHost: {host}\r\n{own}{auth}", body)
-            assert status in (0, 400, 401, 404, 500), (target, host, own, status)  # never the application's answer
+            for query in ("", f"?routed_host={ours}"):  # a client's own copies: in X-Original-URL, never read
+                head = f"POST {target}{query} HTTP/1.1\r\nHost: {host}\r\n{own}{auth}"
+                status = await _raw_status(front, head, body)
+                assert status in (0, 400, 401, 404, 500), (target, host, own, query, status)  # never the app's answer
     for target, host in same:
         status = await _raw_status(front, f"POST {target} HTTP/1.1\r\nHost: {host}\r\n{auth}", body)
         assert status == 200, (target, host, status)
 
 
+async def _sidecar_status(base: str, target: str, headers: dict[str, str]) -> int:
+    """The status of one hand-written request to a sidecar listener (the target exactly as given)."""
+    where = urlsplit(base)
+    reader, writer = await asyncio.open_connection(where.hostname, where.port)
+    lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    try:
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: sidecar\r\n{lines}Connection: close\r\n\r\n".encode())
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    return int(answer.split(b" ", 2)[1])
+
+
 async def test_the_sidecar_takes_no_token_from_ingress_nginx_without_the_routed_host(
     signed_in: dict[str, Front],
 ) -> None:
-    """Hostile, by hand, at the sidecar as the trusted ingress would ask it: without X-Routed-Host (an Ingress
-    without the shipped auth-proxy-set-headers) the URL's host is unproven and the token refused; with one
-    that disagrees, 400; with ours (any port or final dot on the URL's host), the token's audience decides."""
+    """Hostile, by hand, at both sidecar listeners as the trusted ingress would ask them: without the
+    auth-url's routed_host (an Ingress whose auth-url lacks it) the URL's host is unproven and the token
+    refused; with one that is not exactly nginx's $host for our host, 400: another host, a port, a final dot,
+    empty, percent-encoded, a fragment, a second routed_host or any parameter after it (what a Host holding
+    "&" would write there), a character no host has. A client's X-Routed-Host is no longer read at all. Rules
+    before it are rules; routed_host spelt otherwise is a misconfigured auth-url (no token, no cookie)."""
     front = signed_in["ingress-nginx"]
     ours = urlsplit(front.base).netloc
     base = {"Authorization": "Bearer " + front.token, "X-Original-Method": "POST"}
+    jar = {"Cookie": f"_sidecar={front.session}", "X-Original-Method": "GET"}
+    wrong = [
+        "other.example", f"{ours}:443", f"{ours}.", "", " ", f"{ours},x.example", f"{ours}/", "[::1]",
+        f"{ours}%2E", f"%20{ours}", f"{ours}+", f"user@{ours}", f"{ours}#x", f"{ours}&routed_host={ours}",
+        f"other.example&routed_host={ours}", f"{ours}&", f"{ours}&x=1", f"{ours}&allowed_groups=admins",
+        f"{ours}=", f"{ours};x", f"{ours}%26routed_host%3D{ours}",
+    ]  # fmt: skip
+    for listener in (front.sidecar, front.auth):
 
-    async def asks(url: str, routed: str | None) -> int:
-        headers = {**base, "X-Original-URL": url, **({"X-Routed-Host": routed} if routed is not None else {})}
-        async with aiohttp.ClientSession() as http, http.get(front.sidecar + "/oauth2/auth", headers=headers) as r:
-            return r.status
+        async def asks(url: str, query: str, extra: dict[str, str] | None = None, who: dict[str, str] = base) -> int:
+            headers = {**who, "X-Original-URL": url, **(extra or {})}
+            return await _sidecar_status(listener, "/oauth2/auth" + query, headers)  # noqa: B023
 
-    assert await asks(f"https://{ours}/mcp", ours) == 202
-    assert await asks(f"https://{ours}/mcp", None) == 401  # the token is refused, the cookie path unaffected
-    wrong = ("other.example", "OTHER.example", f"{ours}:443", f"{ours}.", "", " ", f"{ours}, x.example", f"{ours}/")
-    for routed in (*wrong, "[::1]", f"{ours}%2E", f"user@{ours}", f"{ours}\\"):
-        assert await asks(f"https://{ours}/mcp", routed) == 400, routed
-    for url in (f"https://{ours}:443/mcp", f"https://{ours}./mcp"):
-        assert await asks(url, ours) == 401, url  # routed by our host, but the audience names another origin
-    for url in ("https://other.example/mcp", f"https://{ours}.other.example/mcp", "https://[::1]/mcp"):
-        assert await asks(url, ours) == 400, url
-    # A cookie session is not host-bound: without the header it still passes, with a disagreeing one not.
-    jar = {"Cookie": f"_sidecar={front.session}", "X-Original-URL": f"https://{ours}/x", "X-Original-Method": "GET"}
-    async with aiohttp.ClientSession() as http:
-        async with http.get(front.sidecar + "/oauth2/auth", headers=jar) as resp:
-            assert resp.status == 202
-        async with http.get(front.sidecar + "/oauth2/auth", headers={**jar, "X-Routed-Host": "other.example"}) as r:
-            assert r.status == 400
+        good = f"?routed_host={ours}"
+        assert await asks(f"https://{ours}/mcp", good) == 202, listener
+        assert await asks(f"https://{ours}/mcp", f"?allowed_groups=nosuchgroup&routed_host={ours}") == 403
+        for query in ("", "?routed_host", f"?routed%5Fhost={ours}", f"?routed_host%3D{ours}"):
+            for forged in ({}, {"X-Routed-Host": ours}):
+                assert await asks(f"https://{ours}/mcp", query, forged) in (401, 403), (listener, query, forged)
+        for routed in wrong:
+            assert await asks(f"https://{ours}/mcp", "?routed_host=" + routed) == 400, (listener, routed)
+            assert await asks(f"https://{ours}/x", "?routed_host=" + routed, who=jar) == 400, (listener, routed)
+        for url in (f"https://{ours}:443/mcp", f"https://{ours}./mcp"):
+            assert await asks(url, good) == 401, (listener, url)  # routed by our host, the audience names another
+        for url in ("https://other.example/mcp", f"https://{ours}.other.example/mcp", "https://[::1]/mcp"):
+            assert await asks(url, good) == 400, (listener, url)
+        # A cookie session is not host-bound: without the parameter it still passes, with a disagreeing one not.
+        assert await asks(f"https://{ours}/x", "", who=jar) == 202, listener
+        assert await asks(f"https://{ours}/x", good, who=jar) == 202, listener
+        assert await asks(f"https://{ours}/x", "?routed_host", who=jar) == 403, listener  # misconfigured
+        assert await asks("https://other.example/x", good, who=jar) == 400, listener
 
 
-async def test_an_ingress_without_the_routed_host_passes_a_clients_own_on_and_the_sidecar_believes_it(
+async def test_an_ingress_whose_auth_url_lacks_the_routed_host_takes_no_token_whatever_a_client_forges(
     signed_in: dict[str, Front],
 ) -> None:
-    """Why EVERY Ingress asking the sidecar must carry auth-proxy-set-headers (test_kubernetes_manifests checks
-    the shipped and documented ones), cookie-only ones too: without it nginx passes the client's own
-    X-Routed-Host on to /oauth2/auth (proxy_pass_request_headers), and the sidecar cannot tell it from nginx's.
-    An honest client is refused there (no header: no token), but one that names the Host header's host in its
-    own X-Routed-Host has its token taken for a request another server block serves (here the catch-all one:
-    $host is other.example), the hole the header closes where the annotation is present."""
+    """The routed host travels in the auth-url (``?routed_host=$host``), which no client can change: on an
+    Ingress whose auth-url lacks it (an operator's own, written without it) no token is taken, whatever the
+    client adds: its own X-Routed-Host (nginx passes client headers on to the auth request), a
+    ``?routed_host=`` on its own request (that is in X-Original-URL, not the auth request's query), both, or
+    an absolute-form request line naming another host. Before, the host came from a header that only the
+    shipped Ingress's auth-proxy-set-headers overwrote, and a client forging it there had its token taken for
+    a request another server block served (the catch-all one here). Where the auth-url carries it, the host
+    nginx routed by is checked (400 at the sidecar, nginx's 500), read whole: nginx writes a $host holding
+    "&routed_host=<ours>" into the query as it is (mutation-checked: a reader taking the last routed_host
+    served the catch-all block's answer, 200, for "[::1&routed_host=<ours>&x=]")."""
     front = signed_in["ingress-nginx"]
     ours = urlsplit(front.base).netloc
     auth = f"Authorization: Bearer {front.token}\r\n"
-    # The honest client, on the Ingress without the annotation: no X-Routed-Host, no token taken.
+    forged_header = f"X-Routed-Host: {ours}\r\n"
+    forged_query = f"?routed_host={ours}"
+    # The honest client on the Ingress without the parameter: no token taken (the cookie path is unaffected).
     assert await _raw_status(front, f"GET /mcp/unrouted/x HTTP/1.1\r\nHost: {ours}\r\n{auth}", b"", "") == 401
-    forged = f"X-Routed-Host: {ours}\r\n"
-    head = f"GET https://other.example{{}}x HTTP/1.1\r\nHost: {ours}\r\n{forged}{auth}"
-    # With the annotation nginx replaces the client's copy with $host: refused (400 at the sidecar, nginx's 500).
-    assert await _raw_status(front, head.format("/mcp/"), b"", "") == 500
-    # Without it the client's copy reaches the sidecar, which takes the token: the app answers, to alice.
-    status, body = await _raw_answer(front, head.format("/mcp/unrouted/") + "Content-Length: 0\r\n")
-    assert status == 200 and "sidecar demo app" in body and "alice" in body, (status, body[:300])
+    for line_host in ("", "https://other.example", f"http://{ours}"):
+        for header in ("", forged_header, forged_header * 2, "X-Routed-Host: other.example\r\n"):
+            for query in ("", forged_query, f"{forged_query}&routed_host={ours}", "?routed_host="):
+                head = f"GET {line_host}/mcp/unrouted/x{query} HTTP/1.1\r\nHost: {ours}\r\n{header}{auth}"
+                status, body = await _raw_answer(front, head + "Content-Length: 0\r\n")
+                assert status == 401 and "alice" not in body, (line_host, header, query, status, body[:300])
+    # Where the auth-url carries it: the request line's host is the one checked; a client's own copies change nothing.
+    for header in ("", forged_header):
+        for query in ("", forged_query):
+            head = f"GET https://other.example/mcp/x{query} HTTP/1.1\r\nHost: {ours}\r\n{header}{auth}"
+            assert await _raw_status(front, head, b"", "") == 500, (header, query)
+            head = f"GET /mcp/x{query} HTTP/1.1\r\nHost: {ours}\r\n{header}{auth}"
+            status, body = await _raw_answer(front, head + "Content-Length: 0\r\n")
+            assert status == 200 and "alice" in body, (header, query, status, body[:300])
+    # nginx's $host may hold "&" and "=" (an IP-literal request line host; a Host header): written into the
+    # auth-url's query it would add a second routed_host naming ours to a reader that splits it. Never a 200.
+    for line_host in (
+        f"[::1&routed_host={ours}]",
+        f"[::1&routed_host={ours}&x=]",
+        f"[::1&routed_host={ours}&allowed_groups=admins&x=]",
+        f"[v1.x&routed_host={ours}&x=]",
+    ):
+        head = f"GET http://{line_host}/mcp/x HTTP/1.1\r\nHost: {ours}\r\n{auth}"
+        status, body = await _raw_answer(front, head + "Content-Length: 0\r\n")
+        assert status in (400, 500) and "alice" not in body, (line_host, status, body[:300])
+    for host in (f"{ours}&routed_host={ours}", f"x&routed_host={ours}", f"{ours}#", f"{ours}%26routed_host={ours}"):
+        head = f"GET /mcp/x HTTP/1.1\r\nHost: {host}\r\n{auth}"
+        status, body = await _raw_answer(front, head + "Content-Length: 0\r\n")
+        assert status in (400, 500) and "alice" not in body, (host, status, body[:300])
 
 
 @pytest.mark.parametrize("name", FRONT_NAMES)
