@@ -97,11 +97,11 @@ def decision_key(request: web.Request, svc: Services) -> tuple[Key, Decision | N
         return known, None
     # The raw path, not aiohttp's decoded one: envoy's decision reads the raw tail, so /oauth2/%61uth (decoded to
     # /oauth2/auth) is another request; and envoy's /oauth2/auth/<original path>: an input the key does not hold
-    if request.raw_path.partition("?")[0] != svc.config.proxy_prefix + "/auth":
+    path, _, query = request.raw_path.partition("?")  # the query as sent, a "#..." included (fronts reads it)
+    if path != svc.config.proxy_prefix + "/auth":
         return (), None
     trusted = trusted_peer(request.remote, svc.config)
     headers = request.headers
-    query = request.rel_url.raw_query_string
     names, values = header_lists(headers)
     key = request_key(request.method, names, values, query, trusted, svc.config)
     if key is None:

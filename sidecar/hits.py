@@ -144,7 +144,8 @@ class HitFirst:
         if "Expect" in headers:  # aiohttp's router answers "100 Continue" first (web_urldispatcher): its path
             return None
         names, values = header_lists(headers)
-        key = request_key(message.method, names, values, message.url.raw_query_string, trusted, svc.config)
+        query = target.partition("?")[2]  # as sent, a "#..." included: yarl's query drops it, fronts reads it
+        key = request_key(message.method, names, values, query, trusted, svc.config)
         hit = decisions.get(key) if key is not None else None
         if hit is None:
             self.pending = (message, key or ())

@@ -285,3 +285,26 @@ async def test_a_flood_of_pipelined_requests_from_a_client_that_does_not_read_is
             assert (got[0], header(got, "X-Request-Id")) == (401 if i % 97 == 0 else 202, f"r{i}"), i
     finally:
         writer.close()
+
+
+async def test_a_fragment_in_the_auth_target_is_part_of_the_key_on_both_paths(st: Stack) -> None:
+    """yarl's query drops a "#..." that the decision's own reading of the target (fronts, location rules) keeps:
+    a request with one must never be answered from the entry kept for the same target without it, whether the
+    parser-level hit path or the handler looks it up (the lean listener keys on the target as sent already)."""
+    cookie = await _signed_in(st)
+    main = port_of(st.base)
+
+    def at(target: str, i: int, extra: str = "") -> str:
+        return req(i, cookie, extra).replace("/oauth2/auth ", target + " ", 1)
+
+    plain = "/oauth2/auth?allowed_emails=alice@example.com"
+    answers = await one_by_one(main, [at(plain, i) for i in range(3)])
+    assert [a[0] for a in answers] == [202, 202, 202]
+    assert (await one_by_one(main, [at(plain, 9, "Connection: close\r\n")]))[0][0] == 202  # the handler's lookup
+    for n, suffix in enumerate(("#x", "#", "#allowed_emails=bob@example.com")):
+        for extra in ("", "Connection: close\r\n"):  # the hit path, then the handler (aiohttp's, for a close)
+            before = lookups()
+            await one_by_one(main, [at(plain + suffix, 10 + n, extra)])
+            after = lookups()
+            assert after["hit"] == before["hit"], (suffix, extra)  # a miss: decided for its own target
+            assert after["miss"] == before["miss"] + 1, (suffix, extra)
