@@ -1,0 +1,294 @@
+"""The decision cache's key, differentially: the plan-per-name-sequence key (``decisions.request_key``) against
+the per-header loop it replaced (5b0a702), over hostile header sets parsed by the real listeners.
+
+The key may change its layout, never what it tells apart: for every pair of requests, the new keys are equal
+exactly when the old ones are. A pair the new key calls equal and the old one different is an answer
+decided for other inputs (``X-Pad: /public`` then ``X-Original-URI: /admin`` keyed as ``/public``).
+
+The new keys are the ones the running stack looks up (main listener with its hit-first parser, the lean
+listener), noted as the real ``DecisionCache.get`` is called; the old keys are computed from the very bytes
+as aiohttp's and llhttp's own parsers read them. Then the same requests, pipelined on one connection after the
+cache holds their entries, must each get the answer they get alone (no key handed to the wrong request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
+
+import httptools
+import pytest
+from aiohttp.web_protocol import HttpRequestParser
+
+from sidecar.config import Config
+from sidecar.decisions import _COOKIE, _REFUSED, _name_kind
+from sidecar.store import MemoryStore
+from tests.stack import Stack, stack
+from tests.test_auth_listener import comparable, exchange
+from tests.test_auth_listener import auth_listener as lean
+from tests.test_decisions import TOKENS, _signed_in, port_of, svc_of
+
+# -- the oracle: 5b0a702's request_key, over (name, value) pairs as the listener parsed them ------------------
+
+
+def old_request_key(method: str, items: Iterable[tuple[str, str]], raw_query: str, trusted: bool, config: Config) -> Any:
+    """``request_key`` as it was before the plans (one pass over the pairs, no table kept)."""
+    client_ip_header = config.real_client_ip_header.lower()
+    cookie: str | None = None
+    picked: list[str] = []
+    for name, value in items:
+        kind = _name_kind(name, client_ip_header)
+        if not kind:
+            continue
+        if kind is _COOKIE:
+            if cookie is not None:
+                return None
+            cookie = value
+        elif kind is _REFUSED:
+            return None
+        else:
+            picked += (kind, value)
+    if cookie is None or cookie.count(config.cookie_name + "=") != 1:
+        return None
+    return (cookie, raw_query, "t" if trusted else "u", method, *picked)
+
+
+class _Protocol:
+    transport = None
+
+    def _reading_paused(self) -> bool:
+        return False
+
+
+def aiohttp_parsed(data: bytes) -> tuple[str, list[tuple[str, str]], str]:
+    """What aiohttp's own request parser (the main listener's) makes of ``data``: method, header lines, query."""
+    parser = HttpRequestParser(_Protocol(), asyncio.get_running_loop(), 2**16, max_line_size=8190, max_field_size=8190)
+    messages, _, _ = parser.feed_data(data)
+    message = messages[0][0]
+    return message.method, list(message.headers.items()), message.url.raw_query_string
+
+
+class _Lines:
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str]] = []
+        self.url = b""
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.lines.append((name.decode("utf-8", "surrogateescape"), value.strip(b" \t").decode("utf-8", "surrogateescape")))
+
+
+def llhttp_parsed(data: bytes) -> tuple[str, list[tuple[str, str]], str]:
+    """What llhttp (the lean listener's parser) makes of ``data``, decoded as that listener decodes it."""
+    lines = _Lines()
+    parser = httptools.HttpRequestParser(lines)
+    parser.feed_data(data)
+    return parser.get_method().decode(), lines.lines, lines.url.decode("ascii", "surrogateescape").partition("?")[2]
+
+
+# -- hostile header sets -------------------------------------------------------------------------------------
+
+# Names the decision reads (fronts.FAMILY, Host, X-Real-IP, the client-IP header), in several spellings, names
+# it never reads, and the same few values moved between them: a key that pairs a value with the wrong name, or
+# folds two spellings the decision reads differently, makes two of these requests one.
+NAMES = [
+    "X-Original-URI",
+    "x-original-uri",
+    "X-ORIGINAL-URI",
+    "X-Forwarded-Uri",
+    "X-Pad",
+    "x-pad",
+    "Accept",
+    "X-Forwarded-For",
+    "X-Real-IP",
+    "X-Original-Method",
+    "X-Forwarded-Method",
+    "X-Envoy-Original-Path",
+    "Forwarded",
+    "X-Request-Id",
+    "X_Original_URI",
+    "X-ProxyUser-IP",
+]
+VALUES = ["/public", "/admin", "GET", "DELETE", "203.0.113.9"]
+
+
+def family(cookie: str, count: int, seed: int) -> list[list[tuple[str, str]]]:
+    rng = random.Random(seed)
+    sets: list[list[tuple[str, str]]] = [
+        # hand-made confusions: the same values under swapped names, a repeat before a read header
+        [("X-Pad", "1"), ("X-Pad", "/public"), ("X-Original-URI", "/admin")],
+        [("X-Pad", "1"), ("X-Pad", "/admin"), ("X-Original-URI", "/public")],
+        [("X-Pad", "/admin"), ("X-Original-URI", "/public")],
+        [("X-Pad", "/public"), ("X-Original-URI", "/admin")],
+        [("Accept", "a"), ("accept", "b"), ("X-Original-URI", "/admin"), ("X-Forwarded-Uri", "/admin")],
+        [("Accept", "a"), ("accept", "/admin"), ("X-Original-URI", "b")],
+        [("x-original-uri", "/admin")],
+        [("X-Original-URI", "/admin")],
+        [("X-Forwarded-For", "203.0.113.9"), ("X-Forwarded-For", "10.0.0.1")],
+        [("X-Forwarded-For", "10.0.0.1"), ("X-Forwarded-For", "203.0.113.9")],
+    ]
+    for _ in range(count):
+        lines = [(rng.choice(NAMES), rng.choice(VALUES)) for _ in range(rng.randint(1, 4))]
+        if rng.random() < 0.3:  # a repeated line of one name, in another case
+            name, value = rng.choice(lines)
+            lines.insert(rng.randrange(len(lines) + 1), (rng.choice([name.lower(), name.upper()]), rng.choice(VALUES)))
+        sets.append(lines)
+    out = []
+    for lines in sets:
+        at = rng.randrange(len(lines) + 1)  # the Cookie header anywhere, as a front may place it
+        out.append([("Host", "app.example"), *lines[:at], ("Cookie", f"_sidecar={cookie}"), *lines[at:]])
+    return out
+
+
+def head(lines: list[tuple[str, str]], query: str = "") -> bytes:
+    return (f"GET /oauth2/auth{query} HTTP/1.1\r\n" + "".join(f"{n}: {v}\r\n" for n, v in lines) + "\r\n").encode()
+
+
+# -- the running stack ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def st() -> AsyncIterator[Stack]:
+    async with stack(MemoryStore(), reverse_proxy="true", trusted_proxy="127.0.0.1/32", **TOKENS) as s:
+        yield s
+
+
+def noting(st: Stack) -> tuple[list[Any], Callable[[], None]]:
+    """Note every key the running decision cache is asked for (the real lookup runs); and how to stop."""
+    cache = svc_of(st).decisions
+    assert cache is not None
+    seen: list[Any] = []
+    real = cache.get
+
+    def get(key: Any) -> Any:
+        seen.append(key)
+        return real(key)
+
+    cache.get = get  # type: ignore[method-assign]
+    return seen, lambda: delattr(cache, "get")
+
+
+def same_partition(new: list[Any], old: list[Any]) -> list[tuple[int, int]]:
+    """The pairs (i, j) on which the two key lists disagree about equality (None: not cacheable)."""
+    return [
+        (i, j)
+        for i in range(len(new))
+        for j in range(i, len(new))
+        if (new[i] == new[j]) != (old[i] == old[j]) or (new[i] is None) != (old[i] is None)
+    ]
+
+
+async def keys_on(port: int, requests: list[bytes], seen: list[Any]) -> list[Any]:
+    """Each request on its own connection; the key the listener looked up for it (None: it looked none up)."""
+    keys = []
+    for data in requests:
+        before = len(seen)
+        got = await exchange(port, data)
+        assert got, data
+        assert len(seen) - before <= 1, data  # one lookup per request, never a second
+        keys.append(seen[before] if len(seen) > before else None)
+    return keys
+
+
+async def test_new_keys_tell_apart_exactly_what_the_old_keys_did_on_both_listeners(st: Stack) -> None:
+    cookie = await _signed_in(st)
+    config = st.configs[0]
+    requests = [head(lines) for lines in family(cookie, 70, 20)]
+    seen, stop = noting(st)
+    try:
+        async with lean(st) as lean_port:
+            for port, parse in ((port_of(st.base), aiohttp_parsed), (lean_port, llhttp_parsed)):
+                for _ in range(2):  # the second time every plan is a remembered one
+                    new = await keys_on(port, requests, seen)
+                    old = [old_request_key(*parse(data), True, config) for data in requests]
+                    assert sum(key is not None for key in old) > len(requests) // 3
+                    wrong = same_partition(new, old)
+                    assert not wrong, [(requests[i], requests[j]) for i, j in wrong[:3]]
+    finally:
+        stop()
+
+
+def answers_family(cookies: list[str], forged: str) -> list[bytes]:
+    """Requests whose answers differ (two users, 202/400/401, tokens or not): a key handed to the wrong one,
+    or an answer kept under another request's key, shows as an answer that is not the request's own."""
+    out = []
+    for n, cookie in enumerate([*cookies, forged]):
+        for lines in (
+            [("X-Original-URI", "/admin")],
+            [("X-Pad", "/public"), ("X-Pad", "/x"), ("X-Original-URI", "/admin")],
+            [("X-Original-URI", "/public"), ("X-Forwarded-Uri", "/admin")],  # disagree: 400
+            [("x-original-uri", "/public"), ("X-Forwarded-Uri", "/public")],
+            [("X_Original_URI", "/admin")],  # another spelling: 400, never cached
+            [("X-Original-URI", "/\xff")],  # refused (400) before the decision: a key computed, never used
+            [("Cookie", "app=1")],  # a second Cookie line: decided, never cached
+        ):
+            at = n % (len(lines) + 1)
+            out.append(head([("Host", "app.example"), *lines[:at], ("Cookie", f"_sidecar={cookie}"), *lines[at:]]))
+    return out
+
+
+async def alone(port: int, data: bytes) -> Any:
+    got = await exchange(port, data)
+    assert got, data
+    return comparable(got[0])
+
+
+async def test_pipelined_requests_get_their_own_answers_whatever_the_cache_holds(st: Stack) -> None:
+    """Each request alone first (its own answer, three times so its key is kept), then all of them in one
+    write, three times, between requests aiohttp answers itself (a body, another path): every pipelined answer
+    is the request's own, and afterwards every request alone still gets its own."""
+    cookies = [await _signed_in(st), await _signed_in(st)]
+    forged = cookies[0][:-4] + ("AAAA" if not cookies[0].endswith("AAAA") else "BBBB")
+    requests = answers_family(cookies, forged)
+    main = port_of(st.base)
+    async with lean(st) as lean_port:
+        for port in (main, lean_port):
+            own = [await alone(port, data) for data in requests]
+            assert {answer[0] for answer in own} == {202, 400, 401}
+            assert len({repr(answer) for answer in own if answer[0] == 202}) >= 4  # two users, with and without the cookie
+            for data, answer in zip(requests, own, strict=True):
+                assert [await alone(port, data) for _ in range(2)] == [answer] * 2, data
+            # aiohttp's own requests between the auth requests on the main listener (the lean one serves only those)
+            between = [b"GET /ping HTTP/1.1\r\nHost: a\r\n\r\n", head([("Host", "a")]).replace(b"GET", b"POST")[:-2]]
+            between[1] += b"Content-Length: 2\r\n\r\nab"
+            for rotation in range(3):
+                order = requests[rotation:] + requests[:rotation]
+                batch, expect = b"", []
+                for i, data in enumerate(order):
+                    batch += data
+                    expect.append(own[requests.index(data)])
+                    if port == main and i % 3 == rotation:
+                        batch += between[i % 2]
+                        expect.append(None)
+                got = await exchange(port, batch, count=len(expect))
+                assert len(got) == len(expect), rotation
+                for n, (answer, wanted) in enumerate(zip(got, expect, strict=True)):
+                    if wanted is not None:
+                        assert comparable(answer) == wanted, (rotation, n)
+            assert [await alone(port, data) for data in requests] == own
+
+
+async def test_a_key_left_by_a_request_refused_before_the_decision_is_never_the_next_ones(st: Stack) -> None:
+    """The main listener's parser keeps the key of a request that missed for its decision (``hits.handed_key``).
+    A request refused before its decision runs (undecodable bytes in a header the sidecar reads: 400 in the
+    handler's wrapper) leaves that key unused; the request behind it on the connection, which the parser did not
+    look at, must get its own key: else its 202 is kept under the refused request's key and answers it."""
+    cookies = [await _signed_in(st), await _signed_in(st)]
+    main = port_of(st.base)
+    refused = head([("Host", "a"), ("X-Original-URI", "/\xff"), ("Cookie", f"_sidecar={cookies[0]}")])
+    others = [
+        head([("Host", "a"), ("X-Original-URI", "/x"), ("Cookie", f"_sidecar={cookies[1]}")]),
+        head([("Host", "a"), ("Cookie", f"_sidecar={cookies[1]}"), ("Connection", "close")]),  # not looked at first
+    ]
+    own = [await alone(main, data) for data in (refused, *others)]
+    assert [answer[0] for answer in own] == [400, 202, 202]
+    for other, wanted in zip(others, own[1:], strict=True):
+        for _ in range(3):
+            got = await exchange(main, refused + other, count=2)
+            assert [comparable(answer) for answer in got] == [own[0], wanted]
+        assert await alone(main, refused) == own[0]
+        assert await alone(main, other) == wanted
