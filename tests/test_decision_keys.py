@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
@@ -26,14 +27,16 @@ from sidecar.config import Config
 from sidecar.decisions import _COOKIE, _REFUSED, _name_kind
 from sidecar.store import MemoryStore
 from tests.stack import Stack, stack
-from tests.test_auth_listener import comparable, exchange
 from tests.test_auth_listener import auth_listener as lean
+from tests.test_auth_listener import comparable, exchange
 from tests.test_decisions import TOKENS, _signed_in, port_of, svc_of
 
 # -- the oracle: 5b0a702's request_key, over (name, value) pairs as the listener parsed them ------------------
 
 
-def old_request_key(method: str, items: Iterable[tuple[str, str]], raw_query: str, trusted: bool, config: Config) -> Any:
+def old_request_key(
+    method: str, items: Iterable[tuple[str, str]], raw_query: str, trusted: bool, config: Config
+) -> Any:
     """``request_key`` as it was before the plans (one pass over the pairs, no table kept)."""
     client_ip_header = config.real_client_ip_header.lower()
     cookie: str | None = None
@@ -79,7 +82,9 @@ class _Lines:
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.lines.append((name.decode("utf-8", "surrogateescape"), value.strip(b" \t").decode("utf-8", "surrogateescape")))
+        self.lines.append(
+            (name.decode("utf-8", "surrogateescape"), value.strip(b" \t").decode("utf-8", "surrogateescape"))
+        )
 
 
 def llhttp_parsed(data: bytes) -> tuple[str, list[tuple[str, str]], str]:
@@ -116,7 +121,7 @@ NAMES = [
 VALUES = ["/public", "/admin", "GET", "DELETE", "203.0.113.9"]
 
 
-def family(cookie: str, count: int, seed: int) -> list[list[tuple[str, str]]]:
+def family(cookie: str, count: int, seed: int, cookie_name: str = "_sidecar") -> list[list[tuple[str, str]]]:
     rng = random.Random(seed)
     sets: list[list[tuple[str, str]]] = [
         # hand-made confusions: the same values under swapped names, a repeat before a read header
@@ -140,7 +145,7 @@ def family(cookie: str, count: int, seed: int) -> list[list[tuple[str, str]]]:
     out = []
     for lines in sets:
         at = rng.randrange(len(lines) + 1)  # the Cookie header anywhere, as a front may place it
-        out.append([("Host", "app.example"), *lines[:at], ("Cookie", f"_sidecar={cookie}"), *lines[at:]])
+        out.append([("Host", "app.example"), *lines[:at], ("Cookie", f"{cookie_name}={cookie}"), *lines[at:]])
     return out
 
 
@@ -157,9 +162,9 @@ async def st() -> AsyncIterator[Stack]:
         yield s
 
 
-def noting(st: Stack) -> tuple[list[Any], Callable[[], None]]:
+def noting(st: Stack, index: int = 0) -> tuple[list[Any], Callable[[], None]]:
     """Note every key the running decision cache is asked for (the real lookup runs); and how to stop."""
-    cache = svc_of(st).decisions
+    cache = svc_of(st, index).decisions
     assert cache is not None
     seen: list[Any] = []
     real = cache.get
@@ -249,7 +254,9 @@ async def test_pipelined_requests_get_their_own_answers_whatever_the_cache_holds
         for port in (main, lean_port):
             own = [await alone(port, data) for data in requests]
             assert {answer[0] for answer in own} == {202, 400, 401}
-            assert len({repr(answer) for answer in own if answer[0] == 202}) >= 4  # two users, with and without the cookie
+            assert (
+                len({repr(answer) for answer in own if answer[0] == 202}) >= 4
+            )  # two users, with and without the cookie
             for data, answer in zip(requests, own, strict=True):
                 assert [await alone(port, data) for _ in range(2)] == [answer] * 2, data
             # aiohttp's own requests between the auth requests on the main listener (the lean one serves only those)
@@ -292,3 +299,46 @@ async def test_a_key_left_by_a_request_refused_before_the_decision_is_never_the_
             assert [comparable(answer) for answer in got] == [own[0], wanted]
         assert await alone(main, refused) == own[0]
         assert await alone(main, other) == wanted
+
+
+async def test_two_sidecars_in_one_process_key_each_request_by_their_own_settings() -> None:
+    """The key's settings are worked out per config (the last one used is remembered) and its plans per
+    --real-client-ip-header: two apps in one process, one trusting its front with the default client-IP header,
+    the other trusting nothing with X-ProxyUser-IP and another cookie name, asked in turn about the same header
+    sets, each key what the old loop gives under that app's own settings."""
+    from sidecar.auth_listener import AuthListener
+    from tests.stack import browser, session_cookie, sign_in
+
+    settings = {"reverse_proxy": "true", "trusted_proxy": "127.0.0.1/32", **TOKENS}
+    async with stack(MemoryStore(), **settings) as st:
+        other = await st.add_sidecar(cookie_name="_other", real_client_ip_header="X-ProxyUser-IP", **TOKENS)
+        cookie = await _signed_in(st)
+        async with browser() as client:
+            await sign_in(client, other)
+            other_cookie = session_cookie(client, "_other")
+        assert other_cookie
+        apps = [
+            (0, port_of(st.base), aiohttp_parsed, family(cookie, 40, 7)),
+            (1, port_of(other), aiohttp_parsed, family(other_cookie, 40, 7, "_other")),
+        ]
+        listener = AuthListener(st.runners[1].app, st.configs[1])
+        sock = socket.create_server(("127.0.0.1", 0))
+        await listener.start(sock)
+        apps.append((1, int(sock.getsockname()[1]), llhttp_parsed, apps[1][3]))
+        noted = [noting(st, 0), noting(st, 1)]
+        try:
+            new: list[list[Any]] = [[] for _ in apps]
+            old: list[list[Any]] = [[] for _ in apps]
+            for i in range(len(apps[0][3])):  # in turn: each request to every app before the next
+                for n, (index, port, parse, requests) in enumerate(apps):
+                    data = head(requests[i])
+                    new[n] += await keys_on(port, [data], noted[index][0])
+                    old[n].append(old_request_key(*parse(data), index == 0, st.configs[index]))
+            for n in range(len(apps)):
+                assert sum(key is not None for key in old[n]) > 10, n
+                assert not same_partition(new[n], old[n]), n
+                assert all(key is None or key[2] == ("t" if apps[n][0] == 0 else "u") for key in new[n])
+        finally:
+            for _, stop in noted:
+                stop()
+            await asyncio.wait_for(listener.drain(), 5)
