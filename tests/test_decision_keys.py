@@ -23,8 +23,10 @@ import httptools
 import pytest
 from aiohttp.web_protocol import HttpRequestParser
 
+from sidecar import decisions
 from sidecar.config import Config
 from sidecar.decisions import _COOKIE, _REFUSED, _name_kind
+from sidecar.fronts import FAMILY
 from sidecar.store import MemoryStore
 from tests.stack import Stack, stack
 from tests.test_auth_listener import auth_listener as lean
@@ -101,24 +103,21 @@ def llhttp_parsed(data: bytes) -> tuple[str, list[tuple[str, str]], str]:
 # it never reads, and the same few values moved between them: a key that pairs a value with the wrong name, or
 # folds two spellings the decision reads differently, makes two of these requests one.
 NAMES = [
+    *FAMILY,
     "X-Original-URI",
     "x-original-uri",
     "X-ORIGINAL-URI",
-    "X-Forwarded-Uri",
     "X-Pad",
     "x-pad",
     "Accept",
     "X-Forwarded-For",
     "X-Real-IP",
-    "X-Original-Method",
-    "X-Forwarded-Method",
-    "X-Envoy-Original-Path",
-    "Forwarded",
     "X-Request-Id",
     "X_Original_URI",
     "X-ProxyUser-IP",
+    "X-Forwarded-Anything",
 ]
-VALUES = ["/public", "/admin", "GET", "DELETE", "203.0.113.9"]
+VALUES = ["/public", "/admin", "GET", "DELETE", "203.0.113.9", "https", "app.example", ""]
 
 
 def family(cookie: str, count: int, seed: int, cookie_name: str = "_sidecar") -> list[list[tuple[str, str]]]:
@@ -137,7 +136,7 @@ def family(cookie: str, count: int, seed: int, cookie_name: str = "_sidecar") ->
         [("X-Forwarded-For", "10.0.0.1"), ("X-Forwarded-For", "203.0.113.9")],
     ]
     for _ in range(count):
-        lines = [(rng.choice(NAMES), rng.choice(VALUES)) for _ in range(rng.randint(1, 4))]
+        lines = [(_spelled(rng, rng.choice(NAMES)), rng.choice(VALUES)) for _ in range(rng.randint(1, 5))]
         if rng.random() < 0.3:  # a repeated line of one name, in another case
             name, value = rng.choice(lines)
             lines.insert(rng.randrange(len(lines) + 1), (rng.choice([name.lower(), name.upper()]), rng.choice(VALUES)))
@@ -147,6 +146,11 @@ def family(cookie: str, count: int, seed: int, cookie_name: str = "_sidecar") ->
         at = rng.randrange(len(lines) + 1)  # the Cookie header anywhere, as a front may place it
         out.append([("Host", "app.example"), *lines[:at], ("Cookie", f"{cookie_name}={cookie}"), *lines[at:]])
     return out
+
+
+def _spelled(rng: random.Random, name: str) -> str:
+    """The name as sent, or in another case (a header name's case is no part of what it names)."""
+    return rng.choice([name, name, name.lower(), name.upper(), name.swapcase()])
 
 
 def head(lines: list[tuple[str, str]], query: str = "") -> bytes:
@@ -199,22 +203,40 @@ async def keys_on(port: int, requests: list[bytes], seen: list[Any]) -> list[Any
     return keys
 
 
-async def test_new_keys_tell_apart_exactly_what_the_old_keys_did_on_both_listeners(st: Stack) -> None:
-    cookie = await _signed_in(st)
-    config = st.configs[0]
-    requests = [head(lines) for lines in family(cookie, 70, 20)]
-    seen, stop = noting(st)
-    try:
-        async with lean(st) as lean_port:
-            for port, parse in ((port_of(st.base), aiohttp_parsed), (lean_port, llhttp_parsed)):
-                for _ in range(2):  # the second time every plan is a remembered one
-                    new = await keys_on(port, requests, seen)
-                    old = [old_request_key(*parse(data), True, config) for data in requests]
-                    assert sum(key is not None for key in old) > len(requests) // 3
-                    wrong = same_partition(new, old)
-                    assert not wrong, [(requests[i], requests[j]) for i, j in wrong[:3]]
-    finally:
-        stop()
+async def test_new_keys_tell_apart_exactly_what_the_old_keys_did_on_both_listeners() -> None:
+    """Each request of the family on its own connection, to each listener: once with every plan new, once with
+    every plan remembered, once with the table of plans full (a client inventing name sequences, names too
+    long to keep) so that every plan is worked out anew. The app has a client-IP header of its own, so the
+    table it fills is its own."""
+    settings = {"reverse_proxy": "true", "trusted_proxy": "127.0.0.1/32", "real_client_ip_header": "X-Keys-Test-IP"}
+    async with stack(MemoryStore(), **settings, **TOKENS) as st:
+        cookie = await _signed_in(st)
+        config = st.configs[0]
+        queries = ("", "?max_age=3600", "?allowed_groups=admins")
+        sets = family(cookie, 150, 20)
+        long_name = "X-Forwarded-" + "n" * (decisions._MAX_PLAN_CHARS + 10)  # a read name too long for a plan
+        sets += [[("Host", "a"), ("Cookie", f"_sidecar={cookie}"), (long_name, uri)] for uri in ("/admin", "/public")]
+        sets += [[("Host", "a"), ("X-Keys-Test-IP", ip), ("Cookie", f"_sidecar={cookie}")] for ip in ("1.2.3.4", "")]
+        requests = [head(lines, queries[n % 3]) for n, lines in enumerate(sets)]
+        seen, stop = noting(st)
+        try:
+            async with lean(st) as lean_port:
+                for port, parse in ((port_of(st.base), aiohttp_parsed), (lean_port, llhttp_parsed)):
+                    for phase in ("new", "remembered", "table full"):
+                        if phase == "table full":
+                            flood = [
+                                head([("Host", "a"), (f"X-Flood-{i}", "1"), ("Cookie", f"_sidecar={cookie}")])
+                                for i in range(decisions._MAX_PLANS)
+                            ]
+                            await keys_on(port, flood, seen)
+                            assert len(decisions._tables["x-keys-test-ip"]) == decisions._MAX_PLANS
+                        new = await keys_on(port, requests, seen)
+                        old = [old_request_key(*parse(data), True, config) for data in requests]
+                        assert sum(key is not None for key in old) > len(requests) // 3
+                        wrong = same_partition(new, old)
+                        assert not wrong, (phase, [(requests[i], requests[j]) for i, j in wrong[:3]])
+        finally:
+            stop()
 
 
 def answers_family(cookies: list[str], forged: str) -> list[bytes]:
