@@ -30,7 +30,7 @@ from sidecar.fronts import FAMILY
 from sidecar.store import MemoryStore
 from tests.stack import Stack, stack
 from tests.test_auth_listener import auth_listener as lean
-from tests.test_auth_listener import comparable, exchange
+from tests.test_auth_listener import comparable, exchange, header
 from tests.test_decisions import TOKENS, _signed_in, port_of, svc_of
 
 # -- the oracle: 5b0a702's request_key, over (name, value) pairs as the listener parsed them ------------------
@@ -364,3 +364,38 @@ async def test_two_sidecars_in_one_process_key_each_request_by_their_own_setting
             for _, stop in noted:
                 stop()
             await asyncio.wait_for(listener.drain(), 5)
+
+
+REQUEST_IDS = [
+    "X-Request-Id: \r\n",  # empty
+    "X-Request-Id: \r\nX-Request-Id: second-1\r\n",  # empty first: the decision reads the first
+    "x-request-id: first-2\r\nX-REQUEST-ID: second-2\r\n",
+    "X-Request-Id:r3\r\n",
+    "X-Request-Id: \t r4 \t\r\n",
+    f"X-Request-Id: {'a' * 64}\r\n",  # the longest id echoed
+    f"X-Request-Id: {'b' * 65}\r\n",  # one over: not echoed
+    f"X-Request-Id: {'c' * 8000}\r\n",
+    "X-Request-Id: a/b\r\n",
+    "X-Request-Id: a\tb\r\n",
+    "X-Request-Id-X: r5\r\nX-Request: r6\r\n",  # other names: none
+]
+
+
+@pytest.mark.parametrize("listener", ["main", "lean"])
+async def test_a_hit_echoes_the_request_id_the_decision_echoes(st: Stack, listener: str) -> None:
+    """The request id a hit answers with (the lean listener notes it as it parses, the main one reads aiohttp's
+    headers) is the one the decided answer has, for repeats, case, spacing, empty, invalid and over-long ids."""
+    from tests.test_decisions import lookups
+
+    cookie = await _signed_in(st)
+    async with lean(st) as lean_port:
+        port = port_of(st.base) if listener == "main" else lean_port
+        for n, lines in enumerate(REQUEST_IDS):
+            data = f"GET /oauth2/auth HTTP/1.1\r\nHost: a\r\nX-Original-URI: /rid/{listener}/{n}\r\n{lines}"
+            data += f"Cookie: _sidecar={cookie}\r\n\r\n"
+            before = lookups()["hit"]
+            answers = [(await exchange(port, data.encode()))[0] for _ in range(4)]  # decided, kept, then hits
+            assert lookups()["hit"] - before == 2, lines[:40]
+            ids = [header(got, "X-Request-Id") for got in answers]
+            assert [got[0] for got in answers] == [202] * 4 and len(set(ids)) == 1, (lines[:40], ids)
+            assert len({repr(comparable(got)) for got in answers}) == 1
