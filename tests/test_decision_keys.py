@@ -399,3 +399,31 @@ async def test_a_hit_echoes_the_request_id_the_decision_echoes(st: Stack, listen
             ids = [header(got, "X-Request-Id") for got in answers]
             assert [got[0] for got in answers] == [202] * 4 and len(set(ids)) == 1, (lines[:40], ids)
             assert len({repr(comparable(got)) for got in answers}) == 1
+
+
+async def test_long_header_names_are_not_remembered_by_the_key() -> None:
+    """The key remembers what each header name is (2,048 names) and each name sequence's plan (1,024 sequences
+    of up to 4,096 characters). A name's kind was kept whatever its length: 2,048 requests without a cookie,
+    each with one new 7,000-character name, made a process hold ~29 MB (the names and multidict's lower-case
+    copies) for good, more than the decision cache's own 16 MB bound. Long names are worked out each time
+    instead, and still keyed as they were."""
+    settings = {"reverse_proxy": "true", "trusted_proxy": "127.0.0.1/32", "real_client_ip_header": "X-Long-Kinds-IP"}
+    async with stack(MemoryStore(), **settings, **TOKENS) as st:
+        cookie = await _signed_in(st)
+        table = decisions._tables.setdefault("x-long-kinds-ip", decisions._Plans("x-long-kinds-ip"))
+        seen, stop = noting(st)
+        try:
+            async with lean(st) as lean_port:
+                for port in (port_of(st.base), lean_port):
+                    for i in range(30):
+                        name = f"X-Long-{port}-{i}-" + "n" * 7000
+                        got = await exchange(port, head([("Host", "a"), (name, "1")]))
+                        assert got[0][0] == 401
+                    # and a read name that long is still keyed, its value with it
+                    long_read = "X-Forwarded-" + "n" * 7000
+                    requests = [head([("Host", "a"), (long_read, v), ("Cookie", f"_sidecar={cookie}")]) for v in "ab"]
+                    new = await keys_on(port, requests, seen)
+                    assert None not in new and new[0] != new[1] and new[0][-1] == "a"
+        finally:
+            stop()
+        assert sum(map(len, table.kinds)) < 1000  # the short names only (Host, Cookie...)
