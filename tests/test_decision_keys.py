@@ -21,7 +21,7 @@ from typing import Any
 
 import httptools
 import pytest
-from aiohttp.web_protocol import HttpRequestParser
+from aiohttp.http import HttpRequestParser  # the one aiohttp's server uses (llhttp, in C)
 
 from sidecar import decisions
 from sidecar.config import Config
@@ -31,7 +31,10 @@ from sidecar.store import MemoryStore
 from tests.stack import Stack, stack
 from tests.test_auth_listener import auth_listener as lean
 from tests.test_auth_listener import comparable, exchange, header
-from tests.test_decisions import TOKENS, _signed_in, port_of, svc_of
+from tests.test_decisions import TOKENS as _TOKENS
+from tests.test_decisions import _signed_in, port_of, svc_of
+
+TOKENS: dict[str, Any] = dict(_TOKENS)
 
 # -- the oracle: 5b0a702's request_key, over (name, value) pairs as the listener parsed them ------------------
 
@@ -69,7 +72,8 @@ class _Protocol:
 
 def aiohttp_parsed(data: bytes) -> tuple[str, list[tuple[str, str]], str]:
     """What aiohttp's own request parser (the main listener's) makes of ``data``: method, header lines, query."""
-    parser = HttpRequestParser(_Protocol(), asyncio.get_running_loop(), 2**16, max_line_size=8190, max_field_size=8190)
+    protocol: Any = _Protocol()
+    parser = HttpRequestParser(protocol, asyncio.get_running_loop(), 2**16, max_line_size=8190, max_field_size=8190)
     messages, _, _ = parser.feed_data(data)
     message = messages[0][0]
     return message.method, list(message.headers.items()), message.url.raw_query_string
@@ -208,7 +212,11 @@ async def test_new_keys_tell_apart_exactly_what_the_old_keys_did_on_both_listene
     every plan remembered, once with the table of plans full (a client inventing name sequences, names too
     long to keep) so that every plan is worked out anew. The app has a client-IP header of its own, so the
     table it fills is its own."""
-    settings = {"reverse_proxy": "true", "trusted_proxy": "127.0.0.1/32", "real_client_ip_header": "X-Keys-Test-IP"}
+    settings: dict[str, Any] = {
+        "reverse_proxy": "true",
+        "trusted_proxy": "127.0.0.1/32",
+        "real_client_ip_header": "X-Keys-Test-IP",
+    }
     async with stack(MemoryStore(), **settings, **TOKENS) as st:
         cookie = await _signed_in(st)
         config = st.configs[0]
@@ -331,7 +339,7 @@ async def test_two_sidecars_in_one_process_key_each_request_by_their_own_setting
     from sidecar.auth_listener import AuthListener
     from tests.stack import browser, session_cookie, sign_in
 
-    settings = {"reverse_proxy": "true", "trusted_proxy": "127.0.0.1/32", **TOKENS}
+    settings: dict[str, Any] = {"reverse_proxy": "true", "trusted_proxy": "127.0.0.1/32", **TOKENS}
     async with stack(MemoryStore(), **settings) as st:
         other = await st.add_sidecar(cookie_name="_other", real_client_ip_header="X-ProxyUser-IP", **TOKENS)
         cookie = await _signed_in(st)
@@ -407,7 +415,11 @@ async def test_long_header_names_are_not_remembered_by_the_key() -> None:
     each with one new 7,000-character name, made a process hold ~29 MB (the names and multidict's lower-case
     copies) for good, more than the decision cache's own 16 MB bound. Long names are worked out each time
     instead, and still keyed as they were."""
-    settings = {"reverse_proxy": "true", "trusted_proxy": "127.0.0.1/32", "real_client_ip_header": "X-Long-Kinds-IP"}
+    settings: dict[str, Any] = {
+        "reverse_proxy": "true",
+        "trusted_proxy": "127.0.0.1/32",
+        "real_client_ip_header": "X-Long-Kinds-IP",
+    }
     async with stack(MemoryStore(), **settings, **TOKENS) as st:
         cookie = await _signed_in(st)
         table = decisions._tables.setdefault("x-long-kinds-ip", decisions._Plans("x-long-kinds-ip"))
