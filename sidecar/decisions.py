@@ -159,7 +159,7 @@ class _Plans(dict[tuple[str, ...], _Plan]):
     def __init__(self, client_ip_header: str) -> None:
         super().__init__()
         self.client_ip_header = client_ip_header
-        self.kinds: dict[str, str] = {}  # header name as sent -> _name_kind(), at most _MAX_NAMES of them
+        self.kinds: dict[str, str] = {}  # name as sent -> _name_kind(), at most _MAX_NAMES of _MAX_NAME_CHARS
         self.kind_tuples: dict[tuple[str, ...], tuple[str, ...]] = {}  # one object per kinds tuple
 
     def make(self, names: tuple[str, ...]) -> _Plan:
@@ -179,7 +179,7 @@ class _Plans(dict[tuple[str, ...], _Plan]):
         kind = self.kinds.get(name)
         if kind is None:
             kind = _name_kind(name, self.client_ip_header)
-            if len(self.kinds) < _MAX_NAMES:
+            if len(self.kinds) < _MAX_NAMES and len(name) <= _MAX_NAME_CHARS:
                 self.kinds[name] = kind
         return kind
 
@@ -197,6 +197,7 @@ def _settings(config: Config) -> list[Any]:
 _COOKIE = "\0cookie"
 _REFUSED = "\0refused"
 _MAX_NAMES = 2048  # header names whose kind is remembered, per --real-client-ip-header
+_MAX_NAME_CHARS = 64  # a longer name's kind is worked out each time (2,048 names of 7,000 characters held ~29 MB)
 _MAX_PLANS = 1024  # sequences of header names remembered, per --real-client-ip-header
 _MAX_PLAN_CHARS = 4096  # a sequence with more characters of names than this is never remembered
 _tables: dict[str, _Plans] = {}  # --real-client-ip-header -> its plans
