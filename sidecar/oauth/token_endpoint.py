@@ -253,7 +253,7 @@ async def _refresh_grant(
         raise OAuthError("invalid_grant", "the refresh token is invalid or expired")
     await _sign_in_alive(server, grant, key)
     try:
-        return await _issue(server, request, grant, key, token, asked_scope=form.get("scope", ""))
+        return await _issue(server, request, grant, key, token, asked_scope=" ".join(form.get("scope", "").split()))
     except _Retry:  # a concurrent request with this token rotated it first
         return await _retry_or_replay(server, request, form, client, grant_id, token)
 
