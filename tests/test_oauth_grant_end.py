@@ -93,7 +93,8 @@ async def test_every_way_a_grant_ends_revokes_its_upstream_refresh_token(
             form = {"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"], "client_id": client_id}
             status, rotated = await _post(f"{st.base}/oauth2/token", form)
             assert status == 200
-            assert (await _post(f"{st.base}/oauth2/token", {**form, "refresh_token": rotated["refresh_token"]}))[0] == 200
+            successor = {**form, "refresh_token": rotated["refresh_token"]}
+            assert (await _post(f"{st.base}/oauth2/token", successor))[0] == 200
             status, body = await _post(f"{st.base}/oauth2/token", form)
             assert (status, body["error"]) == (400, "invalid_grant")
             ended()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 from typing import Any
 
 import aiohttp
@@ -13,7 +14,7 @@ import pytest
 from sidecar.oauth import tokens as tk
 from sidecar.store import SessionStore
 from tests.stack import Stack
-from tests.test_oauth_tokens import Issued, new_grant, oauth_stack, redeem, refresh, register, server_of
+from tests.test_oauth_tokens import Issued, new_grant, oauth_stack, post, redeem, refresh, register, server_of
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -45,7 +46,10 @@ async def assert_ended(st: Stack, issued: Issued, *answers: dict[str, Any]) -> N
         assert status == 400 and body["error"] == "invalid_grant"
 
 
-async def test_concurrent_refreshes_with_one_token_get_one_answer(store: SessionStore) -> None:
+async def test_concurrent_refreshes_with_one_token_get_one_answer(
+    store: SessionStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
     async with oauth_stack(store) as st:  # the default window: 10 s
         assert st.configs[0].oauth_refresh_reuse_seconds == 10
         issued, first = await granted(st)
@@ -61,6 +65,9 @@ async def test_concurrent_refreshes_with_one_token_get_one_answer(store: Session
         # a retry whose answer was lost, sequential this time, with the grant's resource named: the same answer
         status, again, _ = await refresh(st.base, first["refresh_token"], cid, resource=st.base + "/mcp")
         assert status == 200 and same_answer([second, again])
+        retried = [r for r in caplog.records if r.getMessage() == "oauth_refresh_retried"]
+        assert len(retried) == 5  # the 4 racing losers (found no record, or were told "again") and this retry
+        assert not [r for r in caplog.records if first["refresh_token"] in r.getMessage() + str(vars(r))]
         # only one branch: the kept answer's refresh token is the one that works, and it rotates normally
         status, third, _ = await refresh(st.base, second["refresh_token"], cid)
         assert status == 200 and third["refresh_token"] != second["refresh_token"]
@@ -124,6 +131,24 @@ async def test_hostile_tokens_within_the_window_change_nothing() -> None:
         assert await server_of(st).store.get_grant(gid) is not None
         status, again, _ = await refresh(st.base, first["refresh_token"], cid)
         assert status == 200 and same_answer([second, again])
+
+
+@pytest.mark.parametrize("ending", ["client revokes", "sign out everywhere"])
+async def test_a_retry_after_the_grant_ended_is_refused(ending: str) -> None:
+    async with oauth_stack() as st:
+        issued, first = await granted(st)
+        cid = issued.client.client_id
+        status, second, _ = await refresh(st.base, first["refresh_token"], cid)
+        assert status == 200
+        if ending == "client revokes":
+            status, _, _ = await post(st.base, "/oauth2/revoke", {"token": second["refresh_token"], "client_id": cid})
+            assert status == 200
+        else:
+            await server_of(st).svc.sessions.end_all_for_user(issued.grant.sub)
+        status, body, _ = await refresh(st.base, first["refresh_token"], cid)
+        assert status == 400 and body["error"] == "invalid_grant"
+        assert "access_token" not in body
+        await assert_ended(st, issued, second)
 
 
 async def test_after_the_window_the_old_token_is_a_replay() -> None:

@@ -28,6 +28,7 @@ from urllib.parse import parse_qsl, unquote_plus
 
 from aiohttp import web
 
+from .. import logs
 from ..context import Services, view_of
 from ..cookies import SessionRef
 from ..errors import InvalidCookie, SessionGone
@@ -288,6 +289,7 @@ async def _retry_or_replay(
         grant = await server.store.get_grant(grant_id) if rotation is not None else None
         if rotation is not None and grant is not None and _same_request(rotation, form, client):
             await _sign_in_alive(server, grant, rotation.session_key)
+            logs.event("oauth_refresh_retried", {"grant_id": grant_id, "client_id": client.client_id})
             return await _with_id_token(server, request, grant, rotation.session_key, rotation.issued, "")
     ended = await server.store.report_replay(grant_id, token_hash)
     if ended is not None:
