@@ -222,6 +222,11 @@ class Config:
     oauth_refresh_idle_timeout: Seconds = option(
         30 * 86400.0, "a grant whose refresh token is unused this long ends (sliding, 720h)", low=120, high=10 * _YEAR
     )
+    oauth_refresh_reuse_seconds: Seconds = option(
+        10.0, "a rotated refresh token presented again this soon by the same client gets the first rotation's "
+        "answer again (a retry or a concurrent refresh, not a replay); 0 = strict (README, Refresh token reuse)",
+        high=60,
+    )  # fmt: skip
     oauth_refresh_max_lifetime: Seconds = option(
         365 * 86400.0, "a grant ends this long after its sign-in, used or not (8760h)", low=60, high=10 * _YEAR
     )

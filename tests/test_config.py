@@ -99,6 +99,11 @@ def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
         (["--client-secret-file", "/nonexistent/secret"], "--client-secret-file"),
         (["--oauth-revocation-rate-limit", "-5"], "--oauth-revocation-rate-limit"),
         (["--oauth-unused-clients-per-network", "lots"], "--oauth-unused-clients-per-network"),
+        (["--oauth-refresh-reuse-seconds", "61"], "--oauth-refresh-reuse-seconds"),
+        (["--oauth-refresh-reuse-seconds", "2m"], "--oauth-refresh-reuse-seconds"),
+        (["--oauth-refresh-reuse-seconds", "-1"], "--oauth-refresh-reuse-seconds"),
+        (["--oauth-refresh-reuse-seconds", "soon"], "--oauth-refresh-reuse-seconds"),
+        (["--oauth-refresh-reuse-seconds", "nan"], "--oauth-refresh-reuse-seconds"),
     ],
 )
 def test_a_bad_setting_stops_start_up_with_one_line_and_exit_2(args: list[str], needle: str) -> None:

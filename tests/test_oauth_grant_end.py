@@ -86,11 +86,15 @@ async def test_every_way_a_grant_ends_revokes_its_upstream_refresh_token(
             ended()
             await check("grants page")
 
-            # A rotated-away refresh token comes back (RFC 9700 4.14.2).
+            # A rotated-away refresh token comes back (RFC 9700 4.14.2) after its successor was used (before,
+            # within --oauth-refresh-reuse-seconds, it would be a retry: test_oauth_refresh_reuse.py).
             client_id, tokens = await _grant(st, alice)
             started()
             form = {"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"], "client_id": client_id}
-            assert (await _post(f"{st.base}/oauth2/token", form))[0] == 200
+            status, rotated = await _post(f"{st.base}/oauth2/token", form)
+            assert status == 200
+            successor = {**form, "refresh_token": rotated["refresh_token"]}
+            assert (await _post(f"{st.base}/oauth2/token", successor))[0] == 200
             status, body = await _post(f"{st.base}/oauth2/token", form)
             assert (status, body["error"]) == (400, "invalid_grant")
             ended()

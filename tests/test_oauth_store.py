@@ -93,6 +93,55 @@ async def test_rotation_replay_ends_the_whole_grant(grants: GrantStore) -> None:
     assert (await issue(grants, g, used=r2))[0] == "unknown"
 
 
+async def rotate(store: GrantStore, g: Grant, used: str, answer: bytes, window: float) -> tuple[str, str]:
+    access, refresh = tk.token_hash(tk.mint(tk.ACCESS, g.grant_id)), tk.token_hash(tk.mint(tk.REFRESH, g.grant_id))
+    outcome = await store.issue_tokens(
+        g.grant_id, access, b"A", 60, refresh, b"R", 120, used, time.time(), "10.0.0.1", "ua", answer, window
+    )
+    return outcome, refresh
+
+
+async def test_a_rotation_keeps_its_answer_for_the_window_only_while_it_is_the_latest(grants: GrantStore) -> None:
+    g = grant()
+    await grants.create_grant(g, 60, 20)
+    _, _, r1 = await issue(grants, g)
+    ok, r2 = await rotate(grants, g, r1, b"sealed-1", 5)
+    assert ok == "ok" and await grants.reused_rotation(g.grant_id, r1) == b"sealed-1"
+    # the same old token again (a concurrent request that read its record before the rotation): "again",
+    # and nothing changes: no new branch, the answer kept, r2 still the current one
+    again, r_extra = await rotate(grants, g, r1, b"sealed-other", 5)
+    assert again == "again"
+    assert await grants.refresh_record(g.grant_id, r_extra) is None
+    assert await grants.refresh_record(g.grant_id, r2) == b"R"
+    assert await grants.reused_rotation(g.grant_id, r1) == b"sealed-1"
+    assert await grants.reused_rotation(g.grant_id, r2) is None
+    # the family moves on: r1's answer is forgotten, r1 is a replay again and ends the grant
+    ok, r3 = await rotate(grants, g, r2, b"sealed-2", 5)
+    assert ok == "ok" and await grants.reused_rotation(g.grant_id, r1) is None
+    assert await grants.reused_rotation(g.grant_id, r2) == b"sealed-2"
+    assert (await rotate(grants, g, r1, b"x", 5))[0] == "replayed"
+    assert await grants.get_grant(g.grant_id) is None
+    assert await grants.reused_rotation(g.grant_id, r2) is None  # ended with the grant
+    assert await grants.refresh_record(g.grant_id, r3) is None
+
+
+async def test_the_kept_answer_expires_with_the_window_and_zero_keeps_none(grants: GrantStore) -> None:
+    g = grant()
+    await grants.create_grant(g, 60, 20)
+    _, _, r1 = await issue(grants, g)
+    _, r2 = await rotate(grants, g, r1, b"sealed-1", 0.3)
+    await asyncio.sleep(0.45)
+    assert await grants.reused_rotation(g.grant_id, r1) is None
+    assert (await rotate(grants, g, r1, b"x", 0.3))[0] == "replayed" and await grants.get_grant(g.grant_id) is None
+    strict = grant()
+    await grants.create_grant(strict, 60, 20)
+    _, _, s1 = await issue(grants, strict)
+    _, s2 = await rotate(grants, strict, s1, b"sealed", 0)
+    assert await grants.reused_rotation(strict.grant_id, s1) is None
+    assert (await rotate(grants, strict, s1, b"x", 5))[0] == "replayed"
+    assert await grants.get_grant(strict.grant_id) is None
+
+
 async def test_report_replay_of_a_rotated_token_ends_the_grant(grants: GrantStore) -> None:
     g = grant()
     await grants.create_grant(g, 60, 20)

@@ -247,16 +247,18 @@ def _user_key(sub: str) -> str:
     return user_key(sub)
 
 
-async def test_two_replicas_refresh_the_same_token_at_once(redis_url: str) -> None:
+async def test_two_replicas_refresh_the_same_token_at_once_strict(redis_url: str) -> None:
+    """With --oauth-refresh-reuse-seconds 0 a race is a replay (the window: test_oauth_refresh_reuse.py)."""
     from redis import asyncio as aioredis
 
     from sidecar.store import RedisStore
 
     client = aioredis.from_url(redis_url)
     shared = RedisStore(client)
+    strict = {"oauth_refresh_reuse_seconds": "0"}
     try:
-        async with oauth_stack(shared) as st:
-            await st.add_sidecar(shared, oauth_server="true", oauth_resource="/mcp,/api")
+        async with oauth_stack(shared, **strict) as st:
+            await st.add_sidecar(shared, oauth_server="true", oauth_resource="/mcp,/api", **strict)
             issued = await new_grant(st)
             _, tokens, _ = await redeem(st.base, issued)
             results = await asyncio.gather(
@@ -265,6 +267,7 @@ async def test_two_replicas_refresh_the_same_token_at_once(redis_url: str) -> No
             statuses = sorted(r[0] for r in results)
             assert statuses == [200, 400]
             assert [r[1]["error"] for r in results if r[0] == 400] == ["invalid_grant"]
+            assert await server_of(st).store.get_grant(issued.grant.grant_id) is None  # the race ended the grant
     finally:
         await client.aclose()
 

@@ -34,6 +34,8 @@ from ..sessions import Sessions
 from . import tokens as tk
 from .ending import end_upstream, seal_for_server, sweep_forever
 from .model import AuthorizationCode, Client, DeviceAuthorization, Grant, IssuedTokens
+from .refresh_reuse import Rotation
+from .refresh_reuse import seal as seal_rotation
 from .store import GrantStore
 
 CODE_TTL = 120.0  # an authorization code lives this long (RFC 6749 4.1.2 recommends at most 10 minutes)
@@ -224,12 +226,14 @@ class OAuthServer:
         self,
         grant: Grant,
         session_key: bytes,
-        used_refresh_hash: str | None,
+        used_refresh: str | None,
         client_ip: str,
         user_agent: str,
+        asked_scope: str = "",
     ) -> IssuedTokens | str:
-        """Mint an access and a refresh token for ``grant`` and store them (a rotation when
-        ``used_refresh_hash`` is given). Returns the tokens, or the store's "replayed"/"unknown"."""
+        """Mint an access and a refresh token for ``grant`` and store them (a rotation of ``used_refresh``
+        when given, its answer kept for a retry: ``refresh_reuse.py``). Returns the tokens, or the store's
+        "replayed"/"unknown"/"again"."""
         now = self.clock()
         access = tk.mint(tk.ACCESS, grant.grant_id)
         refresh = tk.mint(tk.REFRESH, grant.grant_id)
@@ -250,6 +254,18 @@ class OAuthServer:
                 expires_at=now + ttl,
             ).to_bytes()
 
+        issued = IssuedTokens(
+            access_token=access,
+            refresh_token=refresh,
+            expires_in=int(access_ttl),
+            scope=grant.scope,
+            resource=grant.resource,
+        )
+        window = float(self.config.oauth_refresh_reuse_seconds) if used_refresh is not None else 0.0
+        answer = b""
+        if window > 0 and used_refresh is not None:
+            rotation = Rotation(grant.client_id, grant.resource, asked_scope or grant.scope, session_key, issued)
+            answer = seal_rotation(rotation, used_refresh)
         outcome = await self.store.issue_tokens(
             grant.grant_id,
             tk.token_hash(access),
@@ -258,20 +274,14 @@ class OAuthServer:
             tk.token_hash(refresh),
             record(refresh, refresh_ttl),
             refresh_ttl,
-            used_refresh_hash,
+            None if used_refresh is None else tk.token_hash(used_refresh),
             now,
             client_ip,
             user_agent[:USER_AGENT_CHARS],
+            answer,
+            window,
         )
-        if outcome != "ok":
-            return outcome
-        return IssuedTokens(
-            access_token=access,
-            refresh_token=refresh,
-            expires_in=int(access_ttl),
-            scope=grant.scope,
-            resource=grant.resource,
-        )
+        return issued if outcome == "ok" else outcome
 
 
 OAUTH = web.AppKey("oauth", OAuthServer)

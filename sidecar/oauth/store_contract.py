@@ -102,11 +102,21 @@ class GrantStore(Protocol):
         now: float,
         client_ip: str,
         user_agent: str,
+        reuse_answer: bytes = b"",
+        reuse_window: float = 0.0,
     ) -> str:
         """Atomically: with ``used_refresh_hash`` None (first issue, after a code or device approval; refused
         as "unknown" once a refresh token exists) store both token records; else rotate: that refresh token
         must be the grant's current one. Returns "ok", "replayed" (it was current once: the whole grant is
-        ended, RFC 9700 4.14.2) or "unknown" (no such grant or token: nothing changes). Updates last use."""
+        ended, RFC 9700 4.14.2) or "unknown" (no such grant or token: nothing changes). Updates last use.
+        A rotation with ``reuse_window`` > 0 also keeps ``reuse_answer`` that long under the used hash
+        (``reused_rotation``) and forgets the previous rotation's; presenting that used hash again while its
+        answer is kept returns "again" and changes nothing (the caller answers with the kept one)."""
+        ...
+
+    async def reused_rotation(self, grant_id: str, refresh_hash: str) -> bytes | None:
+        """The sealed answer of the rotation that used ``refresh_hash``, while it is the grant's latest and
+        within its window; None otherwise (gone with the grant, the window, or the next rotation)."""
         ...
 
     async def report_replay(self, grant_id: str, refresh_hash: str) -> Grant | None:

@@ -138,6 +138,8 @@ class MemoryGrantStore:
             self._kv.pop(key, None)
         if entry["rt"]:
             self._kv.pop(f"rt:{grant_id}:{entry['rt']}", None)
+        if entry.get("ru"):
+            self._kv.pop(f"ru:{grant_id}:{entry['ru']}", None)
         del self._kv["g:" + grant_id]
         grant: Grant = entry["grant"]
         index = self._get("ug:" + grant.sub)
@@ -176,6 +178,8 @@ class MemoryGrantStore:
         now: float,
         client_ip: str,
         user_agent: str,
+        reuse_answer: bytes = b"",
+        reuse_window: float = 0.0,
     ) -> str:
         entry = self._get("g:" + grant_id)
         if entry is None:
@@ -184,6 +188,8 @@ class MemoryGrantStore:
             if entry["rt"] is not None:
                 return "unknown"
         elif entry["rt"] != used_refresh_hash:
+            if reuse_window > 0 and self._get(f"ru:{grant_id}:{used_refresh_hash}") is not None:
+                return "again"
             if used_refresh_hash[:USED_CHARS] in entry["used"]:
                 await self.end_grant(grant_id)
                 return "replayed"
@@ -191,6 +197,12 @@ class MemoryGrantStore:
         else:
             self._kv.pop(f"rt:{grant_id}:{used_refresh_hash}", None)
             entry["used"] = [used_refresh_hash[:USED_CHARS], *entry["used"]][:USED_KEPT]
+            if entry.get("ru"):  # only the latest rotation can be retried
+                self._kv.pop(f"ru:{grant_id}:{entry['ru']}", None)
+            entry["ru"] = None
+            if reuse_window > 0 and reuse_answer:
+                self._set(f"ru:{grant_id}:{used_refresh_hash}", reuse_answer, reuse_window)
+                entry["ru"] = used_refresh_hash
         self._set(f"at:{grant_id}:{access_hash}", access_record, access_ttl)
         self._set(f"rt:{grant_id}:{refresh_hash}", refresh_record, refresh_ttl)
         entry["rt"] = refresh_hash
@@ -208,6 +220,10 @@ class MemoryGrantStore:
         if entry is None or refresh_hash[:USED_CHARS] not in entry["used"]:
             return None
         return await self.end_grant(grant_id)
+
+    async def reused_rotation(self, grant_id: str, refresh_hash: str) -> bytes | None:
+        found: bytes | None = self._get(f"ru:{grant_id}:{refresh_hash}")
+        return found
 
     async def access_record(self, grant_id: str, access_hash: str) -> bytes | None:
         found: bytes | None = self._get(f"at:{grant_id}:{access_hash}")

@@ -4,6 +4,8 @@ store's connection. The promises are in ``store_contract.py``; the Lua scripts i
 Redis layout (``<prefix>oa:``; ``G`` = ``{grant_id}``):
     g:G          hash   d = grant JSON, lu/lf/ua = last use, rt = current refresh hash, used = recent used ones
     k:G          zset   the grant's access-token and code keys, by expiry (revocation finds them here)
+    ru:G:<hash>  string the latest rotation's answer, sealed under the used refresh token (``refresh_reuse.py``),
+                 for --oauth-refresh-reuse-seconds; g:G field ru names it
     at:G:<hash>  string access token record        rt:G:<hash>  string refresh token record (the current one)
     c:G:<hash>   string "0"|"1" (used) + code JSON
     ug:<user>    zset   grant ids by last use       cl:<id> string client JSON
@@ -221,6 +223,8 @@ class RedisGrantStore:
         now: float,
         client_ip: str,
         user_agent: str,
+        reuse_answer: bytes = b"",
+        reuse_window: float = 0.0,
     ) -> str:
         tag = "{" + grant_id + "}"
         access_member = f"at:{tag}:{access_hash}"
@@ -230,6 +234,7 @@ class RedisGrantStore:
             self._p + access_member,
             f"{self._p}rt:{tag}:{refresh_hash}",
             f"{self._p}rt:{tag}:{used_refresh_hash or refresh_hash}",
+            f"{self._p}ru:{tag}:{used_refresh_hash or refresh_hash}",
         ]
         args = [
             access_record,
@@ -248,6 +253,8 @@ class RedisGrantStore:
             refresh_hash,
             USED_KEPT,
             USED_CHARS,
+            reuse_answer,
+            millis(reuse_window) if reuse_window > 0 and reuse_answer else 0,
         ]
         result = await self._call(self._issue(keys=keys, args=args))
         outcome = result[0].decode() if isinstance(result[0], bytes) else str(result[0])
@@ -268,6 +275,9 @@ class RedisGrantStore:
         if grant is not None:
             await self._call(self._r.zrem(self._u(grant.sub), grant_id))
         return grant
+
+    async def reused_rotation(self, grant_id: str, refresh_hash: str) -> bytes | None:
+        return await self._call(self._r.get(f"{self._p}ru:{{{grant_id}}}:{refresh_hash}"))
 
     async def access_record(self, grant_id: str, access_hash: str) -> bytes | None:
         return await self._call(self._r.get(f"{self._p}at:{{{grant_id}}}:{access_hash}"))

@@ -14,6 +14,8 @@ local function end_grant(g, k, pre, tag)
   if not d then return nil end
   local rt = redis.call('HGET', g, 'rt')
   if rt then redis.call('DEL', pre .. 'rt:' .. tag .. ':' .. rt) end
+  local ru = redis.call('HGET', g, 'ru')
+  if ru then redis.call('DEL', pre .. 'ru:' .. tag .. ':' .. ru) end
   for _, m in ipairs(redis.call('ZRANGE', k, 0, -1)) do redis.call('DEL', pre .. m) end
   redis.call('DEL', g, k)
   return d
@@ -28,9 +30,12 @@ if redis.call('HEXISTS', KEYS[1], 'rt') == 1 then return nil end
 return end_grant(KEYS[1], KEYS[2], ARGV[1], ARGV[2])
 """
 )
-# Issue or rotate. KEYS g, k, access key, new refresh key, used refresh key (or the new one again);
-# ARGV access record, access ttl ms, refresh record, refresh ttl ms, used hash or "", now, client ip,
-# user agent, grant ttl ms, prefix, "{gid}", access member, access expiry, new refresh hash, kept, chars.
+# Issue or rotate. KEYS g, k, access key, new refresh key, used refresh key (or the new one again), reuse
+# key of the used one (or of the new one); ARGV access record, access ttl ms, refresh record, refresh ttl ms,
+# used hash or "", now, client ip, user agent, grant ttl ms, prefix, "{gid}", access member, access expiry,
+# new refresh hash, kept, chars, sealed answer, reuse window ms ("0": none). A rotation keeps its sealed
+# answer for the window under the used hash (field ru names it) and drops the previous rotation's: only
+# the latest rotation can be retried. Returns {'again'} for a retry of it within the window.
 ISSUE = (
     END_BODY
     + """
@@ -40,6 +45,7 @@ local cur = redis.call('HGET', KEYS[1], 'rt')
 if used == '' then
   if cur then return {'unknown'} end
 elseif cur ~= used then
+  if ARGV[18] ~= '0' and redis.call('EXISTS', KEYS[6]) == 1 then return {'again'} end
   local old = redis.call('HGET', KEYS[1], 'used') or ''
   if string.find(' ' .. old .. ' ', ' ' .. string.sub(used, 1, tonumber(ARGV[16])) .. ' ', 1, true) then
     return {'replayed', end_grant(KEYS[1], KEYS[2], ARGV[10], ARGV[11])}
@@ -56,6 +62,14 @@ else
     n = n + 1
   end
   redis.call('HSET', KEYS[1], 'used', list)
+  local ru = redis.call('HGET', KEYS[1], 'ru')
+  if ru then redis.call('DEL', ARGV[10] .. 'ru:' .. ARGV[11] .. ':' .. ru) end
+  if ARGV[18] ~= '0' then
+    redis.call('SET', KEYS[6], ARGV[17], 'PX', ARGV[18])
+    redis.call('HSET', KEYS[1], 'ru', used)
+  else
+    redis.call('HDEL', KEYS[1], 'ru')
+  end
 end
 redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
 redis.call('SET', KEYS[4], ARGV[3], 'PX', ARGV[4])

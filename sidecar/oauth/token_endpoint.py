@@ -8,8 +8,10 @@ carries ``Cache-Control: no-store``.
 
 Replay: a code presented twice ends its grant (RFC 6749 4.1.2); a refresh token presented after it was
 rotated ends the grant and all its tokens (RFC 9700 4.14.2) - including when two requests race with the
-same refresh token: one gets the new pair, the other ``invalid_grant``, and the grant is then ended,
-since the server cannot tell that race from a stolen token being used.
+same refresh token (one gets the new pair, the other ``invalid_grant``, and the grant is then ended),
+since the server cannot tell that race from a stolen token being used - unless it comes within
+``--oauth-refresh-reuse-seconds`` of the rotation from the same client for the same resource: then it is
+a retry and gets the first rotation's answer again (``refresh_reuse.py``).
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ from urllib.parse import parse_qsl, unquote_plus
 
 from aiohttp import web
 
+from .. import logs
 from ..context import Services, view_of
 from ..cookies import SessionRef
 from ..errors import InvalidCookie, SessionGone
 from . import id_token
+from . import refresh_reuse as reuse
 from . import tokens as tk
 from .cimd import find_client
 from .limits import too_many
@@ -172,23 +176,36 @@ async def _code_grant(server: OAuthServer, request: web.Request, form: dict[str,
     return await _issue(server, request, grant, key, None, record.nonce)
 
 
+class _Retry(Exception):
+    """The store saw a retry of the grant's latest rotation within the reuse window: nothing was issued."""
+
+
 async def _issue(
     server: OAuthServer,
     request: web.Request,
     grant: Grant,
     key: bytes,
-    used_refresh_hash: str | None,
+    used_refresh: str | None,
     nonce: str = "",
+    asked_scope: str = "",
 ) -> IssuedTokens:
     ip, agent = _client_ip_and_agent(request)
-    issued = await server.issue_tokens(grant, key, used_refresh_hash, ip, agent)
+    issued = await server.issue_tokens(grant, key, used_refresh, ip, agent, asked_scope)
     if isinstance(issued, IssuedTokens):
-        if "openid" in issued.scope.split(" "):
-            return replace(issued, id_token=await _id_token(server, request, grant, key, issued, nonce))
-        return issued
+        return await _with_id_token(server, request, grant, key, issued, nonce)
+    if issued == "again" and used_refresh is not None:
+        raise _Retry
     if issued == "replayed":
         await server.end_grant_session(grant, "refresh_replay")
     raise OAuthError("invalid_grant", "the grant is invalid, expired or revoked")
+
+
+async def _with_id_token(
+    server: OAuthServer, request: web.Request, grant: Grant, key: bytes, issued: IssuedTokens, nonce: str
+) -> IssuedTokens:
+    if "openid" in issued.scope.split(" "):
+        return replace(issued, id_token=await _id_token(server, request, grant, key, issued, nonce))
+    return issued
 
 
 async def _id_token(
@@ -224,10 +241,7 @@ async def _refresh_grant(
     raw = await server.store.refresh_record(grant_id, token_hash)
     record = tk.TokenRecord.from_bytes(raw) if raw is not None else None
     if record is None:
-        ended = await server.store.report_replay(grant_id, token_hash)
-        if ended is not None:
-            await server.end_grant_session(ended, "refresh_replay")
-        raise OAuthError("invalid_grant", "the refresh token is invalid or expired")
+        return await _retry_or_replay(server, request, form, client, grant_id, token)
     if record.client_id != client.client_id or record.expires_at < server.clock():
         raise OAuthError("invalid_grant", "the refresh token is invalid or expired")
     if "resource" in form and not same_resource(form["resource"], record.resource):
@@ -238,13 +252,49 @@ async def _refresh_grant(
     grant = await server.store.get_grant(grant_id)
     if key is None or grant is None:
         raise OAuthError("invalid_grant", "the refresh token is invalid or expired")
+    await _sign_in_alive(server, grant, key)
+    try:
+        return await _issue(server, request, grant, key, token, asked_scope=" ".join(form.get("scope", "").split()))
+    except _Retry:  # a concurrent request with this token rotated it first
+        return await _retry_or_replay(server, request, form, client, grant_id, token)
+
+
+async def _sign_in_alive(server: OAuthServer, grant: Grant, key: bytes) -> None:
     try:  # the upstream session must still exist (sign-out everywhere, back-channel logout by sub end it);
         # read from the store, not this process's cache: another Sessions or replica may have ended it
         await server.sessions.load_fresh(SessionRef(sid=grant.session_sid, key=key))
     except (SessionGone, InvalidCookie):
-        await server.end_grant(grant_id, "upstream_session_gone")
+        await server.end_grant(grant.grant_id, "upstream_session_gone")
         raise OAuthError("invalid_grant", "the grant's sign-in has ended") from None
-    return await _issue(server, request, grant, key, token_hash)
+
+
+def _same_request(rotation: reuse.Rotation, form: dict[str, str], client: Client) -> bool:
+    """A retry: the client that rotated, the same resource, the scope it asked for or less."""
+    if rotation.client_id != client.client_id:
+        return False
+    if "resource" in form and not same_resource(form["resource"], rotation.resource):
+        return False
+    return "scope" not in form or set(form["scope"].split()) <= set(rotation.scope.split())
+
+
+async def _retry_or_replay(
+    server: OAuthServer, request: web.Request, form: dict[str, str], client: Client, grant_id: str, token: str
+) -> IssuedTokens:
+    """A refresh token with no record: within the reuse window, a retry of its rotation gets that rotation's
+    answer again; anything else presenting a rotated token is a replay and ends the grant (RFC 9700 4.14.2)."""
+    token_hash = tk.token_hash(token)
+    if server.config.oauth_refresh_reuse_seconds > 0:
+        sealed = await server.store.reused_rotation(grant_id, token_hash)
+        rotation = reuse.unseal(sealed, token) if sealed is not None else None
+        grant = await server.store.get_grant(grant_id) if rotation is not None else None
+        if rotation is not None and grant is not None and _same_request(rotation, form, client):
+            await _sign_in_alive(server, grant, rotation.session_key)
+            logs.event("oauth_refresh_retried", {"grant_id": grant_id, "client_id": client.client_id})
+            return await _with_id_token(server, request, grant, rotation.session_key, rotation.issued, "")
+    ended = await server.store.report_replay(grant_id, token_hash)
+    if ended is not None:
+        await server.end_grant_session(ended, "refresh_replay")
+    raise OAuthError("invalid_grant", "the refresh token is invalid or expired")
 
 
 async def _device_grant(

@@ -1,7 +1,8 @@
 """The README's ``curl`` device-flow session (section "CLI and MCP clients"), request for request, against the
 demo app's ``/mcp`` behind the sidecar: register a public client, ask for a device code, the person approves it
 in real Chromium (code form, consent, the grant's sign-in), poll the token endpoint, call the MCP tool with
-the access token, refresh (rotation), and see a replayed refresh token end the whole grant.
+the access token, refresh (rotation; a retry within the reuse window gets the same answer), and see a
+replayed refresh token end the whole grant.
 
 The README's session itself is a script that ``tests/e2e/test_readme.py`` runs as written against the demo; this
 test goes further (one redemption only, a replayed refresh token ending the grant) on the Redis store.
@@ -90,14 +91,22 @@ async def test_device_flow_session_as_in_the_readme(redis_store: RedisStore) -> 
         assert seen["identity"]["X-Forwarded-Email"] == "alice@example.com"
         assert seen["authorization_forwarded"] is True  # --pass-authorization-header: the provider's token
 
-        # refresh: a new pair; the old refresh token presented again ends the grant (RFC 9700 4.14.2)
+        # refresh: a new pair. The same refresh token again at once is a retry (--oauth-refresh-reuse-seconds,
+        # 10 s): the same answer, no second branch. Once the new one was used, the old one presented again ends
+        # the grant (RFC 9700 4.14.2)
         refresh = {"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"], "client_id": client_id}
         status, fresh = await post_form(cli, s + "/oauth2/token", **refresh)
         assert status == 200 and fresh["refresh_token"] != tokens["refresh_token"], fresh
         assert (await call_whoami(cli, s + "/mcp", fresh["access_token"]))[0] == 200
+        status, retried = await post_form(cli, s + "/oauth2/token", **refresh)
+        assert status == 200, retried
+        assert (retried["access_token"], retried["refresh_token"]) == (fresh["access_token"], fresh["refresh_token"])
+        newer = {**refresh, "refresh_token": fresh["refresh_token"]}
+        status, fresher = await post_form(cli, s + "/oauth2/token", **newer)
+        assert status == 200 and fresher["refresh_token"] != fresh["refresh_token"], fresher
         status, replay = await post_form(cli, s + "/oauth2/token", **refresh)
         assert (status, replay["error"]) == (400, "invalid_grant")
-        status, challenge = await call_whoami(cli, s + "/mcp", fresh["access_token"])
+        status, challenge = await call_whoami(cli, s + "/mcp", fresher["access_token"])
         assert status == 401 and 'error="invalid_token"' in challenge
-        newer = {**refresh, "refresh_token": fresh["refresh_token"]}
-        assert (await post_form(cli, s + "/oauth2/token", **newer))[1]["error"] == "invalid_grant"
+        newest = {**refresh, "refresh_token": fresher["refresh_token"]}
+        assert (await post_form(cli, s + "/oauth2/token", **newest))[1]["error"] == "invalid_grant"
