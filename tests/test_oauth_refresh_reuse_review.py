@@ -1,0 +1,69 @@
+"""Hostile review of --oauth-refresh-reuse-seconds over real HTTP: a kept rotation answer must never hand out
+a token that no longer works, nor claim more lifetime than its tokens have left."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from typing import Any
+
+import pytest
+
+from sidecar.store import SessionStore
+from tests.test_oauth_refresh_reuse import assert_ended, bearer_status, granted, same_answer
+from tests.test_oauth_tokens import oauth_stack, post, refresh, server_of
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def claims(jwt: str) -> dict[str, Any]:
+    payload = jwt.split(".")[1]
+    decoded: dict[str, Any] = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    return decoded
+
+
+async def test_a_retry_never_outlives_the_kept_access_token(store: SessionStore) -> None:
+    """Access tokens of 10 s, a window of 30 s: a retry gets what is left of the lifetime, and once the access
+    token has expired the kept answer is gone (the old token is then a replay), never an expired token."""
+    async with oauth_stack(store, oauth_access_token_ttl="10", oauth_refresh_reuse_seconds="30") as st:
+        issued, first = await granted(st)
+        cid = issued.client.client_id
+        status, second, _ = await refresh(st.base, first["refresh_token"], cid)
+        rotated_at = time.time()
+        assert status == 200 and second["expires_in"] == 10
+        await asyncio.sleep(2.2)
+        status, again, _ = await refresh(st.base, first["refresh_token"], cid)
+        assert status == 200 and again["access_token"] == second["access_token"]
+        assert again["refresh_token"] == second["refresh_token"]
+        assert again["expires_in"] <= 8  # not the full 10 s again: expires_in counts from this response
+        id_claims = claims(again["id_token"])
+        assert id_claims["exp"] <= rotated_at + 10 + 1  # the re-minted ID token ends with its access token
+        assert await bearer_status(st, again["access_token"]) == 200
+        await asyncio.sleep(max(0.0, rotated_at + 10.5 - time.time()))
+        assert await bearer_status(st, second["access_token"]) == 401  # the kept access token has expired
+        status, body, _ = await refresh(st.base, first["refresh_token"], cid)
+        assert status == 400 and body["error"] == "invalid_grant"
+        assert "access_token" not in body
+        await assert_ended(st, issued, second)
+
+
+@pytest.mark.parametrize("revoked", ["the kept access token", "the kept refresh token"])
+async def test_a_retry_after_the_client_revoked_the_kept_answer_is_a_replay(revoked: str) -> None:
+    """RFC 7009: once the client revoked a token of the answer, that answer is not given again: the old
+    refresh token is then a replay (whoever holds it after the client got the answer is not the client)."""
+    async with oauth_stack() as st:
+        issued, first = await granted(st)
+        cid = issued.client.client_id
+        status, second, _ = await refresh(st.base, first["refresh_token"], cid)
+        assert status == 200
+        token = second["access_token"] if revoked == "the kept access token" else second["refresh_token"]
+        status, _, _ = await post(st.base, "/oauth2/revoke", {"token": token, "client_id": cid})
+        assert status == 200
+        assert await bearer_status(st, second["access_token"]) == 401
+        status, body, _ = await refresh(st.base, first["refresh_token"], cid)
+        assert status == 400 and body["error"] == "invalid_grant"
+        assert "access_token" not in body
+        await assert_ended(st, issued, second)
+        assert await server_of(st).store.get_grant(issued.grant.grant_id) is None
