@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from sidecar.oauth import id_token
 from sidecar.store import SessionStore
 from tests.test_oauth_refresh_reuse import assert_ended, bearer_status, granted, same_answer
 from tests.test_oauth_tokens import oauth_stack, post, refresh, server_of
@@ -38,8 +39,13 @@ async def test_a_retry_never_outlives_the_kept_access_token(store: SessionStore)
         assert status == 200 and again["access_token"] == second["access_token"]
         assert again["refresh_token"] == second["refresh_token"]
         assert again["expires_in"] <= 8  # not the full 10 s again: expires_in counts from this response
-        id_claims = claims(again["id_token"])
-        assert id_claims["exp"] <= rotated_at + 10 + 1  # the re-minted ID token ends with its access token
+        # the re-minted ID token: its exp from what is left (never less than 60 s: id_token.py), the same
+        # at_hash, auth_time and subject as the rotation's own ID token, no nonce on a refresh
+        kept, retried = claims(second["id_token"]), claims(again["id_token"])
+        assert retried["exp"] - retried["iat"] == max(60, again["expires_in"])
+        assert retried["at_hash"] == id_token.at_hash(again["access_token"]) == kept["at_hash"]
+        assert (retried["auth_time"], retried["sub"], retried["aud"]) == (kept["auth_time"], kept["sub"], kept["aud"])
+        assert "nonce" not in retried and "nonce" not in kept
         assert await bearer_status(st, again["access_token"]) == 200
         await asyncio.sleep(max(0.0, rotated_at + 10.5 - time.time()))
         assert await bearer_status(st, second["access_token"]) == 401  # the kept access token has expired

@@ -8,13 +8,15 @@ again: no second branch of the grant, no extra valid token. Anything else is sti
 
 The answer is stored under the old token's hash, sealed (AES-GCM) under a key derived (HKDF-SHA256) from
 the old token itself: a dump of the store reveals no token, and only a holder of the old token opens it.
+It is kept no longer than its access token lives (nor its refresh token, nor the grant), and a retry is told
+only the lifetime its access token has left: the answer never hands out a token that no longer works.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -34,6 +36,13 @@ class Rotation:
     scope: str  # the scope the first request asked for (the grant's when it named none)
     session_key: bytes  # opens the grant's session record (the ID token of an openid grant)
     issued: IssuedTokens
+    issued_at: float  # the rotation's time: a retry's expires_in counts what is left from then
+
+
+def still_valid(rotation: Rotation, now: float) -> IssuedTokens | None:
+    """The kept answer with the lifetime its access token has left now; None once nothing is left."""
+    left = int(rotation.issued_at + rotation.issued.expires_in - now)
+    return replace(rotation.issued, expires_in=left) if left > 0 else None
 
 
 def _key(old_refresh_token: str) -> bytes:
@@ -51,6 +60,7 @@ def seal(rotation: Rotation, old_refresh_token: str) -> bytes:
         "refresh_token": issued.refresh_token,
         "expires_in": issued.expires_in,
         "issued_scope": issued.scope,
+        "issued_at": rotation.issued_at,
     }
     return tk.seal(_key(old_refresh_token), json.dumps(body, separators=(",", ":")).encode())
 
@@ -74,6 +84,7 @@ def unseal(blob: bytes, old_refresh_token: str) -> Rotation | None:
                 scope=str(body["issued_scope"]),
                 resource=str(body["resource"]),
             ),
+            issued_at=float(body["issued_at"]),
         )
     except (ValueError, TypeError, KeyError):
         return None

@@ -261,10 +261,13 @@ class OAuthServer:
             scope=grant.scope,
             resource=grant.resource,
         )
+        # the kept answer lives no longer than its tokens (the refresh token's ttl is bounded by the grant's end)
         window = float(self.config.oauth_refresh_reuse_seconds) if used_refresh is not None else 0.0
+        window = min(window, access_ttl, refresh_ttl)
         answer = b""
         if window > 0 and used_refresh is not None:
-            rotation = Rotation(grant.client_id, grant.resource, asked_scope or grant.scope, session_key, issued)
+            scope = asked_scope or grant.scope
+            rotation = Rotation(grant.client_id, grant.resource, scope, session_key, issued, issued_at=now)
             answer = seal_rotation(rotation, used_refresh)
         outcome = await self.store.issue_tokens(
             grant.grant_id,

@@ -277,6 +277,17 @@ def _same_request(rotation: reuse.Rotation, form: dict[str, str], client: Client
     return "scope" not in form or set(form["scope"].split()) <= set(rotation.scope.split())
 
 
+async def _kept_answer(server: OAuthServer, grant_id: str, rotation: reuse.Rotation) -> IssuedTokens | None:
+    """The kept answer while its tokens still work: its access token neither expired nor revoked (RFC 7009;
+    the refresh token's revocation ended the grant). A client that revoked it had the answer: None then."""
+    again = reuse.still_valid(rotation, server.clock())
+    if again is None:
+        return None
+    if await server.store.access_record(grant_id, tk.token_hash(again.access_token)) is None:
+        return None
+    return again
+
+
 async def _retry_or_replay(
     server: OAuthServer, request: web.Request, form: dict[str, str], client: Client, grant_id: str, token: str
 ) -> IssuedTokens:
@@ -288,9 +299,11 @@ async def _retry_or_replay(
         rotation = reuse.unseal(sealed, token) if sealed is not None else None
         grant = await server.store.get_grant(grant_id) if rotation is not None else None
         if rotation is not None and grant is not None and _same_request(rotation, form, client):
-            await _sign_in_alive(server, grant, rotation.session_key)
-            logs.event("oauth_refresh_retried", {"grant_id": grant_id, "client_id": client.client_id})
-            return await _with_id_token(server, request, grant, rotation.session_key, rotation.issued, "")
+            again = await _kept_answer(server, grant_id, rotation)
+            if again is not None:
+                await _sign_in_alive(server, grant, rotation.session_key)
+                logs.event("oauth_refresh_retried", {"grant_id": grant_id, "client_id": client.client_id})
+                return await _with_id_token(server, request, grant, rotation.session_key, again, "")
     ended = await server.store.report_replay(grant_id, token_hash)
     if ended is not None:
         await server.end_grant_session(ended, "refresh_replay")
