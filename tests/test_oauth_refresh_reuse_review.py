@@ -56,10 +56,10 @@ async def test_a_retry_never_outlives_the_kept_access_token(store: SessionStore)
 
 
 @pytest.mark.parametrize("revoked", ["the kept access token", "the kept refresh token"])
-async def test_a_retry_after_the_client_revoked_the_kept_answer_is_a_replay(revoked: str) -> None:
+async def test_a_retry_after_the_client_revoked_the_kept_answer_is_a_replay(store: SessionStore, revoked: str) -> None:
     """RFC 7009: once the client revoked a token of the answer, that answer is not given again: the old
     refresh token is then a replay (whoever holds it after the client got the answer is not the client)."""
-    async with oauth_stack() as st:
+    async with oauth_stack(store) as st:
         issued, first = await granted(st)
         cid = issued.client.client_id
         status, second, _ = await refresh(st.base, first["refresh_token"], cid)
@@ -73,3 +73,29 @@ async def test_a_retry_after_the_client_revoked_the_kept_answer_is_a_replay(revo
         assert "access_token" not in body
         await assert_ended(st, issued, second)
         assert await server_of(st).store.get_grant(issued.grant.grant_id) is None
+
+
+async def test_the_kept_answer_in_redis_never_outlives_the_grant_or_its_tokens(redis_url: str) -> None:
+    """A 60 s window, access tokens of 30 s: the kept answer's TTL stays within the new access token's, the new
+    refresh token's and the grant's own (no sealed answer left behind its tokens or its grant)."""
+    from redis import asyncio as aioredis
+
+    from sidecar.store import RedisStore
+
+    client = aioredis.from_url(redis_url)
+    try:
+        kw = {"oauth_refresh_reuse_seconds": "60", "oauth_access_token_ttl": "30"}
+        async with oauth_stack(RedisStore(client), **kw) as st:
+            issued, first = await granted(st)
+            gid = issued.grant.grant_id
+            status, second, _ = await refresh(st.base, first["refresh_token"], issued.client.client_id)
+            assert status == 200
+            [kept] = await client.keys(f"*oa:ru:{{{gid}}}:*")
+            [grant_key] = await client.keys(f"*oa:g:{{{gid}}}")
+            [new_refresh] = await client.keys(f"*oa:rt:{{{gid}}}:*")
+            access = [await client.pttl(k) for k in await client.keys(f"*oa:at:{{{gid}}}:*")]
+            kept_ttl = await client.pttl(kept)
+            assert 0 < kept_ttl <= min(await client.pttl(grant_key), await client.pttl(new_refresh), max(access))
+            assert kept_ttl <= 30_000 and second["expires_in"] == 30
+    finally:
+        await client.aclose()
