@@ -13,7 +13,7 @@ import pytest
 
 from sidecar.oauth import id_token
 from sidecar.store import SessionStore
-from tests.test_oauth_refresh_reuse import assert_ended, bearer_status, granted, same_answer
+from tests.test_oauth_refresh_reuse import assert_ended, bearer_status, granted
 from tests.test_oauth_tokens import oauth_stack, post, refresh, server_of
 
 pytestmark = pytest.mark.timeout(60)
