@@ -109,7 +109,8 @@ class GrantStore(Protocol):
         as "unknown" once a refresh token exists) store both token records; else rotate: that refresh token
         must be the grant's current one. Returns "ok", "replayed" (it was current once: the whole grant is
         ended, RFC 9700 4.14.2) or "unknown" (no such grant or token: nothing changes). Updates last use.
-        A rotation with ``reuse_window`` > 0 also keeps ``reuse_answer`` that long under the used hash
+        A rotation with ``reuse_window`` > 0 (the caller bounds it by the new tokens' ttls, so the answer never
+        outlives its tokens or the grant) also keeps ``reuse_answer`` that long under the used hash
         (``reused_rotation``) and forgets the previous rotation's; presenting that used hash again while its
         answer is kept returns "again" and changes nothing (the caller answers with the kept one)."""
         ...
