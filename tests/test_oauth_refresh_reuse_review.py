@@ -99,3 +99,36 @@ async def test_the_kept_answer_in_redis_never_outlives_the_grant_or_its_tokens(r
             assert kept_ttl <= 30_000 and second["expires_in"] == 30
     finally:
         await client.aclose()
+
+
+def test_a_sealed_rotation_opens_only_with_its_own_old_token() -> None:
+    """AES-GCM under HKDF(old token): a fresh random nonce per seal, nothing opens it but that very token, and
+    any change to the blob (flipped, cut, emptied, another seal's nonce) reads as no answer (then a replay)."""
+    from sidecar.oauth import refresh_reuse as reuse
+    from sidecar.oauth import tokens as tk
+    from sidecar.oauth.model import IssuedTokens
+
+    gid = tk.new_grant_id()
+    old, other = tk.mint(tk.REFRESH, gid), tk.mint(tk.REFRESH, gid)
+    issued = IssuedTokens(tk.mint(tk.ACCESS, gid), tk.mint(tk.REFRESH, gid), 900, "openid", "https://r/mcp")
+    rotation = reuse.Rotation("c-1", "https://r/mcp", "openid", b"k" * 32, issued, issued_at=time.time())
+    one, two = reuse.seal(rotation, old), reuse.seal(rotation, old)
+    assert one[:12] != two[:12] and one != two  # never the same nonce twice under one key
+    assert reuse.unseal(one, old) == rotation == reuse.unseal(two, old)
+    assert issued.access_token.encode() not in one and issued.refresh_token.encode() not in one
+    assert old.encode() not in one and tk.token_hash(old).encode() not in one
+    hostile = [
+        one[:-1],
+        one[:12],
+        b"",
+        one[:12] + bytes([one[12] ^ 1]) + one[13:],
+        two[:12] + one[12:],
+        one + b"\x00",
+    ]
+    assert all(reuse.unseal(blob, old) is None for blob in hostile)
+    for token in (other, old[:-1] + ("A" if old[-1] != "A" else "B"), old.upper(), "", tk.token_hash(old)):
+        assert reuse.unseal(one, token) is None
+    assert reuse.still_valid(rotation, rotation.issued_at + 900) is None
+    assert reuse.still_valid(rotation, rotation.issued_at + 899.5) is None  # under a second left: no answer
+    left = reuse.still_valid(rotation, rotation.issued_at + 0.5)
+    assert left is not None and left.expires_in == 899 and left.access_token == issued.access_token
