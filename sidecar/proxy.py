@@ -38,9 +38,6 @@ async def handle(request: web.Request, svc: Services) -> web.StreamResponse:
     """Catch-all: authenticate (unless a skip-auth rule matches), then proxy."""
     config = svc.config
     path = normalise_path(request.rel_url.raw_path)
-    if "Authorization" in request.headers and len(request.headers.getall("Authorization")) > 1:
-        # Joined as "a, b" no app reads either, and which one the sidecar judged is a guess: nginx refuses it too.
-        raise BadRequest("more than one Authorization header")
     ups = config.upstreams  # one upstream at "/" is the common case: no loop, no call
     upstream = ups[0] if len(ups) == 1 and path.startswith(ups[0].prefix) else _upstream_for(config, path)
     skip = bool(config.skip_routes) and any(rule.matches(request.method, path) for rule in config.skip_routes)
@@ -60,6 +57,10 @@ async def handle(request: web.Request, svc: Services) -> web.StreamResponse:
         if max_age is not None and is_stale(session.auth_time, max_age, time.time()):
             return _step_up(request, config, max_age)
         headers = session.derived.get(UPSTREAM_MEMO) or upstream_identity_headers_for(session, config)
+    if "Authorization" in request.headers and len(request.headers.getall("Authorization")) > 1:
+        # Joined as "a, b" no app reads either, and which one the sidecar judged is a guess: nginx refuses it too.
+        # After the check above: where a bearer token decides, its 400 carries RFC 6750's challenge.
+        raise BadRequest("more than one Authorization header")
     if upstream is None:
         text = "404 Not Found: no upstream for this path\n"
         return pages.error(request, 404, "Not found", "Nothing is served at this address.", (pages.HOME,), text=text)
