@@ -26,7 +26,9 @@ import datetime
 import ipaddress
 import json
 import random
+import shutil
 import ssl
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -73,6 +75,12 @@ INGRESS_EXTRA: dict[str, dict[str, str | None]] = {
         "X-Forwarded-User,X-Forwarded-Email,X-Forwarded-Groups,X-Forwarded-Preferred-Username,X-Forwarded-Access-Token,"
         "X-User,X-Email,Authorization,Cookie",
     },
+}
+# The resource's Ingress again with the auth cache deploy/kubernetes/README.md describes (its key and duration).
+INGRESS_EXTRA["/mcp/cached/"] = {
+    **INGRESS_EXTRA["/mcp"],
+    "nginx.ingress.kubernetes.io/auth-cache-key": "$http_cookie|$http_authorization",
+    "nginx.ingress.kubernetes.io/auth-cache-duration": "202 1s",
 }
 # The resource's Ingress again, its auth-url without routed_host=$host: an operator's Ingress that forgot it.
 INGRESS_EXTRA["/mcp/unrouted/"] = {
@@ -169,6 +177,9 @@ def fronts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Front
     tls_dir = tmp_path_factory.mktemp("tls")
     tls_dir.chmod(0o755)
     client_tls = self_signed(tls_dir, ingress_ip)
+    # nginx's workers (nobody, when the tests run as root) write it: not under pytest's 0700 directories
+    auth_cache = Path(tempfile.mkdtemp(prefix="sidecar-ingress-auth-cache-"))
+    auth_cache.chmod(0o777)
     procs: list[Proc] = []
 
     def launch(name: str, *argv: str) -> Proc:
@@ -202,6 +213,7 @@ def fronts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Front
             sidecar_paths=OAUTH_PATHS,
             tls=tls_dir,
             auth=f"127.0.0.1:{a_ingress}",
+            cache=auth_cache,
         )
         procs.append(start_ingress_nginx(conf, probe, logs))
         procs.append(start_traefik(traefik_port, f"127.0.0.1:{s_traefik}", app, logs))
@@ -223,6 +235,7 @@ def fronts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Front
     finally:
         for proc in reversed(procs):
             proc.stop()
+        shutil.rmtree(auth_cache, ignore_errors=True)
 
 
 def client(front: Front, jar: bool = False) -> aiohttp.ClientSession:
@@ -751,6 +764,26 @@ async def test_through_ingress_nginx_a_token_is_taken_only_for_the_host_nginx_ro
     for target, host in same:
         status = await _raw_status(front, f"POST {target} HTTP/1.1\r\nHost: {host}\r\n{auth}", body)
         assert status == 200, (target, host, status)
+
+
+async def test_through_ingress_nginx_auth_cache_a_token_answer_is_never_kept_for_another_host(
+    signed_in: dict[str, Front],
+) -> None:
+    """ingress-nginx keys its auth cache by the server's host (``*.example.com`` for a wildcard Ingress, ``_``
+    for one without a host), the auth location and auth-cache-key, never by the host asked for: the 202 for a
+    token on its own host was kept and served for the same token on another host the same server serves, for
+    as long as auth-cache-duration, though the sidecar refuses it there (the audience is a host). The
+    sidecar's 202 for one of its tokens says ``Cache-Control: no-store``, which nginx's proxy_cache obeys."""
+    front = signed_in["ingress-nginx"]
+    ours = urlsplit(front.base).netloc
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "ping"}).encode()
+    auth = f"Authorization: Bearer {front.token}\r\nContent-Type: application/json\r\n"
+    for other in ("other.example", f"{ours}.other.example", "localhost"):
+        status = await _raw_status(front, f"POST /mcp/x HTTP/1.1\r\nHost: {other}\r\n{auth}", body, "")
+        assert status == 401, (other, status)  # the sidecar's own answer there, without a cache
+        assert await _raw_status(front, f"POST /mcp/cached/x HTTP/1.1\r\nHost: {ours}\r\n{auth}", body, "") == 200
+        status = await _raw_status(front, f"POST /mcp/cached/x HTTP/1.1\r\nHost: {other}\r\n{auth}", body, "")
+        assert status == 401, (other, status)  # was 200: the answer for ours, from nginx's cache
 
 
 async def _sidecar_status(base: str, target: str, headers: dict[str, str]) -> int:
