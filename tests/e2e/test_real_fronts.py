@@ -111,6 +111,7 @@ class Front:
     session: str = ""  # the signed-in browser's session cookie, once signed in
     token: str = ""  # an OAuth access token for <base>/mcp
     auth: str = ""  # the sidecar's --auth-address listener, where the front has one
+    log: Path | None = None  # the sidecar's log file
 
 
 def self_signed(directory: Path, ip: str) -> ssl.SSLContext:
@@ -227,6 +228,7 @@ def fronts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Front
                 f"http://127.0.0.1:{s_ingress}",
                 client_tls,
                 auth=f"http://127.0.0.1:{a_ingress}",
+                log=logs / "sidecar-ingress.log",
             ),
             "traefik": Front("traefik", f"http://127.0.0.1:{traefik_port}", f"http://127.0.0.1:{s_traefik}", True),
             "caddy": Front("caddy", f"http://127.0.0.1:{caddy_port}", f"http://127.0.0.1:{s_caddy}", True),
@@ -870,6 +872,12 @@ async def test_an_ingress_whose_auth_url_lacks_the_routed_host_takes_no_token_wh
                 head = f"GET {line_host}/mcp/unrouted/x{query} HTTP/1.1\r\nHost: {ours}\r\n{header}{auth}"
                 status, body = await _raw_answer(front, head + "Content-Length: 0\r\n")
                 assert status == 401 and "alice" not in body, (line_host, header, query, status, body[:300])
+    # The operator learns why once, not once per request; a cookie session passes there all the same.
+    assert front.log is not None
+    assert front.log.read_text().count("the auth-url lacks ?routed_host=$host (its last parameter)") == 1
+    cookie = f"Cookie: _sidecar={front.session}\r\n"
+    status, body = await _raw_answer(front, f"GET /mcp/unrouted/x HTTP/1.1\r\nHost: {ours}\r\n{cookie}Content-Length: 0\r\n")
+    assert status == 200 and "alice" in body, (status, body[:300])
     # Where the auth-url carries it: the request line's host is the one checked; a client's own copies change nothing.
     for header in ("", forged_header):
         for query in ("", forged_query):
