@@ -829,7 +829,11 @@ async def test_the_sidecar_takes_no_token_from_ingress_nginx_without_the_routed_
         good = f"?routed_host={ours}"
         assert await asks(f"https://{ours}/mcp", good) == 202, listener
         assert await asks(f"https://{ours}/mcp", f"?allowed_groups=nosuchgroup&routed_host={ours}") == 403
-        for query in ("", "?routed_host", f"?routed%5Fhost={ours}", f"?routed_host%3D{ours}"):
+        for query in (
+            "", "?routed_host", f"?routed%5Fhost={ours}", f"?routed_host%3D{ours}", f"?routed_hostx={ours}",
+            f"?ROUTED_HOST={ours}", f"?x=1;routed_host={ours}", f"?+routed_host={ours}", f"?routed+host={ours}",
+            f"?allowed_groups=&routed_host={ours}", f"?max_age=x&routed_host={ours}",
+        ):  # fmt: skip
             for forged in ({}, {"X-Routed-Host": ours}):
                 assert await asks(f"https://{ours}/mcp", query, forged) in (401, 403), (listener, query, forged)
         for routed in wrong:
@@ -844,6 +848,14 @@ async def test_the_sidecar_takes_no_token_from_ingress_nginx_without_the_routed_
         assert await asks(f"https://{ours}/x", good, who=jar) == 202, listener
         assert await asks(f"https://{ours}/x", "?routed_host", who=jar) == 403, listener  # misconfigured
         assert await asks("https://other.example/x", good, who=jar) == 400, listener
+        # The decision cache keys the query as sent and the original URL: a remembered 202 answers neither
+        # another host under the same routed_host nor another spelling of the query.
+        for _ in range(3):
+            assert await asks(f"https://{ours}/x", good, who=jar) == 202, listener
+        assert await asks("https://other.example/x", good, who=jar) == 400, listener
+        assert await asks(f"https://{ours}/x", good + "&", who=jar) == 400, listener
+        assert await asks(f"https://{ours}/x", good + "#", who=jar) == 400, listener
+        assert await asks(f"https://{ours}/x", good + ".", who=jar) == 400, listener
 
 
 async def test_an_ingress_whose_auth_url_lacks_the_routed_host_takes_no_token_whatever_a_client_forges(
