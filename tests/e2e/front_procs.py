@@ -114,6 +114,7 @@ def _auth_location(name: str, annotations: dict[str, str], sidecar: str, host: s
     the template's cache lines, its key ``'<server's host><authPath><auth-cache-key>'`` (``host``: the
     server's, not the request's)."""
     assert "auth-proxy-set-headers" not in " ".join(annotations), "not emulated"
+    assert "auth-keepalive" not in " ".join(annotations), "not emulated (its Lua takes only 200: the README says why)"
     url = urlsplit(annotations["nginx.ingress.kubernetes.io/auth-url"])
     target = json.dumps(url._replace(netloc=sidecar).geturl())
     cache_key = annotations.get("nginx.ingress.kubernetes.io/auth-cache-key")
