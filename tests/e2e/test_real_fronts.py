@@ -888,7 +888,8 @@ async def test_an_ingress_whose_auth_url_lacks_the_routed_host_takes_no_token_wh
     assert front.log is not None
     assert front.log.read_text().count("the auth-url lacks ?routed_host=$host (its last parameter)") == 1
     cookie = f"Cookie: _sidecar={front.session}\r\n"
-    status, body = await _raw_answer(front, f"GET /mcp/unrouted/x HTTP/1.1\r\nHost: {ours}\r\n{cookie}Content-Length: 0\r\n")
+    head = f"GET /mcp/unrouted/x HTTP/1.1\r\nHost: {ours}\r\n{cookie}Content-Length: 0\r\n"
+    status, body = await _raw_answer(front, head)
     assert status == 200 and "alice" in body, (status, body[:300])
     # Where the auth-url carries it: the request line's host is the one checked; a client's own copies change nothing.
     for header in ("", forged_header):
@@ -913,6 +914,42 @@ async def test_an_ingress_whose_auth_url_lacks_the_routed_host_takes_no_token_wh
         head = f"GET /mcp/x HTTP/1.1\r\nHost: {host}\r\n{auth}"
         status, body = await _raw_answer(front, head + "Content-Length: 0\r\n")
         assert status in (400, 500) and "alice" not in body, (host, status, body[:300])
+
+
+async def test_through_ingress_nginx_every_host_nginx_lets_into_host_is_refused_or_moves_no_token(
+    signed_in: dict[str, Front],
+) -> None:
+    """nginx's $host is the Host header lower-cased, without port and final dot, and otherwise as sent: it
+    refuses spaces, control characters, "/", ".." and an empty name, but lets through '"', ",", "?", "%",
+    "@", a leading dot and UTF-8 (seen with nginx 1.22: the auth request's line carries them unescaped).
+    Each, with a token or a cookie, is refused (nginx's 500 for the sidecar's 400, or nginx's own 400), never
+    the application. A leading dot or "_" is a host name to both: the token is refused (another audience),
+    a cookie, not host-bound, passes on the server nginx chose. HTTP/1.0 without Host: $host is the server's
+    first name while X-Original-URL has no host ("https:///..."): refused, for a cookie as for a token (fail
+    closed; such a client reaches no named server anyway)."""
+    front = signed_in["ingress-nginx"]
+    ours = urlsplit(front.base).netloc
+    token, cookie = f"Authorization: Bearer {front.token}\r\n", f"Cookie: _sidecar={front.session}\r\n"
+    hosts = (
+        f'{ours}"', f"{ours},{ours}", f"{ours}?", f"{ours}?x", f"{ours}%", f"{ours}=", f"u@{ours}",
+        f"\u00e9{ours}", f"{ours}\u00e9", f"{ours}:x", f"{ours}::", f"[{ours}]", f"{ours}\\",
+    )  # fmt: skip
+    for credential in (token, cookie):
+        for host in hosts:
+            head = f"GET /mcp/x HTTP/1.1\r\nHost: {host}\r\n{credential}"
+            status, body = await _raw_answer(front, head + "Content-Length: 0\r\n")
+            assert status in (400, 500) and "alice" not in body, (host, status, body[:300])
+    for host in (f".{ours}", "_", f"x.{ours}"):
+        head = f"GET /mcp/x HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n"
+        status, body = await _raw_answer(front, head + token)
+        assert status == 401 and "alice" not in body, (host, status, body[:300])
+        status, body = await _raw_answer(front, head + cookie)
+        assert status == 200, (host, status, body[:300])
+    for credential in (token, cookie):
+        status, body = await _raw_answer(front, f"GET /mcp/x HTTP/1.0\r\n{credential}")
+        assert status in (400, 500) and "alice" not in body, (status, body[:300])
+        status, body = await _raw_answer(front, f"GET https://{ours}/mcp/x HTTP/1.0\r\n{credential}")
+        assert status in (400, 500) and "alice" not in body, (status, body[:300])
 
 
 @pytest.mark.parametrize("name", FRONT_NAMES)
