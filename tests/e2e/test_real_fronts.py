@@ -786,10 +786,23 @@ async def test_through_ingress_nginx_auth_cache_a_token_answer_is_never_kept_for
         assert await _raw_status(front, f"POST /mcp/cached/x HTTP/1.1\r\nHost: {ours}\r\n{auth}", body, "") == 200
         status = await _raw_status(front, f"POST /mcp/cached/x HTTP/1.1\r\nHost: {other}\r\n{auth}", body, "")
         assert status == 401, (other, status)  # was 200: the answer for ours, from nginx's cache
+    # What makes nginx keep it nowhere, from both listeners; a cookie's answer stays cacheable.
+    url = {"X-Original-URL": f"https://{ours}/mcp/x", "X-Original-Method": "GET"}
+    for listener in (front.sidecar, front.auth):
+        target = f"/oauth2/auth?routed_host={ours}"
+        head = (await _sidecar_head(listener, target, {**url, "Authorization": "Bearer " + front.token})).lower()
+        assert head.startswith(b"http/1.1 202 ") and b"\r\ncache-control: no-store\r\n" in head, (listener, head)
+        head = (await _sidecar_head(listener, target, {**url, "Cookie": f"_sidecar={front.session}"})).lower()
+        assert head.startswith(b"http/1.1 202 ") and b"cache-control" not in head, (listener, head)
 
 
 async def _sidecar_status(base: str, target: str, headers: dict[str, str]) -> int:
     """The status of one hand-written request to a sidecar listener (the target exactly as given)."""
+    return int((await _sidecar_head(base, target, headers)).split(b" ", 2)[1])
+
+
+async def _sidecar_head(base: str, target: str, headers: dict[str, str]) -> bytes:
+    """The answer of one hand-written request to a sidecar listener (the target exactly as given)."""
     where = urlsplit(base)
     reader, writer = await asyncio.open_connection(where.hostname, where.port)
     lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
@@ -798,7 +811,7 @@ async def _sidecar_status(base: str, target: str, headers: dict[str, str]) -> in
         answer = await asyncio.wait_for(reader.read(), 10)
     finally:
         writer.close()
-    return int(answer.split(b" ", 2)[1])
+    return answer
 
 
 async def test_the_sidecar_takes_no_token_from_ingress_nginx_without_the_routed_host(
