@@ -8,9 +8,13 @@
   as the controller's nginx.tmpl does for the annotations found there (auth-url, auth-signin,
   auth-response-headers), with the controller's defaults (use-forwarded-headers off). The auth-url goes
   into ``set $target "<auth-url>"`` as the template writes it (Go's %q), so nginx expands its variables
-  (``?routed_host=$host``) in the auth location, and then ``proxy_pass $target``. One deviation:
-  ``set_escape_uri`` (ngx_set_misc, not in Debian's nginx) becomes a plain copy of ``$request_uri``;
-  the tests' sign-in paths need no escaping.
+  (``?routed_host=$host``) in the auth location, and then ``proxy_pass $target``. ``auth-cache-key``
+  and ``auth-cache-duration`` as the template writes them, the key prefixed with the server's host and
+  the auth location. Two deviations: ``set_escape_uri`` (ngx_set_misc, not in Debian's nginx) becomes a
+  plain copy of ``$request_uri`` (the tests' sign-in paths need no escaping), and the cache key is used
+  as it stands, not through the controller's Lua sha1 of it (no Lua in Debian's nginx; same entries).
+  The one server serves every Host (``server_name <host> _``), as an Ingress for ``*.example.com`` or
+  one without a host does: the controller's cache-key prefix is then one for all the hosts it serves.
 
 Every placeholder must be found exactly once, so a changed shipped file cannot leave a test talking to
 port 80 or 4180.
@@ -103,17 +107,29 @@ def shipped_ingresses() -> dict[str, dict[str, Any]]:
     return {doc["metadata"]["name"]: doc for doc in yaml.safe_load_all(INGRESS.read_text()) if doc}
 
 
-def _auth_location(name: str, annotations: dict[str, str], sidecar: str) -> str:
-    """nginx.tmpl's ``location = <authPath>`` for an auth-url (no auth-method, no cache, no snippets, no
-    auth-keepalive): ``set $target {{ $externalAuth.URL | quote }}``, the template's quote being Go's %q (for
-    these ASCII URLs what json.dumps writes), so nginx expands the URL's variables in the subrequest."""
+def _auth_location(name: str, annotations: dict[str, str], sidecar: str, host: str) -> str:
+    """nginx.tmpl's ``location = <authPath>`` for an auth-url (no auth-method, no snippets, no auth-keepalive):
+    ``set $target {{ $externalAuth.URL | quote }}``, the template's quote being Go's %q (for these ASCII URLs
+    what json.dumps writes), so nginx expands the URL's variables in the subrequest. With ``auth-cache-key``
+    the template's cache lines, its key ``'<server's host><authPath><auth-cache-key>'`` (``host``: the
+    server's, not the request's)."""
     assert "auth-proxy-set-headers" not in " ".join(annotations), "not emulated"
+    assert "auth-keepalive" not in " ".join(annotations), "not emulated (its Lua takes only 200: the README says why)"
     url = urlsplit(annotations["nginx.ingress.kubernetes.io/auth-url"])
     target = json.dumps(url._replace(netloc=sidecar).geturl())
+    cache_key = annotations.get("nginx.ingress.kubernetes.io/auth-cache-key")
+    cache = ""
+    if cache_key is not None:
+        valid = annotations.get("nginx.ingress.kubernetes.io/auth-cache-duration", "200 202 401 5m")
+        cache = f"""
+        set $tmp_cache_key '{host}/_external-auth-{name}{cache_key}';
+        proxy_cache auth_cache;
+        proxy_cache_valid {valid};
+        proxy_cache_key "$tmp_cache_key";"""
     return f"""
     location = /_external-auth-{name} {{
         internal;
-        access_log off;
+        access_log off;{cache}
         set $proxy_upstream_name "auth-{name}";
         proxy_intercept_errors      off;
         proxy_pass_request_body     off;
@@ -127,7 +143,7 @@ def _auth_location(name: str, annotations: dict[str, str], sidecar: str) -> str:
         proxy_set_header            X-Real-IP               $remote_addr;
         proxy_set_header            X-Forwarded-For         $remote_addr;
         proxy_set_header            X-Auth-Request-Redirect $request_uri;
-        proxy_buffering             off;
+        proxy_buffering             {"on" if cache_key is not None else "off"};
         proxy_buffer_size           {annotations.get("nginx.ingress.kubernetes.io/proxy-buffer-size", "4k")};
         proxy_buffers               4 {annotations.get("nginx.ingress.kubernetes.io/proxy-buffer-size", "4k")};
         proxy_request_buffering     on;
@@ -201,22 +217,24 @@ def render_ingress_nginx(
     sidecar_paths: tuple[str, ...] = (),
     tls: Path | None = None,
     auth: str | None = None,
+    cache: Path | None = None,
 ) -> str:
     """One server for the shipped Ingresses' host: the app Ingress (``demo-app``) at ``/``, the sidecar's
     Exact paths (``sidecar-oauth2``, plus ``sidecar_paths``), and per ``extra`` path another copy of the app
     Ingress with its annotations changed (None removes one: a per-application auth-url, a resource Ingress
-    without auth-signin). ``tls``: a directory with cert.pem and key.pem."""
+    without auth-signin). ``tls``: a directory with cert.pem and key.pem; ``cache``: the auth cache's directory
+    (the controller's proxy_cache_path), needed when an Ingress has auth-cache-key."""
     ingresses = shipped_ingresses()
     app_ingress = ingresses["demo-app"]
     host = app_ingress["spec"]["rules"][0]["host"]
     annotations = app_ingress["metadata"]["annotations"]
     auth = auth or sidecar  # the auth-url's port: the sidecar's --auth-address listener, as shipped
-    locations = _auth_location("demo-app", annotations, auth)
+    locations = _auth_location("demo-app", annotations, auth, host)
     locations += _protected_location("/", "demo-app", annotations, app)
     for index, (path, changes) in enumerate((extra or {}).items()):
         name = f"extra{index}"
         changed = {k: v for k, v in {**annotations, **changes}.items() if v is not None}
-        locations += _auth_location(name, changed, auth)
+        locations += _auth_location(name, changed, auth, host)
         locations += _protected_location(path, name, changed, app)
     exact = [item["path"] for rule in ingresses["sidecar-oauth2"]["spec"]["rules"] for item in rule["http"]["paths"]]
     assert all(
@@ -229,7 +247,11 @@ def render_ingress_nginx(
     }}
 """
     ssl = f"ssl;\n    ssl_certificate {tls / 'cert.pem'};\n    ssl_certificate_key {tls / 'key.pem'};" if tls else ";"
+    cached = "proxy_cache auth_cache;" in locations
+    assert cache is not None or not cached, "auth-cache-key needs a cache directory"
+    zone = f"proxy_cache_path {cache} levels=1:2 keys_zone=auth_cache:1m max_size=8m inactive=30m use_temp_path=off;"
     return f"""
+{zone if cached else ""}
 server {{
     listen {listen} {ssl}
     server_name {host} _;

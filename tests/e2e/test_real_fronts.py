@@ -26,7 +26,9 @@ import datetime
 import ipaddress
 import json
 import random
+import shutil
 import ssl
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -74,6 +76,12 @@ INGRESS_EXTRA: dict[str, dict[str, str | None]] = {
         "X-User,X-Email,Authorization,Cookie",
     },
 }
+# The resource's Ingress again with the auth cache deploy/kubernetes/README.md describes (its key and duration).
+INGRESS_EXTRA["/mcp/cached/"] = {
+    **INGRESS_EXTRA["/mcp"],
+    "nginx.ingress.kubernetes.io/auth-cache-key": "$http_cookie|$http_authorization",
+    "nginx.ingress.kubernetes.io/auth-cache-duration": "202 1s",
+}
 # The resource's Ingress again, its auth-url without routed_host=$host: an operator's Ingress that forgot it.
 INGRESS_EXTRA["/mcp/unrouted/"] = {
     **INGRESS_EXTRA["/mcp"],
@@ -103,6 +111,7 @@ class Front:
     session: str = ""  # the signed-in browser's session cookie, once signed in
     token: str = ""  # an OAuth access token for <base>/mcp
     auth: str = ""  # the sidecar's --auth-address listener, where the front has one
+    log: Path | None = None  # the sidecar's log file
 
 
 def self_signed(directory: Path, ip: str) -> ssl.SSLContext:
@@ -169,6 +178,9 @@ def fronts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Front
     tls_dir = tmp_path_factory.mktemp("tls")
     tls_dir.chmod(0o755)
     client_tls = self_signed(tls_dir, ingress_ip)
+    # nginx's workers (nobody, when the tests run as root) write it: not under pytest's 0700 directories
+    auth_cache = Path(tempfile.mkdtemp(prefix="sidecar-ingress-auth-cache-"))
+    auth_cache.chmod(0o777)
     procs: list[Proc] = []
 
     def launch(name: str, *argv: str) -> Proc:
@@ -202,6 +214,7 @@ def fronts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Front
             sidecar_paths=OAUTH_PATHS,
             tls=tls_dir,
             auth=f"127.0.0.1:{a_ingress}",
+            cache=auth_cache,
         )
         procs.append(start_ingress_nginx(conf, probe, logs))
         procs.append(start_traefik(traefik_port, f"127.0.0.1:{s_traefik}", app, logs))
@@ -215,6 +228,7 @@ def fronts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Front
                 f"http://127.0.0.1:{s_ingress}",
                 client_tls,
                 auth=f"http://127.0.0.1:{a_ingress}",
+                log=logs / "sidecar-ingress.log",
             ),
             "traefik": Front("traefik", f"http://127.0.0.1:{traefik_port}", f"http://127.0.0.1:{s_traefik}", True),
             "caddy": Front("caddy", f"http://127.0.0.1:{caddy_port}", f"http://127.0.0.1:{s_caddy}", True),
@@ -223,6 +237,7 @@ def fronts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Front
     finally:
         for proc in reversed(procs):
             proc.stop()
+        shutil.rmtree(auth_cache, ignore_errors=True)
 
 
 def client(front: Front, jar: bool = False) -> aiohttp.ClientSession:
@@ -753,8 +768,41 @@ async def test_through_ingress_nginx_a_token_is_taken_only_for_the_host_nginx_ro
         assert status == 200, (target, host, status)
 
 
+async def test_through_ingress_nginx_auth_cache_a_token_answer_is_never_kept_for_another_host(
+    signed_in: dict[str, Front],
+) -> None:
+    """ingress-nginx keys its auth cache by the server's host (``*.example.com`` for a wildcard Ingress, ``_``
+    for one without a host), the auth location and auth-cache-key, never by the host asked for: the 202 for a
+    token on its own host was kept and served for the same token on another host the same server serves, for
+    as long as auth-cache-duration, though the sidecar refuses it there (the audience is a host). The
+    sidecar's 202 for one of its tokens says ``Cache-Control: no-store``, which nginx's proxy_cache obeys."""
+    front = signed_in["ingress-nginx"]
+    ours = urlsplit(front.base).netloc
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "ping"}).encode()
+    auth = f"Authorization: Bearer {front.token}\r\nContent-Type: application/json\r\n"
+    for other in ("other.example", f"{ours}.other.example", "localhost"):
+        status = await _raw_status(front, f"POST /mcp/x HTTP/1.1\r\nHost: {other}\r\n{auth}", body, "")
+        assert status == 401, (other, status)  # the sidecar's own answer there, without a cache
+        assert await _raw_status(front, f"POST /mcp/cached/x HTTP/1.1\r\nHost: {ours}\r\n{auth}", body, "") == 200
+        status = await _raw_status(front, f"POST /mcp/cached/x HTTP/1.1\r\nHost: {other}\r\n{auth}", body, "")
+        assert status == 401, (other, status)  # was 200: the answer for ours, from nginx's cache
+    # What makes nginx keep it nowhere, from both listeners; a cookie's answer stays cacheable.
+    url = {"X-Original-URL": f"https://{ours}/mcp/x", "X-Original-Method": "GET"}
+    for listener in (front.sidecar, front.auth):
+        target = f"/oauth2/auth?routed_host={ours}"
+        head = (await _sidecar_head(listener, target, {**url, "Authorization": "Bearer " + front.token})).lower()
+        assert head.startswith(b"http/1.1 202 ") and b"\r\ncache-control: no-store\r\n" in head, (listener, head)
+        head = (await _sidecar_head(listener, target, {**url, "Cookie": f"_sidecar={front.session}"})).lower()
+        assert head.startswith(b"http/1.1 202 ") and b"cache-control" not in head, (listener, head)
+
+
 async def _sidecar_status(base: str, target: str, headers: dict[str, str]) -> int:
     """The status of one hand-written request to a sidecar listener (the target exactly as given)."""
+    return int((await _sidecar_head(base, target, headers)).split(b" ", 2)[1])
+
+
+async def _sidecar_head(base: str, target: str, headers: dict[str, str]) -> bytes:
+    """The answer of one hand-written request to a sidecar listener (the target exactly as given)."""
     where = urlsplit(base)
     reader, writer = await asyncio.open_connection(where.hostname, where.port)
     lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
@@ -763,7 +811,7 @@ async def _sidecar_status(base: str, target: str, headers: dict[str, str]) -> in
         answer = await asyncio.wait_for(reader.read(), 10)
     finally:
         writer.close()
-    return int(answer.split(b" ", 2)[1])
+    return answer
 
 
 async def test_the_sidecar_takes_no_token_from_ingress_nginx_without_the_routed_host(
@@ -794,7 +842,11 @@ async def test_the_sidecar_takes_no_token_from_ingress_nginx_without_the_routed_
         good = f"?routed_host={ours}"
         assert await asks(f"https://{ours}/mcp", good) == 202, listener
         assert await asks(f"https://{ours}/mcp", f"?allowed_groups=nosuchgroup&routed_host={ours}") == 403
-        for query in ("", "?routed_host", f"?routed%5Fhost={ours}", f"?routed_host%3D{ours}"):
+        for query in (
+            "", "?routed_host", f"?routed%5Fhost={ours}", f"?routed_host%3D{ours}", f"?routed_hostx={ours}",
+            f"?ROUTED_HOST={ours}", f"?x=1;routed_host={ours}", f"?+routed_host={ours}", f"?routed+host={ours}",
+            f"?allowed_groups=&routed_host={ours}", f"?max_age=x&routed_host={ours}",
+        ):  # fmt: skip
             for forged in ({}, {"X-Routed-Host": ours}):
                 assert await asks(f"https://{ours}/mcp", query, forged) in (401, 403), (listener, query, forged)
         for routed in wrong:
@@ -809,6 +861,14 @@ async def test_the_sidecar_takes_no_token_from_ingress_nginx_without_the_routed_
         assert await asks(f"https://{ours}/x", good, who=jar) == 202, listener
         assert await asks(f"https://{ours}/x", "?routed_host", who=jar) == 403, listener  # misconfigured
         assert await asks("https://other.example/x", good, who=jar) == 400, listener
+        # The decision cache keys the query as sent and the original URL: a remembered 202 answers neither
+        # another host under the same routed_host nor another spelling of the query.
+        for _ in range(3):
+            assert await asks(f"https://{ours}/x", good, who=jar) == 202, listener
+        assert await asks("https://other.example/x", good, who=jar) == 400, listener
+        assert await asks(f"https://{ours}/x", good + "&", who=jar) == 400, listener
+        assert await asks(f"https://{ours}/x", good + "#", who=jar) == 400, listener
+        assert await asks(f"https://{ours}/x", good + ".", who=jar) == 400, listener
 
 
 async def test_an_ingress_whose_auth_url_lacks_the_routed_host_takes_no_token_whatever_a_client_forges(
@@ -837,6 +897,13 @@ async def test_an_ingress_whose_auth_url_lacks_the_routed_host_takes_no_token_wh
                 head = f"GET {line_host}/mcp/unrouted/x{query} HTTP/1.1\r\nHost: {ours}\r\n{header}{auth}"
                 status, body = await _raw_answer(front, head + "Content-Length: 0\r\n")
                 assert status == 401 and "alice" not in body, (line_host, header, query, status, body[:300])
+    # The operator learns why once, not once per request; a cookie session passes there all the same.
+    assert front.log is not None
+    assert front.log.read_text().count("the auth-url lacks ?routed_host=$host (its last parameter)") == 1
+    cookie = f"Cookie: _sidecar={front.session}\r\n"
+    head = f"GET /mcp/unrouted/x HTTP/1.1\r\nHost: {ours}\r\n{cookie}Content-Length: 0\r\n"
+    status, body = await _raw_answer(front, head)
+    assert status == 200 and "alice" in body, (status, body[:300])
     # Where the auth-url carries it: the request line's host is the one checked; a client's own copies change nothing.
     for header in ("", forged_header):
         for query in ("", forged_query):
@@ -860,6 +927,42 @@ async def test_an_ingress_whose_auth_url_lacks_the_routed_host_takes_no_token_wh
         head = f"GET /mcp/x HTTP/1.1\r\nHost: {host}\r\n{auth}"
         status, body = await _raw_answer(front, head + "Content-Length: 0\r\n")
         assert status in (400, 500) and "alice" not in body, (host, status, body[:300])
+
+
+async def test_through_ingress_nginx_every_host_nginx_lets_into_host_is_refused_or_moves_no_token(
+    signed_in: dict[str, Front],
+) -> None:
+    """nginx's $host is the Host header lower-cased, without port and final dot, and otherwise as sent: it
+    refuses spaces, control characters, "/", ".." and an empty name, but lets through '"', ",", "?", "%",
+    "@", a leading dot and UTF-8 (seen with nginx 1.22: the auth request's line carries them unescaped).
+    Each, with a token or a cookie, is refused (nginx's 500 for the sidecar's 400, or nginx's own 400), never
+    the application. A leading dot or "_" is a host name to both: the token is refused (another audience),
+    a cookie, not host-bound, passes on the server nginx chose. HTTP/1.0 without Host: $host is the server's
+    first name while X-Original-URL has no host ("https:///..."): refused, for a cookie as for a token (fail
+    closed; such a client reaches no named server anyway)."""
+    front = signed_in["ingress-nginx"]
+    ours = urlsplit(front.base).netloc
+    token, cookie = f"Authorization: Bearer {front.token}\r\n", f"Cookie: _sidecar={front.session}\r\n"
+    hosts = (
+        f'{ours}"', f"{ours},{ours}", f"{ours}?", f"{ours}?x", f"{ours}%", f"{ours}=", f"u@{ours}",
+        f"\u00e9{ours}", f"{ours}\u00e9", f"{ours}:x", f"{ours}::", f"[{ours}]", f"{ours}\\",
+    )  # fmt: skip
+    for credential in (token, cookie):
+        for host in hosts:
+            head = f"GET /mcp/x HTTP/1.1\r\nHost: {host}\r\n{credential}"
+            status, body = await _raw_answer(front, head + "Content-Length: 0\r\n")
+            assert status in (400, 500) and "alice" not in body, (host, status, body[:300])
+    for host in (f".{ours}", "_", f"x.{ours}"):
+        head = f"GET /mcp/x HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n"
+        status, body = await _raw_answer(front, head + token)
+        assert status == 401 and "alice" not in body, (host, status, body[:300])
+        status, body = await _raw_answer(front, head + cookie)
+        assert status == 200, (host, status, body[:300])
+    for credential in (token, cookie):
+        status, body = await _raw_answer(front, f"GET /mcp/x HTTP/1.0\r\n{credential}")
+        assert status in (400, 500) and "alice" not in body, (status, body[:300])
+        status, body = await _raw_answer(front, f"GET https://{ours}/mcp/x HTTP/1.0\r\n{credential}")
+        assert status in (400, 500) and "alice" not in body, (status, body[:300])
 
 
 @pytest.mark.parametrize("name", FRONT_NAMES)
