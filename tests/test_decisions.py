@@ -899,3 +899,24 @@ def test_a_parsed_request_with_a_repeated_header_is_keyed_as_its_lines(pairs: li
     assert (names, values) == ([name for name, _ in pairs], [value for _, value in pairs])
     config = _config()
     assert request_key("GET", names, values, "", True, config) == key_of("GET", pairs, "", True, config)
+
+
+async def test_with_fresh_routes_no_202_may_be_kept_by_a_front_keyed_by_the_cookie() -> None:
+    """With --fresh-auth-route a cookie's 202 depends on the original path, which the documented nginx auth cache
+    (keyed by the cookie) does not hold: a 202 for /home kept there would answer for /admin/ after the step-up
+    age. Every 202 then says no-store, decided or from the table, on both listeners; without the rule, nothing."""
+    async with stack(
+        MemoryStore(), reverse_proxy="true", trusted_proxy="127.0.0.1/32", fresh_auth_route="1h=^/admin/", **TOKENS
+    ) as st:
+        cookie = await _signed_in(st)
+        async with lean(st) as port:
+            for where in (port_of(st.base), port):
+                for path in ("/home", "/admin/users"):
+                    for _ in range(3):  # decided, decided and kept, then from the table
+                        got = await ask(where, cookie, "", {"X-Original-URI": path})
+                        assert got[0] == 202 and header(got, "Cache-Control") == "no-store", (where, path, got)
+    async with stack(MemoryStore(), reverse_proxy="true", trusted_proxy="127.0.0.1/32", **TOKENS) as st:
+        cookie = await _signed_in(st)
+        for _ in range(3):
+            got = await ask(port_of(st.base), cookie, "", {"X-Original-URI": "/admin/users"})
+            assert got[0] == 202 and header(got, "Cache-Control") is None, got
