@@ -100,9 +100,7 @@ async def consent_page(client: aiohttp.ClientSession, base: str, params: dict[st
 async def approve(client: aiohttp.ClientSession, base: str, page: str, decision: str = "approve") -> str:
     """Post the consent form as the browser would; returns the Location the client is finally sent to."""
     fields = {**form_fields(page), "decision": decision}
-    async with client.post(
-        f"{base}/oauth2/consent", data=fields, allow_redirects=False
-    ) as resp:
+    async with client.post(f"{base}/oauth2/consent", data=fields, allow_redirects=False) as resp:
         await resp.read()
         return await follow_to_client(client, resp)
 

@@ -39,17 +39,13 @@ async def poll(base: str, client_id: str, device_code: str) -> tuple[int, dict[s
 async def enter_code(client: aiohttp.ClientSession, base: str, code: str) -> aiohttp.ClientResponse:
     async with client.get(f"{base}/oauth2/device") as resp:
         fields = form_fields(await resp.text())
-    async with client.post(
-        f"{base}/oauth2/device", data={**fields, "user_code": code}
-    ) as resp:
+    async with client.post(f"{base}/oauth2/device", data={**fields, "user_code": code}) as resp:
         await resp.read()
         return resp
 
 
 async def consent(client: aiohttp.ClientSession, base: str, page: str, decision: str) -> str:
-    async with client.post(
-        f"{base}/oauth2/consent", data={**form_fields(page), "decision": decision}
-    ) as resp:
+    async with client.post(f"{base}/oauth2/consent", data={**form_fields(page), "decision": decision}) as resp:
         assert resp.status == 200, await resp.text()
         return await resp.text()
 
@@ -109,9 +105,7 @@ async def test_denied_device_gets_access_denied() -> None:
         await sign_in(user, st.base)
         async with user.get(f"{st.base}/oauth2/device") as resp:
             fields = form_fields(await resp.text())
-        async with user.post(
-            f"{st.base}/oauth2/device", data={**fields, "user_code": answer["user_code"]}
-        ) as resp:
+        async with user.post(f"{st.base}/oauth2/device", data={**fields, "user_code": answer["user_code"]}) as resp:
             page = await resp.text()
         assert "denied" in (await consent(user, st.base, page, "deny")).lower()
         status, body = await poll(st.base, reg["client_id"], answer["device_code"])
@@ -133,9 +127,7 @@ async def test_wrong_codes_reveal_nothing_and_entry_is_rate_limited() -> None:
         async with user.get(f"{st.base}/oauth2/device") as resp:
             fields = form_fields(await resp.text())
         for code in wrong[:3]:
-            async with user.post(
-                f"{st.base}/oauth2/device", data={**fields, "user_code": code}
-            ) as resp:
+            async with user.post(f"{st.base}/oauth2/device", data={**fields, "user_code": code}) as resp:
                 text = await resp.text()
                 texts.add(re.sub(r"value='[^']*'", "", text))
                 if resp.status == 429:

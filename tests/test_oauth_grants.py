@@ -75,9 +75,7 @@ async def test_grants_page_lists_own_grants_and_revoke_ends_one(store: SessionSt
             ) as resp:
                 assert resp.status == 403, (data, headers)
         assert await _mcp(base, tokens["access_token"]) != 401
-        async with alice.post(
-            f"{base}/oauth2/grants/revoke", data=fields, allow_redirects=False
-        ) as resp:
+        async with alice.post(f"{base}/oauth2/grants/revoke", data=fields, allow_redirects=False) as resp:
             assert resp.status == 303 and resp.headers["Location"] == "/oauth2/grants"
         assert (await _list(alice, base))["grants"] == []
         assert await _mcp(base, tokens["access_token"]) == 401

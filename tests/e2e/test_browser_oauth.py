@@ -206,9 +206,10 @@ async def grant_in(page: Page, oauth: Stack, name: str) -> dict[str, Any]:
 
 
 async def mcp_status(base: str, token: str) -> int:
-    async with aiohttp.ClientSession() as http, http.post(
-        base + "/mcp", json={}, headers={"Authorization": f"Bearer {token}"}
-    ) as resp:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(base + "/mcp", json={}, headers={"Authorization": f"Bearer {token}"}) as resp,
+    ):
         return resp.status
 
 

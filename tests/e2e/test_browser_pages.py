@@ -101,9 +101,10 @@ async def grant(page: Page, base: str, name: str) -> str:
 
 
 async def token_status(base: str, token: str) -> int:
-    async with aiohttp.ClientSession() as http, http.post(
-        base + "/mcp", json={}, headers={"Authorization": f"Bearer {token}"}
-    ) as resp:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(base + "/mcp", json={}, headers={"Authorization": f"Bearer {token}"}) as resp,
+    ):
         return resp.status
 
 
@@ -111,9 +112,10 @@ async def test_account_page_lists_sessions_and_applications_each_ended_by_a_clic
     chromium_browser: Browser, site: Stack
 ) -> None:
     app_name = f"Notes CLI {secrets.token_hex(3)}"
-    async with person.new_page(chromium_browser) as page, person.new_page(
-        chromium_browser, user_agent=FIREFOX_WINDOWS
-    ) as laptop:
+    async with (
+        person.new_page(chromium_browser) as page,
+        person.new_page(chromium_browser, user_agent=FIREFOX_WINDOWS) as laptop,
+    ):
         await signed_in(page, site.base)
         await signed_in(laptop, site.base)
         token = await grant(page, site.base, app_name)
