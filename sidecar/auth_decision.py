@@ -83,9 +83,10 @@ async def auth(request: web.Request, svc: Services) -> web.Response:
     if request.get(BY_SIDECAR_TOKEN) or config.fresh_routes:
         # Bound to the host and resource asked about, which a front's auth cache may not key by (ingress-nginx's
         # auth-cache-key is prefixed with the server's host: "*.example.com" for a wildcard Ingress): kept
-        # nowhere, as in our own cache (``remember``). nginx's proxy_cache obeys no-store. With
+        # nowhere, as in our own cache (``remember``). ingress-nginx's auth cache obeys no-store. With
         # --fresh-auth-route a cookie's answer depends on the path too, which a cookie-keyed front cache
-        # (the documented one) does not hold: a 202 for /docs must not answer for /admin/delete.
+        # does not hold: a 202 for /docs must not answer for /admin/delete. (deploy/nginx/auth-cache.conf
+        # ignores Cache-Control and never caches a bearer request; its comments forbid it with step-up.)
         headers = CIMultiDict(headers)
         headers["Cache-Control"] = "no-store"
     if key:
