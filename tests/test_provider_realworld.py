@@ -366,7 +366,7 @@ async def _signs_in_and_refreshes_with(fields: dict[str, Any]) -> None:
         assert (await sign_in(client, st.base)).status == 200, fields
         async with client.get(f"{st.base}/oauth2/userinfo") as resp:
             expires = (await resp.json())["access_token_expires_at"]
-        assert expires is not None and 0 < expires - time.time() <= 2.2, fields  # "2" read as two seconds (kept to 0.1 s)
+        assert expires is not None and 0 < expires - time.time() <= 2.2, fields  # "2" read as 2 s (kept to 0.1 s)
         await asyncio.sleep(2.1)
         assert await _auth(client, st.base) == 202, fields
         assert st.provider.stats()["token_calls"]["refresh_token"] == 1, fields
