@@ -63,14 +63,7 @@ async def ask(
     reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
     try:
         writer.write(head.encode())
-        line = await asyncio.wait_for(reader.readline(), 5)
-        status = int(line.split(b" ")[1])
-        headers: list[tuple[str, str]] = []
-        while (line := await reader.readline()) not in (b"\r\n", b""):
-            name, _, value = line.decode("latin-1").rstrip("\r\n").partition(":")
-            headers.append((name, value.strip()))
-        length = int(next((v for k, v in headers if k.lower() == "content-length"), "0"))
-        return status, headers, await reader.readexactly(length)
+        return await _read_answer(reader)
     finally:
         writer.close()
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import time
-import uuid
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
@@ -20,21 +19,7 @@ from sidecar.oidc import BACKCHANNEL_EVENT
 from sidecar.store import RedisStore
 from sidecar.token_response import RETRY_AFTER_MAX
 from tests.stack import Stack, browser, sign_in, stack
-
-
-def _logout_claims(st: Stack, **changes: Any) -> dict[str, Any]:
-    now = int(time.time())
-    claims = {
-        "iss": st.issuer,
-        "aud": "sidecar-dev",
-        "iat": now,
-        "exp": now + 120,
-        "jti": uuid.uuid4().hex,
-        "sub": "alice-sub-1",
-        "events": {BACKCHANNEL_EVENT: {}},
-        **changes,
-    }
-    return {k: v for k, v in claims.items() if v is not None}
+from tests.test_provider_failures import _logout_claims
 
 
 def _signed(st: Stack, claims: dict[str, Any], **header: Any) -> str:
